@@ -1,0 +1,167 @@
+"""The ``seq2seq`` command: parse arguments, load the recipe, call one function per subcommand.
+
+User mistakes (a bad recipe, a missing file, bad input) end with one line per problem on stderr and
+exit code 2, never a traceback. Heavy modules are imported inside the subcommands so that
+``seq2seq check`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from seq2seq.config import RecipeError, load_recipe, recipe_to_yaml
+from seq2seq.errors import Seq2SeqError
+
+EXIT_USAGE = 2
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. train.lr=3e-4 model.cell=lstm")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    sys.stdout.write(recipe_to_yaml(recipe))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from seq2seq.data.cache import format_stats, prepare_data
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    prepared = prepare_data(recipe, show_progress=True)
+    print(format_stats(prepared.stats))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from seq2seq.train import train_command
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    return train_command(recipe, recipe_path=Path(args.recipe), overrides=args.overrides)
+
+
+def cmd_translate(args: argparse.Namespace) -> int:
+    from seq2seq.translate import translate_command
+
+    return translate_command(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from seq2seq.evaluate import evaluate_command
+
+    if args.recipe is None and not args.checkpoint:
+        raise Seq2SeqError("evaluate needs a RECIPE or --checkpoint CKPT --src FILE --ref FILE")
+    if args.recipe is None and (not args.src or not args.ref):
+        raise Seq2SeqError("evaluate --checkpoint needs --src FILE and at least one --ref FILE")
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    return evaluate_command(args, recipe)
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    from seq2seq.checkpoint import average_checkpoints
+
+    average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output))
+    print(f"wrote {args.output} (average of {len(args.checkpoints)} checkpoints)")
+    return 0
+
+
+def cmd_generate_data(args: argparse.Namespace) -> int:
+    from seq2seq.data.synthetic import write_synthetic
+
+    sizes = {"train": args.train, "valid": args.valid, "test": args.test}
+    for path in write_synthetic(Path(args.output), sizes):
+        print(path)
+    return 0
+
+
+def _decode_flags(parser: argparse.ArgumentParser) -> None:
+    """Search flags; each overrides the recipe's decode section when given."""
+    parser.add_argument("--beam", type=int, help="beam size (1: greedy)")
+    parser.add_argument("--alpha", type=float, help="GNMT length penalty alpha")
+    parser.add_argument("--max-len-ratio", type=float, help="max output length / source length")
+    parser.add_argument("--batch-tokens", type=int, help="source tokens per decoding batch")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seq2seq", description="Recurrent neural machine translation driven by YAML recipes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="validate a recipe and print it resolved, as YAML")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("prepare", help="train the tokenizer, build the encoded corpus cache")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train (or resume) a model")
+    _recipe_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("translate", help="translate lines from stdin or a file")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="checkpoint file; give several for an ensemble")
+    p.add_argument("--input", help="input file (default: stdin)")
+    p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument("--nbest", type=int, help="write K hypotheses per line as TSV: index, score, text")
+    p.add_argument("--scores", action="store_true", help="prefix each line with its score and a tab")
+    p.add_argument("--attention", help="write attention matrices to this file (JSON lines)")
+    _decode_flags(p)
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("evaluate", help="translate test sets and write BLEU/chrF/TER reports")
+    p.add_argument("recipe", nargs="?", help="recipe of a trained run (evaluates every test set)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
+    p.add_argument("--checkpoint", action="append",
+                   help="checkpoint file (several: an ensemble); default: the run's best.pt")
+    p.add_argument("--src", help="source file to translate and score")
+    p.add_argument("--ref", action="append", help="reference file (repeat for several)")
+    p.add_argument("--compare", help="another system's output on the same source: paired test")
+    p.add_argument("--report-dir", help="where to write the report")
+    _decode_flags(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("average", help="average the weights of several checkpoints")
+    p.add_argument("checkpoints", nargs="+", help="checkpoint files of one run")
+    p.add_argument("--output", required=True, help="where to write the averaged checkpoint")
+    p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser("generate-data",
+                       help="write the built-in synthetic en->de task as text files")
+    p.add_argument("output", help="directory to write train/valid/test .en/.de files into")
+    p.add_argument("--train", type=int, default=24000, help="training pairs")
+    p.add_argument("--valid", type=int, default=500, help="validation pairs")
+    p.add_argument("--test", type=int, default=500, help="test pairs")
+    p.set_defaults(func=cmd_generate_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as error:
+        for problem in error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except Seq2SeqError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `seq2seq translate ... | head` closes the pipe early: not an error.
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

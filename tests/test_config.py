@@ -1,0 +1,180 @@
+"""Recipes: every shipped recipe loads; every mistake is named by its dotted path."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seq2seq.config import (
+    SECTIONS,
+    Recipe,
+    RecipeError,
+    load_recipe,
+    recipe_from_dict,
+    recipe_reference,
+    recipe_to_yaml,
+)
+from tests.conftest import REPO, RECIPES
+
+
+def problems_of(tree, overrides=()):
+    with pytest.raises(RecipeError) as info:
+        recipe_from_dict(tree, list(overrides))
+    return info.value.problems
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_recipe_loads_and_round_trips(path):
+    recipe = load_recipe(path)
+    assert recipe.name
+    again = recipe_from_dict(yaml.safe_load(recipe_to_yaml(recipe)))
+    assert again == recipe
+
+
+def test_recipes_exist():
+    names = {p.relative_to(REPO).as_posix() for p in RECIPES}
+    assert {"recipes/quickstart.yaml", "recipes/multi30k/de-en.gru.yaml",
+            "recipes/multi30k/en-de.lstm.yaml"} <= names
+
+
+def test_defaults_build():
+    assert recipe_from_dict({}) == Recipe()
+
+
+def test_misspelt_key_names_itself_and_the_closest_key():
+    (problem,) = problems_of({}, ["train.lrr=1"])
+    assert "train.lrr" in problem and "did you mean train.lr?" in problem
+
+
+def test_misspelt_section_and_nested_corpus_key():
+    problems = problems_of({"trian": {}, "data": {"train": {"scr": "a.txt"}}})
+    assert any("trian: unknown key; did you mean train?" in p for p in problems)
+    assert any("data.train.scr: unknown key; did you mean data.train.src?" in p for p in problems)
+
+
+def test_every_problem_reported_at_once():
+    problems = problems_of({"train": {"lr": "fast", "accumulate": 0},
+                            "model": {"cell": "transformer"}, "decode": {"beam_size": 1.5}})
+    text = "\n".join(problems)
+    assert len(problems) == 4, text
+    assert "train.lr: expected a number, got 'fast'" in text
+    assert "train.accumulate: must be >= 1" in text
+    assert "model.cell: expected one of 'gru', 'lstm', 'rnn', got 'transformer'" in text
+    assert "decode.beam_size: expected an integer, got 1.5" in text
+
+
+def test_overrides_are_typed_and_applied():
+    recipe = recipe_from_dict({}, ["train.lr=3e-4", "model.cell=lstm", "output_dir=runs/a",
+                                   "data.test.t1.src=x.de", "train.betas=[0.8, 0.9]"])
+    assert recipe.train.lr == pytest.approx(3e-4)
+    assert recipe.model.cell == "lstm"
+    assert recipe.output_dir == "runs/a"
+    assert recipe.data.test["t1"].src == "x.de"
+    assert recipe.train.betas == (0.8, 0.9)
+
+
+def test_bool_is_not_an_integer_and_string_is_not_a_bool():
+    problems = problems_of({"train": {"max_steps": True}, "model": {"bidirectional": "yes"}})
+    assert any("train.max_steps: expected an integer, got True" in p for p in problems)
+    assert any("model.bidirectional: expected true or false" in p for p in problems)
+
+
+@pytest.mark.parametrize("tree, needle", [
+    ({"decode": {"beam_size": 2, "n_best": 3}}, "decode.n_best"),
+    ({"model": {"tie_embeddings": "decoder", "emb_size": 8, "dec_hidden": 16}},
+     "model.tie_embeddings"),
+    ({"model": {"tie_embeddings": "all", "emb_size": 16, "dec_hidden": 16},
+      "tokenizer": {"joint": False}}, "joint vocabulary"),
+    ({"model": {"attention": "dot", "enc_hidden": 8, "dec_hidden": 8}}, "model.attention"),
+    ({"train": {"max_steps": 0, "max_epochs": 0}}, "train.max_steps"),
+    ({"distributed": {"nnodes": 2, "node_rank": 2}}, "distributed.node_rank"),
+    ({"distributed": {"rdzv_endpoint": "nohost"}}, "distributed.rdzv_endpoint"),
+])
+def test_impossible_combinations(tree, needle):
+    assert any(needle in p for p in problems_of(tree))
+
+
+def test_bad_override_syntax():
+    assert any("key.path=value" in p for p in problems_of({}, ["train.lr"]))
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: line \d+ invalid YAML"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="is a directory"):
+        load_recipe(tmp_path)
+
+
+def test_reference_documents_every_field():
+    reference = recipe_reference()
+    for section in SECTIONS:
+        for name in Recipe.__dataclass_fields__[section].default.__dataclass_fields__:
+            assert f"`{section}.{name}`" in reference
+
+
+def test_readme_recipe_reference_is_current():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert recipe_reference() in readme, "README recipe reference is stale: " \
+        "run `python scripts/update_readme.py`"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "seq2seq", *args], capture_output=True,
+                          text=True, cwd=REPO)
+
+
+def test_cli_check_prints_resolved_recipe():
+    result = run_cli("check", "recipes/quickstart.yaml", "train.lr=0.5")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["train"]["lr"] == 0.5
+
+
+def test_cli_check_error_is_one_line_per_problem_exit_2_no_traceback():
+    result = run_cli("check", "recipes/quickstart.yaml", "train.lrr=1", "model.cell=x")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2
+    assert "train.lrr" in result.stderr and "train.lr?" in result.stderr
+    assert result.stdout == ""
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8)
+known_keys = st.sampled_from(
+    ["name", "seed", "train.lr", "train.betas", "model.cell", "data.train.src", "data.test.x",
+     "decode.n_best", "distributed.rdzv_endpoint", "tokenizer", "eval.tokenize", "zzz.y"])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=yaml_values | st.dictionaries(st.sampled_from(["train", "model", "data", "x"]),
+                                          yaml_values, max_size=4),
+       overrides=st.lists(st.tuples(known_keys | st.text(max_size=6), st.text(max_size=8)),
+                          max_size=3))
+def test_loader_raises_only_recipe_errors(tree, overrides):
+    texts = [f"{k}={v}" for k, v in overrides]
+    try:
+        recipe_from_dict(tree, texts)
+    except RecipeError as error:
+        assert error.problems and all(p.strip() for p in error.problems)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=80))
+def test_loader_on_random_yaml_text(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("r") / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        load_recipe(path)
+    except RecipeError:
+        pass
