@@ -1,0 +1,352 @@
+"""Corpus readers: every supported format streamed as (source, target) sentence pairs.
+
+``read_pairs(corpus, data)`` yields one ``(source, target)`` pair of strings per aligned line or
+record and never holds a whole corpus in memory. Formats (``Corpus.format``):
+
+- ``text``: two line-aligned files ``Corpus.src`` and ``Corpus.trg``, plain or gzip (recognised by
+  the gzip magic bytes, whatever the suffix).
+- ``tsv``: one file ``Corpus.path``, ``source<TAB>target`` per line.
+- ``jsonl``: one file ``Corpus.path``, one JSON object per line; the sentences are the fields
+  ``src_field`` / ``trg_field`` (default ``data.src_lang`` / ``data.trg_lang``, falling back to
+  ``translation.<lang>``). A dotted field name walks into nested objects.
+- ``hf``: a Hugging Face ``datasets`` dataset, either a ``save_to_disk`` directory ``Corpus.path``
+  (a DatasetDict picks ``Corpus.split``) or the hub dataset ``Corpus.hf_name`` / ``hf_config`` /
+  ``split``; sentences come from a ``translation`` column of ``{lang: sentence}`` dicts or from
+  plain columns named by the languages (or by ``src_field`` / ``trg_field``).
+- ``generated``: ``Corpus.size`` pairs of the built-in synthetic task (:mod:`.synthetic`).
+
+Relative paths are resolved against :func:`seq2seq.config.data_root`.
+
+Text rules, the same for every format:
+
+- Files are UTF-8. Invalid UTF-8 is an error naming the file and the 1-based line.
+- A byte-order mark at the start of a file is dropped.
+- Lines end at ``\\n``; a ``\\r\\n`` line end reads as ``\\n``. A lone ``\\r`` inside a line is
+  content, never a line break (nor are U+2028, U+0085 and the other Unicode line separators).
+- Leading and trailing whitespace (ASCII and Unicode spaces, tabs, line ends) is stripped from
+  each sentence; other control characters are kept as they are.
+- A NUL byte in a line is an error naming the file and line: it marks a binary or corrupt file.
+- Empty lines are returned as empty strings; nothing is dropped here (the training-data filter
+  drops empty pairs later; validation and test sets are never filtered).
+- The two files of a ``text`` corpus must have the same number of lines; otherwise the error
+  names both files and both counts.
+
+Every user mistake raises :class:`DataError` with a one-line message naming the file, the line
+and, where it applies, the field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from seq2seq.config import Corpus, DataConfig, data_root
+from seq2seq.errors import Seq2SeqError
+
+
+class DataError(Seq2SeqError):
+    """A corpus that cannot be read: missing file, misaligned lines, bad encoding or record."""
+
+
+# str.strip() without arguments would also strip the ASCII separators \x1c-\x1f, which are
+# control characters we promise to keep; so the whitespace set is spelled out.
+_SPACES = (
+    " \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def resolve_path(path: str, data: DataConfig) -> Path:
+    """Expand ``~`` and ``$VARS``; resolve a relative path against the data root."""
+    expanded = Path(os.path.expandvars(os.path.expanduser(path)))
+    if expanded.is_absolute():
+        return expanded
+    return data_root(data) / expanded
+
+
+def read_pairs(corpus: Corpus, data: DataConfig, seed: int = 0) -> Iterator[tuple[str, str]]:
+    """Stream the (source, target) sentence pairs of one corpus.
+
+    Args:
+        corpus: where the pairs come from (format and paths).
+        data: the data section: languages and the data root.
+        seed: seed of the ``generated`` corpus; ignored by the other formats.
+
+    Yields:
+        ``(source, target)`` strings, stripped, one per aligned line or record, in file order.
+
+    Raises:
+        DataError: a missing or unreadable file, misaligned files, invalid UTF-8, a bad record.
+    """
+    if corpus.format == "text":
+        src = resolve_path(_required(corpus.src, "src", "text"), data)
+        trg = resolve_path(_required(corpus.trg, "trg", "text"), data)
+        yield from _read_text(src, trg)
+    elif corpus.format == "tsv":
+        yield from _read_tsv(resolve_path(_required(corpus.path, "path", "tsv"), data))
+    elif corpus.format == "jsonl":
+        path = resolve_path(_required(corpus.path, "path", "jsonl"), data)
+        yield from _read_jsonl(path, _field_names(corpus.src_field, data.src_lang),
+                               _field_names(corpus.trg_field, data.trg_lang))
+    elif corpus.format == "hf":
+        yield from _read_hf(corpus, data)
+    elif corpus.format == "generated":
+        from seq2seq.data.synthetic import generate_pairs
+
+        if corpus.size < 1:
+            raise DataError(f"generated corpus (split {corpus.split!r}): size must be >= 1, "
+                            f"got {corpus.size}")
+        if corpus.split not in ("train", "valid", "test"):
+            raise DataError(f"generated corpus: split must be train, valid or test, "
+                            f"got {corpus.split!r}")
+        yield from generate_pairs(corpus.split, corpus.size, seed)
+    else:  # config.py's Literal makes this unreachable from a recipe
+        raise DataError(f"unknown corpus format {corpus.format!r}")
+
+
+def _required(value: str | None, name: str, fmt: str) -> str:
+    if not value:
+        raise DataError(f"a {fmt} corpus needs '{name}' (a file relative to data.root)")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Lines of a file: open (plain or gzip), then decode one line at a time
+# --------------------------------------------------------------------------------------------
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    """Open ``path`` for binary reading, through gzip when it starts with the gzip magic."""
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed by the caller's ``with``
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, expected a file") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot open ({error.strerror or error})") from None
+    if raw.peek(2)[:2] == _GZIP_MAGIC:
+        # A large read buffer keeps the gzip layer out of the per-line cost.
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)
+    return raw
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """Decoded, stripped lines of ``path`` (plain or gzip), following the module's text rules."""
+    with _open_binary(path) as stream:
+        number = 0
+        try:
+            for number, raw in enumerate(stream, start=1):
+                if number == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                if b"\0" in raw:
+                    raise DataError(f"{path}: line {number} contains a NUL byte "
+                                    "(a binary or corrupt file?)")
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(f"{path}: line {number} is not valid UTF-8 "
+                                    f"(byte {error.start + 1}: {raw[error.start:error.start + 1]!r})"
+                                    ) from None
+                yield text.strip(_SPACES)
+        except (EOFError, OSError, zlib.error) as error:
+            # Truncated or corrupt gzip data surfaces here, mid-iteration.
+            raise DataError(f"{path}: cannot read after line {number} "
+                            f"({error.__class__.__name__}: {error})") from None
+
+
+def _count_rest(lines: Iterator[str]) -> int:
+    return sum(1 for _ in lines)
+
+
+def _read_text(src: Path, trg: Path) -> Iterator[tuple[str, str]]:
+    src_lines, trg_lines = _lines(src), _lines(trg)
+    count = 0
+    for count, src_line in enumerate(src_lines, start=1):
+        trg_line = next(trg_lines, None)
+        if trg_line is None:
+            # Count the rest of the longer file so the message can give both totals.
+            src_total = count + _count_rest(src_lines)
+            raise DataError(_misaligned(src, src_total, trg, count - 1))
+        yield src_line, trg_line
+    extra = _count_rest(trg_lines)
+    if extra:
+        raise DataError(_misaligned(src, count, trg, count + extra))
+
+
+def _misaligned(src: Path, src_count: int, trg: Path, trg_count: int) -> str:
+    return (f"{src} has {src_count:,} lines but {trg} has {trg_count:,}; "
+            "the files must be aligned line by line")
+
+
+# --------------------------------------------------------------------------------------------
+# One-file formats: tsv and jsonl
+# --------------------------------------------------------------------------------------------
+
+
+def _read_tsv(path: Path) -> Iterator[tuple[str, str]]:
+    for number, line in enumerate(_lines(path), start=1):
+        tabs = line.count("\t")
+        if tabs != 1:
+            raise DataError(f"{path}: line {number} has {tabs} tabs; expected exactly one "
+                            "(source<TAB>target)")
+        src, trg = line.split("\t")
+        yield src.strip(_SPACES), trg.strip(_SPACES)
+
+
+def _field_names(field: str | None, lang: str) -> tuple[str, ...]:
+    """Candidate field paths: the one given, else the language, else translation.<lang>."""
+    return (field,) if field else (lang, f"translation.{lang}")
+
+
+def _lookup(record: Any, names: tuple[str, ...]) -> Any:
+    """The value at the first of ``names`` present in ``record`` (dotted names walk nested
+    dicts); ``_MISSING`` if none is."""
+    for name in names:
+        if isinstance(record, dict) and name in record:
+            return record[name]
+        node = record
+        for part in name.split("."):
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return node
+    return _MISSING
+
+
+_MISSING = object()
+
+
+def _sentence(value: Any, where: str, names: tuple[str, ...]) -> str:
+    if value is _MISSING:
+        raise DataError(f"{where}: missing field {names[0]!r}")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {names[0]!r} must be a string, got "
+                        f"{type(value).__name__}")
+    if "\0" in value:
+        raise DataError(f"{where}: field {names[0]!r} contains a NUL character")
+    return value.strip(_SPACES)
+
+
+def _read_jsonl(path: Path, src_names: tuple[str, ...], trg_names: tuple[str, ...]
+                ) -> Iterator[tuple[str, str]]:
+    for number, line in enumerate(_lines(path), start=1):
+        where = f"{path}: line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})"
+                            ) from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield (_sentence(_lookup(record, src_names), where, src_names),
+               _sentence(_lookup(record, trg_names), where, trg_names))
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face datasets
+# --------------------------------------------------------------------------------------------
+
+
+def _read_hf(corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
+    dataset, name = _load_hf(corpus, data)
+    columns = dataset.column_names
+    src_col, src_key = _hf_column(corpus.src_field, data.src_lang, dataset, name)
+    trg_col, trg_key = _hf_column(corpus.trg_field, data.trg_lang, dataset, name)
+    dataset = dataset.select_columns(sorted({src_col, trg_col}))
+    row = 0
+    # Batched iteration reads Arrow record batches: constant memory, far faster than rows.
+    for batch in dataset.iter(batch_size=1000):
+        for src_value, trg_value in zip(batch[src_col], batch[trg_col]):
+            row += 1
+            where = f"{name}: row {row}"
+            yield (_hf_sentence(src_value, src_key, src_col, where, columns),
+                   _hf_sentence(trg_value, trg_key, trg_col, where, columns))
+
+
+def _load_hf(corpus: Corpus, data: DataConfig) -> tuple[Any, str]:
+    """The dataset split to read and a name for messages."""
+    import datasets
+
+    if corpus.path:
+        path = resolve_path(corpus.path, data)
+        if not path.is_dir():
+            raise DataError(f"{path}: no such directory (an hf corpus path is a "
+                            "save_to_disk directory)")
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise DataError(f"{path}: not a dataset saved with save_to_disk ({error})") from None
+        name = str(path)
+    elif corpus.hf_name:
+        name = corpus.hf_name + (f"/{corpus.hf_config}" if corpus.hf_config else "")
+        try:
+            loaded = datasets.load_dataset(corpus.hf_name, corpus.hf_config, split=corpus.split)
+        except Exception as error:  # the hub raises many types; all mean "cannot load"
+            raise DataError(f"hf dataset {name} (split {corpus.split!r}): cannot load "
+                            f"({error.__class__.__name__}: {str(error).splitlines()[0]})"
+                            ) from None
+        return loaded, f"{name}[{corpus.split}]"
+    else:
+        raise DataError("an hf corpus needs 'path' (a save_to_disk directory) or 'hf_name'")
+    if isinstance(loaded, datasets.DatasetDict):
+        if corpus.split not in loaded:
+            raise DataError(f"{name}: no split {corpus.split!r}; it has "
+                            f"{', '.join(loaded)}")
+        return loaded[corpus.split], f"{name}[{corpus.split}]"
+    return loaded, name
+
+
+def _hf_column(field: str | None, lang: str, dataset: Any, name: str) -> tuple[str, str | None]:
+    """(column, key inside the column's dicts or None) holding the sentences of ``lang``."""
+    columns = dataset.column_names
+    if field:
+        column, _, key = field.partition(".")
+        if column in columns:
+            return column, key or None
+    elif lang in columns:
+        return lang, None
+    elif "translation" in columns and lang in _dict_keys(dataset.features["translation"]):
+        return "translation", lang
+    wanted = field or f"{lang!r} or translation.{lang}"
+    raise DataError(f"{name}: no field {wanted}; its columns are {_describe(dataset)}")
+
+
+def _dict_keys(feature: Any) -> list[str]:
+    """Keys of a dict-valued feature: Translation languages or a dict of Values."""
+    languages = getattr(feature, "languages", None)
+    if languages is not None:
+        return list(languages)
+    return list(feature) if isinstance(feature, dict) else []
+
+
+def _describe(dataset: Any) -> str:
+    parts = []
+    for column in dataset.column_names:
+        keys = _dict_keys(dataset.features[column])
+        parts.append(f"{column} ({', '.join(keys)})" if keys else column)
+    return ", ".join(parts)
+
+
+def _hf_sentence(value: Any, key: str | None, column: str, where: str, columns: list[str]
+                 ) -> str:
+    field = f"{column}.{key}" if key else column
+    if key is not None:
+        if not isinstance(value, dict) or key not in value:
+            raise DataError(f"{where}: missing field {field!r}")
+        value = value[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got "
+                        f"{type(value).__name__}")
+    if "\0" in value:
+        raise DataError(f"{where}: field {field!r} contains a NUL character")
+    return value.strip(_SPACES)
