@@ -1,0 +1,80 @@
+"""Attention over the encoder outputs: additive (Bahdanau) and multiplicative (Luong).
+
+Every variant splits its score into a part that depends only on the source, the *keys*, which
+:meth:`Attention.project_keys` computes once per sentence in ``encode``, and a cheap part per
+decoder step. Padding is masked with ``-inf`` before the softmax, so its weights are exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Scores ``(B, T, S)`` between decoder queries and encoder positions.
+
+    - "bahdanau": ``score(q, h_j) = v^T tanh(W q + U h_j)`` (Bahdanau et al. 2015 §A.1.2); the
+      keys are ``U h_j`` of size ``attention_size``.
+    - "dot": ``score(q, h_j) = q^T h_j`` (Luong et al. 2015 §3.1); the keys are ``h_j`` and
+      ``query_size`` must equal ``value_size``.
+    - "general": ``score(q, h_j) = q^T W h_j`` (Luong et al. 2015 §3.1); the keys are ``W h_j``
+      of size ``query_size``.
+
+    Args:
+        kind: "bahdanau", "dot" or "general".
+        query_size: ``Hq``, the decoder state size.
+        value_size: ``He``, the encoder output size.
+        attention_size: hidden size ``A`` of the additive MLP (ignored by dot / general).
+    """
+
+    def __init__(self, kind: str, query_size: int, value_size: int, attention_size: int):
+        super().__init__()
+        if kind == "dot" and query_size != value_size:
+            raise ValueError(f"dot attention needs query size {query_size} == encoder output "
+                             f"size {value_size}")
+        self.kind = kind
+        if kind == "bahdanau":
+            self.key_layer = nn.Linear(value_size, attention_size, bias=True)
+            self.query_layer = nn.Linear(query_size, attention_size, bias=False)
+            self.energy_layer = nn.Linear(attention_size, 1, bias=False)
+        elif kind == "general":
+            self.key_layer = nn.Linear(value_size, query_size, bias=False)
+
+    def project_keys(self, enc_out: torch.Tensor) -> torch.Tensor:
+        """The source-only part of the score, computed once per sentence.
+
+        Args:
+            enc_out: ``(B, S, He)``.
+
+        Returns:
+            keys: ``(B, S, A)`` with ``A`` = attention_size (bahdanau), ``He`` (dot) or ``Hq``
+            (general).
+        """
+        if self.kind == "dot":
+            return enc_out
+        return self.key_layer(enc_out)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor,
+                src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend from ``T`` queries at once (``T = 1`` for one decoder step).
+
+        Args:
+            query: ``(B, T, Hq)`` decoder states.
+            keys: ``(B, S, A)`` from :meth:`project_keys`.
+            enc_out: ``(B, S, He)`` the values.
+            src_mask: ``(B, S)`` bool, True on real source tokens (at least one per row).
+
+        Returns:
+            context: ``(B, T, He)`` weighted sums of ``enc_out``.
+            weights: ``(B, T, S)`` attention distributions, exactly 0 on padding.
+        """
+        if self.kind == "bahdanau":
+            # (B, T, 1, A) + (B, 1, S, A): every query against every key in one broadcast.
+            hidden = torch.tanh(self.query_layer(query).unsqueeze(2) + keys.unsqueeze(1))
+            scores = self.energy_layer(hidden).squeeze(-1)
+        else:
+            scores = torch.bmm(query, keys.transpose(1, 2))
+        scores = scores.masked_fill(~src_mask.unsqueeze(1), float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        return torch.bmm(weights, enc_out), weights
