@@ -1,0 +1,142 @@
+"""Checkpoints: atomic writes, safe loads, weight averaging.
+
+A checkpoint is a plain dict readable with ``torch.load(path, weights_only=True)``: ``model`` (a
+state_dict), ``recipe`` (the resolved recipe as plain data), ``tokenizer`` (SentencePiece model
+protos as uint8 tensors), and, for training checkpoints, optimizer/scheduler/scaler state, the step,
+epoch and position inside the epoch, every RNG state and the best-metric bookkeeping.
+
+Writes go to a temporary file in the same directory, are fsynced, then renamed over the target,
+so a crash (even SIGKILL) leaves either the old file or the new one, never a torn one. A
+``<file>.sha256`` sidecar, written after the rename, lets a load tell a complete file from a
+damaged one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seq2seq.errors import Seq2SeqError
+
+
+class CheckpointError(Seq2SeqError):
+    """A checkpoint that cannot be read, or is not a seq2seq checkpoint."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync directory)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+    """Serialise ``payload`` and write it atomically, with a sha256 sidecar.
+
+    Raises:
+        CheckpointError: when the disk is full or the directory is not writable; the previous
+            file at ``path`` is then left as it was.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    try:
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(_sidecar(path), hashlib.sha256(data).hexdigest().encode() + b"\n")
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error}); "
+                              "the previous checkpoint is unchanged") from None
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; refuse anything else with a clear error."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({error.strerror})") from None
+    sidecar = _sidecar(path)
+    if sidecar.is_file():
+        expected = sidecar.read_text().strip()
+        if expected and hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt checkpoint)")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for damaged or unsafe files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            reason = "it holds arbitrary pickled objects, which are refused for safety"
+        raise CheckpointError(f"{path}: not a loadable seq2seq checkpoint ({reason})") from None
+    if not isinstance(payload, dict) or "model" not in payload or "recipe" not in payload:
+        raise CheckpointError(f"{path}: not a seq2seq checkpoint (no model and recipe inside)")
+    return payload
+
+
+def load_latest(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+    """The first candidate that loads; damaged ones are skipped with a warning."""
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as error:
+            warnings.warn(f"{error}; trying the previous checkpoint", stacklevel=2)
+    return None
+
+
+def average_checkpoints(paths: list[Path], output: Path) -> None:
+    """Average the model weights of several checkpoints of one run into ``output``.
+
+    The recipe and tokenizer are taken from the first checkpoint; training state is dropped.
+    """
+    if not paths:
+        raise CheckpointError("average needs at least one checkpoint")
+    first = load_checkpoint(paths[0])
+    total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
+    for path in paths[1:]:
+        state = load_checkpoint(path)["model"]
+        if state.keys() != total.keys() or any(state[k].shape != total[k].shape for k in total):
+            raise CheckpointError(f"{path}: different model architecture from {paths[0]}")
+        for key, value in state.items():
+            if value.is_floating_point():
+                total[key] += value.double()
+    model = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v
+             for k, v in total.items()}
+    payload = {"model": model, "recipe": first["recipe"], "tokenizer": first.get("tokenizer"),
+               "step": first.get("step", 0), "averaged_from": [str(p) for p in paths]}
+    save_checkpoint(payload, Path(output))

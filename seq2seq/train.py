@@ -1,0 +1,462 @@
+"""Training: setup -> fit -> train_step / validate.
+
+The loss of an update is the label-smoothed cross-entropy summed over every target token of the
+*global* batch (all ranks, all accumulation steps) divided by that batch's target-token count, so
+an update does not depend on how the batch is split. Batches come from the deterministic
+(seed, epoch) batching, so a run resumed from a checkpoint at step k sees exactly the batches an
+uninterrupted run would, and (with every RNG state restored) ends bit for bit where it would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from seq2seq import distributed as dist
+from seq2seq.checkpoint import load_latest, save_checkpoint
+from seq2seq.config import Recipe, recipe_from_dict, recipe_to_dict, recipe_to_yaml
+from seq2seq.errors import Seq2SeqError
+from seq2seq.tokenizer import PAD
+
+# Keys that may change between a run and its resumption without making the resumed run wrong.
+RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
+                     "train.valid_every", "train.log_every", "train.patience", "train.keep_last",
+                     "train.tensorboard", "train.device", "train.threads", "train.max_bad_steps",
+                     "decode.", "eval.", "distributed.", "data.num_proc", "data.root",
+                     "data.cache_dir")
+
+
+class TrainingStopped(Seq2SeqError):
+    """Training ended early for a reason the user must see (e.g. repeated non-finite losses)."""
+
+
+def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> int:
+    """``seq2seq train``: launch workers through torchrun when asked for, else train here."""
+    cfg = recipe.distributed
+    wanted = cfg.nproc_per_node * cfg.nnodes
+    if wanted > 1 and "LOCAL_RANK" not in os.environ:
+        from seq2seq.launch import launch_workers
+
+        return launch_workers(recipe, recipe_path, overrides)
+    fit(recipe)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise Seq2SeqError(f"device {name!r} asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def check_output_dir(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise Seq2SeqError(f"output_dir {path}: exists and is not a directory")
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += recipe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def check_resumable(saved: dict[str, Any], recipe: Recipe) -> None:
+    changed = [k for k in recipe_changes(saved, recipe_to_dict(recipe))
+               if not any(k == allowed or (allowed.endswith(".") and k.startswith(allowed))
+                          for allowed in RESUMABLE_CHANGES)]
+    if changed:
+        raise Seq2SeqError(
+            f"cannot resume {recipe.output_dir}: the recipe changed in {', '.join(changed)} "
+            "(use a new output_dir, or restore those values)")
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    cfg = recipe.train
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Learning rate = lr * warmup * (inverse sqrt) * plateau scale, floored at min_lr.
+
+    Plain state (two numbers) so that it round-trips through a weights-only checkpoint.
+    """
+
+    lr: float
+    kind: str
+    warmup_steps: int
+    min_lr: float
+    factor: float
+    patience: int
+    scale: float = 1.0
+    bad_validations: int = 0
+
+    def at(self, step: int) -> float:
+        """Learning rate for update number ``step`` (1-based)."""
+        rate = self.lr * self.scale
+        if self.warmup_steps and step < self.warmup_steps:
+            rate *= step / self.warmup_steps
+        elif self.kind == "inverse_sqrt" and self.warmup_steps:
+            rate *= math.sqrt(self.warmup_steps / step)
+        return max(rate, self.min_lr)
+
+    def validated(self, improved: bool) -> None:
+        """Reduce-on-plateau bookkeeping, called after each scheduled validation."""
+        if self.kind != "plateau":
+            return
+        self.bad_validations = 0 if improved else self.bad_validations + 1
+        if self.bad_validations > self.patience:
+            self.scale *= self.factor
+            self.bad_validations = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale = float(state["scale"])
+        self.bad_validations = int(state["bad_validations"])
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training is: everything besides tensors that a checkpoint must restore."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # steps of the current epoch already done
+    best_value: float | None = None
+    best_step: int = 0
+    bad_validations: int = 0  # for early stopping
+    bad_updates: int = 0  # non-finite updates in a row
+    skipped_updates: int = 0
+
+
+def better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value > best if metric == "bleu" else value < best
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Holds the pieces of one run; ``fit`` drives it."""
+
+    def __init__(self, recipe: Recipe):
+        from seq2seq.data.cache import prepare_data
+        from seq2seq.models.seq2seq import build_model
+
+        self.recipe = recipe
+        cfg = recipe.train
+        self.out = Path(recipe.output_dir)
+        check_output_dir(self.out)
+        dist_device = dist.init_from_env(recipe.distributed.backend, recipe.distributed.timeout_s)
+        self.device = dist_device or resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.data = prepare_data(recipe, show_progress=True)
+        dist.barrier()  # other ranks reuse the cache the main rank built
+        if not dist.is_main():
+            self.data = prepare_data(recipe, show_progress=False)
+        tok = self.data.tokenizer
+        torch.manual_seed(recipe.seed)
+        self.model = build_model(recipe.model, tok.src_vocab_size, tok.trg_vocab_size)
+        self.model.to(self.device)
+        self.ddp_model = dist.wrap_ddp(self.model, self.device)
+        self.optimizer = make_optimizer(self.model, recipe)
+        self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.min_lr,
+                                 cfg.plateau_factor, cfg.plateau_patience)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=cfg.precision == "fp16")
+        self.progress = Progress()
+        # Dropout streams differ per rank; rank 0 of a 1-process run uses the recipe seed.
+        torch.manual_seed(recipe.seed + 1000 * self.rank)
+        self.stop_reason: str | None = None
+        self.resume()
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        found = load_latest([self.out / "last.pt"] + self.step_checkpoints()[::-1])
+        if found is None:
+            return
+        path, ckpt = found
+        check_resumable(ckpt["recipe"], self.recipe)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["schedule"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.progress = Progress(**ckpt["progress"])
+        rng = ckpt["rng"][self.rank] if self.rank < len(ckpt["rng"]) else None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if dist.is_main():
+            print(f"resuming from {path} at step {self.progress.step} "
+                  f"(epoch {self.progress.epoch + 1})", file=sys.stderr)
+
+    def step_checkpoints(self) -> list[Path]:
+        return sorted(self.out.glob("step_*.pt"))
+
+    def save(self, name: str) -> None:
+        """Write checkpoint ``name`` (all ranks take part: RNG states are gathered)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rngs = dist.gather_objects(rng)
+        if not dist.is_main():
+            return
+        payload = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": dataclasses.asdict(self.progress),
+            "rng": rngs,
+            "recipe": recipe_to_dict(self.recipe),
+            "tokenizer": self.data.tokenizer.to_state(),
+            "step": self.progress.step,
+        }
+        save_checkpoint(payload, self.out / name)
+
+    def save_periodic(self) -> None:
+        keep = self.recipe.train.keep_last
+        if keep:
+            self.save(f"step_{self.progress.step:08d}.pt")
+            if dist.is_main():
+                for old in self.step_checkpoints()[:-keep]:
+                    old.unlink(missing_ok=True)
+                    old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+        self.save("last.pt")
+
+    # ---- logging ----------------------------------------------------------------------------
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not dist.is_main():
+            return
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    # ---- one update -------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list, global_tokens: int) -> torch.Tensor:
+        """One update from this rank's micro-batches; returns the summed loss (a tensor)."""
+        from seq2seq.data.batching import collate
+
+        cfg = self.recipe.train
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        # DDP averages gradients over ranks; scaling by world size turns that into the sum,
+        # so the update is (sum of token losses) / (global target tokens).
+        norm = self.world / global_tokens
+        loss_total = torch.zeros((), device=self.device)
+        for i, indices in enumerate(micro_batches):
+            batch = collate(self.data.train, indices, self.device)
+            last = i == len(micro_batches) - 1
+            with dist.no_sync(self.ddp_model, skip=not last):
+                with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    logits = self.ddp_model(batch.src, batch.src_lens, batch.trg_in)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch.trg_out.flatten(),
+                                       ignore_index=PAD, reduction="sum",
+                                       label_smoothing=cfg.label_smoothing)
+                self.scaler.scale(loss * norm).backward()
+            loss_total += loss.detach()
+        return loss_total
+
+    def apply_update(self) -> bool:
+        """Clip, check for non-finite gradients, step; False when the update was skipped."""
+        cfg = self.recipe.train
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite or self.scaler.is_enabled():
+            # With fp16 the scaler itself skips non-finite steps and lowers its scale.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    # ---- validation -------------------------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        from seq2seq.validation import validate
+
+        return validate(self.model, self.data.valid, self.data.tokenizer, self.recipe,
+                        self.device)
+
+    def after_validation(self, metrics: dict[str, float], scheduled: bool) -> None:
+        """best.pt, plateau schedule and early stopping bookkeeping."""
+        cfg = self.recipe.train
+        progress = self.progress
+        value = metrics[cfg.early_stop_metric]
+        improved = better(cfg.early_stop_metric, value, progress.best_value)
+        if improved:
+            progress.best_value, progress.best_step = value, progress.step
+        if scheduled:
+            # Only scheduled validations drive the schedule and patience, so a run stopped
+            # and resumed makes exactly the decisions an uninterrupted run makes.
+            self.schedule.validated(improved)
+            progress.bad_validations = 0 if improved else progress.bad_validations + 1
+            if cfg.patience and progress.bad_validations >= cfg.patience:
+                self.stop_reason = (f"early stopping: no {cfg.early_stop_metric} improvement "
+                                    f"in {cfg.patience} validations")
+        if improved:
+            self.save("best.pt")
+
+    # ---- fit --------------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        from tqdm import tqdm
+
+        from seq2seq.data.batching import epoch_batches, rank_steps
+
+        cfg, progress = self.recipe.train, self.progress
+        if dist.is_main():
+            (self.out / "recipe.yaml").write_text(recipe_to_yaml(self.recipe), encoding="utf-8")
+        src_lens, trg_lens = self.data.train_lengths()
+        group = self.world * cfg.accumulate
+        bar = tqdm(total=cfg.max_steps or None, initial=progress.step, disable=not dist.is_main(),
+                   desc="train", dynamic_ncols=True)
+        self.install_signal_handlers()
+        window_loss = torch.zeros((), device=self.device)
+        window_tokens, window_start = 0, time.perf_counter()
+        self.model.train()
+        while self.stop_reason is None:
+            if cfg.max_epochs and progress.epoch >= cfg.max_epochs:
+                self.stop_reason = f"reached train.max_epochs={cfg.max_epochs}"
+                break
+            batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,
+                                    self.recipe.seed, progress.epoch, group)
+            steps = rank_steps(batches, self.rank, self.world, cfg.accumulate)
+            for s in range(progress.epoch_step, len(steps)):
+                global_batch = batches[s * group:(s + 1) * group]
+                global_tokens = int(sum(int(trg_lens[i].sum()) for i in global_batch)
+                                    + sum(len(i) for i in global_batch))  # + one EOS each
+                lr = self.schedule.at(progress.step + 1)
+                for group_ in self.optimizer.param_groups:
+                    group_["lr"] = lr
+                window_loss += self.train_step(steps[s], global_tokens)
+                ok = self.apply_update()
+                progress.step += 1
+                progress.epoch_step = s + 1
+                window_tokens += global_tokens
+                bar.update(1)
+                self.count_bad_update(ok)
+                if progress.step % cfg.log_every == 0:
+                    loss = dist.all_reduce_sum(window_loss.clone()).item() / window_tokens
+                    rate = window_tokens / (time.perf_counter() - window_start)
+                    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                    self.log({"step": progress.step, "split": "train", "epoch": progress.epoch + 1,
+                              "loss": loss, "lr": lr, "tokens_per_s": rate})
+                    window_loss.zero_()
+                    window_tokens, window_start = 0, time.perf_counter()
+                if progress.step % cfg.valid_every == 0:
+                    self.validate_and_save(scheduled=True)
+                if cfg.max_steps and progress.step >= cfg.max_steps:
+                    self.stop_reason = f"reached train.max_steps={cfg.max_steps}"
+                if self.stop_reason is not None:
+                    break
+            else:
+                progress.epoch += 1
+                progress.epoch_step = 0
+        bar.close()
+        self.finish()
+
+    def count_bad_update(self, ok: bool) -> None:
+        progress = self.progress
+        if ok:
+            progress.bad_updates = 0
+            return
+        progress.bad_updates += 1
+        progress.skipped_updates += 1
+        if dist.is_main():
+            print(f"warning: step {progress.step}: non-finite loss or gradient; update skipped "
+                  f"({progress.skipped_updates} so far)", file=sys.stderr)
+        if progress.bad_updates >= self.recipe.train.max_bad_steps:
+            raise TrainingStopped(
+                f"stopping: {progress.bad_updates} updates in a row had a non-finite loss or "
+                f"gradient (train.max_bad_steps={self.recipe.train.max_bad_steps}); the last "
+                f"good checkpoint is {self.out / 'last.pt'}")
+
+    def validate_and_save(self, scheduled: bool) -> None:
+        metrics = self.validate()
+        self.model.train()
+        row = {"step": self.progress.step, "split": "valid", "epoch": self.progress.epoch + 1,
+               **metrics}
+        self.log(row)
+        if dist.is_main():
+            shown = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                              for k, v in metrics.items())
+            print(f"\nstep {self.progress.step} valid: {shown}", file=sys.stderr)
+        self.after_validation(metrics, scheduled)
+        self.save_periodic()
+
+    def finish(self) -> None:
+        """Validate once more if the last update was not validated, then write last.pt."""
+        validated = self.progress.step % self.recipe.train.valid_every == 0
+        if not validated and self.progress.step > 0 and not self.interrupted:
+            self.validate_and_save(scheduled=False)
+        else:
+            self.save("last.pt")
+        if dist.is_main():
+            print(f"stopped at step {self.progress.step}: {self.stop_reason}; "
+                  f"best {self.recipe.train.early_stop_metric} {self.progress.best_value} at step "
+                  f"{self.progress.best_step}; checkpoints in {self.out}", file=sys.stderr)
+
+    interrupted = False
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            self.interrupted = True
+            self.stop_reason = f"received {signal.Signals(signum).name}"
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+
+def fit(recipe: Recipe) -> Trainer:
+    """Train (or resume) the run described by ``recipe``; returns the finished trainer."""
+    trainer = Trainer(recipe)
+    try:
+        trainer.fit()
+    finally:
+        dist.shutdown()
+    return trainer
+
+
+def recipe_of_checkpoint(ckpt: dict[str, Any]) -> Recipe:
+    return recipe_from_dict(ckpt["recipe"], source="checkpoint recipe")

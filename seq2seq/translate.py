@@ -1,0 +1,200 @@
+"""Translating with trained checkpoints: ``Translator`` and ``seq2seq translate``.
+
+Everything a translation needs comes from the checkpoint: the recipe (architecture and default
+search settings) and the SentencePiece model(s) saved with the run.
+
+    >>> from seq2seq.translate import Translator
+    >>> translator = Translator.from_checkpoint("runs/quickstart/best.pt", device="cpu")
+    >>> translator.translate(["the dog sleeps ."], beam=5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from seq2seq.checkpoint import load_checkpoint
+from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
+from seq2seq.errors import Seq2SeqError
+from seq2seq.search.beam import Ensemble, beam_search
+from seq2seq.search.common import Hypothesis
+from seq2seq.search.greedy import greedy_search
+from seq2seq.tokenizer import EOS, PAD, Tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise Seq2SeqError(f"--device {name}: no CUDA GPU is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise Seq2SeqError(f"--device {name}: not a device name (cpu, cuda, cuda:N)") from None
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, each at most ``batch_tokens`` padded
+    source tokens (a longer sentence goes alone). Sorting by length keeps padding small."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if current and longest_if_added * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_sources(src_ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, S)`` padded sources (each ending in EOS) and ``(B,)`` lengths."""
+    rows = [ids + [EOS] for ids in src_ids]
+    src_lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    src = torch.full((len(rows), int(src_lens.max())), PAD, dtype=torch.long)
+    for i, row in enumerate(rows):
+        src[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return src.to(device), src_lens.to(device)
+
+
+@torch.no_grad()
+def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, device: torch.device,
+               return_attention: bool = False) -> list[list[Hypothesis]]:
+    """Search every source (token ids without EOS); n-best lists in input order.
+
+    Beam size 1 uses greedy search (the two agree; greedy is cheaper).
+    """
+    results: list[list[Hypothesis]] = [[] for _ in src_ids]
+    for batch in length_batches([len(s) + 1 for s in src_ids], decode.batch_tokens):
+        src, src_lens = pad_sources([src_ids[i] for i in batch], device)
+        if decode.beam_size == 1:
+            hyps = [[h] for h in greedy_search(
+                model, src, src_lens, max_len_ratio=decode.max_len_ratio,
+                max_len_add=decode.max_len_add, min_len=decode.min_len,
+                return_attention=return_attention)]
+        else:
+            hyps = beam_search(
+                model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,
+                alpha=decode.alpha, max_len_ratio=decode.max_len_ratio,
+                max_len_add=decode.max_len_add, min_len=decode.min_len,
+                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention)
+        for i, nbest in zip(batch, hyps):
+            results[i] = nbest
+    return results
+
+
+@dataclasses.dataclass
+class Translation:
+    """One input sentence's n-best list, detokenized."""
+
+    hypotheses: list[str]
+    scores: list[float]
+    src_pieces: list[str]
+    hyp_pieces: list[list[str]]
+    attention: list[torch.Tensor | None]
+
+
+class Translator:
+    """A model (or an ensemble of checkpoints of one vocabulary) with its tokenizer."""
+
+    def __init__(self, model: Any, tokenizer: Tokenizer, recipe: Recipe, device: torch.device,
+                 checkpoints: list[str]):
+        self.model, self.tokenizer, self.recipe = model, tokenizer, recipe
+        self.device, self.checkpoints = device, checkpoints
+
+    @classmethod
+    def from_checkpoint(cls, paths: str | Path | list[str | Path],
+                        device: str = "auto") -> "Translator":
+        """Load one checkpoint, or several (an ensemble) sharing one tokenizer."""
+        from seq2seq.models.seq2seq import build_model
+
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths:
+            raise Seq2SeqError("at least one checkpoint is needed")
+        torch_device = resolve_device(device)
+        models, recipe, tokenizer = [], None, None
+        for path in paths:
+            ckpt = load_checkpoint(Path(path))
+            this_recipe = recipe_from_dict(ckpt["recipe"], source=f"{path} (recipe)")
+            if ckpt.get("tokenizer") is None:
+                raise Seq2SeqError(f"{path}: the checkpoint holds no tokenizer")
+            this_tok = Tokenizer.from_state(ckpt["tokenizer"])
+            if tokenizer is not None and (this_tok.src_vocab_size, this_tok.trg_vocab_size) != (
+                    tokenizer.src_vocab_size, tokenizer.trg_vocab_size):
+                raise Seq2SeqError(f"{path}: its vocabulary differs from {paths[0]}'s; "
+                                   "an ensemble needs one shared vocabulary")
+            model = build_model(this_recipe.model, this_tok.src_vocab_size,
+                                this_tok.trg_vocab_size)
+            model.load_state_dict(ckpt["model"])
+            models.append(model.to(torch_device).eval())
+            recipe = recipe or this_recipe
+            tokenizer = tokenizer or this_tok
+        model = models[0] if len(models) == 1 else Ensemble(models)
+        return cls(model, tokenizer, recipe, torch_device, [str(p) for p in paths])
+
+    def decode_settings(self, beam: int | None = None, nbest: int | None = None,
+                        alpha: float | None = None, max_len_ratio: float | None = None,
+                        batch_tokens: int | None = None) -> DecodeConfig:
+        """The recipe's decode section with the given values overriding it."""
+        base = self.recipe.decode
+        changes = {k: v for k, v in dict(beam_size=beam, n_best=nbest, alpha=alpha,
+                                         max_len_ratio=max_len_ratio,
+                                         batch_tokens=batch_tokens).items() if v is not None}
+        if "beam_size" in changes and "n_best" not in changes:
+            changes["n_best"] = min(base.n_best, changes["beam_size"])
+        if changes.get("n_best", 1) > changes.get("beam_size", base.beam_size):
+            changes["beam_size"] = changes["n_best"]
+        from seq2seq.config import RecipeError
+
+        try:
+            return dataclasses.replace(base, **changes)
+        except RecipeError as error:
+            raise Seq2SeqError("; ".join(error.problems)) from None
+
+    def translate_full(self, sentences: list[str], settings: DecodeConfig,
+                       return_attention: bool = False) -> list[Translation]:
+        src_ids = self.tokenizer.encode_src(sentences)
+        nbests = decode_ids(self.model, src_ids, settings, self.device, return_attention)
+        out = []
+        for ids, nbest in zip(src_ids, nbests):
+            texts = self.tokenizer.decode_trg([h.tokens for h in nbest])
+            out.append(Translation(
+                hypotheses=texts, scores=[h.score for h in nbest],
+                src_pieces=self.tokenizer.src_pieces(ids) + ["</s>"],
+                hyp_pieces=[self.tokenizer.trg_pieces(h.tokens) for h in nbest],
+                attention=[h.attention for h in nbest]))
+        return out
+
+    def translate(self, sentences: list[str], beam: int | None = None,
+                  nbest: int | None = None, **overrides: Any) -> list[str] | list[list[str]]:
+        """Translate sentences; one string each, or a list of ``nbest`` strings each."""
+        settings = self.decode_settings(beam=beam, nbest=nbest, **overrides)
+        results = self.translate_full(list(sentences), settings)
+        if nbest is None:
+            return [r.hypotheses[0] for r in results]
+        return [r.hypotheses for r in results]
+
+
+def translate_command(args: Any) -> int:
+    """``seq2seq translate``: stream stdin (or --input) to stdout (or --output), line for line."""
+    from seq2seq.translate_io import translate_file
+
+    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,
+                                          max_len_ratio=args.max_len_ratio,
+                                          batch_tokens=args.batch_tokens)
+    return translate_file(translator, settings, args)
+
+
+def write_attention_jsonl(handle: Any, index: int, translation: Translation) -> None:
+    attn = translation.attention[0]
+    row = {"index": index, "src": translation.src_pieces, "hyp": translation.hyp_pieces[0],
+           "attention": [] if attn is None else attn.tolist()}
+    handle.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,0 +1,108 @@
+"""Training: loss normalisation, checkpoints, exact resume, run outputs."""
+
+import json
+
+import pytest
+import torch
+
+from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from seq2seq.config import recipe_from_dict
+from seq2seq.errors import Seq2SeqError
+from seq2seq.train import Schedule, fit
+
+
+def tiny_recipe(tmp_path, *overrides, name="run"):
+    tree = {
+        "name": "tiny", "output_dir": str(tmp_path / name), "seed": 3,
+        "data": {"src_lang": "en", "trg_lang": "de", "num_proc": 1,
+                 "cache_dir": str(tmp_path / "cache"),
+                 "train": {"format": "generated", "split": "train", "size": 300},
+                 "valid": {"format": "generated", "split": "valid", "size": 20},
+                 "test": {"t": {"format": "generated", "split": "test", "size": 20}}},
+        "tokenizer": {"vocab_size": 120},
+        "model": {"emb_size": 8, "enc_hidden": 8, "enc_layers": 1, "dec_hidden": 16,
+                  "dec_layers": 1, "attention_size": 8, "dropout": 0.2},
+        "train": {"batch_tokens": 300, "max_steps": 6, "max_epochs": 0, "valid_every": 3,
+                  "log_every": 1, "lr": 0.01, "keep_last": 2},
+        "decode": {"beam_size": 2, "max_len_ratio": 1.2, "max_len_add": 2},
+    }
+    return recipe_from_dict(tree, list(overrides))
+
+
+def weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_run_writes_its_outputs(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    fit(recipe)
+    out = tmp_path / "run"
+    for name in ("recipe.yaml", "metrics.jsonl", "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "split", "loss"} <= row.keys() for row in rows)
+    valid = [r for r in rows if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [3, 6]
+    assert all({"bleu", "ppl"} <= r.keys() for r in valid)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["step"] == 6 and "model" in ckpt and "recipe" in ckpt
+    assert len(list(out.glob("step_*.pt"))) == 2
+
+
+def test_stop_at_k_and_resume_equals_uninterrupted_bitwise(tmp_path):
+    full = tiny_recipe(tmp_path, "train.max_steps=8", name="full")
+    fit(full)
+    part = tiny_recipe(tmp_path, "train.max_steps=4", name="part")
+    fit(part)
+    resumed = tiny_recipe(tmp_path, "train.max_steps=8", name="part")
+    fit(resumed)
+    a, b = weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "part" / "last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    fit(tiny_recipe(tmp_path, "train.max_steps=2"))
+    with pytest.raises(Seq2SeqError, match="model.dec_hidden"):
+        fit(tiny_recipe(tmp_path, "train.max_steps=4", "model.dec_hidden=32"))
+
+
+def test_output_dir_that_is_a_file_is_an_error(tmp_path):
+    (tmp_path / "run").write_text("x")
+    with pytest.raises(Seq2SeqError, match="not a directory"):
+        fit(tiny_recipe(tmp_path))
+
+
+def test_accumulation_gives_the_same_update_as_one_batch(tmp_path):
+    """Loss normalisation by global target tokens: 2 half-size micro-batches == 1 batch."""
+    from seq2seq.train import Trainer
+
+    trainer = Trainer(tiny_recipe(tmp_path, "model.dropout=0.0"))
+    trainer.model.train()
+    from seq2seq.data.batching import epoch_batches
+
+    src_lens, trg_lens = trainer.data.train_lengths()
+    batch = epoch_batches(trg_lens, src_lens, 300, 0, 1, 0, 1)[0]
+    tokens = int(trg_lens[batch].sum()) + len(batch)
+    grads = []
+    for parts in ([batch], [batch[: len(batch) // 2], batch[len(batch) // 2:]]):
+        trainer.optimizer.zero_grad()
+        trainer.train_step(parts, tokens)
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_refuses_pickled_objects_and_damage(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "recipe": {}, "x": Schedule(1, "constant", 0, 0, 0.5, 1)}, evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(evil)
+    good = tmp_path / "good.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "recipe": {}}, good)
+    assert torch.equal(load_checkpoint(good)["model"]["w"], torch.ones(3))
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(good)
