@@ -1,0 +1,18 @@
+"""Search: greedy and beam decoding over any model with the search interface.
+
+Search depends only on torch and on three methods of the model (or :class:`Ensemble`):
+
+- ``encode(src (B, S) long, src_lens (B,) long) -> enc``: a (named) tuple of batch-first tensors;
+- ``init_state(enc) -> state``: a tuple of batch-first tensors;
+- ``step(prev_tokens (B,) long, state, enc) -> (log_probs (B, V), state, attn (B, S))``.
+
+Token ids are the tokenizer's fixed ``PAD, UNK, BOS, EOS = 0, 1, 2, 3``.
+"""
+
+from seq2seq.search.beam import beam_search
+from seq2seq.search.common import BOS, EOS, PAD, UNK, Hypothesis, length_penalty, reorder
+from seq2seq.search.ensemble import Ensemble
+from seq2seq.search.greedy import greedy_search
+
+__all__ = ["BOS", "EOS", "PAD", "UNK", "Ensemble", "Hypothesis", "beam_search", "greedy_search",
+           "length_penalty", "reorder"]

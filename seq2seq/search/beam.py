@@ -1,0 +1,340 @@
+"""Batched beam search with the GNMT length penalty (Wu et al. 2016 §7).
+
+All beams of all sentences live in flat ``(n * K, ...)`` tensors (``n`` unfinished sentences,
+``K`` beams each, beam ``k`` of sentence ``j`` in row ``j * K + k``). Each step:
+
+1. the model scores every next token of every beam;
+2. constraints forbid tokens (EOS before ``min_len``, repeated n-grams);
+3. the best ``2K`` extensions of each sentence are the candidates (``2K`` so that at least
+   ``K`` of them do not end in EOS);
+4. EOS candidates ranked within the top ``K`` become finished hypotheses;
+5. the best ``K`` other candidates are the next beams;
+6. sentences that are done are removed from the flat tensors (encoder output included), so they
+   stop costing compute.
+
+A sentence is done at its maximum length (its live beams are then finished as they are, without
+EOS), or once it has ``n_best`` finished hypotheses that no live beam can beat. "Can beat" uses an
+exact bound, so stopping early never changes the result: log-probabilities only fall as a beam
+grows, so a beam with log-probability ``c <= 0`` after ``L`` tokens ends with a normalised score
+of at most ``max(c / lp(L + 1), c / lp(max_len))``. With alpha 0 that is plain ``c``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from seq2seq.search.common import (
+    BOS,
+    EOS,
+    Hypothesis,
+    forbid_tokens,
+    length_penalty,
+    make_hypothesis,
+    max_output_lengths,
+    reorder,
+)
+
+
+@dataclass
+class _Beams:
+    """The unfinished part of a batch: ``n`` sentences of ``K`` beams each, ``N = n * K`` rows.
+
+    Attributes:
+        sentences: ``n`` indices of the sentences in the input batch.
+        max_lens: ``n`` maximum output lengths (scored tokens).
+        scores: ``(n, K)`` log-probability of each beam (-inf: no beam there).
+        tokens: ``(N, t)`` tokens of each beam so far, without BOS.
+        attn_hist: ``(N, t, S)`` attention so far, or None when not requested.
+        prev: ``(N,)`` last token of each beam.
+        state: the decoder state, a nest of ``(N, ...)`` tensors.
+        enc: the encoder output, a nest of ``(N, ...)`` tensors.
+    """
+
+    sentences: list[int]
+    max_lens: list[int]
+    scores: torch.Tensor
+    tokens: torch.Tensor
+    attn_hist: torch.Tensor | None
+    prev: torch.Tensor
+    state: Any
+    enc: Any
+
+
+@torch.no_grad()
+def beam_search(
+    model: Any,
+    src: torch.Tensor,
+    src_lens: torch.Tensor,
+    beam_size: int,
+    n_best: int = 1,
+    alpha: float = 0.0,
+    max_len_ratio: float = 1.5,
+    max_len_add: int = 10,
+    min_len: int = 0,
+    no_repeat_ngram: int = 0,
+    return_attention: bool = False,
+) -> list[list[Hypothesis]]:
+    """Decode every sentence of a batch with beam search.
+
+    The model should be in eval mode. A sentence gets the same hypotheses whether it is decoded
+    alone or in any batch.
+
+    Args:
+        model: anything with ``encode``, ``init_state`` and ``step`` (see ``seq2seq.search``).
+        src: ``(B, S)`` source token ids, padded with PAD.
+        src_lens: ``(B,)`` source lengths.
+        beam_size: beams kept per sentence (``K``).
+        n_best: hypotheses returned per sentence, at most ``beam_size``.
+        alpha: GNMT length penalty ``lp(|Y|) = ((5 + |Y|) / 6) ** alpha``, Wu et al. 2016 §7;
+            hypotheses are ranked by ``log_prob / lp(|Y|)`` (0: by ``log_prob``).
+        max_len_ratio: maximum output length is ``floor(max_len_ratio * src_len +
+            max_len_add)`` scored tokens (EOS included); longer outputs are cut, without EOS.
+        max_len_add: see ``max_len_ratio``.
+        min_len: EOS is forbidden before this many tokens (PAD and BOS are always forbidden).
+        no_repeat_ngram: forbid any token that would repeat an n-gram of this size already in
+            the hypothesis (0: off).
+        return_attention: keep the ``(T, S)`` attention of every hypothesis.
+
+    Returns:
+        For each sentence, in input order, its ``n_best`` hypotheses, best first (fewer only if
+        the constraints leave fewer possible outputs).
+    """
+    if not 1 <= n_best <= beam_size:
+        raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, "
+                         f"beam_size={beam_size}")
+    src_lens_list = src_lens.tolist()
+    beams = _start(model, src, src_lens, beam_size, max_len_ratio, max_len_add, return_attention)
+    finished: list[list[Hypothesis]] = [[] for _ in src_lens_list]
+
+    t = 0
+    while beams.sentences:
+        log_probs, state, attn = model.step(beams.prev, beams.state, beams.enc)
+        log_probs = _forbid(log_probs, beams.tokens, t, min_len, no_repeat_ngram)
+        cand_scores, cand_rows, cand_tokens = _candidates(beams.scores, log_probs)
+        _finish_eos(finished, beams, attn, cand_scores, cand_rows, cand_tokens, alpha,
+                    src_lens_list)
+        beams = _advance(beams, state, attn, cand_scores, cand_rows, cand_tokens)
+        t += 1
+        done = _finish_done(finished, beams, t, n_best, alpha, src_lens_list)
+        if any(done):
+            beams = _compact(beams, [j for j, d in enumerate(done) if not d])
+
+    for hyps in finished:
+        # Stable: equal scores keep the order in which they were found.
+        hyps.sort(key=lambda h: -h.score)
+        del hyps[n_best:]
+    return finished
+
+
+def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int,
+           max_len_ratio: float, max_len_add: int, return_attention: bool) -> _Beams:
+    """Encode the batch once and copy encoder output and initial state to ``K`` beams each."""
+    batch_size = src.size(0)
+    enc = model.encode(src, src_lens)
+    state = model.init_state(enc)
+    rows = torch.arange(batch_size, device=src.device).repeat_interleave(beam_size)
+    # Only beam 0 is real at first: the others start at -inf so the first step does not pick the
+    # same token K times.
+    scores = torch.full((batch_size, beam_size), float("-inf"), device=src.device)
+    scores[:, 0] = 0.0
+    num_rows = batch_size * beam_size
+    return _Beams(
+        sentences=list(range(batch_size)),
+        max_lens=max_output_lengths(src_lens, max_len_ratio, max_len_add),
+        scores=scores,
+        tokens=torch.zeros((num_rows, 0), dtype=torch.long, device=src.device),
+        attn_hist=(torch.zeros((num_rows, 0, src.size(1)), device=src.device)
+                   if return_attention else None),
+        prev=torch.full((num_rows,), BOS, dtype=torch.long, device=src.device),
+        state=reorder(state, rows),
+        enc=reorder(enc, rows),
+    )
+
+
+def _forbid(log_probs: torch.Tensor, tokens: torch.Tensor, t: int, min_len: int,
+            no_repeat_ngram: int) -> torch.Tensor:
+    """Set the log-probability of forbidden next tokens to -inf (PAD and BOS always).
+
+    Args:
+        log_probs: ``(N, V)`` next-token log-probabilities.
+        tokens: ``(N, t)`` tokens so far.
+        t: number of tokens so far.
+        min_len: EOS is forbidden while ``t < min_len``.
+        no_repeat_ngram: forbid tokens completing an n-gram of this size already present.
+
+    Returns:
+        ``(N, V)`` log-probabilities, a new tensor.
+    """
+    log_probs = forbid_tokens(log_probs, t, min_len)
+    if no_repeat_ngram > 0 and t >= no_repeat_ngram:
+        banned = _repeated_ngram_mask(tokens, no_repeat_ngram, log_probs.size(1))
+        log_probs = log_probs.masked_fill(banned, float("-inf"))
+    return log_probs
+
+
+def _repeated_ngram_mask(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """Which next tokens would repeat an n-gram of ``tokens``.
+
+    Args:
+        tokens: ``(N, t)`` tokens so far, ``t >= n``.
+        n: n-gram size.
+        vocab_size: ``V``.
+
+    Returns:
+        ``(N, V)`` bool, True where the token would complete an n-gram seen before.
+    """
+    windows = tokens.unfold(1, n, 1)  # (N, t - n + 1, n): every n-gram so far
+    suffix = tokens[:, tokens.size(1) - n + 1:]  # (N, n - 1): what the next n-gram starts with
+    matches = (windows[:, :, :-1] == suffix.unsqueeze(1)).all(dim=2)  # (N, t - n + 1)
+    # scatter_add, not scatter: the same token may end several n-grams, matching or not.
+    hits = torch.zeros((tokens.size(0), vocab_size), device=tokens.device)
+    hits.scatter_add_(1, windows[:, :, -1], matches.to(hits.dtype))
+    return hits > 0
+
+
+def _candidates(scores: torch.Tensor, log_probs: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best ``2K`` one-token extensions of each sentence's beams.
+
+    Args:
+        scores: ``(n, K)`` beam log-probabilities.
+        log_probs: ``(n * K, V)`` next-token log-probabilities.
+
+    Returns:
+        ``(n, C)`` candidate log-probabilities (best first), the flat beam row each extends and
+        the token it adds; ``C = min(2K, K * V)``.
+    """
+    n, beam_size = scores.shape
+    vocab_size = log_probs.size(1)
+    total = scores.unsqueeze(2) + log_probs.view(n, beam_size, vocab_size)  # (n, K, V)
+    num_cands = min(2 * beam_size, beam_size * vocab_size)
+    cand_scores, flat = total.view(n, -1).topk(num_cands, dim=1)
+    sentence_first_row = torch.arange(n, device=scores.device).unsqueeze(1) * beam_size
+    cand_rows = sentence_first_row + flat // vocab_size
+    return cand_scores, cand_rows, flat % vocab_size
+
+
+def _finish_eos(finished: list[list[Hypothesis]], beams: _Beams, attn: torch.Tensor,
+                cand_scores: torch.Tensor, cand_rows: torch.Tensor, cand_tokens: torch.Tensor,
+                alpha: float, src_lens: list[int]) -> None:
+    """Turn EOS candidates ranked within the top ``K`` into finished hypotheses.
+
+    EOS ranked below the top ``K`` is ignored, as if the beam had not had room for it.
+
+    Args:
+        attn: ``(N, S)`` attention of this step, by the rows before reordering.
+    """
+    beam_size = beams.scores.size(1)
+    is_final = (cand_tokens == EOS) & torch.isfinite(cand_scores)
+    is_final[:, beam_size:] = False
+    where = is_final.nonzero()  # (F, 2): sentence j, candidate c
+    if where.numel() == 0:
+        return
+    rows = cand_rows[where[:, 0], where[:, 1]]
+    log_probs = cand_scores[where[:, 0], where[:, 1]].tolist()
+    prefixes = beams.tokens[rows].tolist()
+    for i, (j, row) in enumerate(zip(where[:, 0].tolist(), rows.tolist())):
+        b = beams.sentences[j]
+        attention = None
+        if beams.attn_hist is not None:
+            steps = torch.cat([beams.attn_hist[row], attn[row].unsqueeze(0)], dim=0)
+            attention = steps[:, :src_lens[b]].cpu()
+        finished[b].append(make_hypothesis(prefixes[i] + [EOS], log_probs[i], alpha, attention))
+
+
+def _advance(beams: _Beams, state: Any, attn: torch.Tensor, cand_scores: torch.Tensor,
+             cand_rows: torch.Tensor, cand_tokens: torch.Tensor) -> _Beams:
+    """Extend the beams with the best ``K`` candidates that do not end in EOS.
+
+    Args:
+        state: the decoder state after this step, by the rows before reordering.
+        attn: ``(N, S)`` attention of this step, by the rows before reordering.
+
+    Returns:
+        The beams one token longer, rows reordered to follow their candidates.
+    """
+    beam_size = beams.scores.size(1)
+    num_cands = cand_scores.size(1)
+    # Candidates are sorted best first; pushing EOS past the end keeps the rest in that order.
+    order = (cand_tokens == EOS).long() * num_cands + torch.arange(
+        num_cands, device=cand_tokens.device)
+    pick = order.topk(beam_size, dim=1, largest=False).indices  # (n, K), ascending
+    rows = cand_rows.gather(1, pick).view(-1)
+    new_tokens = cand_tokens.gather(1, pick).view(-1)
+    attn_hist = None
+    if beams.attn_hist is not None:
+        attn_hist = torch.cat([beams.attn_hist[rows], attn[rows].unsqueeze(1)], dim=1)
+    return _Beams(
+        sentences=beams.sentences,
+        max_lens=beams.max_lens,
+        scores=cand_scores.gather(1, pick),
+        tokens=torch.cat([beams.tokens[rows], new_tokens.unsqueeze(1)], dim=1),
+        attn_hist=attn_hist,
+        prev=new_tokens,
+        state=reorder(state, rows),
+        enc=beams.enc,  # every beam of a sentence shares its encoder output: no reordering
+    )
+
+
+def _finish_done(finished: list[list[Hypothesis]], beams: _Beams, t: int, n_best: int,
+                 alpha: float, src_lens: list[int]) -> list[bool]:
+    """Which sentences are done after ``t`` tokens; finish the live beams of those cut at length.
+
+    A sentence is done at its maximum length, or when its ``n_best``-th finished hypothesis
+    scores at least the bound on any live beam's final score (see the module docstring).
+
+    Returns:
+        ``n`` flags, one per unfinished sentence.
+    """
+    best_live = beams.scores.max(dim=1).values  # (n,)
+    max_lens = torch.tensor(beams.max_lens, device=best_live.device, dtype=best_live.dtype)
+    # lp grows with length, so c / lp is largest at the shortest length when c <= 0 and at the
+    # longest when c > 0 (rounding); taking both keeps the bound safe.
+    bound = torch.maximum(best_live / length_penalty(t + 1, alpha),
+                          best_live / ((5.0 + max_lens) / 6.0) ** alpha).tolist()
+    done = []
+    for j, b in enumerate(beams.sentences):
+        if t >= beams.max_lens[j]:
+            _finish_cut(finished[b], beams, j, alpha, src_lens[b])
+            done.append(True)
+            continue
+        scores = sorted((h.score for h in finished[b]), reverse=True)
+        nth_best = scores[n_best - 1] if len(scores) >= n_best else float("-inf")
+        # -inf >= -inf: no live beam left, nothing more can be found.
+        done.append(nth_best >= bound[j])
+    return done
+
+
+def _finish_cut(hyps: list[Hypothesis], beams: _Beams, j: int, alpha: float,
+                src_len: int) -> None:
+    """Finish the live beams of sentence ``j`` as they are: it reached its maximum length."""
+    beam_size = beams.scores.size(1)
+    for k, log_prob in enumerate(beams.scores[j].tolist()):
+        if log_prob == float("-inf"):
+            continue
+        row = j * beam_size + k
+        attention = None
+        if beams.attn_hist is not None:
+            attention = beams.attn_hist[row, :, :src_len].cpu()
+        hyps.append(make_hypothesis(beams.tokens[row].tolist(), log_prob, alpha, attention))
+
+
+def _compact(beams: _Beams, keep: list[int]) -> _Beams:
+    """Keep only sentences ``keep`` (indices into ``beams.sentences``) in every flat tensor."""
+    beam_size = beams.scores.size(1)
+    device = beams.scores.device
+    keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+    rows = (keep_t.unsqueeze(1) * beam_size + torch.arange(beam_size, device=device)).view(-1)
+    return _Beams(
+        sentences=[beams.sentences[j] for j in keep],
+        max_lens=[beams.max_lens[j] for j in keep],
+        scores=beams.scores.index_select(0, keep_t),
+        tokens=beams.tokens.index_select(0, rows),
+        attn_hist=reorder(beams.attn_hist, rows),
+        prev=beams.prev.index_select(0, rows),
+        state=reorder(beams.state, rows),
+        enc=reorder(beams.enc, rows),
+    )

@@ -1,0 +1,104 @@
+"""Pieces shared by greedy and beam search: token ids, hypotheses, reordering, lengths.
+
+Search knows the model only through ``encode(src, src_lens) -> enc``, ``init_state(enc) ->
+state`` and ``step(prev_tokens, state, enc) -> (log_probs, state, attn)``, where ``enc`` and
+``state`` are (possibly nested) tuples of batch-first tensors. That is all :func:`reorder` needs
+to follow beams and to drop finished sentences.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# The tokenizer's fixed ids (seq2seq.tokenizer trains SentencePiece with exactly these). They are
+# repeated here because search depends only on torch and the model interface.
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+@dataclass
+class Hypothesis:
+    """One output sentence.
+
+    Attributes:
+        tokens: token ids without BOS and EOS.
+        score: the score hypotheses are ranked by: ``log_prob / lp(|Y|)`` with the GNMT length
+            penalty (Wu et al. 2016 §7); equal to ``log_prob`` for greedy search and alpha 0.
+        log_prob: sum of the log-probabilities of every scored token, including the final EOS
+            when the hypothesis has one (a hypothesis cut at the maximum length has none).
+        attention: ``(T, S)`` attention weights, one row per scored token (the EOS included),
+            one column per real source position (padding dropped); None unless requested.
+    """
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+    attention: torch.Tensor | None = None
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty ``((5 + |Y|) / 6) ** alpha`` (Wu et al. 2016 §7); 1 when alpha is 0."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def reorder(x: Any, idx: torch.Tensor) -> Any:
+    """Select rows ``idx`` of every tensor in a nest of tuples (named tuples keep their type).
+
+    Args:
+        x: a tensor ``(N, ...)``, a tuple or named tuple of such nests, or None.
+        idx: ``(M,)`` long row indices.
+
+    Returns:
+        The same nest with every tensor ``(M, ...)``.
+    """
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.index_select(0, idx)
+    if isinstance(x, tuple):
+        items = [reorder(item, idx) for item in x]
+        # Named tuples are built from positional fields, plain tuples from one iterable.
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    raise TypeError(f"cannot reorder a {type(x).__name__}: expected tensors in (named) tuples")
+
+
+def max_output_lengths(src_lens: torch.Tensor, max_len_ratio: float, max_len_add: int) -> list[int]:
+    """Per sentence ``floor(max_len_ratio * src_len + max_len_add)`` scored tokens, at least 1.
+
+    The source length is taken as given (it counts the EOS the data pipeline appends). Computed
+    in Python floats so that the bound does not depend on the device's float precision.
+    """
+    return [max(1, math.floor(max_len_ratio * n + max_len_add)) for n in src_lens.tolist()]
+
+
+def make_hypothesis(token_ids: list[int], log_prob: float, alpha: float,
+                    attention: torch.Tensor | None = None) -> Hypothesis:
+    """Build a :class:`Hypothesis` from every scored token (a final EOS included, if any).
+
+    ``|Y|`` of the length penalty counts every scored token, so an EOS counts as one.
+    """
+    score = log_prob / length_penalty(len(token_ids), alpha)
+    if token_ids and token_ids[-1] == EOS:
+        token_ids = token_ids[:-1]
+    return Hypothesis(tokens=token_ids, score=score, log_prob=log_prob, attention=attention)
+
+
+def forbid_tokens(log_probs: torch.Tensor, t: int, min_len: int) -> torch.Tensor:
+    """Set to -inf what no output may contain next: PAD and BOS always, EOS while ``t < min_len``.
+
+    PAD and BOS are never targets in training, so a model gives them arbitrary (untrained)
+    scores; generating them would also make hypotheses that teacher forcing cannot re-score.
+
+    Args:
+        log_probs: ``(N, V)`` next-token log-probabilities.
+        t: tokens generated so far.
+        min_len: the minimum output length (EOS excluded).
+
+    Returns:
+        ``(N, V)`` a new tensor.
+    """
+    banned = [PAD, BOS, EOS] if t < min_len else [PAD, BOS]
+    return log_probs.index_fill(1, torch.tensor(banned, device=log_probs.device), float("-inf"))
