@@ -1,0 +1,320 @@
+"""SentencePiece subword models: train once from the training corpus, then encode and decode.
+
+The special ids are fixed at training time and are the same in every model this module makes:
+``PAD = 0``, ``UNK = 1``, ``BOS = 2``, ``EOS = 3``. A :class:`Tokenizer` holds one
+model shared by source and target (``joint``) or one model per side. Encoded ids never contain
+BOS or EOS; batching adds them.
+
+A trained tokenizer lives in ``<output_dir>/tokenizer``: ``spm.model`` (joint) or ``src.model``
+and ``trg.model``, plus ``tokenizer.json`` holding the hash of everything it was trained from
+(training-data fingerprint, tokenizer settings, languages). :func:`load_or_train` reuses it while
+that hash is unchanged. Inside a checkpoint the model protos travel as uint8 tensors
+(:meth:`Tokenizer.to_state`), so ``torch.load(weights_only=True)`` can read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import sentencepiece as spm
+import torch
+
+from seq2seq.config import TokenizerConfig
+from seq2seq.errors import Seq2SeqError
+
+PAD = 0
+UNK = 1
+BOS = 2
+EOS = 3
+SPECIAL_IDS = frozenset({PAD, BOS, EOS})
+
+JOINT_MODEL = "spm.model"
+SRC_MODEL = "src.model"
+TRG_MODEL = "trg.model"
+INFO_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """One joint SentencePiece model, or a source and a target model.
+
+    Args:
+        src_proto: serialized source model (the joint model when ``trg_proto`` is None).
+        trg_proto: serialized target model, or None for a joint model.
+    """
+
+    def __init__(self, src_proto: bytes, trg_proto: Optional[bytes] = None):
+        self._src_proto = bytes(src_proto)
+        self._trg_proto = None if trg_proto is None else bytes(trg_proto)
+        self._src = spm.SentencePieceProcessor(model_proto=self._src_proto)
+        self._trg = (self._src if self._trg_proto is None
+                     else spm.SentencePieceProcessor(model_proto=self._trg_proto))
+        for side, processor in (("source", self._src), ("target", self._trg)):
+            ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
+            if ids != (PAD, UNK, BOS, EOS):
+                raise Seq2SeqError(f"the {side} SentencePiece model has special ids "
+                                   f"pad/unk/bos/eos = {ids}; expected 0/1/2/3")
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def joint(self) -> bool:
+        """True when source and target share one model (and one vocabulary)."""
+        return self._trg_proto is None
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self._src.get_piece_size()
+
+    @property
+    def trg_vocab_size(self) -> int:
+        return self._trg.get_piece_size()
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the model(s) themselves: equal fingerprints encode identically."""
+        digest = hashlib.sha256(self._src_proto)
+        if self._trg_proto is not None:
+            digest.update(b"\0trg\0" + self._trg_proto)
+        return digest.hexdigest()
+
+    # -- encode / decode ------------------------------------------------------------------
+
+    def encode_src(self, sentences: list[str]) -> list[list[int]]:
+        """Source sentences -> subword ids (no BOS/EOS)."""
+        return self._src.encode(list(sentences), out_type=int)
+
+    def encode_trg(self, sentences: list[str]) -> list[list[int]]:
+        """Target sentences -> subword ids (no BOS/EOS)."""
+        return self._trg.encode(list(sentences), out_type=int)
+
+    def decode_src(self, ids: list[list[int]]) -> list[str]:
+        """Source ids -> detokenized text; PAD, BOS and EOS are ignored."""
+        return _decode(self._src, ids)
+
+    def decode_trg(self, ids: list[list[int]]) -> list[str]:
+        """Target ids -> detokenized text; PAD, BOS and EOS are ignored."""
+        return _decode(self._trg, ids)
+
+    def src_pieces(self, ids: list[int]) -> list[str]:
+        """One source sentence's ids -> its subword pieces (for attention plots)."""
+        return [self._src.id_to_piece(int(i)) for i in ids]
+
+    def trg_pieces(self, ids: list[int]) -> list[str]:
+        """One target sentence's ids -> its subword pieces (for attention plots)."""
+        return [self._trg.id_to_piece(int(i)) for i in ids]
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def save(self, out_dir: Path) -> None:
+        """Write ``spm.model`` (joint) or ``src.model`` + ``trg.model`` into ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.joint:
+            (out_dir / JOINT_MODEL).write_bytes(self._src_proto)
+        else:
+            (out_dir / SRC_MODEL).write_bytes(self._src_proto)
+            (out_dir / TRG_MODEL).write_bytes(self._trg_proto)
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "Tokenizer":
+        """Read the model(s) written by :meth:`save` from ``model_dir``."""
+        model_dir = Path(model_dir)
+        if (model_dir / JOINT_MODEL).is_file():
+            return cls(_read_model(model_dir / JOINT_MODEL))
+        if (model_dir / SRC_MODEL).is_file() and (model_dir / TRG_MODEL).is_file():
+            return cls(_read_model(model_dir / SRC_MODEL), _read_model(model_dir / TRG_MODEL))
+        raise Seq2SeqError(f"{model_dir}: no SentencePiece model ({JOINT_MODEL}, or "
+                           f"{SRC_MODEL} and {TRG_MODEL})")
+
+    def to_state(self) -> dict[str, torch.Tensor]:
+        """The model protos as uint8 tensors, for a ``weights_only`` checkpoint."""
+        if self.joint:
+            return {"spm_model": _bytes_to_tensor(self._src_proto)}
+        return {"src_model": _bytes_to_tensor(self._src_proto),
+                "trg_model": _bytes_to_tensor(self._trg_proto)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "Tokenizer":
+        """Rebuild a tokenizer from :meth:`to_state`'s dictionary."""
+        if "spm_model" in state:
+            return cls(_tensor_to_bytes(state["spm_model"]))
+        return cls(_tensor_to_bytes(state["src_model"]), _tensor_to_bytes(state["trg_model"]))
+
+    # Processors hold C++ objects; workers of ``datasets.map`` receive the protos instead.
+    def __getstate__(self) -> dict:
+        return {"src_proto": self._src_proto, "trg_proto": self._trg_proto}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["src_proto"], state["trg_proto"])
+
+
+def _decode(processor: spm.SentencePieceProcessor, ids: list[list[int]]) -> list[str]:
+    kept = [[int(i) for i in row if int(i) not in SPECIAL_IDS] for row in ids]
+    return processor.decode(kept)
+
+
+def _read_model(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise Seq2SeqError(f"{path}: cannot read SentencePiece model ({error.strerror})") from None
+
+
+def _bytes_to_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
+
+
+def _tensor_to_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().to(torch.uint8).numpy().tobytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def tokenizer_hash(cfg: TokenizerConfig, data_fingerprint: str, src_lang: str,
+                   trg_lang: str) -> str:
+    """The hash that decides whether a saved tokenizer can be reused."""
+    key = {"data": data_fingerprint, "settings": dataclasses.asdict(cfg),
+           "languages": [src_lang, trg_lang], "ids": [PAD, UNK, BOS, EOS],
+           "sentencepiece": spm.__version__}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def train_tokenizer(cfg: TokenizerConfig, pairs: Iterable[tuple[str, str]], out_dir: Path,
+                    data_hash: str = "") -> Tokenizer:
+    """Train SentencePiece on the training pairs and save the model(s) in ``out_dir``.
+
+    The pairs are streamed once into plain text files beside ``out_dir`` (never into memory);
+    SentencePiece then samples ``cfg.input_sentence_size`` sentences of them at random.
+    ``out_dir`` is replaced atomically, so a failed training leaves no half-written model.
+
+    Args:
+        cfg: the tokenizer section of the recipe.
+        pairs: (source, target) sentence pairs of the training corpus.
+        out_dir: directory for the model file(s) and ``tokenizer.json``.
+        data_hash: stored in ``tokenizer.json`` (see :func:`load_or_train`).
+
+    Raises:
+        Seq2SeqError: the vocabulary does not fit the data (too large or too small).
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        src_text, trg_text = _write_training_text(pairs, work)
+        if cfg.joint:
+            tokenizer = Tokenizer(_train_model(cfg, [src_text, trg_text]))
+        else:
+            tokenizer = Tokenizer(_train_model(cfg, [src_text]), _train_model(cfg, [trg_text]))
+        model_dir = work / "model"
+        tokenizer.save(model_dir)
+        info = {"hash": data_hash, "type": cfg.type, "joint": cfg.joint,
+                "vocab_size": cfg.vocab_size, "model_fingerprint": tokenizer.fingerprint}
+        (model_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        _replace_dir(model_dir, out_dir)
+        return tokenizer
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load_or_train(cfg: TokenizerConfig, pairs: Callable[[], Iterable[tuple[str, str]]],
+                  data_fingerprint: str, src_lang: str, trg_lang: str,
+                  out_dir: Path) -> tuple[Tokenizer, bool]:
+    """Reuse the tokenizer in ``out_dir`` if it was trained from the same inputs, else train.
+
+    Args:
+        cfg: the tokenizer section of the recipe.
+        pairs: called (only when training is needed) to stream the training pairs.
+        data_fingerprint: content hash of the training corpus.
+        src_lang, trg_lang: the language codes (part of the hash).
+        out_dir: the tokenizer directory, usually ``<output_dir>/tokenizer``.
+
+    Returns:
+        The tokenizer and whether it was reused (True) or trained (False).
+    """
+    out_dir = Path(out_dir)
+    wanted = tokenizer_hash(cfg, data_fingerprint, src_lang, trg_lang)
+    try:
+        saved = json.loads((out_dir / INFO_FILE).read_text()).get("hash")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if saved == wanted:
+        try:
+            return Tokenizer.load(out_dir), True
+        except Seq2SeqError:
+            pass  # a model file went missing: train again
+    return train_tokenizer(cfg, pairs(), out_dir, data_hash=wanted), False
+
+
+def _write_training_text(pairs: Iterable[tuple[str, str]], work: Path) -> tuple[Path, Path]:
+    """Stream the pairs into ``src.txt`` and ``trg.txt``, one sentence a line."""
+    src_path, trg_path = work / "src.txt", work / "trg.txt"
+    with open(src_path, "w", encoding="utf-8") as src_file, \
+            open(trg_path, "w", encoding="utf-8") as trg_file:
+        for src, trg in pairs:
+            # A newline inside a sentence (jsonl, hf) would split it into two lines.
+            src_file.write(src.replace("\n", " ") + "\n")
+            trg_file.write(trg.replace("\n", " ") + "\n")
+    return src_path, trg_path
+
+
+_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+def _train_model(cfg: TokenizerConfig, inputs: list[Path]) -> bytes:
+    """Train one SentencePiece model on the text files ``inputs``; return its proto."""
+    model = _BytesSink()
+    try:
+        spm.SentencePieceTrainer.train(
+            input=[str(p) for p in inputs], model_writer=model, model_type=cfg.type,
+            vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
+            input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
+            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+            # Lines longer than this are skipped by SentencePiece, not truncated.
+            max_sentence_length=16384, num_threads=max(1, os.cpu_count() or 1),
+            minloglevel=2)
+    except RuntimeError as error:
+        message = str(error)
+        if match := _TOO_HIGH.search(message):
+            raise Seq2SeqError(
+                f"tokenizer.vocab_size = {match.group(1)} is too large for the training data; "
+                f"SentencePiece allows at most {match.group(2)}") from None
+        if match := _TOO_LOW.search(message):
+            raise Seq2SeqError(
+                f"tokenizer.vocab_size = {match.group(1)} is smaller than the {match.group(2)} "
+                f"characters and special tokens it must hold; raise it or lower "
+                f"tokenizer.character_coverage") from None
+        raise Seq2SeqError(f"SentencePiece training failed: {message.splitlines()[0]}") from None
+    return model.data
+
+
+class _BytesSink:
+    """The ``model_writer`` SentencePiece writes the trained proto to."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``, replacing an existing ``target`` as atomically as possible."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
