@@ -1,0 +1,488 @@
+"""Scores and reports: sacreBLEU's BLEU, chrF and TER on detokenized text, nothing else.
+
+Metrics live only here and always compare detokenized hypotheses with the raw reference lines,
+so every number is reproducible with the ``sacrebleu`` command line from the signature stored
+beside it. Confidence intervals and paired significance tests are sacreBLEU's own bootstrap
+resampling over sentences (Koehn 2004): a score is recomputed from the summed per-sentence
+statistics of each resample, so 1000 resamples take well under a second.
+
+A report directory holds:
+
+* ``report.json`` — per test set: name, n_sentences, bleu / chrf / ter (score, signature,
+  95% CI), BLEU by source length, decoding settings, checkpoint path(s), comparison p-values;
+* ``report.md`` — the same as tables;
+* ``<name>.hyp.txt`` — the detokenized hypotheses of each test set, one line per source line
+  (always this name, also when there is a single test set);
+* ``bleu_by_length_<name>.png`` and ``attention_<name>_<i>.png`` — only when matplotlib is
+  installed (the ``plots`` extra); otherwise one warning on stderr.
+
+Every file is written to a temporary file and renamed, so a report is never half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import sacrebleu
+from sacrebleu.metrics import BLEU, CHRF, TER
+from sacrebleu.metrics.base import Metric
+from sacrebleu.significance import PairedTest
+
+from seq2seq.errors import Seq2SeqError
+from seq2seq.translate_io import atomic_output, write_lines
+
+METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
+DEFAULT_BUCKETS = (5, 10, 15, 20, 30, 40)
+
+
+class EvaluationError(Seq2SeqError):
+    """Hypotheses and references that cannot be scored, or a report that cannot be written."""
+
+
+# --------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------
+
+
+def build_metrics(lowercase: bool, tokenize: str) -> dict[str, Metric]:
+    """sacreBLEU metric objects keyed ``bleu``, ``chrf``, ``ter``.
+
+    ``lowercase`` applies to BLEU and chrF; TER keeps sacreBLEU's default (case-insensitive,
+    ``case:lc`` in its signature), so TER matches ``sacrebleu -m ter`` either way.
+    """
+    try:
+        bleu = BLEU(lowercase=lowercase, tokenize=tokenize)
+    except RuntimeError as error:  # e.g. ja-mecab without its extra dependencies
+        reason = next((line for line in str(error).splitlines() if line.strip()), str(error))
+        raise EvaluationError(f"eval.tokenize={tokenize}: {reason.strip()} "
+                              f"(pip install 'sacrebleu[ja]' / 'sacrebleu[ko]')") from None
+    return {"bleu": bleu, "chrf": CHRF(lowercase=lowercase), "ter": TER()}
+
+
+@contextlib.contextmanager
+def _sacrebleu_seed(seed: int) -> Iterator[None]:
+    """Seed sacreBLEU's bootstrap, which reads its seed from ``$SACREBLEU_SEED``.
+
+    Setting it for the duration of the call makes our numbers equal those of
+    ``SACREBLEU_SEED=<seed> sacrebleu ... --confidence``.
+    """
+    old = os.environ.get("SACREBLEU_SEED")
+    os.environ["SACREBLEU_SEED"] = str(seed)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SACREBLEU_SEED"]
+        else:
+            os.environ["SACREBLEU_SEED"] = old
+
+
+def _check_inputs(hyps: Sequence[str], refs: Sequence[Sequence[str]], what: str) -> None:
+    if len(hyps) == 0:
+        raise EvaluationError(f"{what}: nothing to score (0 hypotheses)")
+    if len(refs) == 0:
+        raise EvaluationError(f"{what}: no reference stream given")
+    for k, stream in enumerate(refs, start=1):
+        if len(stream) != len(hyps):
+            raise EvaluationError(f"{what}: reference stream {k} has {len(stream)} lines but "
+                                  f"there are {len(hyps)} hypotheses")
+
+
+def _round(value: float) -> float:
+    return round(float(value), 4)
+
+
+def score_corpus(
+    hyps: Sequence[str],
+    refs: Sequence[Sequence[str]],
+    lowercase: bool = False,
+    tokenize: str = "13a",
+    bootstrap: int = 1000,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Corpus BLEU, chrF and TER with signatures and bootstrap 95% confidence intervals.
+
+    Args:
+        hyps: detokenized hypotheses, one per sentence (empty strings are fine).
+        refs: reference streams, each a list with one raw reference per sentence.
+        lowercase: case-insensitive BLEU and chrF.
+        tokenize: sacreBLEU tokenizer for BLEU ("13a", "intl", "zh", "ja-mecab", "char",
+            "none").
+        bootstrap: resamples for the confidence intervals; below 2, none are computed.
+        seed: seed of the resampling.
+
+    Returns:
+        ``{"n_sentences": n, "bleu": m, "chrf": m, "ter": m}`` where each ``m`` is
+        ``{"score", "signature", "ci"}``; ``ci`` is None or ``{"mean", "half_width", "low",
+        "high"}`` — sacreBLEU's bootstrap mean ± half the width of the 2.5–97.5 percentile
+        range. BLEU also has ``"details"`` (n-gram precisions, brevity penalty, lengths).
+        With a bootstrap the signatures include ``bs:<n>|seed:<seed>``.
+
+    Raises:
+        EvaluationError: no sentences, or a reference stream of another length.
+    """
+    _check_inputs(hyps, refs, "score_corpus")
+    hyps, refs = list(hyps), [list(stream) for stream in refs]
+    result: dict[str, Any] = {"n_sentences": len(hyps)}
+    for key, metric in build_metrics(lowercase, tokenize).items():
+        with _sacrebleu_seed(seed):
+            score = metric.corpus_score(hyps, refs, n_bootstrap=max(bootstrap, 1))
+        entry: dict[str, Any] = {"score": _round(score.score),
+                                 "signature": str(metric.get_signature()), "ci": None}
+        if bootstrap >= 2:
+            mean, half = float(score._mean), float(score._ci)
+            entry["ci"] = {"mean": _round(mean), "half_width": _round(half),
+                           "low": _round(mean - half), "high": _round(mean + half)}
+        if key == "bleu":
+            entry["details"] = {"precisions": [_round(p) for p in score.precisions],
+                                "bp": _round(score.bp), "ratio": _round(score.ratio),
+                                "hyp_len": int(score.sys_len), "ref_len": int(score.ref_len)}
+        result[key] = entry
+    return result
+
+
+def compare_systems(
+    hyps_a: Sequence[str],
+    hyps_b: Sequence[str],
+    refs: Sequence[Sequence[str]],
+    lowercase: bool = False,
+    tokenize: str = "13a",
+    n_bootstrap: int = 1000,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Paired bootstrap test (Koehn 2004) of system A against system B, with sacreBLEU's
+    ``PairedTest`` (the Moses ``bootstrap-hypothesis-difference-significance.pl`` test).
+
+    Args:
+        hyps_a: hypotheses of the evaluated system.
+        hyps_b: hypotheses of the system compared with (``--compare HYP_FILE``).
+        refs: reference streams.
+        n_bootstrap: resamples (0: sacreBLEU's default of 1000).
+        seed: resampling seed. sacreBLEU treats 0 as "unseeded", so 0 is not reproducible.
+
+    Returns:
+        ``{"n_bootstrap", "seed", "bleu": c, "chrf": c, "ter": c}`` with each ``c`` =
+        ``{"a", "b", "p_value", "signature"}``: the two scores and the probability of a
+        difference at least this large by chance. Identical scores give p = 1.0 (sacreBLEU
+        would report 1/(n+1) when every resample ties, which reads as significant).
+    """
+    _check_inputs(hyps_a, refs, "compare_systems (system A)")
+    _check_inputs(hyps_b, refs, "compare_systems (system B)")
+    metrics = build_metrics(lowercase, tokenize)
+    with _sacrebleu_seed(seed):
+        test = PairedTest([("b", list(hyps_b)), ("a", list(hyps_a))], metrics,
+                          [list(stream) for stream in refs], test_type="bs",
+                          n_samples=n_bootstrap)
+        signatures, scores = test()
+    result: dict[str, Any] = {"n_bootstrap": test.n_samples, "seed": seed}
+    # PairedTest keys its results by score name ("BLEU", "chrF2", "TER") in metric order.
+    for key, name in zip(metrics, signatures):
+        baseline, system = scores[name]
+        p_value = 1.0 if system.score == baseline.score else float(system.p_value)
+        result[key] = {"a": _round(system.score), "b": _round(baseline.score),
+                       "p_value": _round(p_value), "signature": str(signatures[name])}
+    return result
+
+
+def bleu_by_length(
+    srcs: Sequence[str] | Sequence[int],
+    hyps: Sequence[str],
+    refs: Sequence[Sequence[str]],
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    lowercase: bool = False,
+    tokenize: str = "13a",
+) -> list[tuple[str, int, float | None]]:
+    """Corpus BLEU of the sentences in each source-length bucket.
+
+    Args:
+        srcs: source sentences (length = whitespace-separated words) or their lengths.
+        hyps, refs: as for :func:`score_corpus`.
+        buckets: ascending upper edges; ``(10, 20)`` gives ``"<=10"``, ``"11-20"``, ``">20"``.
+
+    Returns:
+        ``(label, n_sentences, bleu)`` per bucket, every bucket listed; ``bleu`` is None for
+        an empty bucket. The counts add up to ``len(hyps)``.
+    """
+    _check_inputs(hyps, refs, "bleu_by_length")
+    if len(srcs) != len(hyps):
+        raise EvaluationError(f"bleu_by_length: {len(srcs)} sources but {len(hyps)} hypotheses")
+    edges = list(buckets)
+    if any(b <= a for a, b in zip(edges, edges[1:])) or not edges:
+        raise ValueError(f"buckets must be ascending and non-empty, got {edges}")
+    lengths = [s if isinstance(s, int) else len(s.split()) for s in srcs]
+    labels = ([f"<={edges[0]}"] + [f"{a + 1}-{b}" for a, b in zip(edges, edges[1:])]
+              + [f">{edges[-1]}"])
+    members: list[list[int]] = [[] for _ in labels]
+    for i, length in enumerate(lengths):
+        members[sum(length > edge for edge in edges)].append(i)
+    rows = []
+    for label, idx in zip(labels, members):
+        bleu = None
+        if idx:
+            metric = build_metrics(lowercase, tokenize)["bleu"]
+            score = metric.corpus_score([hyps[i] for i in idx],
+                                        [[stream[i] for i in idx] for stream in refs])
+            bleu = _round(score.score)
+        rows.append((label, len(idx), bleu))
+    return rows
+
+
+def build_result(
+    name: str,
+    srcs: Sequence[str],
+    hyps: Sequence[str],
+    refs: Sequence[Sequence[str]],
+    lowercase: bool,
+    tokenize: str,
+    bootstrap: int,
+    seed: int,
+    decoding: dict[str, Any],
+    checkpoints: Sequence[str],
+    compare_hyps: Sequence[str] | None = None,
+    compare_name: str | None = None,
+    attention: Sequence[tuple[Sequence[str], Sequence[str], Any]] = (),
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+) -> dict[str, Any]:
+    """Everything the report shows for one test set, as one dict for :func:`write_report`.
+
+    Args:
+        name: test set name (file names use it with unsafe characters replaced).
+        srcs, hyps, refs: raw sources, detokenized hypotheses, raw reference streams.
+        decoding: the decoding settings (e.g. beam_size, alpha, max_len), stored as given.
+        checkpoints: checkpoint path(s) the hypotheses came from (several when averaged).
+        compare_hyps: another system's hypotheses for a paired bootstrap test, if any.
+        compare_name: how the report names that system (e.g. its file).
+        attention: a few ``(src_tokens, hyp_tokens, matrix)`` to draw, matrix ``(T, S)`` =
+            ``(len(hyp_tokens), len(src_tokens))``, as nested lists or a CPU array.
+
+    Returns:
+        :func:`score_corpus`'s dict plus ``name``, ``decoding``, ``checkpoints``,
+        ``bleu_by_length``, ``compare`` (None or :func:`compare_systems`'s dict plus ``name``),
+        ``hypotheses`` and ``attention``.
+    """
+    result = {"name": name, **score_corpus(hyps, refs, lowercase, tokenize, bootstrap, seed)}
+    result["bleu_by_length"] = bleu_by_length(srcs, hyps, refs, buckets, lowercase, tokenize)
+    result["decoding"] = dict(decoding)
+    result["checkpoints"] = [str(path) for path in checkpoints]
+    result["compare"] = None
+    if compare_hyps is not None:
+        if len(compare_hyps) != len(hyps):
+            raise EvaluationError(f"{compare_name or 'compared file'}: {len(compare_hyps)} lines "
+                                  f"but the test set {name} has {len(hyps)}")
+        compare = compare_systems(hyps, compare_hyps, refs, lowercase, tokenize,
+                                  bootstrap, seed)
+        result["compare"] = {"name": compare_name or "other", **compare}
+    result["hypotheses"] = list(hyps)
+    result["attention"] = list(attention)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+def file_stem(name: str) -> str:
+    """``name`` made safe for a file name (``[A-Za-z0-9._-]`` kept, others become ``_``)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
+    return stem or "test"
+
+
+def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
+                 plots: bool = True) -> list[Path]:
+    """Write report.json, report.md, ``<name>.hyp.txt`` and the plots; return the paths.
+
+    Args:
+        report_dir: created if missing.
+        results: one dict per test set as built by :func:`build_result`. Needed keys: name,
+            n_sentences, bleu, chrf, ter, hypotheses; the others are optional.
+        plots: draw the PNG plots (skipped with a warning if matplotlib is missing).
+    """
+    report_dir = Path(report_dir)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise EvaluationError(f"{report_dir}: cannot create report directory "
+                              f"({error.strerror or error})") from None
+    stems = [file_stem(r["name"]) for r in results]
+    if len(set(stems)) != len(stems):
+        raise EvaluationError(f"test set names collide as file names: {stems}")
+    written: list[Path] = []
+    entries = []
+    for result, stem in zip(results, stems):
+        hyp_path = report_dir / f"{stem}.hyp.txt"
+        with atomic_output(hyp_path) as stream:
+            write_lines(result["hypotheses"], stream)
+        written.append(hyp_path)
+        entry = {k: v for k, v in result.items() if k not in ("hypotheses", "attention")}
+        entry["hypotheses_file"] = hyp_path.name
+        entry["plots"] = [p.name for p in _draw_plots(report_dir, stem, result)] if plots else []
+        written += [report_dir / p for p in entry["plots"]]
+        entries.append(entry)
+    report = {"sacrebleu_version": sacrebleu.__version__, "test_sets": entries}
+    text = json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"
+    written.append(_write_text(report_dir / "report.json", text))
+    written.append(_write_text(report_dir / "report.md", format_markdown(entries)))
+    return written
+
+
+def _write_text(path: Path, text: str) -> Path:
+    with atomic_output(path) as stream:
+        stream.write(text.encode("utf-8"))
+    return path
+
+
+def _ci_text(entry: dict[str, Any]) -> str:
+    ci = entry.get("ci")
+    return f"±{ci['half_width']:.2f}" if ci else "-"
+
+
+def format_summary(results: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of the scores of each test set, then the distinct signatures."""
+    width = max([len("test set")] + [len(r["name"]) for r in results])
+    lines = [f"{'test set':<{width}}  {'sents':>6}  {'BLEU':>6} {'95% CI':>7}  "
+             f"{'chrF':>6} {'95% CI':>7}  {'TER':>6} {'95% CI':>7}"]
+    for r in results:
+        cells = "  ".join(f"{r[k]['score']:>6.2f} {_ci_text(r[k]):>7}" for k in METRIC_NAMES)
+        lines.append(f"{r['name']:<{width}}  {r['n_sentences']:>6}  {cells}")
+    for key, label in METRIC_NAMES.items():
+        for signature in dict.fromkeys(r[key]["signature"] for r in results):
+            lines.append(f"{label} signature: {signature}")
+    for r in results:
+        compare = r.get("compare")
+        if compare:
+            p_values = ", ".join(f"{METRIC_NAMES[k]} p={compare[k]['p_value']:.4f}"
+                                 for k in METRIC_NAMES)
+            lines.append(f"{r['name']} vs {compare['name']}: {p_values}")
+    return "\n".join(lines)
+
+
+def format_markdown(entries: Sequence[dict[str, Any]]) -> str:
+    """report.md: a summary table, then per test set its settings, comparison and buckets."""
+    lines = ["# Evaluation report", "",
+             "Scores by sacreBLEU on detokenized output against the raw references; the 95% "
+             "confidence interval is ± half the bootstrap percentile range. TER: lower is "
+             "better.", "",
+             "| test set | sentences | BLEU | chrF | TER |", "|---|---:|---:|---:|---:|"]
+    for e in entries:
+        cells = " | ".join(f"{e[k]['score']:.2f} {_ci_text(e[k])}" for k in METRIC_NAMES)
+        lines.append(f"| {e['name']} | {e['n_sentences']} | {cells} |")
+    for e in entries:
+        lines += ["", f"## {e['name']}", ""]
+        if e.get("checkpoints"):
+            lines.append("- checkpoint(s): " + ", ".join(f"`{c}`" for c in e["checkpoints"]))
+        if e.get("decoding"):
+            lines.append("- decoding: " + ", ".join(f"{k}={v}" for k, v in e["decoding"].items()))
+        lines.append(f"- hypotheses: `{e.get('hypotheses_file', '')}`")
+        details = e["bleu"].get("details")
+        if details:
+            lines.append(f"- BLEU n-gram precisions: "
+                         f"{'/'.join(f'{p:.1f}' for p in details['precisions'])} "
+                         f"(BP = {details['bp']:.3f}, ratio = {details['ratio']:.3f}, "
+                         f"hyp_len = {details['hyp_len']}, ref_len = {details['ref_len']})")
+        for key, label in METRIC_NAMES.items():
+            lines.append(f"- {label} signature: `{e[key]['signature']}`")
+        compare = e.get("compare")
+        if compare:
+            lines += ["", f"### Paired bootstrap test against {compare['name']} "
+                          f"({compare['n_bootstrap']} resamples)", "",
+                      "| metric | this system | other | p-value |", "|---|---:|---:|---:|"]
+            for key, label in METRIC_NAMES.items():
+                c = compare[key]
+                lines.append(f"| {label} | {c['a']:.2f} | {c['b']:.2f} | {c['p_value']:.4f} |")
+        if e.get("bleu_by_length"):
+            lines += ["", "### BLEU by source length (words)", "",
+                      "| source length | sentences | BLEU |", "|---|---:|---:|"]
+            for label, n, bleu in e["bleu_by_length"]:
+                lines.append(f"| {label} | {n} | {'-' if bleu is None else f'{bleu:.2f}'} |")
+        for plot in e.get("plots", []):
+            lines += ["", f"![{plot}]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (matplotlib is optional: the ``plots`` extra)
+# --------------------------------------------------------------------------------------------
+
+_warned_no_matplotlib = False
+
+
+def _draw_plots(report_dir: Path, stem: str, result: dict[str, Any]) -> list[Path]:
+    """Draw the BLEU-by-length bars and the attention heatmaps of one test set."""
+    global _warned_no_matplotlib
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend, no display
+    except ImportError:
+        if not _warned_no_matplotlib:
+            print("warning: matplotlib is not installed; plots skipped "
+                  "(pip install 'seq2seq[plots]')", file=sys.stderr)
+            _warned_no_matplotlib = True
+        return []
+    with warnings.catch_warnings():
+        # Tokens in scripts the default font lacks draw as boxes; one warning each is noise.
+        warnings.filterwarnings("ignore", message=".*[Gg]lyph.*missing")
+        warnings.filterwarnings("ignore", message=".*tight_layout.*")
+        return _draw_plots_with(Figure, report_dir, stem, result)
+
+
+def _draw_plots_with(Figure: Any, report_dir: Path, stem: str,
+                     result: dict[str, Any]) -> list[Path]:
+    paths = []
+    if result.get("bleu_by_length"):
+        fig = Figure(figsize=(6, 3.5))
+        _draw_bleu_by_length(fig, result["name"], result["bleu_by_length"])
+        paths.append(_save_png(fig, report_dir / f"bleu_by_length_{stem}.png"))
+    for i, (src_tokens, hyp_tokens, matrix) in enumerate(result.get("attention", []), start=1):
+        rows = [[float(x) for x in row] for row in matrix]
+        if len(rows) != len(hyp_tokens) or any(len(row) != len(src_tokens) for row in rows):
+            raise ValueError(f"attention matrix {i} of {result['name']} is not (T, S) = "
+                             f"({len(hyp_tokens)}, {len(src_tokens)})")
+        fig = Figure(figsize=(min(max(2.5 + 0.3 * len(src_tokens), 4), 30),
+                              min(max(2 + 0.3 * len(hyp_tokens), 3), 30)))
+        _draw_attention(fig, src_tokens, hyp_tokens, rows)
+        paths.append(_save_png(fig, report_dir / f"attention_{stem}_{i}.png"))
+    return paths
+
+
+def _draw_bleu_by_length(fig: Any, name: str, rows: Sequence[tuple[str, int, Any]]) -> None:
+    ax = fig.add_subplot()
+    labels = [label for label, _, _ in rows]
+    values = [0.0 if bleu is None else bleu for _, _, bleu in rows]
+    bars = ax.bar(range(len(rows)), values, color="tab:blue")
+    for bar, (_, n, _) in zip(bars, rows):
+        ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_xlabel("source length (words)")
+    ax.set_ylabel("BLEU")
+    ax.set_title(f"BLEU by source length: {name}")
+    fig.tight_layout()
+
+
+def _draw_attention(fig: Any, src_tokens: Sequence[str], hyp_tokens: Sequence[str],
+                    rows: list[list[float]]) -> None:
+    ax = fig.add_subplot()
+    image = ax.imshow(rows, cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(src_tokens)), list(src_tokens), rotation=90, fontsize=7)
+    ax.set_yticks(range(len(hyp_tokens)), list(hyp_tokens), fontsize=7)
+    ax.set_xlabel("source")
+    ax.set_ylabel("hypothesis")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+
+
+def _save_png(fig: Any, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    with atomic_output(path) as stream:
+        stream.write(buffer.getvalue())
+    return path

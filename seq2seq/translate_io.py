@@ -1,0 +1,290 @@
+"""Line-exact, streaming input and output for ``seq2seq translate``.
+
+The contract is the one ``paste`` and ``wc -l`` rely on: **one output line per input line, in
+order**, whatever the input holds.
+
+* A line is what ends in ``"\\n"``. A final line without ``"\\n"`` still counts, and every output
+  line ends in ``"\\n"``, so ``printf 'a\\n\\n  \\nb' | seq2seq translate ... | wc -l`` prints 4.
+* Input is read as bytes and decoded as UTF-8 line by line; invalid bytes become U+FFFD and are
+  reported once on stderr (count and first line number) when the input ends.
+* One trailing ``"\\r"`` (CRLF input) is removed before translation; any other ``"\\r"`` is
+  content, as for ``wc -l``. Output lines end in ``"\\n"`` only.
+* Empty and whitespace-only lines give an empty output line without reaching the model.
+* Lines longer than ``max_chars`` characters are cut to their first ``max_chars`` characters
+  (reported once on stderr); at most ``4 * max_chars + 8`` bytes of a line are held in memory.
+* ``"\\n"`` and ``"\\r"`` inside a translation are written as spaces, so no output can split
+  into two lines (``format_nbest`` does the same for tabs).
+
+Input is consumed chunk by chunk (``chunk_lines`` lines at a time), so a file of ten million
+lines never sits in memory and output starts before the input ends. A file given as output is
+written to a temporary file beside it and renamed at the end, so a failed run leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import gzip
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+from seq2seq.errors import Seq2SeqError
+
+DEFAULT_MAX_CHARS = 5000
+DEFAULT_CHUNK_LINES = 1000
+
+T = TypeVar("T")
+
+
+class InputError(Seq2SeqError):
+    """An input or output file that cannot be opened, read or written."""
+
+
+def _warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_input(path: str | Path) -> Iterator[BinaryIO]:
+    """Open ``path`` for binary reading; ``"-"`` is stdin and ``*.gz`` is decompressed.
+
+    Raises:
+        InputError: the file is missing, a directory, or unreadable (one line naming it).
+    """
+    if str(path) == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        stream = gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such input file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not an input file") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot open input ({error.strerror or error})") from None
+    with stream:
+        yield stream
+
+
+def read_lines(
+    stream: BinaryIO,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    name: str = "<stdin>",
+    warn: Callable[[str], None] = _warn_stderr,
+) -> Iterator[str]:
+    """Yield the lines of a binary stream as text, one per ``"\\n"``-terminated line.
+
+    Args:
+        stream: a binary stream (``sys.stdin.buffer``, a file opened ``"rb"``, ``io.BytesIO``).
+        max_chars: lines longer than this many characters are cut to this many.
+        name: how warnings name the input.
+        warn: receives the one-line warnings about invalid UTF-8 and truncation, once each,
+            after the last line.
+
+    Yields:
+        Each line without its ``"\\n"`` and without one trailing ``"\\r"``.
+    """
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be >= 1, got {max_chars}")
+    # A UTF-8 character (or a replaced invalid byte) takes at most 4 bytes, so this many bytes
+    # hold more than max_chars characters, even after a character cut in two is held back.
+    max_bytes = 4 * max_chars + 8
+    invalid, first_invalid = 0, 0
+    truncated, first_truncated = 0, 0
+    line_no = 0
+    while True:
+        try:
+            raw = stream.readline(max_bytes)
+        except OSError as error:
+            raise InputError(f"{name}: cannot read line {line_no + 1} ({error})") from None
+        if not raw:
+            break
+        line_no += 1
+        complete = raw.endswith(b"\n")
+        # A line that fills max_bytes has more than max_chars characters (see above), so it
+        # is cut in any case: drop its rest unread into memory.
+        cut = not complete and len(raw) == max_bytes
+        if cut:
+            _skip_rest_of_line(stream, max_bytes)
+        if complete:
+            raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+        text, ok = _decode(raw, final=not cut)
+        if not ok:
+            invalid += 1
+            first_invalid = first_invalid or line_no
+        if cut or len(text) > max_chars:
+            text = text[:max_chars]
+            truncated += 1
+            first_truncated = first_truncated or line_no
+        yield text
+    if invalid:
+        warn(f"{name}: {invalid} line(s) had invalid UTF-8 (first: line {first_invalid}); "
+             "invalid bytes were replaced by U+FFFD")
+    if truncated:
+        warn(f"{name}: {truncated} line(s) longer than {max_chars} characters were cut to "
+             f"{max_chars} (first: line {first_truncated})")
+
+
+def _skip_rest_of_line(stream: BinaryIO, max_bytes: int) -> None:
+    """Read and drop the rest of an over-long line, up to and including its ``"\\n"``."""
+    while (rest := stream.readline(max_bytes)) and not rest.endswith(b"\n"):
+        pass
+
+
+def _decode(raw: bytes, final: bool) -> tuple[str, bool]:
+    """Decode UTF-8, replacing invalid bytes; ``final=False`` drops a character cut in two.
+
+    Returns:
+        The text and whether the bytes were valid UTF-8.
+    """
+    if final:
+        try:
+            return raw.decode("utf-8"), True
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="replace"), False
+    try:
+        return codecs.getincrementaldecoder("utf-8")("strict").decode(raw), True
+    except UnicodeDecodeError:
+        return codecs.getincrementaldecoder("utf-8")("replace").decode(raw), False
+
+
+# --------------------------------------------------------------------------------------------
+# Translating chunk by chunk
+# --------------------------------------------------------------------------------------------
+
+
+def translate_stream(
+    lines: Iterable[str],
+    translate_batch: Callable[[list[str]], list[T]],
+    chunk_lines: int = DEFAULT_CHUNK_LINES,
+    batch_key: Callable[[str], int] = len,
+    empty: T = "",
+) -> Iterator[T]:
+    """Translate a stream of lines, yielding exactly one output per input line, in order.
+
+    Lines are taken ``chunk_lines`` at a time. Within a chunk the non-blank lines (stripped of
+    surrounding whitespace) are sorted by ``batch_key`` so that ``translate_batch`` sees
+    sentences of similar length next to each other and pads little; the outputs are put back in
+    input order before they are yielded. Blank lines never reach ``translate_batch``.
+
+    Args:
+        lines: the input lines (e.g. from :func:`read_lines`); consumed lazily.
+        translate_batch: takes a list of sentences and returns one output for each, in the same
+            order; it may split the list into smaller batches itself.
+        chunk_lines: lines read before translating; the output of a chunk is yielded before
+            the next chunk is read (use 1 for interactive use).
+        batch_key: the sort key that groups sentences of similar length.
+        empty: the output for a blank line ("" for text; e.g. [] for n-best lists).
+
+    Yields:
+        One output per input line.
+
+    Raises:
+        RuntimeError: ``translate_batch`` returned the wrong number of outputs (a bug).
+    """
+    if chunk_lines < 1:
+        raise ValueError(f"chunk_lines must be >= 1, got {chunk_lines}")
+    lines = iter(lines)
+    while chunk := list(islice(lines, chunk_lines)):
+        sentences = [line.strip() for line in chunk]
+        todo = sorted((i for i, s in enumerate(sentences) if s),
+                      key=lambda i: batch_key(sentences[i]))
+        outputs = translate_batch([sentences[i] for i in todo]) if todo else []
+        if len(outputs) != len(todo):
+            raise RuntimeError(f"internal error: translate_batch returned {len(outputs)} "
+                               f"outputs for {len(todo)} sentences")
+        results: list[T] = [empty] * len(chunk)
+        for i, output in zip(todo, outputs):
+            results[i] = output
+        yield from results
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def one_line(text: str) -> str:
+    """``text`` with ``"\\n"`` and ``"\\r"`` replaced by spaces, so it stays one line."""
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def format_nbest(index: int, score: float, hyp: str) -> str:
+    """One n-best TSV row, ``"index\\tscore\\thypothesis"`` (no trailing newline).
+
+    The score has 4 decimals; tabs, ``"\\n"`` and ``"\\r"`` in the hypothesis become spaces so
+    the row keeps three columns on one line.
+    """
+    return f"{index}\t{score:.4f}\t{one_line(hyp).replace(chr(9), ' ')}"
+
+
+def write_lines(lines: Iterable[str], stream: BinaryIO,
+                flush_lines: int = DEFAULT_CHUNK_LINES) -> int:
+    """Write each string as one UTF-8 line ending in ``"\\n"``; return the number written.
+
+    The stream is flushed every ``flush_lines`` lines and at the end, so a reader downstream of
+    stdout sees translations chunk by chunk.
+    """
+    count = 0
+    for line in lines:
+        stream.write(one_line(line).encode("utf-8", errors="replace") + b"\n")
+        count += 1
+        if count % flush_lines == 0:
+            stream.flush()
+    stream.flush()
+    return count
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path`` for binary writing; rename it to ``path`` on success.
+
+    If the body raises, the temporary file is removed and ``path`` is left as it was.
+
+    Raises:
+        InputError: the directory does not exist or cannot be written.
+    """
+    path = Path(path)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                        dir=path.parent if str(path.parent) else ".")
+    except FileNotFoundError:
+        raise InputError(f"{path}: directory {path.parent} does not exist") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot write ({error.strerror or error})") from None
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            yield stream
+        # mkstemp creates the file readable by its owner only; give it the usual mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+@contextlib.contextmanager
+def open_output(path: str | Path | None) -> Iterator[BinaryIO]:
+    """Binary output: stdout for ``None`` or ``"-"``, else :func:`atomic_output` of ``path``."""
+    if path is None or str(path) == "-":
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    with atomic_output(path) as stream:
+        yield stream

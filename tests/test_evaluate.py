@@ -1,0 +1,168 @@
+"""Scores, confidence intervals, paired tests and report files (seq2seq/evaluate.py)."""
+
+import gzip
+import json
+import re
+
+import pytest
+
+from seq2seq.evaluate import (
+    EvaluationError,
+    bleu_by_length,
+    build_result,
+    compare_systems,
+    file_stem,
+    format_summary,
+    score_corpus,
+    write_report,
+)
+from tests.conftest import shared_data_root
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def read_gz(name: str) -> list[str]:
+    path = shared_data_root() / "multi30k" / name
+    with gzip.open(path, "rt", encoding="utf-8", newline="\n") as f:
+        return [line.removesuffix("\n") for line in f]
+
+
+@pytest.fixture(scope="module")
+def refs() -> list[str]:
+    lines = read_gz("test_2016_flickr.en.gz")
+    assert len(lines) == 1000
+    return lines
+
+
+@pytest.fixture(scope="module")
+def srcs() -> list[str]:
+    return read_gz("test_2016_flickr.de.gz")
+
+
+def degrade(refs: list[str]) -> list[str]:
+    """A poor system: every second sentence loses its last three words."""
+    return [" ".join(r.split()[:-3]) if i % 2 else r for i, r in enumerate(refs)]
+
+
+def test_references_against_themselves_score_100(refs):
+    result = score_corpus(refs, [refs], bootstrap=0)
+    assert result["n_sentences"] == 1000
+    assert result["bleu"]["score"] == 100.0
+    assert result["chrf"]["score"] == 100.0
+    assert result["ter"]["score"] == 0.0
+    assert all(result[k]["ci"] is None for k in ("bleu", "chrf", "ter"))
+
+
+def test_signatures(refs):
+    result = score_corpus(refs[:50], [refs[:50]], bootstrap=0)
+    assert re.fullmatch(r"nrefs:1\|case:mixed\|eff:no\|tok:13a\|smooth:exp\|version:2\.\d+\.\d+",
+                        result["bleu"]["signature"])
+    assert result["chrf"]["signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0")
+    assert result["ter"]["signature"].startswith("nrefs:1|case:lc|tok:tercom")
+    lower = score_corpus(refs[:50], [refs[:50]], lowercase=True, tokenize="intl", bootstrap=0)
+    assert "case:lc" in lower["bleu"]["signature"] and "tok:intl" in lower["bleu"]["signature"]
+    with_ci = score_corpus(refs[:50], [refs[:50]], bootstrap=20, seed=7)
+    assert "|bs:20|seed:7|case:mixed|eff:no|tok:13a|smooth:exp|" in with_ci["bleu"]["signature"]
+
+
+def test_multiple_references(refs):
+    hyps = degrade(refs[:200])
+    other = [r.upper() for r in refs[:200]]
+    one = score_corpus(hyps, [other], bootstrap=0)
+    two = score_corpus(hyps, [other, refs[:200]], bootstrap=0)
+    assert two["bleu"]["signature"].startswith("nrefs:2|")
+    assert two["bleu"]["score"] > one["bleu"]["score"]
+    # Each hypothesis is one of the two references' prefixes or equal: all n-grams match.
+    assert two["bleu"]["details"]["precisions"] == [100.0] * 4
+
+
+def test_confidence_intervals_contain_the_score_and_are_seeded(refs):
+    hyps = degrade(refs)
+    a = score_corpus(hyps, [refs], bootstrap=200, seed=3)
+    b = score_corpus(hyps, [refs], bootstrap=200, seed=3)
+    assert a == b
+    for key in ("bleu", "chrf", "ter"):
+        ci = a[key]["ci"]
+        assert ci["low"] < a[key]["score"] < ci["high"], key
+        assert ci["half_width"] > 0
+
+
+def test_empty_input_is_a_clear_error_and_empty_hypotheses_score_zero(refs):
+    with pytest.raises(EvaluationError, match="0 hypotheses"):
+        score_corpus([], [[]])
+    with pytest.raises(EvaluationError, match="reference stream 1 has 3 lines"):
+        score_corpus(["a", "b"], [["a", "b", "c"]])
+    result = score_corpus([""] * 10, [refs[:10]], bootstrap=50)
+    assert result["bleu"]["score"] == 0.0 and result["chrf"]["score"] == 0.0
+    assert result["ter"]["score"] == 100.0
+
+
+def test_paired_bootstrap(refs):
+    hyps, refs = refs[:300], refs[:300]
+    worse = compare_systems(degrade(hyps), hyps, [refs], n_bootstrap=200, seed=1)
+    assert worse["n_bootstrap"] == 200
+    for key in ("bleu", "chrf", "ter"):
+        assert worse[key]["p_value"] < 0.01, key
+    assert worse["bleu"]["a"] < worse["bleu"]["b"] == 100.0
+    same = compare_systems(hyps, hyps, [refs], n_bootstrap=200, seed=1)
+    assert all(same[k]["p_value"] == 1.0 for k in ("bleu", "chrf", "ter"))
+    nearly = list(hyps)
+    nearly[5] = "a dog"
+    close = compare_systems(nearly, hyps, [refs], n_bootstrap=200, seed=1)
+    assert close["bleu"]["p_value"] > 0.05
+
+
+def test_bleu_by_length_buckets_cover_every_sentence(srcs, refs):
+    rows = bleu_by_length(srcs, refs, [refs], buckets=(5, 10, 15))
+    assert [label for label, _, _ in rows] == ["<=5", "6-10", "11-15", ">15"]
+    assert sum(n for _, n, _ in rows) == len(refs)
+    assert all(bleu == 100.0 for _, n, bleu in rows if n)
+    by_int = bleu_by_length([1, 2, 50], ["a", "b", "c"], [["a", "b", "c"]], buckets=(1, 10, 20))
+    assert by_int[0][1] == 1 and by_int[1][1] == 1 and by_int[2] == ("11-20", 0, None)
+    assert by_int[3][1] == 1
+
+
+def test_report_files(tmp_path, srcs, refs):
+    n = 120
+    attention = [(["ein", "Hund", "</s>"], ["a", "dog", "</s>"],
+                  [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.0, 0.0, 1.0]]),
+                 (["日本語", "です"], ["Japanese"], [[0.5, 0.5]])]
+    first = build_result("flickr/2016", srcs[:n], degrade(refs[:n]), [refs[:n]], False, "13a",
+                         50, 1, {"beam_size": 5, "alpha": 0.6}, ["run/best.pt"],
+                         compare_hyps=refs[:n], compare_name="other.txt", attention=attention)
+    second = build_result("val", srcs[:10], refs[:10], [refs[:10]], False, "13a", 0, 1, {},
+                          ["a.pt", "b.pt"])
+    written = write_report(tmp_path / "report", [first, second])
+    report_dir = tmp_path / "report"
+    assert {p.name for p in report_dir.iterdir()} == {p.name for p in written}
+    report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+    entry, val = report["test_sets"]
+    assert entry["name"] == "flickr/2016" and entry["n_sentences"] == n
+    for key in ("bleu", "chrf", "ter"):
+        assert {"score", "signature", "ci"} <= set(entry[key])
+        assert entry[key]["ci"]["low"] <= entry[key]["ci"]["high"]
+    assert entry["decoding"] == {"beam_size": 5, "alpha": 0.6}
+    assert entry["checkpoints"] == ["run/best.pt"]
+    assert entry["compare"]["name"] == "other.txt" and entry["compare"]["bleu"]["p_value"] < 0.05
+    assert val["compare"] is None and val["checkpoints"] == ["a.pt", "b.pt"]
+    stem = file_stem("flickr/2016")
+    hyp_file = report_dir / entry["hypotheses_file"]
+    assert hyp_file.name == f"{stem}.hyp.txt"
+    assert hyp_file.read_text(encoding="utf-8").split("\n")[:-1] == degrade(refs[:n])
+    pngs = [f"bleu_by_length_{stem}.png", f"attention_{stem}_1.png", f"attention_{stem}_2.png"]
+    assert entry["plots"] == pngs
+    for name in pngs:
+        assert (report_dir / name).read_bytes().startswith(PNG_MAGIC)
+    markdown = (report_dir / "report.md").read_text(encoding="utf-8")
+    assert "| flickr/2016 | 120 |" in markdown and entry["bleu"]["signature"] in markdown
+    assert not list(report_dir.glob(".*.tmp"))
+    summary = format_summary([first, second])
+    assert "flickr/2016" in summary and "BLEU signature: nrefs:1|bs:50|" in summary
+    assert "vs other.txt" in summary
+
+
+def test_attention_of_the_wrong_shape_is_refused(tmp_path, refs):
+    result = build_result("t", refs[:3], refs[:3], [refs[:3]], False, "13a", 0, 1, {}, [],
+                          attention=[(["a", "b"], ["x"], [[1.0, 0.0, 0.0]])])
+    with pytest.raises(ValueError, match=r"not \(T, S\) = \(1, 2\)"):
+        write_report(tmp_path, [result])
