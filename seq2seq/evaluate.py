@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import re
@@ -216,10 +217,10 @@ def bleu_by_length(
     if len(srcs) != len(hyps):
         raise EvaluationError(f"bleu_by_length: {len(srcs)} sources but {len(hyps)} hypotheses")
     edges = list(buckets)
-    if any(b <= a for a, b in zip(edges, edges[1:])) or not edges:
+    if any(b <= a for a, b in itertools.pairwise(edges)) or not edges:
         raise ValueError(f"buckets must be ascending and non-empty, got {edges}")
     lengths = [s if isinstance(s, int) else len(s.split()) for s in srcs]
-    labels = ([f"<={edges[0]}"] + [f"{a + 1}-{b}" for a, b in zip(edges, edges[1:])]
+    labels = ([f"<={edges[0]}"] + [f"{a + 1}-{b}" for a, b in itertools.pairwise(edges)]
               + [f">{edges[-1]}"])
     members: list[list[int]] = [[] for _ in labels]
     for i, length in enumerate(lengths):
@@ -349,8 +350,9 @@ def _ci_text(entry: dict[str, Any]) -> str:
 def format_summary(results: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of the scores of each test set, then the distinct signatures."""
     width = max([len("test set")] + [len(r["name"]) for r in results])
-    lines = [f"{'test set':<{width}}  {'sents':>6}  {'BLEU':>6} {'95% CI':>7}  "
-             f"{'chrF':>6} {'95% CI':>7}  {'TER':>6} {'95% CI':>7}"]
+    header = (f"{'test set':<{width}}  {'sents':>6}  {'BLEU':>6} {'95% CI':>7}  "
+              f"{'chrF':>6} {'95% CI':>7}  {'TER':>6} {'95% CI':>7}")
+    lines = [header]
     for r in results:
         cells = "  ".join(f"{r[k]['score']:>6.2f} {_ci_text(r[k]):>7}" for k in METRIC_NAMES)
         lines.append(f"{r['name']:<{width}}  {r['n_sentences']:>6}  {cells}")
@@ -369,9 +371,9 @@ def format_summary(results: Sequence[dict[str, Any]]) -> str:
 def format_markdown(entries: Sequence[dict[str, Any]]) -> str:
     """report.md: a summary table, then per test set its settings, comparison and buckets."""
     lines = ["# Evaluation report", "",
-             "Scores by sacreBLEU on detokenized output against the raw references; the 95% "
-             "confidence interval is ± half the bootstrap percentile range. TER: lower is "
-             "better.", "",
+             ("Scores by sacreBLEU on detokenized output against the raw references; the 95% "
+              "confidence interval is ± half the bootstrap percentile range. TER: lower is "
+              "better."), "",
              "| test set | sentences | BLEU | chrF | TER |", "|---|---:|---:|---:|---:|"]
     for e in entries:
         cells = " | ".join(f"{e[k]['score']:.2f} {_ci_text(e[k])}" for k in METRIC_NAMES)
@@ -393,8 +395,8 @@ def format_markdown(entries: Sequence[dict[str, Any]]) -> str:
             lines.append(f"- {label} signature: `{e[key]['signature']}`")
         compare = e.get("compare")
         if compare:
-            lines += ["", f"### Paired bootstrap test against {compare['name']} "
-                          f"({compare['n_bootstrap']} resamples)", "",
+            lines += ["", (f"### Paired bootstrap test against {compare['name']} "
+                           f"({compare['n_bootstrap']} resamples)"), "",
                       "| metric | this system | other | p-value |", "|---|---:|---:|---:|"]
             for key, label in METRIC_NAMES.items():
                 c = compare[key]

@@ -65,8 +65,10 @@ def open_input(path: str | Path) -> Iterator[BinaryIO]:
     if str(path) == "-":
         yield sys.stdin.buffer
         return
+    opener = gzip.open if str(path).endswith(".gz") else open
     try:
-        stream = gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+        # Closed by the ``with`` below; opening first lets the errors name the file.
+        stream = opener(path, "rb")
     except FileNotFoundError:
         raise InputError(f"{path}: no such input file") from None
     except IsADirectoryError:
