@@ -22,6 +22,7 @@ Every file is written to a temporary file and renamed, so a report is never half
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -60,13 +61,26 @@ def build_metrics(lowercase: bool, tokenize: str) -> dict[str, Metric]:
     ``lowercase`` applies to BLEU and chrF; TER keeps sacreBLEU's default (case-insensitive,
     ``case:lc`` in its signature), so TER matches ``sacrebleu -m ter`` either way.
     """
+    return {"bleu": _bleu(lowercase, tokenize), "chrf": CHRF(lowercase=lowercase), "ter": TER()}
+
+
+def _bleu(lowercase: bool, tokenize: str) -> BLEU:
     try:
-        bleu = BLEU(lowercase=lowercase, tokenize=tokenize)
+        return BLEU(lowercase=lowercase, tokenize=tokenize)
     except RuntimeError as error:  # e.g. ja-mecab without its extra dependencies
         reason = next((line for line in str(error).splitlines() if line.strip()), str(error))
         raise EvaluationError(f"eval.tokenize={tokenize}: {reason.strip()} "
                               f"(pip install 'sacrebleu[ja]' / 'sacrebleu[ko]')") from None
-    return {"bleu": bleu, "chrf": CHRF(lowercase=lowercase), "ter": TER()}
+
+
+def corpus_bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]], lowercase: bool = False,
+                tokenize: str = "13a") -> float:
+    """Corpus BLEU alone, for validation during training; 0.0 when there are no sentences."""
+    if len(hyps) == 0:
+        return 0.0
+    _check_inputs(hyps, refs, "corpus_bleu")
+    score = _bleu(lowercase, tokenize).corpus_score(list(hyps), [list(s) for s in refs])
+    return _round(score.score)
 
 
 @contextlib.contextmanager
@@ -225,11 +239,11 @@ def bleu_by_length(
     members: list[list[int]] = [[] for _ in labels]
     for i, length in enumerate(lengths):
         members[sum(length > edge for edge in edges)].append(i)
+    metric = _bleu(lowercase, tokenize)
     rows = []
     for label, idx in zip(labels, members):
         bleu = None
         if idx:
-            metric = build_metrics(lowercase, tokenize)["bleu"]
             score = metric.corpus_score([hyps[i] for i in idx],
                                         [[stream[i] for i in idx] for stream in refs])
             bleu = _round(score.score)
@@ -488,3 +502,96 @@ def _save_png(fig: Any, path: Path) -> Path:
     with atomic_output(path) as stream:
         stream.write(buffer.getvalue())
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# ``seq2seq evaluate``
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_command(args: Any, recipe: Any) -> int:
+    """Translate each test set, score it, print the summary and write the report.
+
+    With a recipe: every ``data.test`` corpus, with ``<output_dir>/<eval.checkpoint>.pt``
+    unless ``--checkpoint`` is given. Without: ``--src`` scored against the ``--ref`` files.
+    ``--compare FILE`` (another system's output, one line per source line) adds a paired
+    bootstrap test; with a recipe it applies to every test set, so use it with one.
+    """
+    from seq2seq.translate import Translator
+
+    if recipe is not None:
+        checkpoints = args.checkpoint or [str(Path(recipe.output_dir) /
+                                               f"{recipe.eval.checkpoint}.pt")]
+    else:
+        checkpoints = args.checkpoint
+    translator = Translator.from_checkpoint(checkpoints, device=args.device)
+    recipe = recipe or translator.recipe
+    settings = translator.decode_settings(beam=args.beam, nbest=1, alpha=args.alpha,
+                                          max_len_ratio=args.max_len_ratio,
+                                          batch_tokens=args.batch_tokens)
+    cfg = recipe.eval
+    compare = _read_text_lines(args.compare) if args.compare else None
+    results = []
+    for name, srcs, refs in _test_sets(args, recipe):
+        hyps, attention = _translate_all(translator, settings, srcs, cfg.attention_plots)
+        results.append(build_result(
+            name, srcs, hyps, refs, cfg.lowercase, cfg.tokenize, cfg.bootstrap, recipe.seed,
+            decoding=dataclasses.asdict(settings), checkpoints=checkpoints,
+            compare_hyps=compare, compare_name=args.compare, attention=attention))
+    report_dir = Path(args.report_dir or cfg.report_dir or Path(recipe.output_dir) / "eval")
+    write_report(report_dir, results)
+    print(format_summary(results))
+    print(f"report: {report_dir / 'report.md'}")
+    return 0
+
+
+def _read_text_lines(path: str) -> list[str]:
+    """All lines of a text file, line-exact (see seq2seq.translate_io)."""
+    from seq2seq.translate_io import open_input, read_lines
+
+    with open_input(path) as stream:
+        return list(read_lines(stream, max_chars=10**9, name=path))
+
+
+def _test_sets(args: Any, recipe: Any) -> Iterator[tuple[str, list[str], list[list[str]]]]:
+    """``(name, sources, reference streams)`` of each test set to evaluate."""
+    if args.src:
+        srcs = _read_text_lines(args.src)
+        refs = [_read_text_lines(path) for path in args.ref]
+        for path, stream in zip(args.ref, refs):
+            if len(stream) != len(srcs):
+                raise EvaluationError(f"{path}: {len(stream)} lines but {args.src} has "
+                                      f"{len(srcs)}")
+        yield Path(args.src).name, srcs, refs
+        return
+    from seq2seq.data.corpus import read_pairs
+
+    if not recipe.data.test:
+        raise EvaluationError("the recipe has no data.test corpora; give --src and --ref")
+    for name, corpus in recipe.data.test.items():
+        pairs = list(read_pairs(corpus, recipe.data, recipe.seed))
+        yield name, [src for src, _ in pairs], [[trg for _, trg in pairs]]
+
+
+def _translate_all(translator: Any, settings: Any, srcs: list[str],
+                   n_attention: int) -> tuple[list[str], list[tuple[list[str], list[str], Any]]]:
+    """1-best translations (blank sources give "") and the first attention matrices."""
+    from seq2seq.translate_io import translate_stream
+
+    def translate_batch(sentences: list[str]) -> list[Any]:
+        return translator.translate_full(sentences, settings, n_attention > 0)
+
+    results = list(translate_stream(srcs, translate_batch, empty=None))
+    hyps = [r.hypotheses[0] if r is not None else "" for r in results]
+    attention = []
+    for r in results:
+        if len(attention) == n_attention:
+            break
+        if r is None or r.attention[0] is None:
+            continue
+        # Rows: target pieces then EOS; columns: source pieces (EOS included), no padding.
+        hyp_tokens = list(r.hyp_pieces[0]) + ["</s>"]
+        matrix = r.attention[0].detach().float().cpu()[:len(hyp_tokens), :len(r.src_pieces)]
+        if tuple(matrix.shape) == (len(hyp_tokens), len(r.src_pieces)):
+            attention.append((list(r.src_pieces), hyp_tokens, matrix.tolist()))
+    return hyps, attention

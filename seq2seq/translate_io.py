@@ -26,13 +26,14 @@ from __future__ import annotations
 import codecs
 import contextlib
 import gzip
+import io
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from seq2seq.errors import Seq2SeqError
 
@@ -290,3 +291,67 @@ def open_output(path: str | Path | None) -> Iterator[BinaryIO]:
         return
     with atomic_output(path) as stream:
         yield stream
+
+
+# --------------------------------------------------------------------------------------------
+# ``seq2seq translate``
+# --------------------------------------------------------------------------------------------
+
+
+def translate_file(translator: Any, settings: Any, args: Any) -> int:
+    """Stream ``args.input`` (or stdin) through ``translator`` to ``args.output`` (or stdout).
+
+    Output modes, each line-exact with respect to the input:
+
+    * default: one translation per input line;
+    * ``--scores``: ``score\\ttranslation`` per input line;
+    * ``--nbest K``: ``K`` rows ``index\\tscore\\thypothesis`` per input line (index from 0);
+      a blank input line gives the one row ``index\\t0.0000\\t``.
+
+    ``--attention FILE`` also writes one JSON line per non-blank input line. Reading from a
+    terminal translates line by line (``chunk_lines=1``) so answers appear as lines are typed.
+
+    Args:
+        translator: has ``translate_full(sentences, settings, return_attention)`` returning one
+            object with ``hypotheses`` and ``scores`` lists per sentence (seq2seq.translate).
+        settings: the decoding settings passed to ``translate_full``.
+        args: the parsed ``translate`` arguments (input, output, nbest, scores, attention).
+
+    Returns:
+        The exit code, 0.
+    """
+    from seq2seq.translate import write_attention_jsonl
+
+    source = args.input or "-"
+    interactive = source == "-" and sys.stdin.isatty()
+    with contextlib.ExitStack() as stack:
+        stream = stack.enter_context(open_input(source))
+        out = stack.enter_context(open_output(args.output))
+        attention = None
+        if args.attention:
+            attention = io.TextIOWrapper(stack.enter_context(atomic_output(args.attention)),
+                                         encoding="utf-8", newline="\n")
+            stack.callback(attention.flush)
+
+        def translate_batch(sentences: list[str]) -> list[Any]:
+            return translator.translate_full(sentences, settings, attention is not None)
+
+        lines = read_lines(stream, name=args.input or "<stdin>")
+        results = translate_stream(lines, translate_batch, empty=None,
+                                   chunk_lines=1 if interactive else DEFAULT_CHUNK_LINES)
+
+        def rows() -> Iterator[str]:
+            for index, result in enumerate(results):
+                if attention is not None and result is not None:
+                    write_attention_jsonl(attention, index, result)
+                if args.nbest:
+                    pairs = zip(result.scores, result.hypotheses) if result else [(0.0, "")]
+                    yield from (format_nbest(index, score, hyp) for score, hyp in pairs)
+                elif args.scores:
+                    score, hyp = (result.scores[0], result.hypotheses[0]) if result else (0.0, "")
+                    yield f"{score:.4f}\t{hyp.replace(chr(9), ' ')}"
+                else:
+                    yield result.hypotheses[0] if result else ""
+
+        write_lines(rows(), out, flush_lines=1 if interactive else DEFAULT_CHUNK_LINES)
+    return 0
