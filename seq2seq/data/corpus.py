@@ -139,8 +139,12 @@ def _open_binary(path: Path) -> BinaryIO:
     return raw
 
 
-def _lines(path: Path) -> Iterator[str]:
-    """Decoded, stripped lines of ``path`` (plain or gzip), following the module's text rules."""
+def _lines(path: Path, strip: bool = True) -> Iterator[str]:
+    """Decoded lines of ``path`` (plain or gzip), following the module's text rules.
+
+    With ``strip=False`` only the line end (``\\n`` or ``\\r\\n``) is removed, so that a TSV
+    line keeps the tab of an empty source or target.
+    """
     with _open_binary(path) as stream:
         number = 0
         try:
@@ -156,7 +160,10 @@ def _lines(path: Path) -> Iterator[str]:
                     raise DataError(f"{path}: line {number} is not valid UTF-8 "
                                     f"(byte {error.start + 1}: {raw[error.start:error.start + 1]!r})"
                                     ) from None
-                yield text.strip(_SPACES)
+                if strip:
+                    yield text.strip(_SPACES)
+                else:
+                    yield text.removesuffix("\n").removesuffix("\r")
         except (EOFError, OSError, zlib.error) as error:
             # Truncated or corrupt gzip data surfaces here, mid-iteration.
             raise DataError(f"{path}: cannot read after line {number} "
@@ -193,7 +200,7 @@ def _misaligned(src: Path, src_count: int, trg: Path, trg_count: int) -> str:
 
 
 def _read_tsv(path: Path) -> Iterator[tuple[str, str]]:
-    for number, line in enumerate(_lines(path), start=1):
+    for number, line in enumerate(_lines(path, strip=False), start=1):
         tabs = line.count("\t")
         if tabs != 1:
             raise DataError(f"{path}: line {number} has {tabs} tabs; expected exactly one "

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Fetch the Multi30k task-1 corpus (Elliott et al. 2016) as ``{split}.{lang}.gz`` files.
+
+The files are the ones published in the multi30k/dataset GitHub repository under
+``data/task1/raw``: splits ``train`` (29,000 lines), ``val`` (1,014) and ``test_2016_flickr``
+(1,000) in German, English, French and Czech. They are downloaded with urllib, or copied from a
+local mirror directory holding the same file names (``--mirror``), checked (gzip readable, line
+count as published) and written atomically into ``--output``. Files already there that pass
+the check are kept.
+
+Usage::
+
+    python scripts/prepare_multi30k.py --output data/multi30k
+    python scripts/prepare_multi30k.py --mirror /shared/multi30k --output data/multi30k
+
+Exit status 0 on success; 2 with a one-line ``error:`` message on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+BASE_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
+SPLITS = {"train": 29000, "val": 1014, "test_2016_flickr": 1000}
+LANGS = ("de", "en", "fr", "cs")
+
+
+class PrepareError(Exception):
+    """A failure reported on one line."""
+
+
+def count_lines(name: str, data: bytes) -> int:
+    """Lines of the gzip file ``data`` (a last line without a newline counts)."""
+    try:
+        text = gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+        raise PrepareError(f"{name}: not a readable gzip file ({error})") from None
+    return text.count(b"\n") + (1 if text and not text.endswith(b"\n") else 0)
+
+
+def fetch(name: str, mirror: Path | None, base_url: str, timeout: float) -> bytes:
+    """The bytes of ``name`` from the mirror directory, else from ``base_url``."""
+    if mirror is not None:
+        path = mirror / name
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise PrepareError(f"{path}: no such file in the mirror") from None
+        except OSError as error:
+            raise PrepareError(f"{path}: cannot read ({error.strerror or error})") from None
+    url = f"{base_url}/{name}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as error:
+        raise PrepareError(f"{url}: HTTP {error.code} {error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise PrepareError(f"{url}: download failed ({reason}); use --mirror DIR "
+                           "without a network") from None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prepare(output: Path, mirror: Path | None, langs: list[str], base_url: str,
+            timeout: float) -> list[str]:
+    """Fetch, check and write every file; return one report line per file."""
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise PrepareError(f"{output}: cannot create directory ({error.strerror})") from None
+    report = []
+    for split, expected in SPLITS.items():
+        for lang in langs:
+            name = f"{split}.{lang}.gz"
+            target = output / name
+            if target.is_file() and _has_lines(target, expected):
+                report.append(f"{name}: {expected:,} lines (already present)")
+                continue
+            data = fetch(name, mirror, base_url, timeout)
+            lines = count_lines(name, data)
+            if lines != expected:
+                raise PrepareError(f"{name}: {lines:,} lines, expected {expected:,}; "
+                                   "the file is incomplete or not the published one")
+            write_atomic(target, data)
+            report.append(f"{name}: {lines:,} lines")
+    return report
+
+
+def _has_lines(path: Path, expected: int) -> bool:
+    try:
+        return count_lines(path.name, path.read_bytes()) == expected
+    except (PrepareError, OSError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path("data/multi30k"),
+                        help="directory to write {split}.{lang}.gz into (default: data/multi30k)")
+    parser.add_argument("--mirror", type=Path, default=None,
+                        help="copy from this directory instead of downloading")
+    parser.add_argument("--langs", nargs="+", default=list(LANGS), choices=LANGS,
+                        help="languages to fetch (default: de en fr cs)")
+    parser.add_argument("--base-url", default=BASE_URL, help="where the files are downloaded from")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per download")
+    args = parser.parse_args(argv)
+    try:
+        report = prepare(args.output, args.mirror, args.langs, args.base_url, args.timeout)
+    except PrepareError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for line in report:
+        print(line)
+    print(f"Multi30k task 1 ready in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""scripts/prepare_multi30k.py, run as a user would, against the shared Multi30k mirror."""
+
+import gzip
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from seq2seq.config import Corpus, DataConfig
+from seq2seq.data.corpus import read_pairs
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_multi30k.py"
+
+
+def prepare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+
+
+def test_prepare_multi30k_from_mirror(tmp_path, data_root):
+    out = tmp_path / "multi30k"
+    result = prepare("--mirror", str(data_root / "multi30k"), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(f"{split}.{lang}.gz" for split in ("train", "val", "test_2016_flickr")
+                           for lang in ("de", "en", "fr", "cs"))
+    assert "train.de.gz: 29,000 lines" in result.stdout
+    assert "val.en.gz: 1,014 lines" in result.stdout
+    data = DataConfig(root=str(out), src_lang="de", trg_lang="en")
+    assert sum(1 for _ in read_pairs(Corpus(src="test_2016_flickr.de.gz",
+                                            trg="test_2016_flickr.en.gz"), data)) == 1000
+    # A second run finds the files in place and keeps them.
+    again = prepare("--mirror", str(data_root / "multi30k"), "--output", str(out))
+    assert again.returncode == 0 and "already present" in again.stdout
+
+
+def test_prepare_multi30k_rejects_a_short_file(tmp_path, data_root):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    lines = gzip.decompress((data_root / "multi30k" / "train.en.gz").read_bytes()).splitlines()
+    (mirror / "train.en.gz").write_bytes(gzip.compress(b"\n".join(lines[:-1]) + b"\n"))
+    result = prepare("--mirror", str(mirror), "--output", str(tmp_path / "out"),
+                     "--langs", "en")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "train.en.gz: 28,999 lines, expected 29,000" in result.stderr
+    assert not (tmp_path / "out" / "train.en.gz").exists()
+
+
+def test_prepare_multi30k_missing_mirror_file(tmp_path, data_root):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copy(data_root / "multi30k" / "train.de.gz", mirror)
+    result = prepare("--mirror", str(mirror), "--output", str(tmp_path / "out"), "--langs", "de")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "val.de.gz" in result.stderr
+    assert (tmp_path / "out" / "train.de.gz").read_bytes() == (mirror / "train.de.gz").read_bytes()
