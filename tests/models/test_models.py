@@ -1,5 +1,6 @@
 """Invariants of the encoder-decoder: shapes, masking, packing, step == forward, tying, I/O."""
 
+import dataclasses
 import io
 import itertools
 
@@ -20,11 +21,11 @@ def tiny(cell="gru", attention="bahdanau", decoder="bahdanau", input_feeding=Tru
          bidirectional=True, **fields) -> ModelConfig:
     """Emb 8, hidden 16; dot attention gets an encoder output size equal to dec_hidden."""
     enc_hidden = 8 if attention == "dot" and bidirectional else 16
-    base = dict(cell=cell, emb_size=8, enc_hidden=enc_hidden, enc_layers=2,
-                bidirectional=bidirectional, dec_hidden=16, dec_layers=2, attention=attention,
-                attention_size=16, decoder=decoder, input_feeding=input_feeding, dropout=0.2)
-    base.update(fields)
-    return ModelConfig(**base)
+    base = ModelConfig(cell=cell, emb_size=8, enc_hidden=enc_hidden, enc_layers=2,
+                       bidirectional=bidirectional, dec_hidden=16, dec_layers=2,
+                       attention=attention, attention_size=16, decoder=decoder,
+                       input_feeding=input_feeding, dropout=0.2)
+    return dataclasses.replace(base, **fields)
 
 
 def make(cfg: ModelConfig, seed: int = 0, src_vocab: int = VOCAB, trg_vocab: int = VOCAB):
