@@ -298,10 +298,10 @@ def _load_hf(corpus: Corpus, data: DataConfig) -> tuple[Any, str]:
         name = corpus.hf_name + (f"/{corpus.hf_config}" if corpus.hf_config else "")
         try:
             loaded = datasets.load_dataset(corpus.hf_name, corpus.hf_config, split=corpus.split)
-        except Exception as error:  # the hub raises many types; all mean "cannot load"
+        except Exception as error:  # noqa: BLE001 - the hub raises many types, all "cannot load"
+            first_line = (str(error).splitlines() or [""])[0]
             raise DataError(f"hf dataset {name} (split {corpus.split!r}): cannot load "
-                            f"({error.__class__.__name__}: {str(error).splitlines()[0]})"
-                            ) from None
+                            f"({error.__class__.__name__}: {first_line})") from None
         return loaded, f"{name}[{corpus.split}]"
     else:
         raise DataError("an hf corpus needs 'path' (a save_to_disk directory) or 'hf_name'")
