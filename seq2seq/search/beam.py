@@ -291,8 +291,8 @@ def _finish_done(finished: list[list[Hypothesis]], beams: _Beams, t: int, n_best
     """
     best_live = beams.scores.max(dim=1).values  # (n,)
     max_lens = torch.tensor(beams.max_lens, device=best_live.device, dtype=best_live.dtype)
-    # lp grows with length, so c / lp is largest at the shortest length when c <= 0 and at the
-    # longest when c > 0 (rounding); taking both keeps the bound safe.
+    # lp grows with length, so c / lp is largest at the longest length when c <= 0, and at the
+    # shortest when rounding leaves c slightly > 0; taking both keeps the bound safe.
     bound = torch.maximum(best_live / length_penalty(t + 1, alpha),
                           best_live / ((5.0 + max_lens) / 6.0) ** alpha).tolist()
     done = []
