@@ -112,7 +112,7 @@ def beam_search(
     t = 0
     while beams.sentences:
         log_probs, state, attn = model.step(beams.prev, beams.state, beams.enc)
-        log_probs = _forbid(log_probs, beams.tokens, t, min_len, no_repeat_ngram)
+        log_probs = forbid_tokens(log_probs, beams.tokens, min_len, no_repeat_ngram)
         cand_scores, cand_rows, cand_tokens = _candidates(beams.scores, log_probs)
         _finish_eos(finished, beams, attn, cand_scores, cand_rows, cand_tokens, alpha,
                     src_lens_list)
@@ -152,47 +152,6 @@ def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int
         state=reorder(state, rows),
         enc=reorder(enc, rows),
     )
-
-
-def _forbid(log_probs: torch.Tensor, tokens: torch.Tensor, t: int, min_len: int,
-            no_repeat_ngram: int) -> torch.Tensor:
-    """Set the log-probability of forbidden next tokens to -inf (PAD and BOS always).
-
-    Args:
-        log_probs: ``(N, V)`` next-token log-probabilities.
-        tokens: ``(N, t)`` tokens so far.
-        t: number of tokens so far.
-        min_len: EOS is forbidden while ``t < min_len``.
-        no_repeat_ngram: forbid tokens completing an n-gram of this size already present.
-
-    Returns:
-        ``(N, V)`` log-probabilities, a new tensor.
-    """
-    log_probs = forbid_tokens(log_probs, t, min_len)
-    if no_repeat_ngram > 0 and t >= no_repeat_ngram:
-        banned = _repeated_ngram_mask(tokens, no_repeat_ngram, log_probs.size(1))
-        log_probs = log_probs.masked_fill(banned, float("-inf"))
-    return log_probs
-
-
-def _repeated_ngram_mask(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
-    """Which next tokens would repeat an n-gram of ``tokens``.
-
-    Args:
-        tokens: ``(N, t)`` tokens so far, ``t >= n``.
-        n: n-gram size.
-        vocab_size: ``V``.
-
-    Returns:
-        ``(N, V)`` bool, True where the token would complete an n-gram seen before.
-    """
-    windows = tokens.unfold(1, n, 1)  # (N, t - n + 1, n): every n-gram so far
-    suffix = tokens[:, tokens.size(1) - n + 1:]  # (N, n - 1): what the next n-gram starts with
-    matches = (windows[:, :, :-1] == suffix.unsqueeze(1)).all(dim=2)  # (N, t - n + 1)
-    # scatter_add, not scatter: the same token may end several n-grams, matching or not.
-    hits = torch.zeros((tokens.size(0), vocab_size), device=tokens.device)
-    hits.scatter_add_(1, windows[:, :, -1], matches.to(hits.dtype))
-    return hits > 0
 
 
 def _candidates(scores: torch.Tensor, log_probs: torch.Tensor

@@ -86,19 +86,48 @@ def make_hypothesis(token_ids: list[int], log_prob: float, alpha: float,
     return Hypothesis(tokens=token_ids, score=score, log_prob=log_prob, attention=attention)
 
 
-def forbid_tokens(log_probs: torch.Tensor, t: int, min_len: int) -> torch.Tensor:
-    """Set to -inf what no output may contain next: PAD and BOS always, EOS while ``t < min_len``.
+def forbid_tokens(log_probs: torch.Tensor, tokens: torch.Tensor, min_len: int,
+                  no_repeat_ngram: int) -> torch.Tensor:
+    """Set to -inf the next tokens no output may contain.
 
-    PAD and BOS are never targets in training, so a model gives them arbitrary (untrained)
-    scores; generating them would also make hypotheses that teacher forcing cannot re-score.
+    PAD and BOS are always forbidden: they are never targets in training, so their scores are
+    untrained, and a hypothesis containing them could not be re-scored by teacher forcing.
 
     Args:
         log_probs: ``(N, V)`` next-token log-probabilities.
-        t: tokens generated so far.
-        min_len: the minimum output length (EOS excluded).
+        tokens: ``(N, t)`` tokens generated so far.
+        min_len: EOS is forbidden while ``t < min_len``.
+        no_repeat_ngram: forbid tokens completing an n-gram of this size already present
+            (0: off).
 
     Returns:
-        ``(N, V)`` a new tensor.
+        ``(N, V)`` log-probabilities, a new tensor.
     """
+    t = tokens.size(1)
     banned = [PAD, BOS, EOS] if t < min_len else [PAD, BOS]
-    return log_probs.index_fill(1, torch.tensor(banned, device=log_probs.device), float("-inf"))
+    log_probs = log_probs.index_fill(1, torch.tensor(banned, device=log_probs.device),
+                                     float("-inf"))
+    if 0 < no_repeat_ngram <= t:
+        repeats = repeated_ngram_mask(tokens, no_repeat_ngram, log_probs.size(1))
+        log_probs = log_probs.masked_fill(repeats, float("-inf"))
+    return log_probs
+
+
+def repeated_ngram_mask(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+    """Which next tokens would repeat an n-gram of ``tokens``.
+
+    Args:
+        tokens: ``(N, t)`` tokens so far, ``t >= n``.
+        n: n-gram size.
+        vocab_size: ``V``.
+
+    Returns:
+        ``(N, V)`` bool, True where the token would complete an n-gram seen before.
+    """
+    windows = tokens.unfold(1, n, 1)  # (N, t - n + 1, n): every n-gram so far
+    suffix = tokens[:, tokens.size(1) - n + 1:]  # (N, n - 1): what the next n-gram starts with
+    matches = (windows[:, :, :-1] == suffix.unsqueeze(1)).all(dim=2)  # (N, t - n + 1)
+    # scatter_add, not scatter: the same token may end several n-grams, matching or not.
+    hits = torch.zeros((tokens.size(0), vocab_size), device=tokens.device)
+    hits.scatter_add_(1, windows[:, :, -1], matches.to(hits.dtype))
+    return hits > 0

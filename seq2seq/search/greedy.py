@@ -25,9 +25,11 @@ def greedy_search(
     max_len_ratio: float,
     max_len_add: int,
     min_len: int = 0,
+    no_repeat_ngram: int = 0,
     return_attention: bool = False,
 ) -> list[Hypothesis]:
-    """Decode every sentence of a batch greedily.
+    """Decode every sentence of a batch greedily; the same as ``beam_search`` with beam 1 and
+    alpha 0, cheaper.
 
     Sentences that end (EOS, or their maximum length) are dropped from the batch between steps,
     so a batch costs what its unfinished sentences cost. The model should be in eval mode.
@@ -40,6 +42,8 @@ def greedy_search(
             max_len_add)`` scored tokens (EOS included); longer outputs are cut, without EOS.
         max_len_add: see ``max_len_ratio``.
         min_len: EOS is forbidden before this many tokens (PAD and BOS are always forbidden).
+        no_repeat_ngram: forbid any token that would repeat an n-gram of this size already in
+            the output (0: off).
         return_attention: keep the ``(T, S)`` attention of every hypothesis.
 
     Returns:
@@ -61,9 +65,9 @@ def greedy_search(
         torch.zeros((batch_size, 0, src.size(1)), device=src.device) if return_attention else None)
     results: list[Hypothesis | None] = [None] * batch_size
 
-    for t in range(max(max_lens)):
+    for t in range(max(max_lens, default=0)):
         log_probs, state, attn = model.step(prev, state, enc)
-        log_probs = forbid_tokens(log_probs, t, min_len)
+        log_probs = forbid_tokens(log_probs, tokens, min_len, no_repeat_ngram)
         best, prev = log_probs.max(dim=-1)
         log_prob_sums = log_prob_sums + best
         tokens = torch.cat([tokens, prev.unsqueeze(1)], dim=1)

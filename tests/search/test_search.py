@@ -101,12 +101,13 @@ def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("min_len", [0, 4])
-def test_beam_1_equals_greedy(model, min_len):
+@pytest.mark.parametrize("min_len,no_repeat_ngram", [(0, 0), (4, 0), (0, 2)])
+def test_beam_1_equals_greedy(model, min_len, no_repeat_ngram):
     src, src_lens = make_batch(SRC_LENS)
-    greedy = greedy_search(model, src, src_lens, 1.5, 5, min_len=min_len)
+    greedy = greedy_search(model, src, src_lens, 1.5, 5, min_len=min_len,
+                           no_repeat_ngram=no_repeat_ngram)
     beam = beam_search(model, src, src_lens, beam_size=1, max_len_ratio=1.5, max_len_add=5,
-                       min_len=min_len)
+                       min_len=min_len, no_repeat_ngram=no_repeat_ngram)
     for g, [b] in zip(greedy, beam):
         assert g.tokens == b.tokens
         assert g.log_prob == pytest.approx(b.log_prob, abs=1e-5)
@@ -228,6 +229,8 @@ def test_no_repeat_ngram_respected(n):
                             no_repeat_ngram=n):
         for h in hyps:
             assert len(set(ngrams(h.tokens, n))) == len(ngrams(h.tokens, n)), h.tokens
+    for h in greedy_search(model, src, src_lens, 1.5, 8, no_repeat_ngram=n):
+        assert len(set(ngrams(h.tokens, n))) == len(ngrams(h.tokens, n)), h.tokens
 
 
 def test_beam_beats_greedy_on_a_garden_path():
