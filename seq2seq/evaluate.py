@@ -34,10 +34,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sacrebleu
 from sacrebleu.metrics import BLEU, CHRF, TER
 from sacrebleu.metrics.base import Metric
-from sacrebleu.significance import PairedTest
+from sacrebleu.significance import PairedTest, _bootstrap_resample, estimate_ci
 
 from seq2seq.errors import Seq2SeqError
 from seq2seq.translate_io import atomic_output, write_lines
@@ -149,14 +150,21 @@ def score_corpus(
     hyps, refs = list(hyps), [list(stream) for stream in refs]
     result: dict[str, Any] = {"n_sentences": len(hyps)}
     for key, metric in build_metrics(lowercase, tokenize).items():
-        with _sacrebleu_seed(seed):
-            score = metric.corpus_score(hyps, refs, n_bootstrap=max(bootstrap, 1))
-        entry: dict[str, Any] = {"score": _round(score.score),
-                                 "signature": str(metric.get_signature()), "ci": None}
+        # What corpus_score(n_bootstrap=...) does, minus its Score.estimate_ci, which fails
+        # ("can't coerce float and float32") when some resamples score a plain 0.0.
+        stats = metric._extract_corpus_statistics(hyps, refs)
+        score = metric._aggregate_and_compute(stats)
+        signature, ci = metric.get_signature(), None
         if bootstrap >= 2:
-            mean, half = float(score._mean), float(score._ci)
-            entry["ci"] = {"mean": _round(mean), "half_width": _round(half),
-                           "low": _round(mean - half), "high": _round(mean + half)}
+            with _sacrebleu_seed(seed):
+                _, resampled = _bootstrap_resample(stats, metric, bootstrap)
+            mean, half = estimate_ci(np.array([float(s.score) for s in resampled]))
+            ci = {"mean": _round(mean), "half_width": _round(half),
+                  "low": _round(mean - half), "high": _round(mean + half)}
+            signature.update("bs", bootstrap)
+            signature.update("seed", str(seed))
+        entry: dict[str, Any] = {"score": _round(score.score), "signature": str(signature),
+                                 "ci": ci}
         if key == "bleu":
             entry["details"] = {"precisions": [_round(p) for p in score.precisions],
                                 "bp": _round(score.bp), "ratio": _round(score.ratio),

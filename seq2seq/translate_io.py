@@ -320,8 +320,6 @@ def translate_file(translator: Any, settings: Any, args: Any) -> int:
     Returns:
         The exit code, 0.
     """
-    from seq2seq.translate import write_attention_jsonl
-
     source = args.input or "-"
     interactive = source == "-" and sys.stdin.isatty()
     with contextlib.ExitStack() as stack:
@@ -329,6 +327,8 @@ def translate_file(translator: Any, settings: Any, args: Any) -> int:
         out = stack.enter_context(open_output(args.output))
         attention = None
         if args.attention:
+            from seq2seq.translate import write_attention_jsonl
+
             attention = io.TextIOWrapper(stack.enter_context(atomic_output(args.attention)),
                                          encoding="utf-8", newline="\n")
             stack.callback(attention.flush)

@@ -1,5 +1,6 @@
 """Line-exact streaming IO of ``seq2seq translate`` (seq2seq/translate_io.py)."""
 
+import argparse
 import gzip
 import io
 import itertools
@@ -18,6 +19,7 @@ from seq2seq.translate_io import (
     open_input,
     open_output,
     read_lines,
+    translate_file,
     translate_stream,
     write_lines,
 )
@@ -237,3 +239,54 @@ def test_open_output_dash_is_stdout(capsysbinary):
     with open_output("-") as stream:
         write_lines(["a", "b"], stream)
     assert capsysbinary.readouterr().out == b"a\nb\n"
+
+
+class FakeTranslation:
+    def __init__(self, sentence: str, k: int):
+        self.hypotheses = [sentence[::-1] + "!" * i for i in range(k)]
+        self.scores = [-0.5 * (i + 1) for i in range(k)]
+
+
+class FakeTranslator:
+    """Stands in for seq2seq.translate.Translator: k reversed hypotheses per sentence."""
+
+    def __init__(self, k: int = 1):
+        self.k = k
+        self.calls = []
+
+    def translate_full(self, sentences, settings, return_attention):
+        self.calls.append(list(sentences))
+        return [FakeTranslation(s, self.k) for s in sentences]
+
+
+def translate_args(tmp_path, **changes):
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"ab\n\ncd\r\n  \nef")
+    values = {"input": str(source), "output": str(tmp_path / "out.txt"), "nbest": None,
+              "scores": False, "attention": None}
+    values.update(changes)
+    return argparse.Namespace(**values)
+
+
+def test_translate_file_modes(tmp_path):
+    out = tmp_path / "out.txt"
+    assert translate_file(FakeTranslator(), None, translate_args(tmp_path)) == 0
+    assert out.read_bytes() == b"ba\n\ndc\n\nfe\n"
+    translate_file(FakeTranslator(), None, translate_args(tmp_path, scores=True))
+    assert out.read_bytes() == b"-0.5000\tba\n0.0000\t\n-0.5000\tdc\n0.0000\t\n-0.5000\tfe\n"
+    translator = FakeTranslator(k=2)
+    translate_file(translator, None, translate_args(tmp_path, nbest=2))
+    assert out.read_text(encoding="utf-8").split("\n")[:-1] == [
+        "0\t-0.5000\tba", "0\t-1.0000\tba!", "1\t0.0000\t", "2\t-0.5000\tdc",
+        "2\t-1.0000\tdc!", "3\t0.0000\t", "4\t-0.5000\tfe", "4\t-1.0000\tfe!"]
+    assert translator.calls == [["ab", "cd", "ef"]]
+
+
+def test_translate_file_failure_leaves_no_output(tmp_path):
+    class Broken(FakeTranslator):
+        def translate_full(self, sentences, settings, return_attention):
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        translate_file(Broken(), None, translate_args(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
