@@ -20,9 +20,7 @@ import torch
 from seq2seq.checkpoint import load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.errors import Seq2SeqError
-from seq2seq.search.beam import Ensemble, beam_search
-from seq2seq.search.common import Hypothesis
-from seq2seq.search.greedy import greedy_search
+from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
 from seq2seq.tokenizer import EOS, PAD, Tokenizer
 
 
@@ -69,16 +67,16 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
                return_attention: bool = False) -> list[list[Hypothesis]]:
     """Search every source (token ids without EOS); n-best lists in input order.
 
-    Beam size 1 uses greedy search (the two agree; greedy is cheaper).
+    Beam size 1 with alpha 0 uses greedy search (the two agree then; greedy is cheaper).
     """
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
     for batch in length_batches([len(s) + 1 for s in src_ids], decode.batch_tokens):
         src, src_lens = pad_sources([src_ids[i] for i in batch], device)
-        if decode.beam_size == 1:
+        if decode.beam_size == 1 and decode.alpha == 0:
             hyps = [[h] for h in greedy_search(
                 model, src, src_lens, max_len_ratio=decode.max_len_ratio,
                 max_len_add=decode.max_len_add, min_len=decode.min_len,
-                return_attention=return_attention)]
+                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention)]
         else:
             hyps = beam_search(
                 model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,

@@ -61,7 +61,7 @@ def validate(model: Any, valid: Any, tokenizer: Any, recipe: Recipe,
     totals = dist.all_reduce_sum(torch.tensor([nll, float(tokens)], dtype=torch.float64))
     decode = recipe.decode
     if recipe.train.valid_search == "greedy":
-        decode = dataclasses.replace(decode, beam_size=1, n_best=1)
+        decode = dataclasses.replace(decode, beam_size=1, n_best=1, alpha=0.0)
     else:
         decode = dataclasses.replace(decode, n_best=1)
     hyps = decode_ids(model, src_ids, decode, device)
