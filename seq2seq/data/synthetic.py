@@ -193,6 +193,8 @@ PRONOUNS = [
     ("she", "sie", "sie", "ihr", "3sg"), ("we", "wir", "uns", "uns", "1pl"),
     ("they", "sie", "sie", "ihnen", "3pl"),
 ]
+# English particles that a pronoun object precedes ("pick it up"); "look for" is a preposition.
+PARTICLES = {"up", "along"}
 OBJECT_PRONOUNS = {"I": "me", "he": "him", "she": "her", "we": "us", "they": "them"}
 
 DEFINITE = {  # case -> gender or "pl" -> article
@@ -374,8 +376,12 @@ def _german_verb(c: Clause) -> tuple[str, list[str]]:
 
 def _english(c: Clause, front_time: bool) -> list[str]:
     words = list(c.time.en) if c.time and front_time else []
-    words += c.subject.en + _english_verb(c)
-    words += (c.obj.en if c.obj else []) + (c.prep.en if c.prep else [])
+    verb = " ".join(_english_verb(c)).split()
+    if c.obj and c.obj.pronoun and verb[-1] in PARTICLES:  # "picked us up", not "picked up us"
+        words += c.subject.en + verb[:-1] + c.obj.en + verb[-1:]
+    else:
+        words += c.subject.en + verb + (c.obj.en if c.obj else [])
+    words += c.prep.en if c.prep else []
     if c.time and not front_time:
         words += c.time.en
     return words

@@ -130,6 +130,10 @@ def test_grammar_examples():
         "Weil der Mann den Ball aufhebt.")
     assert render(synthetic._english(clause("present", True), False)) == (
         "The man does not pick up the ball.")
+    us = synthetic.NounPhrase(["us"], ["uns"], "1pl", True, True)
+    picked_us = synthetic.Clause(man, pick_up, "past", False, us, None, monday)
+    assert render(synthetic._english(picked_us, False)) == "The man picked us up on Monday."
+    assert render(synthetic._german_main(picked_us)) == "Der Mann hat uns am Montag aufgehoben."
 
 
 def test_dates_reorder_day_and_month(train):
