@@ -250,7 +250,7 @@ class NounPhrase(Phrase):
 
 def _adjective(stem: str, article: str, case: str, gender: str) -> str:
     """German adjective ending after a definite article, an ein-word, or none (plural)."""
-    if case == "dat" or gender == "pl" and article != "none":
+    if case == "dat" or (gender == "pl" and article != "none"):
         return stem + "en"
     if article == "definite":
         return stem + ("en" if case == "acc" and gender == "m" else "e")
