@@ -21,14 +21,17 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
-import torch
 
 from seq2seq.config import TokenizerConfig
 from seq2seq.errors import Seq2SeqError
+
+if TYPE_CHECKING:  # torch is imported where needed: ``prepare`` and its workers never need it
+    import torch
 
 PAD = 0
 UNK = 1
@@ -40,6 +43,7 @@ JOINT_MODEL = "spm.model"
 SRC_MODEL = "src.model"
 TRG_MODEL = "trg.model"
 INFO_FILE = "tokenizer.json"
+SAMPLING_SEED = 1234
 
 
 class Tokenizer:
@@ -50,7 +54,7 @@ class Tokenizer:
         trg_proto: serialized target model, or None for a joint model.
     """
 
-    def __init__(self, src_proto: bytes, trg_proto: Optional[bytes] = None):
+    def __init__(self, src_proto: bytes, trg_proto: bytes | None = None):
         self._src_proto = bytes(src_proto)
         self._trg_proto = None if trg_proto is None else bytes(trg_proto)
         self._src = spm.SentencePieceProcessor(model_proto=self._src_proto)
@@ -124,7 +128,7 @@ class Tokenizer:
             (out_dir / TRG_MODEL).write_bytes(self._trg_proto)
 
     @classmethod
-    def load(cls, model_dir: Path) -> "Tokenizer":
+    def load(cls, model_dir: Path) -> Tokenizer:
         """Read the model(s) written by :meth:`save` from ``model_dir``."""
         model_dir = Path(model_dir)
         if (model_dir / JOINT_MODEL).is_file():
@@ -142,7 +146,7 @@ class Tokenizer:
                 "trg_model": _bytes_to_tensor(self._trg_proto)}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor]) -> "Tokenizer":
+    def from_state(cls, state: dict[str, torch.Tensor]) -> Tokenizer:
         """Rebuild a tokenizer from :meth:`to_state`'s dictionary."""
         if "spm_model" in state:
             return cls(_tensor_to_bytes(state["spm_model"]))
@@ -169,10 +173,14 @@ def _read_model(path: Path) -> bytes:
 
 
 def _bytes_to_tensor(data: bytes) -> torch.Tensor:
+    import torch
+
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone()
 
 
 def _tensor_to_bytes(tensor: torch.Tensor) -> bytes:
+    import torch
+
     return tensor.detach().cpu().to(torch.uint8).numpy().tobytes()
 
 
@@ -227,6 +235,22 @@ def train_tokenizer(cfg: TokenizerConfig, pairs: Iterable[tuple[str, str]], out_
         shutil.rmtree(work, ignore_errors=True)
 
 
+def load_if_current(cfg: TokenizerConfig, data_fingerprint: str, src_lang: str, trg_lang: str,
+                    out_dir: Path) -> Tokenizer | None:
+    """The tokenizer saved in ``out_dir`` if it was trained from these inputs, else None."""
+    out_dir = Path(out_dir)
+    try:
+        saved = json.loads((out_dir / INFO_FILE).read_text()).get("hash")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if saved != tokenizer_hash(cfg, data_fingerprint, src_lang, trg_lang):
+        return None
+    try:
+        return Tokenizer.load(out_dir)
+    except Seq2SeqError:
+        return None  # a model file went missing: train again
+
+
 def load_or_train(cfg: TokenizerConfig, pairs: Callable[[], Iterable[tuple[str, str]]],
                   data_fingerprint: str, src_lang: str, trg_lang: str,
                   out_dir: Path) -> tuple[Tokenizer, bool]:
@@ -234,25 +258,19 @@ def load_or_train(cfg: TokenizerConfig, pairs: Callable[[], Iterable[tuple[str, 
 
     Args:
         cfg: the tokenizer section of the recipe.
-        pairs: called (only when training is needed) to stream the training pairs.
-        data_fingerprint: content hash of the training corpus.
+        pairs: called (only when training is needed) to stream the training pairs, or a
+            uniform sample of at least ``cfg.input_sentence_size`` of them.
+        data_fingerprint: a fingerprint of the training corpus.
         src_lang, trg_lang: the language codes (part of the hash).
         out_dir: the tokenizer directory, usually ``<output_dir>/tokenizer``.
 
     Returns:
         The tokenizer and whether it was reused (True) or trained (False).
     """
-    out_dir = Path(out_dir)
+    tokenizer = load_if_current(cfg, data_fingerprint, src_lang, trg_lang, out_dir)
+    if tokenizer is not None:
+        return tokenizer, True
     wanted = tokenizer_hash(cfg, data_fingerprint, src_lang, trg_lang)
-    try:
-        saved = json.loads((out_dir / INFO_FILE).read_text()).get("hash")
-    except (OSError, ValueError, AttributeError):
-        saved = None
-    if saved == wanted:
-        try:
-            return Tokenizer.load(out_dir), True
-        except Seq2SeqError:
-            pass  # a model file went missing: train again
     return train_tokenizer(cfg, pairs(), out_dir, data_hash=wanted), False
 
 
@@ -275,6 +293,8 @@ _TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) v
 def _train_model(cfg: TokenizerConfig, inputs: list[Path]) -> bytes:
     """Train one SentencePiece model on the text files ``inputs``; return its proto."""
     model = _BytesSink()
+    # SentencePiece samples input_sentence_size sentences; a fixed seed makes that repeatable.
+    spm.set_random_generator_seed(SAMPLING_SEED)
     try:
         spm.SentencePieceTrainer.train(
             input=[str(p) for p in inputs], model_writer=model, model_type=cfg.type,
