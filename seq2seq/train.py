@@ -195,8 +195,16 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, recipe)
         self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.min_lr,
                                  cfg.plateau_factor, cfg.plateau_patience)
+        # Mixed precision is a GPU feature here: CPU autocast is slower and fails for LSTMs.
+        self.autocast_dtype = None
+        if self.device.type == "cuda":
+            self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                cfg.precision)
+        elif cfg.precision != "fp32" and dist.is_main():
+            print(f"note: train.precision={cfg.precision} applies on GPU only; training in fp32 "
+                  "on the CPU", file=sys.stderr)
         self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=cfg.precision == "fp16")
+                                           enabled=self.autocast_dtype is torch.float16)
         self.progress = Progress()
         # Dropout streams differ per rank; rank 0 of a 1-process run uses the recipe seed.
         torch.manual_seed(recipe.seed + 1000 * self.rank)
@@ -274,7 +282,7 @@ class Trainer:
         from seq2seq.data.batching import collate
 
         cfg = self.recipe.train
-        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        autocast_dtype = self.autocast_dtype
         # DDP averages gradients over ranks; scaling by world size turns that into the sum,
         # so the update is (sum of token losses) / (global target tokens).
         norm = self.world / global_tokens
