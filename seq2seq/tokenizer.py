@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -297,7 +297,9 @@ def _train_model(cfg: TokenizerConfig, inputs: list[Path]) -> bytes:
     spm.set_random_generator_seed(SAMPLING_SEED)
     try:
         spm.SentencePieceTrainer.train(
-            input=[str(p) for p in inputs], model_writer=model, model_type=cfg.type,
+            # An iterator rather than input=paths: the paths would be stored in the model,
+            # making two trainings on the same data differ.
+            sentence_iterator=_lines(inputs), model_writer=model, model_type=cfg.type,
             vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
             input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
             pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
@@ -317,6 +319,13 @@ def _train_model(cfg: TokenizerConfig, inputs: list[Path]) -> bytes:
                 f"tokenizer.character_coverage") from None
         raise Seq2SeqError(f"SentencePiece training failed: {message.splitlines()[0]}") from None
     return model.data
+
+
+def _lines(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                yield line.rstrip("\n")
 
 
 class _BytesSink:

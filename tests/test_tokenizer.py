@@ -1,0 +1,135 @@
+"""SentencePiece tokenizer: round trips, fixed special ids, reuse by hash, checkpoint state."""
+
+import io
+import pickle
+import random
+
+import pytest
+import torch
+
+from seq2seq.config import TokenizerConfig
+from seq2seq.errors import Seq2SeqError
+from seq2seq.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, load_or_train, train_tokenizer
+
+SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "ba", "gu", "fe"]
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    """Normalised text (lowercase words, single spaces) from a small alphabet."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 3))) for _ in range(150)]
+    return [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[tuple[str, str]]:
+    return list(zip(sentences(300, 1), [s.upper() for s in sentences(300, 2)]))
+
+
+def config(**changes) -> TokenizerConfig:
+    settings = {"vocab_size": 64, "input_sentence_size": 0}
+    settings.update(changes)
+    return TokenizerConfig(**settings)
+
+
+@pytest.fixture(scope="module", params=[("unigram", True), ("unigram", False), ("bpe", True),
+                                        ("bpe", False)], ids=lambda p: f"{p[0]}-joint{p[1]}")
+def trained(request, pairs, tmp_path_factory) -> Tokenizer:
+    model_type, joint = request.param
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    return train_tokenizer(config(type=model_type, joint=joint), pairs, out)
+
+
+def test_round_trip_of_normalised_text(trained, pairs):
+    held_out = sentences(50, 3)  # unseen sentences of known characters
+    src = [s for s, _ in pairs] + held_out
+    trg = [t for _, t in pairs] + [s.upper() for s in held_out]
+    assert trained.decode_src(trained.encode_src(src)) == src
+    assert trained.decode_trg(trained.encode_trg(trg)) == trg
+
+
+def test_special_ids_are_fixed(trained, pairs):
+    for pieces in (trained.src_pieces([PAD, UNK, BOS, EOS]),
+                   trained.trg_pieces([PAD, UNK, BOS, EOS])):
+        assert pieces == ["<pad>", "<unk>", "<s>", "</s>"]
+    ids = trained.encode_src([s for s, _ in pairs])
+    assert all(PAD not in row and BOS not in row and EOS not in row for row in ids)
+    assert UNK in trained.encode_src(["ka ✓ lo"])[0]  # a character never seen in training
+
+
+def test_decode_ignores_pad_bos_eos(trained):
+    text = "kalo mine"
+    ids = trained.encode_trg([text.upper()])[0]
+    assert trained.decode_trg([[BOS] + ids + [EOS, PAD, PAD]]) == [text.upper()]
+    assert trained.decode_src([[BOS] + trained.encode_src([text])[0] + [EOS]]) == [text]
+
+
+def test_joint_and_vocab_sizes(trained):
+    assert trained.src_vocab_size == 64 and trained.trg_vocab_size == 64
+    if trained.joint:
+        # One model: the same text gets the same ids on either side.
+        assert trained.encode_src(["KALO mine"]) == trained.encode_trg(["KALO mine"])
+
+
+def test_state_round_trip_through_weights_only_torch_load(trained):
+    buffer = io.BytesIO()
+    torch.save({"tokenizer": trained.to_state()}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)["tokenizer"]
+    assert all(t.dtype == torch.uint8 for t in state.values())
+    restored = Tokenizer.from_state(state)
+    assert restored.joint == trained.joint
+    assert restored.fingerprint == trained.fingerprint
+    text = ["kalo mine suta", "ribapo"]
+    assert restored.encode_src(text) == trained.encode_src(text)
+    assert restored.encode_trg(text) == trained.encode_trg(text)
+
+
+def test_pickle_and_load_from_directory(trained, tmp_path):
+    assert pickle.loads(pickle.dumps(trained)).fingerprint == trained.fingerprint
+    trained.save(tmp_path)
+    assert Tokenizer.load(tmp_path).fingerprint == trained.fingerprint
+    expected = {"spm.model"} if trained.joint else {"src.model", "trg.model"}
+    assert {p.name for p in tmp_path.iterdir()} == expected
+
+
+def test_reused_when_unchanged_retrained_when_anything_changes(pairs, tmp_path):
+    out = tmp_path / "tokenizer"
+    calls = []
+
+    def stream():
+        calls.append(1)
+        return iter(pairs)
+
+    first, reused = load_or_train(config(), stream, "data-1", "src", "trg", out)
+    assert not reused and len(calls) == 1
+    again, reused = load_or_train(config(), stream, "data-1", "src", "trg", out)
+    assert reused and len(calls) == 1  # the corpus was not even read
+    assert again.fingerprint == first.fingerprint
+    changes = [(config(vocab_size=60), "data-1", "src"),  # settings
+               (config(type="bpe"), "data-1", "src"),
+               (config(), "data-2", "src"),  # training data
+               (config(), "data-1", "xx")]  # languages
+    for cfg, data_hash, src_lang in changes:
+        _, reused = load_or_train(cfg, stream, data_hash, src_lang, "trg", out)
+        assert not reused
+        _, reused = load_or_train(cfg, stream, data_hash, src_lang, "trg", out)
+        assert reused
+    assert len(calls) == 1 + len(changes)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_vocabulary_too_large_names_the_key_and_the_limit(pairs, tmp_path):
+    with pytest.raises(Seq2SeqError, match=r"tokenizer\.vocab_size = 5000 .* at most \d+"):
+        train_tokenizer(config(vocab_size=5000), pairs, tmp_path / "tok")
+    with pytest.raises(Seq2SeqError, match=r"tokenizer\.vocab_size = 10 "):
+        train_tokenizer(config(vocab_size=10), pairs, tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()  # nothing half-written
+    assert not list(tmp_path.iterdir())
+
+
+def test_training_sample_is_deterministic(pairs, tmp_path):
+    cfg = config(input_sentence_size=200)  # joint: 600 sentences, SentencePiece samples 200
+    one = train_tokenizer(cfg, pairs, tmp_path / "a")
+    two = train_tokenizer(cfg, pairs, tmp_path / "b")
+    assert one.fingerprint == two.fingerprint
