@@ -1,0 +1,205 @@
+"""prepare_data: drop counts per reason, unfiltered valid/test sets, reuse, atomic builds."""
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seq2seq.config import recipe_from_dict
+from seq2seq.data import cache
+from seq2seq.data.batching import collate, epoch_batches
+from seq2seq.data.cache import format_stats, prepare_data
+from seq2seq.data.corpus import DataError
+from seq2seq.tokenizer import EOS
+from tests.conftest import shared_data_root
+
+SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "ba", "gu", "fe"]
+MAX_TOKENS, RATIO = 40, 3.0
+
+
+def sentence(rng: random.Random, words: list[str], n: int) -> str:
+    return " ".join(rng.choices(words, k=n))
+
+
+def write_corpus(root: Path, seed: int = 0) -> None:
+    """~300 ordinary pairs plus pairs for every drop reason, and valid/test sets with them."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 3))) for _ in range(120)]
+    pairs = [(sentence(rng, words, rng.randint(3, 8)), sentence(rng, words, rng.randint(3, 8)))
+             for _ in range(300)]
+    odd = [("", "lo mi"), ("ka", ""), ("", ""),  # empty
+           (sentence(rng, words, 100), "ka lo"),  # source too long
+           ("ka lo", sentence(rng, words, 100)),  # target too long
+           ("ka", sentence(rng, words, 9))]  # ratio
+    train = pairs[:150] + odd + pairs[150:]
+    for name, rows in (("train", train), ("valid", pairs[:20] + odd), ("test", odd + pairs[20:30])):
+        (root / f"{name}.src").write_text("".join(s + "\n" for s, _ in rows), encoding="utf-8")
+        (root / f"{name}.trg").write_text("".join(t + "\n" for _, t in rows), encoding="utf-8")
+
+
+def make_recipe(root: Path, *overrides: str):
+    tree = {
+        "output_dir": str(root / "run"),
+        "data": {"root": str(root), "num_proc": 1, "max_src_tokens": MAX_TOKENS,
+                 "max_trg_tokens": MAX_TOKENS, "max_length_ratio": RATIO,
+                 "train": {"src": "train.src", "trg": "train.trg"},
+                 "valid": {"src": "valid.src", "trg": "valid.trg"},
+                 "test": {"t1": {"src": "test.src", "trg": "test.trg"}}},
+        "tokenizer": {"vocab_size": 64, "type": "bpe"},
+    }
+    return recipe_from_dict(tree, list(overrides))
+
+
+def read(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    write_corpus(tmp_path)
+    return tmp_path
+
+
+def expected_reason(src_len: int, trg_len: int) -> str | None:
+    if src_len == 0 or trg_len == 0:
+        return "empty"
+    if src_len > MAX_TOKENS:
+        return "src_too_long"
+    if trg_len > MAX_TOKENS:
+        return "trg_too_long"
+    if max(src_len, trg_len) > RATIO * min(src_len, trg_len):
+        return "ratio"
+    return None
+
+
+def test_training_pairs_dropped_and_counted_per_reason(corpus):
+    prepared = prepare_data(make_recipe(corpus), show_progress=False)
+    tok = prepared.tokenizer
+    src, trg = read(corpus / "train.src"), read(corpus / "train.trg")
+    src_ids, trg_ids = tok.encode_src(src), tok.encode_trg(trg)
+    reasons = [expected_reason(len(s), len(t)) for s, t in zip(src_ids, trg_ids)]
+    stats = prepared.stats["train"]
+    assert stats["read"] == len(src)
+    assert stats["dropped"] == {r: reasons.count(r) for r in cache.DROP_REASONS.values()}
+    assert all(count >= 1 for count in stats["dropped"].values())  # the corpus has each kind
+    kept = [i for i, r in enumerate(reasons) if r is None]
+    assert stats["kept"] == len(kept) == len(prepared.train)
+    # The cache holds exactly the kept pairs, in corpus order, with their lengths.
+    train = prepared.train.with_format("numpy")
+    assert [list(r) for r in train["src_ids"]] == [src_ids[i] for i in kept]
+    assert [list(r) for r in train["trg_ids"]] == [trg_ids[i] for i in kept]
+    src_lens, trg_lens = prepared.train_lengths()
+    assert src_lens.tolist() == [len(src_ids[i]) for i in kept]
+    assert trg_lens.tolist() == [len(trg_ids[i]) for i in kept]
+    assert str(prepared.train.features["src_ids"].feature.dtype) == "int32"
+    assert stats["src_tokens"] == sum(src_lens) and stats["trg_len"]["max"] == max(trg_lens)
+
+
+def test_valid_and_test_never_filtered_and_keep_raw_text(corpus):
+    prepared = prepare_data(make_recipe(corpus), show_progress=False)
+    tok = prepared.tokenizer
+    for eval_set, name in ((prepared.valid, "valid"), (prepared.tests["t1"], "test")):
+        src, trg = read(corpus / f"{name}.src"), read(corpus / f"{name}.trg")
+        assert eval_set.src_text == src and eval_set.trg_text == trg  # empty and long included
+        assert eval_set.src_ids == tok.encode_src(src)
+        assert eval_set.trg_ids == tok.encode_trg(trg)
+    assert prepared.stats["valid"]["pairs"] == len(read(corpus / "valid.src"))
+    assert prepared.stats["tests"]["t1"]["pairs"] == len(read(corpus / "test.src"))
+
+
+def test_cache_reused_when_unchanged_rebuilt_when_inputs_change(corpus):
+    first = prepare_data(make_recipe(corpus), show_progress=False)
+    assert not first.stats["cache"]["reused"] and not first.stats["tokenizer"]["reused"]
+    again = prepare_data(make_recipe(corpus), show_progress=False)
+    assert again.stats["cache"]["reused"] and again.stats["tokenizer"]["reused"]
+    assert again.cache_dir == first.cache_dir and again.stats["train"] == first.stats["train"]
+
+    # A filter setting: new cache, same tokenizer.
+    looser = prepare_data(make_recipe(corpus, "data.max_src_tokens=200"), show_progress=False)
+    assert looser.stats["tokenizer"]["reused"] and not looser.stats["cache"]["reused"]
+    assert looser.cache_dir != first.cache_dir
+    assert looser.stats["train"]["dropped"]["src_too_long"] == 0
+
+    # A different training corpus: new tokenizer and new cache.
+    write_corpus(corpus, seed=1)
+    os.utime(corpus / "train.src", ns=(1, 1))  # a rewrite always changes the mtime
+    changed = prepare_data(make_recipe(corpus), show_progress=False)
+    assert not changed.stats["tokenizer"]["reused"] and not changed.stats["cache"]["reused"]
+    cache_root = corpus / "run" / "cache"
+    assert not [p for p in cache_root.iterdir() if p.name.startswith(".")]  # no temp dirs
+
+
+def test_cache_dir_setting_and_generated_corpus_content_fingerprint(tmp_path):
+    recipe = recipe_from_dict({
+        "output_dir": str(tmp_path / "run"),
+        "data": {"src_lang": "en", "trg_lang": "de", "cache_dir": str(tmp_path / "shared"),
+                 "train": {"format": "generated", "size": 300, "split": "train"},
+                 "valid": {"format": "generated", "size": 20, "split": "valid"}},
+        "tokenizer": {"vocab_size": 100, "type": "bpe"}})
+    first = prepare_data(recipe, show_progress=False)
+    assert first.cache_dir.parent == tmp_path / "shared"
+    assert len(first.valid) == 20 and first.tests == {}
+    assert prepare_data(recipe, show_progress=False).stats["cache"]["reused"]
+
+
+def test_failed_build_leaves_nothing_half_written(corpus, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(cache, "_encode_and_filter", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare_data(make_recipe(corpus), show_progress=False)
+    assert list((corpus / "run" / "cache").iterdir()) == []
+    monkeypatch.undo()
+    assert not prepare_data(make_recipe(corpus), show_progress=False).stats["cache"]["reused"]
+
+
+def test_bad_training_corpus_is_one_line_error_naming_the_key(corpus):
+    (corpus / "train.trg").write_text("only one line\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"^data\.train: .*train\.src has \d+ lines") as info:
+        prepare_data(make_recipe(corpus), show_progress=False)
+    assert "\n" not in str(info.value)
+    assert not [p for p in (corpus / "run" / "cache").iterdir()]
+    with pytest.raises(DataError, match=r"^data\.test\.t1: .*no such file"):
+        prepare_data(make_recipe(corpus, "data.train.trg=valid.trg", "data.train.src=valid.src",
+                                 "data.test.t1.src=missing.src"), show_progress=False)
+
+
+def test_format_stats_reports_counts_reasons_and_percentiles(corpus):
+    stats = prepare_data(make_recipe(corpus), show_progress=False).stats
+    text = format_stats(stats)
+    train = stats["train"]
+    assert f"{train['read']:,} pairs read, {train['kept']:,} kept" in text
+    for label in ("empty", "too long source", "too long target", "length ratio"):
+        assert label in text
+    assert "p50/p90/p99/max" in text and "test t1" in text and "valid" in text
+    p = train["src_len"]
+    assert p["p50"] <= p["p90"] <= p["p99"] <= p["max"] <= MAX_TOKENS
+
+
+def test_multi30k_train_prepares_in_worker_processes(tmp_path):
+    """Real data through the multi-process path (29,000 pairs > one encoding batch)."""
+    m30k = shared_data_root() / "multi30k"
+    recipe = recipe_from_dict({
+        "output_dir": str(tmp_path / "run"),
+        "data": {"src_lang": "de", "trg_lang": "en", "num_proc": 2, "max_length_ratio": 2.0,
+                 "train": {"src": str(m30k / "train.de.gz"), "trg": str(m30k / "train.en.gz")},
+                 "valid": {"src": str(m30k / "val.de.gz"), "trg": str(m30k / "val.en.gz")}},
+        "tokenizer": {"vocab_size": 2000, "type": "bpe", "input_sentence_size": 20000}})
+    prepared = prepare_data(recipe, show_progress=False)
+    stats = prepared.stats["train"]
+    assert stats["read"] == 29_000
+    assert stats["kept"] + sum(stats["dropped"].values()) == 29_000
+    assert stats["dropped"]["ratio"] > 0 and stats["kept"] > 28_000
+    assert len(prepared.valid) == 1014
+    hyps = prepared.tokenizer.decode_trg(prepared.valid.trg_ids)
+    same = sum(h == r for h, r in zip(hyps, prepared.valid.trg_text))
+    assert same / len(hyps) > 0.99  # SentencePiece's NFKC normalisation may change a few
+    src_lens, trg_lens = prepared.train_lengths()
+    batches = epoch_batches(trg_lens, src_lens, 2000, 0, 1, 0, group_size=2)
+    batch = collate(prepared.train, batches[0])
+    assert batch.trg_out.shape[0] == len(batches[0])
+    assert int((batch.src == EOS).sum()) == len(batches[0])
+    assert np.array_equal(batch.src_lens.numpy() - 1, src_lens[batches[0]])
