@@ -52,7 +52,8 @@ def epoch_batches(trg_lens: np.ndarray, src_lens: np.ndarray, batch_tokens: int,
         Batches of int64 row indices; every index in ``range(N)`` occurs exactly once.
 
     Raises:
-        Seq2SeqError: fewer pairs than the batch-count multiple needs (tiny corpus, many ranks).
+        Seq2SeqError: fewer pairs than the batch-count multiple needs (a tiny corpus, or
+            batches of one sentence, with many ranks).
     """
     trg_lens = np.asarray(trg_lens, dtype=np.int64)
     src_lens = np.asarray(src_lens, dtype=np.int64)
@@ -90,8 +91,9 @@ def _split_to_multiple(batches: list[np.ndarray], group_size: int,
     target = -(-len(batches) // group_size) * group_size
     if target > n_pairs:
         raise Seq2SeqError(
-            f"the training set has {n_pairs} pairs: too few to give each of the "
-            f"{group_size} batches of an update (world size x train.accumulate) at least one")
+            f"cannot cut {n_pairs} training pairs into a multiple of {group_size} batches "
+            f"(world size x train.accumulate): the batch bounds need {len(batches)} and no "
+            f"batch may be empty; raise train.batch_sentences or use fewer ranks")
     while len(batches) < target:
         i = max(range(len(batches)), key=lambda j: len(batches[j]))
         # Halves of a length-sorted batch: each is no wider and no larger than the whole.

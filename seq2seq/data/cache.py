@@ -25,8 +25,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,6 +246,10 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
         raw = _read_into_arrow(data, recipe.seed, work, show_progress)
         if tokenizer is None:
             cfg = recipe.tokenizer
+            if show_progress:  # SentencePiece reports no progress; say what the wait is
+                sample = min(len(raw), cfg.input_sentence_size or len(raw))
+                print(f"training the {cfg.type} tokenizer (vocabulary {cfg.vocab_size:,}) on "
+                      f"{sample:,} sampled pairs", file=sys.stderr, flush=True)
             wanted = tokenizer_hash(cfg, fingerprint, data.src_lang, data.trg_lang)
             tokenizer = train_tokenizer(cfg, _sample_pairs(raw, cfg.input_sentence_size),
                                         out_dir / "tokenizer", data_hash=wanted)
@@ -423,21 +429,19 @@ def _quartet(p: dict) -> str:
     return f"{p['p50']}/{p['p90']}/{p['p99']}/{p['max']}"
 
 
-class _progress_bars:
+@contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
     """Turn ``datasets``' own progress bars on or off for a block, then restore them."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    _set_progress_bars(show)
+    try:
+        yield
+    finally:
+        _set_progress_bars(was_enabled)
 
-    def __init__(self, show: bool):
-        self.show = show
 
-    def __enter__(self) -> None:
-        self.was_enabled = datasets.is_progress_bar_enabled()
-        if self.show:
-            datasets.enable_progress_bars()
-        else:
-            datasets.disable_progress_bars()
-
-    def __exit__(self, *exc) -> None:
-        if self.was_enabled:
-            datasets.enable_progress_bars()
-        else:
-            datasets.disable_progress_bars()
+def _set_progress_bars(enabled: bool) -> None:
+    if enabled:
+        datasets.enable_progress_bars()
+    else:
+        datasets.disable_progress_bars()
