@@ -110,7 +110,7 @@ class TokenizerConfig:
     vocab_size: int = option(8000, "vocabulary size of each model")
     character_coverage: float = option(1.0, "share of characters covered by the vocabulary")
     input_sentence_size: int = option(
-        2_000_000, "sentences sampled from the corpus to train the model (0: all)")
+        500_000, "sentences sampled from the corpus to train the model (0: all)")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
