@@ -1,0 +1,160 @@
+"""End to end through the `seq2seq` command: prepare, train, translate, evaluate, average."""
+
+import gzip
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, shared_data_root
+
+
+def seq2seq(*args, stdin=None, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "seq2seq", *map(str, args)], input=stdin,
+                          capture_output=True, cwd=REPO, timeout=timeout, env=env)
+
+
+def tiny_recipe_file(tmp_path):
+    tree = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    tree["output_dir"] = str(tmp_path / "run")
+    tree["data"]["train"]["size"] = 400
+    tree["data"]["valid"]["size"] = 30
+    tree["data"]["test"]["synthetic"]["size"] = 40
+    tree["data"]["num_proc"] = 1
+    tree["tokenizer"]["vocab_size"] = 150
+    tree["model"].update(emb_size=8, enc_hidden=8, dec_hidden=16, attention_size=8)
+    tree["train"].update(max_epochs=0, max_steps=4, valid_every=2, batch_tokens=400)
+    tree["decode"].update(beam_size=3, max_len_ratio=1.0, max_len_add=3)
+    tree["eval"].update(bootstrap=20, attention_plots=2)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    recipe = tiny_recipe_file(tmp_path)
+    result = seq2seq("train", recipe)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    return recipe, tmp_path / "run"
+
+
+def test_translate_keeps_every_line_including_blank_ones(trained):
+    _, run = trained
+    result = seq2seq("translate", "--checkpoint", run / "best.pt", stdin=b"a\n\n  \nb\n")
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().split("\n")
+    assert len(lines) == 5 and lines[-1] == ""  # four lines, each ending in \n
+    assert lines[1] == "" and lines[2] == ""
+
+
+def test_translate_ten_thousand_lines_in_order(trained, tmp_path):
+    _, run = trained
+    # Every line differs, and the output of each is checked against translating it alone.
+    words = ["dog", "cat", "the", "small", "sees", "a", "house", "sleeps", "at 7 o'clock"]
+    lines = [" ".join(words[(i * 7 + k) % len(words)] for k in range(1 + i % 6))
+             for i in range(10_000)]
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out.txt"
+    result = seq2seq("translate", "--checkpoint", run / "best.pt", "--input", src,
+                     "--output", out, "--beam", "2", "--batch-tokens", "2000")
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    outputs = out.read_text(encoding="utf-8").split("\n")
+    assert len(outputs) == 10_001 and outputs[-1] == ""
+    sample = [0, 1, 2, 4999, 9998, 9999]
+    alone = seq2seq("translate", "--checkpoint", run / "best.pt", "--beam", "2",
+                    stdin="".join(lines[i] + "\n" for i in sample).encode())
+    assert alone.stdout.decode().split("\n")[:-1] == [outputs[i] for i in sample]
+
+
+def test_translate_nbest_and_scores(trained):
+    _, run = trained
+    result = seq2seq("translate", "--checkpoint", run / "best.pt", "--nbest", "2", "--beam",
+                     "3", stdin=b"the dog\nthe cat sees a house\n")
+    rows = [line.split("\t") for line in result.stdout.decode().splitlines()]
+    assert [r[0] for r in rows] == ["0", "0", "1", "1"]
+    scores = [float(r[1]) for r in rows]
+    assert scores[0] >= scores[1] and scores[2] >= scores[3]
+
+
+def test_evaluate_writes_reports(trained):
+    recipe, run = trained
+    result = seq2seq("evaluate", recipe)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    entry = report["test_sets"][0]
+    assert entry["n_sentences"] == 40
+    for name in ("report.md", "bleu_by_length_synthetic.png", "attention_synthetic_1.png"):
+        assert (run / "eval" / name).is_file(), name
+
+
+def test_evaluate_a_reference_against_itself_scores_100(trained, tmp_path):
+    _, run = trained
+    ref = shared_data_root() / "multi30k" / "test_2016_flickr.en.gz"
+    result = seq2seq("evaluate", "--checkpoint", run / "best.pt", "--src", ref, "--ref", ref,
+                     "--compare", ref, "--report-dir", tmp_path / "rep")
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    # The system output is the model's; the --compare system is the reference itself.
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    entry = report["test_sets"][0]
+    assert entry["compare"]["bleu"]["b"] == pytest.approx(100.0)
+
+
+def test_average_two_checkpoints(trained, tmp_path):
+    _, run = trained
+    steps = sorted(run.glob("step_*.pt"))
+    assert len(steps) >= 2
+    result = seq2seq("average", *steps[-2:], "--output", tmp_path / "avg.pt")
+    assert result.returncode == 0, result.stderr.decode()
+    again = seq2seq("translate", "--checkpoint", tmp_path / "avg.pt", stdin=b"the dog\n")
+    assert again.returncode == 0 and again.stdout.count(b"\n") == 1
+
+
+def test_ensemble_of_two_checkpoints(trained):
+    _, run = trained
+    result = seq2seq("translate", "--checkpoint", run / "best.pt", "--checkpoint",
+                     run / "last.pt", stdin=b"the dog\n\nthe cat\n")
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.count(b"\n") == 3
+
+
+def test_prepare_multi30k_prints_statistics(tmp_path):
+    result = seq2seq("prepare", "recipes/multi30k/de-en.gru.yaml", f"output_dir={tmp_path}/m",
+                     "tokenizer.vocab_size=2000", f"data.root={shared_data_root()}")
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    out = result.stdout.decode()
+    assert "29,000 pairs read" in out and "test_2016_flickr" in out
+
+
+def test_prepare_with_a_target_file_one_line_short_names_both(tmp_path):
+    root = shared_data_root() / "multi30k"
+    (tmp_path / "multi30k").mkdir()
+    for split in ("val", "test_2016_flickr"):
+        for lang in ("de", "en"):
+            (tmp_path / "multi30k" / f"{split}.{lang}.gz").symlink_to(root / f"{split}.{lang}.gz")
+    (tmp_path / "multi30k" / "train.de.gz").symlink_to(root / "train.de.gz")
+    with gzip.open(root / "train.en.gz", "rt", encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    with gzip.open(tmp_path / "multi30k" / "train.en.gz", "wt", encoding="utf-8") as handle:
+        handle.write("\n".join(lines[:-1]) + "\n")
+    result = seq2seq("prepare", "recipes/multi30k/de-en.gru.yaml", f"output_dir={tmp_path}/run",
+                     f"data.root={tmp_path}")
+    err = result.stderr.decode()
+    assert result.returncode == 2
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert "train.de.gz" in err and "train.en.gz" in err
+    assert "29,000" in err and "28,999" in err
+    assert not (tmp_path / "run" / "cache").exists() or not any(
+        p.name.startswith("train-") for p in (tmp_path / "run" / "cache").iterdir())
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    result = seq2seq("translate", "--checkpoint", tmp_path / "nope.pt", stdin=b"x\n")
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().startswith("error:")
+    assert "Traceback" not in result.stderr.decode()
