@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file; give several for an ensemble")
     p.add_argument("--input", help="input file (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
-    p.add_argument("--nbest", type=int, help="write K hypotheses per line as TSV: index, score, text")
-    p.add_argument("--scores", action="store_true", help="prefix each line with its score and a tab")
+    p.add_argument("--nbest", type=int,
+                   help="write K hypotheses per line as TSV: index, score, text")
+    p.add_argument("--scores", action="store_true",
+                   help="prefix each line with its score and a tab")
     p.add_argument("--attention", help="write attention matrices to this file (JSON lines)")
     _decode_flags(p)
     p.set_defaults(func=cmd_translate)

@@ -236,7 +236,8 @@ class DecodeConfig:
     beam_size: int = option(5, "beam size (1: greedy)")
     n_best: int = option(1, "hypotheses returned per sentence")
     alpha: float = option(0.6, "GNMT length penalty alpha, Wu et al. 2016 §7 (0: none)")
-    max_len_ratio: float = option(1.5, "maximum output length = ratio * source length + max_len_add")
+    max_len_ratio: float = option(
+        1.5, "maximum output length = ratio * source length + max_len_add")
     max_len_add: int = option(10, "constant added to the maximum output length")
     min_len: int = option(0, "minimum output length in tokens (EOS forbidden before)")
     no_repeat_ngram: int = option(0, "forbid repeating any n-gram of this size (0: off)")
@@ -481,7 +482,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_override(tree: dict, parts: list[str], value: Any) -> None:
     """Set ``tree[parts[0]][parts[1]]... = value``, creating mappings on the way."""
     node = tree
-    for i, part in enumerate(parts[:-1]):
+    for part in parts[:-1]:
         child = node.get(part)
         if not isinstance(child, dict):
             child = {}
@@ -575,7 +576,8 @@ def recipe_reference() -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             default = recipe_to_dict(default)
-            shown = "`null`" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            flow = yaml.safe_dump(default, default_flow_style=True)
+            shown = "`null`" if default is None else f"`{flow.strip().removesuffix('...').strip()}`"
             kind = "a mapping of name to corpus" if tp == dict[str, Corpus] else _type_name(tp)
             kind = kind.replace("|", "\\|")
             lines.append(f"| `{prefix}{f.name}` | {kind} | {shown} | {f.metadata['help']} |")

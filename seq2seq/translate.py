@@ -52,7 +52,8 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def pad_sources(src_ids: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sources(src_ids: list[list[int]],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, S)`` padded sources (each ending in EOS) and ``(B,)`` lengths."""
     rows = [ids + [EOS] for ids in src_ids]
     src_lens = torch.tensor([len(r) for r in rows], dtype=torch.long)

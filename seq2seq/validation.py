@@ -29,7 +29,7 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
 @torch.no_grad()
 def teacher_forced_nll(model: Any, src_ids: list[list[int]], trg_ids: list[list[int]],
                        batch_tokens: int, device: torch.device) -> tuple[float, int]:
-    """Summed negative log-likelihood (no label smoothing) and the target-token count (EOS incl.)."""
+    """Summed negative log-likelihood (no label smoothing) and target tokens (EOS included)."""
     from seq2seq.tokenizer import BOS, EOS
 
     total, tokens = 0.0, 0

@@ -17,7 +17,7 @@ from seq2seq.config import (
     recipe_reference,
     recipe_to_yaml,
 )
-from tests.conftest import REPO, RECIPES
+from tests.conftest import RECIPES, REPO
 
 
 def problems_of(tree, overrides=()):

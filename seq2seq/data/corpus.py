@@ -157,9 +157,9 @@ def _lines(path: Path, strip: bool = True) -> Iterator[str]:
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as error:
+                    bad = raw[error.start:error.start + 1]
                     raise DataError(f"{path}: line {number} is not valid UTF-8 "
-                                    f"(byte {error.start + 1}: {raw[error.start:error.start + 1]!r})"
-                                    ) from None
+                                    f"(byte {error.start + 1}: {bad!r})") from None
                 if strip:
                     yield text.strip(_SPACES)
                 else:
