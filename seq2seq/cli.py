@@ -17,6 +17,13 @@ from seq2seq.errors import Seq2SeqError
 EXIT_USAGE = 2
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in the project's form: one ``error:`` line, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -30,18 +37,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fails fast
     from seq2seq.data.cache import format_stats, prepare_data
 
-    recipe = load_recipe(args.recipe, args.overrides)
     prepared = prepare_data(recipe, show_progress=True)
     print(format_stats(prepared.stats))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fails fast
     from seq2seq.train import train_command
 
-    recipe = load_recipe(args.recipe, args.overrides)
     return train_command(recipe, recipe_path=Path(args.recipe), overrides=args.overrides)
 
 
@@ -74,7 +81,17 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
     from seq2seq.data.synthetic import write_synthetic
 
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
-    for path in write_synthetic(Path(args.output), sizes):
+    for split, size in sizes.items():
+        if size < 0:
+            raise Seq2SeqError(f"--{split} must be >= 0, got {size}")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise Seq2SeqError(f"{args.output}: exists and is not a directory")
+    try:
+        written = write_synthetic(Path(args.output), sizes)
+    except OSError as error:
+        raise Seq2SeqError(f"{args.output}: cannot write the data there "
+                           f"({error.strerror or error})") from None
+    for path in written:
         print(path)
     return 0
 
@@ -89,9 +106,10 @@ def _decode_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="seq2seq", description="Recurrent neural machine translation driven by YAML recipes.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=ArgumentParser)
 
     p = sub.add_parser("check", help="validate a recipe and print it resolved, as YAML")
     _recipe_args(p)
