@@ -281,7 +281,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """Multi-process training through torch.distributed.run (torchrun)."""
+    """Multi-process training through torchrun (PyTorch's elastic launcher)."""
 
     nproc_per_node: int = option(1, "worker processes per node (GPUs per node)")
     nnodes: int = option(1, "number of nodes")
