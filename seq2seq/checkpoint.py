@@ -7,8 +7,10 @@ epoch and position inside the epoch, every RNG state and the best-metric bookkee
 
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the target,
 so a crash (even SIGKILL) leaves either the old file or the new one, never a torn one. A
-``<file>.sha256`` sidecar, written after the rename, lets a load tell a complete file from a
-damaged one.
+``<file>.sha256`` sidecar lets a load tell a complete file from a damaged one. It lists every
+checksum the file may have at that moment: before the rename it gets the new checksum added to the
+old ones, after the rename only the new one is kept. So a crash at any point leaves a sidecar that
+accepts whichever file is there, and no good checkpoint is ever taken for a corrupt one.
 """
 
 from __future__ import annotations
@@ -69,9 +71,14 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    sidecar = _sidecar(path)
     try:
+        if path.is_file() and sidecar.is_file():
+            accepted = sidecar.read_text().split() + [digest]  # the old file or the new one
+            atomic_write_bytes(sidecar, "\n".join(accepted).encode() + b"\n")
         atomic_write_bytes(path, data)
-        atomic_write_bytes(_sidecar(path), hashlib.sha256(data).hexdigest().encode() + b"\n")
+        atomic_write_bytes(sidecar, digest.encode() + b"\n")
     except OSError as error:
         raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error}); "
                               "the previous checkpoint is unchanged") from None
@@ -90,17 +97,23 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read checkpoint ({error.strerror})") from None
+    if not data:
+        raise CheckpointError(f"{path}: the checkpoint file is empty")
     sidecar = _sidecar(path)
     if sidecar.is_file():
-        expected = sidecar.read_text().strip()
-        if expected and hashlib.sha256(data).hexdigest() != expected:
+        accepted = sidecar.read_text().split()
+        if accepted and hashlib.sha256(data).hexdigest() not in accepted:
             raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt checkpoint)")
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for damaged or unsafe files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        text = str(error)
+        if "Unsupported global" in text:
             reason = "it holds arbitrary pickled objects, which are refused for safety"
+        elif "WeightsUnpickler" in text or "zip archive" in text:
+            reason = "not a PyTorch checkpoint file, or a damaged one"
+        else:
+            reason = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         raise CheckpointError(f"{path}: not a loadable seq2seq checkpoint ({reason})") from None
     if not isinstance(payload, dict) or "model" not in payload or "recipe" not in payload:
         raise CheckpointError(f"{path}: not a seq2seq checkpoint (no model and recipe inside)")
