@@ -1,8 +1,10 @@
 """Everything torch.distributed, in one module; every helper is a no-op on a single process.
 
 Workers are started by torchrun (``torch.distributed.run``), which sets RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR and MASTER_PORT; ``init_from_env`` joins that group. Nothing else in
-the package imports torch.distributed.
+LOCAL_RANK, MASTER_ADDR and MASTER_PORT; ``init_from_env`` joins that group. :func:`launch`
+runs torchrun itself inside this process (``seq2seq train`` uses it for multi-process recipes),
+and turns a failed worker group into one clear error. Nothing else in the package imports
+torch.distributed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+
+from seq2seq.errors import Seq2SeqError
+
+
+class DistributedError(Seq2SeqError):
+    """The worker group failed for good (after ``max_restarts`` restarts) or never formed."""
 
 
 def is_initialized() -> bool:
@@ -35,8 +43,26 @@ def init_from_env(backend: str = "auto", timeout_s: int = 300) -> torch.device |
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, timeout=timeout, store=attempt_store(timeout),
+                            rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
     return device
+
+
+def attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's store with a prefix per restart attempt; None outside torchrun (env://).
+
+    torchrun's workers join the TCPStore of their agent, which lives as long as the agent. After
+    a restart (``--max-restarts``) the new workers would read the keys the old ones left there
+    (e.g. a dead peer's gloo address: "Connection refused"), so every attempt gets its own keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          world_size=int(os.environ["WORLD_SIZE"]), is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"seq2seq/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def shutdown() -> None:
@@ -104,3 +130,44 @@ def no_sync(model: torch.nn.Module, skip: bool) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def launch(torchrun_argv: list[str]) -> int:
+    """Run torchrun with ``torchrun_argv`` (its own command line) in this process.
+
+    torchrun does the rendezvous, starts the workers, restarts the whole group up to
+    ``--max-restarts`` times when one fails, and stops the others when one fails for good.
+
+    Returns:
+        0 when every worker of the last group exited 0.
+
+    Raises:
+        DistributedError: a worker failed after the last restart, the rendezvous failed, or
+            the launcher was stopped by a signal; one line that names the first failure.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(torchrun_argv)
+    try:
+        run(args)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        how = f"exit code {failure.exitcode}"
+        if failure.exitcode < 0:  # killed by a signal: say which
+            how = f"killed by {failure.signal_name()}"
+        raise DistributedError(
+            f"distributed training failed: rank {rank} (local rank {failure.local_rank}, "
+            f"pid {failure.pid}) {how}, after {args.max_restarts} restart(s) allowed; the "
+            "other workers were stopped; see the worker output above for the cause") from None
+    except RendezvousError as error:
+        raise DistributedError(
+            f"distributed training failed: rendezvous at {args.rdzv_endpoint} "
+            f"({type(error).__name__}: {error})") from None
+    except SignalException as error:
+        raise DistributedError(
+            f"distributed training failed: the launcher received {error.sigval.name}; "
+            "the workers were stopped") from None
+    return 0
