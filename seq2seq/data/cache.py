@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from seq2seq.config import Corpus, DataConfig, Recipe
-from seq2seq.data.corpus import DataError, read_pairs, resolve_path
+from seq2seq.data.corpus import DataError, check_corpus, read_pairs, resolve_path
 from seq2seq.tokenizer import Tokenizer, load_if_current, tokenizer_hash, train_tokenizer
 
 CACHE_VERSION = 1  # bump when the cached columns or the filter rules change
@@ -116,6 +116,7 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
     """
     data = recipe.data
     out_dir = Path(recipe.output_dir)
+    _check_before_writing(recipe)
     with _progress_bars(show_progress):
         fingerprint = _corpus_fingerprint(data.train, data, recipe.seed, show_progress)
         tokenizer_dir = out_dir / "tokenizer"
@@ -143,6 +144,30 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
         "tests": {name: _eval_stats(test) for name, test in tests.items()},
     }
     return PreparedData(tokenizer, train, valid, tests, stats, cache_dir)
+
+
+def _check_before_writing(recipe: Recipe) -> None:
+    """Report a missing corpus file or an unusable output directory before anything is written."""
+    data = recipe.data
+    _check_directory(Path(recipe.output_dir), "output_dir")
+    if data.cache_dir:
+        _check_directory(_cache_root(data, Path(recipe.output_dir)), "data.cache_dir")
+    corpora = [("data.train", data.train), ("data.valid", data.valid)]
+    corpora += [(f"data.test.{name}", corpus) for name, corpus in data.test.items()]
+    for where, corpus in corpora:
+        try:
+            check_corpus(corpus, data)
+        except DataError as error:
+            raise DataError(f"{where}: {error}") from None
+
+
+def _check_directory(path: Path, key: str) -> None:
+    """``path`` is a directory or can be created as one: no file stands on its way."""
+    for ancestor in [path, *path.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise DataError(f"{key} {path}: {ancestor} exists and is not a directory")
+            return
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,6 +112,34 @@ def read_pairs(corpus: Corpus, data: DataConfig, seed: int = 0) -> Iterator[tupl
         raise DataError(f"unknown corpus format {corpus.format!r}")
 
 
+def check_corpus(corpus: Corpus, data: DataConfig) -> None:
+    """Check, without reading it, that a corpus can be opened: its keys and files are there.
+
+    ``prepare`` calls this for every corpus before it writes anything, so a missing file is
+    reported at once rather than after the tokenizer has been trained.
+
+    Raises:
+        DataError: a missing key, a missing or unreadable file, a bad generated corpus.
+    """
+    if corpus.format == "text":
+        paths = [resolve_path(_required(corpus.src, "src", "text"), data),
+                 resolve_path(_required(corpus.trg, "trg", "text"), data)]
+    elif corpus.format in ("tsv", "jsonl"):
+        paths = [resolve_path(_required(corpus.path, "path", corpus.format), data)]
+    elif corpus.format == "hf":
+        if corpus.path and not resolve_path(corpus.path, data).is_dir():
+            raise DataError(f"{resolve_path(corpus.path, data)}: no such directory (an hf "
+                            "corpus path is a save_to_disk directory)")
+        if not corpus.path and not corpus.hf_name:
+            raise DataError("an hf corpus needs 'path' (a save_to_disk directory) or 'hf_name'")
+        paths = []
+    else:  # generated: the reader's own checks cost nothing
+        next(read_pairs(corpus, data), None)
+        paths = []
+    for path in paths:
+        _open_binary(path).close()
+
+
 def _required(value: str | None, name: str, fmt: str) -> str:
     if not value:
         raise DataError(f"a {fmt} corpus needs '{name}' (a file relative to data.root)")
