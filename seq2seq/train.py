@@ -182,8 +182,9 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world = dist.rank(), dist.world_size()
         if dist.is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
+            # prepare_data first: it reports bad corpora before anything is written.
             self.data = prepare_data(recipe, show_progress=True)
+            self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()  # other ranks reuse the cache the main rank built
         if not dist.is_main():
             self.data = prepare_data(recipe, show_progress=False)
