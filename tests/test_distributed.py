@@ -1,0 +1,279 @@
+"""Multi-process training with real processes: torchrun workers talking gloo on CPU.
+
+Every test starts ``python -m seq2seq train`` (or torchrun on a small script) as subprocesses
+with a timeout, so a hang fails the test instead of blocking the suite.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from seq2seq.checkpoint import load_checkpoint
+
+PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
+TIMEOUT_S = 240  # per command; generous because the test machine may be busy
+
+# Validation through seq2seq.validation.validate, on 1 process or inside torchrun: records what
+# was scored and how many sentences this rank decoded. The weights are drawn at random (large
+# enough that every sentence gets its own hypothesis, small enough that batching does not
+# change any argmax), so the check does not depend on a trained model.
+VALIDATE_SCRIPT = '''
+import json, sys
+import torch
+import seq2seq.validation as validation
+from seq2seq import distributed as dist
+from seq2seq.config import load_recipe
+from seq2seq.train import Trainer
+
+seen = {"decoded": 0}
+score, decode = validation.corpus_bleu, validation.decode_ids
+def spy_score(hyps, refs, **options):
+    seen["hyps"] = list(hyps)
+    return score(hyps, refs, **options)
+def spy_decode(model, src_ids, *args):
+    seen["decoded"] += len(src_ids)
+    return decode(model, src_ids, *args)
+validation.corpus_bleu, validation.decode_ids = spy_score, spy_decode
+
+trainer = Trainer(load_recipe(sys.argv[1]))
+generator = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for parameter in trainer.model.parameters():
+        parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.6)
+metrics = trainer.validate()
+with open(f"{sys.argv[2]}.rank{dist.rank()}.json", "w") as handle:
+    json.dump({"metrics": metrics, "hyps": seen.get("hyps"), "decoded": seen["decoded"],
+               "world": dist.world_size()}, handle)
+dist.shutdown()
+'''
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One encoded-data cache for the module: the tokenizer is trained once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def write_recipe(tmp_path: Path, cache: Path, name: str, **sections) -> Path:
+    """A tiny recipe on the generated task as a YAML file; ``sections`` update its sections."""
+    tree = {
+        "name": "tiny", "output_dir": str(tmp_path / name), "seed": 3,
+        "data": {"src_lang": "en", "trg_lang": "de", "num_proc": 1, "cache_dir": str(cache),
+                 "train": {"format": "generated", "split": "train", "size": 300},
+                 "valid": {"format": "generated", "split": "valid", "size": 21},
+                 "test": {"t": {"format": "generated", "split": "test", "size": 20}}},
+        "tokenizer": {"vocab_size": 120},
+        "model": {"emb_size": 8, "enc_hidden": 8, "enc_layers": 1, "dec_hidden": 16,
+                  "dec_layers": 1, "attention_size": 8, "dropout": 0.0},
+        "train": {"batch_tokens": 300, "max_steps": 6, "max_epochs": 0, "valid_every": 3,
+                  "log_every": 1, "lr": 0.01, "keep_last": 2, "threads": 1},
+        "decode": {"beam_size": 2, "max_len_ratio": 1.2, "max_len_add": 2},
+    }
+    for section, values in sections.items():
+        tree[section].update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    return path
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def seq2seq_train(recipe: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "seq2seq", "train", str(recipe), *overrides]
+
+
+def run(command: list[str], timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run ``command`` to the end; a hang past ``timeout`` raises (and kills it)."""
+    return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stderr[-4000:]}"
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metrics(run_dir: Path, split: str) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["split"] == split]
+
+
+def max_relative_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (from /proc, no psutil)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def worker_of_rank(agent_pid: int, rank: int) -> int:
+    """The torchrun worker with global rank ``rank`` among the agent's children."""
+    for pid in children(agent_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} under torchrun agent {agent_pid}")
+
+
+def kill_rank_after(command: list[str], marker: Path, rank: int,
+                    log: Path) -> subprocess.CompletedProcess:
+    """Run ``command``; once ``marker`` exists, SIGKILL the worker of ``rank``; wait for the end."""
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(command, env=env(), stdout=out, stderr=subprocess.STDOUT,
+                                    text=True)
+        try:
+            deadline = time.monotonic() + TIMEOUT_S
+            while not marker.exists():
+                assert launcher.poll() is None, f"ended before {marker.name}: {log.read_text()}"
+                assert time.monotonic() < deadline, f"no {marker.name} in time"
+                time.sleep(0.02)
+            os.kill(worker_of_rank(launcher.pid, rank), signal.SIGKILL)
+            code = launcher.wait(timeout=TIMEOUT_S)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    return subprocess.CompletedProcess(command, code, "", log.read_text())
+
+
+# --------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_processes_equal_one_process_accumulating_two(tmp_path, cache_dir):
+    """Split independence: the same global batches give the same updates and losses."""
+    recipe = write_recipe(tmp_path, cache_dir, "two")
+    check(run(seq2seq_train(recipe, "distributed.nproc_per_node=2")))
+    check(run(seq2seq_train(recipe, "train.accumulate=2", f"output_dir={tmp_path / 'one'}")))
+    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    assert one["step"] == two["step"] == 6
+    assert max_relative_difference(one["model"], two["model"]) <= 1e-5
+    losses_one = [(r["step"], r["loss"]) for r in metrics(tmp_path / "one", "train")]
+    losses_two = [(r["step"], r["loss"]) for r in metrics(tmp_path / "two", "train")]
+    assert [s for s, _ in losses_one] == [s for s, _ in losses_two] == list(range(1, 7))
+    for (_, a), (_, b) in zip(losses_one, losses_two):
+        assert b == pytest.approx(a, rel=1e-5)
+    assert len(two["rng"]) == 2  # both ranks' RNG states are in the checkpoint
+
+
+def test_validation_over_two_ranks_scores_the_same_sentences_in_order(tmp_path, cache_dir):
+    recipe = write_recipe(tmp_path, cache_dir, "valid")  # 21 validation pairs: odd
+    script = tmp_path / "validate.py"
+    script.write_text(VALIDATE_SCRIPT, encoding="utf-8")
+    check(run([sys.executable, str(script), str(recipe), str(tmp_path / "one")]))
+    check(run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(script), str(recipe),
+               str(tmp_path / "two")]))
+    one = json.loads((tmp_path / "one.rank0.json").read_text())
+    two = [json.loads((tmp_path / f"two.rank{r}.json").read_text()) for r in (0, 1)]
+    assert one["world"] == 1 and two[0]["world"] == 2
+    # Each rank decoded its own shard (11 + 10), none padded, none dropped.
+    assert one["decoded"] == 21 and [t["decoded"] for t in two] == [11, 10]
+    assert len(set(one["hyps"])) > 10, "hypotheses must differ for the order to be checked"
+    assert two[0]["hyps"] == one["hyps"]
+    assert two[1]["hyps"] is None  # only the main rank scores
+    for t in two:  # every rank returns the main rank's metrics
+        assert t["metrics"]["n_sentences"] == one["metrics"]["n_sentences"] == 21
+        assert t["metrics"]["bleu"] == one["metrics"]["bleu"] > 0
+        assert t["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
+
+
+def test_two_nodes_on_one_machine_train_together(tmp_path, cache_dir):
+    recipe = write_recipe(tmp_path, cache_dir, "nodes")
+    endpoint = f"distributed.rdzv_endpoint=127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen(seq2seq_train(recipe, "distributed.nnodes=2",
+                                            f"distributed.node_rank={rank}",
+                                            "distributed.nproc_per_node=1", endpoint),
+                              env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+             for rank in (0, 1)]
+    try:
+        errors = [node.communicate(timeout=TIMEOUT_S)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for node, error in zip(nodes, errors):
+        assert node.returncode == 0, error[-4000:]
+    ckpt = load_checkpoint(tmp_path / "nodes" / "last.pt")
+    assert ckpt["step"] == 6 and len(ckpt["rng"]) == 2
+
+
+def test_elastic_restart_after_a_killed_worker_ends_where_an_uninterrupted_run_ends(
+        tmp_path, cache_dir):
+    """torchrun restarts the group, which resumes from last.pt: same weights, bit for bit.
+
+    Dropout is on, so this also checks that every rank's RNG state is restored.
+    """
+    recipe = write_recipe(tmp_path, cache_dir, "killed", model={"dropout": 0.2},
+                          train={"max_steps": 12, "valid_every": 4})
+    command = seq2seq_train(recipe, "distributed.nproc_per_node=2", "distributed.max_restarts=1")
+    result = kill_rank_after(command, tmp_path / "killed" / "step_00000004.pt.sha256", rank=1,
+                             log=tmp_path / "killed.log")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "exitcode: -9" in result.stderr  # the kill landed ...
+    assert re.search(r"resuming from .*last\.pt at step (4|8)", result.stderr)  # ... and resumed
+    check(run(command + [f"output_dir={tmp_path / 'whole'}"]))
+    killed = load_checkpoint(tmp_path / "killed" / "last.pt")
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    assert killed["step"] == whole["step"] == 12
+    for key in whole["model"]:
+        assert torch.equal(killed["model"][key], whole["model"][key]), key
+
+
+def test_a_rank_that_fails_for_good_ends_the_job_with_a_clear_error(tmp_path, cache_dir):
+    recipe = write_recipe(tmp_path, cache_dir, "fails", train={"max_steps": 40, "valid_every": 4})
+    started = time.monotonic()
+    result = kill_rank_after(seq2seq_train(recipe, "distributed.nproc_per_node=2"),
+                             tmp_path / "fails" / "step_00000004.pt.sha256", rank=1,
+                             log=tmp_path / "fails.log")
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: distributed training failed: rank 1"), last_line
+    assert "SIGKILL" in last_line
+    assert time.monotonic() - started < TIMEOUT_S
+
+
+def test_only_distributed_py_mentions_torch_distributed():
+    """`grep -rl torch.distributed seq2seq/` lists one file: distributed code lives in one place."""
+    sources = sorted(PACKAGE.rglob("*.py"))
+    assert PACKAGE / "distributed.py" in sources
+    mentioning = [path.relative_to(PACKAGE.parent).as_posix() for path in sources
+                  if "torch.distributed" in path.read_text(encoding="utf-8")]
+    assert mentioning == ["seq2seq/distributed.py"]
