@@ -160,8 +160,9 @@ def launch(torchrun_argv: list[str]) -> int:
             how = f"killed by {failure.signal_name()}"
         raise DistributedError(
             f"distributed training failed: rank {rank} (local rank {failure.local_rank}, "
-            f"pid {failure.pid}) {how}, after {args.max_restarts} restart(s) allowed; the "
-            "other workers were stopped; see the worker output above for the cause") from None
+            f"pid {failure.pid}) {how} with no restart left (max_restarts "
+            f"{args.max_restarts}); the other workers were stopped; see the worker output "
+            "above for the cause") from None
     except RendezvousError as error:
         raise DistributedError(
             f"distributed training failed: rendezvous at {args.rdzv_endpoint} "
