@@ -103,6 +103,9 @@ def _decode_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len-ratio", type=float, help="max output length / source length")
     parser.add_argument("--batch-tokens", type=int, help="source tokens per decoding batch")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--quantize", action="store_true",
+                        help="int8 dynamic quantisation of Linear and RNN layers (CPU decoding: "
+                        "faster, slightly lower BLEU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

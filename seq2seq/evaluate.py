@@ -532,7 +532,8 @@ def evaluate_command(args: Any, recipe: Any) -> int:
                                                f"{recipe.eval.checkpoint}.pt")]
     else:
         checkpoints = args.checkpoint
-    translator = Translator.from_checkpoint(checkpoints, device=args.device)
+    translator = Translator.from_checkpoint(checkpoints, device=args.device,
+                                            quantize=args.quantize)
     recipe = recipe or translator.recipe
     settings = translator.decode_settings(beam=args.beam, nbest=1, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,

@@ -109,9 +109,13 @@ class Translator:
         self.device, self.checkpoints = device, checkpoints
 
     @classmethod
-    def from_checkpoint(cls, paths: str | Path | list[str | Path],
-                        device: str = "auto") -> "Translator":
-        """Load one checkpoint, or several (an ensemble) sharing one tokenizer."""
+    def from_checkpoint(cls, paths: str | Path | list[str | Path], device: str = "auto",
+                        quantize: bool = False) -> "Translator":
+        """Load one checkpoint, or several (an ensemble) sharing one tokenizer.
+
+        ``quantize`` decodes with an int8 dynamically quantised copy (CPU only, see
+        :mod:`seq2seq.quantize`).
+        """
         from seq2seq.models.seq2seq import build_model
 
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
@@ -136,6 +140,10 @@ class Translator:
             recipe = recipe or this_recipe
             tokenizer = tokenizer or this_tok
         model = models[0] if len(models) == 1 else Ensemble(models)
+        if quantize:
+            from seq2seq.quantize import quantize_for_cpu
+
+            model = quantize_for_cpu(model)
         return cls(model, tokenizer, recipe, torch_device, [str(p) for p in paths])
 
     def decode_settings(self, beam: int | None = None, nbest: int | None = None,
@@ -185,7 +193,8 @@ def translate_command(args: Any) -> int:
     """``seq2seq translate``: stream stdin (or --input) to stdout (or --output), line for line."""
     from seq2seq.translate_io import translate_file
 
-    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    translator = Translator.from_checkpoint(args.checkpoint, device=args.device,
+                                            quantize=args.quantize)
     settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
                                           batch_tokens=args.batch_tokens)
