@@ -214,9 +214,13 @@ class Decoder(nn.Module):
             # h~ = tanh(W [s_t; c_t; E y]): the E y block is known for every step in advance.
             emb_comb = F.linear(emb, w_comb[:, -emb_size:], self.combine.bias)  # (B, T, H)
             w_comb = w_comb[:, :-emb_size]
-        hs = [state[0][:, layer] for layer in range(self.layers)]  # each (B, H)
-        cs = [state[1][:, layer] for layer in range(self.layers)] if self.cell == "lstm" \
-            else None
+        # unbind, not [:, t] in the loop: the backward of T slices would write T zero-filled
+        # (B, T, G) gradients, the backward of one unbind stacks T slices once.
+        emb_gates = emb_gates.unbind(1)
+        if self.style == "bahdanau":
+            emb_comb = emb_comb.unbind(1)
+        hs = list(state[0].unbind(1))  # each (B, H)
+        cs = list(state[1].unbind(1)) if self.cell == "lstm" else None
         feed = state[-1]  # read only with input feeding
         att_vecs = []
         for t in range(emb.size(1)):
@@ -228,12 +232,12 @@ class Decoder(nn.Module):
                 extra = []
             if self.input_feeding:
                 extra.append(feed)
-            gates = emb_gates[:, t]
+            gates = emb_gates[t]
             if extra:
                 gates = gates + F.linear(torch.cat(extra, dim=-1), w_rest)
             out = self._layers(gates, hs, cs)
             if self.style == "bahdanau":
-                att_vec = torch.tanh(emb_comb[:, t] + F.linear(torch.cat([out, context], -1),
+                att_vec = torch.tanh(emb_comb[t] + F.linear(torch.cat([out, context], -1),
                                                                w_comb))
             else:
                 context, attn = self.attention(out.unsqueeze(1), keys, enc_out, src_mask)
