@@ -40,6 +40,13 @@ class TrainingStopped(Seq2SeqError):
     """Training ended early for a reason the user must see (e.g. repeated non-finite losses)."""
 
 
+class BatchOutOfMemory(Exception):
+    """A micro-batch ran out of (GPU) memory; ``train_step`` splits it and tries again."""
+
+    def __init__(self, sentences: int, tokens: int):
+        super().__init__(f"out of memory on a batch of {sentences} sentences x {tokens} tokens")
+
+
 def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> int:
     """``seq2seq train``: launch workers through torchrun when asked for, else train here."""
     cfg = recipe.distributed
@@ -279,7 +286,36 @@ class Trainer:
     # ---- one update -------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list, global_tokens: int) -> torch.Tensor:
-        """One update from this rank's micro-batches; returns the summed loss (a tensor)."""
+        """One update's gradients from this rank's micro-batches; returns the summed loss.
+
+        A GPU out-of-memory error on a micro-batch is recovered from, not fatal: the gradients
+        of the update are dropped (the failed backward may have added part of its own) and the
+        whole update is redone with every micro-batch split in halves, recursively. The
+        normalisation by ``global_tokens`` stays, so the update is mathematically the same.
+        """
+        while True:
+            try:
+                return self.accumulate(micro_batches, global_tokens)
+            except BatchOutOfMemory as error:
+                message = str(error)
+            # Out of the handler, the failed pass's tensors are released and can be freed.
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if self.world > 1:
+                # Ranks would disagree on their number of backward passes and all-reduces.
+                raise TrainingStopped(f"{message}; with several processes this cannot be "
+                                      "recovered from: lower train.batch_tokens")
+            if all(len(indices) == 1 for indices in micro_batches):
+                raise TrainingStopped(f"{message}: one sentence does not fit in memory; lower "
+                                      "data.max_src_tokens / data.max_trg_tokens")
+            print(f"warning: {message}; splitting it", file=sys.stderr)
+            micro_batches = [half for indices in micro_batches
+                             for half in (indices[:len(indices) // 2],
+                                          indices[len(indices) // 2:]) if len(half)]
+
+    def accumulate(self, micro_batches: list, global_tokens: int) -> torch.Tensor:
+        """Forward and backward every micro-batch, summing gradients; returns the summed loss."""
         from seq2seq.data.batching import collate
 
         cfg = self.recipe.train
@@ -289,16 +325,23 @@ class Trainer:
         norm = self.world / global_tokens
         loss_total = torch.zeros((), device=self.device)
         for i, indices in enumerate(micro_batches):
-            batch = collate(self.data.train, indices, self.device)
             last = i == len(micro_batches) - 1
-            with dist.no_sync(self.ddp_model, skip=not last):
-                with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
-                    logits = self.ddp_model(batch.src, batch.src_lens, batch.trg_in)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch.trg_out.flatten(),
-                                       ignore_index=PAD, reduction="sum",
-                                       label_smoothing=cfg.label_smoothing)
-                self.scaler.scale(loss * norm).backward()
+            out_of_memory = False
+            try:
+                batch = collate(self.data.train, indices, self.device)
+                with dist.no_sync(self.ddp_model, skip=not last):
+                    with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
+                                        enabled=autocast_dtype is not None):
+                        logits = self.ddp_model(batch.src, batch.src_lens, batch.trg_in)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1),
+                                           batch.trg_out.flatten(), ignore_index=PAD,
+                                           reduction="sum", label_smoothing=cfg.label_smoothing)
+                    self.scaler.scale(loss * norm).backward()
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # raised below, where the error's traceback is gone
+            if out_of_memory:
+                longest = int(self.data.train_lengths()[1][indices].max()) + 1  # + EOS
+                raise BatchOutOfMemory(len(indices), longest)
             loss_total += loss.detach()
         return loss_total
 
