@@ -61,6 +61,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_partial_writes(directory: Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed process left in ``directory``.
+
+    Only call this where no other process is writing checkpoints into ``directory``.
+    """
+    stale = [p for p in Path(directory).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     """Serialise ``payload`` and write it atomically, with a sha256 sidecar.
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq import distributed as dist
-from seq2seq.checkpoint import load_latest, save_checkpoint
+from seq2seq.checkpoint import load_latest, remove_partial_writes, save_checkpoint
 from seq2seq.config import Recipe, recipe_from_dict, recipe_to_dict, recipe_to_yaml
 from seq2seq.errors import Seq2SeqError
 from seq2seq.tokenizer import PAD
@@ -222,6 +222,8 @@ class Trainer:
     # ---- checkpoints ------------------------------------------------------------------------
 
     def resume(self) -> None:
+        if dist.is_main():  # a run killed while writing a checkpoint leaves its temporary file
+            remove_partial_writes(self.out)
         found = load_latest([self.out / "last.pt"] + self.step_checkpoints()[::-1])
         if found is None:
             return
