@@ -269,6 +269,7 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
         work = tmp / "work"  # intermediate Arrow files; deleted at the end
         # The corpus is read once, into Arrow; the tokenizer sample and the encoder read that.
         raw = _read_into_arrow(data, recipe.seed, work, show_progress)
+        _check_some_text(raw, data)
         if tokenizer is None:
             cfg = recipe.tokenizer
             if show_progress:  # SentencePiece reports no progress; say what the wait is
@@ -325,6 +326,23 @@ def _read_into_arrow(data: DataConfig, seed: int, work: Path,
                 flush()
         flush()
     return datasets.Dataset.from_file(str(path))
+
+
+def _check_some_text(raw: datasets.Dataset, data: DataConfig) -> None:
+    """Refuse a training corpus without one pair holding text on both sides (else the tokenizer
+    fails with a SentencePiece message that names nothing)."""
+    import pyarrow.compute as pc
+
+    table = raw.data.table
+    both = pc.and_(pc.greater(pc.utf8_length(table.column("src")), 0),
+                   pc.greater(pc.utf8_length(table.column("trg")), 0))
+    if not pc.any(both).as_py():
+        corpus = data.train
+        files = [f for f in (corpus.src, corpus.trg, corpus.path, corpus.hf_name) if f]
+        where = ", ".join(str(resolve_path(f, data)) if f != corpus.hf_name else f
+                          for f in files) or corpus.format
+        raise DataError(f"data.train: {where}: no sentence pair has text on both sides "
+                        f"({len(raw):,} pairs read)")
 
 
 def _sample_pairs(raw: datasets.Dataset, size: int) -> Iterator[tuple[str, str]]:
