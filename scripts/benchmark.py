@@ -1,0 +1,323 @@
+"""Benchmark a recipe: training target tokens/s, time per epoch, peak memory, decoding speed, BLEU.
+
+    python scripts/benchmark.py recipes/multi30k/de-en.gru.yaml [KEY=VALUE ...] \
+        [--device cpu|cuda] [--checkpoint best.pt] [--json bench.json]
+
+Training runs real optimizer steps on real batches of the prepared training cache, through the
+project's own ``Trainer.train_step`` and ``Trainer.apply_update`` (the code ``seq2seq train``
+runs), after ``--warmup`` untimed steps; validation is never run. The time per epoch is
+*extrapolated*: the epoch's target tokens divided by the measured tokens/s.
+
+Decoding translates the test set (repeated to at least ``--repeat`` sentences) in batches of
+``--decode-batch`` sentences sorted by length, greedily and with beam 5, with the recipe's
+``decode`` settings (``alpha``, ``max_len_ratio``, ``max_len_add``). The time covers encoding
+and search of token ids (not SentencePiece). BLEU is sacreBLEU's, of the detokenized output
+against the raw references; without ``--checkpoint`` the decoded model is the *untrained* one
+(just initialised, plus the benchmark's few steps), so its BLEU is meaningless and its output
+runs to the maximum length more often than a trained model's (the worst case for speed).
+
+Peak memory is the process's peak RSS on CPU (training, then training + decoding), and
+``torch.cuda.max_memory_allocated`` per phase on GPU. Data are read under ``$SEQ2SEQ_DATA``
+(default: ``../shared/data`` beside the checkout). The load average is recorded next to every
+figure, because timings on a shared machine mean little without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="YAML recipe")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: one per physical core)")
+    parser.add_argument("--work-dir", help="output_dir for the tokenizer and cache "
+                        "(default: a directory under the temp dir named after the recipe)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed training steps")
+    parser.add_argument("--steps", type=int, default=30, help="timed training steps (0: skip)")
+    parser.add_argument("--checkpoint", help="trained checkpoint to decode with (BLEU is "
+                        "meaningful only then)")
+    parser.add_argument("--test", help="test set of the recipe to decode (default: the first)")
+    parser.add_argument("--repeat", type=int, help="decode at least this many sentences "
+                        "(default: 10000 on GPU, 1000 on CPU)")
+    parser.add_argument("--decode-batch", type=int, help="sentences per decoding batch "
+                        "(default: 100 on CPU, 500 on GPU)")
+    parser.add_argument("--beams", default="1,5", help="beam sizes to time (1: greedy)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="also decode with the int8 dynamically quantised model (CPU)")
+    parser.add_argument("--plain-decoder", action="store_true",
+                        help="use the decoder's plain (RNN module) path instead of the fused "
+                        "one, to measure before/after in one checkout")
+    parser.add_argument("--json", help="write the results here")
+    return parser.parse_args(argv)
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def physical_cores() -> int:
+    """Distinct (package, core) pairs in /proc/cpuinfo; os.cpu_count() if that fails."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.cpu_count() or 1
+    cores, package = set(), "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            package = value.strip()
+        elif key == "core id":
+            cores.add((package, value.strip()))
+    return len(cores) or os.cpu_count() or 1
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_trainer(args: argparse.Namespace) -> Any:
+    from seq2seq.config import load_recipe
+    from seq2seq.train import Trainer
+
+    work = args.work_dir or str(Path(tempfile.gettempdir()) / "seq2seq-bench" /
+                                Path(args.recipe).stem)
+    overrides = list(args.overrides) + [f"output_dir={work}", f"train.device={args.device}",
+                                        f"train.threads={args.threads}"]
+    recipe = load_recipe(args.recipe, overrides)
+    # A leftover last.pt would make the Trainer resume: benchmark from a fresh model.
+    Path(work, "last.pt").unlink(missing_ok=True)
+    return Trainer(recipe)
+
+
+def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
+    """Real updates on the first batches of epoch 1; returns the timing of the last ``steps``."""
+    from seq2seq.data.batching import epoch_batches, rank_steps
+
+    cfg = trainer.recipe.train
+    src_lens, trg_lens = trainer.data.train_lengths()
+    group = trainer.world * cfg.accumulate
+    batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,
+                            trainer.recipe.seed, 0, group)
+    updates = rank_steps(batches, trainer.rank, trainer.world, cfg.accumulate)
+    epoch_tokens = int(trg_lens.sum()) + len(trg_lens)  # + one EOS per sentence
+    if warmup + steps > len(updates):
+        raise SystemExit(f"error: --warmup + --steps = {warmup + steps} but an epoch has only "
+                         f"{len(updates)} updates")
+    device = trainer.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.model.train()
+    timed_tokens, timed_s, load_before = 0, 0.0, load_average()
+    for s in range(warmup + steps):
+        global_batch = batches[s * group:(s + 1) * group]
+        tokens = int(sum(int(trg_lens[i].sum()) for i in global_batch)
+                     + sum(len(i) for i in global_batch))
+        for param_group in trainer.optimizer.param_groups:
+            param_group["lr"] = trainer.schedule.at(s + 1)
+        sync(device)
+        start = time.perf_counter()
+        loss = trainer.train_step(updates[s], tokens)
+        trainer.apply_update()
+        float(loss)  # the loop's only sync, as when training logs
+        sync(device)
+        if s >= warmup:
+            timed_s += time.perf_counter() - start
+            timed_tokens += tokens
+    rate = timed_tokens / timed_s
+    return {
+        "steps_timed": steps, "warmup_steps": warmup,
+        "tokens_per_update": round(timed_tokens / steps),
+        "target_tokens_per_s": round(rate, 1),
+        "step_s": round(timed_s / steps, 4),
+        "updates_per_epoch": len(updates),
+        "epoch_s_extrapolated": round(epoch_tokens / rate, 1),
+        "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20
+                                 if device.type == "cuda" else peak_rss_mib(), 1),
+        "peak_memory_kind": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                             else "process peak RSS"),
+        "load_average": [load_before, load_average()],
+    }
+
+
+def load_decoder(args: argparse.Namespace, trainer: Any) -> tuple[Any, Any, str]:
+    """(model in eval mode, tokenizer, description) to decode with."""
+    if args.checkpoint is None:
+        steps = args.warmup + args.steps if args.steps else 0
+        return (trainer.model.eval(), trainer.data.tokenizer,
+                f"untrained model (initialised, then {steps} benchmark updates): "
+                "BLEU meaningless")
+    from seq2seq.translate import Translator
+
+    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    for module in translator.model.modules():
+        if hasattr(module, "fused"):
+            module.fused = not args.plain_decoder
+    return translator.model, translator.tokenizer, f"checkpoint {args.checkpoint}"
+
+
+def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokenizer: Any,
+                   decode: Any, beam: int, batch_size: int, device: torch.device
+                   ) -> dict[str, Any]:
+    """Decode ``src_ids`` in length-sorted batches of ``batch_size``; sentences/s and BLEU."""
+    from seq2seq.evaluate import corpus_bleu
+    from seq2seq.search import beam_search, greedy_search
+    from seq2seq.translate import pad_sources
+
+    order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]), reverse=True)
+    hyps: list[list[int]] = [[] for _ in src_ids]
+    out_tokens, cut = 0, 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    load_before = load_average()
+    sync(device)
+    start = time.perf_counter()
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        src, src_lens = pad_sources([src_ids[i] for i in batch], device)
+        if beam == 1:
+            best = greedy_search(model, src, src_lens, max_len_ratio=decode.max_len_ratio,
+                                 max_len_add=decode.max_len_add)
+        else:
+            best = [nbest[0] for nbest in beam_search(
+                model, src, src_lens, beam_size=beam, alpha=decode.alpha,
+                max_len_ratio=decode.max_len_ratio, max_len_add=decode.max_len_add)]
+        limits = [math.floor(decode.max_len_ratio * n + decode.max_len_add)
+                  for n in src_lens.tolist()]
+        for i, hyp, limit in zip(batch, best, limits):
+            hyps[i] = hyp.tokens
+            out_tokens += len(hyp.tokens)
+            cut += len(hyp.tokens) >= limit  # stopped at the maximum length, without EOS
+    sync(device)
+    seconds = time.perf_counter() - start
+    texts = tokenizer.decode_trg(hyps)
+    n_unique = len(refs)
+    return {
+        "beam": beam, "sentences": len(src_ids), "batch_sentences": batch_size,
+        "sentences_per_s": round(len(src_ids) / seconds, 1), "seconds": round(seconds, 2),
+        "bleu": corpus_bleu(texts[:n_unique], [refs]),
+        "mean_output_tokens": round(out_tokens / len(src_ids), 2),
+        "cut_at_max_len": cut,
+        "max_len": f"floor({decode.max_len_ratio} * src_len + {decode.max_len_add})",
+        "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20
+                                 if device.type == "cuda" else peak_rss_mib(), 1),
+        "load_average": [load_before, load_average()],
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"recipe {result['recipe']} {' '.join(result['overrides'])}",
+             f"device {result['device']} ({result['device_name']}), torch "
+             f"{result['torch']}, threads {result['threads']}, decoder path "
+             f"{result['decoder_path']}"]
+    train = result.get("train")
+    if train:
+        lines += [
+            "",
+            "| training | value | load avg (before, after) |",
+            "|---|---|---|",
+            f"| target tokens/s | {train['target_tokens_per_s']:,.0f} | "
+            f"{train['load_average']} |",
+            f"| step (s), {train['tokens_per_update']:,} target tokens/update | "
+            f"{train['step_s']:.3f} | |",
+            f"| epoch (s), extrapolated from {train['steps_timed']} steps | "
+            f"{train['epoch_s_extrapolated']:,.0f} | |",
+            f"| peak memory (MiB, {train['peak_memory_kind']}) | "
+            f"{train['peak_memory_mib']:,.0f} | |",
+        ]
+    if result.get("decode"):
+        lines += ["", f"decoding: {result['decode_model']}",
+                  "| search | weights | sentences | batch | sent/s | BLEU | mean len | cut at "
+                  "max len | peak MiB | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for row in result["decode"]:
+            search = "greedy" if row["beam"] == 1 else f"beam {row['beam']}"
+            lines.append(
+                f"| {search} | {row['weights']} | {row['sentences']:,} | "
+                f"{row['batch_sentences']} | {row['sentences_per_s']:,.1f} | {row['bleu']:.2f} | "
+                f"{row['mean_output_tokens']} | {row['cut_at_max_len']} | "
+                f"{row['peak_memory_mib']:,.0f} | {row['load_average']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("SEQ2SEQ_DATA", str(REPO.parent / "shared" / "data"))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA GPU is available")
+    args.threads = args.threads or physical_cores()
+    torch.set_num_threads(args.threads)
+    repeat = args.repeat or (10_000 if device.type == "cuda" else 1000)
+    decode_batch = args.decode_batch or (500 if device.type == "cuda" else 100)
+
+    trainer = build_trainer(args)
+    trainer.model.decoder.fused = not args.plain_decoder
+    result: dict[str, Any] = {
+        "recipe": args.recipe, "overrides": args.overrides, "device": args.device,
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "decoder_path": "plain" if args.plain_decoder else "fused",
+        "parameters": trainer.model.num_parameters, "work_dir": trainer.recipe.output_dir,
+    }
+    if args.steps:
+        result["train"] = bench_training(trainer, args.warmup, args.steps)
+        print(f"training: {result['train']['target_tokens_per_s']:,.0f} target tokens/s",
+              file=sys.stderr)
+
+    model, tokenizer, description = load_decoder(args, trainer)
+    tests = trainer.data.tests
+    name = args.test or next(iter(tests))
+    test = tests[name]
+    copies = max(1, math.ceil(repeat / len(test)))
+    # A checkpoint brings its own tokenizer: encode with it, not with the work dir's.
+    test_ids = test.src_ids if args.checkpoint is None else tokenizer.encode_src(test.src_text)
+    src_ids = [ids for _ in range(copies) for ids in test_ids]
+    decode = trainer.recipe.decode
+    result.update(decode_model=description, test_set=name, test_copies=copies, decode=[])
+    variants = [("fp32", model)]
+    if args.quantize:
+        from seq2seq.quantize import quantize_for_cpu
+
+        variants.append(("int8", quantize_for_cpu(model)))
+    for weights, variant in variants:
+        for beam in (int(b) for b in args.beams.split(",")):
+            row = bench_decoding(variant, src_ids, test.trg_text, tokenizer, decode, beam,
+                                 decode_batch, device)
+            row["weights"] = weights
+            result["decode"].append(row)
+            print(f"decoding {weights} beam {beam}: {row['sentences_per_s']:,.1f} sentences/s",
+                  file=sys.stderr)
+
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
