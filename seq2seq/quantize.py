@@ -2,9 +2,12 @@
 
 ``torch.ao.quantization.quantize_dynamic`` stores the weights of every ``nn.Linear``,
 ``nn.GRU`` and ``nn.LSTM`` as int8 and quantises activations on the fly, per batch; matrix
-products then run in int8 (fbgemm on x86), about twice as fast as fp32 on an AVX2 CPU, at a small
-cost in BLEU (see the README's speed section). Embeddings stay fp32. Only inference on the CPU
-is supported: quantised modules have no gradients and no CUDA kernels.
+products then run in int8 (fbgemm on x86). Measured on a 2-core AVX2 CPU: the (500, 512) x
+(512, 8000) output layer of beam-5 at batch 100 runs 2.1x faster, beam-5 decoding of the
+Multi30k-sized model (recipes/multi30k/de-en.gru.yaml) ~1.45x faster per CPU-second; the small
+quickstart model gains little (its matrices are too small for the int8 kernels to pay off) and
+its BLEU moves from 99.29 to 99.25 (beam 5). Embeddings stay fp32. Only inference on the CPU is
+supported: quantised modules have no gradients and no CUDA kernels.
 
 The quantised model keeps the search interface (``encode`` / ``init_state`` / ``step``): its
 decoder computes with its modules (the plain path of :class:`seq2seq.models.Decoder`), since the
