@@ -62,7 +62,8 @@ def attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           world_size=int(os.environ["WORLD_SIZE"]), is_master=False,
                           timeout=timeout)
-    return dist.PrefixStore(f"seq2seq/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"seq2seq/attempt_{attempt}", store)
 
 
 def shutdown() -> None:
