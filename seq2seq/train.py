@@ -229,6 +229,13 @@ class Trainer:
             return
         path, ckpt = found
         check_resumable(ckpt["recipe"], self.recipe)
+        saved_group = ckpt.get("group_size", self.world * self.recipe.train.accumulate)
+        if saved_group != self.world * self.recipe.train.accumulate:
+            # The epoch position counts updates of (world size x accumulate) batches.
+            raise Seq2SeqError(
+                f"cannot resume {self.out}: it was trained with {saved_group} batches per update "
+                f"(processes x train.accumulate), this run uses {self.world} x "
+                f"{self.recipe.train.accumulate}; keep the product equal")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
@@ -260,6 +267,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "progress": dataclasses.asdict(self.progress),
+            "group_size": self.world * self.recipe.train.accumulate,
             "rng": rngs,
             "recipe": recipe_to_dict(self.recipe),
             "tokenizer": self.data.tokenizer.to_state(),
@@ -439,6 +447,13 @@ class Trainer:
                     self.validate_and_save(scheduled=True)
                 if cfg.max_steps and progress.step >= cfg.max_steps:
                     self.stop_reason = f"reached train.max_steps={cfg.max_steps}"
+                if self.world > 1 and self.stop_reason is None:
+                    # A signal may reach the ranks at different steps: agree, so that all
+                    # stop after the same update and the final checkpoint is consistent.
+                    flag = torch.tensor([float(self.interrupted)], device=self.device)
+                    if dist.all_reduce_sum(flag).item() > 0:
+                        self.interrupted = True
+                        self.stop_reason = "a rank received a stop signal"
                 if self.stop_reason is not None:
                     break
             else:
