@@ -290,8 +290,11 @@ class Trainer:
     def log(self, row: dict[str, Any]) -> None:
         if not dist.is_main():
             return
+        # JSON has no NaN or infinity: a non-finite value (a skipped update) is written as null.
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+               for k, v in row.items()}
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
 
     # ---- one update -------------------------------------------------------------------------
 
