@@ -55,8 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", help="trained checkpoint to decode with (BLEU is "
                         "meaningful only then)")
     parser.add_argument("--test", help="test set of the recipe to decode (default: the first)")
-    parser.add_argument("--repeat", type=int, help="decode at least this many sentences "
-                        "(default: 10000 on GPU, 1000 on CPU)")
+    parser.add_argument("--repeat", type=int, help="decode at least this many sentences, "
+                        "repeating the test set (default: 10000 on GPU, 1000 on CPU); fewer "
+                        "than the test set holds decodes its first N")
     parser.add_argument("--decode-batch", type=int, help="sentences per decoding batch "
                         "(default: 100 on CPU, 500 on GPU)")
     parser.add_argument("--beams", default="1,5", help="beam sizes to time (1: greedy)")
@@ -131,7 +132,7 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.model.train()
-    timed_tokens, timed_s, load_before = 0, 0.0, load_average()
+    timed_tokens, timed_s, cpu_s, load_before = 0, 0.0, 0.0, load_average()
     for s in range(warmup + steps):
         global_batch = batches[s * group:(s + 1) * group]
         tokens = int(sum(int(trg_lens[i].sum()) for i in global_batch)
@@ -139,19 +140,22 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
         for param_group in trainer.optimizer.param_groups:
             param_group["lr"] = trainer.schedule.at(s + 1)
         sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = trainer.train_step(updates[s], tokens)
         trainer.apply_update()
         float(loss)  # the loop's only sync, as when training logs
         sync(device)
         if s >= warmup:
             timed_s += time.perf_counter() - start
+            cpu_s += time.process_time() - cpu_start
             timed_tokens += tokens
     rate = timed_tokens / timed_s
     return {
         "steps_timed": steps, "warmup_steps": warmup,
         "tokens_per_update": round(timed_tokens / steps),
         "target_tokens_per_s": round(rate, 1),
+        # CPU time of this process (all threads): steadier than wall time on a busy machine.
+        "target_tokens_per_cpu_s": round(timed_tokens / cpu_s, 1),
         "step_s": round(timed_s / steps, 4),
         "updates_per_epoch": len(updates),
         "epoch_s_extrapolated": round(epoch_tokens / rate, 1),
@@ -194,7 +198,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
         torch.cuda.reset_peak_memory_stats(device)
     load_before = load_average()
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for first in range(0, len(order), batch_size):
         batch = order[first:first + batch_size]
         src, src_lens = pad_sources([src_ids[i] for i in batch], device)
@@ -212,12 +216,13 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
             out_tokens += len(hyp.tokens)
             cut += len(hyp.tokens) >= limit  # stopped at the maximum length, without EOS
     sync(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     texts = tokenizer.decode_trg(hyps)
     n_unique = len(refs)
     return {
         "beam": beam, "sentences": len(src_ids), "batch_sentences": batch_size,
         "sentences_per_s": round(len(src_ids) / seconds, 1), "seconds": round(seconds, 2),
+        "sentences_per_cpu_s": round(len(src_ids) / cpu_s, 1),
         "bleu": corpus_bleu(texts[:n_unique], [refs]),
         "mean_output_tokens": round(out_tokens / len(src_ids), 2),
         "cut_at_max_len": cut,
@@ -241,6 +246,8 @@ def format_table(result: dict[str, Any]) -> str:
             "|---|---|---|",
             f"| target tokens/s | {train['target_tokens_per_s']:,.0f} | "
             f"{train['load_average']} |",
+            f"| target tokens per CPU-second (all threads) | "
+            f"{train['target_tokens_per_cpu_s']:,.0f} | |",
             f"| step (s), {train['tokens_per_update']:,} target tokens/update | "
             f"{train['step_s']:.3f} | |",
             f"| epoch (s), extrapolated from {train['steps_timed']} steps | "
@@ -250,14 +257,15 @@ def format_table(result: dict[str, Any]) -> str:
         ]
     if result.get("decode"):
         lines += ["", f"decoding: {result['decode_model']}",
-                  "| search | weights | sentences | batch | sent/s | BLEU | mean len | cut at "
-                  "max len | peak MiB | load avg |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| search | weights | sentences | batch | sent/s | sent/CPU-s | BLEU | mean len "
+                  "| cut at max len | peak MiB | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["decode"]:
             search = "greedy" if row["beam"] == 1 else f"beam {row['beam']}"
             lines.append(
                 f"| {search} | {row['weights']} | {row['sentences']:,} | "
-                f"{row['batch_sentences']} | {row['sentences_per_s']:,.1f} | {row['bleu']:.2f} | "
+                f"{row['batch_sentences']} | {row['sentences_per_s']:,.1f} | "
+                f"{row['sentences_per_cpu_s']:,.1f} | {row['bleu']:.2f} | "
                 f"{row['mean_output_tokens']} | {row['cut_at_max_len']} | "
                 f"{row['peak_memory_mib']:,.0f} | {row['load_average']} |")
     return "\n".join(lines)
@@ -293,10 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     tests = trainer.data.tests
     name = args.test or next(iter(tests))
     test = tests[name]
-    copies = max(1, math.ceil(repeat / len(test)))
     # A checkpoint brings its own tokenizer: encode with it, not with the work dir's.
     test_ids = test.src_ids if args.checkpoint is None else tokenizer.encode_src(test.src_text)
-    src_ids = [ids for _ in range(copies) for ids in test_ids]
+    if repeat < len(test_ids):
+        copies, src_ids = 0, test_ids[:repeat]  # fewer than the test set: its first N
+    else:
+        copies = math.ceil(repeat / len(test_ids))
+        src_ids = test_ids * copies  # whole copies, so BLEU of the first is that of all
+    refs = test.trg_text[:len(src_ids)]
     decode = trainer.recipe.decode
     result.update(decode_model=description, test_set=name, test_copies=copies, decode=[])
     variants = [("fp32", model)]
@@ -306,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(("int8", quantize_for_cpu(model)))
     for weights, variant in variants:
         for beam in (int(b) for b in args.beams.split(",")):
-            row = bench_decoding(variant, src_ids, test.trg_text, tokenizer, decode, beam,
+            row = bench_decoding(variant, src_ids, refs, tokenizer, decode, beam,
                                  decode_batch, device)
             row["weights"] = weights
             result["decode"].append(row)
