@@ -12,4 +12,3 @@ echo "--- a few translations (source, then output):"
 head -n 3 data/synthetic/test.en
 head -n 3 data/synthetic/test.en | seq2seq translate --checkpoint "$run/best.pt"
 seq2seq evaluate recipes/quickstart.yaml
-echo "report: $run/eval/report.md"
