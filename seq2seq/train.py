@@ -27,6 +27,7 @@ from seq2seq.checkpoint import load_latest, remove_partial_writes, save_checkpoi
 from seq2seq.config import Recipe, recipe_from_dict, recipe_to_dict, recipe_to_yaml
 from seq2seq.errors import Seq2SeqError
 from seq2seq.tokenizer import PAD
+from seq2seq.translate import resolve_device
 
 # Keys that may change between a run and its resumption without making the resumed run wrong.
 RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
@@ -62,14 +63,6 @@ def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> in
 # --------------------------------------------------------------------------------------------
 # Setup
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise Seq2SeqError(f"device {name!r} asked for, but no CUDA GPU is available")
-    return torch.device(name)
 
 
 def check_output_dir(path: Path) -> None:
@@ -184,7 +177,7 @@ class Trainer:
         self.out = Path(recipe.output_dir)
         check_output_dir(self.out)
         dist_device = dist.init_from_env(recipe.distributed.backend, recipe.distributed.timeout_s)
-        self.device = dist_device or resolve_device(cfg.device)
+        self.device = dist_device or resolve_device(cfg.device, what="train.device")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world = dist.rank(), dist.world_size()

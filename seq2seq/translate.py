@@ -24,15 +24,16 @@ from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
 from seq2seq.tokenizer import EOS, PAD, Tokenizer
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, what: str = "--device") -> torch.device:
+    """``name`` as a torch device; ``what`` names the option in errors."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise Seq2SeqError(f"--device {name}: no CUDA GPU is available")
+        raise Seq2SeqError(f"{what} {name}: no CUDA GPU is available")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise Seq2SeqError(f"--device {name}: not a device name (cpu, cuda, cuda:N)") from None
+        raise Seq2SeqError(f"{what} {name}: not a device name (cpu, cuda, cuda:N)") from None
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
