@@ -145,6 +145,8 @@ class ModelConfig:
     init: Literal["bridge", "zeros"] = option(
         "bridge", "decoder initial state: learned bridge from the encoder, or zeros")
     dropout: float = option(0.3, "dropout on embeddings, between layers and before the output")
+    forget_bias: Optional[float] = option(
+        None, "LSTM only: initial forget-gate bias, e.g. 1.0 (null: like every other weight)")
     tie_embeddings: Literal["none", "decoder", "all"] = option(
         "none", "decoder: tie target embeddings and output layer; all: also the source "
         "embeddings (needs a joint vocabulary)")
@@ -155,6 +157,8 @@ class ModelConfig:
                      "attention_size"):
             _check(problems, getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
         _check(problems, 0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(problems, self.forget_bias is None or self.cell == "lstm", "model.forget_bias",
+               f"is an LSTM-only option, but model.cell is {self.cell!r}")
         if self.attention == "dot":
             enc_out = self.enc_hidden * (2 if self.bidirectional else 1)
             _check(problems, enc_out == self.dec_hidden, "model.attention",

@@ -143,7 +143,28 @@ def build_model(cfg: ModelConfig, src_vocab: int, trg_vocab: int) -> Seq2Seq:
                       cfg.init, cfg.dropout, tie_output=cfg.tie_embeddings != "none")
     model = Seq2Seq(encoder, decoder)
     initialise(model)
+    if cfg.forget_bias is not None:
+        set_forget_bias(model, cfg.forget_bias)
     return model
+
+
+def set_forget_bias(model: nn.Module, value: float) -> None:
+    """Start every LSTM forget gate at bias ``value`` (Jozefowicz et al. 2015 §2.2): with a
+    positive bias the cells remember by default early in training.
+
+    PyTorch keeps the gates in the order (input, forget, cell, output) and adds ``bias_ih`` and
+    ``bias_hh``; the forget slice of the first is set and of the second zeroed.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, nn.LSTM):
+                continue
+            hidden = module.hidden_size
+            for name, param in module.named_parameters():
+                if name.startswith("bias_ih"):
+                    param[hidden:2 * hidden].fill_(value)
+                elif name.startswith("bias_hh"):
+                    param[hidden:2 * hidden].zero_()
 
 
 def initialise(model: nn.Module) -> None:

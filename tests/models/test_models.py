@@ -270,3 +270,24 @@ def test_input_feeding_carries_the_attentional_vector():
         log_probs, _, _ = model.step(trg_in[:, 1], state, enc)
         other, _, _ = model.step(trg_in[:, 1], state[:-1] + (torch.zeros_like(feed),), enc)
     assert not torch.allclose(log_probs, other)
+
+
+def test_forget_bias_sets_only_the_lstm_forget_gates():
+    import dataclasses
+
+    cfg = ModelConfig(cell="lstm", emb_size=8, enc_hidden=16, enc_layers=2, dec_hidden=16,
+                      dec_layers=1, attention_size=8, forget_bias=1.0)
+    model = build_model(cfg, 32, 32)
+    lstms = [m for m in model.modules() if isinstance(m, torch.nn.LSTM)]
+    assert lstms
+    for lstm in lstms:
+        h = lstm.hidden_size
+        for name, param in lstm.named_parameters():
+            if name.startswith("bias_ih"):
+                assert torch.all(param[h:2 * h] == 1.0)
+                assert not torch.all(param[:h] == 1.0)
+            elif name.startswith("bias_hh"):
+                assert torch.all(param[h:2 * h] == 0.0)
+    plain = build_model(dataclasses.replace(cfg, forget_bias=None), 32, 32)
+    assert not torch.all(next(m for m in plain.modules()
+                              if isinstance(m, torch.nn.LSTM)).bias_ih_l0[16:32] == 1.0)

@@ -61,6 +61,8 @@ ROWS = [
         ["decode.n_best", "beam_size (2)"]),
     Row("tied-embeddings-different-sizes", ["train", GOOD, "model.tie_embeddings=decoder"],
         ["model.tie_embeddings", "emb_size (8)", "dec_hidden (16)"]),
+    Row("lstm-only-option-on-a-gru", ["train", GOOD, "model.cell=gru", "model.forget_bias=1.0"],
+        ["model.forget_bias", "LSTM-only", "'gru'"]),
     Row("tie-all-without-joint-vocabulary",
         ["prepare", GOOD, "model.tie_embeddings=all", "tokenizer.joint=false",
          "model.emb_size=16"], ["model.tie_embeddings", "joint"]),
