@@ -211,6 +211,7 @@ class Trainer:
         torch.manual_seed(recipe.seed + 1000 * self.rank)
         self.stop_reason: str | None = None
         self.resume()
+        self.open_tensorboard()
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -288,6 +289,23 @@ class Trainer:
                for k, v in row.items()}
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row, allow_nan=False) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key not in ("step", "split", "epoch") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{row['split']}/{key}", value, row["step"])
+            self.tensorboard.flush()
+
+    def open_tensorboard(self) -> None:
+        """A TensorBoard writer in <output_dir>/tensorboard when the recipe asks for one."""
+        self.tensorboard = None
+        if not self.recipe.train.tensorboard or not dist.is_main():
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise Seq2SeqError("train.tensorboard: true needs the tensorboard package "
+                               "(pip install 'seq2seq[tensorboard]')") from None
+        self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
 
     # ---- one update -------------------------------------------------------------------------
 

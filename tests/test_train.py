@@ -106,3 +106,10 @@ def test_checkpoint_refuses_pickled_objects_and_damage(tmp_path):
     good.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="checksum"):
         load_checkpoint(good)
+
+
+def test_tensorboard_logging(tmp_path):
+    fit(tiny_recipe(tmp_path, "train.tensorboard=true", "train.max_steps=2",
+                    "train.valid_every=2"))
+    events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
