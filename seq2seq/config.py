@@ -207,7 +207,6 @@ class TrainConfig:
     keep_last: int = option(3, "keep the last K step checkpoints besides last.pt and best.pt")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
-    cuda_graphs: bool = option(False, "capture training steps in CUDA graphs (GPU only)")
     max_bad_steps: int = option(
         5, "stop when this many updates in a row have a non-finite loss or gradient")
     tensorboard: bool = option(False, "also log to TensorBoard in <output_dir>/tensorboard")
