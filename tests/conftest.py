@@ -23,3 +23,30 @@ def shared_data_root() -> Path:
 @pytest.fixture
 def data_root() -> Path:
     return shared_data_root()
+
+
+def tiny_tree(output_dir: str, **sections: dict) -> dict:
+    """A tiny recipe tree on the generated task (trains in seconds on one core).
+
+    ``sections`` update the named sections (top-level scalars such as ``seed`` replace).
+    """
+    tree = {
+        "name": "tiny", "output_dir": output_dir, "seed": 3,
+        "data": {"src_lang": "en", "trg_lang": "de", "num_proc": 1,
+                 "train": {"format": "generated", "split": "train", "size": 300},
+                 "valid": {"format": "generated", "split": "valid", "size": 20},
+                 "test": {"t": {"format": "generated", "split": "test", "size": 20}}},
+        "tokenizer": {"vocab_size": 120},
+        "model": {"emb_size": 8, "enc_hidden": 8, "enc_layers": 1, "dec_hidden": 16,
+                  "dec_layers": 1, "attention_size": 8, "dropout": 0.2},
+        "train": {"batch_tokens": 300, "max_steps": 6, "max_epochs": 0, "valid_every": 3,
+                  "log_every": 1, "lr": 0.01, "keep_last": 2},
+        "decode": {"beam_size": 2, "max_len_ratio": 1.2, "max_len_add": 2},
+        "eval": {},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree[section].update(values)
+        else:
+            tree[section] = values
+    return tree

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from seq2seq.checkpoint import load_checkpoint
+from tests.conftest import tiny_tree
 
 PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
 TIMEOUT_S = 240  # per command; generous because the test machine may be busy
@@ -71,19 +72,10 @@ def cache_dir(tmp_path_factory):
 
 def write_recipe(tmp_path: Path, cache: Path, name: str, **sections) -> Path:
     """A tiny recipe on the generated task as a YAML file; ``sections`` update its sections."""
-    tree = {
-        "name": "tiny", "output_dir": str(tmp_path / name), "seed": 3,
-        "data": {"src_lang": "en", "trg_lang": "de", "num_proc": 1, "cache_dir": str(cache),
-                 "train": {"format": "generated", "split": "train", "size": 300},
-                 "valid": {"format": "generated", "split": "valid", "size": 21},
-                 "test": {"t": {"format": "generated", "split": "test", "size": 20}}},
-        "tokenizer": {"vocab_size": 120},
-        "model": {"emb_size": 8, "enc_hidden": 8, "enc_layers": 1, "dec_hidden": 16,
-                  "dec_layers": 1, "attention_size": 8, "dropout": 0.0},
-        "train": {"batch_tokens": 300, "max_steps": 6, "max_epochs": 0, "valid_every": 3,
-                  "log_every": 1, "lr": 0.01, "keep_last": 2, "threads": 1},
-        "decode": {"beam_size": 2, "max_len_ratio": 1.2, "max_len_add": 2},
-    }
+    tree = tiny_tree(str(tmp_path / name), seed=3,
+                     train={"threads": 1}, model={"dropout": 0.0})
+    tree["data"].update(cache_dir=str(cache))
+    tree["data"]["valid"]["size"] = 21
     for section, values in sections.items():
         tree[section].update(values)
     path = tmp_path / f"{name}.yaml"

@@ -9,23 +9,12 @@ from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.config import recipe_from_dict
 from seq2seq.errors import Seq2SeqError
 from seq2seq.train import Schedule, fit
+from tests.conftest import tiny_tree
 
 
 def tiny_recipe(tmp_path, *overrides, name="run"):
-    tree = {
-        "name": "tiny", "output_dir": str(tmp_path / name), "seed": 3,
-        "data": {"src_lang": "en", "trg_lang": "de", "num_proc": 1,
-                 "cache_dir": str(tmp_path / "cache"),
-                 "train": {"format": "generated", "split": "train", "size": 300},
-                 "valid": {"format": "generated", "split": "valid", "size": 20},
-                 "test": {"t": {"format": "generated", "split": "test", "size": 20}}},
-        "tokenizer": {"vocab_size": 120},
-        "model": {"emb_size": 8, "enc_hidden": 8, "enc_layers": 1, "dec_hidden": 16,
-                  "dec_layers": 1, "attention_size": 8, "dropout": 0.2},
-        "train": {"batch_tokens": 300, "max_steps": 6, "max_epochs": 0, "valid_every": 3,
-                  "log_every": 1, "lr": 0.01, "keep_last": 2},
-        "decode": {"beam_size": 2, "max_len_ratio": 1.2, "max_len_add": 2},
-    }
+    tree = tiny_tree(str(tmp_path / name))
+    tree["data"]["cache_dir"] = str(tmp_path / "cache")
     return recipe_from_dict(tree, list(overrides))
 
 

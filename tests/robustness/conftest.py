@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
+from tests.conftest import tiny_tree as base_tree
 
 
 def seq2seq(*args, cwd: Path, stdin: bytes | None = None, timeout: float = 300):
@@ -34,20 +35,13 @@ def error_lines(stderr: bytes) -> list[str]:
 
 def tiny_tree(output_dir: str) -> dict:
     """A tiny recipe on the generated task: trains in a few seconds on one CPU core."""
-    return {
-        "name": "tiny", "output_dir": output_dir, "seed": 1,
-        "data": {"src_lang": "en", "trg_lang": "de", "num_proc": 1,
-                 "train": {"format": "generated", "split": "train", "size": 300},
-                 "valid": {"format": "generated", "split": "valid", "size": 12},
-                 "test": {"t": {"format": "generated", "split": "test", "size": 12}}},
-        "tokenizer": {"vocab_size": 100},
-        "model": {"emb_size": 8, "enc_hidden": 8, "enc_layers": 1, "dec_hidden": 16,
-                  "dec_layers": 1, "attention_size": 8, "dropout": 0.1},
-        "train": {"batch_tokens": 300, "max_steps": 4, "max_epochs": 0, "valid_every": 4,
-                  "log_every": 1, "lr": 0.01, "keep_last": 2},
-        "decode": {"beam_size": 2, "max_len_ratio": 1.0, "max_len_add": 3},
-        "eval": {"bootstrap": 0, "attention_plots": 0},
-    }
+    tree = base_tree(output_dir, seed=1, tokenizer={"vocab_size": 100},
+                     model={"dropout": 0.1}, train={"max_steps": 4, "valid_every": 4},
+                     decode={"max_len_ratio": 1.0, "max_len_add": 3},
+                     eval={"bootstrap": 0, "attention_plots": 0})
+    tree["data"]["valid"]["size"] = 12
+    tree["data"]["test"]["t"]["size"] = 12
+    return tree
 
 
 def write_recipe(path: Path, tree: dict) -> Path:
