@@ -264,11 +264,16 @@ _MISSING = object()
 def _sentence(value: Any, where: str, names: tuple[str, ...]) -> str:
     if value is _MISSING:
         raise DataError(f"{where}: missing field {names[0]!r}")
+    return _field_text(value, where, names[0])
+
+
+def _field_text(value: Any, where: str, field: str) -> str:
+    """A record field's sentence: a string without NUL, whitespace stripped."""
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {names[0]!r} must be a string, got "
+        raise DataError(f"{where}: field {field!r} must be a string, got "
                         f"{type(value).__name__}")
     if "\0" in value:
-        raise DataError(f"{where}: field {names[0]!r} contains a NUL character")
+        raise DataError(f"{where}: field {field!r} contains a NUL character")
     return value.strip(_SPACES)
 
 
@@ -379,9 +384,4 @@ def _hf_sentence(value: Any, key: str | None, column: str, where: str, columns: 
         if not isinstance(value, dict) or key not in value:
             raise DataError(f"{where}: missing field {field!r}")
         value = value[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got "
-                        f"{type(value).__name__}")
-    if "\0" in value:
-        raise DataError(f"{where}: field {field!r} contains a NUL character")
-    return value.strip(_SPACES)
+    return _field_text(value, where, field)
