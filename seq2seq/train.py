@@ -413,6 +413,15 @@ class Trainer:
     # ---- fit --------------------------------------------------------------------------------
 
     def fit(self) -> None:
+        """Train until a stop condition, then write ``last.pt``; SIGINT/SIGTERM stop it cleanly."""
+        previous = self.install_signal_handlers()
+        try:
+            self.train_loop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def train_loop(self) -> None:
         from tqdm import tqdm
 
         from seq2seq.data.batching import epoch_batches, rank_steps
@@ -424,7 +433,6 @@ class Trainer:
         group = self.world * cfg.accumulate
         bar = tqdm(total=cfg.max_steps or None, initial=progress.step, disable=not dist.is_main(),
                    desc="train", dynamic_ncols=True)
-        self.install_signal_handlers()
         window_loss = torch.zeros((), device=self.device)
         window_tokens, window_start = 0, time.perf_counter()
         self.model.train()
@@ -519,24 +527,42 @@ class Trainer:
 
     interrupted = False
 
-    def install_signal_handlers(self) -> None:
+    def install_signal_handlers(self) -> dict[int, Any]:
+        """Make SIGINT/SIGTERM stop after the current update; returns the handlers replaced."""
         def handler(signum: int, frame: Any) -> None:
             self.interrupted = True
             self.stop_reason = f"received {signal.Signals(signum).name}"
 
+        previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                signal.signal(sig, handler)
+                previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
                 pass
+        return previous
+
+    def close(self) -> None:
+        """Let go of the DDP wrapper (and with it the process group) and the TensorBoard writer.
+
+        Called before the process group is destroyed: a gloo group still referenced when the
+        interpreter shuts down is torn down during finalization, which can abort the process.
+        """
+        self.ddp_model = self.model
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
 
 
 def fit(recipe: Recipe) -> Trainer:
     """Train (or resume) the run described by ``recipe``; returns the finished trainer."""
-    trainer = Trainer(recipe)
+    trainer = None
     try:
+        trainer = Trainer(recipe)
         trainer.fit()
+        dist.barrier()  # every rank is done with its collectives and writes before teardown
     finally:
+        if trainer is not None:
+            trainer.close()
         dist.shutdown()
     return trainer
 

@@ -55,7 +55,28 @@ metrics = trainer.validate()
 with open(f"{sys.argv[2]}.rank{dist.rank()}.json", "w") as handle:
     json.dump({"metrics": metrics, "hyps": seen.get("hyps"), "decoded": seen["decoded"],
                "world": dist.world_size()}, handle)
+trainer.close()
 dist.shutdown()
+'''
+
+# Training through seq2seq.train.fit inside torchrun, then a look at what is left: nothing that
+# holds the process group may outlive fit (a gloo group torn down during interpreter
+# finalization can abort the worker after a successful run), and the signal handlers are back.
+TEARDOWN_SCRIPT = '''
+import gc, json, signal, sys
+from torch.nn.parallel import DistributedDataParallel
+from seq2seq import distributed as dist
+from seq2seq.config import load_recipe
+from seq2seq.train import fit
+
+before = signal.getsignal(signal.SIGTERM)
+trainer = fit(load_recipe(sys.argv[1]))
+gc.collect()
+with open(f"{sys.argv[2]}.rank{trainer.rank}.json", "w") as handle:
+    json.dump({"world": trainer.world, "step": trainer.progress.step,
+               "initialized": dist.is_initialized(),
+               "ddp_alive": sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()),
+               "handler_restored": signal.getsignal(signal.SIGTERM) is before}, handle)
 '''
 
 
@@ -206,6 +227,19 @@ def test_validation_over_two_ranks_scores_the_same_sentences_in_order(tmp_path, 
         assert t["metrics"]["n_sentences"] == one["metrics"]["n_sentences"] == 21
         assert t["metrics"]["bleu"] == one["metrics"]["bleu"] > 0
         assert t["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
+
+
+def test_fit_lets_go_of_the_process_group_before_the_worker_exits(tmp_path, cache_dir):
+    recipe = write_recipe(tmp_path, cache_dir, "teardown", train={"max_steps": 2})
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_SCRIPT, encoding="utf-8")
+    check(run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(script), str(recipe),
+               str(tmp_path / "out")]))
+    for rank in (0, 1):
+        state = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+        assert state == {"world": 2, "step": 2, "initialized": False, "ddp_alive": 0,
+                         "handler_restored": True}, rank
 
 
 def test_two_nodes_on_one_machine_train_together(tmp_path, cache_dir):
