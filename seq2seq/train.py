@@ -192,6 +192,9 @@ class Trainer:
         torch.manual_seed(recipe.seed)
         self.model = build_model(recipe.model, tok.src_vocab_size, tok.trg_vocab_size)
         self.model.to(self.device)
+        if dist.is_main():
+            print(f"model: {self.model.num_parameters:,} parameters; training on {self.device}"
+                  f"{f' x {self.world} processes' if self.world > 1 else ''}", file=sys.stderr)
         self.ddp_model = dist.wrap_ddp(self.model, self.device)
         self.optimizer = make_optimizer(self.model, recipe)
         self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.min_lr,
