@@ -32,10 +32,11 @@ def is_initialized() -> bool:
 def init_from_env(backend: str = "auto", timeout_s: int = 300) -> torch.device | None:
     """Join the process group described by torchrun's environment variables.
 
-    Returns the device this rank should use, or None when not launched by torchrun
-    (single process: nothing to join).
+    Returns the device this rank should use, or None when not launched by torchrun (no RANK
+    and WORLD_SIZE in the environment: nothing to join). A torchrun group of one process is
+    joined too, so that the distributed code path can be checked on a single GPU.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_initialized():
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or is_initialized():
         return None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and backend != "gloo"
@@ -76,6 +77,11 @@ def shutdown() -> None:
     if is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+def backend() -> str | None:
+    """The process group's backend ("nccl", "gloo"), or None on a single process."""
+    return dist.get_backend() if is_initialized() else None
 
 
 def rank() -> int:

@@ -207,6 +207,26 @@ def test_two_processes_equal_one_process_accumulating_two(tmp_path, cache_dir):
     assert len(two["rng"]) == 2  # both ranks' RNG states are in the checkpoint
 
 
+def test_a_torchrun_group_of_one_trains_like_a_single_process(tmp_path, cache_dir):
+    """The distributed code path (process group, DDP) with one process: what the NCCL check
+    on a single GPU runs, here with gloo."""
+    recipe = write_recipe(tmp_path, cache_dir, "group")
+    grouped = check(run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+                         "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "-m", "seq2seq",
+                         "train", str(recipe)]))
+    assert "in a process group of 1 (gloo)" in grouped.stderr
+    single = check(run(seq2seq_train(recipe, f"output_dir={tmp_path / 'single'}")))
+    assert "process group" not in single.stderr
+    losses = [[(r["step"], r["loss"]) for r in metrics(tmp_path / name, "train")]
+              for name in ("group", "single")]
+    assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == list(range(1, 7))
+    for (_, a), (_, b) in zip(*losses):
+        assert a == pytest.approx(b, rel=1e-6)
+    grouped_ckpt = load_checkpoint(tmp_path / "group" / "last.pt")
+    single_ckpt = load_checkpoint(tmp_path / "single" / "last.pt")
+    assert max_relative_difference(grouped_ckpt["model"], single_ckpt["model"]) <= 1e-6
+
+
 def test_validation_over_two_ranks_scores_the_same_sentences_in_order(tmp_path, cache_dir):
     recipe = write_recipe(tmp_path, cache_dir, "valid")  # 21 validation pairs: odd
     script = tmp_path / "validate.py"
