@@ -33,6 +33,7 @@ from seq2seq.translate import resolve_device
 RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
                      "train.valid_every", "train.log_every", "train.patience", "train.keep_last",
                      "train.tensorboard", "train.device", "train.threads", "train.max_bad_steps",
+                     "train.cuda_graphs",
                      "decode.", "eval.", "distributed.", "data.num_proc", "data.root",
                      "data.cache_dir")
 
@@ -92,9 +93,15 @@ def check_resumable(saved: dict[str, Any], recipe: Recipe) -> None:
             "(use a new output_dir, or restore those values)")
 
 
-def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device,
+                   static: bool = False) -> torch.optim.Optimizer:
+    """Adam / AdamW; ``static``: the fused kernel with a device learning rate (CUDA graphs)."""
+    from seq2seq.graphs import fused_adam
+
     cfg = recipe.train
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    if static:
+        return fused_adam(model, kind, cfg.lr, cfg.betas, cfg.weight_decay, device)
     return kind(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
@@ -193,10 +200,16 @@ class Trainer:
         self.model = build_model(recipe.model, tok.src_vocab_size, tok.trg_vocab_size)
         self.model.to(self.device)
         if dist.is_main():
-            print(f"model: {self.model.num_parameters:,} parameters; training on {self.device}"
-                  f"{f' x {self.world} processes' if self.world > 1 else ''}", file=sys.stderr)
+            group = (f" in a process group of {self.world} ({dist.backend()})"
+                     if dist.is_initialized() else "")
+            print(f"model: {self.model.num_parameters:,} parameters; training on "
+                  f"{self.device}{group}", file=sys.stderr)
         self.ddp_model = dist.wrap_ddp(self.model, self.device)
-        self.optimizer = make_optimizer(self.model, recipe)
+        use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and self.world == 1
+        if cfg.cuda_graphs and not use_graphs and dist.is_main():
+            print("note: train.cuda_graphs applies to one process on a GPU (DDP's gradient "
+                  "hooks are not captured); training eagerly", file=sys.stderr)
+        self.optimizer = make_optimizer(self.model, recipe, self.device, static=use_graphs)
         self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.min_lr,
                                  cfg.plateau_factor, cfg.plateau_patience)
         # Mixed precision is a GPU feature here: CPU autocast is slower and fails for LSTMs.
@@ -213,7 +226,17 @@ class Trainer:
         # Dropout streams differ per rank; rank 0 of a 1-process run uses the recipe seed.
         torch.manual_seed(recipe.seed + 1000 * self.rank)
         self.stop_reason: str | None = None
+        # This session's training throughput: target tokens, and seconds spent validating.
+        self.loop_start, self.session_tokens, self.validation_s = time.perf_counter(), 0, 0.0
         self.resume()
+        self.static = None
+        if use_graphs:
+            from seq2seq.graphs import StaticSteps
+
+            self.static = StaticSteps(self.model, self.optimizer, cfg.clip_norm,
+                                      cfg.label_smoothing, self.autocast_dtype, capture=True)
+            self.static.set_bad_updates(self.progress.bad_updates,
+                                        self.progress.skipped_updates)
         self.open_tensorboard()
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -252,6 +275,7 @@ class Trainer:
 
     def save(self, name: str) -> None:
         """Write checkpoint ``name`` (all ranks take part: RNG states are gathered)."""
+        self.read_bad_updates()
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -319,7 +343,10 @@ class Trainer:
         of the update are dropped (the failed backward may have added part of its own) and the
         whole update is redone with every micro-batch split in halves, recursively. The
         normalisation by ``global_tokens`` stays, so the update is mathematically the same.
+        (Not with CUDA graphs, whose bucket shapes are fixed: there the error stops the run.)
         """
+        if self.static is not None:
+            return self.static_accumulate(micro_batches, global_tokens)
         while True:
             try:
                 return self.accumulate(micro_batches, global_tokens)
@@ -372,8 +399,27 @@ class Trainer:
             loss_total += loss.detach()
         return loss_total
 
-    def apply_update(self) -> bool:
-        """Clip, check for non-finite gradients, step; False when the update was skipped."""
+    def static_accumulate(self, micro_batches: list, global_tokens: int) -> torch.Tensor:
+        """:meth:`accumulate` with CUDA graphs: forward-backward replays into fixed buffers."""
+        from seq2seq.data.batching import collate
+
+        loss_total = torch.zeros((), device=self.device)
+        for indices in micro_batches:
+            batch = collate(self.data.train, indices)  # padded to its bucket on the host
+            loss_total += self.static.run_forward_backward(batch, 1.0 / global_tokens)
+        return loss_total
+
+    def apply_update(self, lr: float) -> bool:
+        """Clip, check for non-finite gradients, step; False when the update was skipped.
+
+        With CUDA graphs the check happens on the device and this returns True; the skipped
+        updates are counted by :meth:`read_bad_updates`.
+        """
+        if self.static is not None:
+            self.static.run_update(lr)
+            return True
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         cfg = self.recipe.train
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.clip_norm if cfg.clip_norm > 0 else float("inf")
@@ -438,6 +484,7 @@ class Trainer:
                    desc="train", dynamic_ncols=True)
         window_loss = torch.zeros((), device=self.device)
         window_tokens, window_start = 0, time.perf_counter()
+        self.loop_start = window_start
         self.model.train()
         while self.stop_reason is None:
             if cfg.max_epochs and progress.epoch >= cfg.max_epochs:
@@ -451,16 +498,16 @@ class Trainer:
                 global_tokens = int(sum(int(trg_lens[i].sum()) for i in global_batch)
                                     + sum(len(i) for i in global_batch))  # + one EOS each
                 lr = self.schedule.at(progress.step + 1)
-                for group_ in self.optimizer.param_groups:
-                    group_["lr"] = lr
                 window_loss += self.train_step(steps[s], global_tokens)
-                ok = self.apply_update()
+                ok = self.apply_update(lr)
                 progress.step += 1
                 progress.epoch_step = s + 1
                 window_tokens += global_tokens
+                self.session_tokens += global_tokens
                 bar.update(1)
                 self.count_bad_update(ok)
                 if progress.step % cfg.log_every == 0:
+                    self.read_bad_updates()
                     loss = dist.all_reduce_sum(window_loss.clone()).item() / window_tokens
                     rate = window_tokens / (time.perf_counter() - window_start)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
@@ -488,6 +535,9 @@ class Trainer:
         self.finish()
 
     def count_bad_update(self, ok: bool) -> None:
+        """Count an update skipped for a non-finite gradient; stop after too many in a row."""
+        if self.static is not None:
+            return  # counted on the device, read by read_bad_updates
         progress = self.progress
         if ok:
             progress.bad_updates = 0
@@ -497,14 +547,32 @@ class Trainer:
         if dist.is_main():
             print(f"warning: step {progress.step}: non-finite loss or gradient; update skipped "
                   f"({progress.skipped_updates} so far)", file=sys.stderr)
-        if progress.bad_updates >= self.recipe.train.max_bad_steps:
+        self.check_bad_updates(progress.bad_updates)
+
+    def read_bad_updates(self) -> None:
+        """CUDA graphs: bring the device's counts of skipped updates into the progress."""
+        if self.static is None:
+            return
+        progress = self.progress
+        in_a_row, worst, skipped = self.static.read_bad_updates()
+        if skipped > progress.skipped_updates:
+            print(f"warning: step {progress.step}: {skipped - progress.skipped_updates} "
+                  f"update(s) skipped since the last report (non-finite loss or gradient; "
+                  f"{skipped} so far)", file=sys.stderr)
+        progress.bad_updates, progress.skipped_updates = in_a_row, skipped
+        self.check_bad_updates(worst)
+
+    def check_bad_updates(self, in_a_row: int) -> None:
+        if in_a_row >= self.recipe.train.max_bad_steps:
             raise TrainingStopped(
-                f"stopping: {progress.bad_updates} updates in a row had a non-finite loss or "
+                f"stopping: {in_a_row} updates in a row had a non-finite loss or "
                 f"gradient (train.max_bad_steps={self.recipe.train.max_bad_steps}); the last "
                 f"good checkpoint is {self.out / 'last.pt'}")
 
     def validate_and_save(self, scheduled: bool) -> None:
+        start = time.perf_counter()
         metrics = self.validate()
+        self.validation_s += time.perf_counter() - start
         self.model.train()
         row = {"step": self.progress.step, "split": "valid", "epoch": self.progress.epoch + 1,
                **metrics}
@@ -527,6 +595,15 @@ class Trainer:
             print(f"stopped at step {self.progress.step}: {self.stop_reason}; "
                   f"best {self.recipe.train.early_stop_metric} {self.progress.best_value} at step "
                   f"{self.progress.best_step}; checkpoints in {self.out}", file=sys.stderr)
+            seconds = time.perf_counter() - self.loop_start - self.validation_s
+            if self.session_tokens and seconds > 0:
+                print(f"trained on {self.session_tokens:,} target tokens in {seconds:,.1f} s "
+                      f"outside validation: {self.session_tokens / seconds:,.0f} target "
+                      "tokens/s", file=sys.stderr)
+            if self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+                print(f"peak GPU memory: {peak:,.0f} MiB (torch.cuda.max_memory_allocated)",
+                      file=sys.stderr)
 
     interrupted = False
 

@@ -7,8 +7,12 @@ unidirectional LSTMs. Both are one :class:`Encoder` with different settings.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
@@ -42,7 +46,15 @@ class Encoder(nn.Module):
         layers: stacked layers ``L``.
         bidirectional: two directions, so ``He = 2H``; else ``He = H``.
         dropout: on the embeddings, between layers and on the outputs.
+
+    Attributes:
+        packed: run the RNN over packed sequences (the default). False selects a path with no
+            host synchronisation and no data-dependent shapes, for CUDA-graph capture; it
+            gives the same results for GRU and tanh RNN cells (not LSTM: see
+            :meth:`_unpacked`).
     """
+
+    packed = True
 
     def __init__(self, embedding: nn.Embedding, cell: str, hidden: int, layers: int,
                  bidirectional: bool, dropout: float):
@@ -79,6 +91,9 @@ class Encoder(nn.Module):
                 LSTM cell state concatenated after the hidden state.
         """
         emb = self.dropout(self.embedding(src))
+        if not self.packed:
+            enc_out, final = self._unpacked(emb, src_lens)
+            return self.dropout(enc_out), final
         # Packing skips the padding, so a sentence's states do not depend on how long its
         # batch mates are, the backward direction starts at its real last token, and cuDNN
         # runs the variable-length kernel. Packing needs the lengths on the host (one sync).
@@ -95,3 +110,66 @@ class Encoder(nn.Module):
         """``(L * D, B, H)`` final states -> ``(B, D * H)`` of the top layer, directions joined."""
         top = state[-self.directions:]  # torch orders layer-major, direction-minor
         return top.transpose(0, 1).reshape(state.size(1), -1)
+
+    def _unpacked(self, emb: torch.Tensor, src_lens: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the packed path computes, layer by layer and direction by direction.
+
+        The forward direction runs over the padded batch as it is: padding comes after the
+        real tokens, so it cannot reach their states. The backward direction runs over each
+        sentence reversed within its length (padding stays at the end), and its outputs are
+        reversed back. The final states are read at the last real step of each direction.
+        LSTM final cell states are not among the outputs, so LSTM encoders need packing.
+
+        Args:
+            emb: ``(B, S, E)`` embedded source (dropout applied); src_lens: ``(B,)``.
+
+        Returns:
+            enc_out ``(B, S, He)`` (zero on padding), final ``(B, F)``: as :meth:`forward`.
+        """
+        if self.cell == "lstm":
+            raise ValueError("the unpacked encoder path supports gru and rnn cells, not lstm")
+        rnn = self.rnn
+        steps = emb.size(1)
+        positions = torch.arange(steps, device=emb.device)
+        lens = src_lens.unsqueeze(1)
+        real = positions < lens  # (B, S)
+        # Reverses each sentence within its length and leaves padding in place; its own inverse.
+        reverse = torch.where(real, lens - 1 - positions, positions)
+        x = emb
+        for layer in range(rnn.num_layers):
+            if layer > 0:
+                x = F.dropout(x, rnn.dropout, self.training)
+            outputs = []
+            for direction in range(self.directions):
+                suffix = f"l{layer}" + ("_reverse" if direction else "")
+                weights = {f"{name}_l0": getattr(rnn, f"{name}_{suffix}")
+                           for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+                inputs = _gather_steps(x, reverse) if direction else x
+                with warnings.catch_warnings():
+                    # cuDNN copies weights that are not one flat buffer; that copy is cheap here
+                    # and, under CUDA graphs, captured once.
+                    warnings.filterwarnings("ignore", message="RNN module weights")
+                    out = functional_call(self._one_layer(x.size(-1)), weights, (inputs,))[0]
+                outputs.append(_gather_steps(out, reverse) if direction else out)
+            x = torch.cat(outputs, dim=-1)
+        enc_out = x.masked_fill(~real.unsqueeze(-1), 0.0)
+        hidden = rnn.hidden_size
+        last = (src_lens - 1).view(-1, 1, 1).expand(-1, 1, hidden)
+        final = [enc_out[:, :, :hidden].gather(1, last).squeeze(1)]  # forward: last real step
+        if self.directions == 2:
+            final.append(enc_out[:, 0, hidden:])  # backward: it ends at the first token
+        return enc_out, torch.cat(final, dim=-1)
+
+    def _one_layer(self, input_size: int) -> nn.RNNBase:
+        """A parameterless one-layer, one-direction RNN of this cell, to call with weights."""
+        templates = self.__dict__.setdefault("_templates", {})  # not a registered submodule
+        if input_size not in templates:
+            templates[input_size] = RNN_CLASSES[self.cell](
+                input_size, self.rnn.hidden_size, batch_first=True, device="meta")
+        return templates[input_size]
+
+
+def _gather_steps(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x[b, order[b, t]]`` for every ``b, t``: ``(B, S, H)`` reordered along time."""
+    return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.size(-1)))

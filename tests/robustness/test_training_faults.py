@@ -268,8 +268,8 @@ def test_a_non_finite_update_is_skipped_warned_and_counted(kind, root, monkeypat
     params = []
     real_apply = trainer.apply_update
 
-    def apply_update():
-        ok = real_apply()
+    def apply_update(lr):
+        ok = real_apply(lr)
         params.append([p.detach().clone() for p in trainer.model.parameters()])
         return ok
 
@@ -320,7 +320,7 @@ def one_update(trainer, micro_batches, tokens):
     """The summed loss and the accumulated gradients of one update (then applied)."""
     loss = trainer.train_step(micro_batches, tokens)
     grads = [p.grad.clone() for p in trainer.model.parameters()]
-    assert trainer.apply_update()
+    assert trainer.apply_update(trainer.recipe.train.lr)
     return loss, grads
 
 
