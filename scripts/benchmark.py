@@ -115,7 +115,11 @@ def build_trainer(args: argparse.Namespace) -> Any:
 
 
 def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
-    """Real updates on the first batches of epoch 1; returns the timing of the last ``steps``."""
+    """Real updates on the batches of epoch 1; returns the timing of the last ``steps``.
+
+    Past the end of the epoch the same updates come round again, so a warm-up of a whole epoch
+    (on a GPU with CUDA graphs: every bucket shape captured) precedes the timed steps.
+    """
     from seq2seq.data.batching import epoch_batches, rank_steps
 
     cfg = trainer.recipe.train
@@ -125,24 +129,20 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
                             trainer.recipe.seed, 0, group)
     updates = rank_steps(batches, trainer.rank, trainer.world, cfg.accumulate)
     epoch_tokens = int(trg_lens.sum()) + len(trg_lens)  # + one EOS per sentence
-    if warmup + steps > len(updates):
-        raise SystemExit(f"error: --warmup + --steps = {warmup + steps} but an epoch has only "
-                         f"{len(updates)} updates")
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.model.train()
     timed_tokens, timed_s, cpu_s, load_before = 0, 0.0, 0.0, load_average()
     for s in range(warmup + steps):
-        global_batch = batches[s * group:(s + 1) * group]
+        u = s % len(updates)
+        global_batch = batches[u * group:(u + 1) * group]
         tokens = int(sum(int(trg_lens[i].sum()) for i in global_batch)
                      + sum(len(i) for i in global_batch))
-        for param_group in trainer.optimizer.param_groups:
-            param_group["lr"] = trainer.schedule.at(s + 1)
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = trainer.train_step(updates[s], tokens)
-        trainer.apply_update()
+        loss = trainer.train_step(updates[u], tokens)
+        trainer.apply_update(trainer.schedule.at(s + 1))
         float(loss)  # the loop's only sync, as when training logs
         sync(device)
         if s >= warmup:
@@ -158,6 +158,7 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
         "target_tokens_per_cpu_s": round(timed_tokens / cpu_s, 1),
         "step_s": round(timed_s / steps, 4),
         "updates_per_epoch": len(updates),
+        "cuda_graphs": None if trainer.static is None else len(trainer.static.graphs),
         "epoch_s_extrapolated": round(epoch_tokens / rate, 1),
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20
                                  if device.type == "cuda" else peak_rss_mib(), 1),
@@ -189,6 +190,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     """Decode ``src_ids`` in length-sorted batches of ``batch_size``; sentences/s and BLEU."""
     from seq2seq.evaluate import corpus_bleu
     from seq2seq.search import beam_search, greedy_search
+    from seq2seq.search.static_beam import static_beam_search
     from seq2seq.translate import pad_sources
 
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]), reverse=True)
@@ -206,7 +208,10 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
             best = greedy_search(model, src, src_lens, max_len_ratio=decode.max_len_ratio,
                                  max_len_add=decode.max_len_add)
         else:
-            best = [nbest[0] for nbest in beam_search(
+            # decode.cuda_graphs: the fixed-shape search, replayed as CUDA graphs (same output).
+            search = static_beam_search if decode.cuda_graphs and device.type == "cuda" \
+                else beam_search
+            best = [nbest[0] for nbest in search(
                 model, src, src_lens, beam_size=beam, alpha=decode.alpha,
                 max_len_ratio=decode.max_len_ratio, max_len_add=decode.max_len_add)]
         limits = [math.floor(decode.max_len_ratio * n + decode.max_len_add)
@@ -221,6 +226,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     n_unique = len(refs)
     return {
         "beam": beam, "sentences": len(src_ids), "batch_sentences": batch_size,
+        "cuda_graphs": bool(decode.cuda_graphs and device.type == "cuda" and beam > 1),
         "sentences_per_s": round(len(src_ids) / seconds, 1), "seconds": round(seconds, 2),
         "sentences_per_cpu_s": round(len(src_ids) / cpu_s, 1),
         "bleu": corpus_bleu(texts[:n_unique], [refs]),
@@ -254,6 +260,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{train['epoch_s_extrapolated']:,.0f} | |",
             f"| peak memory (MiB, {train['peak_memory_kind']}) | "
             f"{train['peak_memory_mib']:,.0f} | |",
+            f"| CUDA graphs (bucket shapes captured) | {train['cuda_graphs'] or 'off'} | |",
         ]
     if result.get("decode"):
         lines += ["", f"decoding: {result['decode_model']}",

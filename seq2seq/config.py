@@ -210,9 +210,14 @@ class TrainConfig:
     max_bad_steps: int = option(
         5, "stop when this many updates in a row have a non-finite loss or gradient")
     tensorboard: bool = option(False, "also log to TensorBoard in <output_dir>/tensorboard")
+    cuda_graphs: bool = option(
+        False, "GPU, one process: pad batches to bucket shapes and replay each training step "
+        "as a CUDA graph (gru/rnn cells, fp32/bf16)")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        _check(problems, not (self.cuda_graphs and self.precision == "fp16"), "train.cuda_graphs",
+               "needs train.precision fp32 or bf16 (fp16's grad scaler works on the host)")
         for name in ("batch_tokens", "accumulate", "valid_every", "log_every",
                      "max_bad_steps"):
             _check(problems, getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
@@ -245,6 +250,9 @@ class DecodeConfig:
     min_len: int = option(0, "minimum output length in tokens (EOS forbidden before)")
     no_repeat_ngram: int = option(0, "forbid repeating any n-gram of this size (0: off)")
     batch_tokens: int = option(4000, "source tokens per decoding batch")
+    cuda_graphs: bool = option(
+        False, "GPU beam search on fixed shapes, replayed as CUDA graphs (same results; not "
+        "with attention output or no_repeat_ngram, which use the plain search)")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -330,6 +338,10 @@ class Recipe:
         if self.model.tie_embeddings == "all":
             _check(problems, self.tokenizer.joint, "model.tie_embeddings",
                    "'all' needs a joint vocabulary (tokenizer.joint: true)")
+        if self.train.cuda_graphs:
+            _check(problems, self.model.cell != "lstm", "train.cuda_graphs",
+                   "needs model.cell gru or rnn (an LSTM encoder's final cell state needs "
+                   "packed sequences)")
         if problems:
             raise RecipeError(problems)
 

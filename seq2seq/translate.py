@@ -21,6 +21,7 @@ from seq2seq.checkpoint import load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.errors import Seq2SeqError
 from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
+from seq2seq.search.static_beam import static_beam_search
 from seq2seq.tokenizer import EOS, PAD, Tokenizer
 
 
@@ -79,6 +80,12 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
                 model, src, src_lens, max_len_ratio=decode.max_len_ratio,
                 max_len_add=decode.max_len_add, min_len=decode.min_len,
                 no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention)]
+        elif (decode.cuda_graphs and device.type == "cuda" and not return_attention
+              and decode.no_repeat_ngram == 0):
+            hyps = static_beam_search(
+                model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,
+                alpha=decode.alpha, max_len_ratio=decode.max_len_ratio,
+                max_len_add=decode.max_len_add, min_len=decode.min_len)
         else:
             hyps = beam_search(
                 model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,
