@@ -190,10 +190,15 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     """Decode ``src_ids`` in length-sorted batches of ``batch_size``; sentences/s and BLEU."""
     from seq2seq.evaluate import corpus_bleu
     from seq2seq.search import beam_search, greedy_search
-    from seq2seq.search.static_beam import static_beam_search
+    from seq2seq.search.static_beam import StaticBeamSearch
     from seq2seq.translate import pad_sources
 
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]), reverse=True)
+    graphs = bool(decode.cuda_graphs and device.type == "cuda" and beam > 1)
+    # decode.cuda_graphs: the fixed-shape search (same output), graphs kept across batches.
+    static = StaticBeamSearch(model, beam, alpha=decode.alpha,
+                              max_len_ratio=decode.max_len_ratio,
+                              max_len_add=decode.max_len_add, capture=True) if graphs else None
     hyps: list[list[int]] = [[] for _ in src_ids]
     out_tokens, cut = 0, 0
     if device.type == "cuda":
@@ -207,11 +212,10 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
         if beam == 1:
             best = greedy_search(model, src, src_lens, max_len_ratio=decode.max_len_ratio,
                                  max_len_add=decode.max_len_add)
+        elif static is not None:
+            best = [nbest[0] for nbest in static(src, src_lens)]
         else:
-            # decode.cuda_graphs: the fixed-shape search, replayed as CUDA graphs (same output).
-            search = static_beam_search if decode.cuda_graphs and device.type == "cuda" \
-                else beam_search
-            best = [nbest[0] for nbest in search(
+            best = [nbest[0] for nbest in beam_search(
                 model, src, src_lens, beam_size=beam, alpha=decode.alpha,
                 max_len_ratio=decode.max_len_ratio, max_len_add=decode.max_len_add)]
         limits = [math.floor(decode.max_len_ratio * n + decode.max_len_add)
@@ -226,7 +230,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     n_unique = len(refs)
     return {
         "beam": beam, "sentences": len(src_ids), "batch_sentences": batch_size,
-        "cuda_graphs": bool(decode.cuda_graphs and device.type == "cuda" and beam > 1),
+        "cuda_graphs": graphs,
         "sentences_per_s": round(len(src_ids) / seconds, 1), "seconds": round(seconds, 2),
         "sentences_per_cpu_s": round(len(src_ids) / cpu_s, 1),
         "bleu": corpus_bleu(texts[:n_unique], [refs]),

@@ -21,7 +21,7 @@ from seq2seq.checkpoint import load_checkpoint
 from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.errors import Seq2SeqError
 from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
-from seq2seq.search.static_beam import static_beam_search
+from seq2seq.search.static_beam import StaticBeamSearch
 from seq2seq.tokenizer import EOS, PAD, Tokenizer
 
 
@@ -73,6 +73,13 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
     Beam size 1 with alpha 0 uses greedy search (the two agree then; greedy is cheaper).
     """
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
+    static = None
+    if (decode.cuda_graphs and device.type == "cuda" and not return_attention
+            and decode.no_repeat_ngram == 0):
+        # One searcher for all batches: its buffers and graphs serve every batch of a shape.
+        static = StaticBeamSearch(model, decode.beam_size, decode.n_best, decode.alpha,
+                                  decode.max_len_ratio, decode.max_len_add, decode.min_len,
+                                  capture=True)
     for batch in length_batches([len(s) + 1 for s in src_ids], decode.batch_tokens):
         src, src_lens = pad_sources([src_ids[i] for i in batch], device)
         if decode.beam_size == 1 and decode.alpha == 0:
@@ -80,12 +87,8 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
                 model, src, src_lens, max_len_ratio=decode.max_len_ratio,
                 max_len_add=decode.max_len_add, min_len=decode.min_len,
                 no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention)]
-        elif (decode.cuda_graphs and device.type == "cuda" and not return_attention
-              and decode.no_repeat_ngram == 0):
-            hyps = static_beam_search(
-                model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,
-                alpha=decode.alpha, max_len_ratio=decode.max_len_ratio,
-                max_len_add=decode.max_len_add, min_len=decode.min_len)
+        elif static is not None:
+            hyps = static(src, src_lens)
         else:
             hyps = beam_search(
                 model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,

@@ -37,6 +37,7 @@ from seq2seq.search.common import (
 )
 
 SENTENCE_MULTIPLE = 32
+STEP_MULTIPLE = 8  # source and output widths are padded to multiples of this
 CHUNK = 8  # steps between two looks of the host
 
 
@@ -91,63 +92,114 @@ def static_beam_search(
     capture: bool | None = None,
     chunk: int = CHUNK,
 ) -> list[list[Hypothesis]]:
-    """Decode a batch like :func:`seq2seq.search.beam_search` (same arguments and results,
+    """Decode one batch like :func:`seq2seq.search.beam_search` (same arguments and results,
     without attention and n-gram blocking), with fixed-shape steps.
 
+    To decode many batches, make one :class:`StaticBeamSearch` and call it for each: its
+    buffers and graphs are kept per shape and serve every batch of that shape.
+    """
+    searcher = StaticBeamSearch(model, beam_size, n_best, alpha, max_len_ratio, max_len_add,
+                                min_len, capture=src.is_cuda if capture is None else capture,
+                                chunk=chunk)
+    return searcher(src, src_lens)
+
+
+@dataclass
+class _Slot:
+    """The buffers of one shape, and the graph recorded on them (once they have been warmed)."""
+
+    search: _Search
+    graph: torch.cuda.CUDAGraph | None = None
+    warm: bool = False
+
+
+class StaticBeamSearch:
+    """Beam search for many batches, on fixed shapes; CUDA graphs recorded once per shape.
+
     Args:
-        capture: record each chunk of steps in a CUDA graph and replay it (default: on CUDA).
+        model: anything with ``encode``, ``init_state`` and ``step``.
+        beam_size, n_best, alpha, max_len_ratio, max_len_add, min_len: as in ``beam_search``.
+        capture: record each chunk of steps in a CUDA graph and replay it (needs CUDA).
         chunk: steps between two looks of the host.
     """
-    if not 1 <= n_best <= beam_size:
-        raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, "
-                         f"beam_size={beam_size}")
-    capture = src.is_cuda if capture is None else capture
-    if capture and not src.is_cuda:
-        raise ValueError("capture=True needs the batch on a CUDA device")
-    search = _start(model, src, src_lens, beam_size, n_best, max_len_ratio, max_len_add)
-    step = _Stepper(model, beam_size, n_best, alpha, min_len)
-    results: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
-    collected: set[int] = set()
-    graph = None  # records the buffers of one _Search: a compaction needs a new one
-    while True:
-        if not capture:
-            for _ in range(chunk):
-                step(search)
-        elif graph is not None:
-            graph.replay()
+
+    def __init__(self, model: Any, beam_size: int, n_best: int = 1, alpha: float = 0.0,
+                 max_len_ratio: float = 1.5, max_len_add: int = 10, min_len: int = 0,
+                 capture: bool = False, chunk: int = CHUNK):
+        if not 1 <= n_best <= beam_size:
+            raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, "
+                             f"beam_size={beam_size}")
+        self.model, self.beam_size, self.n_best = model, beam_size, n_best
+        self.max_len_ratio, self.max_len_add = max_len_ratio, max_len_add
+        self.capture, self.chunk = capture, chunk
+        self.step = _Stepper(model, beam_size, n_best, alpha, min_len)
+        self.slots: dict[tuple, _Slot] = {}
+
+    @torch.no_grad()
+    def __call__(self, src: torch.Tensor, src_lens: torch.Tensor) -> list[list[Hypothesis]]:
+        """The ``n_best`` hypotheses of every sentence of the batch, best first."""
+        if self.capture and not src.is_cuda:
+            raise ValueError("capture needs the batch on a CUDA device")
+        slot = self._load(_start(self.model, src, src_lens, self.beam_size, self.n_best,
+                                 self.max_len_ratio, self.max_len_add))
+        results: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
+        collected: set[int] = set()
+        while True:
+            self._run_chunk(slot)
+            done = slot.search.done.tolist()
+            _collect(slot.search, [j for j, d in enumerate(done) if d], results, collected)
+            if all(done):
+                return results
+            keep = [j for j, d in enumerate(done) if not d]
+            if _padded(len(keep)) < len(done):  # a smaller shape: compact
+                slot = self._load(_compact(slot.search, keep, self.beam_size))
+
+    def _load(self, search: _Search) -> _Slot:
+        """The slot of ``search``'s shape, its buffers now holding ``search``'s values."""
+        key = tuple(tuple(t.shape) for t in _flatten(_fields(search)))
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = _Slot(search)
         else:
-            # The first chunk of a shape runs eagerly (it warms up the kernels), the next are
-            # recorded once and replayed.
-            for _ in range(chunk):
-                step(search)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(chunk):
-                    step(search)
-            graph.replay()
-        done = search.done.tolist()
-        _collect(search, [j for j, d in enumerate(done) if d], results, collected)
-        if all(done):
-            return results
-        keep = [j for j, d in enumerate(done) if not d]
-        if _padded(len(keep)) < len(done):  # a smaller shape: compact
-            search, graph = _compact(search, keep, beam_size), None
+            for buffer, value in zip(_flatten(_fields(slot.search)), _flatten(_fields(search))):
+                buffer.copy_(value)
+        return slot
+
+    def _run_chunk(self, slot: _Slot) -> None:
+        if slot.graph is not None:
+            slot.graph.replay()
+            return
+        if not self.capture or not slot.warm:
+            # Eagerly; on a GPU the first chunk of a shape also warms its kernels up, the
+            # next one is recorded.
+            for _ in range(self.chunk):
+                self.step(slot.search)
+            slot.warm = True
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(self.chunk):
+                self.step(slot.search)
+        slot.graph = graph
+        graph.replay()
 
 
 def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int, n_best: int,
            max_len_ratio: float, max_len_add: int) -> _Search:
-    """Pad the batch with placeholder sentences, encode it, and set up the buffers."""
+    """Pad the batch (placeholder sentences, source and output widths to multiples of
+    ``STEP_MULTIPLE``), encode it, and set up fresh buffers."""
     batch = src.size(0)
     n = _padded(batch)
     device = src.device
-    padded = torch.full((n, src.size(1)), PAD, dtype=torch.long, device=device)
-    padded[:batch] = src
+    width = -(-src.size(1) // STEP_MULTIPLE) * STEP_MULTIPLE
+    padded = torch.full((n, width), PAD, dtype=torch.long, device=device)
+    padded[:batch, :src.size(1)] = src
     padded[batch:, 0] = EOS  # a one-token source: attention needs a real position
     lens = torch.ones(n, dtype=torch.long, device=device)
     lens[:batch] = src_lens
     max_lens = torch.zeros(n, dtype=torch.long)
     max_lens[:batch] = torch.tensor(max_output_lengths(src_lens, max_len_ratio, max_len_add))
-    longest = int(max_lens.max())
+    longest = -(-int(max_lens.max()) // STEP_MULTIPLE) * STEP_MULTIPLE
     enc = model.encode(padded, lens)
     state = model.init_state(enc)
     rows = torch.arange(n, device=device).repeat_interleave(beam_size)
@@ -304,6 +356,11 @@ def _compact(s: _Search, keep: list[int], beam_size: int) -> _Search:
     return _Search(t=s.t.clone(), tokens=s.tokens.index_select(0, rows),
                    prev=s.prev.index_select(0, rows), state=reorder(s.state, rows),
                    enc=reorder(s.enc, rows), **by_sentence)
+
+
+def _fields(s: _Search) -> tuple:
+    """Every buffer of a search, as a nest (in field order)."""
+    return tuple(getattr(s, f.name) for f in fields(s))
 
 
 def _flatten(x: Any) -> list[torch.Tensor]:

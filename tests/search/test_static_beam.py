@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seq2seq.search import beam_search
-from seq2seq.search.static_beam import SENTENCE_MULTIPLE, static_beam_search
+from seq2seq.search.static_beam import SENTENCE_MULTIPLE, StaticBeamSearch, static_beam_search
 from tests.search.test_search import MODELS, make_batch
 
 LENS_MANY = [(i * 7) % 11 + 1 for i in range(SENTENCE_MULTIPLE + 9)]  # two shapes, compaction
@@ -60,13 +60,28 @@ def test_the_look_interval_does_not_change_results():
     assert_same_results(runs[0], runs[2])
 
 
+def test_one_searcher_serves_many_batches_through_its_shape_buffers():
+    """Batches of one shape reuse the same buffers (and, on a GPU, graphs): values copied in
+    must fully replace the previous batch's."""
+    model = MODELS["lstm-luong"]()
+    options = dict(beam_size=4, n_best=2, alpha=0.6, max_len_ratio=1.5, max_len_add=3)
+    searcher = StaticBeamSearch(model, chunk=4, **options)
+    batches = [make_batch(LENS_MANY, seed=seed) for seed in (4, 5, 4)]
+    batches.append(make_batch(LENS_MANY[:7], seed=6))  # a smaller shape in between
+    batches.append(make_batch(LENS_MANY, seed=7))
+    for src, src_lens in batches:
+        assert_same_results(searcher(src, src_lens), beam_search(model, src, src_lens, **options))
+    assert 2 <= len(searcher.slots) < 2 * len(batches)  # shapes were shared
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphed_static_beam_search_gives_beam_search_results_on_the_gpu():
     model = MODELS["gru-bahdanau"]().cuda()
-    src, src_lens = make_batch(LENS_MANY, seed=3)
-    src, src_lens = src.cuda(), src_lens.cuda()
     options = dict(beam_size=5, n_best=2, alpha=0.6, max_len_ratio=1.5, max_len_add=3)
-    reference = beam_search(model, src, src_lens, **options)
-    assert_same_results(static_beam_search(model, src, src_lens, capture=True, chunk=4,
-                                           **options), reference)
+    searcher = StaticBeamSearch(model, capture=True, chunk=4, **options)
+    for seed in (3, 4, 3):  # the second and third batches replay the first one's graphs
+        src, src_lens = (t.cuda() for t in make_batch(LENS_MANY, seed=seed))
+        assert_same_results(searcher(src, src_lens), beam_search(model, src, src_lens,
+                                                                 **options))
+    assert any(slot.graph is not None for slot in searcher.slots.values())
