@@ -18,7 +18,7 @@
 #      and graphed search) and greedy (BLEU, wall time, tokens/s, peak memory);
 #   5. the same without input feeding: the parallel decoder (one cuDNN call per layer), for
 #      its quality next to the input-feeding decoder;
-#   6. recipes/multi30k/en-de.lstm.yaml trained (eagerly: LSTM) and evaluated.
+#   6. recipes/multi30k/en-de.lstm.yaml trained as the recipe says (eagerly) and evaluated.
 set -euo pipefail
 
 out=${1:?usage: gpu_checks.sh OUT_DIR [CHECKS]}

@@ -212,7 +212,7 @@ class TrainConfig:
     tensorboard: bool = option(False, "also log to TensorBoard in <output_dir>/tensorboard")
     cuda_graphs: bool = option(
         False, "GPU, one process: pad batches to bucket shapes and replay each training step "
-        "as a CUDA graph (gru/rnn cells, fp32/bf16)")
+        "as a CUDA graph (fp32/bf16)")
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -338,10 +338,6 @@ class Recipe:
         if self.model.tie_embeddings == "all":
             _check(problems, self.tokenizer.joint, "model.tie_embeddings",
                    "'all' needs a joint vocabulary (tokenizer.joint: true)")
-        if self.train.cuda_graphs:
-            _check(problems, self.model.cell != "lstm", "train.cuda_graphs",
-                   "needs model.cell gru or rnn (an LSTM encoder's final cell state needs "
-                   "packed sequences)")
         if problems:
             raise RecipeError(problems)
 

@@ -66,7 +66,7 @@ def assert_close_lists(a, b, rtol=1e-5, atol=1e-6):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cell", ["gru", "rnn"])
+@pytest.mark.parametrize("cell", ["gru", "rnn", "lstm"])
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_unpacked_encoder_equals_packed_outputs_finals_and_gradients(cell, bidirectional):
     torch.manual_seed(0)
@@ -83,14 +83,7 @@ def test_unpacked_encoder_equals_packed_outputs_finals_and_gradients(cell, bidir
     assert results[1][0][batch.src == PAD].abs().max() == 0  # padding outputs are zero
 
 
-def test_unpacked_encoder_refuses_lstm_and_so_does_the_recipe():
-    encoder = Encoder(nn.Embedding(30, 6, padding_idx=PAD), "lstm", 5, 1, True, 0.0)
-    encoder.packed = False
-    batch = random_batch(3, 5, 4, 30, seed=1)
-    with pytest.raises(ValueError, match="lstm"):
-        encoder(batch.src, batch.src_lens)
-    with pytest.raises(RecipeError, match="train.cuda_graphs"):
-        recipe_from_dict(tiny_tree("unused"), ["train.cuda_graphs=true", "model.cell=lstm"])
+def test_cuda_graphs_need_a_precision_without_a_host_side_scaler():
     with pytest.raises(RecipeError, match="train.cuda_graphs"):
         recipe_from_dict(tiny_tree("unused"), ["train.cuda_graphs=true", "train.precision=fp16"])
 
@@ -112,10 +105,12 @@ def test_bucket_padding_rounds_every_dimension_and_keeps_the_rows():
     assert (padded.trg_out[5:] == PAD).all() and (padded.trg_out[:5, 3:] == PAD).all()
 
 
-@pytest.mark.parametrize("decoder, input_feeding", [("luong", True), ("bahdanau", True),
-                                                    ("luong", False)])
-def test_static_forward_backward_on_a_padded_batch_equals_the_plain_path(decoder, input_feeding):
-    model = tiny_model(decoder=decoder, input_feeding=input_feeding)
+@pytest.mark.parametrize("cell, decoder, input_feeding", [
+    ("gru", "luong", True), ("gru", "bahdanau", True), ("gru", "luong", False),
+    ("lstm", "luong", True)])
+def test_static_forward_backward_on_a_padded_batch_equals_the_plain_path(cell, decoder,
+                                                                         input_feeding):
+    model = tiny_model(cell, decoder=decoder, input_feeding=input_feeding)
     batch = random_batch(7, 9, 6, 40, seed=3)
     norm = 1.0 / batch.n_trg_tokens
     loss, grads = plain_loss_and_grads(model, batch, norm)
@@ -208,9 +203,11 @@ def test_trainer_on_the_static_path_ends_where_the_plain_path_ends(tmp_path):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_graphed_steps_equal_eager_steps_on_the_gpu(dtype):
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_graphed_steps_equal_eager_steps_on_the_gpu(cell, dtype):
     device = torch.device("cuda")
-    eager_model, graph_model = tiny_model(seed=9).to(device), tiny_model(seed=9).to(device)
+    eager_model = tiny_model(cell, seed=9).to(device)
+    graph_model = tiny_model(cell, seed=9).to(device)
     programs = []
     for model, capture in ((eager_model, False), (graph_model, True)):
         optimizer = fused_adam(model, torch.optim.Adam, 1e-3, (0.9, 0.999), 0.0, device)

@@ -50,8 +50,7 @@ class Encoder(nn.Module):
     Attributes:
         packed: run the RNN over packed sequences (the default). False selects a path with no
             host synchronisation and no data-dependent shapes, for CUDA-graph capture; it
-            gives the same results for GRU and tanh RNN cells (not LSTM: see
-            :meth:`_unpacked`).
+            gives the same results (see :meth:`_unpacked`).
     """
 
     packed = True
@@ -118,8 +117,9 @@ class Encoder(nn.Module):
         The forward direction runs over the padded batch as it is: padding comes after the
         real tokens, so it cannot reach their states. The backward direction runs over each
         sentence reversed within its length (padding stays at the end), and its outputs are
-        reversed back. The final states are read at the last real step of each direction.
-        LSTM final cell states are not among the outputs, so LSTM encoders need packing.
+        reversed back. GRU and tanh-RNN final states are outputs, read at the last real step;
+        an LSTM's final cell state is not, so LSTM layers run as a step loop that holds each
+        state still on padding (:func:`_masked_lstm`).
 
         Args:
             emb: ``(B, S, E)`` embedded source (dropout applied); src_lens: ``(B,)``.
@@ -127,8 +127,6 @@ class Encoder(nn.Module):
         Returns:
             enc_out ``(B, S, He)`` (zero on padding), final ``(B, F)``: as :meth:`forward`.
         """
-        if self.cell == "lstm":
-            raise ValueError("the unpacked encoder path supports gru and rnn cells, not lstm")
         rnn = self.rnn
         steps = emb.size(1)
         positions = torch.arange(steps, device=emb.device)
@@ -136,30 +134,33 @@ class Encoder(nn.Module):
         real = positions < lens  # (B, S)
         # Reverses each sentence within its length and leaves padding in place; its own inverse.
         reverse = torch.where(real, lens - 1 - positions, positions)
+        last = (src_lens - 1).view(-1, 1, 1).expand(-1, 1, rnn.hidden_size)
         x = emb
         for layer in range(rnn.num_layers):
             if layer > 0:
                 x = F.dropout(x, rnn.dropout, self.training)
-            outputs = []
+            outputs, finals_h, finals_c = [], [], []
             for direction in range(self.directions):
                 suffix = f"l{layer}" + ("_reverse" if direction else "")
                 weights = {f"{name}_l0": getattr(rnn, f"{name}_{suffix}")
                            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
                 inputs = _gather_steps(x, reverse) if direction else x
-                with warnings.catch_warnings():
-                    # cuDNN copies weights that are not one flat buffer; that copy is cheap here
-                    # and, under CUDA graphs, captured once.
-                    warnings.filterwarnings("ignore", message="RNN module weights")
-                    out = functional_call(self._one_layer(x.size(-1)), weights, (inputs,))[0]
+                if self.cell == "lstm":
+                    out, h, c = _masked_lstm(inputs, real, *weights.values())
+                    finals_c.append(c)
+                else:
+                    with warnings.catch_warnings():
+                        # cuDNN copies weights that are not one flat buffer; cheap here and,
+                        # under CUDA graphs, recorded once.
+                        warnings.filterwarnings("ignore", message="RNN module weights")
+                        out = functional_call(self._one_layer(x.size(-1)), weights,
+                                              (inputs,))[0]
+                    h = out.gather(1, last).squeeze(1)  # each direction ends at step len - 1
+                finals_h.append(h)
                 outputs.append(_gather_steps(out, reverse) if direction else out)
             x = torch.cat(outputs, dim=-1)
         enc_out = x.masked_fill(~real.unsqueeze(-1), 0.0)
-        hidden = rnn.hidden_size
-        last = (src_lens - 1).view(-1, 1, 1).expand(-1, 1, hidden)
-        final = [enc_out[:, :, :hidden].gather(1, last).squeeze(1)]  # forward: last real step
-        if self.directions == 2:
-            final.append(enc_out[:, 0, hidden:])  # backward: it ends at the first token
-        return enc_out, torch.cat(final, dim=-1)
+        return enc_out, torch.cat(finals_h + finals_c, dim=-1)
 
     def _one_layer(self, input_size: int) -> nn.RNNBase:
         """A parameterless one-layer, one-direction RNN of this cell, to call with weights."""
@@ -168,6 +169,34 @@ class Encoder(nn.Module):
             templates[input_size] = RNN_CLASSES[self.cell](
                 input_size, self.rnn.hidden_size, batch_first=True, device="meta")
         return templates[input_size]
+
+
+def _masked_lstm(x: torch.Tensor, real: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
+                 b_ih: torch.Tensor, b_hh: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer and direction, step by step, holding the state still on padding.
+
+    The equations and gate order (i, f, g, o) are ``nn.LSTM``'s.
+
+    Args:
+        x: ``(B, S, I)`` inputs, padding after the real steps; real: ``(B, S)`` bool.
+
+    Returns:
+        outputs ``(B, S, H)``, and the hidden and cell states after the last real step,
+        each ``(B, H)``.
+    """
+    batch, hidden = x.size(0), w_hh.size(1)
+    gates_x = F.linear(x, w_ih, b_ih).unbind(1)  # every step's input part at once
+    keep = real.unsqueeze(-1).unbind(1)
+    h = c = x.new_zeros(batch, hidden)
+    outputs = []
+    for t, gates in enumerate(gates_x):
+        i, f, g, o = (gates + F.linear(h, w_hh, b_hh)).chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        h, c = torch.where(keep[t], h_new, h), torch.where(keep[t], c_new, c)
+        outputs.append(h_new)
+    return torch.stack(outputs, dim=1), h, c
 
 
 def _gather_steps(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
