@@ -11,9 +11,12 @@ step reads and writes lives in device buffers of fixed shape (:class:`_Search`):
 - the step number is a device tensor, so one recorded step serves every step.
 
 The host looks at the buffers only every ``chunk`` steps: it collects the sentences that are
-done and compacts them out (a smaller shape, so a new graph), until none is left. Sentence
+done and, when that allows a smaller shape, compacts them out, until none is left. Sentence
 counts are padded to a multiple of ``SENTENCE_MULTIPLE`` with placeholder sentences that are
-done from the start, so only a few shapes are ever recorded.
+done from the start, and source and output widths to multiples of ``STEP_MULTIPLE``, so only a
+few shapes occur. :class:`StaticBeamSearch` keeps one set of buffers per shape, and the graph
+recorded on them, for every batch it decodes: a batch is copied into its shape's buffers and
+the graph is replayed.
 
 On a CPU (or with ``capture=False``) the same steps run eagerly; the tests compare them with
 ``beam_search``. Attention output and ``no_repeat_ngram`` are not supported here: callers use
