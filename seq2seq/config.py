@@ -211,8 +211,8 @@ class TrainConfig:
         5, "stop when this many updates in a row have a non-finite loss or gradient")
     tensorboard: bool = option(False, "also log to TensorBoard in <output_dir>/tensorboard")
     cuda_graphs: bool = option(
-        False, "GPU, one process: pad batches to bucket shapes and replay each training step "
-        "as a CUDA graph (fp32/bf16)")
+        False, "GPU: pad batches to bucket shapes and replay each training step as a CUDA "
+        "graph (fp32/bf16)")
 
     def __post_init__(self) -> None:
         problems: list[str] = []

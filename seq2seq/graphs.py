@@ -15,9 +15,12 @@ synchronisation, so here:
   non-finite update on the device (``found_inf``), and device counters of skipped updates are
   read by the host only when it logs or saves.
 
-Gradients live in fixed buffers: each forward-backward graph adds into them, the update graph
-reads and zeroes them, so gradient accumulation is several forward-backward replays, then one
-update. Without ``capture`` (on the CPU, or to compare) the same functions run eagerly.
+Gradients live in one flat buffer (each parameter's ``.grad`` a view of it): each
+forward-backward graph adds into it, the update graph reads and zeroes it, so gradient
+accumulation is several forward-backward replays, then one update. With several processes the
+flat buffer is summed over ranks between the two (one all-reduce, outside the graphs: DDP's
+hooks cannot be recorded), and the loss is normalised by the global target-token count as in
+the plain path. Without ``capture`` (on the CPU, or to compare) the same functions run eagerly.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from seq2seq import distributed as dist
 from seq2seq.data.batching import Batch
 from seq2seq.models.seq2seq import PAD, Seq2Seq
 
@@ -87,7 +91,7 @@ class StaticSteps:
     """Forward-backward and update with fixed shapes and no host synchronisation.
 
     Args:
-        model: the model (single process: DDP's hooks are not captured).
+        model: the model itself, not a DDP wrapper.
         optimizer: from :func:`fused_adam`.
         clip_norm: gradient-norm clipping (0: off).
         label_smoothing: of the cross-entropy.
@@ -116,8 +120,11 @@ class StaticSteps:
         self.bad_run = torch.zeros((), device=device)
         self.worst_run = torch.zeros((), device=device)
         self.skipped = torch.zeros((), device=device)
+        self.flat_grad = torch.zeros(sum(p.numel() for p in self.params), device=device)
+        offset = 0
         for param in self.params:
-            param.grad = torch.zeros_like(param)
+            param.grad = self.flat_grad[offset:offset + param.numel()].view_as(param)
+            offset += param.numel()
         self.graphs: dict[tuple[int, int, int], _Captured] = {}
         self.update_graph: torch.cuda.CUDAGraph | None = None
         self.pool = torch.cuda.graph_pool_handle() if capture else None
@@ -164,6 +171,8 @@ class StaticSteps:
         return captured.loss.clone()
 
     def run_update(self, lr: float) -> None:
+        """Sum the gradients over ranks (several processes), then run (or replay) the update."""
+        dist.all_reduce_sum(self.flat_grad)
         self.lr.fill_(lr)
         if not self.capture:
             self.update()

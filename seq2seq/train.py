@@ -204,11 +204,13 @@ class Trainer:
                      if dist.is_initialized() else "")
             print(f"model: {self.model.num_parameters:,} parameters; training on "
                   f"{self.device}{group}", file=sys.stderr)
-        self.ddp_model = dist.wrap_ddp(self.model, self.device)
-        use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and self.world == 1
+        use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         if cfg.cuda_graphs and not use_graphs and dist.is_main():
-            print("note: train.cuda_graphs applies to one process on a GPU (DDP's gradient "
-                  "hooks are not captured); training eagerly", file=sys.stderr)
+            print("note: train.cuda_graphs applies on a GPU only; training eagerly",
+                  file=sys.stderr)
+        # With graphs the gradients are summed over ranks by StaticSteps, not by DDP (whose
+        # hooks cannot be recorded); every rank starts from the same seeded weights.
+        self.ddp_model = self.model if use_graphs else dist.wrap_ddp(self.model, self.device)
         self.optimizer = make_optimizer(self.model, recipe, self.device, static=use_graphs)
         self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.min_lr,
                                  cfg.plateau_factor, cfg.plateau_patience)

@@ -59,6 +59,30 @@ trainer.close()
 dist.shutdown()
 '''
 
+# The trainer on the static (CUDA-graph) path, its programs run eagerly on the CPU: gradients
+# summed over ranks by StaticSteps' one all-reduce instead of DDP.
+STATIC_SCRIPT = '''
+import sys
+import torch
+from seq2seq import distributed as dist
+from seq2seq.config import load_recipe
+from seq2seq.graphs import StaticSteps, fused_adam
+from seq2seq.train import Trainer
+
+trainer = Trainer(load_recipe(sys.argv[1]))
+cfg = trainer.recipe.train
+trainer.ddp_model = trainer.model
+trainer.optimizer = fused_adam(trainer.model, torch.optim.Adam, cfg.lr, cfg.betas, 0.0,
+                               torch.device("cpu"))
+trainer.static = StaticSteps(trainer.model, trainer.optimizer, cfg.clip_norm,
+                             cfg.label_smoothing, None, capture=False)
+try:
+    trainer.fit()
+finally:
+    trainer.close()
+    dist.shutdown()
+'''
+
 # Training through seq2seq.train.fit inside torchrun, then a look at what is left: nothing that
 # holds the process group may outlive fit (a gloo group torn down during interpreter
 # finalization can abort the worker after a successful run), and the signal handlers are back.
@@ -225,6 +249,24 @@ def test_a_torchrun_group_of_one_trains_like_a_single_process(tmp_path, cache_di
     grouped_ckpt = load_checkpoint(tmp_path / "group" / "last.pt")
     single_ckpt = load_checkpoint(tmp_path / "single" / "last.pt")
     assert max_relative_difference(grouped_ckpt["model"], single_ckpt["model"]) <= 1e-6
+
+
+def test_static_path_over_two_ranks_ends_where_ddp_ends(tmp_path, cache_dir):
+    """CUDA-graph training with several processes sums gradients itself: same updates."""
+    recipe = write_recipe(tmp_path, cache_dir, "static", train={"accumulate": 2})
+    script = tmp_path / "static.py"
+    script.write_text(STATIC_SCRIPT, encoding="utf-8")
+    check(run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(script), str(recipe)]))
+    check(run(seq2seq_train(recipe, "distributed.nproc_per_node=2",
+                            f"output_dir={tmp_path / 'ddp'}")))
+    static = load_checkpoint(tmp_path / "static" / "last.pt")
+    ddp = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert static["step"] == ddp["step"] == 6
+    assert max_relative_difference(static["model"], ddp["model"]) <= 1e-4
+    losses = [[r["loss"] for r in metrics(tmp_path / name, "train")] for name in ("static", "ddp")]
+    assert len(losses[0]) == len(losses[1]) == 6
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
 def test_validation_over_two_ranks_scores_the_same_sentences_in_order(tmp_path, cache_dir):
