@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from seq2seq import distributed as dist
 from seq2seq.data.batching import Batch
-from seq2seq.models.seq2seq import PAD, Seq2Seq
+from seq2seq.models.seq2seq import Seq2Seq
+from seq2seq.tokenizer import EOS, PAD
 
-EOS = 3
 ROW_MULTIPLE = 32
 STEP_MULTIPLE = 8
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuDNN and autograd set-up)
@@ -158,11 +158,12 @@ class StaticSteps:
 
     def run_forward_backward(self, batch: Batch, norm: float) -> torch.Tensor:
         """Pad ``batch`` (on the CPU) to its bucket and run (or replay) forward-backward."""
-        padded = pad_batch(batch, bucket_shape(batch))
+        shape = bucket_shape(batch)
+        padded = pad_batch(batch, shape)
         self.norm.fill_(norm)
         if not self.capture:
             return self.forward_backward(padded.to(self.device))
-        captured = self.graphs.get(bucket_shape(batch))
+        captured = self.graphs.get(shape)
         if captured is None:
             captured = self._capture_forward_backward(padded)
         for static, value in zip(_tensors(captured.inputs), _tensors(padded)):

@@ -557,7 +557,7 @@ class Trainer:
             return
         progress = self.progress
         in_a_row, worst, skipped = self.static.read_bad_updates()
-        if skipped > progress.skipped_updates:
+        if skipped > progress.skipped_updates and dist.is_main():
             print(f"warning: step {progress.step}: {skipped - progress.skipped_updates} "
                   f"update(s) skipped since the last report (non-finite loss or gradient; "
                   f"{skipped} so far)", file=sys.stderr)

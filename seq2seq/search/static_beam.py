@@ -146,16 +146,20 @@ class StaticBeamSearch:
         slot = self._load(_start(self.model, src, src_lens, self.beam_size, self.n_best,
                                  self.max_len_ratio, self.max_len_add))
         results: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
-        collected: set[int] = set()
+        ids = slot.search.ids.tolist()  # -1: a placeholder, or already collected
         while True:
             self._run_chunk(slot)
             done = slot.search.done.tolist()
-            _collect(slot.search, [j for j, d in enumerate(done) if d], results, collected)
+            new = [j for j, d in enumerate(done) if d and ids[j] >= 0]
+            _collect(slot.search, new, results)
+            for j in new:
+                ids[j] = -1
             if all(done):
                 return results
             keep = [j for j, d in enumerate(done) if not d]
-            if _padded(len(keep)) < len(done):  # a smaller shape: compact
+            if _round_up(len(keep), SENTENCE_MULTIPLE) < len(done):  # smaller shape: compact
                 slot = self._load(_compact(slot.search, keep, self.beam_size))
+                ids = slot.search.ids.tolist()
 
     def _load(self, search: _Search) -> _Slot:
         """The slot of ``search``'s shape, its buffers now holding ``search``'s values."""
@@ -192,9 +196,9 @@ def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int
     """Pad the batch (placeholder sentences, source and output widths to multiples of
     ``STEP_MULTIPLE``), encode it, and set up fresh buffers."""
     batch = src.size(0)
-    n = _padded(batch)
+    n = _round_up(batch, SENTENCE_MULTIPLE)
     device = src.device
-    width = -(-src.size(1) // STEP_MULTIPLE) * STEP_MULTIPLE
+    width = _round_up(src.size(1), STEP_MULTIPLE)
     padded = torch.full((n, width), PAD, dtype=torch.long, device=device)
     padded[:batch, :src.size(1)] = src
     padded[batch:, 0] = EOS  # a one-token source: attention needs a real position
@@ -202,7 +206,7 @@ def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int
     lens[:batch] = src_lens
     max_lens = torch.zeros(n, dtype=torch.long)
     max_lens[:batch] = torch.tensor(max_output_lengths(src_lens, max_len_ratio, max_len_add))
-    longest = -(-int(max_lens.max()) // STEP_MULTIPLE) * STEP_MULTIPLE
+    longest = _round_up(int(max_lens.max()), STEP_MULTIPLE)
     enc = model.encode(padded, lens)
     state = model.init_state(enc)
     rows = torch.arange(n, device=device).repeat_interleave(beam_size)
@@ -314,13 +318,12 @@ class _Stepper:
         s.fin_score.copy_(all_score.gather(1, keep))
 
 
-def _padded(n: int) -> int:
-    return -(-n // SENTENCE_MULTIPLE) * SENTENCE_MULTIPLE
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
-def _collect(s: _Search, rows: list[int], results: list[list[Hypothesis]],
-             collected: set[int]) -> None:
-    """Copy the finished hypotheses of done sentences ``rows`` into ``results``, once each."""
+def _collect(s: _Search, rows: list[int], results: list[list[Hypothesis]]) -> None:
+    """Copy the finished hypotheses of the newly done sentences ``rows`` into ``results``."""
     if not rows:
         return
     index = torch.tensor(rows, device=s.ids.device)
@@ -330,9 +333,6 @@ def _collect(s: _Search, rows: list[int], results: list[list[Hypothesis]],
     lengths = s.fin_len[index].tolist()
     tokens = s.fin_tokens[index].tolist()
     for i, b in enumerate(ids):
-        if b < 0 or b in collected:
-            continue  # a placeholder, or collected at an earlier look
-        collected.add(b)
         for k, score in enumerate(scores[i]):
             if score == float("-inf"):
                 continue  # an empty slot: the constraints left fewer outputs
@@ -344,7 +344,7 @@ def _collect(s: _Search, rows: list[int], results: list[list[Hypothesis]],
 
 def _compact(s: _Search, keep: list[int], beam_size: int) -> _Search:
     """The sentences ``keep`` only, padded again with done placeholders."""
-    n = _padded(len(keep))
+    n = _round_up(len(keep), SENTENCE_MULTIPLE)
     device = s.ids.device
     # Placeholders repeat the first kept sentence, marked done and without an id.
     index = torch.tensor(keep + [keep[0]] * (n - len(keep)), device=device)
