@@ -102,7 +102,11 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
 
 @dataclasses.dataclass
 class Translation:
-    """One input sentence's n-best list, detokenized."""
+    """One input sentence's n-best list, detokenized.
+
+    ``src_pieces`` (EOS included) and ``hyp_pieces`` label the rows and columns of
+    ``attention``; all three are filled only when attention was asked for.
+    """
 
     hypotheses: list[str]
     scores: list[float]
@@ -178,15 +182,20 @@ class Translator:
 
     def translate_full(self, sentences: list[str], settings: DecodeConfig,
                        return_attention: bool = False) -> list[Translation]:
+        """Translate with full detail: n-best texts and scores, and with ``return_attention``
+        the attention matrices with the subword pieces they are over (else those are empty)."""
         src_ids = self.tokenizer.encode_src(sentences)
         nbests = decode_ids(self.model, src_ids, settings, self.device, return_attention)
+        # One SentencePiece call for every hypothesis of every sentence, not one per sentence.
+        texts = iter(self.tokenizer.decode_trg([h.tokens for nbest in nbests for h in nbest]))
         out = []
         for ids, nbest in zip(src_ids, nbests):
-            texts = self.tokenizer.decode_trg([h.tokens for h in nbest])
             out.append(Translation(
-                hypotheses=texts, scores=[h.score for h in nbest],
-                src_pieces=self.tokenizer.src_pieces(ids) + ["</s>"],
-                hyp_pieces=[self.tokenizer.trg_pieces(h.tokens) for h in nbest],
+                hypotheses=[next(texts) for _ in nbest], scores=[h.score for h in nbest],
+                src_pieces=self.tokenizer.src_pieces(ids) + ["</s>"] if return_attention
+                else [],
+                hyp_pieces=[self.tokenizer.trg_pieces(h.tokens) if return_attention else []
+                            for h in nbest],
                 attention=[h.attention for h in nbest]))
         return out
 

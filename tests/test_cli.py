@@ -81,6 +81,26 @@ def test_translate_nbest_and_scores(trained):
     assert scores[0] >= scores[1] and scores[2] >= scores[3]
 
 
+def test_translator_nbest_of_a_batch_equals_each_sentence_alone(trained):
+    from seq2seq.translate import Translator
+
+    _, run = trained
+    translator = Translator.from_checkpoint(run / "best.pt", device="cpu")
+    settings = translator.decode_settings(beam=3, nbest=2)
+    sentences = ["the dog", "", "the cat sees a small house", "a house"]
+    batch = translator.translate_full(sentences, settings)
+    for sentence, together in zip(sentences, batch):
+        alone = translator.translate_full([sentence], settings)[0]
+        assert together.hypotheses == alone.hypotheses and len(alone.hypotheses) == 2
+        assert together.scores == pytest.approx(alone.scores, abs=1e-5)
+        assert together.src_pieces == [] and together.hyp_pieces == [[], []]
+    # With attention, the pieces label its rows (hypothesis tokens) and columns (source + EOS).
+    detailed = translator.translate_full(sentences[2:3], settings, return_attention=True)[0]
+    matrix = detailed.attention[0]
+    assert matrix.shape == (len(detailed.hyp_pieces[0]), len(detailed.src_pieces))
+    assert detailed.src_pieces[-1] == "</s>" and len(detailed.src_pieces) > 1
+
+
 def test_evaluate_writes_reports(trained):
     recipe, run = trained
     result = seq2seq("evaluate", recipe)
