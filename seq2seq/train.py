@@ -345,7 +345,8 @@ class Trainer:
         of the update are dropped (the failed backward may have added part of its own) and the
         whole update is redone with every micro-batch split in halves, recursively. The
         normalisation by ``global_tokens`` stays, so the update is mathematically the same.
-        (Not with CUDA graphs, whose bucket shapes are fixed: there the error stops the run.)
+        (Not with CUDA graphs, whose bucket shapes are fixed: there the error stops the run
+        with a message naming the bucket.)
         """
         if self.static is not None:
             return self.static_accumulate(micro_batches, global_tokens)
@@ -404,11 +405,24 @@ class Trainer:
     def static_accumulate(self, micro_batches: list, global_tokens: int) -> torch.Tensor:
         """:meth:`accumulate` with CUDA graphs: forward-backward replays into fixed buffers."""
         from seq2seq.data.batching import collate
+        from seq2seq.graphs import bucket_shape
 
         loss_total = torch.zeros((), device=self.device)
         for indices in micro_batches:
             batch = collate(self.data.train, indices)  # padded to its bucket on the host
-            loss_total += self.static.run_forward_backward(batch, 1.0 / global_tokens)
+            out_of_memory = False
+            try:
+                loss_total += self.static.run_forward_backward(batch, 1.0 / global_tokens)
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # raised below, where the error's traceback is gone
+            if out_of_memory:
+                # A graph's shapes are fixed when it is recorded, so the batch cannot be split
+                # and retried as the eager path does.
+                rows, src_len, trg_len = bucket_shape(batch)
+                raise TrainingStopped(
+                    f"out of GPU memory on a CUDA-graph bucket of {rows} sentences x "
+                    f"{src_len} source x {trg_len} target tokens; lower train.batch_tokens, or "
+                    f"set train.cuda_graphs=false (the eager path splits such batches)")
         return loss_total
 
     def apply_update(self, lr: float) -> bool:

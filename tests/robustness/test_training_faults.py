@@ -7,6 +7,7 @@ module.
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -365,6 +366,31 @@ def test_out_of_memory_on_one_sentence_stops_with_a_clear_message(root, monkeypa
         trainer.fit()
 
 
+
+def test_out_of_memory_with_cuda_graphs_names_the_bucket_and_the_remedy(root, monkeypatch):
+    """Graph shapes are fixed, so there is no splitting: the run stops with one clear line.
+
+    The static path runs eagerly here (no GPU); its forward raises as a GPU would."""
+    from seq2seq.graphs import StaticSteps, fused_adam
+
+    trainer = Trainer(recipe(root, "run"))
+    trainer.optimizer = fused_adam(trainer.model, torch.optim.Adam, 0.01, (0.9, 0.999), 0.0,
+                                   torch.device("cpu"))
+    trainer.static = StaticSteps(trainer.model, trainer.optimizer, 1.0, 0.1, None,
+                                 capture=False)
+    out_of_memory_above(monkeypatch, 0)
+    with pytest.raises(TrainingStopped) as stopped:
+        trainer.fit()
+    message = str(stopped.value)
+    assert "\n" not in message
+    assert re.fullmatch(r"out of GPU memory on a CUDA-graph bucket of \d+ sentences x \d+ "
+                        r"source x \d+ target tokens; lower train.batch_tokens, or set "
+                        r"train.cuda_graphs=false \(the eager path splits such batches\)",
+                        message), message
+    rows = int(message.split("bucket of ")[1].split()[0])
+    assert rows % 32 == 0  # the padded bucket, not the batch
+
+
 # --------------------------------------------------------------------------------------------
 # Safety: weights-only loads, nothing executes recipe content
 # --------------------------------------------------------------------------------------------
@@ -384,8 +410,6 @@ UNSAFE = {
 
 @pytest.mark.parametrize("name", UNSAFE)
 def test_nothing_in_the_package_executes_data(name):
-    import re
-
     pattern = re.compile(UNSAFE[name])
     hits = [f"{path.relative_to(REPO)}:{text.count(chr(10), 0, m.start()) + 1}"
             for path in sorted((REPO / "seq2seq").rglob("*.py"))
@@ -395,8 +419,6 @@ def test_nothing_in_the_package_executes_data(name):
 
 
 def test_the_unsafe_patterns_do_find_what_they_look_for():
-    import re
-
     samples = {"eval(": "x = eval(text)", "exec(": "exec(code)",
                "importlib.import_module": "importlib.import_module(name)",
                "__import__": "m = __import__(name)",
