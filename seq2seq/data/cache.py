@@ -118,6 +118,11 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
     out_dir = Path(recipe.output_dir)
     _check_before_writing(recipe)
     with _progress_bars(show_progress):
+        # Validation and test sets are small: read them first, so that a bad line there is
+        # reported before the (long) tokenizer training and cache build, not after.
+        eval_texts = {"valid": _read_eval_set("valid", data.valid, data, recipe.seed)}
+        eval_texts.update({name: _read_eval_set(name, corpus, data, recipe.seed)
+                           for name, corpus in data.test.items()})
         fingerprint = _corpus_fingerprint(data.train, data, recipe.seed, show_progress)
         tokenizer_dir = out_dir / "tokenizer"
         tokenizer = load_if_current(recipe.tokenizer, fingerprint, data.src_lang,
@@ -131,9 +136,8 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
             tokenizer, cache_dir = _build(recipe, fingerprint, tokenizer, show_progress)
         train = datasets.load_from_disk(str(cache_dir / "train"))
         train_stats = json.loads((cache_dir / "stats.json").read_text())
-        valid = _eval_set("valid", data.valid, data, recipe.seed, tokenizer)
-        tests = {name: _eval_set(name, corpus, data, recipe.seed, tokenizer)
-                 for name, corpus in data.test.items()}
+        valid = _eval_set("valid", *eval_texts.pop("valid"), tokenizer)
+        tests = {name: _eval_set(name, *texts, tokenizer) for name, texts in eval_texts.items()}
     stats = {
         "tokenizer": {"joint": tokenizer.joint, "src_vocab": tokenizer.src_vocab_size,
                       "trg_vocab": tokenizer.trg_vocab_size, "reused": tokenizer_reused,
@@ -407,13 +411,19 @@ def _train_stats(drop: np.ndarray, src_len: np.ndarray, trg_len: np.ndarray) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def _eval_set(name: str, corpus: Corpus, data: DataConfig, seed: int,
-              tokenizer: Tokenizer) -> EvalSet:
+def _read_eval_set(name: str, corpus: Corpus, data: DataConfig,
+                   seed: int) -> tuple[list[str], list[str]]:
+    """The source and target sentences of a validation or test corpus."""
     where = "data.valid" if name == "valid" else f"data.test.{name}"
     src_text, trg_text = [], []
     for src, trg in _pairs(where, corpus, data, seed):
         src_text.append(src)
         trg_text.append(trg)
+    return src_text, trg_text
+
+
+def _eval_set(name: str, src_text: list[str], trg_text: list[str],
+              tokenizer: Tokenizer) -> EvalSet:
     return EvalSet(name, src_text, trg_text, tokenizer.encode_src(src_text),
                    tokenizer.encode_trg(trg_text))
 

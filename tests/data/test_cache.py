@@ -167,6 +167,19 @@ def test_bad_training_corpus_is_one_line_error_naming_the_key(corpus):
                                  "data.test.t1.src=missing.src"), show_progress=False)
 
 
+def test_a_bad_test_corpus_is_reported_before_the_tokenizer_or_cache_is_built(corpus):
+    # Invalid UTF-8 on line 3 of the test source: only reading the file can find it.
+    data = (corpus / "test.src").read_bytes().split(b"\n")
+    data[2] = b"caf\xe9"
+    (corpus / "test.src").write_bytes(b"\n".join(data))
+    with pytest.raises(DataError, match=r"^data\.test\.t1: .*test\.src.* line 3") as info:
+        prepare_data(make_recipe(corpus), show_progress=False)
+    assert "\n" not in str(info.value)
+    run = corpus / "run"
+    assert not (run / "tokenizer").exists()
+    assert not (run / "cache").exists() or not list((run / "cache").iterdir())
+
+
 def test_format_stats_reports_counts_reasons_and_percentiles(corpus):
     stats = prepare_data(make_recipe(corpus), show_progress=False).stats
     text = format_stats(stats)
