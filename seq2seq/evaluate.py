@@ -1,4 +1,4 @@
-"""Scores and reports: sacreBLEU's BLEU, chrF and TER on detokenized text, nothing else.
+"""Scores: sacreBLEU's BLEU, chrF and TER on detokenized text, nothing else.
 
 Metrics live only here and always compare detokenized hypotheses with the raw reference lines,
 so every number is reproducible with the ``sacrebleu`` command line from the signature stored
@@ -6,42 +6,25 @@ beside it. Confidence intervals and paired significance tests are sacreBLEU's ow
 resampling over sentences (Koehn 2004): a score is recomputed from the summed per-sentence
 statistics of each resample, so 1000 resamples take well under a second.
 
-A report directory holds:
-
-* ``report.json`` — per test set: name, n_sentences, bleu / chrf / ter (score, signature,
-  95% CI), BLEU by source length, decoding settings, checkpoint path(s), comparison p-values;
-* ``report.md`` — the same as tables;
-* ``<name>.hyp.txt`` — the detokenized hypotheses of each test set, one line per source line
-  (always this name, also when there is a single test set);
-* ``bleu_by_length_<name>.png`` and ``attention_<name>_<i>.png`` — only when matplotlib is
-  installed (the ``plots`` extra); otherwise one warning on stderr.
-
-Every file is written to a temporary file and renamed, so a report is never half-written.
+The report files are written by :mod:`seq2seq.report`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import itertools
-import json
 import os
-import re
-import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sacrebleu
 from sacrebleu.metrics import BLEU, CHRF, TER
 from sacrebleu.metrics.base import Metric
 from sacrebleu.significance import PairedTest, _bootstrap_resample, estimate_ci
 
 from seq2seq.errors import Seq2SeqError
-from seq2seq.translate_io import atomic_output, write_lines
 
 METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
 DEFAULT_BUCKETS = (5, 10, 15, 20, 30, 40)
@@ -310,209 +293,6 @@ def build_result(
 
 
 # --------------------------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------------------------
-
-
-def file_stem(name: str) -> str:
-    """``name`` made safe for a file name (``[A-Za-z0-9._-]`` kept, others become ``_``)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
-    return stem or "test"
-
-
-def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
-                 plots: bool = True) -> list[Path]:
-    """Write report.json, report.md, ``<name>.hyp.txt`` and the plots; return the paths.
-
-    Args:
-        report_dir: created if missing.
-        results: one dict per test set as built by :func:`build_result`. Needed keys: name,
-            n_sentences, bleu, chrf, ter, hypotheses; the others are optional.
-        plots: draw the PNG plots (skipped with a warning if matplotlib is missing).
-    """
-    report_dir = Path(report_dir)
-    try:
-        report_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise EvaluationError(f"{report_dir}: cannot create report directory "
-                              f"({error.strerror or error})") from None
-    stems = [file_stem(r["name"]) for r in results]
-    if len(set(stems)) != len(stems):
-        raise EvaluationError(f"test set names collide as file names: {stems}")
-    written: list[Path] = []
-    entries = []
-    for result, stem in zip(results, stems):
-        hyp_path = report_dir / f"{stem}.hyp.txt"
-        with atomic_output(hyp_path) as stream:
-            write_lines(result["hypotheses"], stream)
-        written.append(hyp_path)
-        entry = {k: v for k, v in result.items() if k not in ("hypotheses", "attention")}
-        entry["hypotheses_file"] = hyp_path.name
-        entry["plots"] = [p.name for p in _draw_plots(report_dir, stem, result)] if plots else []
-        written += [report_dir / p for p in entry["plots"]]
-        entries.append(entry)
-    report = {"sacrebleu_version": sacrebleu.__version__, "test_sets": entries}
-    text = json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"
-    written.append(_write_text(report_dir / "report.json", text))
-    written.append(_write_text(report_dir / "report.md", format_markdown(entries)))
-    return written
-
-
-def _write_text(path: Path, text: str) -> Path:
-    with atomic_output(path) as stream:
-        stream.write(text.encode("utf-8"))
-    return path
-
-
-def _ci_text(entry: dict[str, Any]) -> str:
-    ci = entry.get("ci")
-    return f"±{ci['half_width']:.2f}" if ci else "-"
-
-
-def format_summary(results: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table of the scores of each test set, then the distinct signatures."""
-    width = max([len("test set")] + [len(r["name"]) for r in results])
-    header = (f"{'test set':<{width}}  {'sents':>6}  {'BLEU':>6} {'95% CI':>7}  "
-              f"{'chrF':>6} {'95% CI':>7}  {'TER':>6} {'95% CI':>7}")
-    lines = [header]
-    for r in results:
-        cells = "  ".join(f"{r[k]['score']:>6.2f} {_ci_text(r[k]):>7}" for k in METRIC_NAMES)
-        lines.append(f"{r['name']:<{width}}  {r['n_sentences']:>6}  {cells}")
-    for key, label in METRIC_NAMES.items():
-        for signature in dict.fromkeys(r[key]["signature"] for r in results):
-            lines.append(f"{label} signature: {signature}")
-    for r in results:
-        compare = r.get("compare")
-        if compare:
-            p_values = ", ".join(f"{METRIC_NAMES[k]} p={compare[k]['p_value']:.4f}"
-                                 for k in METRIC_NAMES)
-            lines.append(f"{r['name']} vs {compare['name']}: {p_values}")
-    return "\n".join(lines)
-
-
-def format_markdown(entries: Sequence[dict[str, Any]]) -> str:
-    """report.md: a summary table, then per test set its settings, comparison and buckets."""
-    lines = ["# Evaluation report", "",
-             ("Scores by sacreBLEU on detokenized output against the raw references; the 95% "
-              "confidence interval is ± half the bootstrap percentile range. TER: lower is "
-              "better."), "",
-             "| test set | sentences | BLEU | chrF | TER |", "|---|---:|---:|---:|---:|"]
-    for e in entries:
-        cells = " | ".join(f"{e[k]['score']:.2f} {_ci_text(e[k])}" for k in METRIC_NAMES)
-        lines.append(f"| {e['name']} | {e['n_sentences']} | {cells} |")
-    for e in entries:
-        lines += ["", f"## {e['name']}", ""]
-        if e.get("checkpoints"):
-            lines.append("- checkpoint(s): " + ", ".join(f"`{c}`" for c in e["checkpoints"]))
-        if e.get("decoding"):
-            lines.append("- decoding: " + ", ".join(f"{k}={v}" for k, v in e["decoding"].items()))
-        lines.append(f"- hypotheses: `{e.get('hypotheses_file', '')}`")
-        details = e["bleu"].get("details")
-        if details:
-            lines.append(f"- BLEU n-gram precisions: "
-                         f"{'/'.join(f'{p:.1f}' for p in details['precisions'])} "
-                         f"(BP = {details['bp']:.3f}, ratio = {details['ratio']:.3f}, "
-                         f"hyp_len = {details['hyp_len']}, ref_len = {details['ref_len']})")
-        for key, label in METRIC_NAMES.items():
-            lines.append(f"- {label} signature: `{e[key]['signature']}`")
-        compare = e.get("compare")
-        if compare:
-            lines += ["", (f"### Paired bootstrap test against {compare['name']} "
-                           f"({compare['n_bootstrap']} resamples)"), "",
-                      "| metric | this system | other | p-value |", "|---|---:|---:|---:|"]
-            for key, label in METRIC_NAMES.items():
-                c = compare[key]
-                lines.append(f"| {label} | {c['a']:.2f} | {c['b']:.2f} | {c['p_value']:.4f} |")
-        if e.get("bleu_by_length"):
-            lines += ["", "### BLEU by source length (words)", "",
-                      "| source length | sentences | BLEU |", "|---|---:|---:|"]
-            for label, n, bleu in e["bleu_by_length"]:
-                lines.append(f"| {label} | {n} | {'-' if bleu is None else f'{bleu:.2f}'} |")
-        for plot in e.get("plots", []):
-            lines += ["", f"![{plot}]({plot})"]
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# Plots (matplotlib is optional: the ``plots`` extra)
-# --------------------------------------------------------------------------------------------
-
-_warned_no_matplotlib = False
-
-
-def _draw_plots(report_dir: Path, stem: str, result: dict[str, Any]) -> list[Path]:
-    """Draw the BLEU-by-length bars and the attention heatmaps of one test set."""
-    global _warned_no_matplotlib
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global backend, no display
-    except ImportError:
-        if not _warned_no_matplotlib:
-            print("warning: matplotlib is not installed; plots skipped "
-                  "(pip install 'seq2seq[plots]')", file=sys.stderr)
-            _warned_no_matplotlib = True
-        return []
-    with warnings.catch_warnings():
-        # Tokens in scripts the default font lacks draw as boxes; one warning each is noise.
-        warnings.filterwarnings("ignore", message=".*[Gg]lyph.*missing")
-        warnings.filterwarnings("ignore", message=".*tight_layout.*")
-        return _draw_plots_with(Figure, report_dir, stem, result)
-
-
-def _draw_plots_with(Figure: Any, report_dir: Path, stem: str,
-                     result: dict[str, Any]) -> list[Path]:
-    paths = []
-    if result.get("bleu_by_length"):
-        fig = Figure(figsize=(6, 3.5))
-        _draw_bleu_by_length(fig, result["name"], result["bleu_by_length"])
-        paths.append(_save_png(fig, report_dir / f"bleu_by_length_{stem}.png"))
-    for i, (src_tokens, hyp_tokens, matrix) in enumerate(result.get("attention", []), start=1):
-        rows = [[float(x) for x in row] for row in matrix]
-        if len(rows) != len(hyp_tokens) or any(len(row) != len(src_tokens) for row in rows):
-            raise ValueError(f"attention matrix {i} of {result['name']} is not (T, S) = "
-                             f"({len(hyp_tokens)}, {len(src_tokens)})")
-        fig = Figure(figsize=(min(max(2.5 + 0.3 * len(src_tokens), 4), 30),
-                              min(max(2 + 0.3 * len(hyp_tokens), 3), 30)))
-        _draw_attention(fig, src_tokens, hyp_tokens, rows)
-        paths.append(_save_png(fig, report_dir / f"attention_{stem}_{i}.png"))
-    return paths
-
-
-def _draw_bleu_by_length(fig: Any, name: str, rows: Sequence[tuple[str, int, Any]]) -> None:
-    ax = fig.add_subplot()
-    labels = [label for label, _, _ in rows]
-    values = [0.0 if bleu is None else bleu for _, _, bleu in rows]
-    bars = ax.bar(range(len(rows)), values, color="tab:blue")
-    for bar, (_, n, _) in zip(bars, rows):
-        ax.annotate(f"n={n}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(rows)), labels)
-    ax.set_xlabel("source length (words)")
-    ax.set_ylabel("BLEU")
-    ax.set_title(f"BLEU by source length: {name}")
-    fig.tight_layout()
-
-
-def _draw_attention(fig: Any, src_tokens: Sequence[str], hyp_tokens: Sequence[str],
-                    rows: list[list[float]]) -> None:
-    ax = fig.add_subplot()
-    image = ax.imshow(rows, cmap="viridis", aspect="auto", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(src_tokens)), list(src_tokens), rotation=90, fontsize=7)
-    ax.set_yticks(range(len(hyp_tokens)), list(hyp_tokens), fontsize=7)
-    ax.set_xlabel("source")
-    ax.set_ylabel("hypothesis")
-    fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-
-
-def _save_png(fig: Any, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    with atomic_output(path) as stream:
-        stream.write(buffer.getvalue())
-    return path
-
-
-# --------------------------------------------------------------------------------------------
 # ``seq2seq evaluate``
 # --------------------------------------------------------------------------------------------
 
@@ -548,6 +328,8 @@ def evaluate_command(args: Any, recipe: Any) -> int:
             decoding=dataclasses.asdict(settings), checkpoints=checkpoints,
             compare_hyps=compare, compare_name=args.compare, attention=attention))
     report_dir = Path(args.report_dir or cfg.report_dir or Path(recipe.output_dir) / "eval")
+    from seq2seq.report import format_summary, write_report
+
     write_report(report_dir, results)
     print(format_summary(results))
     print(f"report: {report_dir / 'report.md'}")

@@ -23,19 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq import distributed as dist
-from seq2seq.checkpoint import load_latest, remove_partial_writes, save_checkpoint
-from seq2seq.config import Recipe, recipe_from_dict, recipe_to_dict, recipe_to_yaml
+from seq2seq.checkpoint import (
+    check_resumable,
+    load_latest,
+    remove_partial_writes,
+    save_checkpoint,
+)
+from seq2seq.config import Recipe, recipe_to_dict, recipe_to_yaml
 from seq2seq.errors import Seq2SeqError
+from seq2seq.optim import Schedule, make_optimizer
 from seq2seq.tokenizer import PAD
 from seq2seq.translate import resolve_device
-
-# Keys that may change between a run and its resumption without making the resumed run wrong.
-RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
-                     "train.valid_every", "train.log_every", "train.patience", "train.keep_last",
-                     "train.tensorboard", "train.device", "train.threads", "train.max_bad_steps",
-                     "train.cuda_graphs",
-                     "decode.", "eval.", "distributed.", "data.num_proc", "data.root",
-                     "data.cache_dir")
 
 
 class TrainingStopped(Seq2SeqError):
@@ -69,82 +67,6 @@ def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> in
 def check_output_dir(path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise Seq2SeqError(f"output_dir {path}: exists and is not a directory")
-
-
-def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two recipe dicts."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += recipe_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-def check_resumable(saved: dict[str, Any], recipe: Recipe) -> None:
-    changed = [k for k in recipe_changes(saved, recipe_to_dict(recipe))
-               if not any(k == allowed or (allowed.endswith(".") and k.startswith(allowed))
-                          for allowed in RESUMABLE_CHANGES)]
-    if changed:
-        raise Seq2SeqError(
-            f"cannot resume {recipe.output_dir}: the recipe changed in {', '.join(changed)} "
-            "(use a new output_dir, or restore those values)")
-
-
-def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device,
-                   static: bool = False) -> torch.optim.Optimizer:
-    """Adam / AdamW; ``static``: the fused kernel with a device learning rate (CUDA graphs)."""
-    from seq2seq.graphs import fused_adam
-
-    cfg = recipe.train
-    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    if static:
-        return fused_adam(model, kind, cfg.lr, cfg.betas, cfg.weight_decay, device)
-    return kind(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-@dataclasses.dataclass
-class Schedule:
-    """Learning rate = lr * warmup * (inverse sqrt) * plateau scale, floored at min_lr.
-
-    Plain state (two numbers) so that it round-trips through a weights-only checkpoint.
-    """
-
-    lr: float
-    kind: str
-    warmup_steps: int
-    min_lr: float
-    factor: float
-    patience: int
-    scale: float = 1.0
-    bad_validations: int = 0
-
-    def at(self, step: int) -> float:
-        """Learning rate for update number ``step`` (1-based)."""
-        rate = self.lr * self.scale
-        if self.warmup_steps and step < self.warmup_steps:
-            rate *= step / self.warmup_steps
-        elif self.kind == "inverse_sqrt" and self.warmup_steps:
-            rate *= math.sqrt(self.warmup_steps / step)
-        return max(rate, self.min_lr)
-
-    def validated(self, improved: bool) -> None:
-        """Reduce-on-plateau bookkeeping, called after each scheduled validation."""
-        if self.kind != "plateau":
-            return
-        self.bad_validations = 0 if improved else self.bad_validations + 1
-        if self.bad_validations > self.patience:
-            self.scale *= self.factor
-            self.bad_validations = 0
-
-    def state_dict(self) -> dict[str, float]:
-        return {"scale": self.scale, "bad_validations": self.bad_validations}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.scale = float(state["scale"])
-        self.bad_validations = int(state["bad_validations"])
 
 
 @dataclasses.dataclass
@@ -662,6 +584,3 @@ def fit(recipe: Recipe) -> Trainer:
         dist.shutdown()
     return trainer
 
-
-def recipe_of_checkpoint(ckpt: dict[str, Any]) -> Recipe:
-    return recipe_from_dict(ckpt["recipe"], source="checkpoint recipe")

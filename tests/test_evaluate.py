@@ -1,4 +1,5 @@
-"""Scores, confidence intervals, paired tests and report files (seq2seq/evaluate.py)."""
+"""Scores, confidence intervals, paired tests (seq2seq/evaluate.py) and report files
+(seq2seq/report.py)."""
 
 import gzip
 import json
@@ -11,11 +12,9 @@ from seq2seq.evaluate import (
     bleu_by_length,
     build_result,
     compare_systems,
-    file_stem,
-    format_summary,
     score_corpus,
-    write_report,
 )
+from seq2seq.report import file_stem, format_summary, write_report
 from tests.conftest import shared_data_root
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

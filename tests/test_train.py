@@ -8,7 +8,8 @@ import torch
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.config import recipe_from_dict
 from seq2seq.errors import Seq2SeqError
-from seq2seq.train import Schedule, fit
+from seq2seq.optim import Schedule
+from seq2seq.train import fit
 from tests.conftest import tiny_tree
 
 

@@ -1,0 +1,64 @@
+"""The optimizer and the learning-rate schedule of a training run."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from seq2seq.config import Recipe
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device,
+                   static: bool = False) -> torch.optim.Optimizer:
+    """Adam / AdamW; ``static``: the fused kernel with a device learning rate (CUDA graphs)."""
+    from seq2seq.graphs import fused_adam
+
+    cfg = recipe.train
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    if static:
+        return fused_adam(model, kind, cfg.lr, cfg.betas, cfg.weight_decay, device)
+    return kind(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+@dataclasses.dataclass
+class Schedule:
+    """Learning rate = lr * warmup * (inverse sqrt) * plateau scale, floored at min_lr.
+
+    Plain state (two numbers) so that it round-trips through a weights-only checkpoint.
+    """
+
+    lr: float
+    kind: str
+    warmup_steps: int
+    min_lr: float
+    factor: float
+    patience: int
+    scale: float = 1.0
+    bad_validations: int = 0
+
+    def at(self, step: int) -> float:
+        """Learning rate for update number ``step`` (1-based)."""
+        rate = self.lr * self.scale
+        if self.warmup_steps and step < self.warmup_steps:
+            rate *= step / self.warmup_steps
+        elif self.kind == "inverse_sqrt" and self.warmup_steps:
+            rate *= math.sqrt(self.warmup_steps / step)
+        return max(rate, self.min_lr)
+
+    def validated(self, improved: bool) -> None:
+        """Reduce-on-plateau bookkeeping, called after each scheduled validation."""
+        if self.kind != "plateau":
+            return
+        self.bad_validations = 0 if improved else self.bad_validations + 1
+        if self.bad_validations > self.patience:
+            self.scale *= self.factor
+            self.bad_validations = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "bad_validations": self.bad_validations}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale = float(state["scale"])
+        self.bad_validations = int(state["bad_validations"])
