@@ -16,6 +16,12 @@ against the raw references; without ``--checkpoint`` the decoded model is the *u
 (just initialised, plus the benchmark's few steps), so its BLEU is meaningless and its output
 runs to the maximum length more often than a trained model's (the worst case for speed).
 
+With ``--flops`` the table gains an arithmetic section: the matmul FLOPs of one training update
+per target token and of decoding per sentence (counted by ``torch.utils.flop_counter`` in
+separate, untimed passes; on a GPU, cuDNN's fused RNN calls are not counted), the speed of one
+large fp32 matmul on the device, and what each measured rate means in FLOP/s. A rate cannot
+exceed *matmul speed / FLOPs per item* unless the arithmetic itself is reduced.
+
 Peak memory is the process's peak RSS on CPU (training, then training + decoding), and
 ``torch.cuda.max_memory_allocated`` per phase on GPU. Data are read under ``$SEQ2SEQ_DATA``
 (default: ``../shared/data`` beside the checkout). The load average is recorded next to every
@@ -25,6 +31,7 @@ figure, because timings on a shared machine mean little without it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -66,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plain-decoder", action="store_true",
                         help="use the decoder's plain (RNN module) path instead of the fused "
                         "one, to measure before/after in one checkout")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count the matmul FLOPs of a training update and of decoding "
+                        "(torch's FlopCounterMode, in extra untimed passes) and time a large "
+                        "matmul, to show how close to the device's arithmetic each figure is")
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args(argv)
 
@@ -243,6 +254,57 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     }
 
 
+def matmul_gflops(device: torch.device, rows: int = 4096, inner: int = 1024,
+                  cols: int = 1024, repeats: int = 20) -> float:
+    """fp32 GFLOP/s of a large ``(rows, inner) x (inner, cols)`` matmul on ``device``."""
+    a = torch.randn(rows, inner, device=device)
+    b = torch.randn(inner, cols, device=device)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * rows * inner * cols * repeats / (time.perf_counter() - start) / 1e9
+
+
+def count_flops(run: Any) -> int:
+    """Matmul FLOPs of ``run()`` (torch's FlopCounterMode: mm, addmm, bmm, convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def training_flops_per_token(trainer: Any) -> float:
+    """FLOPs of the first update of epoch 1 (forward, backward and step) per target token.
+
+    The update is applied, as a warm-up step would be."""
+    from seq2seq.data.batching import epoch_batches, rank_steps
+
+    cfg = trainer.recipe.train
+    src_lens, trg_lens = trainer.data.train_lengths()
+    group = trainer.world * cfg.accumulate
+    batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,
+                            trainer.recipe.seed, 0, group)
+    micro = rank_steps(batches, trainer.rank, trainer.world, cfg.accumulate)[0]
+    tokens = int(sum(int(trg_lens[i].sum()) + len(i) for i in batches[:group]))
+    trainer.model.train()
+    flops = count_flops(lambda: (trainer.train_step(micro, tokens),
+                                 trainer.apply_update(trainer.schedule.at(1))))
+    return flops / tokens
+
+
+def si_prefixed(value: float) -> str:
+    """``61.8 M``, ``1.33 G``: three significant digits and an SI prefix."""
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"recipe {result['recipe']} {' '.join(result['overrides'])}",
              f"device {result['device']} ({result['device_name']}), torch "
@@ -266,6 +328,19 @@ def format_table(result: dict[str, Any]) -> str:
             f"{train['peak_memory_mib']:,.0f} | |",
             f"| CUDA graphs (bucket shapes captured) | {train['cuda_graphs'] or 'off'} | |",
         ]
+    flops = result.get("flops")
+    if flops:
+        peak = flops["matmul_gflops"]
+        lines += ["", f"arithmetic: one fp32 matmul {flops['matmul_shape']} runs at "
+                  f"{peak:,.0f} GFLOP/s here",
+                  "| what | matmul FLOPs per item | measured rate | = GFLOP/s | share of "
+                  "matmul speed | rate at matmul speed |", "|---|---|---|---|---|---|"]
+        for row in flops["rows"]:
+            achieved = row["flops_per_item"] * row["rate"] / 1e9
+            lines.append(
+                f"| {row['what']} | {si_prefixed(row['flops_per_item'])} | "
+                f"{row['rate']:,.1f} {row['unit']} | {achieved:,.1f} | {achieved / peak:.0%} | "
+                f"{peak * 1e9 / row['flops_per_item']:,.0f} {row['unit']} |")
     if result.get("decode"):
         lines += ["", f"decoding: {result['decode_model']}",
                   "| search | weights | sentences | batch | sent/s | sent/CPU-s | BLEU | mean len "
@@ -303,8 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         "decoder_path": "plain" if args.plain_decoder else "fused",
         "parameters": trainer.model.num_parameters, "work_dir": trainer.recipe.output_dir,
     }
+    flop_rows = []
+    if args.flops and args.steps:
+        per_token = training_flops_per_token(trainer)  # before the timed steps: untimed
     if args.steps:
         result["train"] = bench_training(trainer, args.warmup, args.steps)
+        if args.flops:
+            flop_rows.append({"what": "training, per target token", "flops_per_item": per_token,
+                              "rate": result["train"]["target_tokens_per_s"], "unit": "tok/s"})
         print(f"training: {result['train']['target_tokens_per_s']:,.0f} target tokens/s",
               file=sys.stderr)
 
@@ -333,9 +414,21 @@ def main(argv: list[str] | None = None) -> int:
                                  decode_batch, device)
             row["weights"] = weights
             result["decode"].append(row)
+            if args.flops and weights == "fp32":
+                unique = src_ids[:len(test_ids)]  # one copy of the test set is enough
+                flops = count_flops(functools.partial(
+                    bench_decoding, variant, unique, refs, tokenizer, decode, beam,
+                    decode_batch, device))
+                search = "greedy" if beam == 1 else f"beam {beam}"
+                flop_rows.append({"what": f"decoding {search}, per sentence",
+                                  "flops_per_item": flops / len(unique),
+                                  "rate": row["sentences_per_s"], "unit": "sent/s"})
             print(f"decoding {weights} beam {beam}: {row['sentences_per_s']:,.1f} sentences/s",
                   file=sys.stderr)
 
+    if flop_rows:
+        result["flops"] = {"matmul_gflops": round(matmul_gflops(device), 1),
+                           "matmul_shape": "(4096, 1024) x (1024, 1024)", "rows": flop_rows}
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

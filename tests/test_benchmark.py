@@ -1,0 +1,47 @@
+"""scripts/benchmark.py end to end on a tiny recipe: its table, its JSON, its FLOP counts."""
+
+import json
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import REPO
+
+
+def test_benchmark_reports_speed_and_arithmetic(tmp_path):
+    tree = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    tree["data"]["train"]["size"] = 300
+    tree["data"]["valid"]["size"] = 20
+    tree["data"]["test"]["synthetic"]["size"] = 30
+    tree["data"]["num_proc"] = 1
+    tree["tokenizer"]["vocab_size"] = 120
+    tree["model"].update(emb_size=8, enc_hidden=8, dec_hidden=16, attention_size=8)
+    tree["train"]["batch_tokens"] = 300
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), str(recipe), "--warmup", "1",
+         "--steps", "2", "--repeat", "30", "--flops", "--threads", "1", "--work-dir",
+         str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["train"]["steps_timed"] == 2 and report["train"]["target_tokens_per_s"] > 0
+    assert [row["beam"] for row in report["decode"]] == [1, 5]
+    assert all(row["sentences"] == 30 for row in report["decode"])
+    flops = report["flops"]
+    assert flops["matmul_gflops"] > 0
+    rows = {row["what"]: row for row in flops["rows"]}
+    assert set(rows) == {"training, per target token", "decoding greedy, per sentence",
+                         "decoding beam 5, per sentence"}
+    # The output layer alone costs 2 * H * V FLOPs per token forward and twice that backward.
+    vocab = 120
+    assert rows["training, per target token"]["flops_per_item"] >= 6 * 16 * vocab
+    # Five beams do more arithmetic per sentence than one.
+    assert (rows["decoding beam 5, per sentence"]["flops_per_item"]
+            > rows["decoding greedy, per sentence"]["flops_per_item"])
+    assert rows["training, per target token"]["rate"] == report["train"]["target_tokens_per_s"]
+    assert "arithmetic: one fp32 matmul" in result.stdout
+    assert "| training, per target token |" in result.stdout
