@@ -26,6 +26,7 @@ the plain path. Without ``capture`` (on the CPU, or to compare) the same functio
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,13 @@ def pad_batch(batch: Batch, shape: tuple[int, int, int]) -> Batch:
 def fused_adam(model: torch.nn.Module, kind: type[torch.optim.Optimizer], lr: float,
                betas: tuple[float, float], weight_decay: float,
                device: torch.device) -> torch.optim.Optimizer:
-    """Adam / AdamW with the fused kernel and a device learning rate, as graphs need."""
+    """Adam / AdamW with the fused kernel and a device learning rate, as graphs need.
+
+    ``capturable`` on a GPU: ``step()`` refuses to be recorded in a graph without it (the fused
+    kernel itself keeps its step counts on the device either way).
+    """
     return kind(model.parameters(), lr=torch.tensor(lr, device=device), betas=betas,
-                weight_decay=weight_decay, fused=True)
+                weight_decay=weight_decay, fused=True, capturable=device.type == "cuda")
 
 
 @dataclasses.dataclass
@@ -222,7 +227,9 @@ class StaticSteps:
         if not self.optimizer.state:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # Once, on purpose, uncaptured: not the slow use capturable=True warns about.
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 self.optimizer.found_inf = torch.ones((), device=self.device)
                 self.optimizer.step()
             torch.cuda.current_stream().wait_stream(side)

@@ -62,3 +62,28 @@ class Schedule:
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.scale = float(state["scale"])
         self.bad_validations = int(state["bad_validations"])
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state, keeping how *this* run's optimizer computes.
+
+    ``load_state_dict`` also restores each group's implementation flags, so a run resumed with
+    ``train.cuda_graphs`` switched (an allowed change) would get the other path's optimizer: a
+    non-fused Adam that ignores ``found_inf`` and cannot be captured, or the reverse. The
+    moments, step counts and hyperparameters are loaded; ``fused``, ``foreach`` and
+    ``capturable`` stay as built, and step counts move to the device when the kernel needs them
+    there (fused or capturable) or to the host when it does not, as a fresh state would have
+    them.
+    """
+    flags = [{key: group[key] for key in ("fused", "foreach", "capturable")}
+             for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)
+        on_device = group["fused"] or group["capturable"]
+        for param in group["params"]:
+            param_state = optimizer.state.get(param, {})
+            if "step" in param_state:
+                device = param.device if on_device else torch.device("cpu")
+                param_state["step"] = param_state["step"].to(device=device, dtype=torch.float32)
+

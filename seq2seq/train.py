@@ -31,7 +31,7 @@ from seq2seq.checkpoint import (
 )
 from seq2seq.config import Recipe, recipe_to_dict, recipe_to_yaml
 from seq2seq.errors import Seq2SeqError
-from seq2seq.optim import Schedule, make_optimizer
+from seq2seq.optim import Schedule, load_optimizer_state, make_optimizer
 from seq2seq.tokenizer import PAD
 from seq2seq.translate import resolve_device
 
@@ -181,7 +181,7 @@ class Trainer:
                 f"(processes x train.accumulate), this run uses {self.world} x "
                 f"{self.recipe.train.accumulate}; keep the product equal")
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress(**ckpt["progress"])

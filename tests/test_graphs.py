@@ -226,3 +226,42 @@ def test_graphed_steps_equal_eager_steps_on_the_gpu(cell, dtype):
     assert len(programs[1].graphs) == 2
     assert_close_lists(list(graph_model.parameters()), list(eager_model.parameters()),
                        **tolerance)
+
+
+# --------------------------------------------------------------------------------------------
+# Resuming across the switch (train.cuda_graphs may change when a run resumes)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("saved_fused", [False, True], ids=["plain-to-fused", "fused-to-plain"])
+def test_optimizer_state_loads_across_the_graphs_switch_keeping_this_runs_kernel(saved_fused):
+    import copy
+
+    from seq2seq.optim import load_optimizer_state
+
+    def optimizer(model, fused):
+        if fused:
+            return fused_adam(model, torch.optim.Adam, 1e-2, (0.9, 0.999), 0.0,
+                              torch.device("cpu"))
+        return torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def step(model, opt, batch):
+        plain_loss_and_grads(model, batch, 0.01)
+        opt.step()
+
+    saved_model = tiny_model()
+    saved = optimizer(saved_model, saved_fused)
+    batch = random_batch(6, 5, 4, 40, seed=3)
+    for _ in range(2):
+        step(saved_model, saved, batch)
+    model = copy.deepcopy(saved_model)
+    resumed = optimizer(model, not saved_fused)
+    load_optimizer_state(resumed, copy.deepcopy(saved.state_dict()))  # as if from disk
+    assert bool(resumed.param_groups[0]["fused"]) is (not saved_fused)  # this run's kernel
+    steps = [resumed.state[p]["step"] for p in model.parameters()]
+    assert all(s.dtype == torch.float32 and float(s) == 2.0 for s in steps)
+    # Both go on to take the same third step (lr 1e-2 in both, a tensor in the fused one).
+    step(saved_model, saved, batch)
+    step(model, resumed, batch)
+    assert_close_lists(list(model.parameters()), list(saved_model.parameters()),
+                       rtol=1e-5, atol=1e-6)
