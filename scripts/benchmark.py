@@ -120,8 +120,12 @@ def build_trainer(args: argparse.Namespace) -> Any:
     overrides = list(args.overrides) + [f"output_dir={work}", f"train.device={args.device}",
                                         f"train.threads={args.threads}"]
     recipe = load_recipe(args.recipe, overrides)
-    # A leftover last.pt would make the Trainer resume: benchmark from a fresh model.
-    Path(work, "last.pt").unlink(missing_ok=True)
+    # The benchmark never writes checkpoints; one here belongs to a training run, which the
+    # Trainer would resume from (and the benchmark's updates must not be mistaken for it).
+    found = sorted(p.name for p in Path(work).glob("*.pt"))
+    if found:
+        raise SystemExit(f"error: --work-dir {work} holds checkpoints of a training run "
+                         f"({', '.join(found[:3])}); give the benchmark a directory of its own")
     return Trainer(recipe)
 
 

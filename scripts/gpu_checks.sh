@@ -18,11 +18,14 @@
 #      and graphed search) and greedy (BLEU, wall time, tokens/s, peak memory);
 #   5. the same without input feeding: the parallel decoder (one cuDNN call per layer), for
 #      its quality next to the input-feeding decoder;
-#   6. recipes/multi30k/en-de.lstm.yaml trained as the recipe says (eagerly) and evaluated.
+#   6. recipes/multi30k/en-de.lstm.yaml trained as the recipe says (eagerly) and evaluated;
+#   7. decoding speed of the model check 4 trained: scripts/benchmark.py on its best.pt, the
+#      test set repeated to 10,000 sentences, beam 5 and greedy, plain search against graphs
+#      (sentences/s and BLEU side by side).
 set -euo pipefail
 
 out=${1:?usage: gpu_checks.sh OUT_DIR [CHECKS]}
-checks=",${2:-1,2,3,4,5,6},"
+checks=",${2:-1,2,3,4,5,6,7},"
 nccl_steps=${NCCL_STEPS:-300}
 runs=${RUNS:-/tmp/seq2seq-gpu-runs}
 py=${PYTHON:-python3}
@@ -39,10 +42,12 @@ summarise_benchmark() {  # JSON name
     $py - "$1" "$2" <<'EOF' | tee -a "$summary"
 import json, sys
 r = json.load(open(sys.argv[1]))
-t = r["train"]
-print(f"{sys.argv[2]}: {t['target_tokens_per_s']:,.0f} target tokens/s, "
-      f"{t['peak_memory_mib']:,.0f} MiB peak, graphs {t['cuda_graphs']}; "
-      + ", ".join(f"beam {d['beam']} {d['sentences_per_s']:,.0f} sent/s BLEU {d['bleu']:.2f}"
+t = r.get("train")
+trained = (f"{t['target_tokens_per_s']:,.0f} target tokens/s, {t['peak_memory_mib']:,.0f} MiB "
+           f"peak, graphs {t['cuda_graphs']}; ") if t else ""
+print(f"{sys.argv[2]}: {trained}"
+      + ", ".join(f"beam {d['beam']} {d['sentences_per_s']:,.0f} sent/s BLEU {d['bleu']:.2f} "
+                  f"({d['sentences']:,} sentences, graphs {d['cuda_graphs']})"
                   for d in r["decode"]))
 EOF
 }
@@ -140,5 +145,16 @@ fi
 if wanted 6; then
     note "== 6. Multi30k LSTM recipe"
     train_and_evaluate lstm recipes/multi30k/en-de.lstm.yaml
+fi
+if wanted 7; then
+    note "== 7. decoding speed of the trained GRU model (check 4), plain vs graphed search"
+    for graphs in false true; do
+        $py scripts/benchmark.py "$gru" "decode.cuda_graphs=$graphs" --device cuda --steps 0 \
+            --work-dir "$runs/bench" --checkpoint "$runs/gru/best.pt" --repeat 10000 \
+            --json "$out/decode-graphs-$graphs.json" > "$out/decode-graphs-$graphs.log" 2>&1 \
+            || { note "decode benchmark graphs=$graphs failed: see decode-graphs-$graphs.log"
+                 continue; }
+        summarise_benchmark "$out/decode-graphs-$graphs.json" "trained gru, graphs=$graphs"
+    done
 fi
 note "== done $(date -u +%FT%TZ)"

@@ -45,3 +45,18 @@ def test_benchmark_reports_speed_and_arithmetic(tmp_path):
     assert rows["training, per target token"]["rate"] == report["train"]["target_tokens_per_s"]
     assert "arithmetic: one fp32 matmul" in result.stdout
     assert "| training, per target token |" in result.stdout
+
+
+def test_benchmark_refuses_a_work_dir_holding_a_training_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"a checkpoint")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"),
+         str(REPO / "recipes" / "quickstart.yaml"), "--work-dir", str(run)],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"error: --work-dir {run} holds checkpoints of a training run (last.pt); give the "
+        "benchmark a directory of its own"]
+    assert (run / "last.pt").read_bytes() == b"a checkpoint"  # nothing deleted
