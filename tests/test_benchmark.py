@@ -6,18 +6,12 @@ import sys
 
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_tree
 
 
 def test_benchmark_reports_speed_and_arithmetic(tmp_path):
-    tree = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
-    tree["data"]["train"]["size"] = 300
-    tree["data"]["valid"]["size"] = 20
-    tree["data"]["test"]["synthetic"]["size"] = 30
-    tree["data"]["num_proc"] = 1
-    tree["tokenizer"]["vocab_size"] = 120
-    tree["model"].update(emb_size=8, enc_hidden=8, dec_hidden=16, attention_size=8)
-    tree["train"]["batch_tokens"] = 300
+    tree = tiny_tree(str(tmp_path / "unused"), data={"test": {"t": {
+        "format": "generated", "split": "test", "size": 30}}})
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tree))
     out = tmp_path / "bench.json"
