@@ -213,6 +213,8 @@ def test_graphed_steps_equal_eager_steps_on_the_gpu(cell, dtype):
         optimizer = fused_adam(model, torch.optim.Adam, 1e-3, (0.9, 0.999), 0.0, device)
         programs.append(StaticSteps(model, optimizer, 1.0, 0.1, dtype, capture=capture))
     tolerance = {"rtol": 2e-2, "atol": 2e-3} if dtype else {"rtol": 1e-4, "atol": 1e-5}
+    # The graphs read and write the parameters where they are: nothing may move them.
+    addresses = [p.data_ptr() for p in graph_model.parameters()]
     # Three shapes, one of them twice, with accumulation: capture, replay, reuse.
     for step, sizes in enumerate([(5, 7, 5), (40, 9, 12), (5, 7, 5)]):
         batches = [random_batch(*sizes, 40, seed=10 * step + k) for k in (0, 1)]
@@ -226,6 +228,9 @@ def test_graphed_steps_equal_eager_steps_on_the_gpu(cell, dtype):
     assert len(programs[1].graphs) == 2
     assert_close_lists(list(graph_model.parameters()), list(eager_model.parameters()),
                        **tolerance)
+    graph_model.eval()
+    graph_model.encode(*random_batch(5, 7, 5, 40, seed=99)[:2])  # eagerly, as validation does
+    assert [p.data_ptr() for p in graph_model.parameters()] == addresses
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.models.attention import Attention
-from seq2seq.models.encoder import make_rnn
+from seq2seq.models.encoder import full_precision, make_rnn
 
 State = tuple[torch.Tensor, ...]
 
@@ -168,16 +168,18 @@ class Decoder(nn.Module):
             logits ``(B, T, V)``, the new state, attention weights ``(B, T, S)``.
         """
         emb = self.dropout(self.embedding(tokens))  # (B, T, E)
-        hx = tuple(s.transpose(0, 1).contiguous() for s in state[:self.states])  # (L, B, H)
+        dtype = self.embedding.weight.dtype  # the state may come from autocast layers
+        hx = tuple(s.transpose(0, 1).to(dtype).contiguous()
+                   for s in state[:self.states])  # (L, B, H)
         rnn_hx = hx if self.cell == "lstm" else hx[0]
         feed = [state[-1].unsqueeze(1)] if self.input_feeding else []
         if self.style == "bahdanau":
             query = hx[0][-1].unsqueeze(1)  # previous top state s_{t-1}: (B, 1, H)
             context, attn = self.attention(query, keys, enc_out, src_mask)
-            out, rnn_hx = self.rnn(torch.cat([emb, context] + feed, dim=-1), rnn_hx)
+            out, rnn_hx = self._rnn(torch.cat([emb, context] + feed, dim=-1), rnn_hx)
             readout = [out, context, emb]
         else:
-            out, rnn_hx = self.rnn(torch.cat([emb] + feed, dim=-1), rnn_hx)
+            out, rnn_hx = self._rnn(torch.cat([emb] + feed, dim=-1), rnn_hx)
             context, attn = self.attention(out, keys, enc_out, src_mask)
             readout = [context, out]
         att_vec = torch.tanh(self.combine(torch.cat(readout, dim=-1)))  # h~: (B, T, H)
@@ -187,6 +189,14 @@ class Decoder(nn.Module):
         if self.input_feeding:
             new_state += (att_vec[:, -1],)
         return logits, new_state, attn
+
+    def _rnn(self, x: torch.Tensor, hx: torch.Tensor | tuple[torch.Tensor, ...]
+             ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...]]:
+        """The RNN module in its weights' precision, autocast or not (see
+        :func:`full_precision`)."""
+        with full_precision(x.device.type):
+            # The embeddings' dtype: the model's (a quantised RNN keeps no float weights).
+            return self.rnn(x.to(self.embedding.weight.dtype), hx)
 
     def recur(self, emb: torch.Tensor, state: State, enc_out: torch.Tensor, keys: torch.Tensor,
               src_mask: torch.Tensor) -> tuple[torch.Tensor, State, torch.Tensor]:

@@ -12,10 +12,19 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+
+
+def full_precision(device_type: str) -> torch.autocast:
+    """Autocast off, for the RNN calls (their inputs cast to the weights' dtype by the caller).
+
+    Under autocast, torch runs cuDNN RNNs in fp16 whatever the autocast dtype, so a bf16 run
+    (which has no loss scaler) would push small gradients through fp16 and lose them; and
+    oneDNN's CPU LSTM fails under autocast. The Linear layers around the RNNs keep autocast.
+    """
+    return torch.autocast(device_type, enabled=False)
 
 
 def make_rnn(cell: str, input_size: int, hidden: int, layers: int, dropout: float,
@@ -96,9 +105,11 @@ class Encoder(nn.Module):
         # Packing skips the padding, so a sentence's states do not depend on how long its
         # batch mates are, the backward direction starts at its real last token, and cuDNN
         # runs the variable-length kernel. Packing needs the lengths on the host (one sync).
+        # emb has the weights' dtype: autocast leaves embeddings alone.
         packed = pack_padded_sequence(emb, src_lens.cpu(), batch_first=True,
                                       enforce_sorted=False)
-        packed_out, hx = self.rnn(packed)
+        with full_precision(emb.device.type):
+            packed_out, hx = self.rnn(packed)
         enc_out, _ = pad_packed_sequence(packed_out, batch_first=True,
                                          total_length=src.size(1))
         states = hx if self.cell == "lstm" else (hx,)
@@ -146,15 +157,12 @@ class Encoder(nn.Module):
                            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
                 inputs = _gather_steps(x, reverse) if direction else x
                 if self.cell == "lstm":
-                    out, h, c = _masked_lstm(inputs, real, *weights.values())
+                    with full_precision(inputs.device.type):  # as the other RNN calls
+                        out, h, c = _masked_lstm(inputs.to(weights["weight_hh_l0"].dtype),
+                                                 real, *weights.values())
                     finals_c.append(c)
                 else:
-                    with warnings.catch_warnings():
-                        # cuDNN copies weights that are not one flat buffer; cheap here and,
-                        # under CUDA graphs, recorded once.
-                        warnings.filterwarnings("ignore", message="RNN module weights")
-                        out = functional_call(self._one_layer(x.size(-1)), weights,
-                                              (inputs,))[0]
+                    out = self._one_layer(inputs, list(weights.values()))
                     h = out.gather(1, last).squeeze(1)  # each direction ends at step len - 1
                 finals_h.append(h)
                 outputs.append(_gather_steps(out, reverse) if direction else out)
@@ -162,13 +170,23 @@ class Encoder(nn.Module):
         enc_out = x.masked_fill(~real.unsqueeze(-1), 0.0)
         return enc_out, torch.cat(finals_h + finals_c, dim=-1)
 
-    def _one_layer(self, input_size: int) -> nn.RNNBase:
-        """A parameterless one-layer, one-direction RNN of this cell, to call with weights."""
-        templates = self.__dict__.setdefault("_templates", {})  # not a registered submodule
-        if input_size not in templates:
-            templates[input_size] = RNN_CLASSES[self.cell](
-                input_size, self.rnn.hidden_size, batch_first=True, device="meta")
-        return templates[input_size]
+    def _one_layer(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        """One layer and direction of this GRU / tanh RNN over ``x`` ``(B, S, I)``, from zeros.
+
+        Calls the op ``nn.GRU`` / ``nn.RNN`` call, with the module's own weight tensors. Not the
+        module itself with swapped weights: on a GPU the module re-flattens whatever weights it
+        is given into a new buffer and points them there, which would move the real parameters
+        on every call (and, inside a graph capture, into memory only the graph writes).
+        """
+        dtype = weights[0].dtype
+        h0 = x.new_zeros(1, x.size(0), self.rnn.hidden_size, dtype=dtype)
+        run = torch.gru if self.cell == "gru" else torch.rnn_tanh
+        with warnings.catch_warnings(), full_precision(x.device.type):
+            # cuDNN copies weights that are not one flat buffer: cheap here and, under CUDA
+            # graphs, recorded once.
+            warnings.filterwarnings("ignore", message="RNN module weights")
+            out, _ = run(x.to(dtype), h0, weights, True, 1, 0.0, self.training, False, True)
+        return out
 
 
 def _masked_lstm(x: torch.Tensor, real: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,

@@ -291,3 +291,28 @@ def test_forget_bias_sets_only_the_lstm_forget_gates():
     plain = build_model(dataclasses.replace(cfg, forget_bias=None), 32, 32)
     assert not torch.all(next(m for m in plain.modules()
                               if isinstance(m, torch.nn.LSTM)).bias_ih_l0[16:32] == 1.0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_rnn_modules_run_in_full_precision_under_autocast(cell, packed):
+    """Autocast would run cuDNN RNNs in fp16 even for bf16 (and oneDNN's CPU LSTM fails under
+    it): the encoder's RNN and the decoder's RNN module run in fp32 whatever the autocast."""
+    model = make(tiny(cell, attention="general", decoder="luong", input_feeding=False,
+                      dropout=0.0)).eval()
+    model.encoder.packed = packed
+    src, src_lens, trg_in, trg_out = batch([5, 3, 4])
+    enc_out, final = model.encoder(src, src_lens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_out, auto_final = model.encoder(src, src_lens)
+        # The luong decoder without input feeding runs its RNN module over the whole target.
+        logits = model(src, src_lens, trg_in)
+    # The encoder is embeddings and RNNs only: under autocast it computes exactly what it
+    # computes in fp32.
+    assert auto_out.dtype == torch.float32 and torch.equal(auto_out, enc_out)
+    assert torch.equal(auto_final, final)
+    assert logits.dtype == torch.bfloat16  # the output layer does use autocast
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), trg_out.flatten())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.decoder.rnn.parameters())
