@@ -224,7 +224,7 @@ class StaticSteps:
         be recorded and replayed at every update. A skipped step (``found_inf`` set) creates
         the state without changing any weight or moment.
         """
-        if not self.optimizer.state:
+        if len(self.optimizer.state) < len(self.params):  # e.g. a resumed state lacking some
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), warnings.catch_warnings():

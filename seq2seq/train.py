@@ -4,7 +4,9 @@ The loss of an update is the label-smoothed cross-entropy summed over every targ
 *global* batch (all ranks, all accumulation steps) divided by that batch's target-token count, so
 an update does not depend on how the batch is split. Batches come from the deterministic
 (seed, epoch) batching, so a run resumed from a checkpoint at step k sees exactly the batches an
-uninterrupted run would, and (with every RNG state restored) ends bit for bit where it would have.
+uninterrupted run would, and (with every RNG state restored) ends bit for bit where it would have
+on the CPU. (With CUDA graphs the warm-ups and captures draw dropout masks too, so a resumed
+graphed run sees the same batches but not the same masks.)
 """
 
 from __future__ import annotations

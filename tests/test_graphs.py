@@ -229,7 +229,8 @@ def test_graphed_steps_equal_eager_steps_on_the_gpu(cell, dtype):
     assert_close_lists(list(graph_model.parameters()), list(eager_model.parameters()),
                        **tolerance)
     graph_model.eval()
-    graph_model.encode(*random_batch(5, 7, 5, 40, seed=99)[:2])  # eagerly, as validation does
+    check = random_batch(5, 7, 5, 40, seed=99)
+    graph_model.encode(check.src.to(device), check.src_lens.to(device))  # eagerly, as in validation
     assert [p.data_ptr() for p in graph_model.parameters()] == addresses
 
 
