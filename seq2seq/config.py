@@ -194,7 +194,8 @@ class TrainConfig:
     clip_norm: float = option(1.0, "gradient-norm clipping (0: off)")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
     precision: Literal["fp32", "bf16", "fp16"] = option(
-        "fp32", "bf16: autocast (GPU); fp16: autocast with a grad scaler (GPU)")
+        "fp32", "bf16: autocast (GPU); fp16: autocast with a grad scaler (GPU); RNN module "
+        "calls (cuDNN) stay fp32 in both, as autocast would make them fp16")
     max_steps: int = option(0, "stop after this many updates (0: no limit)")
     max_epochs: int = option(10, "stop after this many epochs (0: no limit)")
     valid_every: int = option(1000, "validate every N updates (and at the end)")
