@@ -315,9 +315,10 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize)
     recipe = recipe or translator.recipe
+    # The decode section of the recipe given here (with its overrides), else the checkpoint's.
     settings = translator.decode_settings(beam=args.beam, nbest=1, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
-                                          batch_tokens=args.batch_tokens)
+                                          batch_tokens=args.batch_tokens, base=recipe.decode)
     cfg = recipe.eval
     compare = _read_text_lines(args.compare) if args.compare else None
     results = []
@@ -366,19 +367,23 @@ def _test_sets(args: Any, recipe: Any) -> Iterator[tuple[str, list[str], list[li
 
 def _translate_all(translator: Any, settings: Any, srcs: list[str],
                    n_attention: int) -> tuple[list[str], list[tuple[list[str], list[str], Any]]]:
-    """1-best translations (blank sources give "") and the first attention matrices."""
+    """1-best translations (blank sources give "") and the attention of the first few.
+
+    The attention comes from decoding those few sentences again (a sentence gets the same
+    hypothesis alone as in any batch), so the whole set is decoded without keeping attention
+    and can use the fastest search.
+    """
     from seq2seq.translate_io import translate_stream
 
     def translate_batch(sentences: list[str]) -> list[Any]:
-        return translator.translate_full(sentences, settings, n_attention > 0)
+        return translator.translate_full(sentences, settings)
 
     results = list(translate_stream(srcs, translate_batch, empty=None))
     hyps = [r.hypotheses[0] if r is not None else "" for r in results]
+    firsts = [line.strip() for line in srcs if line.strip()][:n_attention]
     attention = []
-    for r in results:
-        if len(attention) == n_attention:
-            break
-        if r is None or r.attention[0] is None:
+    for r in translator.translate_full(firsts, settings, True) if firsts else []:
+        if r.attention[0] is None:
             continue
         # Rows: target pieces, then EOS unless the hypothesis was cut at the maximum length;
         # columns: source pieces (EOS included), no padding.

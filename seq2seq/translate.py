@@ -163,9 +163,11 @@ class Translator:
 
     def decode_settings(self, beam: int | None = None, nbest: int | None = None,
                         alpha: float | None = None, max_len_ratio: float | None = None,
-                        batch_tokens: int | None = None) -> DecodeConfig:
-        """The recipe's decode section with the given values overriding it."""
-        base = self.recipe.decode
+                        batch_tokens: int | None = None,
+                        base: DecodeConfig | None = None) -> DecodeConfig:
+        """A decode section (``base``, default the checkpoint recipe's) with the given values
+        overriding it."""
+        base = base or self.recipe.decode
         changes = {k: v for k, v in dict(beam_size=beam, n_best=nbest, alpha=alpha,
                                          max_len_ratio=max_len_ratio,
                                          batch_tokens=batch_tokens).items() if v is not None}

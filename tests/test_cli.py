@@ -108,8 +108,19 @@ def test_evaluate_writes_reports(trained):
     report = json.loads((run / "eval" / "report.json").read_text())
     entry = report["test_sets"][0]
     assert entry["n_sentences"] == 40
-    for name in ("report.md", "bleu_by_length_synthetic.png", "attention_synthetic_1.png"):
+    for name in ("report.md", "bleu_by_length_synthetic.png", "attention_synthetic_1.png",
+                 "attention_synthetic_2.png"):
         assert (run / "eval" / name).is_file(), name
+    assert entry["decoding"]["beam_size"] == 3  # the recipe's decode section
+
+
+def test_evaluate_takes_decode_overrides_of_the_recipe(trained, tmp_path):
+    recipe, _ = trained
+    result = seq2seq("evaluate", recipe, "decode.beam_size=2", "decode.alpha=0.3",
+                     "--report-dir", tmp_path / "eval")
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    entry = json.loads((tmp_path / "eval" / "report.json").read_text())["test_sets"][0]
+    assert (entry["decoding"]["beam_size"], entry["decoding"]["alpha"]) == (2, 0.3)
 
 
 def test_evaluate_a_reference_against_itself_scores_100(trained, tmp_path):
