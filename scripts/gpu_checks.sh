@@ -22,6 +22,15 @@
 #   7. decoding speed of the model check 4 trained: scripts/benchmark.py on its best.pt, the
 #      test set repeated to 10,000 sentences, beam 5 and greedy, plain search against graphs
 #      (sentences/s and BLEU side by side).
+#
+# On the project's lent GPU machine (see its device README: a call is at most 10 minutes, the
+# machine is bare again at the next call, and at most 8 files come back from $OUT), group the
+# checks that share a run into one call and bring one archive back, e.g. with carry
+# [".whl", ".data"]:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site \
+#       .whl/*.whl && export PYTHONPATH=/tmp/site || exit
+#   SEQ2SEQ_DATA=$PWD/.data bash scripts/gpu_checks.sh /tmp/o 4,7; tar czf $OUT/o.tgz -C /tmp o
+# with "1,3,5", "4,7", "6" and "2" as the four calls.
 set -euo pipefail
 
 out=${1:?usage: gpu_checks.sh OUT_DIR [CHECKS]}
@@ -84,12 +93,16 @@ train_and_evaluate() {  # name recipe overrides...
     note "$name: training took $((SECONDS - start)) s wall"
     grep -h -e "^model:" -e "^stopped" -e "^trained on" -e "^peak GPU memory" \
         "$out/$name-train.log" | tee -a "$summary" || true
-    local search beam graphs tag
+    local search beam graphs tag flags
     for search in "5 false" "5 true" "1 false"; do
         read -r beam graphs <<< "$search"
         tag="$name-beam$beam-graphs-$graphs"
+        flags=(--beam "$beam")
+        if [[ $beam == 1 ]]; then
+            flags+=(--alpha 0)  # greedy search (beam 1 with the recipe's alpha is beam search)
+        fi
         $py -m seq2seq evaluate "$recipe" "output_dir=$runs/$name" "$@" \
-            "decode.cuda_graphs=$graphs" --beam "$beam" --report-dir "$out/$tag" \
+            "decode.cuda_graphs=$graphs" "${flags[@]}" --report-dir "$out/$tag" \
             > "$out/$tag.log" 2>&1 || { note "$tag: evaluate failed"; continue; }
         summarise_report "$out/$tag/report.json" "$tag"
     done
@@ -97,11 +110,15 @@ train_and_evaluate() {  # name recipe overrides...
 
 note "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
 note "torch $($py -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+# Every check prepares data with the datasets package: say at once if it cannot be imported.
+note "$($py -c 'import datasets, pyarrow; print("datasets", datasets.__version__, "pyarrow",
+pyarrow.__version__)' 2>&1 | tail -n 1)"
 
 if wanted 1; then
     note "== 1. tests marked gpu"
-    $py -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" \
-        | tail -n 3 | tee -a "$summary"
+    # A failing test must not end the script (set -e, pipefail): the other checks still run.
+    { $py -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 || true; } \
+        | tee "$out/gpu_tests.log" | tail -n 3 | tee -a "$summary"
 fi
 
 if wanted 2; then
@@ -126,7 +143,8 @@ if wanted 3; then
     $py -m seq2seq train "$gru" "output_dir=$runs/single" "${args[@]}" > "$out/single.log" 2>&1 \
         || note "single-process run failed: see single.log"
     $py -m torch.distributed.run --nproc-per-node=1 --rdzv-backend=c10d \
-        --rdzv-endpoint=127.0.0.1:0 -m seq2seq train "$gru" "output_dir=$runs/nccl" \
+        --rdzv-endpoint=127.0.0.1:0 --local-addr=127.0.0.1 -m seq2seq train "$gru" \
+        "output_dir=$runs/nccl" \
         "${args[@]}" distributed.backend=nccl > "$out/nccl.log" 2>&1 \
         || note "nccl run failed: see nccl.log"
     grep -h "process group" "$out/nccl.log" | tee -a "$summary" || note "no process group!"
@@ -148,7 +166,9 @@ if wanted 6; then
 fi
 if wanted 7; then
     note "== 7. decoding speed of the trained GRU model (check 4), plain vs graphed search"
+    [[ -f $runs/gru/best.pt ]] || note "no $runs/gru/best.pt: run check 4 in the same call"
     for graphs in false true; do
+        [[ -f $runs/gru/best.pt ]] || break
         $py scripts/benchmark.py "$gru" "decode.cuda_graphs=$graphs" --device cuda --steps 0 \
             --work-dir "$runs/bench" --checkpoint "$runs/gru/best.pt" --repeat 10000 \
             --json "$out/decode-graphs-$graphs.json" > "$out/decode-graphs-$graphs.log" 2>&1 \
