@@ -68,13 +68,20 @@ def attempt_store(timeout: datetime.timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"seq2seq/attempt_{attempt}", store)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_all: bool = True) -> None:
     """Destroy the process group now, while the interpreter is fully alive.
 
     Objects that hold the group (a DDP wrapper) should be released first; the collection below
     frees any left in reference cycles, so that nothing reaches the group at interpreter exit.
+
+    Args:
+        wait_for_all: meet every rank at a barrier first, so that no rank tears its connections
+            down while a peer is still in the last collective (a gloo peer can abort then).
+            False after a failure, when the other ranks may never arrive.
     """
     if is_initialized():
+        if wait_for_all:
+            dist.barrier()
         gc.collect()
         dist.destroy_process_group()
 

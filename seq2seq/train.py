@@ -575,14 +575,16 @@ class Trainer:
 
 def fit(recipe: Recipe) -> Trainer:
     """Train (or resume) the run described by ``recipe``; returns the finished trainer."""
-    trainer = None
+    trainer, finished = None, False
     try:
         trainer = Trainer(recipe)
         trainer.fit()
-        dist.barrier()  # every rank is done with its collectives and writes before teardown
+        finished = True
     finally:
         if trainer is not None:
             trainer.close()
-        dist.shutdown()
+        # After a success every rank is done with its collectives and writes: meet, then tear
+        # down. After a failure the other ranks may never arrive.
+        dist.shutdown(wait_for_all=finished)
     return trainer
 

@@ -76,11 +76,9 @@ trainer.optimizer = fused_adam(trainer.model, torch.optim.Adam, cfg.lr, cfg.beta
                                torch.device("cpu"))
 trainer.static = StaticSteps(trainer.model, trainer.optimizer, cfg.clip_norm,
                              cfg.label_smoothing, None, capture=False)
-try:
-    trainer.fit()
-finally:
-    trainer.close()
-    dist.shutdown()
+trainer.fit()
+trainer.close()
+dist.shutdown()
 '''
 
 # Training through seq2seq.train.fit inside torchrun, then a look at what is left: nothing that
