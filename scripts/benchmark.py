@@ -129,12 +129,9 @@ def build_trainer(args: argparse.Namespace) -> Any:
     return Trainer(recipe)
 
 
-def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
-    """Real updates on the batches of epoch 1; returns the timing of the last ``steps``.
-
-    Past the end of the epoch the same updates come round again, so a warm-up of a whole epoch
-    (on a GPU with CUDA graphs: every bucket shape captured) precedes the timed steps.
-    """
+def epoch_updates(trainer: Any) -> list[tuple[list, int]]:
+    """The updates of epoch 1 as training makes them: this rank's micro-batches, and the
+    target tokens of the whole global batch (one EOS per sentence included)."""
     from seq2seq.data.batching import epoch_batches, rank_steps
 
     cfg = trainer.recipe.train
@@ -142,7 +139,20 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
     group = trainer.world * cfg.accumulate
     batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,
                             trainer.recipe.seed, 0, group)
-    updates = rank_steps(batches, trainer.rank, trainer.world, cfg.accumulate)
+    steps = rank_steps(batches, trainer.rank, trainer.world, cfg.accumulate)
+    return [(micro, int(sum(int(trg_lens[i].sum()) + len(i)
+                            for i in batches[u * group:(u + 1) * group])))
+            for u, micro in enumerate(steps)]
+
+
+def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
+    """Real updates on the batches of epoch 1; returns the timing of the last ``steps``.
+
+    Past the end of the epoch the same updates come round again, so a warm-up of a whole epoch
+    (on a GPU with CUDA graphs: every bucket shape captured) precedes the timed steps.
+    """
+    updates = epoch_updates(trainer)
+    trg_lens = trainer.data.train_lengths()[1]
     epoch_tokens = int(trg_lens.sum()) + len(trg_lens)  # + one EOS per sentence
     device = trainer.device
     if device.type == "cuda":
@@ -150,13 +160,10 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
     trainer.model.train()
     timed_tokens, timed_s, cpu_s, load_before = 0, 0.0, 0.0, load_average()
     for s in range(warmup + steps):
-        u = s % len(updates)
-        global_batch = batches[u * group:(u + 1) * group]
-        tokens = int(sum(int(trg_lens[i].sum()) for i in global_batch)
-                     + sum(len(i) for i in global_batch))
+        micro, tokens = updates[s % len(updates)]
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = trainer.train_step(updates[u], tokens)
+        loss = trainer.train_step(micro, tokens)
         trainer.apply_update(trainer.schedule.at(s + 1))
         float(loss)  # the loop's only sync, as when training logs
         sync(device)
@@ -286,15 +293,7 @@ def training_flops_per_token(trainer: Any) -> float:
     """FLOPs of the first update of epoch 1 (forward, backward and step) per target token.
 
     The update is applied, as a warm-up step would be."""
-    from seq2seq.data.batching import epoch_batches, rank_steps
-
-    cfg = trainer.recipe.train
-    src_lens, trg_lens = trainer.data.train_lengths()
-    group = trainer.world * cfg.accumulate
-    batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,
-                            trainer.recipe.seed, 0, group)
-    micro = rank_steps(batches, trainer.rank, trainer.world, cfg.accumulate)[0]
-    tokens = int(sum(int(trg_lens[i].sum()) + len(i) for i in batches[:group]))
+    micro, tokens = epoch_updates(trainer)[0]
     trainer.model.train()
     flops = count_flops(lambda: (trainer.train_step(micro, tokens),
                                  trainer.apply_update(trainer.schedule.at(1))))

@@ -86,4 +86,3 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
             if "step" in param_state:
                 device = param.device if on_device else torch.device("cpu")
                 param_state["step"] = param_state["step"].to(device=device, dtype=torch.float32)
-

@@ -139,6 +139,8 @@ class Encoder(nn.Module):
             enc_out ``(B, S, He)`` (zero on padding), final ``(B, F)``: as :meth:`forward`.
         """
         rnn = self.rnn
+        # x keeps the weights' dtype throughout: autocast leaves embeddings alone, and every
+        # RNN call below runs with it off.
         steps = emb.size(1)
         positions = torch.arange(steps, device=emb.device)
         lens = src_lens.unsqueeze(1)
@@ -158,8 +160,7 @@ class Encoder(nn.Module):
                 inputs = _gather_steps(x, reverse) if direction else x
                 if self.cell == "lstm":
                     with full_precision(inputs.device.type):  # as the other RNN calls
-                        out, h, c = _masked_lstm(inputs.to(weights["weight_hh_l0"].dtype),
-                                                 real, *weights.values())
+                        out, h, c = _masked_lstm(inputs, real, *weights.values())
                     finals_c.append(c)
                 else:
                     out = self._one_layer(inputs, list(weights.values()))
@@ -173,19 +174,18 @@ class Encoder(nn.Module):
     def _one_layer(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         """One layer and direction of this GRU / tanh RNN over ``x`` ``(B, S, I)``, from zeros.
 
-        Calls the op ``nn.GRU`` / ``nn.RNN`` call, with the module's own weight tensors. Not the
-        module itself with swapped weights: on a GPU the module re-flattens whatever weights it
+        Calls the op that ``nn.GRU`` / ``nn.RNN`` call, with the module's own weight tensors;
+        not the module with swapped weights: on a GPU the module re-flattens whatever weights it
         is given into a new buffer and points them there, which would move the real parameters
         on every call (and, inside a graph capture, into memory only the graph writes).
         """
-        dtype = weights[0].dtype
-        h0 = x.new_zeros(1, x.size(0), self.rnn.hidden_size, dtype=dtype)
+        h0 = x.new_zeros(1, x.size(0), self.rnn.hidden_size)
         run = torch.gru if self.cell == "gru" else torch.rnn_tanh
         with warnings.catch_warnings(), full_precision(x.device.type):
             # cuDNN copies weights that are not one flat buffer: cheap here and, under CUDA
             # graphs, recorded once.
             warnings.filterwarnings("ignore", message="RNN module weights")
-            out, _ = run(x.to(dtype), h0, weights, True, 1, 0.0, self.training, False, True)
+            out, _ = run(x, h0, weights, True, 1, 0.0, self.training, False, True)
         return out
 
 
