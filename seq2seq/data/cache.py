@@ -11,7 +11,9 @@
    encode it with a batched multi-process ``datasets.map``, and drop the pairs that are empty,
    too long or too unbalanced (training only), counted per reason. The result is saved under
    ``data.cache_dir`` (default ``<output_dir>/cache``) in a directory named after the hash of
-   its inputs, built in a temporary directory and renamed into place when complete.
+   its inputs, built in a temporary directory and renamed into place when complete. Older
+   caches in the run's own cache directory are then deleted (a shared ``data.cache_dir`` is
+   never pruned).
 4. Encode the validation and test sets, unfiltered, keeping their raw text as references.
 
 Cached training rows have ``src_ids`` and ``trg_ids`` (int32 subword ids without BOS/EOS) and
@@ -48,6 +50,8 @@ SAMPLE_SEED = 0  # the tokenizer's training sample depends on the data only, not
 KEEP, EMPTY, SRC_TOO_LONG, TRG_TOO_LONG, RATIO = range(5)
 DROP_REASONS = {EMPTY: "empty", SRC_TOO_LONG: "src_too_long", TRG_TOO_LONG: "trg_too_long",
                 RATIO: "ratio"}
+FILTER_KEYS = {"src_too_long": "data.max_src_tokens", "trg_too_long": "data.max_trg_tokens",
+               "ratio": "data.max_length_ratio"}  # the recipe key behind each reason
 
 ENCODED_FEATURES = datasets.Features({
     "src_ids": datasets.List(datasets.Value("int32")),
@@ -134,6 +138,8 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
         cache_reused = cache_dir is not None and cache_dir.is_dir()
         if not cache_reused:
             tokenizer, cache_dir = _build(recipe, fingerprint, tokenizer, show_progress)
+            if not data.cache_dir:
+                _remove_stale_caches(cache_dir, show_progress)
         train = datasets.load_from_disk(str(cache_dir / "train"))
         train_stats = json.loads((cache_dir / "stats.json").read_text())
         valid = _eval_set("valid", *eval_texts.pop("valid"), tokenizer)
@@ -250,6 +256,22 @@ def _cache_root(data: DataConfig, out_dir: Path) -> Path:
     if data.cache_dir:
         return Path(os.path.expandvars(os.path.expanduser(data.cache_dir)))
     return out_dir / "cache"
+
+
+def _remove_stale_caches(current: Path, show_progress: bool) -> None:
+    """Delete the other training caches in the run's own cache directory.
+
+    Only this run reads ``<output_dir>/cache``, and a cache there that is not the current one
+    was built from inputs the run no longer has (an older corpus, other filter settings), so
+    it is dead weight: for a large corpus, gigabytes per change. A shared ``data.cache_dir``
+    is never pruned, since other runs may use its caches. Temporary ``.train-*`` directories
+    are left alone: one may be another process's build in progress.
+    """
+    for stale in sorted(current.parent.glob("train-*")):
+        if stale != current and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            if show_progress:
+                print(f"removed the stale training cache {stale}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,6 +396,12 @@ def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataCo
     kept = np.flatnonzero(drop == KEEP)
     stats = _train_stats(drop, columns.column("src_len").to_numpy()[kept],
                          columns.column("trg_len").to_numpy()[kept])
+    if len(kept) == 0:
+        dropped = {name: count for name, count in stats["dropped"].items() if count}
+        reasons = ", ".join(f"{count:,} {name}" for name, count in dropped.items())
+        limits = " or ".join(FILTER_KEYS[name] for name in dropped if name in FILTER_KEYS)
+        raise DataError(f"data.train: the training filter dropped all {len(drop):,} pairs "
+                        f"({reasons})" + (f"; raise {limits}" if limits else ""))
     train = encoded if len(kept) == len(encoded) else encoded.select(kept)
     train.remove_columns(["drop"]).save_to_disk(str(out / "train"))
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from seq2seq.config import recipe_from_dict
+from seq2seq.config import recipe_from_dict, recipe_to_dict
 from seq2seq.data import cache
 from seq2seq.data.batching import collate, epoch_batches
 from seq2seq.data.cache import format_stats, prepare_data
@@ -121,6 +121,8 @@ def test_cache_reused_when_unchanged_rebuilt_when_inputs_change(corpus):
     assert looser.stats["tokenizer"]["reused"] and not looser.stats["cache"]["reused"]
     assert looser.cache_dir != first.cache_dir
     assert looser.stats["train"]["dropped"]["src_too_long"] == 0
+    # The run's own cache directory keeps only the cache of its current inputs.
+    assert sorted((corpus / "run" / "cache").iterdir()) == [looser.cache_dir]
 
     # A different training corpus: new tokenizer and new cache.
     write_corpus(corpus, seed=1)
@@ -142,6 +144,10 @@ def test_cache_dir_setting_and_generated_corpus_content_fingerprint(tmp_path):
     assert first.cache_dir.parent == tmp_path / "shared"
     assert len(first.valid) == 20 and first.tests == {}
     assert prepare_data(recipe, show_progress=False).stats["cache"]["reused"]
+    # Other runs may read a shared cache directory: a new cache there deletes nothing.
+    other = recipe_from_dict(recipe_to_dict(recipe), ["data.max_src_tokens=50"])
+    second = prepare_data(other, show_progress=False)
+    assert sorted((tmp_path / "shared").iterdir()) == sorted([first.cache_dir, second.cache_dir])
 
 
 def test_failed_build_leaves_nothing_half_written(corpus, monkeypatch):
@@ -165,6 +171,15 @@ def test_bad_training_corpus_is_one_line_error_naming_the_key(corpus):
     with pytest.raises(DataError, match=r"^data\.test\.t1: .*no such file"):
         prepare_data(make_recipe(corpus, "data.train.trg=valid.trg", "data.train.src=valid.src",
                                  "data.test.t1.src=missing.src"), show_progress=False)
+
+
+def test_a_filter_that_drops_every_training_pair_is_one_line_error_naming_its_key(corpus):
+    # The corpus holds 3 pairs with an empty side; every other target has over one token.
+    with pytest.raises(DataError, match=r"^data\.train: the training filter dropped all 306 "
+                       r"pairs \(3 empty, 303 trg_too_long\); raise data\.max_trg_tokens$"):
+        prepare_data(make_recipe(corpus, "data.max_trg_tokens=1", "data.max_src_tokens=500",
+                                 "data.max_length_ratio=0"), show_progress=False)
+    assert list((corpus / "run" / "cache").iterdir()) == []  # nothing half-written
 
 
 def test_a_bad_test_corpus_is_reported_before_the_tokenizer_or_cache_is_built(corpus):
