@@ -10,20 +10,20 @@ import time
 import pytest
 
 from seq2seq.config import Corpus, DataConfig
-from seq2seq.data import synthetic
+from seq2seq.data import lexicon, synthetic
 from seq2seq.data.corpus import read_pairs
 from seq2seq.data.synthetic import generate_pairs, write_synthetic
 
 # German finite verb forms of the lexicon (a separable prefix joins them at the clause end).
 FINITE = (
-    {f for v in synthetic.TRANSITIVE + synthetic.INTRANSITIVE
+    {f for v in lexicon.TRANSITIVE + lexicon.INTRANSITIVE
      for f in (v.de_1sg, v.de_3sg, v.de_pl)}
-    | {f for forms in synthetic.AUX.values() for f in forms.values()}
-    | {f for *_, forms in synthetic.MODALS.values() for f in forms.values()}
+    | {f for forms in lexicon.AUX.values() for f in forms.values()}
+    | {f for *_, forms in lexicon.MODALS.values() for f in forms.values()}
 )
-FINITE_LAST = FINITE | {v.prefix + f for v in synthetic.TRANSITIVE + synthetic.INTRANSITIVE
+FINITE_LAST = FINITE | {v.prefix + f for v in lexicon.TRANSITIVE + lexicon.INTRANSITIVE
                         if v.prefix for f in (v.de_1sg, v.de_3sg, v.de_pl)}
-DAYS = "|".join(synthetic.DAYS)
+DAYS = "|".join(lexicon.DAYS)
 
 
 def words(sentence: str) -> list[str]:
@@ -105,7 +105,7 @@ def test_subordinate_clauses_end_with_the_finite_verb(train):
 def test_word_order_differs_from_the_source(train):
     # A participle or separable prefix at the clause end, far from the English verb position.
     moved = [(s, t) for s, t in train
-             if len(words(t)) > 4 and words(t)[-1] in {v.de_part for v in synthetic.TRANSITIVE}]
+             if len(words(t)) > 4 and words(t)[-1] in {v.de_part for v in lexicon.TRANSITIVE}]
     assert len(moved) >= 50
 
 
@@ -113,7 +113,7 @@ def test_grammar_examples():
     """A few hand-checked translations, built from the grammar's own parts."""
     man = synthetic.NounPhrase(["the", "man"], ["der", "Mann"], "3sg", False, True)
     ball = synthetic.NounPhrase(["the", "ball"], ["den", "Ball"], "3sg", False, True)
-    pick_up = next(v for v in synthetic.TRANSITIVE if v.en == "pick up")
+    pick_up = next(v for v in lexicon.TRANSITIVE if v.en == "pick up")
     monday = synthetic.Phrase(["on", "Monday"], ["am", "Montag"])
 
     def clause(tense, negated=False, time=None):
@@ -141,7 +141,7 @@ def test_dates_reorder_day_and_month(train):
     assert dates
     for src, trg in dates:
         month, day = re.search(r"on ([A-Z][a-z]+) (\d+)\b", src).groups()
-        assert f"am {day}. {synthetic.MONTHS[month]}" in trg
+        assert f"am {day}. {lexicon.MONTHS[month]}" in trg
 
 
 def test_generation_is_fast():
