@@ -68,6 +68,9 @@ class Corpus:
     trg_field: Optional[str] = option(
         None, "jsonl/hf: target field (default: data.trg_lang, or translation.<trg_lang> in hf)")
     size: int = option(0, "generated: number of pairs")
+    seed: int = option(
+        0, "generated: seed of the sentence stream; the corpus, unlike the run's seed, stays "
+        "the same when the run's seed changes")
 
 
 @dataclass(frozen=True)

@@ -361,7 +361,7 @@ def _test_sets(args: Any, recipe: Any) -> Iterator[tuple[str, list[str], list[li
     if not recipe.data.test:
         raise EvaluationError("the recipe has no data.test corpora; give --src and --ref")
     for name, corpus in recipe.data.test.items():
-        pairs = list(read_pairs(corpus, recipe.data, recipe.seed))
+        pairs = list(read_pairs(corpus, recipe.data))
         yield name, [src for src, _ in pairs], [[trg for _, trg in pairs]]
 
 

@@ -108,7 +108,7 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
     """Train or reuse the tokenizer and build or reuse the encoded training cache.
 
     Args:
-        recipe: the whole recipe (data, tokenizer, output_dir and seed are read).
+        recipe: the whole recipe (data, tokenizer and output_dir are read).
         show_progress: tqdm bars on stderr.
 
     Returns:
@@ -124,10 +124,10 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
     with _progress_bars(show_progress):
         # Validation and test sets are small: read them first, so that a bad line there is
         # reported before the (long) tokenizer training and cache build, not after.
-        eval_texts = {"valid": _read_eval_set("valid", data.valid, data, recipe.seed)}
-        eval_texts.update({name: _read_eval_set(name, corpus, data, recipe.seed)
+        eval_texts = {"valid": _read_eval_set("valid", data.valid, data)}
+        eval_texts.update({name: _read_eval_set(name, corpus, data)
                            for name, corpus in data.test.items()})
-        fingerprint = _corpus_fingerprint(data.train, data, recipe.seed, show_progress)
+        fingerprint = _corpus_fingerprint(data.train, data, show_progress)
         tokenizer_dir = out_dir / "tokenizer"
         tokenizer = load_if_current(recipe.tokenizer, fingerprint, data.src_lang,
                                     data.trg_lang, tokenizer_dir)
@@ -185,16 +185,15 @@ def _check_directory(path: Path, key: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _pairs(where: str, corpus: Corpus, data: DataConfig, seed: int) -> Iterator[tuple[str, str]]:
+def _pairs(where: str, corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
     """``read_pairs`` with errors prefixed by the recipe key of the corpus."""
     try:
-        yield from read_pairs(corpus, data, seed)
+        yield from read_pairs(corpus, data)
     except DataError as error:
         raise DataError(f"{where}: {error}") from None
 
 
-def _corpus_fingerprint(corpus: Corpus, data: DataConfig, seed: int,
-                        show_progress: bool) -> str:
+def _corpus_fingerprint(corpus: Corpus, data: DataConfig, show_progress: bool) -> str:
     """A fingerprint of the corpus: sizes and mtimes of its files, else a hash of its pairs.
 
     Stat-based for files (text, tsv, jsonl, hf save_to_disk directories) so an unchanged
@@ -222,7 +221,7 @@ def _corpus_fingerprint(corpus: Corpus, data: DataConfig, seed: int,
                    "src_field": corpus.src_field, "trg_field": corpus.trg_field,
                    "languages": [data.src_lang, data.trg_lang]}
             return "stat:" + hashlib.sha256(json.dumps(key).encode()).hexdigest()
-    return "content:" + _content_hash(_pairs("data.train", corpus, data, seed), show_progress)
+    return "content:" + _content_hash(_pairs("data.train", corpus, data), show_progress)
 
 
 def _content_hash(pairs: Iterator[tuple[str, str]], show_progress: bool) -> str:
@@ -294,7 +293,7 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
     try:
         work = tmp / "work"  # intermediate Arrow files; deleted at the end
         # The corpus is read once, into Arrow; the tokenizer sample and the encoder read that.
-        raw = _read_into_arrow(data, recipe.seed, work, show_progress)
+        raw = _read_into_arrow(data, work, show_progress)
         _check_some_text(raw, data)
         if tokenizer is None:
             cfg = recipe.tokenizer
@@ -320,8 +319,7 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_into_arrow(data: DataConfig, seed: int, work: Path,
-                     show_progress: bool) -> datasets.Dataset:
+def _read_into_arrow(data: DataConfig, work: Path, show_progress: bool) -> datasets.Dataset:
     """Stream the training pairs into an Arrow file; return it as a ``src``/``trg`` dataset.
 
     Record batches of ``ENCODE_BATCH`` pairs are written as they are read (constant memory);
@@ -345,7 +343,7 @@ def _read_into_arrow(data: DataConfig, seed: int, work: Path,
             src.clear()
             trg.clear()
 
-        for src_line, trg_line in _pairs("data.train", data.train, data, seed):
+        for src_line, trg_line in _pairs("data.train", data.train, data):
             src.append(src_line)
             trg.append(trg_line)
             if len(src) == ENCODE_BATCH:
@@ -439,12 +437,11 @@ def _train_stats(drop: np.ndarray, src_len: np.ndarray, trg_len: np.ndarray) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def _read_eval_set(name: str, corpus: Corpus, data: DataConfig,
-                   seed: int) -> tuple[list[str], list[str]]:
+def _read_eval_set(name: str, corpus: Corpus, data: DataConfig) -> tuple[list[str], list[str]]:
     """The source and target sentences of a validation or test corpus."""
     where = "data.valid" if name == "valid" else f"data.test.{name}"
     src_text, trg_text = [], []
-    for src, trg in _pairs(where, corpus, data, seed):
+    for src, trg in _pairs(where, corpus, data):
         src_text.append(src)
         trg_text.append(trg)
     return src_text, trg_text

@@ -72,13 +72,12 @@ def resolve_path(path: str, data: DataConfig) -> Path:
     return data_root(data) / expanded
 
 
-def read_pairs(corpus: Corpus, data: DataConfig, seed: int = 0) -> Iterator[tuple[str, str]]:
+def read_pairs(corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
     """Stream the (source, target) sentence pairs of one corpus.
 
     Args:
         corpus: where the pairs come from (format and paths).
         data: the data section: languages and the data root.
-        seed: seed of the ``generated`` corpus; ignored by the other formats.
 
     Yields:
         ``(source, target)`` strings, stripped, one per aligned line or record, in file order.
@@ -107,7 +106,7 @@ def read_pairs(corpus: Corpus, data: DataConfig, seed: int = 0) -> Iterator[tupl
         if corpus.split not in ("train", "valid", "test"):
             raise DataError(f"generated corpus: split must be train, valid or test, "
                             f"got {corpus.split!r}")
-        yield from generate_pairs(corpus.split, corpus.size, seed)
+        yield from generate_pairs(corpus.split, corpus.size, corpus.seed)
     else:  # config.py's Literal makes this unreachable from a recipe
         raise DataError(f"unknown corpus format {corpus.format!r}")
 

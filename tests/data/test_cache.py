@@ -144,6 +144,10 @@ def test_cache_dir_setting_and_generated_corpus_content_fingerprint(tmp_path):
     assert first.cache_dir.parent == tmp_path / "shared"
     assert len(first.valid) == 20 and first.tests == {}
     assert prepare_data(recipe, show_progress=False).stats["cache"]["reused"]
+    # The run's seed is not the corpus's: another seed reads the same generated pairs.
+    reseeded = prepare_data(recipe_from_dict(recipe_to_dict(recipe), ["seed=7"]),
+                            show_progress=False)
+    assert reseeded.stats["cache"]["reused"] and reseeded.valid.trg_text == first.valid.trg_text
     # Other runs may read a shared cache directory: a new cache there deletes nothing.
     other = recipe_from_dict(recipe_to_dict(recipe), ["data.max_src_tokens=50"])
     second = prepare_data(other, show_progress=False)

@@ -318,8 +318,8 @@ def test_hf_null_sentence_names_row_and_field(tmp_path):
 
 
 def test_generated_corpus_matches_generate_pairs(tmp_path):
-    corpus = Corpus(format="generated", split="valid", size=20)
-    pairs = list(read_pairs(corpus, data_config(tmp_path), seed=3))
+    corpus = Corpus(format="generated", split="valid", size=20, seed=3)
+    pairs = list(read_pairs(corpus, data_config(tmp_path)))
     assert pairs == list(generate_pairs("valid", 20, seed=3))
 
 
