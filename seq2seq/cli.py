@@ -71,7 +71,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_average(args: argparse.Namespace) -> int:
     from seq2seq.checkpoint import average_checkpoints
+    from seq2seq.translate_io import check_output_file
 
+    check_output_file(args.output)  # before loading every checkpoint
     average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output))
     print(f"wrote {args.output} (average of {len(args.checkpoints)} checkpoints)")
     return 0

@@ -312,6 +312,9 @@ def evaluate_command(args: Any, recipe: Any) -> int:
                                                f"{recipe.eval.checkpoint}.pt")]
     else:
         checkpoints = args.checkpoint
+    # Before the model loads: a bad report directory must not cost a whole evaluation.
+    if args.report_dir and Path(args.report_dir).exists() and not Path(args.report_dir).is_dir():
+        raise EvaluationError(f"{args.report_dir}: exists and is not a directory")
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize)
     recipe = recipe or translator.recipe

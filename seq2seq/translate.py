@@ -213,8 +213,11 @@ class Translator:
 
 def translate_command(args: Any) -> int:
     """``seq2seq translate``: stream stdin (or --input) to stdout (or --output), line for line."""
-    from seq2seq.translate_io import translate_file
+    from seq2seq.translate_io import check_output_file, translate_file
 
+    # Before the model loads: a bad output path must not cost a whole translation run.
+    check_output_file(args.output)
+    check_output_file(args.attention)
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device,
                                             quantize=args.quantize)
     settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,

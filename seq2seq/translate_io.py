@@ -251,6 +251,27 @@ def write_lines(lines: Iterable[str], stream: BinaryIO,
     return count
 
 
+def check_output_file(path: str | Path | None) -> None:
+    """Refuse an output path that cannot become a file, before any work is done.
+
+    ``None`` and ``"-"`` (stdout) always pass. Commands call this before loading a model, so a
+    mistyped ``--output`` costs nothing; :func:`atomic_output` checks again when it opens.
+
+    Raises:
+        InputError: ``path`` is a directory, or its directory does not exist (one line).
+    """
+    if path is None or str(path) == "-":
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not an output file")
+    parent = path.parent
+    if not parent.exists():
+        raise InputError(f"{path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise InputError(f"{path}: {parent} is not a directory")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path`` for binary writing; rename it to ``path`` on success.
@@ -258,9 +279,12 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     If the body raises, the temporary file is removed and ``path`` is left as it was.
 
     Raises:
-        InputError: the directory does not exist or cannot be written.
+        InputError: ``path`` is a directory, or its directory does not exist or cannot be
+            written.
     """
     path = Path(path)
+    if path.is_dir():  # else the rename would fail only after all the work is done
+        raise InputError(f"{path}: is a directory, not an output file")
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
                                         dir=path.parent if str(path.parent) else ".")

@@ -15,6 +15,7 @@ from seq2seq.errors import Seq2SeqError
 from seq2seq.translate_io import (
     InputError,
     atomic_output,
+    check_output_file,
     format_nbest,
     open_input,
     open_output,
@@ -220,6 +221,38 @@ def test_atomic_output_leaves_nothing_half_written(tmp_path):
     with pytest.raises(InputError, match="does not exist"), \
             atomic_output(tmp_path / "missing" / "out.txt"):
         pass
+
+
+def test_an_output_path_that_is_a_directory_is_one_line_and_nothing_is_written(tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(InputError, match="out: is a directory, not an output file"):
+        check_output_file(out_dir)
+    with pytest.raises(InputError, match="is a directory, not an output file"), \
+            atomic_output(out_dir):
+        pass
+    with pytest.raises(InputError, match="directory .*missing does not exist"):
+        check_output_file(tmp_path / "missing" / "out.txt")
+    check_output_file(None)
+    check_output_file("-")
+    check_output_file(tmp_path / "new.txt")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]  # no temporary file
+
+
+@pytest.mark.parametrize("argv", [
+    ["translate", "--checkpoint", "{tmp}/nope.pt", "--output", "{tmp}/adir"],
+    ["translate", "--checkpoint", "{tmp}/nope.pt", "--attention", "{tmp}/adir"],
+    ["average", "{tmp}/nope.pt", "--output", "{tmp}/adir"],
+], ids=["translate-output", "translate-attention", "average-output"])
+def test_output_directories_are_refused_before_any_checkpoint_loads(argv, tmp_path, capsys):
+    from seq2seq.cli import main
+
+    (tmp_path / "adir").mkdir()
+    # The checkpoint does not exist: an error about it would mean the model was loaded first.
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path}/adir: is a directory, not an output file\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir"]
 
 
 def test_open_input_errors_name_the_file_and_gz_is_read(tmp_path):
