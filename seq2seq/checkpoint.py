@@ -49,14 +49,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: ``0o666`` less the process umask."""
+    umask = os.umask(0)  # the umask can only be read by setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync directory)."""
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync directory).
+
+    The file gets the usual mode (``0o666`` less the umask), not mkstemp's owner-only
+    ``0o600``, so other users of a shared filesystem (multi-node training) can read it.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
+            os.fchmod(handle.fileno(), new_file_mode())
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -83,6 +95,8 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
         CheckpointError: when the disk is full or the directory is not writable; the previous
             file at ``path`` is then left as it was.
     """
+    if Path(path).is_dir():  # else a full serialisation is done before the rename fails
+        raise CheckpointError(f"{path}: is a directory, not an output file")
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
