@@ -185,27 +185,47 @@ class Translator:
     def translate_full(self, sentences: list[str], settings: DecodeConfig,
                        return_attention: bool = False) -> list[Translation]:
         """Translate with full detail: n-best texts and scores, and with ``return_attention``
-        the attention matrices with the subword pieces they are over (else those are empty)."""
-        src_ids = self.tokenizer.encode_src(sentences)
+        the attention matrices with the subword pieces they are over (else those are empty).
+
+        A blank or whitespace-only sentence is not decoded (a model asked to translate nothing
+        makes something up): it gets one empty hypothesis with score 0.0, as ``seq2seq
+        translate`` writes an empty line for it.
+
+        Raises:
+            TypeError: ``sentences`` is a single string, not a list of them.
+        """
+        if isinstance(sentences, str):
+            raise TypeError("sentences must be a list of strings, not one string "
+                            "(write translate([sentence]) for a single sentence)")
+        sentences = list(sentences)
+        todo = [i for i, sentence in enumerate(sentences) if sentence.strip()]
+        out = [Translation(hypotheses=[""], scores=[0.0], src_pieces=[], hyp_pieces=[[]],
+                           attention=[None]) for _ in sentences]
+        src_ids = self.tokenizer.encode_src([sentences[i] for i in todo])
         nbests = decode_ids(self.model, src_ids, settings, self.device, return_attention)
         # One SentencePiece call for every hypothesis of every sentence, not one per sentence.
         texts = iter(self.tokenizer.decode_trg([h.tokens for nbest in nbests for h in nbest]))
-        out = []
-        for ids, nbest in zip(src_ids, nbests):
-            out.append(Translation(
+        for i, ids, nbest in zip(todo, src_ids, nbests):
+            out[i] = Translation(
                 hypotheses=[next(texts) for _ in nbest], scores=[h.score for h in nbest],
                 src_pieces=self.tokenizer.src_pieces(ids) + ["</s>"] if return_attention
                 else [],
                 hyp_pieces=[self.tokenizer.trg_pieces(h.tokens) if return_attention else []
                             for h in nbest],
-                attention=[h.attention for h in nbest]))
+                attention=[h.attention for h in nbest])
         return out
 
     def translate(self, sentences: list[str], beam: int | None = None,
                   nbest: int | None = None, **overrides: Any) -> list[str] | list[list[str]]:
-        """Translate sentences; one string each, or a list of ``nbest`` strings each."""
+        """Translate sentences; one string each, or a list of ``nbest`` strings each.
+
+        A blank sentence gives ``""`` (with ``nbest``: ``[""]``) without being decoded.
+
+        Raises:
+            TypeError: ``sentences`` is a single string, not a list of them.
+        """
         settings = self.decode_settings(beam=beam, nbest=nbest, **overrides)
-        results = self.translate_full(list(sentences), settings)
+        results = self.translate_full(sentences, settings)
         if nbest is None:
             return [r.hypotheses[0] for r in results]
         return [r.hypotheses for r in results]

@@ -91,14 +91,53 @@ def test_translator_nbest_of_a_batch_equals_each_sentence_alone(trained):
     batch = translator.translate_full(sentences, settings)
     for sentence, together in zip(sentences, batch):
         alone = translator.translate_full([sentence], settings)[0]
-        assert together.hypotheses == alone.hypotheses and len(alone.hypotheses) == 2
+        assert together.hypotheses == alone.hypotheses
+        assert len(alone.hypotheses) == (2 if sentence else 1)  # a blank one is not decoded
         assert together.scores == pytest.approx(alone.scores, abs=1e-5)
-        assert together.src_pieces == [] and together.hyp_pieces == [[], []]
+        assert together.src_pieces == [] and together.hyp_pieces == [[]] * len(alone.hypotheses)
     # With attention, the pieces label its rows (hypothesis tokens) and columns (source + EOS).
     detailed = translator.translate_full(sentences[2:3], settings, return_attention=True)[0]
     matrix = detailed.attention[0]
     assert matrix.shape == (len(detailed.hyp_pieces[0]), len(detailed.src_pieces))
     assert detailed.src_pieces[-1] == "</s>" and len(detailed.src_pieces) > 1
+
+
+def test_translator_refuses_a_single_string(trained):
+    from seq2seq.translate import Translator
+
+    _, run = trained
+    translator = Translator.from_checkpoint(run / "best.pt", device="cpu")
+    # Iterating a str would translate it character by character.
+    with pytest.raises(TypeError, match="list of strings, not one string"):
+        translator.translate("the dog sleeps .")
+    with pytest.raises(TypeError, match="list of strings"):
+        translator.translate_full("the dog", translator.decode_settings())
+
+
+def test_translator_gives_blank_sentences_an_empty_translation_without_decoding(
+        trained, monkeypatch):
+    import seq2seq.translate as translate_module
+
+    _, run = trained
+    translator = translate_module.Translator.from_checkpoint(run / "best.pt", device="cpu")
+    searched = []
+    decode_ids = translate_module.decode_ids
+
+    def recording_decode_ids(model, src_ids, *args):
+        searched.extend(src_ids)
+        return decode_ids(model, src_ids, *args)
+
+    monkeypatch.setattr(translate_module, "decode_ids", recording_decode_ids)
+    sentences = ["", "the dog", "  ", "\t", "a house"]
+    hyps = translator.translate(sentences, beam=2)
+    assert len(searched) == 2 and all(searched)  # the blank ones never reached the search
+    assert hyps[0] == hyps[2] == hyps[3] == ""
+    assert hyps[1] == translator.translate(["the dog"], beam=2)[0]
+    assert translator.translate(["", "a house"], beam=3, nbest=2)[0] == [""]
+    # The API agrees with the command line, which writes an empty line for a blank one.
+    cli = seq2seq("translate", "--checkpoint", run / "best.pt", "--beam", "2",
+                  stdin="".join(s + "\n" for s in sentences).encode())
+    assert cli.stdout.decode().split("\n")[:-1] == hyps
 
 
 def test_evaluate_writes_reports(trained):
