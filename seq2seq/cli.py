@@ -149,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", help="source file to translate and score")
     p.add_argument("--ref", action="append", help="reference file (repeat for several)")
     p.add_argument("--compare", help="another system's output on the same source: paired test")
-    p.add_argument("--report-dir", help="where to write the report")
+    p.add_argument("--report-dir",
+                   help="where to write the report (default: the recipe's eval.report_dir, "
+                   "else <output_dir>/eval; with --src FILE: eval-<FILE name> beside the "
+                   "checkpoint; --quantize adds -int8 to either default)")
     _decode_flags(p)
     p.set_defaults(func=cmd_evaluate)
 

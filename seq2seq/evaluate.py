@@ -302,6 +302,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
 
     With a recipe: every ``data.test`` corpus, with ``<output_dir>/<eval.checkpoint>.pt``
     unless ``--checkpoint`` is given. Without: ``--src`` scored against the ``--ref`` files.
+    The report goes to ``--report-dir``, else to :func:`default_report_dir`.
     ``--compare FILE`` (another system's output, one line per source line) adds a paired
     bootstrap test; with a recipe it applies to every test set, so use it with one.
     """
@@ -312,9 +313,11 @@ def evaluate_command(args: Any, recipe: Any) -> int:
                                                f"{recipe.eval.checkpoint}.pt")]
     else:
         checkpoints = args.checkpoint
+    report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(
+        recipe, checkpoints, args.src, args.quantize)
     # Before the model loads: a bad report directory must not cost a whole evaluation.
-    if args.report_dir and Path(args.report_dir).exists() and not Path(args.report_dir).is_dir():
-        raise EvaluationError(f"{args.report_dir}: exists and is not a directory")
+    if report_dir.exists() and not report_dir.is_dir():
+        raise EvaluationError(f"{report_dir}: exists and is not a directory")
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize)
     recipe = recipe or translator.recipe
@@ -329,15 +332,33 @@ def evaluate_command(args: Any, recipe: Any) -> int:
         hyps, attention = _translate_all(translator, settings, srcs, cfg.attention_plots)
         results.append(build_result(
             name, srcs, hyps, refs, cfg.lowercase, cfg.tokenize, cfg.bootstrap, recipe.seed,
-            decoding=dataclasses.asdict(settings), checkpoints=checkpoints,
+            decoding={**dataclasses.asdict(settings), "quantized": args.quantize},
+            checkpoints=checkpoints,
             compare_hyps=compare, compare_name=args.compare, attention=attention))
-    report_dir = Path(args.report_dir or cfg.report_dir or Path(recipe.output_dir) / "eval")
     from seq2seq.report import format_summary, write_report
 
     write_report(report_dir, results)
     print(format_summary(results))
     print(f"report: {report_dir / 'report.md'}")
     return 0
+
+
+def default_report_dir(recipe: Any, checkpoints: Sequence[str], src: str | None,
+                       quantized: bool) -> Path:
+    """Where ``seq2seq evaluate`` writes without ``--report-dir``; no two kinds of evaluation
+    share a directory, so none overwrites another's report.
+
+    * a recipe's test sets: ``eval.report_dir``, else ``<output_dir>/eval``;
+    * ``--src FILE``: ``<directory of the (first) checkpoint>/eval-<FILE's name>`` (``.gz``
+      dropped);
+    * ``--quantize`` appends ``-int8`` to either, beside the full-precision report.
+    """
+    if src:
+        name = "stdin" if src == "-" else Path(src).name.removesuffix(".gz")
+        report_dir = Path(checkpoints[0]).parent / f"eval-{name}"
+    else:
+        report_dir = Path(recipe.eval.report_dir or Path(recipe.output_dir) / "eval")
+    return report_dir.with_name(report_dir.name + "-int8") if quantized else report_dir
 
 
 def _read_text_lines(path: str) -> list[str]:

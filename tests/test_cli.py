@@ -2,8 +2,10 @@
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -172,6 +174,44 @@ def test_evaluate_a_reference_against_itself_scores_100(trained, tmp_path):
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     entry = report["test_sets"][0]
     assert entry["compare"]["bleu"]["b"] == pytest.approx(100.0)
+
+
+def test_evaluate_files_and_int8_have_default_report_dirs_of_their_own(trained, tmp_path):
+    _, run = trained
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    shutil.copy(run / "best.pt", tmp_path / "run" / "best.pt")
+    recipe_report = tmp_path / "run" / "eval" / "report.md"
+    recipe_report.write_text("the recipe's report\n")
+    (tmp_path / "src.txt").write_text("the dog\nthe cat sees a house\n\n")
+    (tmp_path / "ref.txt").write_text("der Hund\ndie Katze sieht ein Haus\n\n")
+    args = ["evaluate", "--checkpoint", tmp_path / "run" / "best.pt", "--src",
+            tmp_path / "src.txt", "--ref", tmp_path / "ref.txt", "--beam", "1"]
+    for extra, report_dir, quantized in (([], "eval-src.txt", False),
+                                         (["--quantize"], "eval-src.txt-int8", True)):
+        result = seq2seq(*args, *extra)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        report = tmp_path / "run" / report_dir
+        entry = json.loads((report / "report.json").read_text())["test_sets"][0]
+        assert entry["decoding"]["quantized"] is quantized
+        assert f"quantized={quantized}" in (report / "report.md").read_text()
+        assert recipe_report.read_text() == "the recipe's report\n"  # not overwritten
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best.pt", "eval", "eval-src.txt", "eval-src.txt-int8"]
+
+
+def test_default_report_dirs_of_a_recipe():
+    from types import SimpleNamespace
+
+    from seq2seq.evaluate import default_report_dir
+
+    recipe = SimpleNamespace(output_dir="runs/x", eval=SimpleNamespace(report_dir=None))
+    assert default_report_dir(recipe, ["runs/x/best.pt"], None, False) == Path("runs/x/eval")
+    assert default_report_dir(recipe, ["runs/x/best.pt"], None, True) == Path(
+        "runs/x/eval-int8")
+    recipe.eval.report_dir = "reports/x/"
+    assert default_report_dir(recipe, ["a/b.pt"], None, True) == Path("reports/x-int8")
+    assert default_report_dir(recipe, ["a/b.pt", "c/d.pt"], "data/test.de.gz", False) == Path(
+        "a/eval-test.de")
 
 
 def test_average_two_checkpoints(trained, tmp_path):
