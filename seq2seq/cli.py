@@ -75,7 +75,8 @@ def cmd_average(args: argparse.Namespace) -> int:
 
     check_output_file(args.output)  # before loading every checkpoint
     average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output))
-    print(f"wrote {args.output} (average of {len(args.checkpoints)} checkpoints)")
+    count = len(args.checkpoints)
+    print(f"wrote {args.output} (average of {count} checkpoint{'s' if count > 1 else ''})")
     return 0
 
 
@@ -129,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("translate", help="translate lines from stdin or a file")
-    p.add_argument("--checkpoint", action="append", required=True,
-                   help="checkpoint file; give several for an ensemble")
+    p.add_argument("--checkpoint", action="extend", nargs="+", required=True,
+                   metavar="CKPT", help="checkpoint file; give several for an ensemble "
+                   "(--checkpoint a.pt b.pt, or --checkpoint repeated)")
     p.add_argument("--input", help="input file (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
     p.add_argument("--nbest", type=int,
@@ -144,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="translate test sets and write BLEU/chrF/TER reports")
     p.add_argument("recipe", nargs="?", help="recipe of a trained run (evaluates every test set)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
-    p.add_argument("--checkpoint", action="append",
-                   help="checkpoint file (several: an ensemble); default: the run's best.pt")
+    p.add_argument("--checkpoint", action="extend", nargs="+", metavar="CKPT",
+                   help="checkpoint file; several (--checkpoint a.pt b.pt, or --checkpoint "
+                   "repeated) are an ensemble; default: the run's eval.checkpoint (best.pt)")
     p.add_argument("--src", help="source file to translate and score")
     p.add_argument("--ref", action="append", help="reference file (repeat for several)")
     p.add_argument("--compare", help="another system's output on the same source: paired test")

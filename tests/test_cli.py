@@ -220,6 +220,9 @@ def test_average_two_checkpoints(trained, tmp_path):
     assert len(steps) >= 2
     result = seq2seq("average", *steps[-2:], "--output", tmp_path / "avg.pt")
     assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.decode().endswith("(average of 2 checkpoints)\n")
+    one = seq2seq("average", steps[-1], "--output", tmp_path / "one.pt")
+    assert one.stdout.decode().endswith("(average of 1 checkpoint)\n")
     again = seq2seq("translate", "--checkpoint", tmp_path / "avg.pt", stdin=b"the dog\n")
     assert again.returncode == 0 and again.stdout.count(b"\n") == 1
 
@@ -230,6 +233,19 @@ def test_ensemble_of_two_checkpoints(trained):
                      run / "last.pt", stdin=b"the dog\n\nthe cat\n")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.count(b"\n") == 3
+    # The help says "give several": one flag with two files is the same ensemble.
+    listed = seq2seq("translate", "--checkpoint", run / "best.pt", run / "last.pt",
+                     stdin=b"the dog\n\nthe cat\n")
+    assert listed.returncode == 0, listed.stderr.decode()
+    assert listed.stdout == result.stdout
+
+
+def test_evaluate_takes_several_checkpoints_after_one_flag():
+    from seq2seq.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--checkpoint", "a.pt", "b.pt",
+                                      "--checkpoint", "c.pt", "--src", "s", "--ref", "r"])
+    assert args.checkpoint == ["a.pt", "b.pt", "c.pt"]
 
 
 def test_prepare_multi30k_prints_statistics(tmp_path):
