@@ -117,6 +117,20 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+# How torch.save files begin: a zip archive (the format since torch 1.6), or a pickle.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _is_text(data: bytes) -> bool:
+    """Whether the start of ``data`` reads as UTF-8 text (a recipe, a log, a text corpus)."""
+    head = data[:4096]
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return error.start > len(head) - 4  # only a character cut in two at the end
+    return b"\0" not in head
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; refuse anything else with a clear error."""
     path = Path(path)
@@ -133,16 +147,22 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         accepted = sidecar.read_text().split()
         if accepted and hashlib.sha256(data).hexdigest() not in accepted:
             raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt checkpoint)")
+    if not data.startswith(_TORCH_MAGIC):
+        # Else torch's legacy reader fails with a bare KeyError such as "(105)".
+        what = ("it is a text file" if _is_text(data)
+                else "it is not the zip archive torch.save writes")
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({what})")
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for damaged or unsafe files
         text = str(error)
         if "Unsupported global" in text:
             reason = "it holds arbitrary pickled objects, which are refused for safety"
-        elif "WeightsUnpickler" in text or "zip archive" in text:
+        elif ("WeightsUnpickler" in text or "zip archive" in text or not text.strip()
+              or isinstance(error, (KeyError, IndexError, EOFError))):
             reason = "not a PyTorch checkpoint file, or a damaged one"
         else:
-            reason = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+            reason = text.strip().splitlines()[0]
         raise CheckpointError(f"{path}: not a loadable seq2seq checkpoint ({reason})") from None
     if not isinstance(payload, dict) or "model" not in payload or "recipe" not in payload:
         raise CheckpointError(f"{path}: not a seq2seq checkpoint (no model and recipe inside)")
