@@ -409,12 +409,10 @@ def _translate_all(translator: Any, settings: Any, srcs: list[str],
     for r in translator.translate_full(firsts, settings, True) if firsts else []:
         if r.attention[0] is None:
             continue
-        # Rows: target pieces, then EOS unless the hypothesis was cut at the maximum length;
-        # columns: source pieces (EOS included), no padding.
+        # Rows: target pieces (EOS included unless the hypothesis was cut at the maximum
+        # length); columns: source pieces (EOS included), no padding. The pieces label both.
         matrix = r.attention[0].detach().float().cpu()[:, :len(r.src_pieces)]
         hyp_tokens = list(r.hyp_pieces[0])
-        if matrix.shape[0] == len(hyp_tokens) + 1:
-            hyp_tokens.append("</s>")
         if tuple(matrix.shape) == (len(hyp_tokens), len(r.src_pieces)):
             attention.append((list(r.src_pieces), hyp_tokens, matrix.tolist()))
     return hyps, attention

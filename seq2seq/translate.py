@@ -104,8 +104,10 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
 class Translation:
     """One input sentence's n-best list, detokenized.
 
-    ``src_pieces`` (EOS included) and ``hyp_pieces`` label the rows and columns of
-    ``attention``; all three are filled only when attention was asked for.
+    ``hyp_pieces`` label the rows of each ``(T, S)`` ``attention`` matrix and ``src_pieces``
+    its columns, one label per row and column: both end in ``"</s>"`` for the EOS step (a
+    hypothesis cut at the maximum length has no EOS row, so no ``"</s>"`` label). All three are
+    filled only when attention was asked for.
     """
 
     hypotheses: list[str]
@@ -210,10 +212,18 @@ class Translator:
                 hypotheses=[next(texts) for _ in nbest], scores=[h.score for h in nbest],
                 src_pieces=self.tokenizer.src_pieces(ids) + ["</s>"] if return_attention
                 else [],
-                hyp_pieces=[self.tokenizer.trg_pieces(h.tokens) if return_attention else []
-                            for h in nbest],
+                hyp_pieces=[self._hyp_labels(h) if return_attention else [] for h in nbest],
                 attention=[h.attention for h in nbest])
         return out
+
+    def _hyp_labels(self, hyp: Hypothesis) -> list[str]:
+        """The target pieces of ``hyp``, one per row of its attention matrix."""
+        pieces = self.tokenizer.trg_pieces(hyp.tokens)
+        # The search attends once more on the step that chose EOS; that row gets "</s>" as
+        # the source's EOS column does.
+        if hyp.attention is not None and hyp.attention.shape[0] == len(hyp.tokens) + 1:
+            pieces.append("</s>")
+        return pieces
 
     def translate(self, sentences: list[str], beam: int | None = None,
                   nbest: int | None = None, **overrides: Any) -> list[str] | list[list[str]]:
@@ -247,6 +257,9 @@ def translate_command(args: Any) -> int:
 
 
 def write_attention_jsonl(handle: Any, index: int, translation: Translation) -> None:
+    """One JSON line for ``--attention``: ``index``, ``src`` and ``hyp`` pieces (each ending in
+    ``"</s>"`` where the sentence has an EOS step) and ``attention``, one row per ``hyp`` label
+    and one column per ``src`` label."""
     attn = translation.attention[0]
     row = {"index": index, "src": translation.src_pieces, "hyp": translation.hyp_pieces[0],
            "attention": [] if attn is None else attn.tolist()}

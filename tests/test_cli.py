@@ -1,6 +1,7 @@
 """End to end through the `seq2seq` command: prepare, train, translate, evaluate, average."""
 
 import gzip
+import io
 import json
 import shutil
 import subprocess
@@ -140,6 +141,52 @@ def test_translator_gives_blank_sentences_an_empty_translation_without_decoding(
     cli = seq2seq("translate", "--checkpoint", run / "best.pt", "--beam", "2",
                   stdin="".join(s + "\n" for s in sentences).encode())
     assert cli.stdout.decode().split("\n")[:-1] == hyps
+
+
+def test_attention_jsonl_has_one_label_per_row_and_column(trained, tmp_path, monkeypatch):
+    import torch
+
+    import seq2seq.translate as translate_module
+    from seq2seq.search import Hypothesis
+
+    _, run = trained
+
+    def fake_decode_ids(model, src_ids, decode, device, return_attention):
+        # Sentence 0 ends in EOS (one attention row more than tokens); sentence 1 was cut at
+        # the maximum length (no EOS row).
+        nbests = []
+        for i, ids in enumerate(src_ids):
+            tokens = [5, 6, 7]
+            rows = len(tokens) + (1 if i == 0 else 0)
+            attention = torch.softmax(torch.randn(rows, len(ids) + 1), dim=-1)
+            nbests.append([Hypothesis(tokens=tokens, score=-1.0, log_prob=-1.0,
+                                      attention=attention)])
+        return nbests
+
+    monkeypatch.setattr(translate_module, "decode_ids", fake_decode_ids)
+    (tmp_path / "in.txt").write_text("the dog sleeps\n\nthe cat\n")
+    result = seq2seq("translate", "--checkpoint", run / "best.pt", "--beam", "2",
+                     "--input", tmp_path / "in.txt", "--attention", tmp_path / "attn.jsonl")
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "attn.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 2]  # the blank line has no row
+    for row in rows:
+        assert len(row["attention"]) == len(row["hyp"])
+        assert all(len(weights) == len(row["src"]) for weights in row["attention"])
+        assert row["src"][-1] == "</s>"
+    # The fake search only runs in-process; the command above decoded for real. Check the
+    # labels of both kinds of hypotheses through the Translator itself.
+    translator = translate_module.Translator.from_checkpoint(run / "best.pt", device="cpu")
+    ended, cut = translator.translate_full(["the dog sleeps", "the cat"],
+                                           translator.decode_settings(), True)
+    assert ended.hyp_pieces[0][-1] == "</s>" and len(ended.hyp_pieces[0]) == 4
+    assert "</s>" not in cut.hyp_pieces[0] and len(cut.hyp_pieces[0]) == 3
+    for r in (ended, cut):
+        assert r.attention[0].shape == (len(r.hyp_pieces[0]), len(r.src_pieces))
+    buffer = io.StringIO()
+    translate_module.write_attention_jsonl(buffer, 0, ended)
+    row = json.loads(buffer.getvalue())
+    assert row["hyp"][-1] == "</s>" and len(row["attention"]) == len(row["hyp"]) == 4
 
 
 def test_evaluate_writes_reports(trained):
