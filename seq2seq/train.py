@@ -112,6 +112,9 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world = dist.rank(), dist.world_size()
+        # A run that cannot be resumed is refused before prepare_data could retrain its
+        # tokenizer or add a cache for a recipe it will not train with.
+        self.found = self.latest_checkpoint()
         if dist.is_main():
             # prepare_data first: it reports bad corpora before anything is written.
             self.data = prepare_data(recipe, show_progress=True)
@@ -167,13 +170,15 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
 
-    def resume(self) -> None:
+    def latest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from, if any, once it is known that resuming is right."""
         if dist.is_main():  # a run killed while writing a checkpoint leaves its temporary file
             remove_partial_writes(self.out)
+        dist.barrier()  # no rank reads the directory while the main rank cleans it
         found = load_latest([self.out / "last.pt"] + self.step_checkpoints()[::-1])
         if found is None:
-            return
-        path, ckpt = found
+            return None
+        ckpt = found[1]
         check_resumable(ckpt["recipe"], self.recipe)
         saved_group = ckpt.get("group_size", self.world * self.recipe.train.accumulate)
         if saved_group != self.world * self.recipe.train.accumulate:
@@ -182,6 +187,13 @@ class Trainer:
                 f"cannot resume {self.out}: it was trained with {saved_group} batches per update "
                 f"(processes x train.accumulate), this run uses {self.world} x "
                 f"{self.recipe.train.accumulate}; keep the product equal")
+        return found
+
+    def resume(self) -> None:
+        found, self.found = self.found, None  # the checkpoint's memory is freed after loading
+        if found is None:
+            return
+        path, ckpt = found
         self.model.load_state_dict(ckpt["model"])
         load_optimizer_state(self.optimizer, ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["schedule"])
@@ -192,9 +204,21 @@ class Trainer:
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.resumed_from = (path, self.progress.step)
         if dist.is_main():
-            print(f"resuming from {path} at step {self.progress.step} "
-                  f"(epoch {self.progress.epoch + 1})", file=sys.stderr)
+            print(f"resuming from {path} at step {self.progress.step} ({self.epoch_position()})",
+                  file=sys.stderr)
+
+    def epoch_position(self) -> str:
+        progress = self.progress
+        if progress.epoch_step == 0:
+            return f"after epoch {progress.epoch}" if progress.epoch else "before epoch 1"
+        return f"epoch {progress.epoch + 1}, {progress.epoch_step} updates into it"
+
+    def epoch_label(self) -> int:
+        """The epoch the latest update belongs to (1-based) for logged rows."""
+        progress = self.progress
+        return progress.epoch + (1 if progress.epoch_step > 0 or progress.epoch == 0 else 0)
 
     def step_checkpoints(self) -> list[Path]:
         return sorted(self.out.glob("step_*.pt"))
@@ -451,7 +475,7 @@ class Trainer:
                     loss = dist.all_reduce_sum(window_loss.clone()).item() / window_tokens
                     rate = window_tokens / (time.perf_counter() - window_start)
                     bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-                    self.log({"step": progress.step, "split": "train", "epoch": progress.epoch + 1,
+                    self.log({"step": progress.step, "split": "train", "epoch": self.epoch_label(),
                               "loss": loss, "lr": lr, "tokens_per_s": rate})
                     window_loss.zero_()
                     window_tokens, window_start = 0, time.perf_counter()
@@ -514,7 +538,7 @@ class Trainer:
         metrics = self.validate()
         self.validation_s += time.perf_counter() - start
         self.model.train()
-        row = {"step": self.progress.step, "split": "valid", "epoch": self.progress.epoch + 1,
+        row = {"step": self.progress.step, "split": "valid", "epoch": self.epoch_label(),
                **metrics}
         self.log(row)
         if dist.is_main():
@@ -525,16 +549,30 @@ class Trainer:
         self.save_periodic()
 
     def finish(self) -> None:
-        """Validate once more if the last update was not validated, then write last.pt."""
-        validated = self.progress.step % self.recipe.train.valid_every == 0
-        if not validated and self.progress.step > 0 and not self.interrupted:
+        """Validate once more if the last update was not validated, then write last.pt.
+
+        A run resumed from its ``last.pt`` that made no update (it had already finished, or
+        was stopped at once) leaves its files as they are: nothing changed to validate or save.
+        """
+        progress, metric = self.progress, self.recipe.train.early_stop_metric
+        unchanged = self.resumed_from == (self.out / "last.pt", progress.step)
+        validated = progress.step % self.recipe.train.valid_every == 0
+        if unchanged:
+            pass
+        elif not validated and progress.step > 0 and not self.interrupted:
             self.validate_and_save(scheduled=False)
         else:
             self.save("last.pt")
         if dist.is_main():
-            print(f"stopped at step {self.progress.step}: {self.stop_reason}; "
-                  f"best {self.recipe.train.early_stop_metric} {self.progress.best_value} at step "
-                  f"{self.progress.best_step}; checkpoints in {self.out}", file=sys.stderr)
+            best = (f"best {metric} {progress.best_value} at step {progress.best_step}"
+                    if progress.best_value is not None else "not validated yet")
+            if unchanged and not self.interrupted:
+                print(f"nothing to train: {self.stop_reason} at step {progress.step}; raise "
+                      f"that limit to train further; {best}; checkpoints in {self.out}",
+                      file=sys.stderr)
+            else:
+                print(f"stopped at step {progress.step}: {self.stop_reason}; {best}; "
+                      f"checkpoints in {self.out}", file=sys.stderr)
             seconds = time.perf_counter() - self.loop_start - self.validation_s
             if self.session_tokens and seconds > 0:
                 print(f"trained on {self.session_tokens:,} target tokens in {seconds:,.1f} s "
@@ -546,6 +584,7 @@ class Trainer:
                       file=sys.stderr)
 
     interrupted = False
+    resumed_from: tuple[Path, int] | None = None  # (checkpoint, its step) when resumed
 
     def install_signal_handlers(self) -> dict[int, Any]:
         """Make SIGINT/SIGTERM stop after the current update; returns the handlers replaced."""

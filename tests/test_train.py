@@ -58,6 +58,37 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
         fit(tiny_recipe(tmp_path, "train.max_steps=4", "model.dec_hidden=32"))
 
 
+def test_a_refused_resume_leaves_the_tokenizer_and_cache_untouched(tmp_path):
+    fit(tiny_recipe(tmp_path, "train.max_steps=2"))
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    before = {p: p.stat().st_mtime_ns for p in [*out.rglob("*"), *cache.rglob("*")]}
+    with pytest.raises(Seq2SeqError, match="tokenizer.vocab_size"):
+        fit(tiny_recipe(tmp_path, "train.max_steps=4", "tokenizer.vocab_size=100"))
+    after = {p: p.stat().st_mtime_ns for p in [*out.rglob("*"), *cache.rglob("*")]}
+    assert after == before
+
+
+def test_a_finished_run_run_again_changes_nothing(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, "train.max_steps=0", "train.max_epochs=2",
+                         "train.valid_every=1000", "data.train.size=60")
+    fit(recipe)
+    out = tmp_path / "run"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # The last validation (after the final update) belongs to epoch 2, not to an epoch 3.
+    assert [r["epoch"] for r in rows if r["split"] == "valid"] == [2]
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    fit(recipe)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+    err = capsys.readouterr().err
+    assert "nothing to train: reached train.max_epochs=2 at step" in err
+    # Raising the limit trains on from there.
+    fit(tiny_recipe(tmp_path, "train.max_steps=0", "train.max_epochs=3",
+                    "train.valid_every=1000", "data.train.size=60"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if r["split"] == "valid"] == [2, 3]
+
+
 def test_output_dir_that_is_a_file_is_an_error(tmp_path):
     (tmp_path / "run").write_text("x")
     with pytest.raises(Seq2SeqError, match="not a directory"):
