@@ -261,9 +261,10 @@ class DecodeConfig:
     def __post_init__(self) -> None:
         problems: list[str] = []
         _check(problems, self.beam_size >= 1, "decode.beam_size", "must be >= 1")
-        _check(problems, 1 <= self.n_best <= self.beam_size, "decode.n_best",
-               f"must be between 1 and decode.beam_size ({self.beam_size}); "
-               f"got {self.n_best}")
+        if self.beam_size >= 1:  # else n_best has no valid value to name
+            _check(problems, 1 <= self.n_best <= self.beam_size, "decode.n_best",
+                   f"must be between 1 and decode.beam_size ({self.beam_size}); "
+                   f"got {self.n_best}")
         _check(problems, self.alpha >= 0, "decode.alpha", "must be >= 0")
         _check(problems, self.max_len_ratio > 0, "decode.max_len_ratio", "must be > 0")
         _check(problems, self.max_len_add >= 0, "decode.max_len_add", "must be >= 0")
@@ -339,6 +340,8 @@ class Recipe:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
+        # An empty value (say, from an unset shell variable) would write the run into ".".
+        _check(problems, self.output_dir.strip() != "", "output_dir", "must not be empty")
         if self.model.tie_embeddings == "all":
             _check(problems, self.tokenizer.joint, "model.tie_embeddings",
                    "'all' needs a joint vocabulary (tokenizer.joint: true)")

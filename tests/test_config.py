@@ -107,6 +107,11 @@ def test_impossible_combinations(tree, needle):
     assert any(needle in p for p in problems_of(tree))
 
 
+def test_beam_size_zero_is_named_alone_and_an_empty_output_dir_is_refused():
+    assert problems_of({"decode": {"beam_size": 0}}) == ["recipe: decode.beam_size: must be >= 1"]
+    assert problems_of({}, ["output_dir="]) == ["recipe: output_dir: must not be empty"]
+
+
 def test_bad_override_syntax():
     assert any("key.path=value" in p for p in problems_of({}, ["train.lr"]))
 
