@@ -4,8 +4,10 @@ import gzip
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,37 @@ def trained(tmp_path_factory):
     result = seq2seq("train", recipe)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     return recipe, tmp_path / "run"
+
+
+@pytest.mark.parametrize("stop_reason, code", [
+    ("received SIGINT", 130), ("received SIGTERM", 143), (None, 0),
+    ("reached train.max_steps=4", 0), ("a rank received a stop signal", 0)])
+def test_exit_code_after_training_follows_the_shell_for_signals(stop_reason, code):
+    from seq2seq.cli import exit_code_after_training
+
+    assert exit_code_after_training(stop_reason) == code
+
+
+def test_a_signal_stops_training_with_a_saved_checkpoint_and_exit_128_plus_n(tmp_path):
+    recipe = tiny_recipe_file(tmp_path)
+    tree = yaml.safe_load(recipe.read_text())
+    tree["train"].update(max_steps=100_000, valid_every=2)
+    recipe.write_text(yaml.safe_dump(tree))
+    run = tmp_path / "run"
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):  # the second one resumes
+        seen = set(run.glob("step_*.pt"))
+        process = subprocess.Popen([sys.executable, "-m", "seq2seq", "train", recipe], cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 300
+        while not set(run.glob("step_*.pt")) - seen and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint was written"
+            time.sleep(0.1)
+        process.send_signal(sig)
+        _, err = process.communicate(timeout=300)
+        # Non-zero, so `seq2seq train R && seq2seq evaluate R` stops after Ctrl-C.
+        assert process.returncode == code, err.decode()[-2000:]
+        assert f"received {sig.name}" in err.decode()
+        assert (run / "last.pt").is_file()
 
 
 def test_translate_keeps_every_line_including_blank_ones(trained):
