@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+
+from seq2seq.files import atomic_write_bytes
 
 BASE_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
 SPLITS = {"train": 29000, "val": 1014, "test_2016_flickr": 1000}
@@ -68,18 +68,6 @@ def fetch(name: str, mirror: Path | None, base_url: str, timeout: float) -> byte
                            "without a network") from None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare(output: Path, mirror: Path | None, langs: list[str], base_url: str,
             timeout: float) -> list[str]:
     """Fetch, check and write every file; return one report line per file."""
@@ -100,7 +88,7 @@ def prepare(output: Path, mirror: Path | None, langs: list[str], base_url: str,
             if lines != expected:
                 raise PrepareError(f"{name}: {lines:,} lines, expected {expected:,}; "
                                    "the file is incomplete or not the published one")
-            write_atomic(target, data)
+            atomic_write_bytes(target, data)
             report.append(f"{name}: {lines:,} lines")
     return report
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,51 +28,11 @@ import torch
 
 from seq2seq.config import Recipe, recipe_to_dict
 from seq2seq.errors import Seq2SeqError
+from seq2seq.files import atomic_write_bytes
 
 
 class CheckpointError(Seq2SeqError):
     """A checkpoint that cannot be read, or is not a seq2seq checkpoint."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def new_file_mode() -> int:
-    """The mode ``open()`` gives a new file: ``0o666`` less the process umask."""
-    umask = os.umask(0)  # the umask can only be read by setting it; put it straight back
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync directory).
-
-    The file gets the usual mode (``0o666`` less the umask), not mkstemp's owner-only
-    ``0o600``, so other users of a shared filesystem (multi-node training) can read it.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), new_file_mode())
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def remove_partial_writes(directory: Path) -> list[Path]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from seq2seq.errors import Seq2SeqError
+from seq2seq.files import new_file_mode
 
 DEFAULT_MAX_CHARS = 5000
 DEFAULT_CHUNK_LINES = 1000
@@ -295,10 +296,7 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as stream:
             yield stream
-        # mkstemp creates the file readable by its owner only; give it the usual mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
+        os.chmod(tmp_name, new_file_mode())  # mkstemp's 0600 would hide it from other users
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(OSError):

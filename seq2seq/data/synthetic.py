@@ -25,9 +25,7 @@ seeds are asked for. Within a split, sources are distinct.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +53,7 @@ from seq2seq.data.lexicon import (
     TRANSITIVE,
     Verb,
 )
+from seq2seq.files import atomic_write_bytes
 
 SPLITS = ("train", "valid", "test")
 MIN_WORDS, MAX_WORDS = 4, 25
@@ -373,18 +372,6 @@ def write_synthetic(out_dir: Path, sizes: dict[str, int] | None = None, src_lang
         pairs = list(generate_pairs(split, size, seed))
         for lang, side in ((src_lang, 0), (trg_lang, 1)):
             path = out_dir / f"{split}.{lang}"
-            _write_atomic(path, "".join(pair[side] + "\n" for pair in pairs))
+            atomic_write_bytes(path, "".join(pair[side] + "\n" for pair in pairs).encode())
             written.append(path)
     return written
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq import checkpoint
+from seq2seq import checkpoint, files
 from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.cli import main as cli_main
 from seq2seq.config import apply_override, parse_override, recipe_from_dict
@@ -222,7 +222,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     run = root / "run"
     before = {name: (run / name).read_bytes() for name in ("last.pt", "step_00000002.pt")}
     capfd.readouterr()
-    monkeypatch.setattr(checkpoint, "os", DiskFullOs(temporary))
+    monkeypatch.setattr(files, "os", DiskFullOs(temporary))
     assert cli_main(["train", str(path)]) == 2
     err = capfd.readouterr().err
     assert "Traceback" not in err
