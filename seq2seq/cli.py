@@ -8,8 +8,6 @@ exit code 2, never a traceback. Heavy modules are imported inside the subcommand
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -49,29 +47,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fails fast
-    from seq2seq.train import fit, train_command
+    from seq2seq.train import train_command
 
-    cfg = recipe.distributed
-    if "LOCAL_RANK" in os.environ or cfg.nproc_per_node * cfg.nnodes > 1:
-        # torchrun's launcher or one of its workers: torchrun reads a worker's non-zero exit as
-        # a failure and restarts the group, so a worker stopped cleanly by a signal exits 0;
-        # the launcher itself exits 2 when it is signalled (seq2seq.distributed.launch).
-        return train_command(recipe, recipe_path=Path(args.recipe), overrides=args.overrides)
-    return exit_code_after_training(fit(recipe).stop_reason)
-
-
-def exit_code_after_training(stop_reason: str | None) -> int:
-    """0, or ``128 + N`` when signal N stopped the run (its checkpoint saved first).
-
-    The shell's convention for a signalled process (130 for SIGINT, 143 for SIGTERM), so that
-    ``seq2seq train R && seq2seq evaluate R`` stops after Ctrl-C as ``translate`` does.
-    """
-    prefix = "received "  # the trainer's stop_reason: f"received {signal name}"
-    if stop_reason and stop_reason.startswith(prefix):
-        name = stop_reason[len(prefix):]
-        if name in signal.Signals.__members__:
-            return 128 + signal.Signals[name].value
-    return 0
+    return train_command(recipe, recipe_path=Path(args.recipe), overrides=args.overrides)
 
 
 def cmd_translate(args: argparse.Namespace) -> int:

@@ -57,8 +57,14 @@ def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> in
         from seq2seq.launch import launch_workers
 
         return launch_workers(recipe, recipe_path, overrides)
-    fit(recipe)
-    return 0
+    trainer = fit(recipe)
+    if trainer.stop_signal is None or "LOCAL_RANK" in os.environ:
+        # torchrun reads a worker's non-zero exit as a failure and restarts the group; its
+        # launcher exits 2 itself when signalled (seq2seq.distributed.launch).
+        return 0
+    # The shell's convention for a signalled process (130 for SIGINT, 143 for SIGTERM), after
+    # the clean save: `seq2seq train R && seq2seq evaluate R` stops after Ctrl-C.
+    return 128 + trainer.stop_signal
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,12 +590,14 @@ class Trainer:
                       file=sys.stderr)
 
     interrupted = False
+    stop_signal: int | None = None  # the signal that stopped this process's run, if any
     resumed_from: tuple[Path, int] | None = None  # (checkpoint, its step) when resumed
 
     def install_signal_handlers(self) -> dict[int, Any]:
         """Make SIGINT/SIGTERM stop after the current update; returns the handlers replaced."""
         def handler(signum: int, frame: Any) -> None:
             self.interrupted = True
+            self.stop_signal = signum
             self.stop_reason = f"received {signal.Signals(signum).name}"
 
         previous = {}

@@ -47,15 +47,6 @@ def trained(tmp_path_factory):
     return recipe, tmp_path / "run"
 
 
-@pytest.mark.parametrize("stop_reason, code", [
-    ("received SIGINT", 130), ("received SIGTERM", 143), (None, 0),
-    ("reached train.max_steps=4", 0), ("a rank received a stop signal", 0)])
-def test_exit_code_after_training_follows_the_shell_for_signals(stop_reason, code):
-    from seq2seq.cli import exit_code_after_training
-
-    assert exit_code_after_training(stop_reason) == code
-
-
 def test_a_signal_stops_training_with_a_saved_checkpoint_and_exit_128_plus_n(tmp_path):
     recipe = tiny_recipe_file(tmp_path)
     tree = yaml.safe_load(recipe.read_text())
