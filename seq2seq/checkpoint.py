@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from seq2seq.config import Recipe, recipe_to_dict
+from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from seq2seq.errors import Seq2SeqError
 from seq2seq.files import atomic_write_bytes
 
@@ -197,6 +197,10 @@ def check_resumable(saved: dict[str, Any], recipe: Recipe) -> None:
     Raises:
         Seq2SeqError: naming every changed key outside :data:`RESUMABLE_CHANGES`.
     """
+    try:  # a key added to the recipe since the checkpoint was written takes its default
+        saved = recipe_to_dict(recipe_from_dict(saved))
+    except RecipeError:
+        pass  # a key since removed: compare as saved, and name it
     changed = [k for k in recipe_changes(saved, recipe_to_dict(recipe))
                if not any(k == allowed or (allowed.endswith(".") and k.startswith(allowed))
                           for allowed in RESUMABLE_CHANGES)]

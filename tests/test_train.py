@@ -1,12 +1,18 @@
 """Training: loss normalisation, checkpoints, exact resume, run outputs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from seq2seq.config import recipe_from_dict
+from seq2seq.checkpoint import (
+    CheckpointError,
+    check_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from seq2seq.config import recipe_from_dict, recipe_to_dict
 from seq2seq.errors import Seq2SeqError
 from seq2seq.optim import Schedule
 from seq2seq.train import fit
@@ -56,6 +62,16 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
     fit(tiny_recipe(tmp_path, "train.max_steps=2"))
     with pytest.raises(Seq2SeqError, match="model.dec_hidden"):
         fit(tiny_recipe(tmp_path, "train.max_steps=4", "model.dec_hidden=32"))
+
+
+def test_a_checkpoint_from_before_a_recipe_key_existed_still_resumes():
+    recipe = tiny_recipe(Path("/tmp"))
+    saved = recipe_to_dict(recipe)
+    del saved["data"]["train"]["seed"]  # written before generated corpora had their own seed
+    check_resumable(saved, recipe)
+    saved["model"]["old_key"] = 1  # a key since removed is named
+    with pytest.raises(Seq2SeqError, match=r"model\.old_key"):
+        check_resumable(saved, recipe)
 
 
 def test_a_refused_resume_leaves_the_tokenizer_and_cache_untouched(tmp_path):
