@@ -284,7 +284,9 @@ class EvalConfig:
     tokenize: Literal["13a", "intl", "zh", "ja-mecab", "char", "none"] = option(
         "13a", "sacreBLEU tokenizer for BLEU")
     bootstrap: int = option(1000, "bootstrap resamples for 95% confidence intervals (0: off)")
-    report_dir: Optional[str] = option(None, "report directory (default: <output_dir>/eval)")
+    report_dir: Optional[str] = option(
+        None, "report directory of the recipe's test sets (default: <output_dir>/eval; "
+        "--quantize adds -int8)")
     attention_plots: int = option(3, "attention heatmaps drawn per test set")
 
     def __post_init__(self) -> None:
