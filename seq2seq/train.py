@@ -563,12 +563,11 @@ class Trainer:
         progress, metric = self.progress, self.recipe.train.early_stop_metric
         unchanged = self.resumed_from == (self.out / "last.pt", progress.step)
         validated = progress.step % self.recipe.train.valid_every == 0
-        if unchanged:
-            pass
-        elif not validated and progress.step > 0 and not self.interrupted:
-            self.validate_and_save(scheduled=False)
-        else:
-            self.save("last.pt")
+        if not unchanged:
+            if not validated and progress.step > 0 and not self.interrupted:
+                self.validate_and_save(scheduled=False)
+            else:
+                self.save("last.pt")
         if dist.is_main():
             best = (f"best {metric} {progress.best_value} at step {progress.best_step}"
                     if progress.best_value is not None else "not validated yet")

@@ -284,8 +284,7 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
             written.
     """
     path = Path(path)
-    if path.is_dir():  # else the rename would fail only after all the work is done
-        raise InputError(f"{path}: is a directory, not an output file")
+    check_output_file(path)  # a directory would fail only at the rename, after all the work
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
                                         dir=path.parent if str(path.parent) else ".")
