@@ -1,0 +1,249 @@
+"""Loading a recipe: YAML tree + dotted overrides -> typed, checked dataclasses, and back.
+
+``load_recipe(path, overrides)`` applies ``section.key=value`` overrides, converts every value to
+its field's type and reports *all* problems at once in one :class:`RecipeError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from seq2seq.config.errors import RecipeError
+from seq2seq.config.schema import DataConfig, Recipe
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list of " + str(len(typing.get_args(tp))) + " numbers"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
+    """Convert a YAML value to ``tp``; on failure append a problem and return a sentinel."""
+    origin = typing.get_origin(tp)
+    bad = f"expected {_type_name(tp)}, got {_show(value)}"
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is type(typing.get_args(tp)[0]):
+            return value
+        return _fail(problems, path, bad)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        scratch: list[str] = []
+        result = _convert(value, inner[0], path, scratch)
+        if scratch:
+            return _fail(problems, path, bad)
+        return result
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return _fail(problems, path, bad)
+        items = [_convert(v, a, f"{path}[{i}]", problems) for i, (v, a) in
+                 enumerate(zip(value, args))]
+        return tuple(items)
+    if origin is dict:
+        key_tp, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            return _fail(problems, path, bad)
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not key:
+                problems.append(f"{path}: keys must be non-empty strings, got {_show(key)}")
+                continue
+            out[key] = _convert(item, val_tp, f"{path}.{key}", problems)
+        return out
+    if tp is bool:
+        return value if isinstance(value, bool) else _fail(problems, path, bad)
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return value if ok else _fail(problems, path, bad)
+    if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        return _fail(problems, path, bad)
+    if tp is str:
+        return value if isinstance(value, str) else _fail(problems, path, bad)
+    raise TypeError(f"unsupported recipe field type {tp!r} at {path}")  # a bug in this module
+
+
+_INVALID = object()
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _fail(problems: list[str], path: str, message: str) -> Any:
+    problems.append(f"{path}: {message}")
+    return _INVALID
+
+
+def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _build(cls: Any, tree: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a mapping, collecting every problem."""
+    prefix = f"{path}." if path else ""
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        return _fail(problems, path or "recipe", f"expected a mapping, got {_show(tree)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in tree.items():
+        if not isinstance(key, str) or key not in fields:
+            problems.append(f"{prefix}{key}: unknown key"
+                            + _suggest(str(key), list(fields), prefix))
+            continue
+        converted = _convert(value, hints[key], f"{prefix}{key}", problems)
+        if converted is not _INVALID:
+            kwargs[key] = converted
+    if any(v is _INVALID for v in _walk(kwargs)):
+        return _INVALID
+    try:
+        return cls(**kwargs)
+    except RecipeError as error:
+        problems.extend(error.problems)
+        return _INVALID
+
+
+def _walk(value: Any):
+    yield value
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _walk(item)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise RecipeError([f"{text}: overrides are written key.path=value"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    """Set ``tree[parts[0]][parts[1]]... = value``, creating mappings on the way."""
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe") -> Recipe:
+    """Build a checked :class:`Recipe` from a parsed YAML tree plus dotted overrides."""
+    problems: list[str] = []
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise RecipeError([f"{source}: expected a mapping at the top level, got {_show(tree)}"])
+    tree = _deepcopy(tree)
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+        except RecipeError as error:
+            problems.extend(error.problems)
+            continue
+        apply_override(tree, parts, value)
+    recipe = _build(Recipe, tree, "", problems)
+    if problems or recipe is _INVALID:
+        raise RecipeError([f"{source}: {p}" for p in problems])
+    return recipe
+
+
+def _deepcopy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deepcopy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deepcopy(v) for v in tree]
+    return tree
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe file and apply overrides; raise :class:`RecipeError` on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([f"{path}: no such recipe file"]) from None
+    except IsADirectoryError:
+        raise RecipeError([f"{path}: is a directory, not a recipe file"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError([f"{path}: cannot read recipe ({error})"]) from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise RecipeError([f"{path}:{where} invalid YAML ({reason})"]) from None
+    return recipe_from_dict(tree, overrides, source=str(path))
+
+
+def recipe_to_dict(recipe: Any) -> Any:
+    """The recipe as plain YAML-able data (tuples become lists)."""
+    if dataclasses.is_dataclass(recipe):
+        return {f.name: recipe_to_dict(getattr(recipe, f.name))
+                for f in dataclasses.fields(recipe)}
+    if isinstance(recipe, dict):
+        return {k: recipe_to_dict(v) for k, v in recipe.items()}
+    if isinstance(recipe, (list, tuple)):
+        return [recipe_to_dict(v) for v in recipe]
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def data_root(cfg: DataConfig) -> Path:
+    """The directory relative corpus paths are resolved against."""
+    import os
+
+    if cfg.root:
+        return Path(os.path.expandvars(os.path.expanduser(cfg.root)))
+    return Path(os.environ.get("SEQ2SEQ_DATA") or "data")

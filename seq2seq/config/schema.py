@@ -1,0 +1,247 @@
+"""The recipe schema: one frozen dataclass per section, each field with its default and help.
+
+The range and cross-field rules live in :mod:`seq2seq.config.checks`; each ``__post_init__``
+calls its section's check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from seq2seq.config.checks import (
+    check_data,
+    check_decode,
+    check_distributed,
+    check_eval,
+    check_model,
+    check_recipe,
+    check_tokenizer,
+    check_train,
+)
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its one-line description."""
+    if isinstance(default, (dict, list)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """One parallel corpus: where its sentence pairs come from."""
+
+    format: Literal["text", "tsv", "jsonl", "hf", "generated"] = option(
+        "text", "text: two line-aligned files; tsv; jsonl; hf: a Hugging Face dataset; "
+        "generated: the built-in synthetic task")
+    src: Optional[str] = option(None, "text: source file (.gz allowed), relative to data.root")
+    trg: Optional[str] = option(None, "text: target file (.gz allowed), relative to data.root")
+    path: Optional[str] = option(
+        None, "tsv/jsonl: the file; hf: a save_to_disk directory (relative to data.root)")
+    hf_name: Optional[str] = option(None, "hf: a hub dataset name, used when path is not set")
+    hf_config: Optional[str] = option(None, "hf: the hub dataset's configuration name")
+    split: str = option("train", "hf: which split; generated: train, valid or test")
+    src_field: Optional[str] = option(
+        None, "jsonl/hf: source field (default: data.src_lang, or translation.<src_lang> in hf)")
+    trg_field: Optional[str] = option(
+        None, "jsonl/hf: target field (default: data.trg_lang, or translation.<trg_lang> in hf)")
+    size: int = option(0, "generated: number of pairs")
+    seed: int = option(
+        0, "generated: seed of the sentence stream; the corpus, unlike the run's seed, stays "
+        "the same when the run's seed changes")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpora, languages and the length filters applied to training data."""
+
+    root: Optional[str] = option(
+        None, "data root for relative corpus paths (default: $SEQ2SEQ_DATA, else ./data)")
+    src_lang: str = option("src", "source language code")
+    trg_lang: str = option("trg", "target language code")
+    train: Corpus = option(Corpus(), "training corpus")
+    valid: Corpus = option(Corpus(), "validation corpus (never filtered)")
+    test: dict[str, Corpus] = option({}, "named test corpora (never filtered)")
+    max_src_tokens: int = option(100, "drop training pairs whose source has more subword tokens")
+    max_trg_tokens: int = option(100, "drop training pairs whose target has more subword tokens")
+    max_length_ratio: float = option(
+        0.0, "drop training pairs whose token length ratio exceeds this (0: no ratio filter)")
+    num_proc: int = option(2, "worker processes for encoding the corpus")
+    cache_dir: Optional[str] = option(
+        None, "where the encoded Arrow cache lives (default: <output_dir>/cache)")
+
+    def __post_init__(self) -> None:
+        check_data(self)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """SentencePiece model(s), trained from the training corpus."""
+
+    type: Literal["unigram", "bpe"] = option("unigram", "SentencePiece model type")
+    joint: bool = option(True, "one model shared by source and target")
+    vocab_size: int = option(8000, "vocabulary size of each model")
+    character_coverage: float = option(1.0, "share of characters covered by the vocabulary")
+    input_sentence_size: int = option(
+        500_000, "sentences sampled from the corpus to train the model (0: all)")
+
+    def __post_init__(self) -> None:
+        check_tokenizer(self)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder-decoder architecture."""
+
+    cell: Literal["gru", "lstm", "rnn"] = option("gru", "recurrent cell of encoder and decoder")
+    emb_size: int = option(256, "embedding size (source and target)")
+    enc_hidden: int = option(256, "encoder hidden size per direction")
+    enc_layers: int = option(2, "encoder layers")
+    bidirectional: bool = option(True, "bidirectional encoder")
+    dec_hidden: int = option(512, "decoder hidden size")
+    dec_layers: int = option(2, "decoder layers")
+    attention: Literal["bahdanau", "dot", "general"] = option(
+        "bahdanau", "bahdanau: additive MLP; dot / general: Luong et al. 2015 §3.1")
+    attention_size: int = option(512, "hidden size of the additive attention MLP")
+    decoder: Literal["bahdanau", "luong"] = option(
+        "bahdanau", "bahdanau: attend with the previous state, context into the RNN; "
+        "luong: attend after the RNN step, attentional hidden state")
+    input_feeding: bool = option(
+        True, "feed the previous attentional vector into the decoder RNN (luong style)")
+    init: Literal["bridge", "zeros"] = option(
+        "bridge", "decoder initial state: learned bridge from the encoder, or zeros")
+    dropout: float = option(0.3, "dropout on embeddings, between layers and before the output")
+    forget_bias: Optional[float] = option(
+        None, "LSTM only: initial forget-gate bias, e.g. 1.0 (null: like every other weight)")
+    tie_embeddings: Literal["none", "decoder", "all"] = option(
+        "none", "decoder: tie target embeddings and output layer; all: also the source "
+        "embeddings (needs a joint vocabulary)")
+
+    def __post_init__(self) -> None:
+        check_model(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, batching, validation and checkpointing."""
+
+    batch_tokens: int = option(
+        4096, "target tokens per batch on one rank for one accumulation step")
+    batch_sentences: int = option(0, "also cap sentences per batch (0: no cap)")
+    accumulate: int = option(1, "batches accumulated per update on each rank")
+    optimizer: Literal["adam", "adamw"] = option("adam", "optimizer")
+    lr: float = option(1e-3, "peak learning rate")
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
+    weight_decay: float = option(0.0, "weight decay")
+    schedule: Literal["constant", "plateau", "inverse_sqrt"] = option(
+        "constant", "learning-rate schedule")
+    warmup_steps: int = option(0, "linear warmup steps (inverse_sqrt; also before constant)")
+    plateau_factor: float = option(0.5, "plateau: multiply the lr by this when stuck")
+    plateau_patience: int = option(2, "plateau: validations without improvement before decay")
+    min_lr: float = option(1e-6, "lower bound of the learning rate")
+    clip_norm: float = option(1.0, "gradient-norm clipping (0: off)")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "bf16: autocast (GPU); fp16: autocast with a grad scaler (GPU); RNN module "
+        "calls (cuDNN) stay fp32 in both, as autocast would make them fp16")
+    max_steps: int = option(0, "stop after this many updates (0: no limit)")
+    max_epochs: int = option(10, "stop after this many epochs (0: no limit)")
+    valid_every: int = option(1000, "validate every N updates (and at the end)")
+    valid_search: Literal["greedy", "beam"] = option(
+        "greedy", "decoding used for validation BLEU (beam uses the decode section)")
+    log_every: int = option(100, "log training loss every N updates")
+    early_stop_metric: Literal["bleu", "loss", "ppl"] = option(
+        "bleu", "validation metric for best.pt, early stopping and the plateau schedule")
+    patience: int = option(0, "stop after N validations without improvement (0: never)")
+    keep_last: int = option(3, "keep the last K step checkpoints besides last.pt and best.pt")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    max_bad_steps: int = option(
+        5, "stop when this many updates in a row have a non-finite loss or gradient")
+    tensorboard: bool = option(False, "also log to TensorBoard in <output_dir>/tensorboard")
+    cuda_graphs: bool = option(
+        False, "GPU: pad batches to bucket shapes and replay each training step as a CUDA "
+        "graph (fp32/bf16)")
+
+    def __post_init__(self) -> None:
+        check_train(self)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Search settings shared by validation, translate and evaluate (their flags override)."""
+
+    beam_size: int = option(5, "beam size (1: greedy)")
+    n_best: int = option(1, "hypotheses returned per sentence")
+    alpha: float = option(0.6, "GNMT length penalty alpha, Wu et al. 2016 §7 (0: none)")
+    max_len_ratio: float = option(
+        1.5, "maximum output length = ratio * source length + max_len_add")
+    max_len_add: int = option(10, "constant added to the maximum output length")
+    min_len: int = option(0, "minimum output length in tokens (EOS forbidden before)")
+    no_repeat_ngram: int = option(0, "forbid repeating any n-gram of this size (0: off)")
+    batch_tokens: int = option(4000, "source tokens per decoding batch")
+    cuda_graphs: bool = option(
+        False, "GPU beam search on fixed shapes, replayed as CUDA graphs (same results; not "
+        "with attention output or no_repeat_ngram, which use the plain search)")
+
+    def __post_init__(self) -> None:
+        check_decode(self)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Scoring and reports of ``seq2seq evaluate``."""
+
+    checkpoint: Literal["best", "last"] = option("best", "which checkpoint of the run to evaluate")
+    lowercase: bool = option(False, "case-insensitive BLEU and chrF")
+    tokenize: Literal["13a", "intl", "zh", "ja-mecab", "char", "none"] = option(
+        "13a", "sacreBLEU tokenizer for BLEU")
+    bootstrap: int = option(1000, "bootstrap resamples for 95% confidence intervals (0: off)")
+    report_dir: Optional[str] = option(
+        None, "report directory of the recipe's test sets (default: <output_dir>/eval; "
+        "--quantize adds -int8)")
+    attention_plots: int = option(3, "attention heatmaps drawn per test set")
+
+    def __post_init__(self) -> None:
+        check_eval(self)
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process training through torchrun (PyTorch's elastic launcher)."""
+
+    nproc_per_node: int = option(1, "worker processes per node (GPUs per node)")
+    nnodes: int = option(1, "number of nodes")
+    node_rank: int = option(0, "this node's rank (static rendezvous)")
+    rdzv_endpoint: str = option("127.0.0.1:29500", "host:port of the rendezvous")
+    rdzv_id: str = option("seq2seq", "rendezvous id shared by all nodes of one job")
+    backend: Literal["auto", "nccl", "gloo"] = option("auto", "auto: nccl on GPU, gloo on CPU")
+    max_restarts: int = option(0, "restarts of the worker group after a failure")
+    timeout_s: int = option(300, "collective timeout in seconds")
+
+    def __post_init__(self) -> None:
+        check_distributed(self)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe."""
+
+    name: str = option("seq2seq", "run name")
+    output_dir: str = option("runs/seq2seq", "run directory: checkpoints, logs, tokenizer, cache")
+    seed: int = option(1, "random seed of initialisation, dropout and batch order")
+    data: DataConfig = option(DataConfig(), "corpora")
+    tokenizer: TokenizerConfig = option(TokenizerConfig(), "SentencePiece")
+    model: ModelConfig = option(ModelConfig(), "architecture")
+    train: TrainConfig = option(TrainConfig(), "training")
+    decode: DecodeConfig = option(DecodeConfig(), "search")
+    eval: EvalConfig = option(EvalConfig(), "evaluation")
+    distributed: DistributedConfig = option(DistributedConfig(), "multi-process training")
+
+    def __post_init__(self) -> None:
+        check_recipe(self)
+
+
+SECTIONS = ("data", "tokenizer", "model", "train", "decode", "eval", "distributed")
