@@ -39,7 +39,8 @@ CHILD = """
 import json, resource, sys, time
 start = time.perf_counter()
 from seq2seq.config import load_recipe
-from seq2seq.data.cache import format_stats, prepare_data
+from seq2seq.data.cache import prepare_data
+from seq2seq.data.stats import format_stats
 prepared = prepare_data(load_recipe(sys.argv[1]), show_progress=False)
 seconds = time.perf_counter() - start
 print(format_stats(prepared.stats), file=sys.stderr)

@@ -38,7 +38,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fails fast
-    from seq2seq.data.cache import format_stats, prepare_data
+    from seq2seq.data.cache import prepare_data
+    from seq2seq.data.stats import format_stats
 
     prepared = prepare_data(recipe, show_progress=True)
     print(format_stats(prepared.stats))
@@ -47,7 +48,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fails fast
-    from seq2seq.train import train_command
+    from seq2seq.training.trainer import train_command
 
     return train_command(recipe, recipe_path=Path(args.recipe), overrides=args.overrides)
 

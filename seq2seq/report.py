@@ -26,7 +26,7 @@ from typing import Any
 
 import sacrebleu
 
-from seq2seq.evaluate import METRIC_NAMES, EvaluationError
+from seq2seq.scoring import METRIC_NAMES, EvaluationError
 from seq2seq.translate_io import atomic_output, write_lines
 
 # --------------------------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
 
     Args:
         report_dir: created if missing.
-        results: one dict per test set as built by :func:`seq2seq.evaluate.build_result`.
+        results: one dict per test set as built by :func:`seq2seq.scoring.build_result`.
             Needed keys: name, n_sentences, bleu, chrf, ter, hypotheses; the others are
             optional.
         plots: draw the PNG plots (skipped with a warning if matplotlib is missing).

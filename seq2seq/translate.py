@@ -11,7 +11,6 @@ search settings) and the SentencePiece model(s) saved with the run.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from seq2seq.errors import Seq2SeqError
 from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
 from seq2seq.search.static_beam import StaticBeamSearch
 from seq2seq.tokenizer import EOS, PAD, Tokenizer
+from seq2seq.translate_io import check_output_file, translate_file
 
 
 def resolve_device(name: str, what: str = "--device") -> torch.device:
@@ -243,8 +243,6 @@ class Translator:
 
 def translate_command(args: Any) -> int:
     """``seq2seq translate``: stream stdin (or --input) to stdout (or --output), line for line."""
-    from seq2seq.translate_io import check_output_file, translate_file
-
     # Before the model loads: a bad output path must not cost a whole translation run.
     check_output_file(args.output)
     check_output_file(args.attention)
@@ -254,13 +252,3 @@ def translate_command(args: Any) -> int:
                                           max_len_ratio=args.max_len_ratio,
                                           batch_tokens=args.batch_tokens)
     return translate_file(translator, settings, args)
-
-
-def write_attention_jsonl(handle: Any, index: int, translation: Translation) -> None:
-    """One JSON line for ``--attention``: ``index``, ``src`` and ``hyp`` pieces (each ending in
-    ``"</s>"`` where the sentence has an EOS step) and ``attention``, one row per ``hyp`` label
-    and one column per ``src`` label."""
-    attn = translation.attention[0]
-    row = {"index": index, "src": translation.src_pieces, "hyp": translation.hyp_pieces[0],
-           "attention": [] if attn is None else attn.tolist()}
-    handle.write(json.dumps(row, ensure_ascii=False) + "\n")

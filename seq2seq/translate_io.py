@@ -27,6 +27,7 @@ import codecs
 import contextlib
 import gzip
 import io
+import json
 import os
 import sys
 import tempfile
@@ -314,6 +315,16 @@ def open_output(path: str | Path | None) -> Iterator[BinaryIO]:
         yield stream
 
 
+def write_attention_jsonl(handle: Any, index: int, translation: Any) -> None:
+    """One JSON line for ``--attention``: ``index``, ``src`` and ``hyp`` pieces (each ending in
+    ``"</s>"`` where the sentence has an EOS step) and ``attention``, one row per ``hyp`` label
+    and one column per ``src`` label."""
+    attn = translation.attention[0]
+    row = {"index": index, "src": translation.src_pieces, "hyp": translation.hyp_pieces[0],
+           "attention": [] if attn is None else attn.tolist()}
+    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 # --------------------------------------------------------------------------------------------
 # ``seq2seq translate``
 # --------------------------------------------------------------------------------------------
@@ -348,8 +359,6 @@ def translate_file(translator: Any, settings: Any, args: Any) -> int:
         out = stack.enter_context(open_output(args.output))
         attention = None
         if args.attention:
-            from seq2seq.translate import write_attention_jsonl
-
             attention = io.TextIOWrapper(stack.enter_context(atomic_output(args.attention)),
                                          encoding="utf-8", newline="\n")
             stack.callback(attention.flush)

@@ -172,6 +172,7 @@ def test_attention_jsonl_has_one_label_per_row_and_column(trained, tmp_path, mon
 
     import seq2seq.translate as translate_module
     from seq2seq.search import Hypothesis
+    from seq2seq.translate_io import write_attention_jsonl
 
     _, run = trained
 
@@ -208,7 +209,7 @@ def test_attention_jsonl_has_one_label_per_row_and_column(trained, tmp_path, mon
     for r in (ended, cut):
         assert r.attention[0].shape == (len(r.hyp_pieces[0]), len(r.src_pieces))
     buffer = io.StringIO()
-    translate_module.write_attention_jsonl(buffer, 0, ended)
+    write_attention_jsonl(buffer, 0, ended)
     row = json.loads(buffer.getvalue())
     assert row["hyp"][-1] == "</s>" and len(row["attention"]) == len(row["hyp"]) == 4
 

@@ -1,4 +1,4 @@
-"""Scores, confidence intervals, paired tests (seq2seq/evaluate.py) and report files
+"""Scores, confidence intervals, paired tests (seq2seq/scoring.py) and report files
 (seq2seq/report.py)."""
 
 import gzip
@@ -7,14 +7,14 @@ import re
 
 import pytest
 
-from seq2seq.evaluate import (
+from seq2seq.report import file_stem, format_summary, write_report
+from seq2seq.scoring import (
     EvaluationError,
     bleu_by_length,
     build_result,
     compare_systems,
     score_corpus,
 )
-from seq2seq.report import file_stem, format_summary, write_report
 from tests.conftest import shared_data_root
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.config import ModelConfig
-from seq2seq.evaluate import corpus_bleu
 from seq2seq.models import PAD, build_model
 from seq2seq.quantize import quantize_for_cpu
+from seq2seq.scoring import corpus_bleu
 from seq2seq.search import beam_search, greedy_search
 
 VOCAB = 32

@@ -18,7 +18,8 @@
 
 Cached training rows have ``src_ids`` and ``trg_ids`` (int32 subword ids without BOS/EOS) and
 ``src_len`` / ``trg_len``. Memory stays flat whatever the corpus size: pairs are streamed in
-batches and the cache is memory-mapped.
+batches and the cache is memory-mapped. Reading, encoding and the training filter are in
+:mod:`seq2seq.data.encoding`, the statistics in :mod:`seq2seq.data.stats`.
 """
 
 from __future__ import annotations
@@ -36,30 +37,23 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pyarrow as pa
 
 from seq2seq.config import Corpus, DataConfig, Recipe
 from seq2seq.data.corpus import DataError, check_corpus, read_pairs, resolve_path
+from seq2seq.data.encoding import (
+    ENCODE_BATCH,
+    ENCODED_FEATURES,
+    FILTER_KEYS,
+    KEEP,
+    check_some_text,
+    encode_rows,
+    read_into_arrow,
+    sample_pairs,
+)
+from seq2seq.data.stats import describe_eval_set, describe_train
 from seq2seq.tokenizer import Tokenizer, load_if_current, tokenizer_hash, train_tokenizer
 
 CACHE_VERSION = 1  # bump when the cached columns or the filter rules change
-ENCODE_BATCH = 10_000  # pairs per ``map`` call: large enough that SentencePiece dominates
-SAMPLE_SEED = 0  # the tokenizer's training sample depends on the data only, not on the run
-
-# Why a training pair was dropped; 0 keeps it. Earlier reasons win when several apply.
-KEEP, EMPTY, SRC_TOO_LONG, TRG_TOO_LONG, RATIO = range(5)
-DROP_REASONS = {EMPTY: "empty", SRC_TOO_LONG: "src_too_long", TRG_TOO_LONG: "trg_too_long",
-                RATIO: "ratio"}
-FILTER_KEYS = {"src_too_long": "data.max_src_tokens", "trg_too_long": "data.max_trg_tokens",
-               "ratio": "data.max_length_ratio"}  # the recipe key behind each reason
-
-ENCODED_FEATURES = datasets.Features({
-    "src_ids": datasets.List(datasets.Value("int32")),
-    "trg_ids": datasets.List(datasets.Value("int32")),
-    "src_len": datasets.Value("int32"),
-    "trg_len": datasets.Value("int32"),
-    "drop": datasets.Value("int8"),
-})
 
 
 @dataclass
@@ -86,7 +80,7 @@ class PreparedData:
             ``src_ids``, ``trg_ids``, ``src_len``, ``trg_len``.
         valid: the validation set.
         tests: the test sets by name, in recipe order.
-        stats: counts and length statistics (see :func:`format_stats`).
+        stats: counts and length statistics (see :func:`seq2seq.data.stats.format_stats`).
         cache_dir: the directory holding the training cache.
     """
 
@@ -150,8 +144,9 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
                       "path": str(tokenizer_dir)},
         "cache": {"reused": cache_reused, "path": str(cache_dir)},
         "train": train_stats,
-        "valid": _eval_stats(valid),
-        "tests": {name: _eval_stats(test) for name, test in tests.items()},
+        "valid": describe_eval_set(valid.src_ids, valid.trg_ids),
+        "tests": {name: describe_eval_set(test.src_ids, test.trg_ids)
+                  for name, test in tests.items()},
     }
     return PreparedData(tokenizer, train, valid, tests, stats, cache_dir)
 
@@ -293,8 +288,8 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
     try:
         work = tmp / "work"  # intermediate Arrow files; deleted at the end
         # The corpus is read once, into Arrow; the tokenizer sample and the encoder read that.
-        raw = _read_into_arrow(data, work, show_progress)
-        _check_some_text(raw, data)
+        raw = read_into_arrow(_pairs("data.train", data.train, data), work, show_progress)
+        check_some_text(raw, data)
         if tokenizer is None:
             cfg = recipe.tokenizer
             if show_progress:  # SentencePiece reports no progress; say what the wait is
@@ -302,7 +297,7 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
                 print(f"training the {cfg.type} tokenizer (vocabulary {cfg.vocab_size:,}) on "
                       f"{sample:,} sampled pairs", file=sys.stderr, flush=True)
             wanted = tokenizer_hash(cfg, fingerprint, data.src_lang, data.trg_lang)
-            tokenizer = train_tokenizer(cfg, _sample_pairs(raw, cfg.input_sentence_size),
+            tokenizer = train_tokenizer(cfg, sample_pairs(raw, cfg.input_sentence_size),
                                         out_dir / "tokenizer", data_hash=wanted)
         cache_dir = cache_root / _cache_name(fingerprint, tokenizer, data)
         if not cache_dir.is_dir():  # a retrained tokenizer may equal the old one
@@ -319,72 +314,13 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_into_arrow(data: DataConfig, work: Path, show_progress: bool) -> datasets.Dataset:
-    """Stream the training pairs into an Arrow file; return it as a ``src``/``trg`` dataset.
-
-    Record batches of ``ENCODE_BATCH`` pairs are written as they are read (constant memory);
-    the file is then memory-mapped by ``Dataset.from_file``. This is ~5x cheaper than
-    ``Dataset.from_generator``, which encodes every example through Python.
-    """
-    from tqdm import tqdm
-
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "raw.arrow"
-    schema = pa.schema([("src", pa.string()), ("trg", pa.string())])
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
-            tqdm(desc="reading train", unit=" pairs", unit_scale=True,
-                 disable=not show_progress) as bar:
-        src, trg = [], []
-
-        def flush() -> None:
-            writer.write_batch(pa.record_batch([pa.array(src, pa.string()),
-                                                pa.array(trg, pa.string())], schema=schema))
-            bar.update(len(src))
-            src.clear()
-            trg.clear()
-
-        for src_line, trg_line in _pairs("data.train", data.train, data):
-            src.append(src_line)
-            trg.append(trg_line)
-            if len(src) == ENCODE_BATCH:
-                flush()
-        flush()
-    return datasets.Dataset.from_file(str(path))
-
-
-def _check_some_text(raw: datasets.Dataset, data: DataConfig) -> None:
-    """Refuse a training corpus without one pair holding text on both sides (else the tokenizer
-    fails with a SentencePiece message that names nothing)."""
-    import pyarrow.compute as pc
-
-    table = raw.data.table
-    both = pc.and_(pc.greater(pc.utf8_length(table.column("src")), 0),
-                   pc.greater(pc.utf8_length(table.column("trg")), 0))
-    if not pc.any(both).as_py():
-        corpus = data.train
-        files = [f for f in (corpus.src, corpus.trg, corpus.path, corpus.hf_name) if f]
-        where = ", ".join(str(resolve_path(f, data)) if f != corpus.hf_name else f
-                          for f in files) or corpus.format
-        raise DataError(f"data.train: {where}: no sentence pair has text on both sides "
-                        f"({len(raw):,} pairs read)")
-
-
-def _sample_pairs(raw: datasets.Dataset, size: int) -> Iterator[tuple[str, str]]:
-    """A uniform random sample of ``size`` pairs (all of them when size is 0 or larger)."""
-    if 0 < size < len(raw):
-        rows = np.random.default_rng(SAMPLE_SEED).choice(len(raw), size, replace=False)
-        raw = raw.select(np.sort(rows))  # sorted: sequential reads of the memory map
-    for batch in raw.iter(batch_size=ENCODE_BATCH):
-        yield from zip(batch["src"], batch["trg"])
-
-
 def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataConfig,
                        out: Path) -> None:
     """Encode every pair, drop what the training filter rejects, save to ``out``."""
     # Worker processes only pay off beyond a batch or two (each costs ~1 s to start).
     num_proc = data.num_proc if data.num_proc > 1 and len(raw) > ENCODE_BATCH else None
     encoded = raw.map(
-        _encode_rows, batched=True, batch_size=ENCODE_BATCH, num_proc=num_proc,
+        encode_rows, batched=True, batch_size=ENCODE_BATCH, num_proc=num_proc,
         remove_columns=["src", "trg"], features=ENCODED_FEATURES, desc="encoding train",
         fn_kwargs={"tokenizer": tokenizer, "max_src_tokens": data.max_src_tokens,
                    "max_trg_tokens": data.max_trg_tokens,
@@ -392,7 +328,7 @@ def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataCo
     columns = encoded.data.table
     drop = columns.column("drop").to_numpy()
     kept = np.flatnonzero(drop == KEEP)
-    stats = _train_stats(drop, columns.column("src_len").to_numpy()[kept],
+    stats = describe_train(drop, columns.column("src_len").to_numpy()[kept],
                          columns.column("trg_len").to_numpy()[kept])
     if len(kept) == 0:
         dropped = {name: count for name, count in stats["dropped"].items() if count}
@@ -403,33 +339,6 @@ def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataCo
     train = encoded if len(kept) == len(encoded) else encoded.select(kept)
     train.remove_columns(["drop"]).save_to_disk(str(out / "train"))
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-
-
-def _encode_rows(batch: dict[str, list], tokenizer: Tokenizer, max_src_tokens: int,
-                 max_trg_tokens: int, max_length_ratio: float) -> dict[str, list]:
-    """Encode a batch of pairs and mark the ones the training filter drops."""
-    src_ids = tokenizer.encode_src(batch["src"])
-    trg_ids = tokenizer.encode_trg(batch["trg"])
-    src_len = np.array([len(ids) for ids in src_ids], dtype=np.int32)
-    trg_len = np.array([len(ids) for ids in trg_ids], dtype=np.int32)
-    drop = np.zeros(len(src_ids), dtype=np.int8)
-    # Assigned from the weakest reason to the strongest, so the strongest one is recorded.
-    if max_length_ratio > 0:
-        longer, shorter = np.maximum(src_len, trg_len), np.maximum(np.minimum(src_len, trg_len), 1)
-        drop[longer > max_length_ratio * shorter] = RATIO
-    drop[trg_len > max_trg_tokens] = TRG_TOO_LONG
-    drop[src_len > max_src_tokens] = SRC_TOO_LONG
-    drop[(src_len == 0) | (trg_len == 0)] = EMPTY
-    return {"src_ids": src_ids, "trg_ids": trg_ids, "src_len": src_len, "trg_len": trg_len,
-            "drop": drop}
-
-
-def _train_stats(drop: np.ndarray, src_len: np.ndarray, trg_len: np.ndarray) -> dict:
-    """Counts per drop reason and length statistics of the kept pairs."""
-    counts = np.bincount(drop, minlength=len(DROP_REASONS) + 1)
-    return {"read": len(drop), "kept": int(counts[KEEP]),
-            "dropped": {name: int(counts[code]) for code, name in DROP_REASONS.items()},
-            **_length_stats(src_len, trg_len)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,60 +360,6 @@ def _eval_set(name: str, src_text: list[str], trg_text: list[str],
               tokenizer: Tokenizer) -> EvalSet:
     return EvalSet(name, src_text, trg_text, tokenizer.encode_src(src_text),
                    tokenizer.encode_trg(trg_text))
-
-
-def _eval_stats(eval_set: EvalSet) -> dict:
-    src_len = np.array([len(ids) for ids in eval_set.src_ids], dtype=np.int64)
-    trg_len = np.array([len(ids) for ids in eval_set.trg_ids], dtype=np.int64)
-    return {"pairs": len(eval_set), **_length_stats(src_len, trg_len)}
-
-
-# --------------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------------
-
-
-def _length_stats(src_len: np.ndarray, trg_len: np.ndarray) -> dict:
-    def percentiles(lens: np.ndarray) -> dict:
-        if len(lens) == 0:
-            return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
-        p50, p90, p99 = np.percentile(lens, [50, 90, 99], method="nearest")
-        return {"p50": int(p50), "p90": int(p90), "p99": int(p99), "max": int(lens.max())}
-
-    return {"src_tokens": int(src_len.sum()), "trg_tokens": int(trg_len.sum()),
-            "src_len": percentiles(src_len), "trg_len": percentiles(trg_len)}
-
-
-def format_stats(stats: dict) -> str:
-    """A human-readable summary of :func:`prepare_data`'s ``stats``."""
-    tok, train = stats["tokenizer"], stats["train"]
-    vocab = (f"joint vocabulary {tok['src_vocab']:,}" if tok["joint"] else
-             f"vocabularies {tok['src_vocab']:,} (source) / {tok['trg_vocab']:,} (target)")
-    lines = [
-        f"tokenizer: {vocab}, {'reused' if tok['reused'] else 'trained'} ({tok['path']})",
-        f"cache: {'reused' if stats['cache']['reused'] else 'built'} ({stats['cache']['path']})",
-        (f"train: {train['read']:,} pairs read, {train['kept']:,} kept, "
-         f"{train['read'] - train['kept']:,} dropped"),
-    ]
-    labels = {"empty": "empty", "src_too_long": "too long source",
-              "trg_too_long": "too long target", "ratio": "length ratio"}
-    lines.append("  dropped: " + ", ".join(f"{labels[k]} {v:,}"
-                                           for k, v in train["dropped"].items()))
-    rows = [("train", train)] + [("valid", stats["valid"])] + [
-        (f"test {name}", test) for name, test in stats["tests"].items()]
-    width = max(len(name) for name, _ in rows)
-    lines.append(f"{'':{width}}  {'pairs':>11}  {'src tokens':>12}  {'trg tokens':>12}  "
-                 f"src len p50/p90/p99/max  trg len p50/p90/p99/max")
-    for name, row in rows:
-        pairs = row.get("kept", row.get("pairs", 0))
-        lines.append(f"{name:{width}}  {pairs:>11,}  {row['src_tokens']:>12,}  "
-                     f"{row['trg_tokens']:>12,}  {_quartet(row['src_len']):>23}  "
-                     f"{_quartet(row['trg_len']):>23}")
-    return "\n".join(lines)
-
-
-def _quartet(p: dict) -> str:
-    return f"{p['p50']}/{p['p90']}/{p['p99']}/{p['max']}"
 
 
 @contextmanager

@@ -19,7 +19,7 @@ any state with ``index_select(0, idx)`` without knowing its layout.
 Two implementations compute the same function. The *plain* one (:meth:`Decoder.run`) calls the
 ``nn.GRU`` / ``nn.LSTM`` module one step at a time; it is the reference, and the path of a
 dynamically quantised model, whose RNN and Linear layers are packed int8 modules. The *fused*
-one (:meth:`Decoder.recur`, used when :attr:`Decoder.fused` is True) reads the same parameters
+one (:func:`recur`, used when :attr:`Decoder.fused` is True) reads the same parameters
 but does the cell arithmetic itself, so that everything not depending on the previous step is
 done once for all steps: the embeddings, their share of the first layer's input gates and of the
 attentional layer, and the output layer (one ``(B*T, H) x (H, V)`` matmul instead of ``T``, and
@@ -56,7 +56,7 @@ class Decoder(nn.Module):
         tie_output: share the output layer's weight with ``embedding`` (needs ``E == H``).
 
     Attributes:
-        fused: compute with :meth:`recur` (True) or with the RNN module, :meth:`run` (False).
+        fused: compute with :func:`recur` (True) or with the RNN module, :meth:`run` (False).
     """
 
     fused = True
@@ -130,7 +130,7 @@ class Decoder(nn.Module):
                                            src_mask)
             return logits.squeeze(1), state, attn.squeeze(1)
         emb = self.dropout(self.embedding(prev_tokens.unsqueeze(1)))
-        att_vecs, state, attn = self.recur(emb, state, enc_out, keys, src_mask)
+        att_vecs, state, attn = recur(self, emb, state, enc_out, keys, src_mask)
         return self.output(self.dropout(att_vecs[:, 0])), state, attn
 
     def forward(self, trg_in: torch.Tensor, state: State, enc_out: torch.Tensor,
@@ -150,7 +150,7 @@ class Decoder(nn.Module):
             return self.run(trg_in, state, enc_out, keys, src_mask)[0]
         if self.fused:
             emb = self.dropout(self.embedding(trg_in))  # (B, T, E), every step at once
-            att_vecs = self.recur(emb, state, enc_out, keys, src_mask)[0]
+            att_vecs = recur(self, emb, state, enc_out, keys, src_mask)[0]
             return self.output(self.dropout(att_vecs))
         logits = []
         for t in range(trg_in.size(1)):
@@ -198,99 +198,108 @@ class Decoder(nn.Module):
             # The embeddings' dtype: the model's (a quantised RNN keeps no float weights).
             return self.rnn(x.to(self.embedding.weight.dtype), hx)
 
-    def recur(self, emb: torch.Tensor, state: State, enc_out: torch.Tensor, keys: torch.Tensor,
-              src_mask: torch.Tensor) -> tuple[torch.Tensor, State, torch.Tensor]:
-        """The fused path: ``T`` steps of RNN, attention and attentional layer, given all inputs.
 
-        Computes what :meth:`run` computes step by step, minus the output layer, with the
-        parameters of ``self.rnn`` and ``self.combine``. Whatever depends only on the target
-        embeddings is computed once for all ``T`` steps before the loop.
+def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tensor,
+          keys: torch.Tensor, src_mask: torch.Tensor) -> tuple[torch.Tensor, State, torch.Tensor]:
+    """The fused path: ``T`` steps of RNN, attention and attentional layer, given all inputs.
 
-        Args:
-            emb: ``(B, T, E)`` target embeddings (dropout applied).
-            state, enc_out, keys, src_mask: as in :meth:`step`.
+    Computes what :meth:`Decoder.run` computes step by step, minus the output layer, with the
+    parameters of ``decoder.rnn`` and ``decoder.combine``. Whatever depends only on the target
+    embeddings is computed once for all ``T`` steps before the loop.
 
-        Returns:
-            attentional vectors ``h~`` ``(B, T, H)`` (before output dropout), the state after
-            step ``T``, attention weights ``(B, S)`` of step ``T``.
-        """
-        emb_size = emb.size(-1)
-        w_ih0 = self.rnn.weight_ih_l0
-        # Column blocks of the first layer's input weight: [emb | context (bahdanau) | feed].
-        emb_gates = F.linear(emb, w_ih0[:, :emb_size], self.rnn.bias_ih_l0)  # (B, T, G)
-        w_rest = w_ih0[:, emb_size:]
-        w_comb = self.combine.weight
-        if self.style == "bahdanau":
-            # h~ = tanh(W [s_t; c_t; E y]): the E y block is known for every step in advance.
-            emb_comb = F.linear(emb, w_comb[:, -emb_size:], self.combine.bias)  # (B, T, H)
-            w_comb = w_comb[:, :-emb_size]
-        # unbind, not [:, t] in the loop: the backward of T slices would write T zero-filled
-        # (B, T, G) gradients, the backward of one unbind stacks T slices once.
-        emb_gates = emb_gates.unbind(1)
-        if self.style == "bahdanau":
-            emb_comb = emb_comb.unbind(1)
-        hs = list(state[0].unbind(1))  # each (B, H)
-        cs = list(state[1].unbind(1)) if self.cell == "lstm" else None
-        feed = state[-1]  # read only with input feeding
-        att_vecs = []
-        for t in range(emb.size(1)):
-            if self.style == "bahdanau":
-                context, attn = self.attention(hs[-1].unsqueeze(1), keys, enc_out, src_mask)
-                context = context.squeeze(1)
-                extra = [context]
-            else:
-                extra = []
-            if self.input_feeding:
-                extra.append(feed)
-            gates = emb_gates[t]
-            if extra:
-                gates = gates + F.linear(torch.cat(extra, dim=-1), w_rest)
-            out = self._layers(gates, hs, cs)
-            if self.style == "bahdanau":
-                att_vec = torch.tanh(emb_comb[t] + F.linear(torch.cat([out, context], -1),
-                                                               w_comb))
-            else:
-                context, attn = self.attention(out.unsqueeze(1), keys, enc_out, src_mask)
-                att_vec = torch.tanh(self.combine(torch.cat([context.squeeze(1), out], -1)))
-            att_vecs.append(att_vec)
-            feed = att_vec
-        new_state = (torch.stack(hs, dim=1),)
-        if cs is not None:
-            new_state += (torch.stack(cs, dim=1),)
-        if self.input_feeding:
-            new_state += (feed,)
-        return torch.stack(att_vecs, dim=1), new_state, attn.squeeze(1)
+    Args:
+        decoder: the decoder whose modules and settings are used.
+        emb: ``(B, T, E)`` target embeddings (dropout applied).
+        state, enc_out, keys, src_mask: as in :meth:`Decoder.step`.
 
-    def _layers(self, gates: torch.Tensor, hs: list[torch.Tensor],
-                cs: list[torch.Tensor] | None) -> torch.Tensor:
-        """One step of the stacked RNN given the first layer's input gates; updates ``hs`` and
-        ``cs`` (LSTM) in place and returns the top layer's new state ``(B, H)``.
+    Returns:
+        attentional vectors ``h~`` ``(B, T, H)`` (before output dropout), the state after
+        step ``T``, attention weights ``(B, S)`` of step ``T``.
+    """
+    emb_size = emb.size(-1)
+    w_ih0 = decoder.rnn.weight_ih_l0
+    # Column blocks of the first layer's input weight: [emb | context (bahdanau) | feed].
+    emb_gates = F.linear(emb, w_ih0[:, :emb_size], decoder.rnn.bias_ih_l0)  # (B, T, G)
+    w_rest = w_ih0[:, emb_size:]
+    w_comb = decoder.combine.weight
+    if decoder.style == "bahdanau":
+        # h~ = tanh(W [s_t; c_t; E y]): the E y block is known for every step in advance.
+        emb_comb = F.linear(emb, w_comb[:, -emb_size:], decoder.combine.bias)  # (B, T, H)
+        w_comb = w_comb[:, :-emb_size]
+    # unbind, not [:, t] in the loop: the backward of T slices would write T zero-filled
+    # (B, T, G) gradients, the backward of one unbind stacks T slices once.
+    emb_gates = emb_gates.unbind(1)
+    if decoder.style == "bahdanau":
+        emb_comb = emb_comb.unbind(1)
+    hs = list(state[0].unbind(1))  # each (B, H)
+    cs = list(state[1].unbind(1)) if decoder.cell == "lstm" else None
+    feed = state[-1]  # read only with input feeding
+    att_vecs = []
+    for t in range(emb.size(1)):
+        if decoder.style == "bahdanau":
+            context, attn = decoder.attention(hs[-1].unsqueeze(1), keys, enc_out, src_mask)
+            context = context.squeeze(1)
+            extra = [context]
+        else:
+            extra = []
+        if decoder.input_feeding:
+            extra.append(feed)
+        gates = emb_gates[t]
+        if extra:
+            gates = gates + F.linear(torch.cat(extra, dim=-1), w_rest)
+        out = stacked_step(decoder.rnn, decoder.cell, gates, hs, cs, decoder.training)
+        if decoder.style == "bahdanau":
+            att_vec = torch.tanh(emb_comb[t] + F.linear(torch.cat([out, context], -1),
+                                                           w_comb))
+        else:
+            context, attn = decoder.attention(out.unsqueeze(1), keys, enc_out, src_mask)
+            att_vec = torch.tanh(decoder.combine(torch.cat([context.squeeze(1), out], -1)))
+        att_vecs.append(att_vec)
+        feed = att_vec
+    new_state = (torch.stack(hs, dim=1),)
+    if cs is not None:
+        new_state += (torch.stack(cs, dim=1),)
+    if decoder.input_feeding:
+        new_state += (feed,)
+    return torch.stack(att_vecs, dim=1), new_state, attn.squeeze(1)
 
-        The cell equations and gate order are torch's (``nn.GRU``: r, z, n; ``nn.LSTM``: i, f,
-        g, o), so the module's parameters mean the same in both paths.
-        """
-        rnn = self.rnn
-        x = None
-        for layer in range(self.layers):
-            if layer > 0:
-                # nn.GRU's dropout between layers (only in training, as the module does).
-                x = F.dropout(x, rnn.dropout, self.training)
-                gates = F.linear(x, getattr(rnn, f"weight_ih_l{layer}"),
-                                 getattr(rnn, f"bias_ih_l{layer}"))
-            h = hs[layer]
-            hidden = F.linear(h, getattr(rnn, f"weight_hh_l{layer}"),
-                              getattr(rnn, f"bias_hh_l{layer}"))
-            if self.cell == "gru":
-                size = self.hidden
-                reset, update = torch.sigmoid(gates[:, :2 * size]
-                                              + hidden[:, :2 * size]).chunk(2, dim=-1)
-                new = torch.tanh(gates[:, 2 * size:] + reset * hidden[:, 2 * size:])
-                h = new + update * (h - new)
-            elif self.cell == "lstm":
-                i, f, g, o = (gates + hidden).chunk(4, dim=-1)
-                cs[layer] = torch.sigmoid(f) * cs[layer] + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(cs[layer])
-            else:
-                h = torch.tanh(gates + hidden)
-            hs[layer] = x = h
-        return x
+
+def stacked_step(rnn: nn.RNNBase, cell: str, gates: torch.Tensor, hs: list[torch.Tensor],
+                 cs: list[torch.Tensor] | None, training: bool) -> torch.Tensor:
+    """One step of the stacked RNN given the first layer's input gates; updates ``hs`` and
+    ``cs`` (LSTM) in place and returns the top layer's new state ``(B, H)``.
+
+    The cell equations and gate order are torch's (``nn.GRU``: r, z, n; ``nn.LSTM``: i, f,
+    g, o), so the module's parameters mean the same in both paths.
+
+    Args:
+        rnn: the decoder's ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN``, whose parameters are read.
+        cell: "gru", "lstm" or "rnn".
+        gates: ``(B, G)`` the first layer's input gates.
+        hs, cs: per layer, the hidden (and LSTM cell) states ``(B, H)``.
+        training: apply the dropout between layers.
+    """
+    x = None
+    for layer in range(rnn.num_layers):
+        if layer > 0:
+            # nn.GRU's dropout between layers (only in training, as the module does).
+            x = F.dropout(x, rnn.dropout, training)
+            gates = F.linear(x, getattr(rnn, f"weight_ih_l{layer}"),
+                             getattr(rnn, f"bias_ih_l{layer}"))
+        h = hs[layer]
+        hidden = F.linear(h, getattr(rnn, f"weight_hh_l{layer}"),
+                          getattr(rnn, f"bias_hh_l{layer}"))
+        if cell == "gru":
+            size = rnn.hidden_size
+            reset, update = torch.sigmoid(gates[:, :2 * size]
+                                          + hidden[:, :2 * size]).chunk(2, dim=-1)
+            new = torch.tanh(gates[:, 2 * size:] + reset * hidden[:, 2 * size:])
+            h = new + update * (h - new)
+        elif cell == "lstm":
+            i, f, g, o = (gates + hidden).chunk(4, dim=-1)
+            cs[layer] = torch.sigmoid(f) * cs[layer] + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(cs[layer])
+        else:
+            h = torch.tanh(gates + hidden)
+        hs[layer] = x = h
+    return x

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from seq2seq.config import recipe_from_dict, recipe_to_dict
-from seq2seq.data import cache
+from seq2seq.data import cache, encoding
 from seq2seq.data.batching import collate, epoch_batches
-from seq2seq.data.cache import format_stats, prepare_data
+from seq2seq.data.cache import prepare_data
 from seq2seq.data.corpus import DataError
+from seq2seq.data.stats import format_stats
 from seq2seq.tokenizer import EOS
 from tests.conftest import shared_data_root
 
@@ -82,7 +83,7 @@ def test_training_pairs_dropped_and_counted_per_reason(corpus):
     reasons = [expected_reason(len(s), len(t)) for s, t in zip(src_ids, trg_ids)]
     stats = prepared.stats["train"]
     assert stats["read"] == len(src)
-    assert stats["dropped"] == {r: reasons.count(r) for r in cache.DROP_REASONS.values()}
+    assert stats["dropped"] == {r: reasons.count(r) for r in encoding.DROP_REASONS.values()}
     assert all(count >= 1 for count in stats["dropped"].values())  # the corpus has each kind
     kept = [i for i, r in enumerate(reasons) if r is None]
     assert stats["kept"] == len(kept) == len(prepared.train)
