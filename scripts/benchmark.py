@@ -4,9 +4,9 @@
         [--device cpu|cuda] [--checkpoint best.pt] [--json bench.json]
 
 Training runs real optimizer steps on real batches of the prepared training cache, through the
-project's own ``Trainer.train_step`` and ``Trainer.apply_update`` (the code ``seq2seq train``
-runs), after ``--warmup`` untimed steps; validation is never run. The time per epoch is
-*extrapolated*: the epoch's target tokens divided by the measured tokens/s.
+project's own update step (``Trainer.step.accumulate`` and ``Trainer.step.apply``, the code
+``seq2seq train`` runs), after ``--warmup`` untimed steps; validation is never run. The time
+per epoch is *extrapolated*: the epoch's target tokens divided by the measured tokens/s.
 
 Decoding translates the test set (repeated to at least ``--repeat`` sentences) in batches of
 ``--decode-batch`` sentences sorted by length, greedily and with beam 5, with the recipe's
@@ -113,7 +113,7 @@ def sync(device: torch.device) -> None:
 
 def build_trainer(args: argparse.Namespace) -> Any:
     from seq2seq.config import load_recipe
-    from seq2seq.train import Trainer
+    from seq2seq.training.trainer import Trainer
 
     work = args.work_dir or str(Path(tempfile.gettempdir()) / "seq2seq-bench" /
                                 Path(args.recipe).stem)
@@ -163,8 +163,8 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
         micro, tokens = updates[s % len(updates)]
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        loss = trainer.train_step(micro, tokens)
-        trainer.apply_update(trainer.schedule.at(s + 1))
+        loss = trainer.step.accumulate(micro, tokens)
+        trainer.step.apply(trainer.schedule.at(s + 1))
         float(loss)  # the loop's only sync, as when training logs
         sync(device)
         if s >= warmup:
@@ -180,7 +180,8 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
         "target_tokens_per_cpu_s": round(timed_tokens / cpu_s, 1),
         "step_s": round(timed_s / steps, 4),
         "updates_per_epoch": len(updates),
-        "cuda_graphs": None if trainer.static is None else len(trainer.static.graphs),
+        "cuda_graphs": (len(trainer.step.static.graphs)
+                        if getattr(trainer.step, "static", None) is not None else None),
         "epoch_s_extrapolated": round(epoch_tokens / rate, 1),
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20
                                  if device.type == "cuda" else peak_rss_mib(), 1),
@@ -210,7 +211,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
                    decode: Any, beam: int, batch_size: int, device: torch.device
                    ) -> dict[str, Any]:
     """Decode ``src_ids`` in length-sorted batches of ``batch_size``; sentences/s and BLEU."""
-    from seq2seq.evaluate import corpus_bleu
+    from seq2seq.scoring import corpus_bleu
     from seq2seq.search import beam_search, greedy_search
     from seq2seq.search.static_beam import StaticBeamSearch
     from seq2seq.translate import pad_sources
@@ -295,8 +296,8 @@ def training_flops_per_token(trainer: Any) -> float:
     The update is applied, as a warm-up step would be."""
     micro, tokens = epoch_updates(trainer)[0]
     trainer.model.train()
-    flops = count_flops(lambda: (trainer.train_step(micro, tokens),
-                                 trainer.apply_update(trainer.schedule.at(1))))
+    flops = count_flops(lambda: (trainer.step.accumulate(micro, tokens),
+                                 trainer.step.apply(trainer.schedule.at(1))))
     return flops / tokens
 
 

@@ -3,8 +3,8 @@
     python scripts/update_readme.py          # rewrite README.md in place
     python scripts/update_readme.py --check  # exit 1 if README.md is stale
 
-The recipe reference comes from the dataclasses in seq2seq/config/schema.py and the CLI reference from
-the argparse parser in seq2seq/cli.py, so neither can drift from the code.
+The recipe reference comes from the dataclasses in seq2seq/config/schema.py and the CLI
+reference from the argparse parser in seq2seq/cli.py, so neither can drift from the code.
 """
 
 import argparse

@@ -12,8 +12,7 @@ checksum the file may have at that moment: before the rename it gets the new che
 old ones, after the rename only the new one is kept. So a crash at any point leaves a sidecar that
 accepts whichever file is there, and no good checkpoint is ever taken for a corrupt one.
 
-Resuming checks the checkpoint's recipe against the run's: only the keys of
-``RESUMABLE_CHANGES`` (more steps or epochs, logging, devices, decoding) may differ.
+What a resume may change is decided by the run directory (:mod:`seq2seq.training.run_dir`).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from typing import Any
 
 import torch
 
-from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from seq2seq.errors import Seq2SeqError
 from seq2seq.files import atomic_write_bytes
 
@@ -161,50 +159,3 @@ def average_checkpoints(paths: list[Path], output: Path) -> None:
                "step": first.get("step", 0), "averaged_from": [str(p) for p in paths]}
     save_checkpoint(payload, Path(output))
 
-
-# --------------------------------------------------------------------------------------------
-# Resuming
-# --------------------------------------------------------------------------------------------
-
-# Keys that may change between a run and its resumption without making the resumed run wrong.
-RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
-                     "train.valid_every", "train.log_every", "train.patience", "train.keep_last",
-                     "train.tensorboard", "train.device", "train.threads", "train.max_bad_steps",
-                     "train.cuda_graphs",
-                     "decode.", "eval.", "distributed.", "data.num_proc", "data.root",
-                     "data.cache_dir")
-
-
-def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two recipe dicts."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += recipe_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-def check_resumable(saved: dict[str, Any], recipe: Recipe) -> None:
-    """Refuse to resume a run whose recipe changed in a way that would make it wrong.
-
-    Args:
-        saved: the recipe stored in the checkpoint (plain data).
-        recipe: the recipe of this run.
-
-    Raises:
-        Seq2SeqError: naming every changed key outside :data:`RESUMABLE_CHANGES`.
-    """
-    try:  # a key added to the recipe since the checkpoint was written takes its default
-        saved = recipe_to_dict(recipe_from_dict(saved))
-    except RecipeError:
-        pass  # a key since removed: compare as saved, and name it
-    changed = [k for k in recipe_changes(saved, recipe_to_dict(recipe))
-               if not any(k == allowed or (allowed.endswith(".") and k.startswith(allowed))
-                          for allowed in RESUMABLE_CHANGES)]
-    if changed:
-        raise Seq2SeqError(
-            f"cannot resume {recipe.output_dir}: the recipe changed in {', '.join(changed)} "
-            "(use a new output_dir, or restore those values)")

@@ -115,6 +115,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank (``flag`` itself on one process)."""
+    return all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank."""
     if not is_initialized():

@@ -24,17 +24,17 @@ from tests.conftest import tiny_tree
 PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
 TIMEOUT_S = 240  # per command; generous because the test machine may be busy
 
-# Validation through seq2seq.validation.validate, on 1 process or inside torchrun: records what
-# was scored and how many sentences this rank decoded. The weights are drawn at random (large
-# enough that every sentence gets its own hypothesis, small enough that batching does not
-# change any argmax), so the check does not depend on a trained model.
+# Validation through seq2seq.training.validation.validate, on 1 process or inside torchrun:
+# records what was scored and how many sentences this rank decoded. The weights are drawn at
+# random (large enough that every sentence gets its own hypothesis, small enough that batching
+# does not change any argmax), so the check does not depend on a trained model.
 VALIDATE_SCRIPT = '''
 import json, sys
 import torch
-import seq2seq.validation as validation
+import seq2seq.training.validation as validation
 from seq2seq import distributed as dist
 from seq2seq.config import load_recipe
-from seq2seq.train import Trainer
+from seq2seq.training.trainer import Trainer
 
 seen = {"decoded": 0}
 score, decode = validation.corpus_bleu, validation.decode_ids
@@ -66,30 +66,29 @@ import sys
 import torch
 from seq2seq import distributed as dist
 from seq2seq.config import load_recipe
-from seq2seq.graphs import StaticSteps, fused_adam
-from seq2seq.train import Trainer
+from seq2seq.training.step import build_step
+from seq2seq.training.trainer import Trainer
 
 trainer = Trainer(load_recipe(sys.argv[1]))
-cfg = trainer.recipe.train
-trainer.ddp_model = trainer.model
-trainer.optimizer = fused_adam(trainer.model, torch.optim.Adam, cfg.lr, cfg.betas, 0.0,
-                               torch.device("cpu"))
-trainer.static = StaticSteps(trainer.model, trainer.optimizer, cfg.clip_norm,
-                             cfg.label_smoothing, None, capture=False)
+trainer.step.close()  # the eager step's DDP wrapper
+trainer.step = build_step(trainer.model, trainer.recipe, trainer.device, trainer.data.train,
+                          trainer.data.train_lengths()[1], trainer.run.path / "last.pt",
+                          graphs=True, capture=False)
+trainer.step.start(trainer.progress)
 trainer.fit()
 trainer.close()
 dist.shutdown()
 '''
 
-# Training through seq2seq.train.fit inside torchrun, then a look at what is left: nothing that
-# holds the process group may outlive fit (a gloo group torn down during interpreter
+# Training through seq2seq.training.trainer.fit inside torchrun, then a look at what is left:
+# nothing that holds the process group may outlive fit (a gloo group torn down during interpreter
 # finalization can abort the worker after a successful run), and the signal handlers are back.
 TEARDOWN_SCRIPT = '''
 import gc, json, signal, sys
 from torch.nn.parallel import DistributedDataParallel
 from seq2seq import distributed as dist
 from seq2seq.config import load_recipe
-from seq2seq.train import fit
+from seq2seq.training.trainer import fit
 
 before = signal.getsignal(signal.SIGTERM)
 trainer = fit(load_recipe(sys.argv[1]))

@@ -14,10 +14,11 @@ from torch import nn
 
 from seq2seq.config import RecipeError, recipe_from_dict
 from seq2seq.data.batching import Batch
-from seq2seq.graphs import StaticSteps, bucket_shape, fused_adam, pad_batch
 from seq2seq.models.encoder import Encoder
 from seq2seq.models.seq2seq import PAD, build_model
-from seq2seq.train import Trainer
+from seq2seq.training.graphs import StaticSteps, bucket_shape, fused_adam, pad_batch
+from seq2seq.training.step import build_step
+from seq2seq.training.trainer import Trainer
 from tests.conftest import tiny_tree
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -184,9 +185,10 @@ def test_trainer_on_the_static_path_ends_where_the_plain_path_ends(tmp_path):
     plain = Trainer(recipe("plain"))
     plain.fit()
     static = Trainer(recipe("static"))
-    static.optimizer = fused_adam(static.model, torch.optim.Adam, 0.01, (0.9, 0.999), 0.0,
-                                  torch.device("cpu"))
-    static.static = StaticSteps(static.model, static.optimizer, 1.0, 0.1, None, capture=False)
+    static.step = build_step(static.model, static.recipe, static.device, static.data.train,
+                             static.data.train_lengths()[1], tmp_path / "static" / "last.pt",
+                             graphs=True, capture=False)
+    static.step.start(static.progress)
     static.fit()
     assert static.progress.step == plain.progress.step == 4
     assert_close_lists(list(static.model.parameters()), list(plain.model.parameters()),
@@ -243,7 +245,7 @@ def test_graphed_steps_equal_eager_steps_on_the_gpu(cell, dtype):
 def test_optimizer_state_loads_across_the_graphs_switch_keeping_this_runs_kernel(saved_fused):
     import copy
 
-    from seq2seq.optim import load_optimizer_state
+    from seq2seq.training.optim import load_optimizer_state
 
     def optimizer(model, fused):
         if fused:

@@ -6,16 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq.checkpoint import (
-    CheckpointError,
-    check_resumable,
-    load_checkpoint,
-    save_checkpoint,
-)
+from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.config import recipe_from_dict, recipe_to_dict
 from seq2seq.errors import Seq2SeqError
-from seq2seq.optim import Schedule
-from seq2seq.train import fit
+from seq2seq.training.optim import Schedule
+from seq2seq.training.run_dir import check_resumable
+from seq2seq.training.trainer import fit
 from tests.conftest import tiny_tree
 
 
@@ -113,7 +109,7 @@ def test_output_dir_that_is_a_file_is_an_error(tmp_path):
 
 def test_accumulation_gives_the_same_update_as_one_batch(tmp_path):
     """Loss normalisation by global target tokens: 2 half-size micro-batches == 1 batch."""
-    from seq2seq.train import Trainer
+    from seq2seq.training.trainer import Trainer
 
     trainer = Trainer(tiny_recipe(tmp_path, "model.dropout=0.0"))
     trainer.model.train()
@@ -124,8 +120,8 @@ def test_accumulation_gives_the_same_update_as_one_batch(tmp_path):
     tokens = int(trg_lens[batch].sum()) + len(batch)
     grads = []
     for parts in ([batch], [batch[: len(batch) // 2], batch[len(batch) // 2:]]):
-        trainer.optimizer.zero_grad()
-        trainer.train_step(parts, tokens)
+        trainer.step.optimizer.zero_grad()
+        trainer.step.accumulate(parts, tokens)
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
     for g1, g2 in zip(*grads):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)

@@ -23,7 +23,8 @@ from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.cli import main as cli_main
 from seq2seq.config import apply_override, parse_override, recipe_from_dict
 from seq2seq.models.seq2seq import Seq2Seq
-from seq2seq.train import Trainer, TrainingStopped, fit
+from seq2seq.training.step import TrainingStopped, build_step
+from seq2seq.training.trainer import Trainer, fit
 from tests.conftest import REPO
 from tests.robustness.conftest import error_lines, tiny_tree, write_recipe
 
@@ -267,14 +268,14 @@ def test_a_non_finite_update_is_skipped_warned_and_counted(kind, root, monkeypat
     trainer = Trainer(recipe(root, "run", "train.max_steps=4", "train.valid_every=100"))
     poison_forward(monkeypatch, {2}, kind)
     params = []
-    real_apply = trainer.apply_update
+    real_apply = trainer.step.apply
 
     def apply_update(lr):
         ok = real_apply(lr)
         params.append([p.detach().clone() for p in trainer.model.parameters()])
         return ok
 
-    trainer.apply_update = apply_update
+    trainer.step.apply = apply_update
     trainer.fit()
     err = capfd.readouterr().err
     assert trainer.progress.step == 4 and trainer.progress.skipped_updates == 1
@@ -319,9 +320,9 @@ def out_of_memory_above(monkeypatch, max_sentences: int) -> None:
 
 def one_update(trainer, micro_batches, tokens):
     """The summed loss and the accumulated gradients of one update (then applied)."""
-    loss = trainer.train_step(micro_batches, tokens)
+    loss = trainer.step.accumulate(micro_batches, tokens)
     grads = [p.grad.clone() for p in trainer.model.parameters()]
-    assert trainer.apply_update(trainer.recipe.train.lr)
+    assert trainer.step.apply(trainer.recipe.train.lr)
     return loss, grads
 
 
@@ -338,10 +339,10 @@ def test_out_of_memory_splits_the_batch_and_gives_the_same_update(
     batches = epoch_batches(trg_lens, src_lens, 300, 0, 1, 0, 1)[:accumulate]
     tokens = int(sum(int(trg_lens[b].sum()) + len(b) for b in batches))
     start = (copy.deepcopy(trainer.model.state_dict()),
-             copy.deepcopy(trainer.optimizer.state_dict()))
+             copy.deepcopy(trainer.step.optimizer.state_dict()))
     expected = one_update(trainer, batches, tokens)
     trainer.model.load_state_dict(start[0])
-    trainer.optimizer.load_state_dict(start[1])
+    trainer.step.optimizer.load_state_dict(start[1])
     capfd.readouterr()
     largest = max(len(b) for b in batches)
     out_of_memory_above(monkeypatch, largest // 3)
@@ -371,13 +372,11 @@ def test_out_of_memory_with_cuda_graphs_names_the_bucket_and_the_remedy(root, mo
     """Graph shapes are fixed, so there is no splitting: the run stops with one clear line.
 
     The static path runs eagerly here (no GPU); its forward raises as a GPU would."""
-    from seq2seq.graphs import StaticSteps, fused_adam
-
     trainer = Trainer(recipe(root, "run"))
-    trainer.optimizer = fused_adam(trainer.model, torch.optim.Adam, 0.01, (0.9, 0.999), 0.0,
-                                   torch.device("cpu"))
-    trainer.static = StaticSteps(trainer.model, trainer.optimizer, 1.0, 0.1, None,
-                                 capture=False)
+    trainer.step = build_step(trainer.model, trainer.recipe, trainer.device, trainer.data.train,
+                              trainer.data.train_lengths()[1], root / "run" / "last.pt",
+                              graphs=True, capture=False)
+    trainer.step.start(trainer.progress)
     out_of_memory_above(monkeypatch, 0)
     with pytest.raises(TrainingStopped) as stopped:
         trainer.fit()

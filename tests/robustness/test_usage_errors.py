@@ -190,7 +190,8 @@ def _populate(root, row, trained):
         if content is DIR:
             path.mkdir()
         elif content == "EVIL":
-            from seq2seq.train import Progress  # any class: torch pickles it as a global
+            # Any class: torch pickles it as a global.
+            from seq2seq.training.progress import Progress
 
             torch.save({"model": {}, "recipe": {}, "progress": Progress()}, path)
         elif content == "BARE":

@@ -8,13 +8,12 @@ import math
 import torch
 
 from seq2seq.config import Recipe
+from seq2seq.training.graphs import fused_adam
 
 
 def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device,
                    static: bool = False) -> torch.optim.Optimizer:
     """Adam / AdamW; ``static``: the fused kernel with a device learning rate (CUDA graphs)."""
-    from seq2seq.graphs import fused_adam
-
     cfg = recipe.train
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     if static:

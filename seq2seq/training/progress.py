@@ -1,0 +1,53 @@
+"""Where a run is: the counters a checkpoint restores besides its tensors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training is: everything besides tensors that a checkpoint must restore."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # steps of the current epoch already done
+    best_value: float | None = None
+    best_step: int = 0
+    bad_validations: int = 0  # for early stopping
+    bad_updates: int = 0  # non-finite updates in a row
+    skipped_updates: int = 0
+
+    def position(self) -> str:
+        """Where in the epochs the run is, in words (for the resume message)."""
+        if self.epoch_step == 0:
+            return f"after epoch {self.epoch}" if self.epoch else "before epoch 1"
+        return f"epoch {self.epoch + 1}, {self.epoch_step} updates into it"
+
+    def record_validation(self, metric: str, value: float, scheduled: bool,
+                          patience: int) -> tuple[bool, str | None]:
+        """Note a validation's ``metric``: the best so far, and patience for scheduled ones.
+
+        Returns:
+            Whether it improved on the best, and a reason to stop early (or None).
+        """
+        improved = better(metric, value, self.best_value)
+        if improved:
+            self.best_value, self.best_step = value, self.step
+        if not scheduled:
+            return improved, None
+        self.bad_validations = 0 if improved else self.bad_validations + 1
+        if patience and self.bad_validations >= patience:
+            return improved, f"early stopping: no {metric} improvement in {patience} validations"
+        return improved, None
+
+    def epoch_label(self) -> int:
+        """The epoch the latest update belongs to (1-based) for logged rows."""
+        return self.epoch + (1 if self.epoch_step > 0 or self.epoch == 0 else 0)
+
+
+def better(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of validation ``metric`` improves on ``best`` (BLEU up, loss down)."""
+    if best is None:
+        return True
+    return value > best if metric == "bleu" else value < best

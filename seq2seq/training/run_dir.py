@@ -1,0 +1,191 @@
+"""The run directory: what a run leaves in its ``output_dir`` and what a resume may continue.
+
+``<output_dir>`` holds ``recipe.yaml`` (the resolved recipe), ``metrics.jsonl`` (one row per
+logged training window and per validation), ``tensorboard/`` when asked for, and the
+checkpoints: ``last.pt`` (after every validation and at the end), ``best.pt`` (best validation
+metric) and the last ``train.keep_last`` ``step_XXXXXXXX.pt``. Every process may read; only the
+main rank writes.
+
+Resuming checks the checkpoint's recipe against the run's: only the keys of
+``RESUMABLE_CHANGES`` (more steps or epochs, logging, devices, decoding) may differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from seq2seq import distributed as dist
+from seq2seq.checkpoint import load_latest, remove_partial_writes, save_checkpoint
+from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict, recipe_to_yaml
+from seq2seq.errors import Seq2SeqError
+from seq2seq.training.progress import Progress
+
+# Keys that may change between a run and its resumption without making the resumed run wrong.
+RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
+                     "train.valid_every", "train.log_every", "train.patience", "train.keep_last",
+                     "train.tensorboard", "train.device", "train.threads", "train.max_bad_steps",
+                     "train.cuda_graphs",
+                     "decode.", "eval.", "distributed.", "data.num_proc", "data.root",
+                     "data.cache_dir")
+
+
+class RunDirectory:
+    """One run's ``output_dir``: its checkpoints, metrics log and recipe."""
+
+    def __init__(self, path: Path):
+        if path.exists() and not path.is_dir():
+            raise Seq2SeqError(f"output_dir {path}: exists and is not a directory")
+        self.path = path
+        self.tensorboard: Any = None
+
+    # ---- resuming ---------------------------------------------------------------------------
+
+    def resumable_checkpoint(self, recipe: Recipe,
+                             group_size: int) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from, if any, once it is known that resuming is right.
+
+        Args:
+            group_size: batches per update of this run (processes x ``train.accumulate``).
+        """
+        if dist.is_main():  # a run killed while writing a checkpoint leaves its temporary file
+            remove_partial_writes(self.path)
+        dist.barrier()  # no rank reads the directory while the main rank cleans it
+        found = load_latest([self.path / "last.pt"] + self.step_checkpoints()[::-1])
+        if found is None:
+            return None
+        ckpt = found[1]
+        check_resumable(ckpt["recipe"], recipe)
+        saved_group = ckpt.get("group_size", group_size)
+        if saved_group != group_size:
+            # The epoch position counts updates of (world size x accumulate) batches.
+            raise Seq2SeqError(
+                f"cannot resume {self.path}: it was trained with {saved_group} batches per "
+                f"update (processes x train.accumulate), this run uses {dist.world_size()} x "
+                f"{recipe.train.accumulate}; keep the product equal")
+        return found
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def step_checkpoints(self) -> list[Path]:
+        return sorted(self.path.glob("step_*.pt"))
+
+    def save(self, name: str, payload: dict[str, Any]) -> None:
+        """Write checkpoint ``name`` atomically (main rank only)."""
+        save_checkpoint(payload, self.path / name)
+
+    def keep_last(self, keep: int) -> None:
+        """Delete all step checkpoints but the newest ``keep`` (main rank only)."""
+        for old in self.step_checkpoints()[:-keep]:
+            old.unlink(missing_ok=True)
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+
+    # ---- logs -------------------------------------------------------------------------------
+
+    def write_recipe(self, recipe: Recipe) -> None:
+        (self.path / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+
+    def open_tensorboard(self) -> None:
+        """A TensorBoard writer in <output_dir>/tensorboard (main rank only)."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise Seq2SeqError("train.tensorboard: true needs the tensorboard package "
+                               "(pip install 'seq2seq[tensorboard]')") from None
+        self.tensorboard = SummaryWriter(str(self.path / "tensorboard"))
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append ``row`` to metrics.jsonl (and TensorBoard); other ranks write nothing."""
+        if not dist.is_main():
+            return
+        # JSON has no NaN or infinity: a non-finite value (a skipped update) is written as null.
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+               for k, v in row.items()}
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key not in ("step", "split", "epoch") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{row['split']}/{key}", value, row["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+
+def exit_code(stop_signal: int | None, under_torchrun: bool) -> int:
+    """The exit code of ``seq2seq train`` for a run that ended without an error."""
+    if stop_signal is None or under_torchrun:
+        # torchrun reads a worker's non-zero exit as a failure and restarts the group; its
+        # launcher exits 2 itself when signalled (seq2seq.distributed.launch).
+        return 0
+    # The shell's convention for a signalled process (130 for SIGINT, 143 for SIGTERM), after
+    # the clean save: `seq2seq train R && seq2seq evaluate R` stops after Ctrl-C.
+    return 128 + stop_signal
+
+
+def print_validation(step: int, metrics: dict[str, Any]) -> None:
+    shown = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in metrics.items())
+    print(f"\nstep {step} valid: {shown}", file=sys.stderr)
+
+
+def print_summary(reason: str, progress: Progress, metric: str, out: Path, idle: bool) -> None:
+    """How the run ended, in one line: why it stopped, the best checkpoint, where they are.
+
+    ``idle``: this session made no update (the run had already reached a limit).
+    """
+    step = progress.step
+    best = (f"best {metric} {progress.best_value} at step {progress.best_step}"
+            if progress.best_value is not None else "not validated yet")
+    if idle:
+        print(f"nothing to train: {reason} at step {step}; raise that limit to train further; "
+              f"{best}; checkpoints in {out}", file=sys.stderr)
+    else:
+        print(f"stopped at step {step}: {reason}; {best}; checkpoints in {out}",
+              file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume compatibility
+# --------------------------------------------------------------------------------------------
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipe dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += recipe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def check_resumable(saved: dict[str, Any], recipe: Recipe) -> None:
+    """Refuse to resume a run whose recipe changed in a way that would make it wrong.
+
+    Args:
+        saved: the recipe stored in the checkpoint (plain data).
+        recipe: the recipe of this run.
+
+    Raises:
+        Seq2SeqError: naming every changed key outside :data:`RESUMABLE_CHANGES`.
+    """
+    try:  # a key added to the recipe since the checkpoint was written takes its default
+        saved = recipe_to_dict(recipe_from_dict(saved))
+    except RecipeError:
+        pass  # a key since removed: compare as saved, and name it
+    changed = [k for k in recipe_changes(saved, recipe_to_dict(recipe))
+               if not any(k == allowed or (allowed.endswith(".") and k.startswith(allowed))
+                          for allowed in RESUMABLE_CHANGES)]
+    if changed:
+        raise Seq2SeqError(
+            f"cannot resume {recipe.output_dir}: the recipe changed in {', '.join(changed)} "
+            "(use a new output_dir, or restore those values)")

@@ -1,0 +1,331 @@
+"""The story of a training run: set up, resume, loop over epochs, validate, save, stop.
+
+Batches come from the deterministic (seed, epoch) batching, so a run resumed from a checkpoint
+at step k sees exactly the batches an uninterrupted run would, and (with every RNG state
+restored) ends bit for bit where it would have on the CPU. (With CUDA graphs the warm-ups and
+captures draw dropout masks too, so a resumed graphed run sees the same batches but not the
+same masks.)
+
+What one update does is :mod:`seq2seq.training.step`; what the run leaves on disk and what a
+resume may change is :mod:`seq2seq.training.run_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from seq2seq import distributed as dist
+from seq2seq.config import Recipe, recipe_to_dict
+from seq2seq.data.batching import epoch_batches, rank_steps
+from seq2seq.data.cache import prepare_data
+from seq2seq.models.seq2seq import build_model
+from seq2seq.training.optim import Schedule
+from seq2seq.training.progress import Progress
+from seq2seq.training.run_dir import RunDirectory, exit_code, print_summary, print_validation
+from seq2seq.training.step import build_step
+from seq2seq.training.throughput import Session, Window
+from seq2seq.training.validation import validate
+from seq2seq.translate import resolve_device
+
+
+def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> int:
+    """``seq2seq train``: launch workers through torchrun when asked for, else train here."""
+    cfg = recipe.distributed
+    if cfg.nproc_per_node * cfg.nnodes > 1 and "LOCAL_RANK" not in os.environ:
+        from seq2seq.launch import launch_workers
+
+        return launch_workers(recipe, recipe_path, overrides)
+    trainer = fit(recipe)
+    return exit_code(trainer.stop_signal, under_torchrun="LOCAL_RANK" in os.environ)
+
+
+def fit(recipe: Recipe) -> Trainer:
+    """Train (or resume) the run described by ``recipe``; returns the finished trainer."""
+    trainer, finished = None, False
+    try:
+        trainer = Trainer(recipe)
+        trainer.fit()
+        finished = True
+    finally:
+        if trainer is not None:
+            trainer.close()
+        # After a success every rank is done with its collectives and writes: meet, then tear
+        # down. After a failure the other ranks may never arrive.
+        dist.shutdown(wait_for_all=finished)
+    return trainer
+
+
+def prepare_on_main_first(recipe: Recipe, run: RunDirectory) -> Any:
+    """The encoded data: the main rank builds the cache, the others then read it."""
+    if dist.is_main():
+        # prepare_data first: it reports bad corpora before anything is written.
+        data = prepare_data(recipe, show_progress=True)
+        run.path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # other ranks reuse the cache the main rank built
+    if not dist.is_main():
+        data = prepare_data(recipe, show_progress=False)
+    return data
+
+
+def build_seeded_model(recipe: Recipe, tokenizer: Any, device: torch.device) -> Any:
+    """The model, initialised from the recipe's seed (the same on every rank), on ``device``."""
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, tokenizer.src_vocab_size, tokenizer.trg_vocab_size)
+    model.to(device)
+    if dist.is_main():
+        group = (f" in a process group of {dist.world_size()} ({dist.backend()})"
+                 if dist.is_initialized() else "")
+        print(f"model: {model.num_parameters:,} parameters; training on {device}{group}",
+              file=sys.stderr)
+    return model
+
+
+class Trainer:
+    """The pieces of one run (data, model, step, schedule, progress); :meth:`fit` drives it."""
+
+    stop_reason: str | None = None
+    interrupted = False
+    stop_signal: int | None = None  # the signal that stopped this process's run, if any
+    resumed_from: tuple[Path, int] | None = None  # (checkpoint, its step) when resumed
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        cfg = recipe.train
+        self.run = RunDirectory(Path(recipe.output_dir))
+        dist_device = dist.init_from_env(recipe.distributed.backend, recipe.distributed.timeout_s)
+        self.device = dist_device or resolve_device(cfg.device, what="train.device")
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        # A run that cannot be resumed is refused before prepare_data could retrain its
+        # tokenizer or add a cache for a recipe it will not train with.
+        found = self.run.resumable_checkpoint(recipe, self.world * cfg.accumulate)
+        self.data = prepare_on_main_first(recipe, self.run)
+        self.model = build_seeded_model(recipe, self.data.tokenizer, self.device)
+        self.step = build_step(self.model, recipe, self.device, self.data.train,
+                               self.data.train_lengths()[1], self.run.path / "last.pt")
+        self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.min_lr,
+                                 cfg.plateau_factor, cfg.plateau_patience)
+        self.progress = Progress()
+        # Dropout streams differ per rank; rank 0 of a 1-process run uses the recipe seed.
+        torch.manual_seed(recipe.seed + 1000 * self.rank)
+        self.session = Session()
+        if found is not None:
+            self.resume(*found)  # the checkpoint's memory is freed after loading
+        self.step.start(self.progress)
+        if cfg.tensorboard and dist.is_main():
+            self.run.open_tensorboard()
+
+    def resume(self, path: Path, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.step.load_state_dict(ckpt)
+        self.schedule.load_state_dict(ckpt["schedule"])
+        self.progress = Progress(**ckpt["progress"])
+        if self.rank < len(ckpt["rng"]):
+            set_rng_state(ckpt["rng"][self.rank], self.device)
+        self.resumed_from = (path, self.progress.step)
+        if dist.is_main():
+            print(f"resuming from {path} at step {self.progress.step} "
+                  f"({self.progress.position()})", file=sys.stderr)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train until a stop condition, then write ``last.pt``; SIGINT/SIGTERM stop it cleanly."""
+        with stop_signals(self):
+            self.train_loop()
+
+    def train_loop(self) -> None:
+        cfg, progress = self.recipe.train, self.progress
+        if dist.is_main():
+            self.run.write_recipe(self.recipe)
+        src_lens, trg_lens = self.data.train_lengths()
+        group = self.world * cfg.accumulate
+        bar = tqdm(total=cfg.max_steps or None, initial=progress.step, disable=not dist.is_main(),
+                   desc="train", dynamic_ncols=True)
+        window = Window(self.device)
+        self.session.start = window.start
+        self.model.train()
+        while self.stop_reason is None:
+            if cfg.max_epochs and progress.epoch >= cfg.max_epochs:
+                self.stop_reason = f"reached train.max_epochs={cfg.max_epochs}"
+                break
+            batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,
+                                    self.recipe.seed, progress.epoch, group)
+            steps = rank_steps(batches, self.rank, self.world, cfg.accumulate)
+            for s in range(progress.epoch_step, len(steps)):
+                global_batch = batches[s * group:(s + 1) * group]
+                global_tokens = int(sum(int(trg_lens[i].sum()) for i in global_batch)
+                                    + sum(len(i) for i in global_batch))  # + one EOS each
+                lr = self.schedule.at(progress.step + 1)
+                window.loss += self.step.accumulate(steps[s], global_tokens)
+                ok = self.step.apply(lr)
+                progress.step += 1
+                progress.epoch_step = s + 1
+                window.tokens += global_tokens
+                self.session.tokens += global_tokens
+                bar.update(1)
+                self.step.count(ok, progress)
+                if progress.step % cfg.log_every == 0:
+                    self.log_window(window, lr, bar)
+                if progress.step % cfg.valid_every == 0:
+                    self.validate_and_save(scheduled=True)
+                if cfg.max_steps and progress.step >= cfg.max_steps:
+                    self.stop_reason = f"reached train.max_steps={cfg.max_steps}"
+                if self.world > 1 and self.stop_reason is None and dist.any_rank(
+                        self.interrupted, self.device):
+                    # A signal may reach the ranks at different steps: agree, so that all
+                    # stop after the same update and the final checkpoint is consistent.
+                    self.interrupted = True
+                    self.stop_reason = "a rank received a stop signal"
+                if self.stop_reason is not None:
+                    break
+            else:
+                progress.epoch += 1
+                progress.epoch_step = 0
+        bar.close()
+        self.finish()
+
+    def log_window(self, window: Window, lr: float, bar: Any) -> None:
+        """Log the mean loss and throughput of the updates since the last log."""
+        self.step.sync(self.progress)
+        loss = dist.all_reduce_sum(window.loss.clone()).item() / window.tokens
+        rate = window.tokens / (time.perf_counter() - window.start)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+        self.run.log({"step": self.progress.step, "split": "train",
+                  "epoch": self.progress.epoch_label(), "loss": loss, "lr": lr,
+                  "tokens_per_s": rate})
+        window.reset()
+
+    # ---- validation, checkpoints, the end ---------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        return validate(self.model, self.data.valid, self.data.tokenizer, self.recipe,
+                        self.device)
+
+    def validate_and_save(self, scheduled: bool) -> None:
+        """Validate; keep best.pt, the schedule and early stopping; write the checkpoints.
+
+        Only scheduled validations drive the schedule and patience, so a run stopped and
+        resumed makes exactly the decisions an uninterrupted run makes.
+        """
+        cfg, progress = self.recipe.train, self.progress
+        start = time.perf_counter()
+        metrics = self.validate()
+        self.session.validation_s += time.perf_counter() - start
+        self.model.train()
+        self.run.log({"step": progress.step, "split": "valid", "epoch": progress.epoch_label(),
+                  **metrics})
+        if dist.is_main():
+            print_validation(progress.step, metrics)
+        improved, early_stop = progress.record_validation(
+            cfg.early_stop_metric, metrics[cfg.early_stop_metric], scheduled, cfg.patience)
+        if scheduled:
+            self.schedule.validated(improved)
+        if early_stop is not None:
+            self.stop_reason = early_stop
+        if improved:
+            self.save("best.pt")
+        if cfg.keep_last:
+            self.save(f"step_{progress.step:08d}.pt")
+            if dist.is_main():
+                self.run.keep_last(cfg.keep_last)
+        self.save("last.pt")
+
+    def save(self, name: str) -> None:
+        """Write checkpoint ``name`` (all ranks take part: RNG states are gathered)."""
+        self.step.sync(self.progress)
+        rngs = dist.gather_objects(rng_state(self.device))
+        if not dist.is_main():
+            return
+        step_state = self.step.state_dict()
+        self.run.save(name, {
+            "model": self.model.state_dict(),
+            "optimizer": step_state["optimizer"],
+            "schedule": self.schedule.state_dict(),
+            "scaler": step_state["scaler"],
+            "progress": dataclasses.asdict(self.progress),
+            "group_size": self.world * self.recipe.train.accumulate,
+            "rng": rngs,
+            "recipe": recipe_to_dict(self.recipe),
+            "tokenizer": self.data.tokenizer.to_state(),
+            "step": self.progress.step,
+        })
+
+    def finish(self) -> None:
+        """Validate once more if the last update was not validated, then write last.pt.
+
+        A run resumed from its ``last.pt`` that made no update (it had already finished, or
+        was stopped at once) leaves its files as they are: nothing changed to validate or save.
+        """
+        progress, metric = self.progress, self.recipe.train.early_stop_metric
+        unchanged = self.resumed_from == (self.run.path / "last.pt", progress.step)
+        validated = progress.step % self.recipe.train.valid_every == 0
+        if not unchanged:
+            if not validated and progress.step > 0 and not self.interrupted:
+                self.validate_and_save(scheduled=False)
+            else:
+                self.save("last.pt")
+        if not dist.is_main():
+            return
+        print_summary(self.stop_reason, progress, metric, self.run.path,
+                      idle=unchanged and not self.interrupted)
+        self.session.report(self.device)
+
+    def close(self) -> None:
+        """Let go of the DDP wrapper (and with it the process group) and the TensorBoard writer.
+
+        Called before the process group is destroyed: a gloo group still referenced when the
+        interpreter shuts down is torn down during finalization, which can abort the process.
+        """
+        self.step.close()
+        self.run.close()
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states (the CPU's, and the GPU's when training on one)."""
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned (a rank a checkpoint did not have: None)."""
+    if rng is None:
+        return
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+@contextlib.contextmanager
+def stop_signals(trainer: Trainer) -> Iterator[None]:
+    """Make SIGINT/SIGTERM stop ``trainer`` after the current update; restore the handlers."""
+    def handler(signum: int, frame: Any) -> None:
+        trainer.interrupted = True
+        trainer.stop_signal = signum
+        trainer.stop_reason = f"received {signal.Signals(signum).name}"
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
