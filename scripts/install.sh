@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install seq2seq with its test extras.
+# Create .venv and install seq2seq with its test extras and the HTTP service (`seq2seq serve`).
 #
 # torch comes from PyTorch's CPU index by default: PyPI's Linux torch wheel is the CUDA build,
 # which pulls gigabytes of CUDA libraries. On a GPU machine, name the index of your CUDA version
@@ -17,5 +17,5 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q --no-deps "torch==2.13.0" --index-url "$TORCH_INDEX"
   python -m pip install -q "torch==2.13.0"
 fi
-python -m pip install -q -e ".[dev]"
-python -c "import seq2seq, torch, sentencepiece, sacrebleu, datasets; print('seq2seq installed; torch', torch.__version__)"
+python -m pip install -q -e ".[dev,serve]"
+python -c "import seq2seq, torch, sentencepiece, sacrebleu, datasets, fastapi, uvicorn; print('seq2seq installed; torch', torch.__version__)"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from seq2seq.config import RecipeError, load_recipe, recipe_to_yaml
 from seq2seq.errors import Seq2SeqError
+from seq2seq.serve.options import add_serve_arguments
 
 EXIT_USAGE = 2
 
@@ -100,6 +101,12 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from seq2seq.serve.server import serve_command  # FastAPI loads for this command only
+
+    return serve_command(args)
+
+
 def _decode_flags(parser: argparse.ArgumentParser) -> None:
     """Search flags; each overrides the recipe's decode section when given."""
     parser.add_argument("--beam", type=int, help="beam size (1: greedy)")
@@ -164,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", nargs="+", help="checkpoint files of one run")
     p.add_argument("--output", required=True, help="where to write the averaged checkpoint")
     p.set_defaults(func=cmd_average)
+
+    p = sub.add_parser("serve", help="serve checkpoints over HTTP: LibreTranslate's API, "
+                       "dynamic batching, a page to try them")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="checkpoint file, one per language pair (its recipe's "
+                   "data.src_lang -> data.trg_lang)")
+    add_serve_arguments(p)
+    _decode_flags(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate-data",
                        help="write the built-in synthetic en->de task as text files")

@@ -1,0 +1,90 @@
+"""The service's limits and batching settings, and its optional API keys."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from seq2seq.errors import Seq2SeqError
+
+# Most alternatives (n-best beyond the first) one request may ask for.
+MAX_ALTERNATIVES = 10
+
+
+def flag(default: Any, help: str) -> Any:
+    """A dataclass field with its default and the help of its ``serve`` flag."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """Everything ``seq2seq serve`` takes besides the checkpoints and the decoding flags.
+
+    Each field but ``api_keys`` is the flag of its name (``batch_wait_ms``: ``--batch-wait-ms``).
+    """
+
+    host: str = flag("127.0.0.1", "address to bind (the default answers this machine only)")
+    port: int = flag(5000, "TCP port (0: any free port)")
+    batch_size: int = flag(64, "most sentences one decode gathers from concurrent requests "
+                           "(1: no batching across requests)")
+    batch_wait_ms: float = flag(5.0, "how long a worker waits for more sentences after the "
+                                "first one arrives")
+    char_limit: int = flag(5000, "most characters of text in one request")
+    body_limit: int = flag(1_000_000, "most bytes of request body (413 beyond)")
+    max_texts: int = flag(100, "most strings in a q list")
+    queue_size: int = flag(1000, "most sentences waiting per model (503 with Retry-After "
+                           "beyond)")
+    timeout: float = flag(60.0, "most seconds a request waits for its translation (503 beyond)")
+    api_keys: Optional[frozenset] = flag(None, "")
+    """Keys a request must carry as ``api_key`` (``--api-keys FILE``); ``None``: none needed."""
+
+    def __post_init__(self) -> None:
+        problems = [f"--{name.replace('_', '-')} must be >= {least}, got {value}"
+                    for name, least in [("batch_size", 1), ("char_limit", 1), ("body_limit", 1),
+                                        ("max_texts", 1), ("queue_size", 1), ("port", 0)]
+                    if (value := getattr(self, name)) < least]
+        problems += [f"--{name.replace('_', '-')} must be > 0, got {value}"
+                     for name in ["timeout"] if (value := getattr(self, name)) <= 0]
+        if self.batch_wait_ms < 0:
+            problems.append(f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
+        if problems:
+            raise Seq2SeqError("; ".join(problems))
+
+    @classmethod
+    def from_args(cls, args: Any) -> "ServeOptions":
+        """The options of parsed ``seq2seq serve`` arguments."""
+        values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
+                  if field.name != "api_keys"}
+        keys = load_api_keys(Path(args.api_keys)) if args.api_keys else None
+        return cls(**values, api_keys=keys)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``seq2seq serve`` for its options, defaults from :class:`ServeOptions`."""
+    for field in dataclasses.fields(ServeOptions):
+        if field.name != "api_keys":
+            kind = type(field.default)
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind,
+                                default=field.default,
+                                help=f"{field.metadata['help']} (default: {field.default})")
+    parser.add_argument("--api-keys", metavar="FILE",
+                        help="require an api_key from this file (one key per line; 403 without)")
+
+
+def load_api_keys(path: Path) -> frozenset[str]:
+    """The keys in ``path``: one per line; blank lines and ``#`` comments are ignored.
+
+    Raises:
+        Seq2SeqError: the file cannot be read or holds no key.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise Seq2SeqError(f"{path}: cannot read the API keys ({error})") from None
+    keys = frozenset(line.strip() for line in text.splitlines()
+                     if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise Seq2SeqError(f"{path}: holds no API key (one per line)")
+    return keys

@@ -1,0 +1,78 @@
+"""``seq2seq serve``: load the checkpoints, bind the socket, run uvicorn until SIGTERM or Ctrl-C.
+
+SIGTERM is a graceful stop: uvicorn stops accepting connections, every request already accepted
+is answered (its sentences are decoded by the workers), the workers end, and the process exits
+with 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+from typing import Any
+
+from seq2seq.errors import Seq2SeqError
+from seq2seq.serve.metrics import Metrics
+from seq2seq.serve.options import ServeOptions
+from seq2seq.serve.pairs import LanguagePairs, ServedModel
+from seq2seq.serve.worker import BatchWorker
+
+
+def serve_command(args: Any) -> int:
+    """Serve every checkpoint of ``args.checkpoints`` until stopped; the exit code."""
+    options = ServeOptions.from_args(args)  # before the models load: bad flags fail at once
+    sock = bind(options.host, options.port)
+    import uvicorn
+
+    from seq2seq.serve.app import build_app
+
+    metrics = Metrics()
+    pairs = LanguagePairs([load_model(path, args, options, metrics) for path in args.checkpoints])
+    app = build_app(pairs, options, metrics)
+    host, port = sock.getsockname()[:2]
+    for model in pairs.models.values():
+        print(f"serving {model.source}->{model.target} from {model.checkpoint} (beam "
+              f"{model.settings.beam_size}, alpha {model.settings.alpha:g})", file=sys.stderr)
+    print(f"listening on http://{host}:{port} (batches of up to {options.batch_size} "
+          f"sentences, {options.batch_wait_ms:g} ms wait)", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=int(options.timeout) + 5)
+    # uvicorn turns SIGTERM into a graceful shutdown and afterwards re-raises it to the handler
+    # that was there before; an empty handler makes that last step a no-op, so exit code is 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.Server(config).run(sockets=[sock])
+    print("stopped: every accepted request was answered", file=sys.stderr)
+    return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: any free one), so the port is known early."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as error:
+        raise Seq2SeqError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def load_model(path: str, args: Any, options: ServeOptions, metrics: Metrics) -> ServedModel:
+    """One checkpoint with its settings (the decoding flags over its recipe) and worker."""
+    from seq2seq.translate import Translator
+
+    translator = Translator.from_checkpoint(path, device=args.device, quantize=args.quantize)
+    settings = translator.decode_settings(beam=args.beam, alpha=args.alpha,
+                                          max_len_ratio=args.max_len_ratio,
+                                          batch_tokens=args.batch_tokens)
+    source, target = translator.recipe.data.src_lang, translator.recipe.data.trg_lang
+    pair = f"{source}-{target}"
+    worker = BatchWorker(translator, options.batch_size, options.batch_wait_ms / 1000,
+                         options.queue_size, on_batch=metrics.on_batch(pair),
+                         name=f"decode-{pair}")
+    metrics.watch_queue(pair, lambda: worker.queued)
+    return ServedModel(source=source, target=target, checkpoint=str(path),
+                       translator=translator, settings=settings, worker=worker)
