@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
+from seq2seq import __version__
 from seq2seq.config import RecipeError, load_recipe, recipe_to_yaml
 from seq2seq.errors import Seq2SeqError
 from seq2seq.serve.options import add_serve_arguments
@@ -32,7 +34,14 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Every check ``prepare`` and ``train`` make before their work, all problems at once;
+    nothing is written."""
     recipe = load_recipe(args.recipe, args.overrides)
+    from seq2seq.data.preflight import input_problems
+
+    problems = input_problems(recipe, read_eval_sets=True)
+    if problems:
+        raise RecipeError([f"{args.recipe}: {problem}" for problem in problems])
     sys.stdout.write(recipe_to_yaml(recipe))
     return 0
 
@@ -107,12 +116,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_command(args)
 
 
+def _bounded(key: str) -> Any:
+    """An argparse type for a search flag: a number in the range of ``decode.<key>``, finite.
+
+    The same :class:`~seq2seq.config.ranges.Range` checks the recipe, so ``translate`` and
+    ``evaluate`` (which share these flags) and the recipe accept the same values.
+    """
+    from seq2seq.config import DECODE_RANGES
+
+    bounds = DECODE_RANGES[key]
+
+    def parse(text: str) -> int | float:
+        try:
+            value = int(text) if bounds.integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {bounds.expected()}, got {text!r}") from None
+        problem = bounds.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
 def _decode_flags(parser: argparse.ArgumentParser) -> None:
     """Search flags; each overrides the recipe's decode section when given."""
-    parser.add_argument("--beam", type=int, help="beam size (1: greedy)")
-    parser.add_argument("--alpha", type=float, help="GNMT length penalty alpha")
-    parser.add_argument("--max-len-ratio", type=float, help="max output length / source length")
-    parser.add_argument("--batch-tokens", type=int, help="source tokens per decoding batch")
+    parser.add_argument("--beam", type=_bounded("beam_size"), help="beam size (1: greedy)")
+    parser.add_argument("--alpha", type=_bounded("alpha"), help="GNMT length penalty alpha")
+    parser.add_argument("--max-len-ratio", type=_bounded("max_len_ratio"),
+                        help="max output length / source length")
+    parser.add_argument("--batch-tokens", type=_bounded("batch_tokens"),
+                        help="source tokens per decoding batch")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--quantize", action="store_true",
                         help="int8 dynamic quantisation of Linear and RNN layers (CPU decoding: "
@@ -122,10 +157,13 @@ def _decode_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="seq2seq", description="Recurrent neural machine translation driven by YAML recipes.")
+    parser.add_argument("--version", action="version", version=f"seq2seq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=ArgumentParser)
 
-    p = sub.add_parser("check", help="validate a recipe and print it resolved, as YAML")
+    p = sub.add_parser("check", help="validate a recipe, its corpora and output directory "
+                       "(all that prepare and train check first; nothing is written) and "
+                       "print it resolved, as YAML")
     _recipe_args(p)
     p.set_defaults(func=cmd_check)
 
@@ -143,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--checkpoint a.pt b.pt, or --checkpoint repeated)")
     p.add_argument("--input", help="input file (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
-    p.add_argument("--nbest", type=int,
+    p.add_argument("--nbest", type=_bounded("n_best"),
                    help="write K hypotheses per line as TSV: index, score, text")
     p.add_argument("--scores", action="store_true",
                    help="prefix each line with its score and a tab")

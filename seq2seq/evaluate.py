@@ -28,7 +28,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     ``--compare FILE`` (another system's output, one line per source line) adds a paired
     bootstrap test; with a recipe it applies to every test set, so use it with one.
     """
-    from seq2seq.translate import Translator
+    from seq2seq.translate import CLI_NAMES, Translator
 
     if recipe is not None:
         checkpoints = args.checkpoint or [str(Path(recipe.output_dir) /
@@ -46,7 +46,8 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     # The decode section of the recipe given here (with its overrides), else the checkpoint's.
     settings = translator.decode_settings(beam=args.beam, nbest=1, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
-                                          batch_tokens=args.batch_tokens, base=recipe.decode)
+                                          batch_tokens=args.batch_tokens, base=recipe.decode,
+                                          names=CLI_NAMES)
     cfg = recipe.eval
     compare = _read_text_lines(args.compare) if args.compare else None
     results = []

@@ -11,13 +11,15 @@ search settings) and the SentencePiece model(s) saved with the run.
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from seq2seq.checkpoint import load_checkpoint
-from seq2seq.config import DecodeConfig, Recipe, recipe_from_dict
+from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.errors import Seq2SeqError
 from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
 from seq2seq.search.static_beam import StaticBeamSearch
@@ -25,16 +27,38 @@ from seq2seq.tokenizer import EOS, PAD, Tokenizer
 from seq2seq.translate_io import check_output_file, translate_file
 
 
+class SettingError(Seq2SeqError, ValueError):
+    """A search setting or device outside its range: a ``ValueError`` from Python, one
+    ``error:`` line (exit 2) from the command line."""
+
+
+class SettingTypeError(Seq2SeqError, TypeError):
+    """A search setting of the wrong type (say, ``beam="5"``)."""
+
+
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+
+
 def resolve_device(name: str, what: str = "--device") -> torch.device:
-    """``name`` as a torch device; ``what`` names the option in errors."""
+    """``name`` (auto, cpu, cuda or cuda:N) as a torch device; ``what`` names the option in
+    errors. A GPU that this machine does not have is refused here, not at the first tensor."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise Seq2SeqError(f"{what} {name}: no CUDA GPU is available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise Seq2SeqError(f"{what} {name}: not a device name (cpu, cuda, cuda:N)") from None
+    match = _DEVICE.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise SettingError(f"{what} {name}: not a device name (auto, cpu, cuda or cuda:N)")
+    kind, index = match.groups()
+    if kind == "cpu":
+        if index not in (None, "0"):
+            raise SettingError(f"{what} {name}: the CPU is one device (cpu or cpu:0)")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SettingError(f"{what} {name}: no CUDA GPU is available")
+    count = torch.cuda.device_count()
+    if index is not None and int(index) >= count:
+        raise SettingError(f"{what} {name}: this machine has {count} CUDA GPU"
+                           f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
+    return torch.device(name)
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -98,6 +122,44 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
         for i, nbest in zip(batch, hyps):
             results[i] = nbest
     return results
+
+
+API_NAMES = {"beam_size": "beam", "n_best": "nbest", "alpha": "alpha",
+             "max_len_ratio": "max_len_ratio", "batch_tokens": "batch_tokens"}
+"""How each search setting is called in :meth:`Translator.translate`'s messages."""
+CLI_NAMES = {"beam_size": "--beam", "n_best": "--nbest", "alpha": "--alpha",
+             "max_len_ratio": "--max-len-ratio", "batch_tokens": "--batch-tokens"}
+"""... and on the command line (``translate`` and ``evaluate`` share the flags)."""
+
+
+def check_setting(key: str, value: Any, names: Mapping[str, str] = API_NAMES) -> None:
+    """Refuse a search setting (a ``DecodeConfig`` field) outside the range the recipe's
+    ``decode.<key>`` has, with the same words."""
+    bounds = DECODE_RANGES[key]
+    wrong_type = bounds.type_problem(value)
+    if wrong_type:
+        raise SettingTypeError(f"{names[key]}: {wrong_type}")
+    problem = bounds.problem(value)
+    if problem:
+        raise SettingError(f"{names[key]}: {problem}")
+
+
+def sentence_list(sentences: Any) -> list[str]:
+    """``sentences`` (a list, tuple or other ordered iterable of strings) as a list; anything
+    else is a ``TypeError`` that says what was expected."""
+    if isinstance(sentences, str):
+        raise TypeError("sentences must be a list of strings, not one string "
+                        "(write translate([sentence]) for a single sentence)")
+    if (isinstance(sentences, (bytes, bytearray, Mapping, Set))
+            or not isinstance(sentences, Iterable)):
+        raise TypeError(f"sentences must be a list of strings, got "
+                        f"{type(sentences).__name__}")
+    sentences = list(sentences)
+    for index, sentence in enumerate(sentences):
+        if not isinstance(sentence, str):
+            raise TypeError(f"sentences[{index}] must be a string, got "
+                            f"{type(sentence).__name__}")
+    return sentences
 
 
 @dataclasses.dataclass
@@ -165,24 +227,39 @@ class Translator:
 
     def decode_settings(self, beam: int | None = None, nbest: int | None = None,
                         alpha: float | None = None, max_len_ratio: float | None = None,
-                        batch_tokens: int | None = None,
-                        base: DecodeConfig | None = None) -> DecodeConfig:
+                        batch_tokens: int | None = None, base: DecodeConfig | None = None,
+                        names: Mapping[str, str] = API_NAMES) -> DecodeConfig:
         """A decode section (``base``, default the checkpoint recipe's) with the given values
-        overriding it."""
+        overriding it; ``names`` spells each option in messages as the caller does (``beam``
+        from Python, ``--beam`` from the command line).
+
+        Raises:
+            SettingTypeError: a value of the wrong type (a ``TypeError``).
+            SettingError: a value outside its range, or an n-best list longer than the beam
+                (a ``ValueError``); the beam is never raised behind the caller's back.
+        """
         base = base or self.recipe.decode
-        changes = {k: v for k, v in dict(beam_size=beam, n_best=nbest, alpha=alpha,
-                                         max_len_ratio=max_len_ratio,
-                                         batch_tokens=batch_tokens).items() if v is not None}
-        if "beam_size" in changes and "n_best" not in changes:
-            changes["n_best"] = min(base.n_best, changes["beam_size"])
-        if changes.get("n_best", 1) > changes.get("beam_size", base.beam_size):
-            changes["beam_size"] = changes["n_best"]
+        given = {key: value for key, value in (
+            ("beam_size", beam), ("n_best", nbest), ("alpha", alpha),
+            ("max_len_ratio", max_len_ratio), ("batch_tokens", batch_tokens))
+            if value is not None}
+        for key, value in given.items():
+            check_setting(key, value, names)
+        if "beam_size" in given and "n_best" not in given:
+            given["n_best"] = min(base.n_best, given["beam_size"])
+        beam_size = given.get("beam_size", base.beam_size)
+        if given.get("n_best", 1) > beam_size:
+            source = (f"{names['beam_size']} {beam_size}" if "beam_size" in given
+                      else f"{beam_size}, the recipe's decode.beam_size")
+            raise SettingError(f"{names['n_best']} {given['n_best']} is larger than the beam "
+                               f"size ({source}); give {names['beam_size']} "
+                               f"{given['n_best']} or more")
         from seq2seq.config import RecipeError
 
         try:
-            return dataclasses.replace(base, **changes)
+            return dataclasses.replace(base, **given)
         except RecipeError as error:
-            raise Seq2SeqError("; ".join(error.problems)) from None
+            raise SettingError("; ".join(error.problems)) from None
 
     def translate_full(self, sentences: list[str], settings: DecodeConfig,
                        return_attention: bool = False) -> list[Translation]:
@@ -194,12 +271,13 @@ class Translator:
         translate`` writes an empty line for it.
 
         Raises:
-            TypeError: ``sentences`` is a single string, not a list of them.
+            TypeError: ``sentences`` is not a list (or other sequence) of strings; a single
+                string is refused, never read character by character.
         """
-        if isinstance(sentences, str):
-            raise TypeError("sentences must be a list of strings, not one string "
-                            "(write translate([sentence]) for a single sentence)")
-        sentences = list(sentences)
+        sentences = sentence_list(sentences)
+        if not isinstance(settings, DecodeConfig):
+            raise TypeError(f"settings must be a DecodeConfig (see decode_settings), got "
+                            f"{type(settings).__name__}")
         todo = [i for i, sentence in enumerate(sentences) if sentence.strip()]
         out = [Translation(hypotheses=[""], scores=[0.0], src_pieces=[], hyp_pieces=[[]],
                            attention=[None]) for _ in sentences]
@@ -232,7 +310,8 @@ class Translator:
         A blank sentence gives ``""`` (with ``nbest``: ``[""]``) without being decoded.
 
         Raises:
-            TypeError: ``sentences`` is a single string, not a list of them.
+            TypeError: ``sentences`` is not a list of strings, or a setting has the wrong type.
+            ValueError: a setting is outside its range (see :meth:`decode_settings`).
         """
         settings = self.decode_settings(beam=beam, nbest=nbest, **overrides)
         results = self.translate_full(sentences, settings)
@@ -250,5 +329,5 @@ def translate_command(args: Any) -> int:
                                             quantize=args.quantize)
     settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
-                                          batch_tokens=args.batch_tokens)
+                                          batch_tokens=args.batch_tokens, names=CLI_NAMES)
     return translate_file(translator, settings, args)

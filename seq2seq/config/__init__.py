@@ -23,6 +23,7 @@ from seq2seq.config.loading import (
 )
 from seq2seq.config.reference import recipe_reference
 from seq2seq.config.schema import (
+    DECODE_RANGES,
     SECTIONS,
     Corpus,
     DataConfig,
@@ -37,6 +38,7 @@ from seq2seq.config.schema import (
 )
 
 __all__ = [
+    "DECODE_RANGES",
     "SECTIONS",
     "Corpus",
     "DataConfig",

@@ -6,7 +6,8 @@ order and raises one :class:`RecipeError` naming each by its dotted path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 from seq2seq.config.errors import RecipeError
 
@@ -33,12 +34,43 @@ def _raise_any(problems: list[str]) -> None:
         raise RecipeError(problems)
 
 
+def range_problems(section: Any, prefix: str) -> list[str]:
+    """Every field of ``section`` outside the range its schema declares (wrong types included,
+    for sections built from Python rather than from YAML); ``None`` passes where it is allowed.
+    """
+    problems = []
+    for f in dataclasses.fields(section):
+        bounds = f.metadata.get("range")
+        value = getattr(section, f.name)
+        if bounds is None or value is None:
+            continue
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for index, item in items:
+            problem = bounds.problem(item)
+            where = f"{prefix}{f.name}" + ("" if index is None else f"[{index}]")
+            if problem:
+                problems.append(f"{where}: {problem}")
+    return problems
+
+
+def _in_range(problems: list[str], section: Any, prefix: str) -> bool:
+    """Add the range problems of ``section``; True when there were none (the cross-field rules
+    below compare values, which is safe only then)."""
+    found = range_problems(section, prefix)
+    problems.extend(found)
+    return not found
+
+
 def check_data(data: DataConfig) -> None:
     problems: list[str] = []
-    _check(problems, data.max_src_tokens >= 1, "data.max_src_tokens", "must be >= 1")
-    _check(problems, data.max_trg_tokens >= 1, "data.max_trg_tokens", "must be >= 1")
-    _check(problems, data.max_length_ratio >= 0, "data.max_length_ratio", "must be >= 0")
-    _check(problems, data.num_proc >= 1, "data.num_proc", "must be >= 1")
+    _in_range(problems, data, "data.")
+    corpora = [("data.train.", data.train), ("data.valid.", data.valid)]
+    corpora += [(f"data.test.{name}.", corpus) for name, corpus in data.test.items()]
+    for prefix, corpus in corpora:
+        _in_range(problems, corpus, prefix)
+    # A ratio below 1 would drop every pair: the longer side is always >= 1 x the shorter.
+    _check(problems, not 0 < data.max_length_ratio < 1, "data.max_length_ratio",
+           f"must be 0 (no ratio filter) or at least 1, got {data.max_length_ratio}")
     _check(problems, data.src_lang != data.trg_lang, "data.trg_lang",
            "must differ from data.src_lang")
     _raise_any(problems)
@@ -46,20 +78,14 @@ def check_data(data: DataConfig) -> None:
 
 def check_tokenizer(tokenizer: TokenizerConfig) -> None:
     problems: list[str] = []
-    _check(problems, tokenizer.vocab_size >= 8, "tokenizer.vocab_size", "must be >= 8")
-    _check(problems, 0.9 <= tokenizer.character_coverage <= 1.0,
-           "tokenizer.character_coverage", "must be in [0.9, 1.0]")
-    _check(problems, tokenizer.input_sentence_size >= 0, "tokenizer.input_sentence_size",
-           "must be >= 0")
+    _in_range(problems, tokenizer, "tokenizer.")
     _raise_any(problems)
 
 
 def check_model(model: ModelConfig) -> None:
     problems: list[str] = []
-    for name in ("emb_size", "enc_hidden", "enc_layers", "dec_hidden", "dec_layers",
-                 "attention_size"):
-        _check(problems, getattr(model, name) >= 1, f"model.{name}", "must be >= 1")
-    _check(problems, 0.0 <= model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    if not _in_range(problems, model, "model."):
+        _raise_any(problems)
     _check(problems, model.forget_bias is None or model.cell == "lstm", "model.forget_bias",
            f"is an LSTM-only option, but model.cell is {model.cell!r}")
     if model.attention == "dot":
@@ -77,21 +103,13 @@ def check_model(model: ModelConfig) -> None:
 
 def check_train(train: TrainConfig) -> None:
     problems: list[str] = []
+    if not _in_range(problems, train, "train."):
+        _raise_any(problems)
     _check(problems, not (train.cuda_graphs and train.precision == "fp16"), "train.cuda_graphs",
            "needs train.precision fp32 or bf16 (fp16's grad scaler works on the host)")
-    for name in ("batch_tokens", "accumulate", "valid_every", "log_every",
-                 "max_bad_steps"):
-        _check(problems, getattr(train, name) >= 1, f"train.{name}", "must be >= 1")
-    for name in ("batch_sentences", "warmup_steps", "max_steps", "max_epochs",
-                 "patience", "keep_last", "threads", "plateau_patience"):
-        _check(problems, getattr(train, name) >= 0, f"train.{name}", "must be >= 0")
-    _check(problems, train.lr > 0, "train.lr", "must be > 0")
-    _check(problems, 0 < train.plateau_factor < 1, "train.plateau_factor", "must be in (0, 1)")
-    _check(problems, all(0 <= b < 1 for b in train.betas), "train.betas",
-           "each must be in [0, 1)")
-    _check(problems, train.clip_norm >= 0, "train.clip_norm", "must be >= 0")
-    _check(problems, 0 <= train.label_smoothing < 1, "train.label_smoothing",
-           "must be in [0, 1)")
+    # The schedule floors the rate at min_lr: above lr, it would silently replace it.
+    _check(problems, train.min_lr <= train.lr, "train.min_lr",
+           f"must not exceed train.lr ({train.lr}), got {train.min_lr}")
     _check(problems, train.max_steps > 0 or train.max_epochs > 0, "train.max_steps",
            "train.max_steps and train.max_epochs cannot both be 0 (the run would not stop)")
     _raise_any(problems)
@@ -99,44 +117,35 @@ def check_train(train: TrainConfig) -> None:
 
 def check_decode(decode: DecodeConfig) -> None:
     problems: list[str] = []
-    _check(problems, decode.beam_size >= 1, "decode.beam_size", "must be >= 1")
-    if decode.beam_size >= 1:  # else n_best has no valid value to name
-        _check(problems, 1 <= decode.n_best <= decode.beam_size, "decode.n_best",
+    if _in_range(problems, decode, "decode."):
+        _check(problems, decode.n_best <= decode.beam_size, "decode.n_best",
                f"must be between 1 and decode.beam_size ({decode.beam_size}); "
                f"got {decode.n_best}")
-    _check(problems, decode.alpha >= 0, "decode.alpha", "must be >= 0")
-    _check(problems, decode.max_len_ratio > 0, "decode.max_len_ratio", "must be > 0")
-    _check(problems, decode.max_len_add >= 0, "decode.max_len_add", "must be >= 0")
-    _check(problems, decode.min_len >= 0, "decode.min_len", "must be >= 0")
-    _check(problems, decode.no_repeat_ngram >= 0, "decode.no_repeat_ngram", "must be >= 0")
-    _check(problems, decode.batch_tokens >= 1, "decode.batch_tokens", "must be >= 1")
     _raise_any(problems)
 
 
 def check_eval(eval_cfg: EvalConfig) -> None:
     problems: list[str] = []
-    _check(problems, eval_cfg.bootstrap >= 0, "eval.bootstrap", "must be >= 0")
-    _check(problems, eval_cfg.attention_plots >= 0, "eval.attention_plots", "must be >= 0")
+    _in_range(problems, eval_cfg, "eval.")
     _raise_any(problems)
 
 
 def check_distributed(dist: DistributedConfig) -> None:
     problems: list[str] = []
-    _check(problems, dist.nproc_per_node >= 1, "distributed.nproc_per_node", "must be >= 1")
-    _check(problems, dist.nnodes >= 1, "distributed.nnodes", "must be >= 1")
-    _check(problems, 0 <= dist.node_rank < dist.nnodes, "distributed.node_rank",
-           f"must be in [0, nnodes) = [0, {dist.nnodes})")
-    _check(problems, dist.max_restarts >= 0, "distributed.max_restarts", "must be >= 0")
-    _check(problems, dist.timeout_s >= 1, "distributed.timeout_s", "must be >= 1")
+    if _in_range(problems, dist, "distributed."):
+        _check(problems, dist.node_rank < dist.nnodes, "distributed.node_rank",
+               f"must be below distributed.nnodes ({dist.nnodes}), got {dist.node_rank}")
     host, _, port = dist.rdzv_endpoint.rpartition(":")
-    _check(problems, bool(host) and port.isdigit(), "distributed.rdzv_endpoint",
-           f"expected host:port, got {dist.rdzv_endpoint!r}")
+    _check(problems, bool(host) and port.isdigit() and 1 <= int(port) <= 65_535,
+           "distributed.rdzv_endpoint", f"expected host:port (port 1 to 65535), got "
+           f"{dist.rdzv_endpoint!r}")
     _raise_any(problems)
 
 
 def check_recipe(recipe: Recipe) -> None:
     """Rules across sections; each section has already passed its own check."""
     problems: list[str] = []
+    _in_range(problems, recipe, "")
     # An empty value (say, from an unset shell variable) would write the run into ".".
     _check(problems, recipe.output_dir.strip() != "", "output_dir", "must not be empty")
     if recipe.model.tie_embeddings == "all":

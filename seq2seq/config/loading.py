@@ -21,6 +21,45 @@ from seq2seq.config.errors import RecipeError
 from seq2seq.config.schema import DataConfig, Recipe
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing what it would accept with another meaning: a duplicate key
+    (PyYAML keeps the last silently), named with both lines; and a recursive alias
+    (``a: &x [*x]``), which would build an infinitely deep value."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._open_anchors: set[str] = set()  # anchors of the nodes being composed
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._open_anchors:
+                raise yaml.composer.ComposerError(
+                    None, None, f"recursive alias *{event.anchor} (inside the value it names)",
+                    event.start_mark)
+            return super().compose_node(parent, index)
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            self._open_anchors.add(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open_anchors.discard(anchor)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # merged keys (<<) may be overridden: that is what merging means
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on lines {lines[key]} and {line}",
+                    key_node.start_mark)
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -156,7 +195,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(parts):
         raise RecipeError([f"{text}: overrides are written key.path=value"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -181,7 +220,7 @@ def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe
         tree = {}
     if not isinstance(tree, dict):
         raise RecipeError([f"{source}: expected a mapping at the top level, got {_show(tree)}"])
-    tree = _deepcopy(tree)
+    tree = _deepcopy(tree, source)
     for text in overrides:
         try:
             parts, value = parse_override(text)
@@ -195,11 +234,21 @@ def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe
     return recipe
 
 
-def _deepcopy(tree: Any) -> Any:
+MAX_DEPTH = 50  # a recipe is 3 levels deep; a cycle (Python data) or alias bomb is not
+MAX_VALUES = 100_000  # aliases inside aliases can expand a short file exponentially
+
+
+def _deepcopy(tree: Any, source: str, depth: int = 0, count: list[int] | None = None) -> Any:
+    """A copy of the tree; refuses one nested past ``MAX_DEPTH`` or holding ``MAX_VALUES``."""
+    count = [0] if count is None else count
+    count[0] += 1
+    if depth > MAX_DEPTH or count[0] > MAX_VALUES:
+        raise RecipeError([f"{source}: nested deeper than {MAX_DEPTH} levels or holding more "
+                           f"than {MAX_VALUES:,} values (aliases repeated inside aliases?)"])
     if isinstance(tree, dict):
-        return {k: _deepcopy(v) for k, v in tree.items()}
+        return {k: _deepcopy(v, source, depth + 1, count) for k, v in tree.items()}
     if isinstance(tree, list):
-        return [_deepcopy(v) for v in tree]
+        return [_deepcopy(v, source, depth + 1, count) for v in tree]
     return tree
 
 
@@ -215,7 +264,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError([f"{path}: cannot read recipe ({error})"]) from None
     try:
-        tree = yaml.safe_load(text)
+        tree = yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -18,13 +18,14 @@ def recipe_reference() -> str:
 
     def table(cls: Any, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
-        lines.append("| key | type | default | description |")
-        lines.append("|---|---|---|---|")
+        lines.append("| key | type | default | range | description |")
+        lines.append("|---|---|---|---|---|")
         nested = []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
             if tp is Corpus:
-                lines.append(f"| `{prefix}{f.name}` | a corpus (below) | | {f.metadata['help']} |")
+                lines.append(f"| `{prefix}{f.name}` | a corpus (below) | | | "
+                             f"{f.metadata['help']} |")
                 continue
             if dataclasses.is_dataclass(tp):
                 nested.append((tp, f"{prefix}{f.name}."))
@@ -35,7 +36,10 @@ def recipe_reference() -> str:
             shown = "`null`" if default is None else f"`{flow.strip().removesuffix('...').strip()}`"
             kind = "a mapping of name to corpus" if tp == dict[str, Corpus] else _type_name(tp)
             kind = kind.replace("|", "\\|")
-            lines.append(f"| `{prefix}{f.name}` | {kind} | {shown} | {f.metadata['help']} |")
+            bounds = f.metadata.get("range")
+            within = f"`{bounds}`" if bounds else ""
+            lines.append(f"| `{prefix}{f.name}` | {kind} | {shown} | {within} | "
+                         f"{f.metadata['help']} |")
         for tp, sub in nested:
             lines.append("")
             lines.append(f"### `{sub.rstrip('.')}`")

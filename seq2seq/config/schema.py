@@ -6,7 +6,7 @@ calls its section's check.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional
 
 from seq2seq.config.checks import (
@@ -19,14 +19,17 @@ from seq2seq.config.checks import (
     check_tokenizer,
     check_train,
 )
+from seq2seq.config.ranges import SEED_MAX, STEPS_MAX, Range, floats, ints
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its one-line description."""
+def option(default: Any, help: str, bounds: Range | None = None) -> Any:
+    """A dataclass field with a default, its one-line description and, for a number, its range
+    (checked by :mod:`seq2seq.config.checks`, shown in the README's reference)."""
+    metadata = {"help": help, "range": bounds}
     if isinstance(default, (dict, list)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,10 @@ class Corpus:
         None, "jsonl/hf: source field (default: data.src_lang, or translation.<src_lang> in hf)")
     trg_field: Optional[str] = option(
         None, "jsonl/hf: target field (default: data.trg_lang, or translation.<trg_lang> in hf)")
-    size: int = option(0, "generated: number of pairs")
+    size: int = option(0, "generated: number of pairs", ints(0, 10_000_000))
     seed: int = option(
         0, "generated: seed of the sentence stream; the corpus, unlike the run's seed, stays "
-        "the same when the run's seed changes")
+        "the same when the run's seed changes", ints(0, SEED_MAX))
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,14 @@ class DataConfig:
     train: Corpus = option(Corpus(), "training corpus")
     valid: Corpus = option(Corpus(), "validation corpus (never filtered)")
     test: dict[str, Corpus] = option({}, "named test corpora (never filtered)")
-    max_src_tokens: int = option(100, "drop training pairs whose source has more subword tokens")
-    max_trg_tokens: int = option(100, "drop training pairs whose target has more subword tokens")
+    max_src_tokens: int = option(100, "drop training pairs whose source has more subword tokens",
+                                 ints(1, 10_000))
+    max_trg_tokens: int = option(100, "drop training pairs whose target has more subword tokens",
+                                 ints(1, 10_000))
     max_length_ratio: float = option(
-        0.0, "drop training pairs whose token length ratio exceeds this (0: no ratio filter)")
-    num_proc: int = option(2, "worker processes for encoding the corpus")
+        0.0, "drop training pairs whose token length ratio exceeds this (0: no ratio filter)",
+        floats(0, 1000))
+    num_proc: int = option(2, "worker processes for encoding the corpus", ints(1, 256))
     cache_dir: Optional[str] = option(
         None, "where the encoded Arrow cache lives (default: <output_dir>/cache)")
 
@@ -82,10 +88,12 @@ class TokenizerConfig:
 
     type: Literal["unigram", "bpe"] = option("unigram", "SentencePiece model type")
     joint: bool = option(True, "one model shared by source and target")
-    vocab_size: int = option(8000, "vocabulary size of each model")
-    character_coverage: float = option(1.0, "share of characters covered by the vocabulary")
+    vocab_size: int = option(8000, "vocabulary size of each model", ints(8, 1_000_000))
+    character_coverage: float = option(1.0, "share of characters covered by the vocabulary",
+                                       floats(0.9, 1.0))
     input_sentence_size: int = option(
-        500_000, "sentences sampled from the corpus to train the model (0: all)")
+        500_000, "sentences sampled from the corpus to train the model (0: all)",
+        ints(0, 100_000_000))
 
     def __post_init__(self) -> None:
         check_tokenizer(self)
@@ -96,15 +104,15 @@ class ModelConfig:
     """Encoder-decoder architecture."""
 
     cell: Literal["gru", "lstm", "rnn"] = option("gru", "recurrent cell of encoder and decoder")
-    emb_size: int = option(256, "embedding size (source and target)")
-    enc_hidden: int = option(256, "encoder hidden size per direction")
-    enc_layers: int = option(2, "encoder layers")
+    emb_size: int = option(256, "embedding size (source and target)", ints(1, 65_536))
+    enc_hidden: int = option(256, "encoder hidden size per direction", ints(1, 65_536))
+    enc_layers: int = option(2, "encoder layers", ints(1, 64))
     bidirectional: bool = option(True, "bidirectional encoder")
-    dec_hidden: int = option(512, "decoder hidden size")
-    dec_layers: int = option(2, "decoder layers")
+    dec_hidden: int = option(512, "decoder hidden size", ints(1, 65_536))
+    dec_layers: int = option(2, "decoder layers", ints(1, 64))
     attention: Literal["bahdanau", "dot", "general"] = option(
         "bahdanau", "bahdanau: additive MLP; dot / general: Luong et al. 2015 §3.1")
-    attention_size: int = option(512, "hidden size of the additive attention MLP")
+    attention_size: int = option(512, "hidden size of the additive attention MLP", ints(1, 65_536))
     decoder: Literal["bahdanau", "luong"] = option(
         "bahdanau", "bahdanau: attend with the previous state, context into the RNN; "
         "luong: attend after the RNN step, attentional hidden state")
@@ -112,9 +120,11 @@ class ModelConfig:
         True, "feed the previous attentional vector into the decoder RNN (luong style)")
     init: Literal["bridge", "zeros"] = option(
         "bridge", "decoder initial state: learned bridge from the encoder, or zeros")
-    dropout: float = option(0.3, "dropout on embeddings, between layers and before the output")
+    dropout: float = option(0.3, "dropout on embeddings, between layers and before the output",
+                            floats(0, 1, hi_open=True))
     forget_bias: Optional[float] = option(
-        None, "LSTM only: initial forget-gate bias, e.g. 1.0 (null: like every other weight)")
+        None, "LSTM only: initial forget-gate bias, e.g. 1.0 (null: like every other weight)",
+        floats(-100, 100))
     tie_embeddings: Literal["none", "decoder", "all"] = option(
         "none", "decoder: tie target embeddings and output layer; all: also the source "
         "embeddings (needs a joint vocabulary)")
@@ -128,38 +138,45 @@ class TrainConfig:
     """Optimisation, batching, validation and checkpointing."""
 
     batch_tokens: int = option(
-        4096, "target tokens per batch on one rank for one accumulation step")
-    batch_sentences: int = option(0, "also cap sentences per batch (0: no cap)")
-    accumulate: int = option(1, "batches accumulated per update on each rank")
+        4096, "target tokens per batch on one rank for one accumulation step", ints(1, 1_000_000))
+    batch_sentences: int = option(0, "also cap sentences per batch (0: no cap)", ints(0, 1_000_000))
+    accumulate: int = option(1, "batches accumulated per update on each rank", ints(1, 10_000))
     optimizer: Literal["adam", "adamw"] = option("adam", "optimizer")
-    lr: float = option(1e-3, "peak learning rate")
-    betas: tuple[float, float] = option((0.9, 0.999), "Adam betas")
-    weight_decay: float = option(0.0, "weight decay")
+    lr: float = option(1e-3, "peak learning rate", floats(0, 10, lo_open=True))
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam betas", floats(0, 1, hi_open=True))
+    weight_decay: float = option(0.0, "weight decay", floats(0, 10))
     schedule: Literal["constant", "plateau", "inverse_sqrt"] = option(
         "constant", "learning-rate schedule")
-    warmup_steps: int = option(0, "linear warmup steps (inverse_sqrt; also before constant)")
-    plateau_factor: float = option(0.5, "plateau: multiply the lr by this when stuck")
-    plateau_patience: int = option(2, "plateau: validations without improvement before decay")
-    min_lr: float = option(1e-6, "lower bound of the learning rate")
-    clip_norm: float = option(1.0, "gradient-norm clipping (0: off)")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    warmup_steps: int = option(0, "linear warmup steps (inverse_sqrt; also before constant)",
+                               ints(0, STEPS_MAX))
+    plateau_factor: float = option(0.5, "plateau: multiply the lr by this when stuck",
+                                   floats(0, 1, True, True))
+    plateau_patience: int = option(2, "plateau: validations without improvement before decay",
+                                   ints(0, 1_000_000))
+    min_lr: float = option(1e-6, "lower bound of the learning rate", floats(0, 10))
+    clip_norm: float = option(1.0, "gradient-norm clipping (0: off)", floats(0, 1_000_000))
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy",
+                                    floats(0, 1, hi_open=True))
     precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", "bf16: autocast (GPU); fp16: autocast with a grad scaler (GPU); RNN module "
         "calls (cuDNN) stay fp32 in both, as autocast would make them fp16")
-    max_steps: int = option(0, "stop after this many updates (0: no limit)")
-    max_epochs: int = option(10, "stop after this many epochs (0: no limit)")
-    valid_every: int = option(1000, "validate every N updates (and at the end)")
+    max_steps: int = option(0, "stop after this many updates (0: no limit)", ints(0, STEPS_MAX))
+    max_epochs: int = option(10, "stop after this many epochs (0: no limit)", ints(0, 1_000_000))
+    valid_every: int = option(1000, "validate every N updates (and at the end)", ints(1, STEPS_MAX))
     valid_search: Literal["greedy", "beam"] = option(
         "greedy", "decoding used for validation BLEU (beam uses the decode section)")
-    log_every: int = option(100, "log training loss every N updates")
+    log_every: int = option(100, "log training loss every N updates", ints(1, STEPS_MAX))
     early_stop_metric: Literal["bleu", "loss", "ppl"] = option(
         "bleu", "validation metric for best.pt, early stopping and the plateau schedule")
-    patience: int = option(0, "stop after N validations without improvement (0: never)")
-    keep_last: int = option(3, "keep the last K step checkpoints besides last.pt and best.pt")
+    patience: int = option(0, "stop after N validations without improvement (0: never)",
+                           ints(0, 1_000_000))
+    keep_last: int = option(3, "keep the last K step checkpoints besides last.pt and best.pt",
+                            ints(0, 1_000_000))
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)")
+    threads: int = option(0, "CPU threads for torch (0: torch's default)", ints(0, 1024))
     max_bad_steps: int = option(
-        5, "stop when this many updates in a row have a non-finite loss or gradient")
+        5, "stop when this many updates in a row have a non-finite loss or gradient",
+        ints(1, 1_000_000))
     tensorboard: bool = option(False, "also log to TensorBoard in <output_dir>/tensorboard")
     cuda_graphs: bool = option(
         False, "GPU: pad batches to bucket shapes and replay each training step as a CUDA "
@@ -173,21 +190,30 @@ class TrainConfig:
 class DecodeConfig:
     """Search settings shared by validation, translate and evaluate (their flags override)."""
 
-    beam_size: int = option(5, "beam size (1: greedy)")
-    n_best: int = option(1, "hypotheses returned per sentence")
-    alpha: float = option(0.6, "GNMT length penalty alpha, Wu et al. 2016 §7 (0: none)")
+    beam_size: int = option(5, "beam size (1: greedy)", ints(1, 1000))
+    n_best: int = option(1, "hypotheses returned per sentence", ints(1, 1000))
+    alpha: float = option(0.6, "GNMT length penalty alpha, Wu et al. 2016 §7 (0: none)",
+                          floats(0, 10))
     max_len_ratio: float = option(
-        1.5, "maximum output length = ratio * source length + max_len_add")
-    max_len_add: int = option(10, "constant added to the maximum output length")
-    min_len: int = option(0, "minimum output length in tokens (EOS forbidden before)")
-    no_repeat_ngram: int = option(0, "forbid repeating any n-gram of this size (0: off)")
-    batch_tokens: int = option(4000, "source tokens per decoding batch")
+        1.5, "maximum output length = ratio * source length + max_len_add",
+        floats(0, 10, lo_open=True))
+    max_len_add: int = option(10, "constant added to the maximum output length", ints(0, 1000))
+    min_len: int = option(0, "minimum output length in tokens (EOS forbidden before)",
+                          ints(0, 1000))
+    no_repeat_ngram: int = option(0, "forbid repeating any n-gram of this size (0: off)",
+                                  ints(0, 100))
+    batch_tokens: int = option(4000, "source tokens per decoding batch", ints(1, 1_000_000))
     cuda_graphs: bool = option(
         False, "GPU beam search on fixed shapes, replayed as CUDA graphs (same results; not "
         "with attention output or no_repeat_ngram, which use the plain search)")
 
     def __post_init__(self) -> None:
         check_decode(self)
+
+
+DECODE_RANGES = {f.name: f.metadata["range"] for f in fields(DecodeConfig)
+                 if f.metadata["range"] is not None}
+"""The range of each numeric search setting: the recipe's, ``translate``'s and the API's."""
 
 
 @dataclass(frozen=True)
@@ -198,11 +224,12 @@ class EvalConfig:
     lowercase: bool = option(False, "case-insensitive BLEU and chrF")
     tokenize: Literal["13a", "intl", "zh", "ja-mecab", "char", "none"] = option(
         "13a", "sacreBLEU tokenizer for BLEU")
-    bootstrap: int = option(1000, "bootstrap resamples for 95% confidence intervals (0: off)")
+    bootstrap: int = option(1000, "bootstrap resamples for 95% confidence intervals (0: off)",
+                            ints(0, 100_000))
     report_dir: Optional[str] = option(
         None, "report directory of the recipe's test sets (default: <output_dir>/eval; "
         "--quantize adds -int8)")
-    attention_plots: int = option(3, "attention heatmaps drawn per test set")
+    attention_plots: int = option(3, "attention heatmaps drawn per test set", ints(0, 1000))
 
     def __post_init__(self) -> None:
         check_eval(self)
@@ -212,14 +239,14 @@ class EvalConfig:
 class DistributedConfig:
     """Multi-process training through torchrun (PyTorch's elastic launcher)."""
 
-    nproc_per_node: int = option(1, "worker processes per node (GPUs per node)")
-    nnodes: int = option(1, "number of nodes")
-    node_rank: int = option(0, "this node's rank (static rendezvous)")
+    nproc_per_node: int = option(1, "worker processes per node (GPUs per node)", ints(1, 1024))
+    nnodes: int = option(1, "number of nodes", ints(1, 10_000))
+    node_rank: int = option(0, "this node's rank (static rendezvous)", ints(0, 9_999))
     rdzv_endpoint: str = option("127.0.0.1:29500", "host:port of the rendezvous")
     rdzv_id: str = option("seq2seq", "rendezvous id shared by all nodes of one job")
     backend: Literal["auto", "nccl", "gloo"] = option("auto", "auto: nccl on GPU, gloo on CPU")
-    max_restarts: int = option(0, "restarts of the worker group after a failure")
-    timeout_s: int = option(300, "collective timeout in seconds")
+    max_restarts: int = option(0, "restarts of the worker group after a failure", ints(0, 1000))
+    timeout_s: int = option(300, "collective timeout in seconds", ints(1, 604_800))
 
     def __post_init__(self) -> None:
         check_distributed(self)
@@ -231,7 +258,8 @@ class Recipe:
 
     name: str = option("seq2seq", "run name")
     output_dir: str = option("runs/seq2seq", "run directory: checkpoints, logs, tokenizer, cache")
-    seed: int = option(1, "random seed of initialisation, dropout and batch order")
+    seed: int = option(1, "random seed of initialisation, dropout and batch order",
+                       ints(0, SEED_MAX))
     data: DataConfig = option(DataConfig(), "corpora")
     tokenizer: TokenizerConfig = option(TokenizerConfig(), "SentencePiece")
     model: ModelConfig = option(ModelConfig(), "architecture")

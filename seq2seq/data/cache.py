@@ -39,7 +39,7 @@ import datasets
 import numpy as np
 
 from seq2seq.config import Corpus, DataConfig, Recipe
-from seq2seq.data.corpus import DataError, check_corpus, read_pairs, resolve_path
+from seq2seq.data.corpus import DataError, read_pairs, resolve_path
 from seq2seq.data.encoding import (
     ENCODE_BATCH,
     ENCODED_FEATURES,
@@ -50,6 +50,8 @@ from seq2seq.data.encoding import (
     read_into_arrow,
     sample_pairs,
 )
+from seq2seq.data.preflight import cache_root as _cache_root
+from seq2seq.data.preflight import input_problems
 from seq2seq.data.stats import describe_eval_set, describe_train
 from seq2seq.tokenizer import Tokenizer, load_if_current, tokenizer_hash, train_tokenizer
 
@@ -152,27 +154,11 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
 
 
 def _check_before_writing(recipe: Recipe) -> None:
-    """Report a missing corpus file or an unusable output directory before anything is written."""
-    data = recipe.data
-    _check_directory(Path(recipe.output_dir), "output_dir")
-    if data.cache_dir:
-        _check_directory(_cache_root(data, Path(recipe.output_dir)), "data.cache_dir")
-    corpora = [("data.train", data.train), ("data.valid", data.valid)]
-    corpora += [(f"data.test.{name}", corpus) for name, corpus in data.test.items()]
-    for where, corpus in corpora:
-        try:
-            check_corpus(corpus, data)
-        except DataError as error:
-            raise DataError(f"{where}: {error}") from None
-
-
-def _check_directory(path: Path, key: str) -> None:
-    """``path`` is a directory or can be created as one: no file stands on its way."""
-    for ancestor in [path, *path.parents]:
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise DataError(f"{key} {path}: {ancestor} exists and is not a directory")
-            return
+    """Report a missing or empty corpus or an unusable output directory before anything is
+    written (the first problem; ``seq2seq check`` lists them all)."""
+    problems = input_problems(recipe)
+    if problems:
+        raise DataError(problems[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,12 +230,6 @@ def _cache_name(fingerprint: str, tokenizer: Tokenizer, data: DataConfig) -> str
            "max_src_tokens": data.max_src_tokens, "max_trg_tokens": data.max_trg_tokens,
            "max_length_ratio": data.max_length_ratio}
     return "train-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def _cache_root(data: DataConfig, out_dir: Path) -> Path:
-    if data.cache_dir:
-        return Path(os.path.expandvars(os.path.expanduser(data.cache_dir)))
-    return out_dir / "cache"
 
 
 def _remove_stale_caches(current: Path, show_progress: bool) -> None:

@@ -1,0 +1,81 @@
+"""What ``prepare`` checks before it writes anything, as one function that ``check`` calls too.
+
+:func:`input_problems` finds every problem with the directories and corpora a recipe names:
+an ``output_dir`` or ``data.cache_dir`` that a file stands in the way of, a corpus file that is
+missing, unreadable or holds no sentence pair with text on both sides (an empty validation set
+would give a run that scores BLEU 0). It reads nothing it does not have to (the first useful pair
+of each corpus) and writes nothing. ``prepare`` raises the first problem; ``check`` prints all.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from seq2seq.config import Corpus, DataConfig, Recipe
+from seq2seq.data.corpus import DataError, check_corpus, read_pairs, resolve_path
+
+
+def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
+    """Every problem ``prepare`` would meet with the recipe's directories and corpora.
+
+    Args:
+        recipe: the whole recipe (``output_dir`` and ``data`` are read).
+        read_eval_sets: read the validation and test sets to their end, as ``prepare`` does
+            right after this check (a misaligned or badly encoded line anywhere is reported).
+
+    Returns:
+        One line per problem, each starting with the recipe key it is about.
+    """
+    data = recipe.data
+    problems = []
+    directories = [("output_dir", Path(recipe.output_dir))]
+    if data.cache_dir:
+        directories.append(("data.cache_dir", cache_root(data, Path(recipe.output_dir))))
+    for key, path in directories:
+        problem = _directory_problem(path)
+        if problem:
+            problems.append(f"{key} {path}: {problem}")
+    corpora = [("data.train", data.train, False), ("data.valid", data.valid, read_eval_sets)]
+    corpora += [(f"data.test.{name}", corpus, read_eval_sets)
+                for name, corpus in data.test.items()]
+    for where, corpus, read_all in corpora:
+        try:
+            check_corpus(corpus, data)
+            _check_some_text(corpus, data, read_all)
+        except DataError as error:
+            problems.append(f"{where}: {error}")
+    return problems
+
+
+def cache_root(data: DataConfig, out_dir: Path) -> Path:
+    """Where the training caches live: ``data.cache_dir``, else ``<output_dir>/cache``."""
+    if data.cache_dir:
+        return Path(os.path.expandvars(os.path.expanduser(data.cache_dir)))
+    return out_dir / "cache"
+
+
+def _directory_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used or created as a directory (a file on its way), if it can't."""
+    for ancestor in [path, *path.parents]:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                return f"{ancestor} exists and is not a directory"
+            return None
+    return None
+
+
+def _check_some_text(corpus: Corpus, data: DataConfig, read_all: bool) -> None:
+    """Refuse a corpus without one pair holding text on both sides; read it all with
+    ``read_all``, else only up to that pair. A hub dataset is not downloaded for this."""
+    if corpus.format == "hf" and not corpus.path:
+        return
+    found = False
+    for src, trg in read_pairs(corpus, data):
+        found = found or bool(src and trg)
+        if found and not read_all:
+            return
+    if not found:
+        files = [f for f in (corpus.src, corpus.trg, corpus.path) if f]
+        where = ", ".join(str(resolve_path(f, data)) for f in files) or corpus.format
+        raise DataError(f"{where}: no sentence pair has text on both sides (an empty corpus)")
