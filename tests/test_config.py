@@ -194,3 +194,111 @@ def test_loader_on_random_yaml_text(tmp_path_factory, text):
         load_recipe(path)
     except RecipeError:
         pass
+
+
+# ---- the YAML itself: a key given twice, an alias inside itself, an alias bomb --------------
+
+def test_a_duplicate_key_names_both_lines(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: a\ntrain:\n  lr: 0.1\n  max_steps: 3\n  lr: 0.2\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert info.value.problems == [
+        f"{path}: line 5 invalid YAML (duplicate key 'lr' on lines 3 and 5)"]
+
+
+def test_merged_keys_may_be_overridden_and_the_same_key_in_two_sections_is_no_duplicate(
+        tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("decode: &d {beam_size: 4, n_best: 2}\n"
+                    "train: {max_steps: 5}\nmodel: {dropout: 0.1}\n"
+                    "data: {test: {a: &c {format: generated, size: 3},\n"
+                    "              b: {<<: *c, size: 5}}}\n")
+    recipe = load_recipe(path)
+    assert recipe.data.test["b"].size == 5 and recipe.data.test["a"].size == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &x [*x]\n", "line 1 invalid YAML (recursive alias *x (inside the value it names))"),
+    ("a: &x {b: *x}\n", "line 1 invalid YAML (recursive alias *x (inside the value it names))"),
+    ("".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else '1'}]\n"
+             for i in range(7)),
+     "nested deeper than 50 levels or holding more than 100,000 values"),
+])
+def test_recursive_aliases_and_alias_bombs_are_one_line_errors(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}: ") and message in problem
+
+
+def test_version():
+    from seq2seq import __version__
+
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"seq2seq {__version__}\n"
+
+
+# ---- check: every check prepare and train make first, all at once, nothing written ----------
+
+def test_check_reports_every_corpus_problem_at_once_and_writes_nothing(tmp_path):
+    from tests.robustness.conftest import snapshot
+
+    (tmp_path / "train.en").write_text("hello\n")
+    # Blank lines only: a run would score BLEU 0 on this validation set.
+    (tmp_path / "valid.en").write_text("\n\n")
+    (tmp_path / "valid.de").write_text("\n  \n")
+    (tmp_path / "test.tsv").write_text("a\tb\nc\n")  # line 2 has no tab
+    (tmp_path / "out").write_text("a file where output_dir should be")
+    tree = {"output_dir": str(tmp_path / "out"), "data": {
+        "root": str(tmp_path),
+        "train": {"format": "text", "src": "train.en", "trg": "train.de"},
+        "valid": {"format": "text", "src": "valid.en", "trg": "valid.de"},
+        "test": {"t": {"format": "tsv", "path": "test.tsv"},
+                 "g": {"format": "generated", "split": "test", "size": 5}}}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    before = snapshot(tmp_path)
+    result = run_cli("check", str(recipe))
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    root = str(tmp_path)
+    assert result.stderr.splitlines() == [
+        f"error: {recipe}: output_dir {root}/out: {root}/out exists and is not a directory",
+        f"error: {recipe}: data.train: {root}/train.de: no such file",
+        f"error: {recipe}: data.valid: {root}/valid.en, {root}/valid.de: no sentence pair has "
+        "text on both sides (an empty corpus)",
+        f"error: {recipe}: data.test.t: {root}/test.tsv: line 2 has 0 tabs; expected exactly "
+        "one (source<TAB>target)"]
+    assert snapshot(tmp_path) == before
+
+
+def test_check_passes_a_recipe_whose_corpora_are_fine(tmp_path):
+    for name in ("train.en", "train.de", "valid.en", "valid.de"):
+        (tmp_path / name).write_text("\nsome text\n")  # a blank line is allowed, not only those
+    tree = {"output_dir": str(tmp_path / "run"), "data": {
+        "root": str(tmp_path),
+        "train": {"format": "text", "src": "train.en", "trg": "train.de"},
+        "valid": {"format": "text", "src": "valid.en", "trg": "valid.de"}}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    result = run_cli("check", str(recipe))
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["data"]["valid"]["src"] == "valid.en"
+    assert not (tmp_path / "run").exists()
+
+
+def test_prepare_refuses_an_empty_validation_set_before_writing(tmp_path):
+    from seq2seq.data.cache import prepare_data
+    from seq2seq.data.corpus import DataError
+    from tests.conftest import tiny_tree
+
+    (tmp_path / "v.tsv").write_text("")
+    tree = tiny_tree(str(tmp_path / "run"))
+    tree["data"]["valid"] = {"format": "tsv", "path": str(tmp_path / "v.tsv")}
+    with pytest.raises(DataError, match=r"^data\.valid: .*v\.tsv: no sentence pair"):
+        prepare_data(recipe_from_dict(tree), show_progress=False)
+    assert not (tmp_path / "run").exists()
