@@ -44,7 +44,7 @@ def build_app(pairs: LanguagePairs, options: ServeOptions, metrics: Metrics) -> 
     async def lifespan(app: FastAPI):
         pairs.start()
         yield
-        await asyncio.to_thread(pairs.stop, options.timeout)
+        await asyncio.to_thread(pairs.stop)
 
     app = FastAPI(title="seq2seq", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)

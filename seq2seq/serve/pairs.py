@@ -84,9 +84,11 @@ class LanguagePairs:
         for model in self.models.values():
             model.worker.start()
 
-    def stop(self, timeout: float) -> None:
+    def stop(self) -> None:
+        """Let every worker finish its queue and current decode (a thread killed inside torch
+        at interpreter exit would abort the process)."""
         for model in self.models.values():
-            model.worker.stop(timeout)
+            model.worker.stop()
 
 
 def text_lines(text: str) -> list[str]:

@@ -88,13 +88,14 @@ class BatchWorker:
             self._queued += len(job.sentences)
             self._changed.notify()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Decode what is queued, then end the thread (waits up to ``timeout`` seconds)."""
+    def stop(self) -> None:
+        """Decode what is queued (skipping jobs whose requests gave up), then end the thread;
+        returns when it has ended."""
         with self._changed:
             self._stopping = True
             self._changed.notify()
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            self._thread.join()
 
     def _run(self) -> None:
         while (batch := self._gather()) is not None:

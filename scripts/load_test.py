@@ -1,0 +1,232 @@
+"""Load test of ``seq2seq serve``: N concurrent clients, one sentence per request.
+
+Against a running server (loopback only):
+
+    python scripts/load_test.py --url http://127.0.0.1:5000/ --input test.de --source de --target en
+
+Or let the script start the servers itself, with batching on and off, and measure
+``seq2seq translate``'s offline throughput on the same sentences beside them:
+
+    python scripts/load_test.py --checkpoint runs/multi30k-de-en-cpu/best.pt \\
+        --input data/multi30k/test_2016_flickr.de.gz --clients 32 --sentences 500
+
+Each client sends its next sentence as soon as the previous answer arrives. The report gives
+sentences per second (answered sentences / wall time) and the p50/p95/p99 request latency.
+The run is bounded: at most ``--sentences`` requests and ``--max-seconds`` of sending.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import ipaddress
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def read_sentences(path: Path, count: int) -> list[str]:
+    """The first ``count`` non-blank lines of a text file (``.gz`` allowed)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        sentences = [line.strip() for line in lines if line.strip()]
+    if not sentences:
+        raise SystemExit(f"error: {path}: holds no sentence")
+    return sentences[:count]
+
+
+def check_loopback(url: str) -> None:
+    """Refuse any server but this machine's: a load test is not for other people's."""
+    host = urlsplit(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"error: {url}: only loopback servers (127.0.0.1, ::1, localhost)")
+
+
+async def load(url: str, sentences: list[str], clients: int, source: str, target: str,
+               api_key: str | None, max_seconds: float) -> dict:
+    """Send every sentence once from ``clients`` concurrent clients; the figures."""
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    todo = iter(sentences)
+    deadline = time.monotonic() + max_seconds
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for sentence in todo:  # shared: each sentence is sent once
+            if time.monotonic() > deadline:
+                return
+            fields = {"q": sentence, "source": source, "target": target}
+            if api_key:
+                fields["api_key"] = api_key
+            started = time.monotonic()
+            try:
+                response = await http.post("translate", json=fields)
+                outcome = str(response.status_code)
+            except httpx.HTTPError as error:
+                outcome = type(error).__name__
+            if outcome == "200":
+                latencies.append(time.monotonic() - started)
+            else:
+                failures[outcome] = failures.get(outcome, 0) + 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        started = time.monotonic()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.monotonic() - started
+    return summary(latencies, wall, failures)
+
+
+def summary(latencies: list[float], wall: float, failures: dict[str, int]) -> dict:
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return {"sentences": len(latencies), "seconds": round(wall, 2),
+            "sentences_per_s": round(len(latencies) / wall, 1) if wall else 0.0,
+            "p50_ms": round(1000 * cuts[49], 1) if cuts else None,
+            "p95_ms": round(1000 * cuts[94], 1) if cuts else None,
+            "p99_ms": round(1000 * cuts[98], 1) if cuts else None, "failures": failures}
+
+
+def offline(checkpoint: str, sentences: list[str], decode_flags: dict) -> dict:
+    """``seq2seq translate``'s throughput on the sentences: its code path (chunks of 1000
+    lines, length-sorted batches) in this process, model loading not counted."""
+    from seq2seq.translate import Translator
+    from seq2seq.translate_io import translate_stream
+
+    translator = Translator.from_checkpoint(checkpoint, device="cpu")
+    settings = translator.decode_settings(**decode_flags)
+    started = time.monotonic()
+    outputs = list(translate_stream(
+        sentences, lambda batch: translator.translate_full(batch, settings), empty=None))
+    wall = time.monotonic() - started
+    return {"sentences": len(outputs), "seconds": round(wall, 2),
+            "sentences_per_s": round(len(outputs) / wall, 1)}
+
+
+class ServerProcess:
+    """``seq2seq serve CHECKPOINT --port 0 FLAGS`` in a subprocess, logging to a file."""
+
+    def __init__(self, checkpoint: str, flags: list[str], log: Path):
+        self.log = log
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with log.open("wb") as handle:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "seq2seq", "serve", checkpoint, "--port", "0", *flags],
+                stdout=handle, stderr=subprocess.STDOUT, env=env)
+        self.url = self._wait(timeout=300)
+
+    def _wait(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"error: the server exited:\n{self.log.read_text()}")
+            found = re.search(r"listening on (http://\S+)", self.log.read_text())
+            if found:
+                try:
+                    if httpx.get(found.group(1) + "/health").status_code == 200:
+                        return found.group(1) + "/"
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.2)
+        self.process.kill()
+        raise SystemExit(f"error: the server did not start in {timeout} s")
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(120)
+
+
+def decode_flags(args: argparse.Namespace) -> tuple[list[str], dict]:
+    """The decoding options as ``serve`` flags and as ``decode_settings`` arguments."""
+    flags, values = [], {}
+    for name in ["beam", "alpha"]:
+        value = getattr(args, name)
+        if value is not None:
+            flags += [f"--{name}", str(value)]
+            values[name] = value
+    return flags, values
+
+
+def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
+    """Batching on, batching off (``--batch-size 1``), and offline, on the same sentences."""
+    flags, values = decode_flags(args)
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, batching in [("batching on", ["--batch-size", str(args.batch_size)]),
+                               ("batching off", ["--batch-size", "1"])]:
+            server = ServerProcess(args.checkpoint, flags + batching, Path(tmp) / "serve.log")
+            try:
+                source, target = languages(server.url)
+                report[name] = asyncio.run(load(server.url, sentences, args.clients, source,
+                                                target, None, args.max_seconds))
+            finally:
+                server.stop()
+            print(f"{name}: {report[name]}", file=sys.stderr)
+    report["offline translate"] = offline(args.checkpoint, sentences, values)
+    return report
+
+
+def languages(url: str) -> tuple[str, str]:
+    """The one language pair a server translates."""
+    pairs = [(lang["code"], target) for lang in httpx.get(url + "languages").json()
+             for target in lang["targets"]]
+    if len(pairs) != 1:
+        raise SystemExit(f"error: {url} serves {len(pairs)} pairs; name --source and --target")
+    return pairs[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server on this machine")
+    where.add_argument("--checkpoint", help="start servers on this checkpoint (batching on "
+                       "and off) and measure offline translate too")
+    parser.add_argument("--input", type=Path, required=True, help="sentences, one per line")
+    parser.add_argument("--sentences", type=int, default=500, help="how many to send")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients (<= 256)")
+    parser.add_argument("--max-seconds", type=float, default=600, help="stop sending after")
+    parser.add_argument("--source", help="source language (default: the server's only pair)")
+    parser.add_argument("--target", help="target language")
+    parser.add_argument("--api-key", help="api_key to send")
+    parser.add_argument("--batch-size", type=int, default=64, help="serve --batch-size when on")
+    parser.add_argument("--beam", type=int, help="beam size (default: the checkpoint's)")
+    parser.add_argument("--alpha", type=float, help="length penalty (default: checkpoint's)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if not 1 <= args.clients <= 256:
+        parser.error("--clients must be between 1 and 256")
+    sentences = read_sentences(args.input, args.sentences)
+    if args.url:
+        url = args.url if args.url.endswith("/") else args.url + "/"
+        check_loopback(url)
+        source, target = ((args.source, args.target) if args.source and args.target
+                          else languages(url))
+        report = {"server": asyncio.run(load(url, sentences, args.clients, source, target,
+                                             args.api_key, args.max_seconds))}
+    else:
+        report = compare(args, sentences)
+    report["setup"] = {"clients": args.clients, "sentences": len(sentences),
+                       "input": str(args.input)}
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

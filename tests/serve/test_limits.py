@@ -1,0 +1,175 @@
+"""What clients cannot do to ``seq2seq serve``: hostile requests get the right 4xx and a JSON
+error, a burst past the queue gets 503s, slow translations time out, and SIGTERM under load
+answers every accepted request and exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from tests.serve.conftest import LIMITS, Server, translate_offline
+
+KEY = "secret-key"
+GOOD = {"q": "the dog sleeps .", "source": "en", "target": "de", "api_key": KEY}
+AS_JSON = {"Content-Type": "application/json"}
+
+
+def with_(**changes) -> dict:
+    """``GOOD`` with fields changed; a value of ``None`` removes the field."""
+    fields = {**GOOD, **changes}
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def raw(text: str) -> dict:
+    return {"content": text.encode("utf-8"), "headers": AS_JSON}
+
+
+HOSTILE = [
+    # (what, method, path, httpx keyword arguments, status)
+    ("malformed JSON", "POST", "translate", raw('{"q": "the dog"'), 400),
+    ("a JSON array", "POST", "translate", raw('["the dog"]'), 400),
+    ("a JSON string", "POST", "translate", raw('"the dog"'), 400),
+    ("invalid UTF-8 in JSON", "POST", "translate",
+     {"content": b'{"q": "\xff\xfe"}', "headers": AS_JSON}, 400),
+    ("JSON nested past the recursion limit", "POST", "translate", raw("[" * 1500), 400),
+    ("NaN alternatives", "POST", "translate",
+     raw(json.dumps(GOOD)[:-1] + ', "alternatives": NaN}'), 400),
+    ("no q", "POST", "translate", {"json": with_(q=None)}, 400),
+    ("q a number", "POST", "translate", {"json": with_(q=42)}, 400),
+    ("q an object", "POST", "translate", {"json": with_(q={"text": "x"})}, 400),
+    ("q a list holding a number", "POST", "translate", {"json": with_(q=["a", 1])}, 400),
+    ("q a nested list", "POST", "translate", {"json": with_(q=[["a"]])}, 400),
+    ("q a list too long", "POST", "translate",
+     {"json": with_(q=["a"] * (LIMITS["max_texts"] + 1))}, 400),
+    ("q over the character limit", "POST", "translate",
+     {"json": with_(q="a" * (LIMITS["char_limit"] + 1))}, 400),
+    ("q list over the character limit", "POST", "translate",
+     {"json": with_(q=["a" * 41] * 5)}, 400),
+    ("body over the size limit", "POST", "translate",
+     {"json": with_(q="a" * LIMITS["body_limit"])}, 413),
+    ("no source", "POST", "translate", {"json": with_(source=None)}, 400),
+    ("no target", "POST", "translate", {"json": with_(target=None)}, 400),
+    ("source a number", "POST", "translate", {"json": with_(source=7)}, 400),
+    ("an unknown pair", "POST", "translate", {"json": with_(target="fr")}, 400),
+    ("the reversed pair", "POST", "translate", {"json": with_(source="de", target="en")}, 400),
+    ("source auto", "POST", "translate", {"json": with_(source="auto")}, 400),
+    ("format html", "POST", "translate", {"json": with_(format="html")}, 400),
+    ("format unknown", "POST", "translate", {"json": with_(format="markdown")}, 400),
+    ("alternatives negative", "POST", "translate", {"json": with_(alternatives=-1)}, 400),
+    ("alternatives text", "POST", "translate", {"json": with_(alternatives="two")}, 400),
+    ("alternatives true", "POST", "translate", {"json": with_(alternatives=True)}, 400),
+    ("alternatives past the limit", "POST", "translate", {"json": with_(alternatives=99)}, 400),
+    ("alternatives past the beam", "POST", "translate", {"json": with_(alternatives=5)}, 400),
+    ("attention not a boolean", "POST", "translate", {"json": with_(attention="maybe")}, 400),
+    ("no API key", "POST", "translate", {"json": with_(api_key=None)}, 403),
+    ("a wrong API key", "POST", "translate", {"json": with_(api_key="guess")}, 403),
+    ("an API key that is a number", "POST", "translate", {"json": with_(api_key=1)}, 403),
+    ("a form with q twice", "POST", "translate",
+     {"content": b"q=a&q=b&source=en&target=de&api_key=secret-key",
+      "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 400),
+    ("a multipart form with a file", "POST", "translate",
+     {"data": {"source": "en", "target": "de", "api_key": KEY},
+      "files": {"q": ("q.txt", b"the dog")}}, 400),
+    # Nothing, the key included, can be read from it: the key check answers first.
+    ("a broken multipart body", "POST", "translate",
+     {"content": b"--x\r\nnonsense", "headers": {
+         "Content-Type": "multipart/form-data; boundary=x"}}, 403),
+    ("a multipart form with a bad field", "POST", "translate",
+     {"files": {"q": (None, b"the dog"), "source": (None, b"en"), "target": (None, b"de"),
+                "api_key": (None, KEY.encode()), "format": (None, b"html")}}, 400),
+    ("plain text", "POST", "translate",
+     {"content": b"the dog", "headers": {"Content-Type": "text/plain"}}, 400),
+    ("GET /translate", "GET", "translate", {}, 405),
+    ("DELETE /languages", "DELETE", "languages", {}, 405),
+    ("an unknown path", "GET", "admin/../../etc/passwd", {}, 404),
+]
+
+
+def test_hostile_requests_get_4xx_json_errors(limited_server):
+    failures = []
+    with httpx.Client(base_url=limited_server.url, timeout=60) as http:
+        for what, method, path, kwargs, status in HOSTILE:
+            response = http.request(method, path, **kwargs)
+            body = response.json() if response.headers.get(
+                "content-type", "").startswith("application/json") else None
+            if (response.status_code != status or not isinstance(body, dict)
+                    or not isinstance(body.get("error"), str) or not body["error"]
+                    or "Traceback" in response.text):
+                failures.append((what, response.status_code, response.text[:200]))
+        assert not failures, failures
+        assert http.get("health").status_code == 200
+        # The server still translates, also a text with a lone surrogate (JSON allows one).
+        assert http.post("translate", json=GOOD).status_code == 200
+        odd = http.post("translate", **raw(json.dumps(GOOD)[:-1] + ', "q": "\\ud800 dog"}'))
+        assert odd.status_code == 200 and isinstance(odd.json()["translatedText"], str)
+    assert "Traceback" not in limited_server.output()
+
+
+def test_a_burst_past_the_queue_gets_503_not_a_hang(limited_server, test_sentences):
+    burst = 40
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=limited_server.url, timeout=60) as http:
+            return await asyncio.gather(*(
+                http.post("translate", json=with_(q=test_sentences[i])) for i in range(burst)))
+
+    responses = asyncio.run(asyncio.wait_for(send_all(), timeout=120))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= burst // 2, statuses
+    assert statuses.count(200) >= 1, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert int(response.headers["Retry-After"]) >= 1
+            assert "busy" in response.json()["error"]
+    assert httpx.get(limited_server.url + "health").status_code == 200
+
+
+def test_a_slow_translation_times_out_with_503(checkpoint, test_sentences, tmp_path):
+    server = Server(checkpoint, tmp_path / "serve.log", "--timeout", "0.01",
+                    "--batch-size", "1")
+    try:
+        response = httpx.post(server.url + "translate", timeout=60, json={
+            "q": test_sentences[:20], "source": "en", "target": "de"})
+        assert response.status_code == 503
+        assert "longer than 0.01 s" in response.json()["error"]
+        assert response.headers["Retry-After"] == "1"
+        assert httpx.get(server.url + "health").status_code == 200
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_sigterm_under_load_answers_every_accepted_request(checkpoint, test_sentences,
+                                                           tmp_path):
+    sentences = test_sentences[100:132]
+    expected = translate_offline(checkpoint, sentences, tmp_path)
+    server = Server(checkpoint, tmp_path / "serve.log", "--batch-size", "4",
+                    "--batch-wait-ms", "0")
+
+    async def load_then_sigterm() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            requests = [asyncio.create_task(http.post("translate", json={
+                "q": sentence, "source": "en", "target": "de"})) for sentence in sentences]
+            await asyncio.wait(requests, return_when=asyncio.FIRST_COMPLETED)
+            # Every request was sent long before the first decode ended; most still wait.
+            await asyncio.sleep(0.2)
+            pending = sum(1 for request in requests if not request.done())
+            server.process.terminate()
+            answered = await asyncio.gather(*requests)
+            return answered, pending
+
+    try:
+        responses, pending = asyncio.run(load_then_sigterm())
+        code = server.process.wait(60)
+    finally:
+        server.kill()
+    assert pending > 0, "the load was over before SIGTERM: nothing was tested"
+    assert [r.status_code for r in responses] == [200] * len(sentences)
+    assert [r.json()["translatedText"] for r in responses] == expected
+    assert code == 0, server.output()
+    assert "every accepted request was answered" in server.output()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "health")
