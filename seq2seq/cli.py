@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from seq2seq import __version__
-from seq2seq.config import RecipeError, load_recipe, recipe_to_yaml
+from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
+from seq2seq.config.memory import memory_problems
 from seq2seq.errors import Seq2SeqError
 from seq2seq.serve.options import add_serve_arguments
 
@@ -39,15 +40,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     from seq2seq.data.preflight import input_problems
 
-    problems = input_problems(recipe, read_eval_sets=True)
+    problems = memory_problems(recipe) + input_problems(recipe, read_eval_sets=True)
     if problems:
         raise RecipeError([f"{args.recipe}: {problem}" for problem in problems])
     sys.stdout.write(recipe_to_yaml(recipe))
     return 0
 
 
+def _load_sized(args: argparse.Namespace) -> Recipe:
+    """The recipe, refused when its model or batches would not fit this machine's memory."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    problems = memory_problems(recipe)
+    if problems:
+        raise RecipeError([f"{args.recipe}: {problem}" for problem in problems])
+    return recipe
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fails fast
+    recipe = _load_sized(args)  # before the heavy imports: fails fast
     from seq2seq.data.cache import prepare_data
     from seq2seq.data.stats import format_stats
 
@@ -57,7 +67,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: fails fast
+    recipe = _load_sized(args)  # before the heavy imports: fails fast
     from seq2seq.training.trainer import train_command
 
     return train_command(recipe, recipe_path=Path(args.recipe), overrides=args.overrides)

@@ -302,3 +302,9 @@ def test_prepare_refuses_an_empty_validation_set_before_writing(tmp_path):
     with pytest.raises(DataError, match=r"^data\.valid: .*v\.tsv: no sentence pair"):
         prepare_data(recipe_from_dict(tree), show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_recipe_passes_check(path, data_root):
+    result = run_cli("check", str(path.relative_to(REPO)))
+    assert result.returncode == 0, result.stderr

@@ -274,3 +274,58 @@ def _write(tmp_path, text):
     path = tmp_path / "r.yaml"
     path.write_text(text)
     return path
+
+
+# ---- sizes against this machine's memory ------------------------------------------------------
+
+@pytest.mark.parametrize("model", [
+    {"cell": "gru"},
+    {"cell": "lstm", "decoder": "luong", "input_feeding": False, "attention": "general"},
+    {"cell": "rnn", "bidirectional": False, "init": "zeros", "enc_hidden": 16},
+    {"cell": "lstm", "tie_embeddings": "decoder", "emb_size": 16, "dec_layers": 3},
+    {"tie_embeddings": "all", "emb_size": 16, "attention": "dot"},
+])
+def test_the_parameter_estimate_is_the_models_count(model):
+    from seq2seq.config import ModelConfig
+    from seq2seq.config.memory import parameter_groups
+    from seq2seq.models.seq2seq import build_model
+
+    cfg = ModelConfig(**{"emb_size": 8, "enc_hidden": 8, "dec_hidden": 16, "enc_layers": 2,
+                         "dec_layers": 2, "attention_size": 5, **model})
+    assert sum(parameter_groups(cfg, 37).values()) == build_model(cfg, 37, 37).num_parameters
+
+
+def test_memory_problems_name_the_key_and_the_figures():
+    from seq2seq.config.memory import GIB, memory_problems
+
+    model = recipe_from_dict({}, ["model.dec_hidden=4096", "train.device=cpu"])
+    (problem,) = memory_problems(model, ram=2 * GIB)
+    assert problem.startswith("model.dec_hidden: the model would need ~")
+    assert problem.endswith("GiB for weights, gradients and Adam state, this machine has 2.0 GiB")
+    batch = recipe_from_dict({}, ["train.batch_tokens=200000", "train.device=cpu"])
+    (problem,) = memory_problems(batch, ram=8 * GIB)
+    assert problem.startswith("train.batch_tokens: a batch of 200000 target tokens (sources up "
+                              "to data.max_src_tokens 100, vocabulary 8000) would need ~")
+    assert memory_problems(batch, ram=10**6 * GIB) == []
+    # On a GPU the activations are the GPU's business; the weights are still built on the host.
+    on_gpu = recipe_from_dict({}, ["train.batch_tokens=200000", "train.device=cuda"])
+    assert memory_problems(on_gpu, ram=8 * GIB) == []
+    # Processes of one node on the CPU each hold the model.
+    two = recipe_from_dict({}, ["model.dec_hidden=2048", "train.device=cpu",
+                                "distributed.nproc_per_node=64"])
+    assert "(64 processes)" in memory_problems(two, ram=24 * GIB)[0]
+
+
+@pytest.mark.parametrize("command", ["check", "prepare", "train"])
+def test_a_model_too_large_for_this_machine_is_refused_before_any_work(command, tmp_path):
+    from tests.robustness.conftest import tiny_tree, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_tree("run"))
+    before = snapshot(tmp_path)
+    result = seq2seq(command, recipe, "model.dec_hidden=65536", "model.attention_size=65536",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith(f"error: {recipe}: model.dec_hidden: the model would need ~")
+    assert "GiB for weights, gradients and Adam state, this machine has" in line
+    assert snapshot(tmp_path) == before
