@@ -26,7 +26,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from seq2seq.files import atomic_write_bytes
+from seq2seq.files import write_bytes
 
 BASE_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
 SPLITS = {"train": 29000, "val": 1014, "test_2016_flickr": 1000}
@@ -88,7 +88,7 @@ def prepare(output: Path, mirror: Path | None, langs: list[str], base_url: str,
             if lines != expected:
                 raise PrepareError(f"{name}: {lines:,} lines, expected {expected:,}; "
                                    "the file is incomplete or not the published one")
-            atomic_write_bytes(target, data)
+            write_bytes(target, data)
             report.append(f"{name}: {lines:,} lines")
     return report
 

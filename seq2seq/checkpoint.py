@@ -1,16 +1,17 @@
-"""Checkpoints: atomic writes, safe loads, weight averaging.
+"""Checkpoints: atomic writes, safe loads that prove integrity, weight averaging.
 
 A checkpoint is a plain dict readable with ``torch.load(path, weights_only=True)``: ``model`` (a
 state_dict), ``recipe`` (the resolved recipe as plain data), ``tokenizer`` (SentencePiece model
 protos as uint8 tensors), and, for training checkpoints, optimizer/scheduler/scaler state, the step,
 epoch and position inside the epoch, every RNG state and the best-metric bookkeeping.
 
-Writes go to a temporary file in the same directory, are fsynced, then renamed over the target,
-so a crash (even SIGKILL) leaves either the old file or the new one, never a torn one. A
-``<file>.sha256`` sidecar lets a load tell a complete file from a damaged one. It lists every
-checksum the file may have at that moment: before the rename it gets the new checksum added to the
-old ones, after the rename only the new one is kept. So a crash at any point leaves a sidecar that
-accepts whichever file is there, and no good checkpoint is ever taken for a corrupt one.
+Every checkpoint carries ``integrity``: the sha256 of everything else in it (each tensor's dtype,
+shape and bytes, each other value's text, in order), so a damaged file is detected wherever it
+travels, with or without anything beside it. Beside it, ``<file>.sha256`` holds the file's own
+sha256 in ``sha256sum -c`` format. A save removes the old side file, writes the checkpoint
+atomically (:mod:`seq2seq.files`), then writes the new side file, so a crash at any point leaves
+the old or the new checkpoint and either no side file or the right one. A side file that does not
+match a checkpoint whose own checksum verifies is reported as stale, not as damage.
 
 What a resume may change is decided by the run directory (:mod:`seq2seq.training.run_dir`).
 """
@@ -26,51 +27,82 @@ from typing import Any
 import torch
 
 from seq2seq.errors import Seq2SeqError
-from seq2seq.files import atomic_write_bytes
+from seq2seq.files import OutputError, check_output, write_bytes
 
 
 class CheckpointError(Seq2SeqError):
     """A checkpoint that cannot be read, or is not a seq2seq checkpoint."""
 
 
-def remove_partial_writes(directory: Path) -> list[Path]:
-    """Delete the temporary files of writes that a killed process left in ``directory``.
+def payload_digest(payload: Any) -> str:
+    """sha256 of a checkpoint's contents: tensors by dtype, shape and bytes, the rest as text."""
+    digest = hashlib.sha256()
+    _feed(digest, payload)
+    return digest.hexdigest()
 
-    Only call this where no other process is writing checkpoints into ``directory``.
-    """
-    stale = [p for p in Path(directory).glob(".*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)};".encode())
+        digest.update(tensor.flatten().view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)};".encode())
+        for key, item in value.items():
+            digest.update(f"{key!r}:".encode())
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r};".encode())
 
 
 def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    """Serialise ``payload`` and write it atomically, with a sha256 sidecar.
+    """Serialise ``payload`` with its integrity digest, write it atomically, then its side file.
 
     Raises:
-        CheckpointError: when the disk is full or the directory is not writable; the previous
-            file at ``path`` is then left as it was.
+        CheckpointError: when the path cannot be written, the disk is full or the directory is
+            not writable; the previous file at ``path`` is then left as it was.
     """
-    if Path(path).is_dir():  # else a full serialisation is done before the rename fails
-        raise CheckpointError(f"{path}: is a directory, not an output file")
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
-    sidecar = _sidecar(path)
+    path = Path(path)
     try:
-        if path.is_file() and sidecar.is_file():
-            accepted = sidecar.read_text().split() + [digest]  # the old file or the new one
-            atomic_write_bytes(sidecar, "\n".join(accepted).encode() + b"\n")
-        atomic_write_bytes(path, data)
-        atomic_write_bytes(sidecar, digest.encode() + b"\n")
-    except OSError as error:
+        check_output(path)  # else a full serialisation is done before the write fails
+    except OutputError as error:
+        raise CheckpointError(str(error)) from None
+    buffer = io.BytesIO()
+    torch.save({**payload, "integrity": {"sha256": payload_digest(payload)}}, buffer)
+    data = buffer.getvalue()
+    sidecar = _sidecar(path)
+    sidecar.unlink(missing_ok=True)  # no moment where an old side file meets the new file
+    try:
+        write_bytes(path, data)
+    except OutputError as error:
         raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error}); "
                               "the previous checkpoint is unchanged") from None
+    try:
+        write_bytes(sidecar, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+    except OutputError as error:
+        raise CheckpointError(f"{sidecar}: cannot write the checksum file "
+                              f"({error.strerror or error}); {path} itself is complete") from None
 
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
+
+
+def _sidecar_digests(path: Path) -> list[str] | None:
+    """The checksums the side file accepts (None: no side file). Lines are ``sha256sum``'s
+    ``<hex>  <name>``; older side files hold bare digests, one per line."""
+    sidecar = _sidecar(path)
+    try:
+        text = sidecar.read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    except OSError as error:
+        raise CheckpointError(f"{sidecar}: cannot read ({error.strerror})") from None
+    return [line.split()[0].lower() for line in text.splitlines() if line.split()]
 
 
 # How torch.save files begin: a zip archive (the format since torch 1.6), or a pickle.
@@ -88,21 +120,43 @@ def _is_text(data: bytes) -> bool:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; refuse anything else with a clear error."""
+    """Load a checkpoint with ``weights_only=True`` and verify it; refuse anything else with a
+    clear error."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint") from None
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read checkpoint ({error.strerror})") from None
     if not data:
         raise CheckpointError(f"{path}: the checkpoint file is empty")
-    sidecar = _sidecar(path)
-    if sidecar.is_file():
-        accepted = sidecar.read_text().split()
-        if accepted and hashlib.sha256(data).hexdigest() not in accepted:
+    accepted = _sidecar_digests(path)
+    sidecar_agrees = not accepted or hashlib.sha256(data).hexdigest() in accepted
+    try:
+        payload = _unpickle(path, data, map_location)
+    except CheckpointError:
+        if not sidecar_agrees:
+            raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt "
+                                  "checkpoint)") from None
+        raise
+    stored = payload.pop("integrity", None)
+    if stored is None:  # written before checkpoints carried their own digest
+        if not sidecar_agrees:
             raise CheckpointError(f"{path}: checksum mismatch (truncated or corrupt checkpoint)")
+        return payload
+    if not isinstance(stored, dict) or stored.get("sha256") != payload_digest(payload):
+        raise CheckpointError(f"{path}: corrupt checkpoint (its contents do not match the "
+                              "checksum stored in it)")
+    if not sidecar_agrees:
+        warnings.warn(f"{_sidecar(path)}: stale checksum file (it does not match {path}, whose "
+                      "own checksum verifies); ignoring it", stacklevel=2)
+    return payload
+
+
+def _unpickle(path: Path, data: bytes, map_location: str | torch.device) -> dict[str, Any]:
     if not data.startswith(_TORCH_MAGIC):
         # Else torch's legacy reader fails with a bare KeyError such as "(105)".
         what = ("it is a text file" if _is_text(data)
@@ -123,6 +177,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(payload, dict) or "model" not in payload or "recipe" not in payload:
         raise CheckpointError(f"{path}: not a seq2seq checkpoint (no model and recipe inside)")
     return payload
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load ``state`` into ``model``; weights that do not fit the recipe's model are one line."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0])
+        raise CheckpointError(f"{path}: its weights do not fit the model its recipe describes "
+                              f"({detail.rstrip('.')})") from None
 
 
 def load_latest(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:

@@ -8,6 +8,8 @@ exit code 2, never a traceback. Heavy modules are imported inside the subcommand
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -92,9 +94,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_average(args: argparse.Namespace) -> int:
     from seq2seq.checkpoint import average_checkpoints
-    from seq2seq.translate_io import check_output_file
+    from seq2seq.files import check_distinct, check_output
 
-    check_output_file(args.output)  # before loading every checkpoint
+    check_output(args.output)  # before loading every checkpoint
+    check_distinct([args.output], args.checkpoints)
     average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output))
     count = len(args.checkpoints)
     print(f"wrote {args.output} (average of {count} checkpoint{'s' if count > 1 else ''})")
@@ -239,8 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(Exception):
+    """SIGTERM, raised where the program is, so that ``finally`` blocks remove temporary files."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: keep the default
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except RecipeError as error:
@@ -253,10 +267,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # `seq2seq translate ... | head` closes the pipe early: not an error.
         sys.stderr.close()
         return 0
+    except OSError as error:  # the machine, not the user: a full disk, a vanished directory
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from seq2seq.report import format_summary, write_report
+from seq2seq.files import check_distinct
+from seq2seq.report import file_stem, format_summary, write_report
 from seq2seq.scoring import EvaluationError, build_result
 
 # --------------------------------------------------------------------------------------------
@@ -40,6 +41,10 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     # Before the model loads: a bad report directory must not cost a whole evaluation.
     if report_dir.exists() and not report_dir.is_dir():
         raise EvaluationError(f"{report_dir}: exists and is not a directory")
+    names = [Path(args.src).name] if args.src else list(recipe.data.test) if recipe else []
+    outputs = [report_dir / f"{file_stem(name)}.hyp.txt" for name in names]
+    outputs += [report_dir / "report.json", report_dir / "report.md"]
+    check_distinct(outputs, [*checkpoints, args.src, *(args.ref or []), args.compare])
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize)
     recipe = recipe or translator.recipe

@@ -1,15 +1,53 @@
-"""Atomic file writes: a temporary file beside the target, fsynced, then renamed over it.
+"""Output files: whatever a path names, an output never destroys it, and a failed write leaves
+nothing behind.
 
-A crash (even SIGKILL) leaves either the old file or the new one, never a torn one. The file gets
-the mode ``open()`` would give it (``0o666`` less the umask), not mkstemp's owner-only ``0o600``,
-so other users of a shared filesystem (multi-node training) can read it.
+Every command writes its outputs (translations, attention, reports, checkpoints, generated
+data) through :func:`open_output` or :func:`write_bytes`. What happens depends on the path:
+
+- **A regular file, or a new name in an existing directory**: the output goes to a temporary
+  file beside it, is fsynced, then renamed over it, so a crash (even SIGKILL) leaves the old
+  file or the new one, never a torn one. A symlink is followed first: the link stays and its
+  target gets the output. An existing file keeps its permission bits; a new one gets the mode
+  ``open()`` would give it (``0o666`` less the umask), not mkstemp's owner-only ``0o600``, so
+  other users of a shared filesystem can read it. A file with other hard links is rewritten in
+  place once the output is complete, so that every name sees it (a rename would leave the other
+  names on the old content). A read-only file is an error, not replaced.
+- **Anything else that exists** (a character device, a FIFO, ``/dev/stdout``): written
+  directly, streaming.
+- **A directory, a socket, a path in a missing directory**: an error before any work.
+
+:func:`check_output` makes those checks before a command does any work, and
+:func:`check_distinct` refuses an output that is one of the command's inputs (same device and
+inode, however the path is spelled). A write error (a full disk, a closed pipe) is one
+:class:`OutputError` line naming the path, and the temporary file is removed whatever stopped the
+command: an exception, SIGINT, or SIGTERM (which the CLI turns into an exception).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import shutil
+import stat
+import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
+
+from seq2seq.errors import Seq2SeqError
+
+
+class OutputError(Seq2SeqError):
+    """An output path that cannot be written, or a write that failed.
+
+    ``strerror`` is the operating system's reason when a write failed (else None).
+    """
+
+    def __init__(self, message: str, strerror: str | None = None):
+        super().__init__(message)
+        self.strerror = strerror
 
 
 def new_file_mode() -> int:
@@ -17,6 +55,176 @@ def new_file_mode() -> int:
     umask = os.umask(0)  # the umask can only be read by setting it; put it straight back
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def is_stdout(path: str | Path | None) -> bool:
+    return path is None or str(path) == "-"
+
+
+def check_output(path: str | Path | None) -> None:
+    """Refuse, before any work, an output path that cannot be written as this module writes.
+
+    ``None`` and ``"-"`` (stdout) always pass.
+
+    Raises:
+        OutputError: one line naming the path and the reason.
+    """
+    if is_stdout(path):
+        return
+    path = Path(path)
+    real = Path(os.path.realpath(path))  # a symlink's target is what gets written
+    try:
+        info = real.stat()
+    except FileNotFoundError:
+        info = None
+    except OSError as error:
+        raise OutputError(f"{path}: cannot use as output ({error.strerror or error})") from None
+    if info is None:
+        parent = real.parent
+        if not parent.exists():
+            raise OutputError(f"{path}: directory {parent} does not exist")
+        if not parent.is_dir():
+            raise OutputError(f"{path}: {parent} is not a directory")
+        _check_writable_dir(path, parent)
+    elif stat.S_ISDIR(info.st_mode):
+        raise OutputError(f"{path}: is a directory, not an output file")
+    elif stat.S_ISSOCK(info.st_mode):
+        raise OutputError(f"{path}: is a socket, not an output file")
+    elif stat.S_ISREG(info.st_mode):
+        # root passes os.access whatever the mode: a file nobody may write is read-only too.
+        if not os.access(real, os.W_OK) or not info.st_mode & 0o222:
+            raise OutputError(f"{path}: is read-only; not replaced (make it writable or choose "
+                              "another output)")
+        if info.st_nlink == 1:
+            _check_writable_dir(path, real.parent)
+
+
+def _check_writable_dir(path: Path, directory: Path) -> None:
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputError(f"{path}: directory {directory} is not writable")
+
+
+def check_distinct(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None],
+                   ) -> None:
+    """Refuse an output that is the same file or directory as one of the inputs.
+
+    Files are compared by device and inode, so any spelling of a path (``./a``, a symlink, a
+    hard link) is caught. Devices and FIFOs are not compared: ``--input /dev/stdin --output
+    /dev/stdout`` on one terminal is fine.
+    """
+    seen = {}
+    for name in inputs:
+        key = _identity(name)
+        if key is not None:
+            seen[key] = name
+    for name in outputs:
+        key = _identity(name)
+        if key is not None and key in seen:
+            raise OutputError(f"{name}: is the same file as the input {seen[key]}; writing it "
+                              "would destroy the input")
+
+
+def _identity(path: str | Path | None) -> tuple[int, int] | None:
+    if is_stdout(path):
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        return None
+    return info.st_dev, info.st_ino
+
+
+@contextlib.contextmanager
+def open_output(path: str | Path | None) -> Iterator[BinaryIO]:
+    """A binary stream for ``path``: stdout for ``None`` or ``"-"``, else as the module says.
+
+    The output is complete only when the ``with`` block ends without an exception; otherwise a
+    file is left as it was.
+    """
+    if is_stdout(path):
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    check_output(path)
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    info = real.stat() if real.exists() else None
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        with _direct(path, real) as stream:
+            yield stream
+        return
+    with _replacing(path, real, info) as stream:
+        yield stream
+
+
+@contextlib.contextmanager
+def _direct(path: Path, real: Path) -> Iterator[BinaryIO]:
+    """Write a device or FIFO directly (a FIFO's open waits for a reader)."""
+    try:
+        raw = open(real, "wb")  # noqa: SIM115 (closed below)
+    except OSError as error:
+        raise OutputError(f"{path}: cannot open for writing ({error.strerror or error})") from None
+    stream = _Checked(raw, path)
+    try:
+        yield stream
+        stream.flush()
+    finally:
+        with contextlib.suppress(OSError):
+            raw.close()
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, real: Path, info: os.stat_result | None) -> Iterator[BinaryIO]:
+    """Write a temporary file beside ``real``, then rename it over (or copy it into) ``real``."""
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
+    except OSError as error:
+        raise write_error(path, error) from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            stream = _Checked(raw, path)
+            yield stream
+            stream.flush()
+            _sync(raw, path)
+        if info is not None and info.st_nlink > 1:
+            _copy_into(tmp, real, path)  # every hard link sees the new content
+            tmp.unlink()
+        else:
+            mode = stat.S_IMODE(info.st_mode) if info is not None else new_file_mode()
+            os.chmod(tmp, mode)  # mkstemp's 0600 would hide a new file from other users
+            os.replace(tmp, real)
+            fsync_dir(real.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_error(path: Path, error: OSError) -> OutputError:
+    reason = error.strerror or str(error)
+    return OutputError(f"{path}: cannot write ({reason})", reason)
+
+
+def _sync(raw: BinaryIO, path: Path) -> None:
+    try:
+        os.fsync(raw.fileno())
+    except OSError as error:
+        raise write_error(path, error) from None
+
+
+def _copy_into(tmp: Path, real: Path, path: Path) -> None:
+    try:
+        shutil.copyfile(tmp, real)  # opens real for writing: same inode, same links and mode
+    except OSError as error:
+        raise write_error(path, error) from None
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` as :func:`open_output` does (atomically for a file)."""
+    with open_output(path) as stream:
+        stream.write(data)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -33,18 +241,41 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync directory)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), new_file_mode())
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+def remove_partial_writes(directory: Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed process left in ``directory``.
+
+    Only call this where no other process is writing into ``directory``.
+    """
+    stale = [p for p in Path(directory).glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+class _Checked(io.BufferedIOBase):
+    """A binary stream whose write errors are one :class:`OutputError` line naming the path."""
+
+    def __init__(self, raw: BinaryIO, path: Path):
+        super().__init__()
+        self.raw_stream, self.path = raw, path
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:
+        try:
+            self.raw_stream.write(data)  # a buffered stream writes all of it, or raises
+            return len(data)
+        except OSError as error:
+            raise self._error(error) from None
+
+    def flush(self) -> None:
+        if self.raw_stream.closed:  # a text wrapper flushing after the output was finished
+            return
+        try:
+            self.raw_stream.flush()
+        except OSError as error:
+            raise self._error(error) from None
+
+    def _error(self, error: OSError) -> OutputError:
+        return write_error(self.path, error)

@@ -26,8 +26,9 @@ from typing import Any
 
 import sacrebleu
 
+from seq2seq.files import open_output
 from seq2seq.scoring import METRIC_NAMES, EvaluationError
-from seq2seq.translate_io import atomic_output, write_lines
+from seq2seq.translate_io import write_lines
 
 # --------------------------------------------------------------------------------------------
 # Reports
@@ -64,7 +65,7 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
     entries = []
     for result, stem in zip(results, stems):
         hyp_path = report_dir / f"{stem}.hyp.txt"
-        with atomic_output(hyp_path) as stream:
+        with open_output(hyp_path) as stream:
             write_lines(result["hypotheses"], stream)
         written.append(hyp_path)
         entry = {k: v for k, v in result.items() if k not in ("hypotheses", "attention")}
@@ -80,7 +81,7 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
 
 
 def _write_text(path: Path, text: str) -> Path:
-    with atomic_output(path) as stream:
+    with open_output(path) as stream:
         stream.write(text.encode("utf-8"))
     return path
 
@@ -228,6 +229,6 @@ def _draw_attention(fig: Any, src_tokens: Sequence[str], hyp_tokens: Sequence[st
 def _save_png(fig: Any, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    with atomic_output(path) as stream:
+    with open_output(path) as stream:
         stream.write(buffer.getvalue())
     return path

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from seq2seq.checkpoint import load_checkpoint
+from seq2seq.checkpoint import load_checkpoint, load_weights
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.errors import Seq2SeqError
+from seq2seq.files import check_distinct, check_output
 from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
 from seq2seq.search.static_beam import StaticBeamSearch
 from seq2seq.tokenizer import EOS, PAD, Tokenizer
-from seq2seq.translate_io import check_output_file, translate_file
+from seq2seq.translate_io import translate_file
 
 
 class SettingError(Seq2SeqError, ValueError):
@@ -214,7 +215,7 @@ class Translator:
                                    "an ensemble needs one shared vocabulary")
             model = build_model(this_recipe.model, this_tok.src_vocab_size,
                                 this_tok.trg_vocab_size)
-            model.load_state_dict(ckpt["model"])
+            load_weights(model, ckpt["model"], Path(path))
             models.append(model.to(torch_device).eval())
             recipe = recipe or this_recipe
             tokenizer = tokenizer or this_tok
@@ -323,8 +324,10 @@ class Translator:
 def translate_command(args: Any) -> int:
     """``seq2seq translate``: stream stdin (or --input) to stdout (or --output), line for line."""
     # Before the model loads: a bad output path must not cost a whole translation run.
-    check_output_file(args.output)
-    check_output_file(args.attention)
+    check_output(args.output)
+    check_output(args.attention)
+    check_distinct([args.output, args.attention], [args.input, *args.checkpoint])
+    check_distinct([args.attention], [args.output])
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device,
                                             quantize=args.quantize)
     settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,

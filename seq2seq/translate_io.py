@@ -16,8 +16,8 @@ order**, whatever the input holds.
   into two lines (``format_nbest`` does the same for tabs).
 
 Input is consumed chunk by chunk (``chunk_lines`` lines at a time), so a file of ten million
-lines never sits in memory and output starts before the input ends. A file given as output is
-written to a temporary file beside it and renamed at the end, so a failed run leaves nothing
+lines never sits in memory and output starts before the input ends. Outputs are written by
+:mod:`seq2seq.files`: a file is replaced atomically at the end, so a failed run leaves nothing
 half-written.
 """
 
@@ -28,16 +28,14 @@ import contextlib
 import gzip
 import io
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from seq2seq.errors import Seq2SeqError
-from seq2seq.files import new_file_mode
+from seq2seq.files import open_output
 
 DEFAULT_MAX_CHARS = 5000
 DEFAULT_CHUNK_LINES = 1000
@@ -253,68 +251,6 @@ def write_lines(lines: Iterable[str], stream: BinaryIO,
     return count
 
 
-def check_output_file(path: str | Path | None) -> None:
-    """Refuse an output path that cannot become a file, before any work is done.
-
-    ``None`` and ``"-"`` (stdout) always pass. Commands call this before loading a model, so a
-    mistyped ``--output`` costs nothing; :func:`atomic_output` checks again when it opens.
-
-    Raises:
-        InputError: ``path`` is a directory, or its directory does not exist (one line).
-    """
-    if path is None or str(path) == "-":
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, not an output file")
-    parent = path.parent
-    if not parent.exists():
-        raise InputError(f"{path}: directory {parent} does not exist")
-    if not parent.is_dir():
-        raise InputError(f"{path}: {parent} is not a directory")
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
-    """Open a temporary file beside ``path`` for binary writing; rename it to ``path`` on success.
-
-    If the body raises, the temporary file is removed and ``path`` is left as it was.
-
-    Raises:
-        InputError: ``path`` is a directory, or its directory does not exist or cannot be
-            written.
-    """
-    path = Path(path)
-    check_output_file(path)  # a directory would fail only at the rename, after all the work
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                        dir=path.parent if str(path.parent) else ".")
-    except FileNotFoundError:
-        raise InputError(f"{path}: directory {path.parent} does not exist") from None
-    except OSError as error:
-        raise InputError(f"{path}: cannot write ({error.strerror or error})") from None
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            yield stream
-        os.chmod(tmp_name, new_file_mode())  # mkstemp's 0600 would hide it from other users
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-
-
-@contextlib.contextmanager
-def open_output(path: str | Path | None) -> Iterator[BinaryIO]:
-    """Binary output: stdout for ``None`` or ``"-"``, else :func:`atomic_output` of ``path``."""
-    if path is None or str(path) == "-":
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    with atomic_output(path) as stream:
-        yield stream
-
-
 def write_attention_jsonl(handle: Any, index: int, translation: Any) -> None:
     """One JSON line for ``--attention``: ``index``, ``src`` and ``hyp`` pieces (each ending in
     ``"</s>"`` where the sentence has an EOS step) and ``attention``, one row per ``hyp`` label
@@ -359,7 +295,7 @@ def translate_file(translator: Any, settings: Any, args: Any) -> int:
         out = stack.enter_context(open_output(args.output))
         attention = None
         if args.attention:
-            attention = io.TextIOWrapper(stack.enter_context(atomic_output(args.attention)),
+            attention = io.TextIOWrapper(stack.enter_context(open_output(args.attention)),
                                          encoding="utf-8", newline="\n")
             stack.callback(attention.flush)
 

@@ -61,3 +61,59 @@ def test_a_truncated_checkpoint_without_sidecar_says_damaged(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(CheckpointError, match="best.pt: .*a damaged one"):
         load_checkpoint(path)
+
+
+def tensor_offset(data: bytes, tensor: torch.Tensor) -> int:
+    """Where a tensor's bytes lie in a saved file (torch stores them uncompressed)."""
+    return data.index(tensor.numpy().tobytes())
+
+
+def test_a_checkpoint_proves_its_own_integrity_without_a_side_file(tmp_path):
+    path = tmp_path / "best.pt"
+    weights = torch.arange(64, dtype=torch.float32)
+    save_checkpoint({"model": {"w": weights}, "recipe": {}}, path)
+    (tmp_path / "best.pt.sha256").unlink()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], weights)
+    data = bytearray(path.read_bytes())
+    data[tensor_offset(bytes(data), weights) + 17] ^= 0x01  # one bit of one weight
+    moved = tmp_path / "elsewhere.pt"  # wherever it travels
+    moved.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"elsewhere.pt: corrupt checkpoint \(its "
+                                              r"contents do not match the checksum stored"):
+        load_checkpoint(moved)
+
+
+def test_the_side_file_is_sha256sum_format_and_a_stale_one_says_stale(tmp_path):
+    import subprocess
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(4)}, "recipe": {}}, path)
+    sidecar = tmp_path / "last.pt.sha256"
+    checked = subprocess.run(["sha256sum", "-c", sidecar.name], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout == "last.pt: OK\n"
+    old = sidecar.read_bytes()
+    save_checkpoint({"model": {"w": torch.zeros(4)}, "recipe": {}}, path)
+    sidecar.write_bytes(old)  # the side file of the previous save
+    with pytest.warns(UserWarning, match=r"last.pt.sha256: stale checksum file \(it does not "
+                                         r"match .*last.pt, whose own checksum verifies\)"):
+        assert torch.equal(load_checkpoint(path)["model"]["w"], torch.zeros(4))
+
+
+def test_integrity_covers_every_part_of_a_checkpoint(tmp_path):
+    from seq2seq.checkpoint import payload_digest
+
+    base = {"model": {"w": torch.ones(3)}, "recipe": {"seed": 1}, "step": 5,
+            "rng": [{"torch": torch.zeros(2, dtype=torch.uint8)}]}
+    variants = [
+        {**base, "model": {"w": torch.tensor([1.0, 1.0, 1.5])}},
+        {**base, "model": {"w": torch.ones(3, dtype=torch.float64)}},
+        {**base, "model": {"w": torch.ones(1, 3)}},
+        {**base, "recipe": {"seed": 2}},
+        {**base, "step": 6},
+        {**base, "rng": [{"torch": torch.ones(2, dtype=torch.uint8)}]},
+        {**base, "model": {"v": torch.ones(3)}},
+    ]
+    digests = {payload_digest(v) for v in variants}
+    assert len(digests) == len(variants) and payload_digest(base) not in digests
+    assert payload_digest(base) == payload_digest({**base, "model": {"w": torch.ones(3)}})

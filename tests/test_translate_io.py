@@ -4,8 +4,6 @@ import argparse
 import gzip
 import io
 import itertools
-import os
-import stat
 
 import pytest
 from hypothesis import given, settings
@@ -14,11 +12,8 @@ from hypothesis import strategies as st
 from seq2seq.errors import Seq2SeqError
 from seq2seq.translate_io import (
     InputError,
-    atomic_output,
-    check_output_file,
     format_nbest,
     open_input,
-    open_output,
     read_lines,
     translate_file,
     translate_stream,
@@ -204,41 +199,6 @@ def test_write_lines_flushes_per_chunk():
     assert stream.getvalue().count(b"\n") == 25
 
 
-def test_atomic_output_leaves_nothing_half_written(tmp_path):
-    path = tmp_path / "out.txt"
-    path.write_bytes(b"old\n")
-    with pytest.raises(ValueError), atomic_output(path) as stream:
-        stream.write(b"partial")
-        raise ValueError("model crashed")
-    assert path.read_bytes() == b"old\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
-    with atomic_output(path) as stream:
-        write_lines(["new"], stream)
-    assert path.read_bytes() == b"new\n"
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
-    with pytest.raises(InputError, match="does not exist"), \
-            atomic_output(tmp_path / "missing" / "out.txt"):
-        pass
-
-
-def test_an_output_path_that_is_a_directory_is_one_line_and_nothing_is_written(tmp_path):
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    with pytest.raises(InputError, match="out: is a directory, not an output file"):
-        check_output_file(out_dir)
-    with pytest.raises(InputError, match="is a directory, not an output file"), \
-            atomic_output(out_dir):
-        pass
-    with pytest.raises(InputError, match="directory .*missing does not exist"):
-        check_output_file(tmp_path / "missing" / "out.txt")
-    check_output_file(None)
-    check_output_file("-")
-    check_output_file(tmp_path / "new.txt")
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]  # no temporary file
-
-
 @pytest.mark.parametrize("argv", [
     ["translate", "--checkpoint", "{tmp}/nope.pt", "--output", "{tmp}/adir"],
     ["translate", "--checkpoint", "{tmp}/nope.pt", "--attention", "{tmp}/adir"],
@@ -266,12 +226,6 @@ def test_open_input_errors_name_the_file_and_gz_is_read(tmp_path):
         f.write(b"a\r\nb")
     with open_input(path) as stream:
         assert list(read_lines(stream)) == ["a", "b"]
-
-
-def test_open_output_dash_is_stdout(capsysbinary):
-    with open_output("-") as stream:
-        write_lines(["a", "b"], stream)
-    assert capsysbinary.readouterr().out == b"a\nb\n"
 
 
 class FakeTranslation:

@@ -24,6 +24,7 @@ batches and the cache is memory-mapped. Reading, encoding and the training filte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ import datasets
 import numpy as np
 
 from seq2seq.config import Corpus, DataConfig, Recipe
-from seq2seq.data.corpus import DataError, read_pairs, resolve_path
+from seq2seq.data.corpus import DataError
 from seq2seq.data.encoding import (
     ENCODE_BATCH,
     ENCODED_FEATURES,
@@ -49,6 +50,12 @@ from seq2seq.data.encoding import (
     encode_rows,
     read_into_arrow,
     sample_pairs,
+)
+from seq2seq.data.fingerprint import (
+    check_same_inputs,
+    corpus_files,
+    corpus_fingerprint,
+    keyed_pairs,
 )
 from seq2seq.data.preflight import cache_root as _cache_root
 from seq2seq.data.preflight import input_problems
@@ -84,6 +91,10 @@ class PreparedData:
         tests: the test sets by name, in recipe order.
         stats: counts and length statistics (see :func:`seq2seq.data.stats.format_stats`).
         cache_dir: the directory holding the training cache.
+        fingerprints: what the weights trained on this data depend on: ``train_corpus`` (the
+            corpus fingerprint), ``train_files`` (its files: path, size, mtime) and
+            ``tokenizer`` (the SentencePiece models' hash). Checkpoints record them; a resume
+            passes them back as ``expect`` to :func:`prepare_data`.
     """
 
     tokenizer: Tokenizer
@@ -92,6 +103,7 @@ class PreparedData:
     tests: dict[str, EvalSet]
     stats: dict
     cache_dir: Path
+    fingerprints: dict
 
     def train_lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """(N,) source and (N,) target lengths of the training pairs (without EOS)."""
@@ -100,12 +112,15 @@ class PreparedData:
                 table.column("trg_len").to_numpy().astype(np.int64))
 
 
-def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
+def prepare_data(recipe: Recipe, show_progress: bool = True,
+                 expect: dict | None = None) -> PreparedData:
     """Train or reuse the tokenizer and build or reuse the encoded training cache.
 
     Args:
         recipe: the whole recipe (data, tokenizer and output_dir are read).
         show_progress: tqdm bars on stderr.
+        expect: a resumed checkpoint's ``fingerprints``: the corpus and tokenizer must be the
+            ones its weights were trained on, and the tokenizer is never retrained under them.
 
     Returns:
         The prepared data; ``stats`` tells what was read, kept and dropped.
@@ -114,19 +129,28 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
         DataError: a corpus cannot be read.
         Seq2SeqError: the tokenizer cannot be trained (e.g. vocabulary too large).
     """
+    _check_before_writing(recipe)
+    with _removed_if_left_empty([Path(recipe.output_dir), _cache_root(
+            recipe.data, Path(recipe.output_dir))]):
+        return _prepare(recipe, show_progress, expect)
+
+
+def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> PreparedData:
     data = recipe.data
     out_dir = Path(recipe.output_dir)
-    _check_before_writing(recipe)
     with _progress_bars(show_progress):
         # Validation and test sets are small: read them first, so that a bad line there is
         # reported before the (long) tokenizer training and cache build, not after.
         eval_texts = {"valid": _read_eval_set("valid", data.valid, data)}
         eval_texts.update({name: _read_eval_set(name, corpus, data)
                            for name, corpus in data.test.items()})
-        fingerprint = _corpus_fingerprint(data.train, data, show_progress)
+        fingerprint = corpus_fingerprint(data.train, data, show_progress)
         tokenizer_dir = out_dir / "tokenizer"
         tokenizer = load_if_current(recipe.tokenizer, fingerprint, data.src_lang,
                                     data.trg_lang, tokenizer_dir)
+        if expect:
+            check_same_inputs(expect, fingerprint, corpus_files(data.train, data), tokenizer,
+                              out_dir)
         tokenizer_reused = tokenizer is not None
         cache_dir = None
         if tokenizer is not None:
@@ -150,7 +174,29 @@ def prepare_data(recipe: Recipe, show_progress: bool = True) -> PreparedData:
         "tests": {name: describe_eval_set(test.src_ids, test.trg_ids)
                   for name, test in tests.items()},
     }
-    return PreparedData(tokenizer, train, valid, tests, stats, cache_dir)
+    fingerprints = {"train_corpus": fingerprint,
+                    "train_files": corpus_files(data.train, data),
+                    "tokenizer": tokenizer.fingerprint}
+    return PreparedData(tokenizer, train, valid, tests, stats, cache_dir, fingerprints)
+
+
+@contextmanager
+def _removed_if_left_empty(directories: list[Path]) -> Iterator[None]:
+    """On failure, remove the directories among ``directories`` that this call created and
+    left empty (so a prepare that fails leaves no empty run or cache directory)."""
+    missing = []
+    for directory in directories:
+        for path in (directory, *directory.parents):
+            if path.exists():
+                break
+            missing.append(path)
+    try:
+        yield
+    except BaseException:
+        for path in sorted(set(missing), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only an empty directory goes
+        raise
 
 
 def _check_before_writing(recipe: Recipe) -> None:
@@ -164,64 +210,6 @@ def _check_before_writing(recipe: Recipe) -> None:
 # --------------------------------------------------------------------------------------------
 # Reading and fingerprinting
 # --------------------------------------------------------------------------------------------
-
-
-def _pairs(where: str, corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
-    """``read_pairs`` with errors prefixed by the recipe key of the corpus."""
-    try:
-        yield from read_pairs(corpus, data)
-    except DataError as error:
-        raise DataError(f"{where}: {error}") from None
-
-
-def _corpus_fingerprint(corpus: Corpus, data: DataConfig, show_progress: bool) -> str:
-    """A fingerprint of the corpus: sizes and mtimes of its files, else a hash of its pairs.
-
-    Stat-based for files (text, tsv, jsonl, hf save_to_disk directories) so an unchanged
-    corpus of tens of millions of pairs is not read at all; content-based for hub datasets
-    and the generated task.
-    """
-    files = []
-    if corpus.format == "text" and corpus.src and corpus.trg:
-        files = [resolve_path(corpus.src, data), resolve_path(corpus.trg, data)]
-    elif corpus.format in ("tsv", "jsonl") and corpus.path:
-        files = [resolve_path(corpus.path, data)]
-    elif corpus.format == "hf" and corpus.path:
-        root = resolve_path(corpus.path, data)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    if files:
-        described = []
-        for path in files:
-            try:
-                info = path.stat()
-            except OSError:
-                break  # let the reader report the missing file in its own words
-            described.append([str(path.resolve()), info.st_size, info.st_mtime_ns])
-        else:
-            key = {"format": corpus.format, "split": corpus.split, "files": described,
-                   "src_field": corpus.src_field, "trg_field": corpus.trg_field,
-                   "languages": [data.src_lang, data.trg_lang]}
-            return "stat:" + hashlib.sha256(json.dumps(key).encode()).hexdigest()
-    return "content:" + _content_hash(_pairs("data.train", corpus, data), show_progress)
-
-
-def _content_hash(pairs: Iterator[tuple[str, str]], show_progress: bool) -> str:
-    """Hash of the pairs, streamed in chunks."""
-    from tqdm import tqdm
-
-    digest, chunk = hashlib.sha256(), []
-    with tqdm(desc="fingerprinting train", unit=" pairs", disable=not show_progress,
-              unit_scale=True) as bar:
-        for src, trg in pairs:
-            # Sentences never contain NUL (the readers reject it), so NUL separates fields.
-            chunk.append(f"{src}\0{trg}\0")
-            if len(chunk) == ENCODE_BATCH:
-                digest.update("".join(chunk).encode("utf-8"))
-                bar.update(len(chunk))
-                chunk = []
-        digest.update("".join(chunk).encode("utf-8"))
-        bar.update(len(chunk))
-    return digest.hexdigest()
 
 
 def _cache_name(fingerprint: str, tokenizer: Tokenizer, data: DataConfig) -> str:
@@ -268,7 +256,7 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
     try:
         work = tmp / "work"  # intermediate Arrow files; deleted at the end
         # The corpus is read once, into Arrow; the tokenizer sample and the encoder read that.
-        raw = read_into_arrow(_pairs("data.train", data.train, data), work, show_progress)
+        raw = read_into_arrow(keyed_pairs("data.train", data.train, data), work, show_progress)
         check_some_text(raw, data)
         if tokenizer is None:
             cfg = recipe.tokenizer
@@ -330,7 +318,7 @@ def _read_eval_set(name: str, corpus: Corpus, data: DataConfig) -> tuple[list[st
     """The source and target sentences of a validation or test corpus."""
     where = "data.valid" if name == "valid" else f"data.test.{name}"
     src_text, trg_text = [], []
-    for src, trg in _pairs(where, corpus, data):
+    for src, trg in keyed_pairs(where, corpus, data):
         src_text.append(src)
         trg_text.append(trg)
     return src_text, trg_text

@@ -53,7 +53,7 @@ from seq2seq.data.lexicon import (
     TRANSITIVE,
     Verb,
 )
-from seq2seq.files import atomic_write_bytes
+from seq2seq.files import write_bytes
 
 SPLITS = ("train", "valid", "test")
 MIN_WORDS, MAX_WORDS = 4, 25
@@ -372,6 +372,6 @@ def write_synthetic(out_dir: Path, sizes: dict[str, int] | None = None, src_lang
         pairs = list(generate_pairs(split, size, seed))
         for lang, side in ((src_lang, 0), (trg_lang, 1)):
             path = out_dir / f"{split}.{lang}"
-            atomic_write_bytes(path, "".join(pair[side] + "\n" for pair in pairs).encode())
+            write_bytes(path, "".join(pair[side] + "\n" for pair in pairs).encode())
             written.append(path)
     return written

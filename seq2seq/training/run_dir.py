@@ -6,23 +6,36 @@ checkpoints: ``last.pt`` (after every validation and at the end), ``best.pt`` (b
 metric) and the last ``train.keep_last`` ``step_XXXXXXXX.pt``. Every process may read; only the
 main rank writes.
 
+A run directory has one owner: ``train`` (on the main rank) holds an exclusive ``fcntl`` lock on
+``<output_dir>/.lock`` for the whole run, released by the kernel if the process dies; a second
+``train`` on the same directory is refused at once, naming the process that holds it. Reading
+its checkpoints (``translate``, ``evaluate``) needs no lock.
+
 Resuming checks the checkpoint's recipe against the run's: only the keys of
-``RESUMABLE_CHANGES`` (more steps or epochs, logging, devices, decoding) may differ.
+``RESUMABLE_CHANGES`` (more steps or epochs, logging, devices, decoding) may differ. It also
+checks what the weights depend on beyond the recipe: the training corpus and the tokenizer
+(:func:`seq2seq.data.cache.check_same_inputs`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from seq2seq import distributed as dist
-from seq2seq.checkpoint import load_latest, remove_partial_writes, save_checkpoint
+from seq2seq.checkpoint import load_latest, save_checkpoint
 from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict, recipe_to_yaml
 from seq2seq.errors import Seq2SeqError
+from seq2seq.files import remove_partial_writes, write_bytes
 from seq2seq.training.progress import Progress
+
+LOCK_FILE = ".lock"
 
 # Keys that may change between a run and its resumption without making the resumed run wrong.
 RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
@@ -41,6 +54,52 @@ class RunDirectory:
             raise Seq2SeqError(f"output_dir {path}: exists and is not a directory")
         self.path = path
         self.tensorboard: Any = None
+        self.lock_file: Any = None
+        self.created: list[Path] = []  # directories this run made (removed if left empty)
+
+    # ---- ownership --------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take the run's exclusive lock (main rank), creating the directory if needed.
+
+        Raises:
+            Seq2SeqError: another process holds it, or the directory cannot be written.
+        """
+        try:
+            for directory in (self.path, *self.path.parents):
+                if directory.exists():
+                    break
+                self.created.append(directory)
+            self.path.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path / LOCK_FILE, "a")  # noqa: SIM115 (held for the run)
+        except OSError as error:
+            raise Seq2SeqError(f"output_dir {self.path}: cannot write there "
+                               f"({error.strerror or error})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(os.fstat(handle.fileno()).st_ino)
+            handle.close()
+            raise Seq2SeqError(f"output_dir {self.path} is in use by another training run "
+                               f"({holder}); wait for it to end, or use another "
+                               "output_dir") from None
+        except OSError as error:  # a filesystem without locks
+            handle.close()
+            raise Seq2SeqError(f"output_dir {self.path}: cannot lock {LOCK_FILE} there "
+                               f"({error.strerror or error})") from None
+        self.lock_file = handle
+
+    def unlock(self) -> None:
+        """Release the lock; remove the directory if this run made it and wrote nothing."""
+        if self.lock_file is None:
+            return
+        if self.created and [p.name for p in self.path.iterdir()] == [LOCK_FILE]:
+            (self.path / LOCK_FILE).unlink()
+            for directory in self.created:  # deepest first
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only an empty directory goes
+        self.lock_file.close()  # closing the file releases the lock
+        self.lock_file = None
 
     # ---- resuming ---------------------------------------------------------------------------
 
@@ -86,7 +145,7 @@ class RunDirectory:
     # ---- logs -------------------------------------------------------------------------------
 
     def write_recipe(self, recipe: Recipe) -> None:
-        (self.path / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        write_bytes(self.path / "recipe.yaml", recipe_to_yaml(recipe).encode())
 
     def open_tensorboard(self) -> None:
         """A TensorBoard writer in <output_dir>/tensorboard (main rank only)."""
@@ -112,10 +171,30 @@ class RunDirectory:
                     self.tensorboard.add_scalar(f"{row['split']}/{key}", value, row["step"])
             self.tensorboard.flush()
 
+    def log_validation(self, step: int, epoch: int, metrics: dict[str, Any]) -> None:
+        """Log a validation's metrics, and show them on stderr (main rank only)."""
+        self.log({"step": step, "split": "valid", "epoch": epoch, **metrics})
+        if dist.is_main():
+            print_validation(step, metrics)
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
+        self.unlock()
+
+
+def lock_holder(inode: int) -> str:
+    """``process N`` holding a lock on the file with ``inode``, from Linux's /proc/locks."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "another process"
+    for line in lines:  # e.g. "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234567 0 EOF"
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+            return f"process {fields[4]}"
+    return "another process"
 
 
 def exit_code(stop_signal: int | None, under_torchrun: bool) -> int:

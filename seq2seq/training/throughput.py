@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from seq2seq import distributed as dist
+
 
 class Window:
     """The training loss and target tokens summed since the last log line."""
@@ -18,6 +20,16 @@ class Window:
     def reset(self) -> None:
         self.loss.zero_()
         self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        """Add one update: its summed loss on this rank and the global batch's target tokens."""
+        self.loss += loss
+        self.tokens += tokens
+
+    def summary(self) -> tuple[float, float]:
+        """The loss per target token (summed over ranks) and the target tokens per second."""
+        loss = dist.all_reduce_sum(self.loss.clone()).item() / self.tokens
+        return loss, self.tokens / (time.perf_counter() - self.start)
 
 
 class Session:

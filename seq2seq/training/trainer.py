@@ -26,13 +26,14 @@ import torch
 from tqdm import tqdm
 
 from seq2seq import distributed as dist
+from seq2seq.checkpoint import load_weights
 from seq2seq.config import Recipe, recipe_to_dict
 from seq2seq.data.batching import epoch_batches, rank_steps
 from seq2seq.data.cache import prepare_data
 from seq2seq.models.seq2seq import build_model
 from seq2seq.training.optim import Schedule
 from seq2seq.training.progress import Progress
-from seq2seq.training.run_dir import RunDirectory, exit_code, print_summary, print_validation
+from seq2seq.training.run_dir import RunDirectory, exit_code, print_summary
 from seq2seq.training.step import build_step
 from seq2seq.training.throughput import Session, Window
 from seq2seq.training.validation import validate
@@ -66,15 +67,36 @@ def fit(recipe: Recipe) -> Trainer:
     return trainer
 
 
-def prepare_on_main_first(recipe: Recipe, run: RunDirectory) -> Any:
-    """The encoded data: the main rank builds the cache, the others then read it."""
+def open_run(recipe: Recipe, group_size: int,
+             ) -> tuple[RunDirectory, tuple[Path, dict[str, Any]] | None]:
+    """The run directory, locked by the main rank, and the checkpoint to resume from, if any.
+
+    A run that cannot be resumed is refused before prepare_data could retrain its tokenizer or
+    add a cache for a recipe it will not train with.
+    """
+    run = RunDirectory(Path(recipe.output_dir))
+    if dist.is_main():
+        run.lock()
+    try:
+        return run, run.resumable_checkpoint(recipe, group_size)
+    except BaseException:
+        run.close()
+        raise
+
+
+def prepare_on_main_first(recipe: Recipe, run: RunDirectory,
+                          checkpoint: dict[str, Any] | None) -> Any:
+    """The encoded data: the main rank builds the cache, the others then read it.
+
+    Resuming ``checkpoint``, the corpus and tokenizer must be those its weights were trained on.
+    """
+    expect = checkpoint.get("fingerprints") if checkpoint else None
     if dist.is_main():
         # prepare_data first: it reports bad corpora before anything is written.
-        data = prepare_data(recipe, show_progress=True)
-        run.path.mkdir(parents=True, exist_ok=True)
+        data = prepare_data(recipe, show_progress=True, expect=expect)
     dist.barrier()  # other ranks reuse the cache the main rank built
     if not dist.is_main():
-        data = prepare_data(recipe, show_progress=False)
+        data = prepare_data(recipe, show_progress=False, expect=expect)
     return data
 
 
@@ -102,16 +124,22 @@ class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         cfg = recipe.train
-        self.run = RunDirectory(Path(recipe.output_dir))
         dist_device = dist.init_from_env(recipe.distributed.backend, recipe.distributed.timeout_s)
         self.device = dist_device or resolve_device(cfg.device, what="train.device")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.rank, self.world = dist.rank(), dist.world_size()
-        # A run that cannot be resumed is refused before prepare_data could retrain its
-        # tokenizer or add a cache for a recipe it will not train with.
-        found = self.run.resumable_checkpoint(recipe, self.world * cfg.accumulate)
-        self.data = prepare_on_main_first(recipe, self.run)
+        self.run, found = open_run(recipe, self.world * cfg.accumulate)
+        try:
+            self.set_up(found)
+        except BaseException:
+            self.run.close()  # releases the lock; removes the directory if nothing was written
+            raise
+
+    def set_up(self, found: tuple[Path, dict[str, Any]] | None) -> None:
+        """Data, model, update step and schedule, resumed from ``found`` when given."""
+        recipe, cfg = self.recipe, self.recipe.train
+        self.data = prepare_on_main_first(recipe, self.run, found[1] if found else None)
         self.model = build_seeded_model(recipe, self.data.tokenizer, self.device)
         self.step = build_step(self.model, recipe, self.device, self.data.train,
                                self.data.train_lengths()[1], self.run.path / "last.pt")
@@ -128,12 +156,11 @@ class Trainer:
             self.run.open_tensorboard()
 
     def resume(self, path: Path, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], path)
         self.step.load_state_dict(ckpt)
         self.schedule.load_state_dict(ckpt["schedule"])
         self.progress = Progress(**ckpt["progress"])
-        if self.rank < len(ckpt["rng"]):
-            set_rng_state(ckpt["rng"][self.rank], self.device)
+        set_rng_state(ckpt["rng"], self.rank, self.device)
         self.resumed_from = (path, self.progress.step)
         if dist.is_main():
             print(f"resuming from {path} at step {self.progress.step} "
@@ -169,11 +196,10 @@ class Trainer:
                 global_tokens = int(sum(int(trg_lens[i].sum()) for i in global_batch)
                                     + sum(len(i) for i in global_batch))  # + one EOS each
                 lr = self.schedule.at(progress.step + 1)
-                window.loss += self.step.accumulate(steps[s], global_tokens)
+                window.add(self.step.accumulate(steps[s], global_tokens), global_tokens)
                 ok = self.step.apply(lr)
                 progress.step += 1
                 progress.epoch_step = s + 1
-                window.tokens += global_tokens
                 self.session.tokens += global_tokens
                 bar.update(1)
                 self.step.count(ok, progress)
@@ -200,12 +226,11 @@ class Trainer:
     def log_window(self, window: Window, lr: float, bar: Any) -> None:
         """Log the mean loss and throughput of the updates since the last log."""
         self.step.sync(self.progress)
-        loss = dist.all_reduce_sum(window.loss.clone()).item() / window.tokens
-        rate = window.tokens / (time.perf_counter() - window.start)
+        loss, rate = window.summary()
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
         self.run.log({"step": self.progress.step, "split": "train",
-                  "epoch": self.progress.epoch_label(), "loss": loss, "lr": lr,
-                  "tokens_per_s": rate})
+                      "epoch": self.progress.epoch_label(), "loss": loss, "lr": lr,
+                      "tokens_per_s": rate})
         window.reset()
 
     # ---- validation, checkpoints, the end ---------------------------------------------------
@@ -225,10 +250,7 @@ class Trainer:
         metrics = self.validate()
         self.session.validation_s += time.perf_counter() - start
         self.model.train()
-        self.run.log({"step": progress.step, "split": "valid", "epoch": progress.epoch_label(),
-                  **metrics})
-        if dist.is_main():
-            print_validation(progress.step, metrics)
+        self.run.log_validation(progress.step, progress.epoch_label(), metrics)
         improved, early_stop = progress.record_validation(
             cfg.early_stop_metric, metrics[cfg.early_stop_metric], scheduled, cfg.patience)
         if scheduled:
@@ -260,6 +282,7 @@ class Trainer:
             "rng": rngs,
             "recipe": recipe_to_dict(self.recipe),
             "tokenizer": self.data.tokenizer.to_state(),
+            "fingerprints": self.data.fingerprints,
             "step": self.progress.step,
         })
 
@@ -277,11 +300,10 @@ class Trainer:
                 self.validate_and_save(scheduled=False)
             else:
                 self.save("last.pt")
-        if not dist.is_main():
-            return
-        print_summary(self.stop_reason, progress, metric, self.run.path,
-                      idle=unchanged and not self.interrupted)
-        self.session.report(self.device)
+        if dist.is_main():
+            print_summary(self.stop_reason, progress, metric, self.run.path,
+                          idle=unchanged and not self.interrupted)
+            self.session.report(self.device)
 
     def close(self) -> None:
         """Let go of the DDP wrapper (and with it the process group) and the TensorBoard writer.
@@ -301,10 +323,11 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return rng
 
 
-def set_rng_state(rng: dict[str, torch.Tensor] | None, device: torch.device) -> None:
-    """Restore what :func:`rng_state` returned (a rank a checkpoint did not have: None)."""
-    if rng is None:
+def set_rng_state(rngs: list[dict[str, torch.Tensor]], rank: int, device: torch.device) -> None:
+    """Restore rank ``rank``'s :func:`rng_state` from a checkpoint's list of every rank's."""
+    if rank >= len(rngs):  # the checkpoint was written by fewer processes
         return
+    rng = rngs[rank]
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)

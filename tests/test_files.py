@@ -1,0 +1,186 @@
+"""Outputs (seq2seq/files.py): whatever a path names, nothing is destroyed or left half-written.
+
+Special files (FIFOs, device nodes, sockets, links) are made in a temporary directory, never
+taken from /dev.
+"""
+
+import os
+import socket
+import stat
+import threading
+
+import pytest
+
+from seq2seq.files import (
+    OutputError,
+    check_distinct,
+    check_output,
+    open_output,
+    write_bytes,
+)
+from seq2seq.translate_io import write_lines
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_bytes(b"old\n")
+    with pytest.raises(ValueError), open_output(path) as stream:
+        stream.write(b"partial")
+        raise ValueError("model crashed")
+    assert path.read_bytes() == b"old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    with open_output(path) as stream:
+        write_lines(["new"], stream)
+    assert path.read_bytes() == b"new\n"
+    with pytest.raises(OutputError, match="does not exist"), \
+            open_output(tmp_path / "missing" / "out.txt"):
+        pass
+
+
+def test_a_new_file_gets_the_mode_of_any_new_file(tmp_path):
+    umask = os.umask(0o027)
+    try:
+        write_bytes(tmp_path / "new.txt", b"x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == 0o640
+
+
+def test_an_output_path_that_is_a_directory_is_one_line_and_nothing_is_written(tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(OutputError, match="out: is a directory, not an output file"):
+        check_output(out_dir)
+    with pytest.raises(OutputError, match="is a directory, not an output file"), \
+            open_output(out_dir):
+        pass
+    with pytest.raises(OutputError, match="directory .*missing does not exist"):
+        check_output(tmp_path / "missing" / "out.txt")
+    check_output(None)
+    check_output("-")
+    check_output(tmp_path / "new.txt")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]  # no temporary file
+
+
+def test_a_symlink_stays_and_its_target_gets_the_output(tmp_path):
+    target = tmp_path / "real.txt"
+    target.write_bytes(b"old\n")
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    write_bytes(link, b"new\n")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_bytes() == b"new\n"
+    dangling = tmp_path / "dangling.txt"
+    dangling.symlink_to(tmp_path / "not-yet.txt")
+    write_bytes(dangling, b"made\n")
+    assert dangling.is_symlink() and (tmp_path / "not-yet.txt").read_bytes() == b"made\n"
+
+
+def test_a_replaced_file_keeps_its_permission_bits(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_bytes(b"old\n")
+    path.chmod(0o604)
+    write_bytes(path, b"new\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o604 and path.read_bytes() == b"new\n"
+
+
+def test_a_read_only_file_is_an_error_and_is_not_replaced(tmp_path):
+    path = tmp_path / "keep.txt"
+    path.write_bytes(b"precious\n")
+    path.chmod(0o444)
+    with pytest.raises(OutputError, match=r"keep.txt: is read-only; not replaced"):
+        write_bytes(path, b"new\n")
+    assert path.read_bytes() == b"precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_a_file_with_other_hard_links_is_rewritten_in_place(tmp_path):
+    first = tmp_path / "a.txt"
+    first.write_bytes(b"old\n")
+    second = tmp_path / "b.txt"
+    os.link(first, second)
+    inode = first.stat().st_ino
+    write_bytes(first, b"new\n")
+    assert first.stat().st_ino == inode and first.stat().st_nlink == 2
+    assert second.read_bytes() == b"new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_a_fifo_is_written_directly_and_stays_a_fifo(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    with open_output(fifo) as stream:
+        write_lines(["one", "two"], stream)
+    reader.join(timeout=30)
+    assert received == [b"one\ntwo\n"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_a_fifo_whose_reader_leaves_is_one_line(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def read_a_little():
+        with open(fifo, "rb") as handle:
+            handle.read(1)
+
+    reader = threading.Thread(target=read_a_little)
+    reader.start()
+    with pytest.raises(OutputError, match=r"pipe: cannot write \(Broken pipe\)"), \
+            open_output(fifo) as stream:
+        reader.join(timeout=30)
+        for _ in range(1000):
+            stream.write(b"x" * 65536)
+            stream.flush()
+
+
+def make_char_device(path, major, minor):
+    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+
+
+def test_a_character_device_is_written_directly_and_stays_a_device(tmp_path):
+    null = tmp_path / "null"
+    make_char_device(null, 1, 3)  # what /dev/null is
+    with open_output(null) as stream:
+        write_lines(["discarded"], stream)
+    assert stat.S_ISCHR(null.stat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["null"]
+
+
+def test_a_full_disk_is_one_line_naming_the_output(tmp_path):
+    full = tmp_path / "full"
+    make_char_device(full, 1, 7)  # what /dev/full is: every write fails with ENOSPC
+    with pytest.raises(OutputError) as caught, open_output(full) as stream:
+        write_lines(["a line"], stream)
+    assert str(caught.value) == f"{full}: cannot write (No space left on device)"
+
+
+def test_a_socket_is_refused(tmp_path):
+    path = tmp_path / "sock"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(path))
+        with pytest.raises(OutputError, match="sock: is a socket, not an output file"):
+            check_output(path)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot", "symlink", "hardlink"])
+def test_an_output_that_is_an_input_is_refused_however_spelled(spelling, tmp_path):
+    data = tmp_path / "in.txt"
+    data.write_bytes(b"input\n")
+    output = {"same": data, "dot": tmp_path / "." / "in.txt",
+              "symlink": tmp_path / "link.txt", "hardlink": tmp_path / "hard.txt"}[spelling]
+    if spelling == "symlink":
+        output.symlink_to(data)
+    elif spelling == "hardlink":
+        os.link(data, output)
+    with pytest.raises(OutputError, match="is the same file as the input .*in.txt"):
+        check_distinct([output], [data])
+    check_distinct([tmp_path / "other.txt"], [data])  # a different (new) file is fine
+    check_distinct(["-", None], ["-", None])  # stdin and stdout are not files here

@@ -1,0 +1,172 @@
+"""The run directory: one owner at a time, and a resume that continues the same run or refuses."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seq2seq.checkpoint import load_checkpoint
+from seq2seq.config import recipe_from_dict
+from seq2seq.errors import Seq2SeqError
+from seq2seq.training.trainer import fit
+from tests.conftest import REPO, tiny_tree
+
+HOLD_LOCK = '''
+import fcntl, sys, time
+handle = open(sys.argv[1], "a")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(600)
+'''
+
+
+def hold_lock(run: Path) -> subprocess.Popen:
+    """Another process holding the run's lock, as a training run would."""
+    run.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def text_recipe(tmp_path: Path, root: Path, *overrides: str):
+    """The tiny recipe trained on text files under ``root`` (written once)."""
+    tree = tiny_tree(str(tmp_path / "run"))
+    tree["data"]["root"] = str(root)
+    tree["data"]["train"] = {"format": "text", "src": "train.en", "trg": "train.de"}
+    return recipe_from_dict(tree, list(overrides))
+
+
+def write_corpus(root: Path, pairs: int = 200) -> None:
+    from seq2seq.data.synthetic import write_synthetic
+
+    write_synthetic(root, {"train": pairs, "valid": 0, "test": 0})
+
+
+def test_a_second_train_on_a_locked_run_is_refused_at_once_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    holder = hold_lock(run)
+    try:
+        recipe = recipe_from_dict(tiny_tree(str(run)))
+        start = time.monotonic()
+        with pytest.raises(Seq2SeqError) as refused:
+            fit(recipe)
+        assert time.monotonic() - start < 30
+        assert str(refused.value) == (f"output_dir {run} is in use by another training run "
+                                      f"(process {holder.pid}); wait for it to end, or use "
+                                      "another output_dir")
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    trainer = fit(recipe_from_dict(tiny_tree(str(run), train={"max_steps": 2})))
+    assert trainer.progress.step == 2  # the kernel released the dead holder's lock
+
+
+def test_the_cli_refuses_a_locked_run_with_exit_2_and_translate_still_works(tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_tree(str(run), train={"max_steps": 2})))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+    def seq2seq(*args, stdin=None):
+        return subprocess.run([sys.executable, "-m", "seq2seq", *map(str, args)], input=stdin,
+                              capture_output=True, env=env, timeout=300)
+
+    assert seq2seq("train", path).returncode == 0
+    holder = hold_lock(run)
+    try:
+        refused = seq2seq("train", path, "train.max_steps=4")
+        assert refused.returncode == 2
+        assert refused.stderr.decode() == (
+            f"error: output_dir {run} is in use by another training run (process "
+            f"{holder.pid}); wait for it to end, or use another output_dir\n")
+        translated = seq2seq("translate", "--checkpoint", run / "best.pt", stdin=b"a dog\n")
+        assert translated.returncode == 0 and translated.stdout.count(b"\n") == 1
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_failed_first_run_leaves_no_run_directory(tmp_path):
+    run = tmp_path / "deep" / "run"
+    tree = tiny_tree(str(run))
+    tree["data"]["train"]["size"] = 0  # no training pairs: refused while preparing
+    with pytest.raises(Seq2SeqError):
+        fit(recipe_from_dict(tree))
+    assert not (tmp_path / "deep").exists()
+
+
+@pytest.mark.parametrize("change", ["edited", "moved-data-root"])
+def test_resume_on_other_training_data_is_refused_and_the_tokenizer_is_kept(change, tmp_path):
+    data = tmp_path / "data"
+    write_corpus(data)
+    fit(text_recipe(tmp_path, data, "train.max_steps=2"))
+    tokenizer = {p.name: p.read_bytes() for p in (tmp_path / "run" / "tokenizer").iterdir()}
+    if change == "edited":
+        with open(data / "train.en", "a", encoding="utf-8") as handle:
+            handle.write("one more sentence\n")
+        with open(data / "train.de", "a", encoding="utf-8") as handle:
+            handle.write("noch ein Satz\n")
+        root, named = data, str(data / "train.en")
+    else:
+        root = tmp_path / "elsewhere"
+        write_corpus(root, pairs=150)
+        named = str(root / "train.en")
+    with pytest.raises(Seq2SeqError) as refused:
+        fit(text_recipe(tmp_path, root, "train.max_steps=4"))
+    message = str(refused.value)
+    assert message.startswith(f"cannot resume {tmp_path / 'run'}: the training corpus is not "
+                              "the one its checkpoint was trained on")
+    assert named in message and "Use a new output_dir" in message
+    assert {p.name: p.read_bytes()
+            for p in (tmp_path / "run" / "tokenizer").iterdir()} == tokenizer
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
+
+
+def test_resume_without_the_runs_tokenizer_is_refused_not_retrained(tmp_path):
+    fit(recipe_from_dict(tiny_tree(str(tmp_path / "run"), train={"max_steps": 2})))
+    shutil.rmtree(tmp_path / "run" / "tokenizer")
+    with pytest.raises(Seq2SeqError, match=r"its tokenizer \(.*tokenizer\) is missing or "
+                                           r"differs .* never retrained"):
+        fit(recipe_from_dict(tiny_tree(str(tmp_path / "run"), train={"max_steps": 4})))
+    assert not (tmp_path / "run" / "tokenizer").exists()
+
+
+def test_a_checkpoint_records_what_its_weights_depend_on(tmp_path):
+    data = tmp_path / "data"
+    write_corpus(data)
+    trainer = fit(text_recipe(tmp_path, data, "train.max_steps=2"))
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")["fingerprints"]
+    assert saved["tokenizer"] == trainer.data.tokenizer.fingerprint
+    assert saved["train_corpus"].startswith("stat:")
+    assert [f[0] for f in saved["train_files"]] == [str(data / "train.en"),
+                                                    str(data / "train.de")]
+    # And the same data resumes.
+    assert fit(text_recipe(tmp_path, data, "train.max_steps=4")).progress.step == 4
+
+
+def test_weights_that_do_not_fit_the_recipe_are_one_line(tmp_path):
+    from seq2seq.cli import main
+
+    fit(recipe_from_dict(tiny_tree(str(tmp_path / "run"), train={"max_steps": 1})))
+    path = tmp_path / "run" / "best.pt"
+    ckpt = load_checkpoint(path)
+    ckpt["model"] = {k: torch.zeros(3) for k in ckpt["model"]}
+    from seq2seq.checkpoint import save_checkpoint
+
+    save_checkpoint(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(Seq2SeqError, match="bad.pt: its weights do not fit the model its "
+                                           "recipe describes"):
+        from seq2seq.translate import Translator
+
+        Translator.from_checkpoint(tmp_path / "bad.pt")
+    assert main(["translate", "--checkpoint", str(tmp_path / "bad.pt"), "--input",
+                 str(path)]) == 2
