@@ -60,18 +60,20 @@ def check_loopback(url: str) -> None:
 
 
 async def load(url: str, sentences: list[str], clients: int, source: str, target: str,
-               api_key: str | None, max_seconds: float) -> dict:
-    """Send every sentence once from ``clients`` concurrent clients; the figures."""
+               api_key: str | None, max_seconds: float) -> tuple[dict, list[str | None]]:
+    """Send every sentence once from ``clients`` concurrent clients; the figures and the
+    translations (``None`` where a request failed or was not sent)."""
     latencies: list[float] = []
+    answers: list[str | None] = [None] * len(sentences)
     failures: dict[str, int] = {}
-    todo = iter(sentences)
+    todo = iter(range(len(sentences)))
     deadline = time.monotonic() + max_seconds
 
     async def client(http: httpx.AsyncClient) -> None:
-        for sentence in todo:  # shared: each sentence is sent once
+        for i in todo:  # shared: each sentence is sent once
             if time.monotonic() > deadline:
                 return
-            fields = {"q": sentence, "source": source, "target": target}
+            fields = {"q": sentences[i], "source": source, "target": target}
             if api_key:
                 fields["api_key"] = api_key
             started = time.monotonic()
@@ -82,6 +84,7 @@ async def load(url: str, sentences: list[str], clients: int, source: str, target
                 outcome = type(error).__name__
             if outcome == "200":
                 latencies.append(time.monotonic() - started)
+                answers[i] = response.json()["translatedText"]
             else:
                 failures[outcome] = failures.get(outcome, 0) + 1
 
@@ -90,7 +93,7 @@ async def load(url: str, sentences: list[str], clients: int, source: str, target
         started = time.monotonic()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.monotonic() - started
-    return summary(latencies, wall, failures)
+    return summary(latencies, wall, failures), answers
 
 
 def summary(latencies: list[float], wall: float, failures: dict[str, int]) -> dict:
@@ -102,11 +105,12 @@ def summary(latencies: list[float], wall: float, failures: dict[str, int]) -> di
             "p99_ms": round(1000 * cuts[98], 1) if cuts else None, "failures": failures}
 
 
-def offline(checkpoint: str, sentences: list[str], decode_flags: dict) -> dict:
+def offline(checkpoint: str, sentences: list[str], decode_flags: dict
+            ) -> tuple[dict, list[str]]:
     """``seq2seq translate``'s throughput on the sentences: its code path (chunks of 1000
     lines, length-sorted batches) in this process, model loading not counted."""
     from seq2seq.translate import Translator
-    from seq2seq.translate_io import translate_stream
+    from seq2seq.translate_io import one_line, translate_stream
 
     translator = Translator.from_checkpoint(checkpoint, device="cpu")
     settings = translator.decode_settings(**decode_flags)
@@ -114,8 +118,9 @@ def offline(checkpoint: str, sentences: list[str], decode_flags: dict) -> dict:
     outputs = list(translate_stream(
         sentences, lambda batch: translator.translate_full(batch, settings), empty=None))
     wall = time.monotonic() - started
-    return {"sentences": len(outputs), "seconds": round(wall, 2),
-            "sentences_per_s": round(len(outputs) / wall, 1)}
+    figures = {"sentences": len(outputs), "seconds": round(wall, 2),
+               "sentences_per_s": round(len(outputs) / wall, 1)}
+    return figures, [one_line(r.hypotheses[0]) if r else "" for r in outputs]
 
 
 class ServerProcess:
@@ -165,19 +170,23 @@ def decode_flags(args: argparse.Namespace) -> tuple[list[str], dict]:
 def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
     """Batching on, batching off (``--batch-size 1``), and offline, on the same sentences."""
     flags, values = decode_flags(args)
-    report = {}
+    report, answers = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, batching in [("batching on", ["--batch-size", str(args.batch_size)]),
                                ("batching off", ["--batch-size", "1"])]:
             server = ServerProcess(args.checkpoint, flags + batching, Path(tmp) / "serve.log")
             try:
                 source, target = languages(server.url)
-                report[name] = asyncio.run(load(server.url, sentences, args.clients, source,
-                                                target, None, args.max_seconds))
+                report[name], answers[name] = asyncio.run(load(
+                    server.url, sentences, args.clients, source, target, None,
+                    args.max_seconds))
             finally:
                 server.stop()
             print(f"{name}: {report[name]}", file=sys.stderr)
-    report["offline translate"] = offline(args.checkpoint, sentences, values)
+    report["offline translate"], expected = offline(args.checkpoint, sentences, values)
+    for name, served in answers.items():
+        # The served translations must be translate's, batched or not.
+        report[name]["differ_from_offline"] = sum(a != e for a, e in zip(served, expected))
     return report
 
 
@@ -216,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         check_loopback(url)
         source, target = ((args.source, args.target) if args.source and args.target
                           else languages(url))
-        report = {"server": asyncio.run(load(url, sentences, args.clients, source, target,
-                                             args.api_key, args.max_seconds))}
+        figures, _ = asyncio.run(load(url, sentences, args.clients, source, target,
+                                      args.api_key, args.max_seconds))
+        report = {"server": figures}
     else:
         report = compare(args, sentences)
     report["setup"] = {"clients": args.clients, "sentences": len(sentences),

@@ -65,9 +65,11 @@ function heatmap(attention) {
     const th = document.createElement("th");
     th.textContent = attention.hyp[i];
     tr.appendChild(th);
+    // Shaded against the row's largest weight, so a diffuse row still shows where it looks.
+    const top = Math.max(...row) || 1;
     row.forEach((weight) => {
       const td = tr.insertCell();
-      td.style.background = "rgba(30, 80, 200, " + weight + ")";
+      td.style.background = "rgba(30, 80, 200, " + (weight / top) + ")";
       td.title = weight.toFixed(3);
     });
   });
