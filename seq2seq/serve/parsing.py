@@ -125,7 +125,8 @@ def parse_translate(fields: dict[str, Any], options: ServeOptions) -> TranslateR
         raise ApiError(400, f"Invalid request: request ({chars}) exceeds text limit "
                        f"({options.char_limit})")
     source, target = (language_field(fields, name) for name in ("source", "target"))
-    text_format = fields.get("format", "text")
+    # An optional field sent as null or "" means its default, as it does to LibreTranslate.
+    text_format = fields.get("format") or "text"
     if text_format == "html":
         raise ApiError(400, "Invalid request: format html is not supported; send plain text "
                        "with format text")
@@ -133,8 +134,8 @@ def parse_translate(fields: dict[str, Any], options: ServeOptions) -> TranslateR
         raise ApiError(400, f"Invalid request: format must be text, got {text_format!r}"[:300])
     return TranslateRequest(texts=[clean_text(text) for text in texts], is_list=is_list,
                             source=source, target=target,
-                            alternatives=alternatives_field(fields.get("alternatives", 0)),
-                            attention=flag_field(fields.get("attention", False), "attention"))
+                            alternatives=alternatives_field(fields.get("alternatives") or 0),
+                            attention=flag_field(fields.get("attention") or False, "attention"))
 
 
 def language_field(fields: dict[str, Any], name: str) -> str:
