@@ -188,6 +188,16 @@ def _walk(value: Any):
             yield from _walk(item)
 
 
+def read_yaml(text: str) -> Any:
+    """``text`` parsed by :class:`RecipeLoader`, a ``yaml.SafeLoader`` (as ``yaml.load`` does
+    with it, written out so that no unsafe loader can slip in)."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into (["a", "b"], value parsed as YAML)."""
     key, sep, raw = text.partition("=")
@@ -195,7 +205,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(parts):
         raise RecipeError([f"{text}: overrides are written key.path=value"])
     try:
-        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -264,7 +274,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError([f"{path}: cannot read recipe ({error})"]) from None
     try:
-        tree = yaml.load(text, Loader=RecipeLoader)
+        tree = read_yaml(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
