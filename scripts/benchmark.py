@@ -10,7 +10,9 @@ per epoch is *extrapolated*: the epoch's target tokens divided by the measured t
 
 Decoding translates the test set (repeated to at least ``--repeat`` sentences) in batches of
 ``--decode-batch`` sentences sorted by length, greedily and with beam 5, with the recipe's
-``decode`` settings (``alpha``, ``max_len_ratio``, ``max_len_add``). The time covers encoding
+``decode`` settings (``alpha``, ``max_len_ratio``, ``max_len_add``, ``min_len``): with
+``decode.min_len=LEN decode.max_len_ratio=1e-9 decode.max_len_add=LEN`` every output has
+exactly LEN tokens, so an untrained model costs what a trained one does. The time covers encoding
 and search of token ids (not SentencePiece). BLEU is sacreBLEU's, of the detokenized output
 against the raw references; without ``--checkpoint`` the decoded model is the *untrained* one
 (just initialised, plus the benchmark's few steps), so its BLEU is meaningless and its output
@@ -221,7 +223,8 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     # decode.cuda_graphs: the fixed-shape search (same output), graphs kept across batches.
     static = StaticBeamSearch(model, beam, alpha=decode.alpha,
                               max_len_ratio=decode.max_len_ratio,
-                              max_len_add=decode.max_len_add, capture=True) if graphs else None
+                              max_len_add=decode.max_len_add, min_len=decode.min_len,
+                              capture=True) if graphs else None
     hyps: list[list[int]] = [[] for _ in src_ids]
     out_tokens, cut = 0, 0
     if device.type == "cuda":
@@ -234,13 +237,14 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
         src, src_lens = pad_sources([src_ids[i] for i in batch], device)
         if beam == 1:
             best = greedy_search(model, src, src_lens, max_len_ratio=decode.max_len_ratio,
-                                 max_len_add=decode.max_len_add)
+                                 max_len_add=decode.max_len_add, min_len=decode.min_len)
         elif static is not None:
             best = [nbest[0] for nbest in static(src, src_lens)]
         else:
             best = [nbest[0] for nbest in beam_search(
                 model, src, src_lens, beam_size=beam, alpha=decode.alpha,
-                max_len_ratio=decode.max_len_ratio, max_len_add=decode.max_len_add)]
+                max_len_ratio=decode.max_len_ratio, max_len_add=decode.max_len_add,
+                min_len=decode.min_len)]
         limits = [math.floor(decode.max_len_ratio * n + decode.max_len_add)
                   for n in src_lens.tolist()]
         for i, hyp, limit in zip(batch, best, limits):
@@ -260,6 +264,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
         "mean_output_tokens": round(out_tokens / len(src_ids), 2),
         "cut_at_max_len": cut,
         "max_len": f"floor({decode.max_len_ratio} * src_len + {decode.max_len_add})",
+        "min_len": decode.min_len,
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20
                                  if device.type == "cuda" else peak_rss_mib(), 1),
         "load_average": [load_before, load_average()],

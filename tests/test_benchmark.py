@@ -54,3 +54,55 @@ def test_benchmark_refuses_a_work_dir_holding_a_training_run(tmp_path):
         f"error: --work-dir {run} holds checkpoints of a training run (last.pt); give the "
         "benchmark a directory of its own"]
     assert (run / "last.pt").read_bytes() == b"a checkpoint"  # nothing deleted
+
+
+def run_benchmark_decoding(tmp_path, name, overrides):
+    tree = tiny_tree(str(tmp_path / "unused"), data={"test": {"t": {
+        "format": "generated", "split": "test", "size": 30}}})
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "benchmark.py"), str(recipe), *overrides,
+         "--warmup", "0", "--steps", "0", "--repeat", "30", "--threads", "1", "--work-dir",
+         str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())["decode"]
+
+
+def test_benchmark_honours_min_len_for_a_fixed_output_length(tmp_path):
+    # min = max = 12 tokens: every output of greedy and beam search is exactly 12 tokens long,
+    # so an untrained model (which says EOS early) costs what a trained one does.
+    fixed = ["decode.min_len=12", "decode.max_len_ratio=1e-9", "decode.max_len_add=12"]
+    rows = run_benchmark_decoding(tmp_path, "fixed", fixed)
+    assert [row["beam"] for row in rows] == [1, 5]
+    for row in rows:
+        assert row["min_len"] == 12
+        assert row["mean_output_tokens"] == 12.0
+        assert row["cut_at_max_len"] == row["sentences"] == 30
+
+
+def test_bench_decoding_passes_min_len_to_every_search():
+    # A model that wants EOS at once: only min_len keeps its outputs going to the fixed length.
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    from tests.search.toy_models import ToyModel
+
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    torch.manual_seed(0)
+    model = ToyModel(eos_bias=20.0).eval()
+    tokenizer = SimpleNamespace(decode_trg=lambda hyps: [" ".join(map(str, h)) for h in hyps])
+    src_ids = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    for min_len, expected in ((9, 9.0), (0, 0.0)):
+        decode = SimpleNamespace(alpha=0.6, max_len_ratio=1e-9, max_len_add=9, min_len=min_len,
+                                 cuda_graphs=False)
+        for beam in (1, 5):
+            row = benchmark.bench_decoding(model, src_ids, ["a", "b", "c"], tokenizer, decode,
+                                           beam, 2, torch.device("cpu"))
+            assert (row["min_len"], row["mean_output_tokens"]) == (min_len, expected)
