@@ -124,6 +124,11 @@ def check_distinct(outputs: Iterable[str | Path | None], inputs: Iterable[str | 
                               "would destroy the input")
 
 
+def same_file(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether ``a`` and ``b`` name one existing regular file or directory."""
+    return _identity(a) is not None and _identity(a) == _identity(b)
+
+
 def _identity(path: str | Path | None) -> tuple[int, int] | None:
     if is_stdout(path):
         return None

@@ -21,7 +21,7 @@ import torch
 from seq2seq.checkpoint import load_checkpoint, load_weights
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.errors import Seq2SeqError
-from seq2seq.files import check_distinct, check_output
+from seq2seq.files import check_distinct, check_output, same_file
 from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
 from seq2seq.search.static_beam import StaticBeamSearch
 from seq2seq.tokenizer import EOS, PAD, Tokenizer
@@ -328,6 +328,8 @@ def translate_command(args: Any) -> int:
     check_output(args.attention)
     check_distinct([args.output, args.attention], [args.input, *args.checkpoint])
     check_distinct([args.attention], [args.output])
+    if any(same_file(args.input, checkpoint) for checkpoint in args.checkpoint):
+        raise Seq2SeqError(f"--input {args.input}: is the checkpoint, not text to translate")
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device,
                                             quantize=args.quantize)
     settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,

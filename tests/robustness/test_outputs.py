@@ -113,3 +113,10 @@ def test_an_interrupted_translation_leaves_the_old_output_and_no_temporary_file(
     assert (workdir / "out.txt").read_bytes() == b"previous output\n"
     assert not (workdir / "att.jsonl").exists()
     assert not list(workdir.glob(".*.tmp"))
+
+
+def test_the_checkpoint_given_as_input_is_refused_before_it_loads(workdir, trained):
+    result = seq2seq("translate", "--checkpoint", trained, "--input", trained, cwd=workdir)
+    assert result.returncode == 2 and result.stdout == b""
+    assert error_lines(result.stderr) == [f"error: --input {trained}: is the checkpoint, not "
+                                          "text to translate"]
