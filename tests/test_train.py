@@ -41,12 +41,15 @@ def test_run_writes_its_outputs(tmp_path):
     assert len(list(out.glob("step_*.pt"))) == 2
 
 
-def test_stop_at_k_and_resume_equals_uninterrupted_bitwise(tmp_path):
-    full = tiny_recipe(tmp_path, "train.max_steps=8", name="full")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stop_at_k_and_resume_equals_uninterrupted_bitwise(tmp_path, precision):
+    # Within one precision: bf16 on the CPU (emulated where it is not native) included.
+    chosen = f"train.precision={precision}"
+    full = tiny_recipe(tmp_path, "train.max_steps=8", chosen, name="full")
     fit(full)
-    part = tiny_recipe(tmp_path, "train.max_steps=4", name="part")
+    part = tiny_recipe(tmp_path, "train.max_steps=4", chosen, name="part")
     fit(part)
-    resumed = tiny_recipe(tmp_path, "train.max_steps=8", name="part")
+    resumed = tiny_recipe(tmp_path, "train.max_steps=8", chosen, name="part")
     fit(resumed)
     a, b = weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "part" / "last.pt")
     assert a.keys() == b.keys()

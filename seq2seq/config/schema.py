@@ -157,9 +157,10 @@ class TrainConfig:
     clip_norm: float = option(1.0, "gradient-norm clipping (0: off)", floats(0, 1_000_000))
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy",
                                     floats(0, 1, hi_open=True))
-    precision: Literal["fp32", "bf16", "fp16"] = option(
-        "fp32", "bf16: autocast (GPU); fp16: autocast with a grad scaler (GPU); RNN module "
-        "calls (cuDNN) stay fp32 in both, as autocast would make them fp16")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "auto: bf16 on a GPU or a CPU with native bf16 (amx_bf16, avx512_bf16), else "
+        "fp32; bf16: autocast, fp32 weights (on a CPU the RNNs too); fp16: autocast with a "
+        "grad scaler (GPU); cuDNN RNN calls stay fp32")
     max_steps: int = option(0, "stop after this many updates (0: no limit)", ints(0, STEPS_MAX))
     max_epochs: int = option(10, "stop after this many epochs (0: no limit)", ints(0, 1_000_000))
     valid_every: int = option(1000, "validate every N updates (and at the end)", ints(1, STEPS_MAX))

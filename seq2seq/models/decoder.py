@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.models.attention import Attention
-from seq2seq.models.encoder import full_precision, make_rnn
+from seq2seq.models.encoder import make_rnn, run_rnn
 
 State = tuple[torch.Tensor, ...]
 
@@ -192,11 +192,11 @@ class Decoder(nn.Module):
 
     def _rnn(self, x: torch.Tensor, hx: torch.Tensor | tuple[torch.Tensor, ...]
              ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...]]:
-        """The RNN module in its weights' precision, autocast or not (see
-        :func:`full_precision`)."""
-        with full_precision(x.device.type):
-            # The embeddings' dtype: the model's (a quantised RNN keeps no float weights).
-            return self.rnn(x.to(self.embedding.weight.dtype), hx)
+        """The RNN module in its weights' precision, or in bf16 under CPU bf16 autocast (see
+        :func:`~seq2seq.models.encoder.run_rnn`)."""
+        # The embeddings' dtype: the model's (a quantised RNN keeps no float weights);
+        # run_rnn casts further to bf16 under CPU bf16 autocast.
+        return run_rnn(self.rnn, x.to(self.embedding.weight.dtype), hx)
 
 
 def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tensor,

@@ -8,23 +8,54 @@ unidirectional LSTMs. Both are one :class:`Encoder` with different settings.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.func import functional_call
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
 
 def full_precision(device_type: str) -> torch.autocast:
-    """Autocast off, for the RNN calls (their inputs cast to the weights' dtype by the caller).
+    """Autocast off, for the RNN calls (their inputs cast by the caller, see :func:`rnn_dtype`).
 
     Under autocast, torch runs cuDNN RNNs in fp16 whatever the autocast dtype, so a bf16 run
-    (which has no loss scaler) would push small gradients through fp16 and lose them; and
-    oneDNN's CPU LSTM fails under autocast. The Linear layers around the RNNs keep autocast.
+    (which has no loss scaler) would push small gradients through fp16 and lose them; and on a
+    CPU, autocast runs LSTM and tanh-RNN in bf16 but leaves GRU in fp32. The Linear layers
+    around the RNNs keep autocast.
     """
     return torch.autocast(device_type, enabled=False)
+
+
+def rnn_dtype(device_type: str) -> torch.dtype | None:
+    """bf16 when CPU autocast computes in bf16 (the RNNs then run in bf16 too, on weights
+    cast for the call), else None: the RNN runs in its weights' dtype."""
+    if (device_type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return torch.bfloat16
+    return None
+
+
+def run_rnn(rnn: nn.RNNBase, x: torch.Tensor | PackedSequence, hx: Any = None) -> Any:
+    """``rnn(x, hx)`` with autocast off, in bf16 under CPU bf16 autocast (:func:`rnn_dtype`).
+
+    In bf16 the module runs on a bf16 copy of its weights (``functional_call``), so the fp32
+    parameters stay the master copy and receive fp32 gradients through the cast. Otherwise
+    the call is the module's own, on inputs in its weights' dtype.
+    """
+    device_type = (x.data if isinstance(x, PackedSequence) else x).device.type
+    dtype = rnn_dtype(device_type)
+    with full_precision(device_type):
+        if dtype is None:
+            return rnn(x, hx)
+        weights = {name: p.to(dtype) for name, p in rnn.named_parameters()}
+        x = x._replace(data=x.data.to(dtype)) if isinstance(x, PackedSequence) else x.to(dtype)
+        if hx is not None:
+            hx = tuple(h.to(dtype) for h in hx) if isinstance(hx, tuple) else hx.to(dtype)
+        return functional_call(rnn, weights, (x, hx))
 
 
 def make_rnn(cell: str, input_size: int, hidden: int, layers: int, dropout: float,
@@ -108,8 +139,7 @@ class Encoder(nn.Module):
         # emb has the weights' dtype: autocast leaves embeddings alone.
         packed = pack_padded_sequence(emb, src_lens.cpu(), batch_first=True,
                                       enforce_sorted=False)
-        with full_precision(emb.device.type):
-            packed_out, hx = self.rnn(packed)
+        packed_out, hx = run_rnn(self.rnn, packed)
         enc_out, _ = pad_packed_sequence(packed_out, batch_first=True,
                                          total_length=src.size(1))
         states = hx if self.cell == "lstm" else (hx,)
@@ -139,8 +169,8 @@ class Encoder(nn.Module):
             enc_out ``(B, S, He)`` (zero on padding), final ``(B, F)``: as :meth:`forward`.
         """
         rnn = self.rnn
-        # x keeps the weights' dtype throughout: autocast leaves embeddings alone, and every
-        # RNN call below runs with it off.
+        # x keeps the weights' dtype throughout (bf16 copies of them under CPU bf16 autocast):
+        # autocast leaves embeddings alone, and every RNN call below runs with it off.
         steps = emb.size(1)
         positions = torch.arange(steps, device=emb.device)
         lens = src_lens.unsqueeze(1)
@@ -148,7 +178,8 @@ class Encoder(nn.Module):
         # Reverses each sentence within its length and leaves padding in place; its own inverse.
         reverse = torch.where(real, lens - 1 - positions, positions)
         last = (src_lens - 1).view(-1, 1, 1).expand(-1, 1, rnn.hidden_size)
-        x = emb
+        dtype = rnn_dtype(emb.device.type)  # bf16 under CPU bf16 autocast, as run_rnn
+        x = emb if dtype is None else emb.to(dtype)
         for layer in range(rnn.num_layers):
             if layer > 0:
                 x = F.dropout(x, rnn.dropout, self.training)
@@ -157,6 +188,8 @@ class Encoder(nn.Module):
                 suffix = f"l{layer}" + ("_reverse" if direction else "")
                 weights = {f"{name}_l0": getattr(rnn, f"{name}_{suffix}")
                            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+                if dtype is not None:
+                    weights = {name: w.to(dtype) for name, w in weights.items()}
                 inputs = _gather_steps(x, reverse) if direction else x
                 if self.cell == "lstm":
                     with full_precision(inputs.device.type):  # as the other RNN calls

@@ -8,9 +8,9 @@ Two implementations share one interface: :meth:`accumulate` (gradients of the mi
 :meth:`apply` (clip, skip a non-finite update, step), :meth:`count` and :meth:`sync` (updates
 skipped for a non-finite loss or gradient), :meth:`state_dict`.
 
-- :class:`EagerStep` runs the model as it is (under DDP with several processes), autocasts on
-  a GPU (bf16, or fp16 with a grad scaler) and recovers from a GPU out-of-memory error by
-  splitting the batch.
+- :class:`EagerStep` runs the model as it is (under DDP with several processes), autocasts
+  (bf16 on a GPU or CPU, or fp16 with a grad scaler on a GPU) and recovers from a GPU
+  out-of-memory error by splitting the batch.
 - :class:`GraphedStep` pads batches to bucket shapes and replays each program as a CUDA graph
   (:mod:`seq2seq.training.graphs`); it counts skipped updates on the device.
 """
@@ -32,6 +32,7 @@ from seq2seq.errors import Seq2SeqError
 from seq2seq.tokenizer import PAD
 from seq2seq.training.graphs import StaticSteps, bucket_shape
 from seq2seq.training.optim import load_optimizer_state, make_optimizer
+from seq2seq.training.precision import precision_dtype, resolve_precision
 from seq2seq.training.progress import Progress
 
 
@@ -74,14 +75,13 @@ def build_step(model: torch.nn.Module, recipe: Recipe, device: torch.device, tra
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.precision`` on ``device`` (None: fp32)."""
-    # Mixed precision is a GPU feature here: CPU autocast is slower and fails for LSTMs.
-    if device.type == "cuda":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if precision != "fp32" and dist.is_main():
-        print(f"note: train.precision={precision} applies on GPU only; training in fp32 "
-              "on the CPU", file=sys.stderr)
-    return None
+    """The autocast dtype of ``train.precision`` on ``device`` (None: fp32); says once, on the
+    main process, what ``auto`` (or a precision the device cannot use) became and why."""
+    resolved, why = resolve_precision(precision, device)
+    if why != "as asked" and dist.is_main():
+        print(f"note: train.precision={precision}: training in {resolved} ({why})",
+              file=sys.stderr)
+    return precision_dtype(resolved)
 
 
 class _Step:

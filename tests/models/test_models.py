@@ -295,24 +295,30 @@ def test_forget_bias_sets_only_the_lstm_forget_gates():
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
-def test_rnn_modules_run_in_full_precision_under_autocast(cell, packed):
-    """Autocast would run cuDNN RNNs in fp16 even for bf16 (and oneDNN's CPU LSTM fails under
-    it): the encoder's RNN and the decoder's RNN module run in fp32 whatever the autocast."""
+def test_rnn_modules_run_in_their_weights_precision_unless_cpu_bf16(cell, packed):
+    """Autocast would run cuDNN RNNs in fp16 even for bf16, and on a CPU it runs LSTM and
+    tanh-RNN in bf16 but GRU in fp32: so RNN calls run with autocast off, in the weights'
+    precision (here under CPU fp16 autocast), except under CPU bf16 autocast, where every cell
+    runs in bf16 on bf16 copies of the fp32 weights (tests/test_precision.py compares them)."""
     model = make(tiny(cell, attention="general", decoder="luong", input_feeding=False,
                       dropout=0.0)).eval()
     model.encoder.packed = packed
     src, src_lens, trg_in, trg_out = batch([5, 3, 4])
     enc_out, final = model.encoder(src, src_lens)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.float16):
         auto_out, auto_final = model.encoder(src, src_lens)
-        # The luong decoder without input feeding runs its RNN module over the whole target.
-        logits = model(src, src_lens, trg_in)
-    # The encoder is embeddings and RNNs only: under autocast it computes exactly what it
-    # computes in fp32.
+    # The encoder is embeddings and RNNs only: under fp16 autocast it computes exactly what
+    # it computes in fp32.
     assert auto_out.dtype == torch.float32 and torch.equal(auto_out, enc_out)
     assert torch.equal(auto_final, final)
-    assert logits.dtype == torch.bfloat16  # the output layer does use autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_out, _ = model.encoder(src, src_lens)
+        # The luong decoder without input feeding runs its RNN module over the whole target.
+        logits = model(src, src_lens, trg_in)
+    assert bf16_out.dtype == torch.bfloat16
+    assert torch.allclose(bf16_out.float(), enc_out, atol=0.02)
+    assert logits.dtype == torch.bfloat16
     loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), trg_out.flatten())
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all()
-               for p in model.decoder.rnn.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32
+               and torch.isfinite(p.grad).all() for p in model.decoder.rnn.parameters())

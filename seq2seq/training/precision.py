@@ -1,0 +1,78 @@
+"""Which precision a run computes in: ``train.precision`` (fp32, bf16, fp16, auto) on a device.
+
+``auto`` picks bf16 where the hardware computes it natively, else fp32:
+
+- a CUDA GPU that supports bf16 (``torch.cuda.is_bf16_supported``);
+- a CPU with bf16 matrix instructions, Intel AMX-BF16 or AVX512-BF16 (Sapphire Rapids, AMD
+  Zen 4 and later): asked of torch (``torch.cpu._is_amx_tile_supported``,
+  ``torch.cpu._is_avx512_bf16_supported``), else read from the ``flags`` of /proc/cpuinfo.
+
+Other CPUs run bf16 too (oneDNN converts to fp32 inside each kernel), only slower than fp32, so
+``auto`` keeps them in fp32. bf16 means fp32 master weights and optimizer state, with the
+matmuls, the RNNs (:func:`seq2seq.models.encoder.run_rnn`), attention and output layer in
+bf16 under autocast; the loss and its softmax statistics are computed in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
+    """The ``flags`` of the first CPU in ``cpuinfo`` (default /proc/cpuinfo; empty when it
+    cannot be read)."""
+    try:
+        text = (cpuinfo or CPUINFO).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def cpu_native_bf16() -> str | None:
+    """How this CPU computes bf16 natively ("torch: avx512_bf16", "cpuinfo: amx_bf16", ...),
+    or None when it does not."""
+    probes = {"amx_bf16": getattr(torch.cpu, "_is_amx_tile_supported", None),
+              "avx512_bf16": getattr(torch.cpu, "_is_avx512_bf16_supported", None)}
+    if all(probe is not None for probe in probes.values()):
+        found = [flag for flag, probe in probes.items() if probe()]
+        return f"torch: {', '.join(found)}" if found else None
+    found = [flag for flag in CPU_BF16_FLAGS if flag in cpu_flags()]
+    return f"cpuinfo: {', '.join(found)}" if found else None
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """``(precision to compute in, why)`` for ``train.precision`` / ``--precision`` on
+    ``device``: ``auto`` becomes bf16 or fp32; fp16 on a CPU becomes fp32 (no grad scaler)."""
+    if device.type == "cuda":
+        if precision != "auto":
+            return precision, "as asked"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU supports bf16"
+        return "fp32", "auto: the GPU does not support bf16"
+    if precision == "fp16":
+        return "fp32", "fp16 applies on a GPU only"
+    native = cpu_native_bf16()
+    if precision == "auto":
+        if native:
+            return "bf16", f"auto: the CPU computes bf16 natively ({native})"
+        return "fp32", "auto: the CPU has no native bf16 (no amx_bf16 or avx512_bf16)"
+    if precision == "bf16" and not native:
+        return "bf16", "as asked; the CPU has no native bf16, so it is slower than fp32"
+    return precision, "as asked"
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (None: fp32)."""
+    return DTYPES.get(precision)

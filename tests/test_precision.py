@@ -1,0 +1,122 @@
+"""train.precision: what ``auto`` picks (detection mocked), and bf16 on the CPU with the RNNs
+included agreeing with fp32 for every cell."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seq2seq.models import PAD
+from seq2seq.training import precision as prec
+from seq2seq.training.step import autocast_dtype
+from tests.models.test_models import CELLS, batch, make, tiny
+
+CPU = torch.device("cpu")
+
+
+def mock_torch_probes(monkeypatch, amx, avx512_bf16):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [
+    (True, True, ("bf16", "auto: the CPU computes bf16 natively (torch: amx_bf16, avx512_bf16)")),
+    (False, True, ("bf16", "auto: the CPU computes bf16 natively (torch: avx512_bf16)")),
+    (False, False, ("fp32", "auto: the CPU has no native bf16 (no amx_bf16 or avx512_bf16)")),
+])
+def test_auto_on_a_cpu_asks_torch(monkeypatch, amx, avx512_bf16, expected):
+    mock_torch_probes(monkeypatch, amx, avx512_bf16)
+    assert prec.resolve_precision("auto", CPU) == expected
+    # fp32 stays available on any CPU, and bf16 stays what was asked for.
+    assert prec.resolve_precision("fp32", CPU) == ("fp32", "as asked")
+    assert prec.resolve_precision("bf16", CPU)[0] == "bf16"
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("fpu sse avx512f avx512_bf16 amx_tile", "bf16"),
+    ("fpu sse avx512f amx_bf16", "bf16"),
+    ("fpu sse avx2 avx512f avx512bw", "fp32"),
+])
+def test_auto_without_torch_probes_reads_the_cpu_flags(monkeypatch, tmp_path, flags, expected):
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    monkeypatch.setattr(prec, "CPUINFO", cpuinfo)
+    resolved, why = prec.resolve_precision("auto", CPU)
+    assert resolved == expected
+    assert why.startswith("auto: the CPU computes bf16 natively (cpuinfo: ") == (expected == "bf16")
+
+
+def test_auto_on_a_gpu_is_bf16_where_supported(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert prec.resolve_precision("auto", cuda) == ("bf16", "auto: the GPU supports bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert prec.resolve_precision("auto", cuda)[0] == "fp32"
+    assert prec.resolve_precision("fp16", cuda) == ("fp16", "as asked")
+
+
+def test_the_step_says_once_what_auto_became(monkeypatch, capsys):
+    mock_torch_probes(monkeypatch, False, True)
+    assert autocast_dtype("auto", CPU) is torch.bfloat16
+    assert capsys.readouterr().err.splitlines() == [
+        "note: train.precision=auto: training in bf16 (auto: the CPU computes bf16 natively "
+        "(torch: avx512_bf16))"]
+    mock_torch_probes(monkeypatch, False, False)
+    assert autocast_dtype("auto", CPU) is None
+    assert autocast_dtype("fp32", CPU) is None
+    assert autocast_dtype("fp16", CPU) is None  # no grad scaler on a CPU
+    assert capsys.readouterr().err.splitlines() == [
+        "note: train.precision=auto: training in fp32 (auto: the CPU has no native bf16 (no "
+        "amx_bf16 or avx512_bf16))",
+        "note: train.precision=fp16: training in fp32 (fp16 applies on a GPU only)"]
+
+
+def loss_and_gradients(model, dtype, data):
+    """The eager step's loss (logits to fp32 before the cross-entropy) and its gradients."""
+    src, src_lens, trg_in, trg_out = data
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = model(src, src_lens, trg_in)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), trg_out.flatten(), ignore_index=PAD,
+                           reduction="sum", label_smoothing=0.1) / trg_out.numel()
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+# Tolerances (measured on this model: loss within 1e-5, whole gradient within 0.4 %, each
+# parameter within 1.5 %): bf16 keeps 8 bits of mantissa, about 0.4 % per rounding.
+LOSS_RTOL, GRAD_RTOL, PARAM_RTOL = 1e-3, 0.02, 0.05
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("decoder", ["bahdanau", "luong"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_a_bf16_step_agrees_with_fp32(cell, decoder, packed):
+    model = make(dataclasses.replace(tiny(cell, decoder=decoder), dropout=0.0))
+    model.encoder.packed = packed
+    data = batch([7, 5, 6, 3], trg_len=8)
+    rnn_dtypes = []
+    for rnn in (model.encoder.rnn, model.decoder.rnn):
+        # out[0]: a PackedSequence (encoder) or a tensor; .data is the values of either.
+        rnn.register_forward_hook(lambda m, args, out: rnn_dtypes.append(out[0].data.dtype))
+    loss32, grads32 = loss_and_gradients(model, None, data)
+    rnn_dtypes.clear()
+    loss16, grads16 = loss_and_gradients(model, torch.bfloat16, data)
+    if packed:  # the encoder's RNN module ran in bf16 (the unpacked path calls the ops)
+        assert rnn_dtypes and set(rnn_dtypes) == {torch.bfloat16}
+    assert abs(loss16 - loss32) <= LOSS_RTOL * loss32
+    # fp32 master weights get fp32 gradients through the bf16 copies.
+    assert all(g.dtype == torch.float32 for g in grads16.values())
+    flat32 = torch.cat([g.flatten() for g in grads32.values()])
+    flat16 = torch.cat([grads16[name].flatten() for name in grads32])
+    assert (flat16 - flat32).norm() <= GRAD_RTOL * flat32.norm()
+    # Per parameter, relative to its own norm, or to 1 % of the largest for parameters whose
+    # gradient is nearly zero (a key bias under dot-product-like scores).
+    floor = 0.01 * max(g.norm() for g in grads32.values())
+    for name, g32 in grads32.items():
+        assert (grads16[name] - g32).norm() <= PARAM_RTOL * max(g32.norm(), floor), name
