@@ -105,13 +105,17 @@ def summary(latencies: list[float], wall: float, failures: dict[str, int]) -> di
             "p99_ms": round(1000 * cuts[98], 1) if cuts else None, "failures": failures}
 
 
-def offline(checkpoint: str, sentences: list[str], decode_flags: dict
+def offline(checkpoint: str, sentences: list[str], decode_flags: dict, threads: int
             ) -> tuple[dict, list[str]]:
     """``seq2seq translate``'s throughput on the sentences: its code path (chunks of 1000
     lines, length-sorted batches) in this process, model loading not counted."""
+    import torch
+
     from seq2seq.translate import Translator
     from seq2seq.translate_io import one_line, translate_stream
 
+    if threads:
+        torch.set_num_threads(threads)
     translator = Translator.from_checkpoint(checkpoint, device="cpu")
     settings = translator.decode_settings(**decode_flags)
     started = time.monotonic()
@@ -174,20 +178,34 @@ def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name, batching in [("batching on", ["--batch-size", str(args.batch_size)]),
                                ("batching off", ["--batch-size", "1"])]:
-            server = ServerProcess(args.checkpoint, flags + batching, Path(tmp) / "serve.log")
+            server = ServerProcess(args.checkpoint, flags + batching + [
+                "--threads", str(args.threads), "--batch-wait-ms", str(args.batch_wait_ms)],
+                Path(tmp) / "serve.log")
             try:
                 source, target = languages(server.url)
                 report[name], answers[name] = asyncio.run(load(
                     server.url, sentences, args.clients, source, target, None,
                     args.max_seconds))
+                report[name]["mean_batch"] = mean_batch(server.url)
             finally:
                 server.stop()
             print(f"{name}: {report[name]}", file=sys.stderr)
-    report["offline translate"], expected = offline(args.checkpoint, sentences, values)
+    report["offline translate"], expected = offline(args.checkpoint, sentences, values,
+                                                    args.threads)
     for name, served in answers.items():
         # The served translations must be translate's, batched or not.
         report[name]["differ_from_offline"] = sum(a != e for a, e in zip(served, expected))
     return report
+
+
+def mean_batch(url: str) -> float:
+    """Sentences per decode the server ran, from its ``/metrics``."""
+    text = httpx.get(url + "metrics").text
+    count = sum(float(n) for n in re.findall(r"^seq2seq_batch_sentences_count\S* (\S+)$",
+                                             text, re.M))
+    total = sum(float(n) for n in re.findall(r"^seq2seq_batch_sentences_sum\S* (\S+)$",
+                                             text, re.M))
+    return round(total / count, 1) if count else 0.0
 
 
 def languages(url: str) -> tuple[str, str]:
@@ -213,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help="target language")
     parser.add_argument("--api-key", help="api_key to send")
     parser.add_argument("--batch-size", type=int, default=64, help="serve --batch-size when on")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="serve --batch-wait-ms")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads of the servers and of offline translate "
+                        "(0: torch's default)")
     parser.add_argument("--beam", type=int, help="beam size (default: the checkpoint's)")
     parser.add_argument("--alpha", type=float, help="length penalty (default: checkpoint's)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -227,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                           else languages(url))
         figures, _ = asyncio.run(load(url, sentences, args.clients, source, target,
                                       args.api_key, args.max_seconds))
-        report = {"server": figures}
+        report = {"server": figures | {"mean_batch": mean_batch(url)}}
     else:
         report = compare(args, sentences)
     report["setup"] = {"clients": args.clients, "sentences": len(sentences),
-                       "input": str(args.input)}
+                       "input": str(args.input), "threads": args.threads}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

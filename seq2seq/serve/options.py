@@ -37,13 +37,16 @@ class ServeOptions:
     queue_size: int = flag(1000, "most sentences waiting per model (503 with Retry-After "
                            "beyond)")
     timeout: float = flag(60.0, "most seconds a request waits for its translation (503 beyond)")
+    threads: int = flag(0, "CPU threads for torch (0: torch's default; 1 is often fastest "
+                        "on a machine shared with other work)")
     api_keys: Optional[frozenset] = flag(None, "")
     """Keys a request must carry as ``api_key`` (``--api-keys FILE``); ``None``: none needed."""
 
     def __post_init__(self) -> None:
         problems = [f"--{name.replace('_', '-')} must be >= {least}, got {value}"
                     for name, least in [("batch_size", 1), ("char_limit", 1), ("body_limit", 1),
-                                        ("max_texts", 1), ("queue_size", 1), ("port", 0)]
+                                        ("max_texts", 1), ("queue_size", 1), ("port", 0),
+                                        ("threads", 0)]
                     if (value := getattr(self, name)) < least]
         problems += [f"--{name.replace('_', '-')} must be > 0, got {value}"
                      for name in ["timeout"] if (value := getattr(self, name)) <= 0]

@@ -27,6 +27,10 @@ def serve_command(args: Any) -> int:
 
     from seq2seq.serve.app import build_app
 
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
     metrics = Metrics()
     pairs = LanguagePairs([load_model(path, args, options, metrics) for path in args.checkpoints])
     app = build_app(pairs, options, metrics)
