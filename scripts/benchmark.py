@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--beams", default="1,5", help="beam sizes to time (1: greedy)")
     parser.add_argument("--quantize", action="store_true",
                         help="also decode with the int8 dynamically quantised model (CPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also decode with the weights cast to bf16 once (fast on a CPU "
+                        "with native bf16: amx_bf16, avx512_bf16)")
+    parser.add_argument("--no-decode", action="store_true", help="time training only")
     parser.add_argument("--plain-decoder", action="store_true",
                         help="use the decoder's plain (RNN module) path instead of the fused "
                         "one, to measure before/after in one checkout")
@@ -102,6 +106,17 @@ def physical_cores() -> int:
         elif key == "core id":
             cores.add((package, value.strip()))
     return len(cores) or os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The ``model name`` of /proc/cpuinfo (platform.processor() where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def peak_rss_mib() -> float:
@@ -384,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else platform.processor() or platform.machine()),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "cpu_model": cpu_model(), "train_precision": trainer.recipe.train.precision,
         "decoder_path": "plain" if args.plain_decoder else "fused",
         "parameters": trainer.model.num_parameters, "work_dir": trainer.recipe.output_dir,
     }
@@ -398,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training: {result['train']['target_tokens_per_s']:,.0f} target tokens/s",
               file=sys.stderr)
 
+    if args.no_decode:
+        print(format_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return 0
     model, tokenizer, description = load_decoder(args, trainer)
     tests = trainer.data.tests
     name = args.test or next(iter(tests))
@@ -417,6 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         from seq2seq.quantize import quantize_for_cpu
 
         variants.append(("int8", quantize_for_cpu(model)))
+    if args.bf16:
+        from seq2seq.precision import decoding_model
+
+        variants.append(("bf16", decoding_model(model, "bf16", device)[0]))
     for weights, variant in variants:
         for beam in (int(b) for b in args.beams.split(",")):
             row = bench_decoding(variant, src_ids, refs, tokenizer, decode, beam,

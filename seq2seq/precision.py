@@ -15,6 +15,7 @@ bf16 under autocast; the loss and its softmax statistics are computed in fp32.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -76,3 +77,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def precision_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision (None: fp32)."""
     return DTYPES.get(precision)
+
+
+def decoding_model(model: torch.nn.Module, precision: str, device: torch.device
+                   ) -> tuple[torch.nn.Module, str, str]:
+    """``(model to decode with, precision, why)`` for ``--precision``: in bf16, a copy with
+    every weight cast once (the searches take ``log_softmax`` of fp32 logits, so scores
+    accumulate in fp32); in fp32 the model itself."""
+    resolved, why = resolve_precision(precision, device)
+    if resolved != "bf16":
+        return model, "fp32", why
+    return copy.deepcopy(model).to(torch.bfloat16), "bf16", why

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seq2seq import precision as prec
 from seq2seq.models import PAD
-from seq2seq.training import precision as prec
 from seq2seq.training.step import autocast_dtype
 from tests.models.test_models import CELLS, batch, make, tiny
 

@@ -29,10 +29,10 @@ from seq2seq import distributed as dist
 from seq2seq.config import Recipe, TrainConfig
 from seq2seq.data.batching import collate
 from seq2seq.errors import Seq2SeqError
+from seq2seq.precision import precision_dtype, resolve_precision
 from seq2seq.tokenizer import PAD
 from seq2seq.training.graphs import StaticSteps, bucket_shape
 from seq2seq.training.optim import load_optimizer_state, make_optimizer
-from seq2seq.training.precision import precision_dtype, resolve_precision
 from seq2seq.training.progress import Progress
 
 
