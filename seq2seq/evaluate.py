@@ -29,15 +29,19 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     ``--compare FILE`` (another system's output, one line per source line) adds a paired
     bootstrap test; with a recipe it applies to every test set, so use it with one.
     """
-    from seq2seq.translate import CLI_NAMES, Translator
+    from seq2seq.precision import resolve_precision
+    from seq2seq.translate import CLI_NAMES, Translator, resolve_device
 
     if recipe is not None:
         checkpoints = args.checkpoint or [str(Path(recipe.output_dir) /
                                                f"{recipe.eval.checkpoint}.pt")]
     else:
         checkpoints = args.checkpoint
+    # What --precision becomes on this device, known before the model loads.
+    precision = "fp32" if args.quantize else resolve_precision(
+        args.precision, resolve_device(args.device))[0]
     report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(
-        recipe, checkpoints, args.src, args.quantize)
+        recipe, checkpoints, args.src, args.quantize, precision)
     # Before the model loads: a bad report directory must not cost a whole evaluation.
     if report_dir.exists() and not report_dir.is_dir():
         raise EvaluationError(f"{report_dir}: exists and is not a directory")
@@ -46,7 +50,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     outputs += [report_dir / "report.json", report_dir / "report.md"]
     check_distinct(outputs, [*checkpoints, args.src, *(args.ref or []), args.compare])
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
-                                            quantize=args.quantize)
+                                            quantize=args.quantize, precision=args.precision)
     recipe = recipe or translator.recipe
     # The decode section of the recipe given here (with its overrides), else the checkpoint's.
     settings = translator.decode_settings(beam=args.beam, nbest=1, alpha=args.alpha,
@@ -60,7 +64,8 @@ def evaluate_command(args: Any, recipe: Any) -> int:
         hyps, attention = _translate_all(translator, settings, srcs, cfg.attention_plots)
         results.append(build_result(
             name, srcs, hyps, refs, cfg.lowercase, cfg.tokenize, cfg.bootstrap, recipe.seed,
-            decoding={**dataclasses.asdict(settings), "quantized": args.quantize},
+            decoding={**dataclasses.asdict(settings), "quantized": args.quantize,
+                      "precision": translator.precision},
             checkpoints=checkpoints,
             compare_hyps=compare, compare_name=args.compare, attention=attention))
     write_report(report_dir, results)
@@ -70,21 +75,24 @@ def evaluate_command(args: Any, recipe: Any) -> int:
 
 
 def default_report_dir(recipe: Any, checkpoints: Sequence[str], src: str | None,
-                       quantized: bool) -> Path:
+                       quantized: bool, precision: str = "fp32") -> Path:
     """Where ``seq2seq evaluate`` writes without ``--report-dir``; no two kinds of evaluation
     share a directory, so none overwrites another's report.
 
     * a recipe's test sets: ``eval.report_dir``, else ``<output_dir>/eval``;
     * ``--src FILE``: ``<directory of the (first) checkpoint>/eval-<FILE's name>`` (``.gz``
       dropped);
-    * ``--quantize`` appends ``-int8`` to either, beside the full-precision report.
+    * ``--quantize`` appends ``-int8`` to either, and bf16 weights (``--precision``)
+      ``-bf16``, beside the full-precision report.
     """
     if src:
         name = "stdin" if src == "-" else Path(src).name.removesuffix(".gz")
         report_dir = Path(checkpoints[0]).parent / f"eval-{name}"
     else:
         report_dir = Path(recipe.eval.report_dir or Path(recipe.output_dir) / "eval")
-    return report_dir.with_name(report_dir.name + "-int8") if quantized else report_dir
+    if quantized or precision == "bf16":
+        return report_dir.with_name(f"{report_dir.name}-{'int8' if quantized else 'bf16'}")
+    return report_dir
 
 
 def _read_text_lines(path: str) -> list[str]:

@@ -100,7 +100,7 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
     static = None
     if (decode.cuda_graphs and device.type == "cuda" and not return_attention
-            and decode.no_repeat_ngram == 0):
+            and decode.no_repeat_ngram == 0 and decode.stop == "exact"):
         # One searcher for all batches: its buffers and graphs serve every batch of a shape.
         static = StaticBeamSearch(model, decode.beam_size, decode.n_best, decode.alpha,
                                   decode.max_len_ratio, decode.max_len_add, decode.min_len,
@@ -119,7 +119,8 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
                 model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,
                 alpha=decode.alpha, max_len_ratio=decode.max_len_ratio,
                 max_len_add=decode.max_len_add, min_len=decode.min_len,
-                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention)
+                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention,
+                stop=decode.stop)
         for i, nbest in zip(batch, hyps):
             results[i] = nbest
     return results
@@ -187,14 +188,17 @@ class Translator:
                  checkpoints: list[str]):
         self.model, self.tokenizer, self.recipe = model, tokenizer, recipe
         self.device, self.checkpoints = device, checkpoints
+        self.precision = "fp32"  # of the weights decoded with: fp32, bf16 or int8
 
     @classmethod
     def from_checkpoint(cls, paths: str | Path | list[str | Path], device: str = "auto",
-                        quantize: bool = False) -> "Translator":
+                        quantize: bool = False, precision: str = "fp32") -> "Translator":
         """Load one checkpoint, or several (an ensemble) sharing one tokenizer.
 
         ``quantize`` decodes with an int8 dynamically quantised copy (CPU only, see
-        :mod:`seq2seq.quantize`).
+        :mod:`seq2seq.quantize`). ``precision`` "bf16" decodes with the weights cast to bf16
+        once; "auto" picks bf16 where the device computes it natively, else fp32 (see
+        :func:`seq2seq.precision.decoding_model`); :attr:`precision` says which it became.
         """
         from seq2seq.models.seq2seq import build_model
 
@@ -220,11 +224,21 @@ class Translator:
             recipe = recipe or this_recipe
             tokenizer = tokenizer or this_tok
         model = models[0] if len(models) == 1 else Ensemble(models)
+        if quantize and precision == "bf16":
+            raise Seq2SeqError("--quantize and --precision bf16 exclude each other: int8 "
+                               "weights compute in int8 and fp32")
+        chosen = "fp32"
         if quantize:
             from seq2seq.quantize import quantize_for_cpu
 
             model = quantize_for_cpu(model)
-        return cls(model, tokenizer, recipe, torch_device, [str(p) for p in paths])
+        elif precision != "fp32":
+            from seq2seq.precision import decoding_model
+
+            model, chosen, _ = decoding_model(model, precision, torch_device)
+        translator = cls(model, tokenizer, recipe, torch_device, [str(p) for p in paths])
+        translator.precision = "int8" if quantize else chosen
+        return translator
 
     def decode_settings(self, beam: int | None = None, nbest: int | None = None,
                         alpha: float | None = None, max_len_ratio: float | None = None,
@@ -331,7 +345,7 @@ def translate_command(args: Any) -> int:
     if any(same_file(args.input, checkpoint) for checkpoint in args.checkpoint):
         raise Seq2SeqError(f"--input {args.input}: is the checkpoint, not text to translate")
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device,
-                                            quantize=args.quantize)
+                                            quantize=args.quantize, precision=args.precision)
     settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
                                           batch_tokens=args.batch_tokens, names=CLI_NAMES)
