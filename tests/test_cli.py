@@ -356,3 +356,38 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.decode().strip().startswith("error:")
     assert "Traceback" not in result.stderr.decode()
+
+
+def test_translate_in_bf16_gives_the_fp32_output_greedily(trained):
+    # bf16 weights (cast once) on the tiny trained model: greedy output equals fp32's here;
+    # beam search may differ where two hypotheses score within bf16's rounding (~0.4 %).
+    _, run = trained
+    lines = b"".join(f"{' '.join(['a', 'b', 'c'][:1 + i % 3])} {i}\n".encode()
+                     for i in range(20))
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        result = seq2seq("translate", "--checkpoint", run / "best.pt", "--beam", "1",
+                         "--precision", precision, "--device", "cpu", stdin=lines)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        outputs[precision] = result.stdout.decode().splitlines()
+    assert len(outputs["fp32"]) == 20 and any(outputs["fp32"])
+    assert outputs["bf16"] == outputs["fp32"]
+
+
+def test_evaluate_in_bf16_reports_its_precision_in_a_dir_of_its_own(trained, tmp_path):
+    _, run = trained
+    shutil.copy(run / "best.pt", tmp_path / "best.pt")
+    (tmp_path / "src.txt").write_text("the dog\nthe cat sees a house\n")
+    (tmp_path / "ref.txt").write_text("der Hund\ndie Katze sieht ein Haus\n")
+    result = seq2seq("evaluate", "--checkpoint", tmp_path / "best.pt", "--src",
+                     tmp_path / "src.txt", "--ref", tmp_path / "ref.txt", "--beam", "1",
+                     "--precision", "bf16", "--device", "cpu")
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    entry = json.loads((tmp_path / "eval-src.txt-bf16" / "report.json").read_text())
+    assert entry["test_sets"][0]["decoding"]["precision"] == "bf16"
+    both = seq2seq("translate", "--checkpoint", tmp_path / "best.pt", "--quantize",
+                   "--precision", "bf16", stdin=b"a\n")
+    assert both.returncode != 0
+    assert both.stderr.decode().strip().splitlines() == [
+        "error: --quantize and --precision bf16 exclude each other: int8 weights compute in "
+        "int8 and fp32"]
