@@ -1,0 +1,63 @@
+"""``seq2seq serve`` started wrongly: one ``error:`` line and exit code 2, before any model loads
+where the mistake is in the flags; and the other commands never load FastAPI."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.serve.conftest import ENV, seq2seq
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_other_commands_do_not_import_fastapi():
+    code = ("import sys, seq2seq.cli; seq2seq.cli.build_parser(); "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=ENV, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--queue-size", "-3"], "--queue-size must be >= 1, got -3"),
+    (["--timeout", "0"], "--timeout must be > 0, got 0.0"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0, got -1.0"),
+    (["--api-keys", "/nonexistent/keys.txt"], "cannot read the API keys"),
+])
+def test_bad_flags_fail_before_loading(flags, message, tmp_path):
+    result = seq2seq("serve", tmp_path / "missing.pt", *flags, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert len(error_lines(result)) == 1 and message in error_lines(result)[0], result.stderr
+
+
+def test_empty_key_file_missing_checkpoint_and_busy_port(checkpoint, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# no key yet\n\n", encoding="utf-8")
+    result = seq2seq("serve", checkpoint, "--api-keys", keys, cwd=tmp_path)
+    assert result.returncode == 2 and "holds no API key" in result.stderr
+    result = seq2seq("serve", tmp_path / "missing.pt", "--port", "0", cwd=tmp_path)
+    assert result.returncode == 2 and len(error_lines(result)) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = seq2seq("serve", checkpoint, "--port", port, cwd=tmp_path)
+    assert result.returncode == 2
+    assert error_lines(result) == [
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use)"], result.stderr
+
+
+def test_two_checkpoints_of_one_pair_are_refused(checkpoint, tmp_path):
+    result = seq2seq("serve", checkpoint, checkpoint, "--port", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "both translate en to de" in result.stderr, result.stderr
