@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "data.src_lang -> data.trg_lang)")
     add_serve_arguments(p)
     _decode_flags(p)
+    _precision_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate-data",

@@ -37,7 +37,8 @@ def serve_command(args: Any) -> int:
     host, port = sock.getsockname()[:2]
     for model in pairs.models.values():
         print(f"serving {model.source}->{model.target} from {model.checkpoint} (beam "
-              f"{model.settings.beam_size}, alpha {model.settings.alpha:g})", file=sys.stderr)
+              f"{model.settings.beam_size}, alpha {model.settings.alpha:g}, "
+              f"{model.translator.precision})", file=sys.stderr)
     print(f"listening on http://{host}:{port} (batches of up to {options.batch_size} "
           f"sentences, {options.batch_wait_ms:g} ms wait)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False,
@@ -68,7 +69,8 @@ def load_model(path: str, args: Any, options: ServeOptions, metrics: Metrics) ->
     """One checkpoint with its settings (the decoding flags over its recipe) and worker."""
     from seq2seq.translate import Translator
 
-    translator = Translator.from_checkpoint(path, device=args.device, quantize=args.quantize)
+    translator = Translator.from_checkpoint(path, device=args.device, quantize=args.quantize,
+                                            precision=args.precision)
     settings = translator.decode_settings(beam=args.beam, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
                                           batch_tokens=args.batch_tokens)
