@@ -234,8 +234,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     from seq2seq.translate import pad_sources
 
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]), reverse=True)
-    graphs = bool(decode.cuda_graphs and device.type == "cuda" and beam > 1
-                  and decode.stop == "exact")
+    graphs = bool(decode.cuda_graphs and device.type == "cuda" and beam > 1)
     # decode.cuda_graphs: the fixed-shape search (same output), graphs kept across batches.
     static = StaticBeamSearch(model, beam, alpha=decode.alpha,
                               max_len_ratio=decode.max_len_ratio,
@@ -260,7 +259,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
             best = [nbest[0] for nbest in beam_search(
                 model, src, src_lens, beam_size=beam, alpha=decode.alpha,
                 max_len_ratio=decode.max_len_ratio, max_len_add=decode.max_len_add,
-                min_len=decode.min_len, stop=decode.stop)]
+                min_len=decode.min_len)]
         limits = [math.floor(decode.max_len_ratio * n + decode.max_len_add)
                   for n in src_lens.tolist()]
         for i, hyp, limit in zip(batch, best, limits):
@@ -280,7 +279,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
         "mean_output_tokens": round(out_tokens / len(src_ids), 2),
         "cut_at_max_len": cut,
         "max_len": f"floor({decode.max_len_ratio} * src_len + {decode.max_len_add})",
-        "min_len": decode.min_len, "stop": decode.stop,
+        "min_len": decode.min_len,
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20
                                  if device.type == "cuda" else peak_rss_mib(), 1),
         "load_average": [load_before, load_average()],

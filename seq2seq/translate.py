@@ -100,7 +100,7 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
     static = None
     if (decode.cuda_graphs and device.type == "cuda" and not return_attention
-            and decode.no_repeat_ngram == 0 and decode.stop == "exact"):
+            and decode.no_repeat_ngram == 0):
         # One searcher for all batches: its buffers and graphs serve every batch of a shape.
         static = StaticBeamSearch(model, decode.beam_size, decode.n_best, decode.alpha,
                                   decode.max_len_ratio, decode.max_len_add, decode.min_len,
@@ -119,8 +119,7 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
                 model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,
                 alpha=decode.alpha, max_len_ratio=decode.max_len_ratio,
                 max_len_add=decode.max_len_add, min_len=decode.min_len,
-                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention,
-                stop=decode.stop)
+                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention)
         for i, nbest in zip(batch, hyps):
             results[i] = nbest
     return results

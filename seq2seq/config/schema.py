@@ -204,10 +204,6 @@ class DecodeConfig:
     no_repeat_ngram: int = option(0, "forbid repeating any n-gram of this size (0: off)",
                                   ints(0, 100))
     batch_tokens: int = option(4000, "source tokens per decoding batch", ints(1, 1_000_000))
-    stop: Literal["exact", "early"] = option(
-        "exact", "beam search: exact (stop a sentence when no live beam can beat its best: the "
-        "result of searching to max length) or early (also OpenNMT-py's rule: stop once the "
-        "best candidate ends; may pick a shorter output when alpha > 0; plain search only)")
     cuda_graphs: bool = option(
         False, "GPU beam search on fixed shapes, replayed as CUDA graphs (same results; not "
         "with attention output or no_repeat_ngram, which use the plain search)")

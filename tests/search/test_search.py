@@ -101,14 +101,13 @@ def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stop", ["exact", "early"])
 @pytest.mark.parametrize("min_len,no_repeat_ngram", [(0, 0), (4, 0), (0, 2)])
-def test_beam_1_equals_greedy(model, min_len, no_repeat_ngram, stop):
+def test_beam_1_equals_greedy(model, min_len, no_repeat_ngram):
     src, src_lens = make_batch(SRC_LENS)
     greedy = greedy_search(model, src, src_lens, 1.5, 5, min_len=min_len,
                            no_repeat_ngram=no_repeat_ngram)
     beam = beam_search(model, src, src_lens, beam_size=1, max_len_ratio=1.5, max_len_add=5,
-                       min_len=min_len, no_repeat_ngram=no_repeat_ngram, stop=stop)
+                       min_len=min_len, no_repeat_ngram=no_repeat_ngram)
     for g, [b] in zip(greedy, beam):
         assert g.tokens == b.tokens
         assert g.log_prob == pytest.approx(b.log_prob, abs=1e-5)
@@ -293,37 +292,6 @@ def test_early_stop_waits_for_beams_the_length_penalty_can_still_lift():
     [[hyp]] = beam_search(model, src, src_lens, beam_size=2, alpha=0.0, max_len_ratio=0.0,
                           max_len_add=6)
     assert hyp.tokens == []
-
-
-def test_the_early_stop_changes_beam_output_only_as_documented():
-    # OpenNMT-py's rule stops at the first step whose best candidate is EOS: on the example
-    # above, with alpha 2, it keeps "EOS" where the exact rule finds the better A A A A A A.
-    a = 4
-    model = bigram(6, {BOS: {EOS: 0.6, a: 0.4}, a: {a: 0.9, EOS: 0.1}})
-    src, src_lens = make_batch([2])
-    found = {stop: beam_search(model, src, src_lens, beam_size=2, alpha=2.0, max_len_ratio=0.0,
-                               max_len_add=6, stop=stop)[0][0] for stop in ("exact", "early")}
-    assert (found["exact"].tokens, found["early"].tokens) == ([a] * 6, [])
-    assert found["early"].score < found["exact"].score
-
-
-@pytest.mark.parametrize("beam_size", [2, 5])
-def test_early_stop_equals_exact_without_a_length_penalty(model, beam_size):
-    # alpha 0, one best: nothing longer can beat a finished best candidate.
-    src, src_lens = make_batch(SRC_LENS)
-    exact, early = (beam_search(model, src, src_lens, beam_size=beam_size, alpha=0.0,
-                                max_len_ratio=1.5, max_len_add=5, stop=stop)
-                    for stop in ("exact", "early"))
-    assert [h[0].tokens for h in early] == [h[0].tokens for h in exact]
-
-
-def test_early_stop_never_scores_above_exact(model):
-    # With a length penalty the early rule may stop before the best: never beyond it.
-    src, src_lens = make_batch(SRC_LENS)
-    exact, early = (beam_search(model, src, src_lens, beam_size=4, alpha=1.0,
-                                max_len_ratio=1.5, max_len_add=5, stop=stop)
-                    for stop in ("exact", "early"))
-    assert all(e[0].score <= x[0].score + 1e-6 for e, x in zip(early, exact))
 
 
 def test_attention_rows_per_scored_token():
