@@ -2,9 +2,11 @@
 
 :func:`input_problems` finds every problem with the directories and corpora a recipe names:
 an ``output_dir`` or ``data.cache_dir`` that a file stands in the way of, a corpus file that is
-missing, unreadable or holds no sentence pair with text on both sides (an empty validation set
-would give a run that scores BLEU 0). It reads nothing it does not have to (the first useful pair
-of each corpus) and writes nothing. ``prepare`` raises the first problem; ``check`` prints all.
+missing or unreadable, a training or validation corpus without a sentence pair with text on
+both sides (an empty validation set would give a run that scores BLEU 0; an empty test set is
+allowed: it scores as an empty test set). It reads nothing it does not have to (the first
+useful pair of each corpus) and writes nothing. ``prepare`` raises the first problem; ``check``
+prints all.
 """
 
 from __future__ import annotations
@@ -36,13 +38,17 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
         problem = _directory_problem(path)
         if problem:
             problems.append(f"{key} {path}: {problem}")
-    corpora = [("data.train", data.train, False), ("data.valid", data.valid, read_eval_sets)]
-    corpora += [(f"data.test.{name}", corpus, read_eval_sets)
+    # (key, corpus, read to its end, must hold a pair): an empty test set is allowed (it
+    # scores as an empty test set); an empty training or validation set is not.
+    corpora = [("data.train", data.train, False, True),
+               ("data.valid", data.valid, read_eval_sets, True)]
+    corpora += [(f"data.test.{name}", corpus, read_eval_sets, False)
                 for name, corpus in data.test.items()]
-    for where, corpus, read_all in corpora:
+    for where, corpus, read_all, needs_text in corpora:
         try:
             check_corpus(corpus, data)
-            _check_some_text(corpus, data, read_all)
+            if needs_text or read_all:
+                _check_some_text(corpus, data, read_all, needs_text)
         except DataError as error:
             problems.append(f"{where}: {error}")
     return problems
@@ -65,9 +71,10 @@ def _directory_problem(path: Path) -> str | None:
     return None
 
 
-def _check_some_text(corpus: Corpus, data: DataConfig, read_all: bool) -> None:
-    """Refuse a corpus without one pair holding text on both sides; read it all with
-    ``read_all``, else only up to that pair. A hub dataset is not downloaded for this."""
+def _check_some_text(corpus: Corpus, data: DataConfig, read_all: bool,
+                     needs_text: bool = True) -> None:
+    """Refuse (with ``needs_text``) a corpus without one pair holding text on both sides; read
+    it all with ``read_all``, else only up to that pair. A hub dataset is not downloaded."""
     if corpus.format == "hf" and not corpus.path:
         return
     found = False
@@ -75,7 +82,7 @@ def _check_some_text(corpus: Corpus, data: DataConfig, read_all: bool) -> None:
         found = found or bool(src and trg)
         if found and not read_all:
             return
-    if not found:
+    if needs_text and not found:
         files = [f for f in (corpus.src, corpus.trg, corpus.path) if f]
         where = ", ".join(str(resolve_path(f, data)) for f in files) or corpus.format
         raise DataError(f"{where}: no sentence pair has text on both sides (an empty corpus)")
