@@ -51,7 +51,8 @@ generator = torch.Generator().manual_seed(0)
 with torch.no_grad():
     for parameter in trainer.model.parameters():
         parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.6)
-metrics = trainer.validate()
+metrics = validation.validate(trainer.model, trainer.data.valid, trainer.data.tokenizer,
+                              trainer.recipe, trainer.device)
 with open(f"{sys.argv[2]}.rank{dist.rank()}.json", "w") as handle:
     json.dump({"metrics": metrics, "hyps": seen.get("hyps"), "decoded": seen["decoded"],
                "world": dist.world_size()}, handle)

@@ -149,3 +149,31 @@ def test_tensorboard_logging(tmp_path):
                     "train.valid_every=2"))
     events = list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_average_last_writes_a_validated_average_of_the_last_step_checkpoints(tmp_path):
+    from seq2seq.checkpoint import average_checkpoints
+
+    recipe = tiny_recipe(tmp_path, "train.max_steps=6", "train.valid_every=2",
+                         "train.keep_last=3", "train.average_last=2")
+    fit(recipe)
+    out = tmp_path / "run"
+    averaged = load_checkpoint(out / "averaged.pt")
+    assert averaged["averaged_from"] == [str(out / "step_00000004.pt"),
+                                         str(out / "step_00000006.pt")]
+    average_checkpoints([out / "step_00000004.pt", out / "step_00000006.pt"], tmp_path / "a.pt")
+    expected = load_checkpoint(tmp_path / "a.pt")["model"]
+    assert all(torch.equal(averaged["model"][k], expected[k]) for k in expected)
+    last = load_checkpoint(out / "last.pt")["model"]
+    assert not all(torch.equal(averaged["model"][k], last[k]) for k in last)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r["split"] == "averaged"]
+    assert row["step"] == 6 and 0 <= row["bleu"] <= 100 and row["loss"] > 0
+
+
+def test_average_last_needs_that_many_kept_checkpoints():
+    from seq2seq.config import RecipeError
+
+    with pytest.raises(RecipeError, match="train.average_last: averages step checkpoints, so "
+                                          "it needs train.keep_last >= 5; got keep_last 2"):
+        recipe_from_dict(tiny_tree("run"), ["train.average_last=5", "train.keep_last=2"])

@@ -110,6 +110,9 @@ def check_train(train: TrainConfig) -> None:
     # The schedule floors the rate at min_lr: above lr, it would silently replace it.
     _check(problems, train.min_lr <= train.lr, "train.min_lr",
            f"must not exceed train.lr ({train.lr}), got {train.min_lr}")
+    _check(problems, train.average_last <= train.keep_last, "train.average_last",
+           f"averages step checkpoints, so it needs train.keep_last >= {train.average_last}; "
+           f"got keep_last {train.keep_last}")
     _check(problems, train.max_steps > 0 or train.max_epochs > 0, "train.max_steps",
            "train.max_steps and train.max_epochs cannot both be 0 (the run would not stop)")
     _raise_any(problems)

@@ -173,6 +173,9 @@ class TrainConfig:
                            ints(0, 1_000_000))
     keep_last: int = option(3, "keep the last K step checkpoints besides last.pt and best.pt",
                             ints(0, 1_000_000))
+    average_last: int = option(
+        0, "at the end, average the weights of the last N step checkpoints into averaged.pt "
+        "and validate it (needs train.keep_last >= N; 0: off)", ints(0, 1_000_000))
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
     threads: int = option(0, "CPU threads for torch (0: torch's default)", ints(0, 1024))
     max_bad_steps: int = option(
@@ -221,7 +224,8 @@ DECODE_RANGES = {f.name: f.metadata["range"] for f in fields(DecodeConfig)
 class EvalConfig:
     """Scoring and reports of ``seq2seq evaluate``."""
 
-    checkpoint: Literal["best", "last"] = option("best", "which checkpoint of the run to evaluate")
+    checkpoint: Literal["best", "last", "averaged"] = option(
+        "best", "which checkpoint of the run to evaluate (averaged: train.average_last's)")
     lowercase: bool = option(False, "case-insensitive BLEU and chrF")
     tokenize: Literal["13a", "intl", "zh", "ja-mecab", "char", "none"] = option(
         "13a", "sacreBLEU tokenizer for BLEU")

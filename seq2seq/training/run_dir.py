@@ -41,7 +41,7 @@ LOCK_FILE = ".lock"
 RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
                      "train.valid_every", "train.log_every", "train.patience", "train.keep_last",
                      "train.tensorboard", "train.device", "train.threads", "train.max_bad_steps",
-                     "train.cuda_graphs",
+                     "train.cuda_graphs", "train.average_last",
                      "decode.", "eval.", "distributed.", "data.num_proc", "data.root",
                      "data.cache_dir")
 

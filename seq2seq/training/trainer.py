@@ -31,6 +31,7 @@ from seq2seq.config import Recipe, recipe_to_dict
 from seq2seq.data.batching import epoch_batches, rank_steps
 from seq2seq.data.cache import prepare_data
 from seq2seq.models.seq2seq import build_model
+from seq2seq.training.averaging import average_and_validate
 from seq2seq.training.optim import Schedule
 from seq2seq.training.progress import Progress
 from seq2seq.training.run_dir import RunDirectory, exit_code, print_summary
@@ -235,10 +236,6 @@ class Trainer:
 
     # ---- validation, checkpoints, the end ---------------------------------------------------
 
-    def validate(self) -> dict[str, float]:
-        return validate(self.model, self.data.valid, self.data.tokenizer, self.recipe,
-                        self.device)
-
     def validate_and_save(self, scheduled: bool) -> None:
         """Validate; keep best.pt, the schedule and early stopping; write the checkpoints.
 
@@ -247,7 +244,8 @@ class Trainer:
         """
         cfg, progress = self.recipe.train, self.progress
         start = time.perf_counter()
-        metrics = self.validate()
+        metrics = validate(self.model, self.data.valid, self.data.tokenizer, self.recipe,
+                           self.device)
         self.session.validation_s += time.perf_counter() - start
         self.model.train()
         self.run.log_validation(progress.step, progress.epoch_label(), metrics)
@@ -300,6 +298,9 @@ class Trainer:
                 self.validate_and_save(scheduled=False)
             else:
                 self.save("last.pt")
+            if self.recipe.train.average_last and not self.interrupted and progress.step > 0:
+                average_and_validate(self.run, self.model, self.data, self.recipe, self.device,
+                                     progress.step, progress.epoch_label())
         if dist.is_main():
             print_summary(self.stop_reason, progress, metric, self.run.path,
                           idle=unchanged and not self.interrupted)
