@@ -99,6 +99,19 @@ class Tokenizer:
         """Target sentences -> subword ids (no BOS/EOS)."""
         return self._trg.encode(list(sentences), out_type=int)
 
+    def encode_src_sampled(self, sentences: list[str], alpha: float,
+                           nbest: int) -> list[list[int]]:
+        """Source sentences -> ids of one sampled segmentation each (subword regularisation,
+        :mod:`seq2seq.data.sampling`); drawn on one thread, so a seeded draw repeats."""
+        return self._src.encode(list(sentences), out_type=int, enable_sampling=True,
+                                alpha=alpha, nbest_size=nbest, num_threads=1)
+
+    def encode_trg_sampled(self, sentences: list[str], alpha: float,
+                           nbest: int) -> list[list[int]]:
+        """Target sentences -> ids of one sampled segmentation each."""
+        return self._trg.encode(list(sentences), out_type=int, enable_sampling=True,
+                                alpha=alpha, nbest_size=nbest, num_threads=1)
+
     def decode_src(self, ids: list[list[int]]) -> list[str]:
         """Source ids -> detokenized text; PAD, BOS and EOS are ignored."""
         return _decode(self._src, ids)

@@ -110,6 +110,8 @@ def check_train(train: TrainConfig) -> None:
     # The schedule floors the rate at min_lr: above lr, it would silently replace it.
     _check(problems, train.min_lr <= train.lr, "train.min_lr",
            f"must not exceed train.lr ({train.lr}), got {train.min_lr}")
+    _check(problems, train.sample_nbest not in (0, 1), "train.sample_nbest",
+           f"must be -1 (all) or at least 2 (1 would sample nothing), got {train.sample_nbest}")
     _check(problems, train.average_last <= train.keep_last, "train.average_last",
            f"averages step checkpoints, so it needs train.keep_last >= {train.average_last}; "
            f"got keep_last {train.keep_last}")

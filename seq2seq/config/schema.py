@@ -157,6 +157,13 @@ class TrainConfig:
     clip_norm: float = option(1.0, "gradient-norm clipping (0: off)", floats(0, 1_000_000))
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy",
                                     floats(0, 1, hi_open=True))
+    sample_alpha: float = option(
+        0.0, "subword regularisation (Kudo 2018): re-tokenise the training pairs by sampling "
+        "each epoch with this smoothing (unigram) or merge dropout (bpe); 0: off",
+        floats(0, 1))
+    sample_nbest: int = option(
+        -1, "subword regularisation: sample from the best N segmentations (-1: all; unigram)",
+        ints(-1, 1000))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "auto: bf16 on a GPU or a CPU with native bf16 (amx_bf16, avx512_bf16), else "
         "fp32; bf16: autocast, fp32 weights (on a CPU the RNNs too); fp16: autocast with a "

@@ -97,6 +97,10 @@ class _Step:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype is torch.float16)
         self.last_checkpoint = last_checkpoint
 
+    def use_pairs(self, train_set: Any, trg_lens: np.ndarray) -> None:
+        """Train on other pairs from now on (an epoch's re-tokenised ones)."""
+        self.train_set, self.trg_lens = train_set, trg_lens
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
 

@@ -30,6 +30,7 @@ from seq2seq.checkpoint import load_weights
 from seq2seq.config import Recipe, recipe_to_dict
 from seq2seq.data.batching import epoch_batches, rank_steps
 from seq2seq.data.cache import prepare_data
+from seq2seq.data.sampling import sampled_epoch
 from seq2seq.models.seq2seq import build_model
 from seq2seq.training.averaging import average_and_validate
 from seq2seq.training.optim import Schedule
@@ -178,7 +179,6 @@ class Trainer:
         cfg, progress = self.recipe.train, self.progress
         if dist.is_main():
             self.run.write_recipe(self.recipe)
-        src_lens, trg_lens = self.data.train_lengths()
         group = self.world * cfg.accumulate
         bar = tqdm(total=cfg.max_steps or None, initial=progress.step, disable=not dist.is_main(),
                    desc="train", dynamic_ncols=True)
@@ -189,6 +189,7 @@ class Trainer:
             if cfg.max_epochs and progress.epoch >= cfg.max_epochs:
                 self.stop_reason = f"reached train.max_epochs={cfg.max_epochs}"
                 break
+            src_lens, trg_lens = epoch_pairs(self.data, self.recipe, progress.epoch, self.step)
             batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,
                                     self.recipe.seed, progress.epoch, group)
             steps = rank_steps(batches, self.rank, self.world, cfg.accumulate)
@@ -314,6 +315,21 @@ class Trainer:
         """
         self.step.close()
         self.run.close()
+
+
+def epoch_pairs(data: Any, recipe: Recipe, epoch: int, step: Any) -> tuple[Any, Any]:
+    """The (N,) source and target lengths of ``epoch``'s training pairs.
+
+    With subword regularisation (``train.sample_alpha``) the pairs are re-tokenised for the
+    epoch (:mod:`seq2seq.data.sampling`) and ``step`` trains on them.
+    """
+    cfg = recipe.train
+    if not cfg.sample_alpha:
+        return data.train_lengths()
+    table, src_lens, trg_lens = sampled_epoch(data.train, data.tokenizer, cfg.sample_alpha,
+                                              cfg.sample_nbest, recipe.seed, epoch)
+    step.use_pairs(table, trg_lens)
+    return src_lens, trg_lens
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

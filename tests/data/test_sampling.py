@@ -1,0 +1,66 @@
+"""Subword regularisation (seq2seq/data/sampling.py): sampled per epoch, seeded, same text."""
+
+import numpy as np
+import pytest
+
+from seq2seq.config import RecipeError, recipe_from_dict
+from seq2seq.data.cache import prepare_data
+from seq2seq.data.sampling import sampled_epoch
+from seq2seq.training.trainer import fit
+from tests.conftest import tiny_tree
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sampling")
+    return prepare_data(recipe_from_dict(tiny_tree(str(root / "run"))), show_progress=False)
+
+
+def test_each_epoch_samples_other_segmentations_of_the_same_text(prepared):
+    data, tok = prepared, prepared.tokenizer
+    first, src_lens, trg_lens = sampled_epoch(data.train, tok, 0.3, -1, seed=1, epoch=0)
+    second = sampled_epoch(data.train, tok, 0.3, -1, seed=1, epoch=1)[0]
+    plain = data.train.data.table
+    for side in ("src", "trg"):
+        decode = tok.decode_src if side == "src" else tok.decode_trg
+        texts = decode(plain.column(f"{side}_ids").to_pylist())
+        for table in (first, second):
+            assert decode(table.column(f"{side}_ids").to_pylist()) == texts  # same sentences
+        assert first.column(f"{side}_ids") != plain.column(f"{side}_ids")  # other pieces
+        assert first.column(f"{side}_ids") != second.column(f"{side}_ids")
+    assert first.num_rows == len(data.train) == len(src_lens) == len(trg_lens)
+    lengths = first.column("trg_ids").combine_chunks().value_lengths().to_numpy()
+    assert np.array_equal(trg_lens, lengths)
+
+
+def test_the_same_seed_and_epoch_draw_the_same_segmentations(prepared):
+    tok = prepared.tokenizer
+    a = sampled_epoch(prepared.train, tok, 0.3, 8, seed=5, epoch=2)[0]
+    sampled_epoch(prepared.train, tok, 0.3, 8, seed=6, epoch=2)  # another draw between
+    b = sampled_epoch(prepared.train, tok, 0.3, 8, seed=5, epoch=2)[0]
+    assert a.equals(b)
+
+
+def test_a_run_with_sampling_resumes_bitwise_and_validates_deterministically(tmp_path):
+    import torch
+
+    def recipe(name, steps):
+        tree = tiny_tree(str(tmp_path / name), train={"max_steps": steps, "sample_alpha": 0.3})
+        tree["data"]["cache_dir"] = str(tmp_path / "cache")
+        tree["data"]["train"]["size"] = 20  # ~5 updates per epoch: the resume crosses epochs
+        return recipe_from_dict(tree)
+
+    full = fit(recipe("full", 8))
+    fit(recipe("part", 3))
+    resumed = fit(recipe("part", 8))
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert full.progress.epoch >= 1  # the run went through more than one sampled epoch
+    valid, tok = full.data.valid, full.data.tokenizer
+    assert valid.src_ids == tok.encode_src(valid.src_text)  # validation is not sampled
+    assert valid.trg_ids == tok.encode_trg(valid.trg_text)
+
+
+def test_sample_nbest_of_one_is_refused():
+    with pytest.raises(RecipeError, match="train.sample_nbest: must be -1 .* got 1"):
+        recipe_from_dict(tiny_tree("run"), ["train.sample_nbest=1"])
