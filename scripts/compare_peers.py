@@ -43,12 +43,17 @@ PEERS_BENCH = Path(os.environ.get("PEERS_BENCH", REPO.parent / "shared" / "peers
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default=RECIPE, help="our recipe (the peers' kit builds "
+                        "the de-en.gru model: another recipe is not like for like)")
+    parser.add_argument("--repeat", type=int, default=1000,
+                        help="sentences we decode (test_2016_flickr has 1,000)")
     parser.add_argument("--len", type=int, default=24, help="fixed output length in tokens")
     parser.add_argument("--steps", type=int, default=20, help="our timed training steps")
     parser.add_argument("--peer-steps", type=int, default=60,
                         help="peers' training steps (timed: those after the 20th)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for all three")
-    parser.add_argument("--work-dir", help="logs and JSON of each part (default: a temp dir)")
+    parser.add_argument("--work-dir", help="logs and JSON of each part (default: a temp dir); "
+                        "our benchmark's tokenizer and cache go to its bench/ folder")
     parser.add_argument("--json", help="write the comparison here")
     return parser.parse_args(argv)
 
@@ -72,11 +77,12 @@ def run_part(name: str, cmd: list[str], work: Path, env: dict[str, str] | None =
 def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool) -> dict[str, Any]:
     """scripts/benchmark.py on the de-en.gru recipe in ``precision``; its JSON result."""
     out = work / f"seq2seq-{precision}.json"
-    cmd = [sys.executable, "scripts/benchmark.py", RECIPE, f"train.precision={precision}",
+    cmd = [sys.executable, "scripts/benchmark.py", args.recipe, f"train.precision={precision}",
            f"decode.min_len={args.len}", "decode.max_len_ratio=1e-9",
            f"decode.max_len_add={args.len}", "--warmup", "3", "--steps", str(args.steps),
-           "--threads", str(args.threads), "--json", str(out)]
-    cmd += ["--beams", "5", "--repeat", "1000", "--decode-batch", "100", "--quantize",
+           "--threads", str(args.threads), "--work-dir", str(work / "bench"), "--json",
+           str(out)]
+    cmd += ["--beams", "5", "--repeat", str(args.repeat), "--decode-batch", "100", "--quantize",
             "--bf16"] if decode else ["--no-decode"]
     run_part(f"seq2seq-{precision}", cmd, work)
     return json.loads(out.read_text(encoding="utf-8"))

@@ -1,6 +1,7 @@
 """scripts/benchmark.py end to end on a tiny recipe: its table, its JSON, its FLOP counts."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -106,3 +107,51 @@ def test_bench_decoding_passes_min_len_to_every_search():
             row = benchmark.bench_decoding(model, src_ids, ["a", "b", "c"], tokenizer, decode,
                                            beam, 2, torch.device("cpu"))
             assert (row["min_len"], row["mean_output_tokens"]) == (min_len, expected)
+
+
+def test_compare_peers_runs_both_sides_and_prints_ratios(tmp_path):
+    # The peers' kit stands in as a script printing its one JSON line; our side is the real
+    # benchmark on the tiny recipe. Nothing is filled in from figures measured elsewhere.
+    tree = tiny_tree(str(tmp_path / "unused"), data={"test": {"t": {
+        "format": "generated", "split": "test", "size": 20}}})
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    kit = tmp_path / "bench.sh"
+    kit.write_text('echo "setting up" >&2\necho \'{"cpu": "x", "onmt": '
+                   '{"train_target_tokens_per_s": 100, "beam5_batch100_sent_per_s": 10.0}, '
+                   '"joey": {"train_target_tokens_per_s": 50, '
+                   '"beam5_batch100_sent_per_s": null}}\'\n')
+    out = tmp_path / "compare.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare_peers.py"), "--recipe", str(recipe),
+         "--steps", "1", "--repeat", "20", "--len", "6", "--threads", "1", "--work-dir",
+         str(tmp_path / "work"), "--json", str(out)],
+        capture_output=True, text=True, cwd=REPO, timeout=900,
+        env={**os.environ, "PEERS_BENCH": str(kit)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    ours = report["seq2seq"]["fp32"]
+    assert {row["weights"] for row in ours["decode"]} == {"fp32", "int8", "bf16"}
+    assert all(row["mean_output_tokens"] == 6.0 for row in ours["decode"])  # fixed length
+    assert result.stdout.startswith(f"CPU: {report['cpu']}; bf16 flags: ")
+    train = ours["train"]["target_tokens_per_s"]
+    row = next(line for line in result.stdout.splitlines()
+               if line.startswith("| training, target tokens/s (seq2seq fp32)"))
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[2:6] == ["100", "50", f"{train / 100:.2f}x", f"{train / 50:.2f}x"]
+    beam = next(line for line in result.stdout.splitlines() if "fp32 weights" in line)
+    assert beam.split("|")[6].strip() == "n/a"  # Joey's missing figure stays missing
+
+
+def test_compare_peers_stops_with_one_line_when_a_part_fails(tmp_path):
+    kit = tmp_path / "bench.sh"
+    kit.write_text("exit 3\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare_peers.py"), "--recipe", "missing.yaml",
+         "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env={**os.environ, "PEERS_BENCH": str(kit)})
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: seq2seq-fp32 failed (exit ")
+    assert last.endswith(f"; see {tmp_path / 'work' / 'seq2seq-fp32.log'}")
