@@ -31,20 +31,49 @@
 #       .whl/*.whl && export PYTHONPATH=/tmp/site || exit
 #   SEQ2SEQ_DATA=$PWD/.data bash scripts/gpu_checks.sh /tmp/o 4,7; tar czf $OUT/o.tgz -C /tmp o
 # with "1,3,5", "4,7", "6" and "2" as the four calls.
+#
+# CHECKS=quick is the one-call mode for a machine lent for 15 minutes: checks 1, 2 (shorter:
+# $BENCH_ARGS, default --warmup 40 --steps 40 --repeat 2000), 3 ($NCCL_STEPS default 50) and 4
+# (beam 5 with graphs only), within $BUDGET seconds (default 480): each part runs under
+# `timeout` for what is left, and summary.txt is written as it goes, so a call cut short still
+# returns what was measured. Checked end to end on a CPU with the smoke override
+#   RECIPE=recipes/quickstart.yaml DEVICE=cpu BACKEND=gloo NCCL_STEPS=4 \
+#   BENCH_ARGS="--warmup 1 --steps 2 --repeat 50" \
+#   EXTRA="train.device=cpu train.max_steps=4 train.max_epochs=0 train.log_every=1" \
+#   bash scripts/gpu_checks.sh /tmp/o quick
 set -euo pipefail
 
-out=${1:?usage: gpu_checks.sh OUT_DIR [CHECKS]}
+out=${1:?usage: gpu_checks.sh OUT_DIR [CHECKS|quick]}
+quick=false
+if [[ ${2:-} == quick ]]; then
+    quick=true
+    deadline=$((SECONDS + ${BUDGET:-480}))
+fi
 checks=",${2:-1,2,3,4,5,6,7},"
-nccl_steps=${NCCL_STEPS:-300}
+[[ $quick == true ]] && checks=",1,2,3,4,"
+nccl_steps=${NCCL_STEPS:-$([[ $quick == true ]] && echo 50 || echo 300)}
+bench_args=${BENCH_ARGS:-$([[ $quick == true ]] && echo "--warmup 40 --steps 40 --repeat 2000" \
+                          || echo "--warmup 120 --steps 100")}
+device=${DEVICE:-cuda}
+backend=${BACKEND:-nccl}
 runs=${RUNS:-/tmp/seq2seq-gpu-runs}
 py=${PYTHON:-python3}
-gru=recipes/multi30k/de-en.gru.yaml
+gru=${RECIPE:-recipes/multi30k/de-en.gru.yaml}
 export PYTHONUNBUFFERED=1
 export SEQ2SEQ_DATA=${SEQ2SEQ_DATA:-$PWD/../shared/data}
 mkdir -p "$out" "$runs"
 summary="$out/summary.txt"
 
 note() { echo "$*" | tee -a "$summary"; }
+# In quick mode, a command gets what is left of the budget (at least 5 s), then is stopped.
+limited() {
+    if [[ $quick == true ]]; then
+        local left=$((deadline - SECONDS))
+        timeout -k 10 "$((left > 5 ? left : 5))" "$@"
+    else
+        "$@"
+    fi
+}
 wanted() { [[ $checks == *",$1,"* ]]; }
 
 summarise_benchmark() {  # JSON name
@@ -88,27 +117,31 @@ train_and_evaluate() {  # name recipe overrides...
     shift 2
     # shellcheck disable=SC2206  # EXTRA is a list of words
     set -- "$@" ${EXTRA:-}
-    $py -m seq2seq train "$recipe" "output_dir=$runs/$name" "$@" > "$out/$name-train.log" 2>&1 \
+    limited $py -m seq2seq train "$recipe" "output_dir=$runs/$name" "$@" \
+        > "$out/$name-train.log" 2>&1 \
         || note "$name: training failed, see $name-train.log"
     note "$name: training took $((SECONDS - start)) s wall"
     grep -h -e "^model:" -e "^stopped" -e "^trained on" -e "^peak GPU memory" \
         "$out/$name-train.log" | tee -a "$summary" || true
     local search beam graphs tag flags
-    for search in "5 false" "5 true" "1 false"; do
+    local searches=("5 false" "5 true" "1 false")
+    [[ $quick == true ]] && searches=("5 true")
+    for search in "${searches[@]}"; do
         read -r beam graphs <<< "$search"
         tag="$name-beam$beam-graphs-$graphs"
         flags=(--beam "$beam")
         if [[ $beam == 1 ]]; then
             flags+=(--alpha 0)  # greedy search (beam 1 with the recipe's alpha is beam search)
         fi
-        $py -m seq2seq evaluate "$recipe" "output_dir=$runs/$name" "$@" \
+        limited $py -m seq2seq evaluate "$recipe" "output_dir=$runs/$name" "$@" \
             "decode.cuda_graphs=$graphs" "${flags[@]}" --report-dir "$out/$tag" \
             > "$out/$tag.log" 2>&1 || { note "$tag: evaluate failed"; continue; }
         summarise_report "$out/$tag/report.json" "$tag"
     done
 }
 
-note "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader)"
+note "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader \
+    2>/dev/null || echo "no GPU: device $device")$([[ $quick == true ]] && echo ", quick mode")"
 note "torch $($py -c 'import torch; print(torch.__version__, torch.version.cuda)')"
 # Every check prepares data with the datasets package: say at once if it cannot be imported.
 note "$($py -c 'import datasets, pyarrow; print("datasets", datasets.__version__, "pyarrow",
@@ -117,7 +150,7 @@ pyarrow.__version__)' 2>&1 | tail -n 1)"
 if wanted 1; then
     note "== 1. tests marked gpu"
     # A failing test must not end the script (set -e, pipefail): the other checks still run.
-    { $py -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 || true; } \
+    { limited $py -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 || true; } \
         | tee "$out/gpu_tests.log" | tail -n 3 | tee -a "$summary"
 fi
 
@@ -128,8 +161,9 @@ if wanted 2; then
             "graphs-bf16 train.precision=bf16 train.cuda_graphs=true decode.cuda_graphs=true"; do
         read -r name overrides <<< "$variant"
         # shellcheck disable=SC2086  # the overrides are words
-        $py scripts/benchmark.py "$gru" $overrides --device cuda --work-dir "$runs/bench" \
-            --warmup 120 --steps 100 --json "$out/bench-$name.json" \
+        # shellcheck disable=SC2086  # bench_args are words
+        limited $py scripts/benchmark.py "$gru" $overrides --device "$device" \
+            --work-dir "$runs/bench" $bench_args --json "$out/bench-$name.json" \
             > "$out/bench-$name.log" 2>&1 \
             || { note "benchmark $name failed: see bench-$name.log"; continue; }
         summarise_benchmark "$out/bench-$name.json" "$name"
@@ -137,16 +171,18 @@ if wanted 2; then
 fi
 
 if wanted 3; then
-    note "== 3. NCCL: torchrun group of one vs single process, $nccl_steps updates"
+    note "== 3. $backend: torchrun group of one vs single process, $nccl_steps updates"
     args=("train.max_steps=$nccl_steps" "train.max_epochs=0" "train.valid_every=100000"
           "train.log_every=10" "train.precision=fp32" "model.dropout=0.0")
-    $py -m seq2seq train "$gru" "output_dir=$runs/single" "${args[@]}" > "$out/single.log" 2>&1 \
-        || note "single-process run failed: see single.log"
-    $py -m torch.distributed.run --nproc-per-node=1 --rdzv-backend=c10d \
+    # shellcheck disable=SC2206  # EXTRA is a list of words
+    [[ $quick == true ]] && args+=(${EXTRA:-})
+    limited $py -m seq2seq train "$gru" "output_dir=$runs/single" "${args[@]}" \
+        > "$out/single.log" 2>&1 || note "single-process run failed: see single.log"
+    limited $py -m torch.distributed.run --nproc-per-node=1 --rdzv-backend=c10d \
         --rdzv-endpoint=127.0.0.1:0 --local-addr=127.0.0.1 -m seq2seq train "$gru" \
         "output_dir=$runs/nccl" \
-        "${args[@]}" distributed.backend=nccl > "$out/nccl.log" 2>&1 \
-        || note "nccl run failed: see nccl.log"
+        "${args[@]}" "distributed.backend=$backend" > "$out/nccl.log" 2>&1 \
+        || note "$backend run failed: see nccl.log"
     grep -h "process group" "$out/nccl.log" | tee -a "$summary" || note "no process group!"
     compare_curves "$runs/single/metrics.jsonl" "$runs/nccl/metrics.jsonl" \
         || note "no loss curves to compare"
