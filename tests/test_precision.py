@@ -120,3 +120,27 @@ def test_a_bf16_step_agrees_with_fp32(cell, decoder, packed):
     floor = 0.01 * max(g.norm() for g in grads32.values())
     for name, g32 in grads32.items():
         assert (grads16[name] - g32).norm() <= PARAM_RTOL * max(g32.norm(), floor), name
+
+
+def test_a_resume_in_another_precision_says_so(tmp_path, capfd, monkeypatch):
+    """auto resolves on each machine: a run resumed where it resolves otherwise says so."""
+    import seq2seq.precision as precision_module
+    from seq2seq.checkpoint import load_checkpoint
+    from seq2seq.config import recipe_from_dict
+    from seq2seq.training.trainer import fit
+    from tests.conftest import tiny_tree
+
+    def recipe(steps):
+        return recipe_from_dict(tiny_tree(str(tmp_path / "run"),
+                                          train={"max_steps": steps, "precision": "auto"}))
+
+    monkeypatch.setattr(precision_module, "cpu_native_bf16", lambda: "torch: avx512_bf16")
+    fit(recipe(2))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["precision"] == "bf16"
+    monkeypatch.setattr(precision_module, "cpu_native_bf16", lambda: None)
+    capfd.readouterr()
+    fit(recipe(3))
+    err = capfd.readouterr().err
+    assert ("note: this run computed in bf16 up to its checkpoint and continues in fp32 "
+            "(train.precision=auto on this machine)") in err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["precision"] == "fp32"

@@ -101,12 +101,24 @@ class _Step:
         """Train on other pairs from now on (an epoch's re-tokenised ones)."""
         self.train_set, self.trg_lens = train_set, trg_lens
 
+    @property
+    def precision(self) -> str:
+        """What this step computes in, resolved (``train.precision: auto`` stored as such
+        would not say what a run trained in)."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast_dtype, "fp32")
+
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "precision": self.precision}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        before = state.get("precision")  # absent in checkpoints written before it was kept
+        if before is not None and before != self.precision and dist.is_main():
+            print(f"note: this run computed in {before} up to its checkpoint and continues in "
+                  f"{self.precision} (train.precision={self.cfg.precision} on this machine); "
+                  "a resume is bitwise only within one precision", file=sys.stderr)
 
     def start(self, progress: Progress) -> None:
         """Called once the (resumed) optimizer state and progress are in place."""

@@ -270,12 +270,10 @@ class Trainer:
         rngs = dist.gather_objects(rng_state(self.device))
         if not dist.is_main():
             return
-        step_state = self.step.state_dict()
         self.run.save(name, {
             "model": self.model.state_dict(),
-            "optimizer": step_state["optimizer"],
+            **self.step.state_dict(),  # optimizer, scaler, the precision computed in
             "schedule": self.schedule.state_dict(),
-            "scaler": step_state["scaler"],
             "progress": dataclasses.asdict(self.progress),
             "group_size": self.world * self.recipe.train.accumulate,
             "rng": rngs,
