@@ -19,7 +19,7 @@ import torch
 from seq2seq import distributed as dist
 from seq2seq.checkpoint import average_checkpoints, load_checkpoint, load_weights
 from seq2seq.config import Recipe
-from seq2seq.training.run_dir import RunDirectory
+from seq2seq.training.run_dir import RunDirectory, format_metrics
 from seq2seq.training.validation import validate
 
 
@@ -43,7 +43,6 @@ def average_and_validate(run: RunDirectory, model: torch.nn.Module, data: Any, r
     metrics = validate(averaged, data.valid, data.tokenizer, recipe, device)
     run.log({"step": step, "split": "averaged", "epoch": epoch, **metrics})
     if dist.is_main():
-        shown = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in metrics.items())
-        print(f"averaged.pt (last {len(paths)} step checkpoints): {shown}", file=sys.stderr)
+        print(f"averaged.pt (last {len(paths)} step checkpoints): {format_metrics(metrics)}",
+              file=sys.stderr)
     return metrics

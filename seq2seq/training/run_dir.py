@@ -208,10 +208,14 @@ def exit_code(stop_signal: int | None, under_torchrun: bool) -> int:
     return 128 + stop_signal
 
 
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``loss 4.807  ppl 122.398  bleu 0.000  n_sentences 500`` for the log on stderr."""
+    return "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in metrics.items())
+
+
 def print_validation(step: int, metrics: dict[str, Any]) -> None:
-    shown = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                      for k, v in metrics.items())
-    print(f"\nstep {step} valid: {shown}", file=sys.stderr)
+    print(f"\nstep {step} valid: {format_metrics(metrics)}", file=sys.stderr)
 
 
 def print_summary(reason: str, progress: Progress, metric: str, out: Path, idle: bool) -> None:
