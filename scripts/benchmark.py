@@ -208,33 +208,43 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
     }
 
 
-def load_decoder(args: argparse.Namespace, trainer: Any) -> tuple[Any, Any, str]:
-    """(model in eval mode, tokenizer, description) to decode with."""
+def load_decoder(args: argparse.Namespace, trainer: Any) -> tuple[Any, Any, str, Any]:
+    """(model in eval mode, tokenizer, description, lexicon or None) to decode with."""
     if args.checkpoint is None:
         steps = args.warmup + args.steps if args.steps else 0
         return (trainer.model.eval(), trainer.data.tokenizer,
                 f"untrained model (initialised, then {steps} benchmark updates): "
-                "BLEU meaningless")
+                "BLEU meaningless",
+                trainer.data.lexicon() if trainer.recipe.decode.shortlist else None)
     from seq2seq.translate import Translator
 
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     for module in translator.model.modules():
         if hasattr(module, "fused"):
             module.fused = not args.plain_decoder
-    return translator.model, translator.tokenizer, f"checkpoint {args.checkpoint}"
+    if trainer.recipe.decode.shortlist and translator.lexicon is None:
+        raise SystemExit(f"error: decode.shortlist: {args.checkpoint} holds no lexicon")
+    return (translator.model, translator.tokenizer, f"checkpoint {args.checkpoint}",
+            translator.lexicon)
 
 
 def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokenizer: Any,
-                   decode: Any, beam: int, batch_size: int, device: torch.device
-                   ) -> dict[str, Any]:
-    """Decode ``src_ids`` in length-sorted batches of ``batch_size``; sentences/s and BLEU."""
+                   decode: Any, beam: int, batch_size: int, device: torch.device,
+                   lexicon: Any = None) -> dict[str, Any]:
+    """Decode ``src_ids`` in length-sorted batches of ``batch_size``; sentences/s and BLEU.
+
+    Beam search restricts the output layer to ``decode.shortlist`` of ``lexicon`` when that
+    is set (as ``translate`` does); greedy search never does."""
     from seq2seq.scoring import corpus_bleu
     from seq2seq.search import beam_search, greedy_search
+    from seq2seq.search.shortlist import Shortlist
     from seq2seq.search.static_beam import StaticBeamSearch
     from seq2seq.translate import pad_sources
 
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]), reverse=True)
-    graphs = bool(decode.cuda_graphs and device.type == "cuda" and beam > 1)
+    shortlist = (Shortlist(lexicon, decode.shortlist, decode.shortlist_frequent)
+                 if decode.shortlist else None)
+    graphs = bool(decode.cuda_graphs and device.type == "cuda" and beam > 1 and not shortlist)
     # decode.cuda_graphs: the fixed-shape search (same output), graphs kept across batches.
     static = StaticBeamSearch(model, beam, alpha=decode.alpha,
                               max_len_ratio=decode.max_len_ratio,
@@ -259,7 +269,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
             best = [nbest[0] for nbest in beam_search(
                 model, src, src_lens, beam_size=beam, alpha=decode.alpha,
                 max_len_ratio=decode.max_len_ratio, max_len_add=decode.max_len_add,
-                min_len=decode.min_len)]
+                min_len=decode.min_len, shortlist=shortlist)]
         limits = [math.floor(decode.max_len_ratio * n + decode.max_len_add)
                   for n in src_lens.tolist()]
         for i, hyp, limit in zip(batch, best, limits):
@@ -273,6 +283,8 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     return {
         "beam": beam, "sentences": len(src_ids), "batch_sentences": batch_size,
         "cuda_graphs": graphs,
+        "shortlist": ([decode.shortlist, decode.shortlist_frequent]
+                      if shortlist and beam > 1 else None),
         "sentences_per_s": round(len(src_ids) / seconds, 1), "seconds": round(seconds, 2),
         "sentences_per_cpu_s": round(len(src_ids) / cpu_s, 1),
         "bleu": corpus_bleu(texts[:n_unique], [refs]),
@@ -372,6 +384,8 @@ def format_table(result: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in result["decode"]:
             search = "greedy" if row["beam"] == 1 else f"beam {row['beam']}"
+            if row.get("shortlist"):
+                search += " shortlist {}+{}".format(*row["shortlist"])
             lines.append(
                 f"| {search} | {row['weights']} | {row['sentences']:,} | "
                 f"{row['batch_sentences']} | {row['sentences_per_s']:,.1f} | "
@@ -419,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return 0
-    model, tokenizer, description = load_decoder(args, trainer)
+    model, tokenizer, description, lexicon = load_decoder(args, trainer)
     tests = trainer.data.tests
     name = args.test or next(iter(tests))
     test = tests[name]
@@ -445,14 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     for weights, variant in variants:
         for beam in (int(b) for b in args.beams.split(",")):
             row = bench_decoding(variant, src_ids, refs, tokenizer, decode, beam,
-                                 decode_batch, device)
+                                 decode_batch, device, lexicon)
             row["weights"] = weights
             result["decode"].append(row)
             if args.flops and weights == "fp32":
                 unique = src_ids[:len(test_ids)]  # one copy of the test set is enough
                 flops = count_flops(functools.partial(
                     bench_decoding, variant, unique, refs, tokenizer, decode, beam,
-                    decode_batch, device))
+                    decode_batch, device, lexicon))
                 search = "greedy" if beam == 1 else f"beam {beam}"
                 flop_rows.append({"what": f"decoding {search}, per sentence",
                                   "flops_per_item": flops / len(unique),

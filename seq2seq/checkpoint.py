@@ -221,6 +221,7 @@ def average_checkpoints(paths: list[Path], output: Path) -> None:
     model = {k: (v / len(paths)).to(first["model"][k].dtype) if v.is_floating_point() else v
              for k, v in total.items()}
     payload = {"model": model, "recipe": first["recipe"], "tokenizer": first.get("tokenizer"),
+               "lexicon": first.get("lexicon"),
                "step": first.get("step", 0), "averaged_from": [str(p) for p in paths]}
     save_checkpoint(payload, Path(output))
 

@@ -161,6 +161,10 @@ def _decode_flags(parser: argparse.ArgumentParser) -> None:
                         help="max output length / source length")
     parser.add_argument("--batch-tokens", type=_bounded("batch_tokens"),
                         help="source tokens per decoding batch")
+    parser.add_argument("--shortlist", type=_bounded("shortlist"), metavar="N",
+                        help="beam search scores only the best N target tokens the "
+                        "checkpoint's lexicon aligns to each source token, plus the most "
+                        "frequent (decode.shortlist_frequent); 0: all")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--quantize", action="store_true",
                         help="int8 dynamic quantisation of Linear and RNN layers (CPU decoding: "

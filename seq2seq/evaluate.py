@@ -55,7 +55,8 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     # The decode section of the recipe given here (with its overrides), else the checkpoint's.
     settings = translator.decode_settings(beam=args.beam, nbest=1, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
-                                          batch_tokens=args.batch_tokens, base=recipe.decode,
+                                          batch_tokens=args.batch_tokens,
+                                          shortlist=args.shortlist, base=recipe.decode,
                                           names=CLI_NAMES)
     cfg = recipe.eval
     compare = _read_text_lines(args.compare) if args.compare else None

@@ -23,6 +23,7 @@ from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.errors import Seq2SeqError
 from seq2seq.files import check_distinct, check_output, same_file
 from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
+from seq2seq.search.shortlist import Lexicon, Shortlist
 from seq2seq.search.static_beam import StaticBeamSearch
 from seq2seq.tokenizer import EOS, PAD, Tokenizer
 from seq2seq.translate_io import translate_file
@@ -92,14 +93,20 @@ def pad_sources(src_ids: list[list[int]],
 
 @torch.no_grad()
 def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, device: torch.device,
-               return_attention: bool = False) -> list[list[Hypothesis]]:
+               return_attention: bool = False, lexicon: Lexicon | None = None
+               ) -> list[list[Hypothesis]]:
     """Search every source (token ids without EOS); n-best lists in input order.
 
     Beam size 1 with alpha 0 uses greedy search (the two agree then; greedy is cheaper).
+    ``decode.shortlist`` needs ``lexicon``, and applies to the plain beam search only.
     """
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
-    static = None
-    if (decode.cuda_graphs and device.type == "cuda" and not return_attention
+    static = shortlist = None
+    if decode.shortlist:
+        if lexicon is None:
+            raise ValueError("decode.shortlist needs a lexicon")
+        shortlist = Shortlist(lexicon, decode.shortlist, decode.shortlist_frequent)
+    elif (decode.cuda_graphs and device.type == "cuda" and not return_attention
             and decode.no_repeat_ngram == 0):
         # One searcher for all batches: its buffers and graphs serve every batch of a shape.
         static = StaticBeamSearch(model, decode.beam_size, decode.n_best, decode.alpha,
@@ -119,17 +126,20 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
                 model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,
                 alpha=decode.alpha, max_len_ratio=decode.max_len_ratio,
                 max_len_add=decode.max_len_add, min_len=decode.min_len,
-                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention)
+                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention,
+                shortlist=shortlist)
         for i, nbest in zip(batch, hyps):
             results[i] = nbest
     return results
 
 
 API_NAMES = {"beam_size": "beam", "n_best": "nbest", "alpha": "alpha",
-             "max_len_ratio": "max_len_ratio", "batch_tokens": "batch_tokens"}
+             "max_len_ratio": "max_len_ratio", "batch_tokens": "batch_tokens",
+             "shortlist": "shortlist"}
 """How each search setting is called in :meth:`Translator.translate`'s messages."""
 CLI_NAMES = {"beam_size": "--beam", "n_best": "--nbest", "alpha": "--alpha",
-             "max_len_ratio": "--max-len-ratio", "batch_tokens": "--batch-tokens"}
+             "max_len_ratio": "--max-len-ratio", "batch_tokens": "--batch-tokens",
+             "shortlist": "--shortlist"}
 """... and on the command line (``translate`` and ``evaluate`` share the flags)."""
 
 
@@ -188,6 +198,7 @@ class Translator:
         self.model, self.tokenizer, self.recipe = model, tokenizer, recipe
         self.device, self.checkpoints = device, checkpoints
         self.precision = "fp32"  # of the weights decoded with: fp32, bf16 or int8
+        self.lexicon: Lexicon | None = None  # the first checkpoint's, for decode.shortlist
 
     @classmethod
     def from_checkpoint(cls, paths: str | Path | list[str | Path], device: str = "auto",
@@ -205,9 +216,11 @@ class Translator:
         if not paths:
             raise Seq2SeqError("at least one checkpoint is needed")
         torch_device = resolve_device(device)
-        models, recipe, tokenizer = [], None, None
+        models, recipe, tokenizer, lexicon = [], None, None, None
         for path in paths:
             ckpt = load_checkpoint(Path(path))
+            if not models and ckpt.get("lexicon") is not None:
+                lexicon = Lexicon.from_state(ckpt["lexicon"])
             this_recipe = recipe_from_dict(ckpt["recipe"], source=f"{path} (recipe)")
             if ckpt.get("tokenizer") is None:
                 raise Seq2SeqError(f"{path}: the checkpoint holds no tokenizer")
@@ -237,11 +250,13 @@ class Translator:
             model, chosen, _ = decoding_model(model, precision, torch_device)
         translator = cls(model, tokenizer, recipe, torch_device, [str(p) for p in paths])
         translator.precision = "int8" if quantize else chosen
+        translator.lexicon = lexicon
         return translator
 
     def decode_settings(self, beam: int | None = None, nbest: int | None = None,
                         alpha: float | None = None, max_len_ratio: float | None = None,
-                        batch_tokens: int | None = None, base: DecodeConfig | None = None,
+                        batch_tokens: int | None = None, shortlist: int | None = None,
+                        base: DecodeConfig | None = None,
                         names: Mapping[str, str] = API_NAMES) -> DecodeConfig:
         """A decode section (``base``, default the checkpoint recipe's) with the given values
         overriding it; ``names`` spells each option in messages as the caller does (``beam``
@@ -255,7 +270,8 @@ class Translator:
         base = base or self.recipe.decode
         given = {key: value for key, value in (
             ("beam_size", beam), ("n_best", nbest), ("alpha", alpha),
-            ("max_len_ratio", max_len_ratio), ("batch_tokens", batch_tokens))
+            ("max_len_ratio", max_len_ratio), ("batch_tokens", batch_tokens),
+            ("shortlist", shortlist))
             if value is not None}
         for key, value in given.items():
             check_setting(key, value, names)
@@ -268,6 +284,11 @@ class Translator:
             raise SettingError(f"{names['n_best']} {given['n_best']} is larger than the beam "
                                f"size ({source}); give {names['beam_size']} "
                                f"{given['n_best']} or more")
+        if given.get("shortlist", base.shortlist) and self.lexicon is None:
+            source = (names["shortlist"] if "shortlist" in given
+                      else "the recipe's decode.shortlist")
+            raise SettingError(f"{source}: {self.checkpoints[0]} holds no lexicon (it was "
+                               "written before shortlists existed); decode without one")
         from seq2seq.config import RecipeError
 
         try:
@@ -296,7 +317,8 @@ class Translator:
         out = [Translation(hypotheses=[""], scores=[0.0], src_pieces=[], hyp_pieces=[[]],
                            attention=[None]) for _ in sentences]
         src_ids = self.tokenizer.encode_src([sentences[i] for i in todo])
-        nbests = decode_ids(self.model, src_ids, settings, self.device, return_attention)
+        nbests = decode_ids(self.model, src_ids, settings, self.device, return_attention,
+                            self.lexicon)
         # One SentencePiece call for every hypothesis of every sentence, not one per sentence.
         texts = iter(self.tokenizer.decode_trg([h.tokens for nbest in nbests for h in nbest]))
         for i, ids, nbest in zip(todo, src_ids, nbests):
@@ -347,5 +369,6 @@ def translate_command(args: Any) -> int:
                                             quantize=args.quantize, precision=args.precision)
     settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
-                                          batch_tokens=args.batch_tokens, names=CLI_NAMES)
+                                          batch_tokens=args.batch_tokens,
+                                          shortlist=args.shortlist, names=CLI_NAMES)
     return translate_file(translator, settings, args)

@@ -102,7 +102,7 @@ def test_bench_decoding_passes_min_len_to_every_search():
     src_ids = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     for min_len, expected in ((9, 9.0), (0, 0.0)):
         decode = SimpleNamespace(alpha=0.6, max_len_ratio=1e-9, max_len_add=9, min_len=min_len,
-                                 cuda_graphs=False)
+                                 cuda_graphs=False, shortlist=0, shortlist_frequent=0)
         for beam in (1, 5):
             row = benchmark.bench_decoding(model, src_ids, ["a", "b", "c"], tokenizer, decode,
                                            beam, 2, torch.device("cpu"))

@@ -69,6 +69,37 @@ def test_a_signal_stops_training_with_a_saved_checkpoint_and_exit_128_plus_n(tmp
         assert (run / "last.pt").is_file()
 
 
+def test_checkpoints_carry_a_lexicon_for_the_shortlist(trained, tmp_path):
+    from seq2seq.checkpoint import load_checkpoint, save_checkpoint
+
+    _, run = trained
+    ckpt = load_checkpoint(run / "best.pt")
+    table = ckpt["lexicon"]["table"]
+    assert table.shape[0] == ckpt["model"]["encoder.embedding.weight"].shape[0]
+    text = b"a small house\n\nthe dog sleeps\n"
+    plain = seq2seq("translate", "--checkpoint", run / "best.pt", "--beam", "3", stdin=text)
+    listed = seq2seq("translate", "--checkpoint", run / "best.pt", "--beam", "3",
+                     "--shortlist", "5", stdin=text)
+    assert plain.returncode == 0 and listed.returncode == 0, listed.stderr.decode()
+    assert len(listed.stdout.decode().split("\n")) == 4 and listed.stdout.decode().split(
+        "\n")[1] == ""
+    # averaging keeps it; a checkpoint without one is refused in one line, before decoding
+    averaged = tmp_path / "avg.pt"
+    assert seq2seq("average", "--output", averaged, run / "best.pt", run / "last.pt"
+                   ).returncode == 0
+    assert load_checkpoint(averaged)["lexicon"]["table"].equal(table)
+    del ckpt["lexicon"]
+    old = tmp_path / "old.pt"
+    save_checkpoint(ckpt, old)
+    refused = seq2seq("translate", "--checkpoint", old, "--shortlist", "5", stdin=text)
+    err = refused.stderr.decode()
+    assert refused.returncode == 2 and err.count("\n") == 1, err  # a setting error: 2
+    assert "--shortlist" in err and str(old) in err and "lexicon" in err
+    out_of_range = seq2seq("translate", "--checkpoint", run / "best.pt", "--shortlist", "101",
+                           stdin=text)
+    assert out_of_range.returncode == 2 and "--shortlist" in out_of_range.stderr.decode()
+
+
 def test_translate_keeps_every_line_including_blank_ones(trained):
     _, run = trained
     result = seq2seq("translate", "--checkpoint", run / "best.pt", stdin=b"a\n\n  \nb\n")

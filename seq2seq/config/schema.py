@@ -214,6 +214,13 @@ class DecodeConfig:
     no_repeat_ngram: int = option(0, "forbid repeating any n-gram of this size (0: off)",
                                   ints(0, 100))
     batch_tokens: int = option(4000, "source tokens per decoding batch", ints(1, 1_000_000))
+    shortlist: int = option(
+        0, "beam search scores only the target tokens the run's lexicon aligns to the source: "
+        "the best N per source token, plus decode.shortlist_frequent (0: every token; "
+        "translate, evaluate and serve; not validation, greedy or cuda_graphs)", ints(0, 100))
+    shortlist_frequent: int = option(
+        100, "with decode.shortlist: the most frequent target tokens added to every "
+        "shortlist", ints(0, 2000))
     cuda_graphs: bool = option(
         False, "GPU beam search on fixed shapes, replayed as CUDA graphs (same results; not "
         "with attention output or no_repeat_ngram, which use the plain search)")

@@ -33,7 +33,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -60,6 +60,7 @@ from seq2seq.data.fingerprint import (
 from seq2seq.data.preflight import cache_root as _cache_root
 from seq2seq.data.preflight import input_problems
 from seq2seq.data.stats import describe_eval_set, describe_train
+from seq2seq.search.shortlist import MAX_PAIRS, Lexicon, build_lexicon
 from seq2seq.tokenizer import Tokenizer, load_if_current, tokenizer_hash, train_tokenizer
 
 CACHE_VERSION = 1  # bump when the cached columns or the filter rules change
@@ -104,6 +105,20 @@ class PreparedData:
     stats: dict
     cache_dir: Path
     fingerprints: dict
+    _lexicon: Lexicon | None = field(default=None, repr=False)
+
+    def lexicon(self) -> Lexicon:
+        """The IBM Model 1 lexicon of the training pairs (``decode.shortlist`` reads it from
+        checkpoints), estimated on the first call from at most ``MAX_PAIRS`` evenly spaced
+        pairs."""
+        if self._lexicon is None:
+            table = self.train.data.table
+            rows = table.take(list(range(0, table.num_rows,
+                                         max(1, -(-table.num_rows // MAX_PAIRS)))))
+            self._lexicon = build_lexicon(
+                rows.column("src_ids").to_pylist(), rows.column("trg_ids").to_pylist(),
+                self.tokenizer.src_vocab_size, self.tokenizer.trg_vocab_size)
+        return self._lexicon
 
     def train_lengths(self) -> tuple[np.ndarray, np.ndarray]:
         """(N,) source and (N,) target lengths of the training pairs (without EOS)."""

@@ -28,6 +28,8 @@ no ``(B, T, V)`` concatenation).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,15 @@ from seq2seq.models.attention import Attention
 from seq2seq.models.encoder import make_rnn, run_rnn
 
 State = tuple[torch.Tensor, ...]
+
+
+class OutputRows(NamedTuple):
+    """The output layer restricted to target ids ``ids``: their weight and bias rows (None
+    when the layer is int8: its logits are then computed in full and selected)."""
+
+    ids: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
 
 
 class Decoder(nn.Module):
@@ -113,7 +124,7 @@ class Decoder(nn.Module):
         return state
 
     def step(self, prev_tokens: torch.Tensor, state: State, enc_out: torch.Tensor,
-             keys: torch.Tensor, src_mask: torch.Tensor
+             keys: torch.Tensor, src_mask: torch.Tensor, rows: OutputRows | None = None
              ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One decoder step; no data-dependent control flow, so it can be graph-captured.
 
@@ -121,17 +132,36 @@ class Decoder(nn.Module):
             prev_tokens: ``(B,)`` the previous target tokens (BOS first).
             state: from :meth:`init_state` or the previous step.
             enc_out: ``(B, S, He)``; keys: ``(B, S, A)``; src_mask: ``(B, S)`` bool.
+            rows: the output layer restricted to some target ids (:meth:`output_rows`), or
+                None for every id.
 
         Returns:
-            logits ``(B, V)``, the new state, attention weights ``(B, S)``.
+            logits ``(B, V)`` (``(B, U)`` with rows), the new state, attention ``(B, S)``.
         """
-        if not self.fused:
+        if not self.fused or rows is not None and rows.weight is None:
             logits, state, attn = self.run(prev_tokens.unsqueeze(1), state, enc_out, keys,
                                            src_mask)
-            return logits.squeeze(1), state, attn.squeeze(1)
+            logits = logits.squeeze(1)
+            if rows is not None:
+                logits = logits.index_select(1, rows.ids)
+            return logits, state, attn.squeeze(1)
         emb = self.dropout(self.embedding(prev_tokens.unsqueeze(1)))
         att_vecs, state, attn = recur(self, emb, state, enc_out, keys, src_mask)
-        return self.output(self.dropout(att_vecs[:, 0])), state, attn
+        hidden = self.dropout(att_vecs[:, 0])
+        if rows is None:
+            return self.output(hidden), state, attn
+        return F.linear(hidden, rows.weight, rows.bias), state, attn
+
+    def output_rows(self, ids: torch.Tensor) -> OutputRows:
+        """The output layer's rows for target ids ``ids`` (a shortlist), copied once so that
+        every step multiplies by ``(U, H)`` instead of ``(V, H)``. An int8 output layer packs
+        its weights: then every step computes all logits and keeps those of ``ids``."""
+        weight = self.output.weight
+        if not isinstance(weight, torch.Tensor):
+            return OutputRows(ids, None, None)
+        bias = self.output.bias
+        return OutputRows(ids, weight.index_select(0, ids),
+                          None if bias is None else bias.index_select(0, ids))
 
     def forward(self, trg_in: torch.Tensor, state: State, enc_out: torch.Tensor,
                 keys: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:

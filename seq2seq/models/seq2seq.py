@@ -14,7 +14,7 @@ from torch import nn
 
 from seq2seq.config import ModelConfig
 from seq2seq.models.attention import Attention
-from seq2seq.models.decoder import Decoder, State
+from seq2seq.models.decoder import Decoder, OutputRows, State
 from seq2seq.models.encoder import Encoder
 
 PAD = 0
@@ -70,21 +70,27 @@ class Seq2Seq(nn.Module):
         """The decoder state before BOS: RNN states ``(B, L, H)`` (+ input feed ``(B, H)``)."""
         return self.decoder.init_state(enc.final)
 
-    def step(self, prev_tokens: torch.Tensor, state: State, enc: EncoderOutput
-             ) -> tuple[torch.Tensor, State, torch.Tensor]:
+    def step(self, prev_tokens: torch.Tensor, state: State, enc: EncoderOutput,
+             rows: OutputRows | None = None) -> tuple[torch.Tensor, State, torch.Tensor]:
         """One decoder step.
 
         Args:
             prev_tokens: ``(B,)`` previous target tokens.
             state: from :meth:`init_state` or the previous step.
             enc: from :meth:`encode`.
+            rows: score only these target ids (from :meth:`output_rows`); None: all.
 
         Returns:
-            log_probs ``(B, V)`` float32, the new state, attention weights ``(B, S)``.
+            log_probs ``(B, V)`` float32 (``(B, U)`` over ``rows.ids``, normalised over them),
+            the new state, attention weights ``(B, S)``.
         """
         logits, state, attn = self.decoder.step(prev_tokens, state, enc.enc_out, enc.keys,
-                                                enc.src_mask)
+                                                enc.src_mask, rows)
         return torch.log_softmax(logits.float(), dim=-1), state, attn
+
+    def output_rows(self, ids: torch.Tensor) -> OutputRows:
+        """The output layer restricted to target ids ``ids``, for :meth:`step`."""
+        return self.decoder.output_rows(ids)
 
     def forward(self, src: torch.Tensor, src_lens: torch.Tensor, trg_in: torch.Tensor
                 ) -> torch.Tensor:

@@ -41,6 +41,7 @@ from seq2seq.search.common import (
     max_output_lengths,
     reorder,
 )
+from seq2seq.search.shortlist import Shortlist
 
 
 @dataclass
@@ -56,6 +57,8 @@ class _Beams:
         prev: ``(N,)`` last token of each beam.
         state: the decoder state, a nest of ``(N, ...)`` tensors.
         enc: the encoder output, a nest of ``(N, ...)`` tensors.
+        allowed: ``(n, U)`` which shortlisted targets each sentence may produce, or None
+            without a shortlist.
     """
 
     sentences: list[int]
@@ -66,6 +69,7 @@ class _Beams:
     prev: torch.Tensor
     state: Any
     enc: Any
+    allowed: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -81,6 +85,7 @@ def beam_search(
     min_len: int = 0,
     no_repeat_ngram: int = 0,
     return_attention: bool = False,
+    shortlist: Shortlist | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode every sentence of a batch with beam search.
 
@@ -102,6 +107,8 @@ def beam_search(
         no_repeat_ngram: forbid any token that would repeat an n-gram of this size already in
             the hypothesis (0: off).
         return_attention: keep the ``(T, S)`` attention of every hypothesis.
+        shortlist: score only the target tokens a lexicon aligns to each sentence's source
+            (see :mod:`seq2seq.search.shortlist`); the model needs ``output_rows``. None: all.
 
     Returns:
         For each sentence, in input order, its ``n_best`` hypotheses, best first (fewer only if
@@ -113,12 +120,22 @@ def beam_search(
     src_lens_list = src_lens.tolist()
     beams = _start(model, src, src_lens, beam_size, max_len_ratio, max_len_add, return_attention)
     finished: list[list[Hypothesis]] = [[] for _ in src_lens_list]
+    targets = rows = None
+    if shortlist is not None:
+        targets, beams.allowed = shortlist.for_batch(src)
+        rows = model.output_rows(targets)
 
     t = 0
     while beams.sentences:
-        log_probs, state, attn = model.step(beams.prev, beams.state, beams.enc)
-        log_probs = forbid_tokens(log_probs, beams.tokens, min_len, no_repeat_ngram)
+        if rows is None:
+            log_probs, state, attn = model.step(beams.prev, beams.state, beams.enc)
+        else:
+            log_probs, state, attn = model.step(beams.prev, beams.state, beams.enc, rows)
+            log_probs = _own_shortlists(log_probs, beams.allowed, beam_size)
+        log_probs = forbid_tokens(log_probs, beams.tokens, min_len, no_repeat_ngram, targets)
         cand_scores, cand_rows, cand_tokens = _candidates(beams.scores, log_probs)
+        if targets is not None:
+            cand_tokens = targets[cand_tokens]
         _finish_eos(finished, beams, attn, cand_scores, cand_rows, cand_tokens, alpha,
                     src_lens_list)
         beams = _advance(beams, state, attn, cand_scores, cand_rows, cand_tokens)
@@ -157,6 +174,19 @@ def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int
         state=reorder(state, rows),
         enc=reorder(enc, rows),
     )
+
+
+def _own_shortlists(log_probs: torch.Tensor, allowed: torch.Tensor, beam_size: int
+                    ) -> torch.Tensor:
+    """Renormalise each row's log-probabilities over its sentence's own shortlist.
+
+    Args:
+        log_probs: ``(N, U)`` normalised over the batch's union of shortlists.
+        allowed: ``(n, U)`` each sentence's own shortlist within the union.
+    """
+    log_probs = log_probs.masked_fill(~allowed.repeat_interleave(beam_size, dim=0),
+                                      float("-inf"))
+    return log_probs - log_probs.logsumexp(dim=1, keepdim=True)
 
 
 def _candidates(scores: torch.Tensor, log_probs: torch.Tensor
@@ -240,6 +270,7 @@ def _advance(beams: _Beams, state: Any, attn: torch.Tensor, cand_scores: torch.T
         prev=new_tokens,
         state=reorder(state, rows),
         enc=beams.enc,  # every beam of a sentence shares its encoder output: no reordering
+        allowed=beams.allowed,  # so do its shortlist
     )
 
 
@@ -301,4 +332,5 @@ def _compact(beams: _Beams, keep: list[int]) -> _Beams:
         prev=beams.prev.index_select(0, rows),
         state=reorder(beams.state, rows),
         enc=reorder(beams.enc, rows),
+        allowed=reorder(beams.allowed, keep_t),
     )

@@ -87,28 +87,36 @@ def make_hypothesis(token_ids: list[int], log_prob: float, alpha: float,
 
 
 def forbid_tokens(log_probs: torch.Tensor, tokens: torch.Tensor, min_len: int,
-                  no_repeat_ngram: int) -> torch.Tensor:
+                  no_repeat_ngram: int, targets: torch.Tensor | None = None) -> torch.Tensor:
     """Set to -inf the next tokens no output may contain.
 
     PAD and BOS are always forbidden: they are never targets in training, so their scores are
     untrained, and a hypothesis containing them could not be re-scored by teacher forcing.
 
     Args:
-        log_probs: ``(N, V)`` next-token log-probabilities.
+        log_probs: ``(N, V)`` next-token log-probabilities (``(N, U)`` with ``targets``).
         tokens: ``(N, t)`` tokens generated so far.
         min_len: EOS is forbidden while ``t < min_len``.
         no_repeat_ngram: forbid tokens completing an n-gram of this size already present
             (0: off).
+        targets: ``(U,)`` sorted target ids that the columns of ``log_probs`` stand for (a
+            shortlist), or None when column ``i`` is id ``i``.
 
     Returns:
         ``(N, V)`` log-probabilities, a new tensor.
     """
     t = tokens.size(1)
-    banned = [PAD, BOS, EOS] if t < min_len else [PAD, BOS]
-    log_probs = log_probs.index_fill(1, torch.tensor(banned, device=log_probs.device),
-                                     float("-inf"))
+    banned = torch.tensor([PAD, BOS, EOS] if t < min_len else [PAD, BOS],
+                          device=log_probs.device)
+    if targets is not None:
+        banned = (targets.unsqueeze(1) == banned).any(dim=1).nonzero().squeeze(1)
+    log_probs = log_probs.index_fill(1, banned, float("-inf"))
     if 0 < no_repeat_ngram <= t:
-        repeats = repeated_ngram_mask(tokens, no_repeat_ngram, log_probs.size(1))
+        if targets is None:
+            repeats = repeated_ngram_mask(tokens, no_repeat_ngram, log_probs.size(1))
+        else:
+            repeats = repeated_ngram_mask(tokens, no_repeat_ngram, int(targets[-1]) + 1)
+            repeats = repeats.index_select(1, targets)
         log_probs = log_probs.masked_fill(repeats, float("-inf"))
     return log_probs
 

@@ -37,7 +37,12 @@ class Ensemble(nn.Module):
         """Each member's initial decoder state."""
         return tuple(model.init_state(e) for model, e in zip(self.models, enc))
 
-    def step(self, prev_tokens: torch.Tensor, state: tuple[Any, ...], enc: tuple[Any, ...]
+    def output_rows(self, ids: torch.Tensor) -> tuple[Any, ...]:
+        """Each member's output layer restricted to target ids ``ids``."""
+        return tuple(model.output_rows(ids) for model in self.models)
+
+    def step(self, prev_tokens: torch.Tensor, state: tuple[Any, ...], enc: tuple[Any, ...],
+             rows: tuple[Any, ...] | None = None
              ) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]:
         """One decoder step of every member.
 
@@ -45,14 +50,16 @@ class Ensemble(nn.Module):
             prev_tokens: ``(B,)`` previous tokens.
             state: the members' states.
             enc: the members' encoder outputs.
+            rows: from :meth:`output_rows` (a shortlist), or None for every target id.
 
         Returns:
             ``(B, V)`` log of the mean probability, the members' new states, and ``(B, S)``
             mean attention.
         """
         log_probs, states, attns = [], [], []
-        for model, s, e in zip(self.models, state, enc):
-            lp, new_state, attn = model.step(prev_tokens, s, e)
+        for i, (model, s, e) in enumerate(zip(self.models, state, enc)):
+            extra = () if rows is None else (rows[i],)  # members without shortlists take 3
+            lp, new_state, attn = model.step(prev_tokens, s, e, *extra)
             log_probs.append(lp)
             states.append(new_state)
             attns.append(attn)

@@ -73,7 +73,8 @@ def load_model(path: str, args: Any, options: ServeOptions, metrics: Metrics) ->
                                             precision=args.precision)
     settings = translator.decode_settings(beam=args.beam, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
-                                          batch_tokens=args.batch_tokens)
+                                          batch_tokens=args.batch_tokens,
+                                          shortlist=args.shortlist)
     source, target = translator.recipe.data.src_lang, translator.recipe.data.trg_lang
     pair = f"{source}-{target}"
     worker = BatchWorker(translator, options.batch_size, options.batch_wait_ms / 1000,

@@ -279,6 +279,7 @@ class Trainer:
             "rng": rngs,
             "recipe": recipe_to_dict(self.recipe),
             "tokenizer": self.data.tokenizer.to_state(),
+            "lexicon": self.data.lexicon().to_state(),  # for decode.shortlist
             "fingerprints": self.data.fingerprints,
             "step": self.progress.step,
         })
