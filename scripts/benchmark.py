@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true",
                         help="also decode with the weights cast to bf16 once (fast on a CPU "
                         "with native bf16: amx_bf16, avx512_bf16)")
+    parser.add_argument("--shortlist", type=int, default=0, metavar="N",
+                        help="also time each beam search with decode.shortlist=N (the "
+                        "lexicon of the work dir's data, or of --checkpoint)")
     parser.add_argument("--no-decode", action="store_true", help="time training only")
     parser.add_argument("--plain-decoder", action="store_true",
                         help="use the decoder's plain (RNN module) path instead of the fused "
@@ -215,14 +218,15 @@ def load_decoder(args: argparse.Namespace, trainer: Any) -> tuple[Any, Any, str,
         return (trainer.model.eval(), trainer.data.tokenizer,
                 f"untrained model (initialised, then {steps} benchmark updates): "
                 "BLEU meaningless",
-                trainer.data.lexicon() if trainer.recipe.decode.shortlist else None)
+                trainer.data.lexicon()
+                if trainer.recipe.decode.shortlist or args.shortlist else None)
     from seq2seq.translate import Translator
 
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     for module in translator.model.modules():
         if hasattr(module, "fused"):
             module.fused = not args.plain_decoder
-    if trainer.recipe.decode.shortlist and translator.lexicon is None:
+    if (trainer.recipe.decode.shortlist or args.shortlist) and translator.lexicon is None:
         raise SystemExit(f"error: decode.shortlist: {args.checkpoint} holds no lexicon")
     return (translator.model, translator.tokenizer, f"checkpoint {args.checkpoint}",
             translator.lexicon)
@@ -456,8 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         from seq2seq.precision import decoding_model
 
         variants.append(("bf16", decoding_model(model, "bf16", device)[0]))
+    searches = [(int(b), decode) for b in args.beams.split(",")]
+    if args.shortlist:  # each beam search again, restricted to the shortlist
+        import dataclasses
+
+        searches += [(beam, dataclasses.replace(decode, shortlist=args.shortlist))
+                     for beam, _ in searches if beam > 1]
     for weights, variant in variants:
-        for beam in (int(b) for b in args.beams.split(",")):
+        for beam, decode in searches:
             row = bench_decoding(variant, src_ids, refs, tokenizer, decode, beam,
                                  decode_batch, device, lexicon)
             row["weights"] = weights
@@ -471,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                 flop_rows.append({"what": f"decoding {search}, per sentence",
                                   "flops_per_item": flops / len(unique),
                                   "rate": row["sentences_per_s"], "unit": "sent/s"})
-            print(f"decoding {weights} beam {beam}: {row['sentences_per_s']:,.1f} sentences/s",
-                  file=sys.stderr)
+            listed = f" shortlist {decode.shortlist}" if row["shortlist"] else ""
+            print(f"decoding {weights} beam {beam}{listed}: {row['sentences_per_s']:,.1f} "
+                  "sentences/s", file=sys.stderr)
 
     if flop_rows:
         result["flops"] = {"matmul_gflops": round(matmul_gflops(device), 1),

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for all three")
     parser.add_argument("--work-dir", help="logs and JSON of each part (default: a temp dir); "
                         "our benchmark's tokenizer and cache go to its bench/ folder")
+    parser.add_argument("--shortlist", type=int, default=0, metavar="N",
+                        help="also time our beam search with decode.shortlist=N")
     parser.add_argument("--json", help="write the comparison here")
     return parser.parse_args(argv)
 
@@ -83,7 +85,7 @@ def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool) -> 
            "--threads", str(args.threads), "--work-dir", str(work / "bench"), "--json",
            str(out)]
     cmd += ["--beams", "5", "--repeat", str(args.repeat), "--decode-batch", "100", "--quantize",
-            "--bf16"] if decode else ["--no-decode"]
+            "--bf16", "--shortlist", str(args.shortlist)] if decode else ["--no-decode"]
     run_part(f"seq2seq-{precision}", cmd, work)
     return json.loads(out.read_text(encoding="utf-8"))
 
@@ -115,8 +117,10 @@ def table(result: dict[str, Any]) -> list[str]:
                      train["load_average"]))
     length = result["fixed_output_length"]
     for row in result["seq2seq"]["fp32"].get("decode", []):
+        listed = (", shortlist {}+{}".format(*row["shortlist"]) if row.get("shortlist")
+                  else "")
         rows.append((f"beam 5, batch 100, {length} tokens, sentences/s (seq2seq "
-                     f"{row['weights']} weights)", row["sentences_per_s"], onmt[decode_key],
+                     f"{row['weights']} weights{listed})", row["sentences_per_s"], onmt[decode_key],
                      joey[decode_key], row["load_average"]))
     lines = ["| figure | seq2seq | OpenNMT-py 3.5.1 | Joey NMT 2.3.0 | seq2seq / OpenNMT-py | "
              "seq2seq / Joey NMT | load avg (seq2seq) |", "|---|---|---|---|---|---|---|"]

@@ -124,15 +124,18 @@ def test_compare_peers_runs_both_sides_and_prints_ratios(tmp_path):
     out = tmp_path / "compare.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "compare_peers.py"), "--recipe", str(recipe),
-         "--steps", "1", "--repeat", "20", "--len", "6", "--threads", "1", "--work-dir",
-         str(tmp_path / "work"), "--json", str(out)],
+         "--steps", "1", "--repeat", "20", "--len", "6", "--threads", "1", "--shortlist", "5",
+         "--work-dir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=900,
         env={**os.environ, "PEERS_BENCH": str(kit)})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     ours = report["seq2seq"]["fp32"]
-    assert {row["weights"] for row in ours["decode"]} == {"fp32", "int8", "bf16"}
+    # every weights variant with and without the shortlist, whose rows say which
+    assert sorted((row["weights"], str(row["shortlist"])) for row in ours["decode"]) == [
+        (w, s) for w in ("bf16", "fp32", "int8") for s in ("None", "[5, 100]")]
     assert all(row["mean_output_tokens"] == 6.0 for row in ours["decode"])  # fixed length
+    assert sum("weights, shortlist 5+100)" in line for line in result.stdout.splitlines()) == 3
     assert result.stdout.startswith(f"CPU: {report['cpu']}; bf16 flags: ")
     train = ours["train"]["target_tokens_per_s"]
     row = next(line for line in result.stdout.splitlines()

@@ -3,7 +3,9 @@
 All beams of all sentences live in flat ``(n * K, ...)`` tensors (``n`` unfinished sentences,
 ``K`` beams each, beam ``k`` of sentence ``j`` in row ``j * K + k``). Each step:
 
-1. the model scores every next token of every beam;
+1. the model scores every next token of every beam (with a shortlist, only the tokens the
+   lexicon lists for the batch, each sentence renormalised over its own list: see
+   :mod:`seq2seq.search.shortlist`);
 2. constraints forbid tokens (EOS before ``min_len``, repeated n-grams);
 3. the best ``2K`` extensions of each sentence are the candidates (``2K`` so that at least
    ``K`` of them do not end in EOS);
