@@ -156,3 +156,17 @@ def test_int8_models_select_their_full_logits():
     for i, nbest in enumerate(hyps):
         assert set(nbest[0].tokens) <= set(ids[allowed[i]].tolist())
     assert PAD not in ids.tolist()
+
+
+def test_an_ensemble_restricts_every_member_to_the_same_shortlist():
+    from seq2seq.search import Ensemble
+
+    shortlist = restrictive()
+    src, src_lens = make_batch(SRC_LENS)
+    single = beam_search(real_model(), src, src_lens, beam_size=3, alpha=0.6, max_len_add=5,
+                         shortlist=shortlist)
+    pair = beam_search(Ensemble([real_model(), real_model()]), src, src_lens, beam_size=3,
+                       alpha=0.6, max_len_add=5, shortlist=shortlist)
+    for hyps, hyps2 in zip(single, pair):
+        assert [h.tokens for h in hyps] == [h.tokens for h in hyps2]
+        assert hyps2[0].score == pytest.approx(hyps[0].score, abs=1e-5)
