@@ -207,7 +207,7 @@ def test_attention_jsonl_has_one_label_per_row_and_column(trained, tmp_path, mon
 
     _, run = trained
 
-    def fake_decode_ids(model, src_ids, decode, device, return_attention):
+    def fake_decode_ids(model, src_ids, decode, device, return_attention, lexicon=None):
         # Sentence 0 ends in EOS (one attention row more than tokens); sentence 1 was cut at
         # the maximum length (no EOS row).
         nbests = []
