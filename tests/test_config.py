@@ -40,11 +40,12 @@ def test_recipes_exist():
             "recipes/multi30k/en-de.lstm.yaml"} <= names
 
 
-def test_multi30k_gru_recipe_stays_within_15m_parameters():
-    """The Multi30k GRU recipe's budget: at most 15M parameters at its joint vocabulary size."""
+@pytest.mark.parametrize("name", ["de-en.gru", "de-en.best"])
+def test_multi30k_gru_recipe_stays_within_15m_parameters(name):
+    """The Multi30k GRU recipes' budget: at most 15M parameters at their joint vocabulary size."""
     from seq2seq.models.seq2seq import build_model
 
-    recipe = load_recipe(REPO / "recipes/multi30k/de-en.gru.yaml")
+    recipe = load_recipe(REPO / f"recipes/multi30k/{name}.yaml")
     vocab = recipe.tokenizer.vocab_size
     assert recipe.tokenizer.joint
     assert 10_000_000 < build_model(recipe.model, vocab, vocab).num_parameters <= 15_000_000
