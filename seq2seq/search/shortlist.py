@@ -32,7 +32,7 @@ TOP_STORED = 100
 FREQUENT_STORED = 2000
 """Most frequent target tokens stored (the most ``frequent`` can be)."""
 MAX_PAIRS = 50_000
-"""Training pairs the EM reads at most (evenly spaced): memory grows with their token pairs."""
+"""Training pairs the EM is given at most (evenly spaced): memory grows with their token pairs."""
 
 
 @dataclass
@@ -60,18 +60,17 @@ def build_lexicon(src_ids: Sequence[Sequence[int]], trg_ids: Sequence[Sequence[i
                   src_vocab: int, trg_vocab: int, iterations: int = 5) -> Lexicon:
     """Estimate IBM Model 1 ``p(t | s)`` on training pairs of subword ids (without BOS/EOS).
 
-    At most :data:`MAX_PAIRS` pairs are read, evenly spaced through the corpus. Every target
+    Every pair given is read (memory grows with their token pairs: callers pass at most
+    :data:`MAX_PAIRS`, as ``PreparedData.lexicon`` does). Every target
     token of a pair is explained by one of its source tokens or by NULL; the E-step spreads each
     target token over them in proportion to ``p(t | s)``, the M-step renormalises the expected
     counts per source token.
     """
-    step = max(1, -(-len(src_ids) // MAX_PAIRS))
-    picked = range(0, len(src_ids), step)
     null = src_vocab  # NULL is one more source id
     cooc_src, cooc_trg, cooc_group = [], [], []
     group = 0
     trg_counts = np.zeros(trg_vocab, dtype=np.int64)
-    for i in picked:
+    for i in range(len(src_ids)):
         src = np.append(np.asarray(src_ids[i], dtype=np.int64), null)
         trg = np.asarray(trg_ids[i], dtype=np.int64)
         if trg.size == 0:
