@@ -164,38 +164,42 @@ class Decoder(nn.Module):
                           None if bias is None else bias.index_select(0, ids))
 
     def forward(self, trg_in: torch.Tensor, state: State, enc_out: torch.Tensor,
-                keys: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+                keys: torch.Tensor, src_mask: torch.Tensor, features: bool = False
+                ) -> torch.Tensor:
         """Teacher forcing over a whole target.
 
         Args:
             trg_in: ``(B, T)`` BOS followed by the target tokens, padded on the right.
             state, enc_out, keys, src_mask: as in :meth:`step`.
+            features: return the output layer's inputs (``h~`` after dropout) instead of its
+                outputs, for a loss fused with the output layer.
 
         Returns:
-            logits: ``(B, T, V)``.
+            logits: ``(B, T, V)`` (features: ``(B, T, H)``).
         """
         if self.parallel:
             # Without input feeding the luong RNN does not depend on attention: one cuDNN
             # call runs all T steps, then one batched attention covers every step.
-            return self.run(trg_in, state, enc_out, keys, src_mask)[0]
+            return self.run(trg_in, state, enc_out, keys, src_mask, features)[0]
         if self.fused:
             emb = self.dropout(self.embedding(trg_in))  # (B, T, E), every step at once
-            att_vecs = recur(self, emb, state, enc_out, keys, src_mask)[0]
-            return self.output(self.dropout(att_vecs))
+            att_vecs = self.dropout(recur(self, emb, state, enc_out, keys, src_mask)[0])
+            return att_vecs if features else self.output(att_vecs)
         logits = []
         for t in range(trg_in.size(1)):
             step_logits, state, _ = self.run(trg_in[:, t:t + 1], state, enc_out, keys,
-                                             src_mask)
+                                             src_mask, features)
             logits.append(step_logits)
         return torch.cat(logits, dim=1)
 
     def run(self, tokens: torch.Tensor, state: State, enc_out: torch.Tensor,
-            keys: torch.Tensor, src_mask: torch.Tensor
+            keys: torch.Tensor, src_mask: torch.Tensor, features: bool = False
             ) -> tuple[torch.Tensor, State, torch.Tensor]:
         """``T`` steps given all their input tokens; ``T`` must be 1 unless :attr:`parallel`.
 
         Returns:
-            logits ``(B, T, V)``, the new state, attention weights ``(B, T, S)``.
+            logits ``(B, T, V)`` (features: ``h~`` after dropout, ``(B, T, H)``), the new
+            state, attention weights ``(B, T, S)``.
         """
         emb = self.dropout(self.embedding(tokens))  # (B, T, E)
         dtype = self.embedding.weight.dtype  # the state may come from autocast layers
@@ -213,7 +217,7 @@ class Decoder(nn.Module):
             context, attn = self.attention(out, keys, enc_out, src_mask)
             readout = [context, out]
         att_vec = torch.tanh(self.combine(torch.cat(readout, dim=-1)))  # h~: (B, T, H)
-        logits = self.output(self.dropout(att_vec))
+        logits = self.dropout(att_vec) if features else self.output(self.dropout(att_vec))
         hx = rnn_hx if self.cell == "lstm" else (rnn_hx,)
         new_state = tuple(h.transpose(0, 1) for h in hx)
         if self.input_feeding:

@@ -92,19 +92,22 @@ class Seq2Seq(nn.Module):
         """The output layer restricted to target ids ``ids``, for :meth:`step`."""
         return self.decoder.output_rows(ids)
 
-    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, trg_in: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, src: torch.Tensor, src_lens: torch.Tensor, trg_in: torch.Tensor,
+                features: bool = False) -> torch.Tensor:
         """Teacher forcing.
 
         Args:
             src: ``(B, S)``; src_lens: ``(B,)``.
             trg_in: ``(B, T)`` BOS followed by the target, padded with PAD.
+            features: return the output layer's inputs ``(B, T, H)`` instead (for
+                :func:`seq2seq.training.loss.linear_cross_entropy`).
 
         Returns:
             logits: ``(B, T, V)``; ``log_softmax`` of step ``t`` equals :meth:`step`'s log_probs.
         """
         enc = self.encode(src, src_lens)
-        return self.decoder(trg_in, self.init_state(enc), enc.enc_out, enc.keys, enc.src_mask)
+        return self.decoder(trg_in, self.init_state(enc), enc.enc_out, enc.keys, enc.src_mask,
+                            features)
 
     def score(self, src: torch.Tensor, src_lens: torch.Tensor, trg_in: torch.Tensor,
               trg_out: torch.Tensor) -> torch.Tensor:

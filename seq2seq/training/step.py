@@ -23,15 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from seq2seq import distributed as dist
 from seq2seq.config import Recipe, TrainConfig
 from seq2seq.data.batching import collate
 from seq2seq.errors import Seq2SeqError
 from seq2seq.precision import precision_dtype, resolve_precision
-from seq2seq.tokenizer import PAD
 from seq2seq.training.graphs import StaticSteps, bucket_shape
+from seq2seq.training.loss import linear_cross_entropy
 from seq2seq.training.optim import load_optimizer_state, make_optimizer
 from seq2seq.training.progress import Progress
 
@@ -195,11 +194,11 @@ class EagerStep(_Step):
                 with dist.no_sync(self.ddp_model, skip=not last):
                     with torch.autocast(self.device.type, dtype=dtype or torch.float32,
                                         enabled=dtype is not None):
-                        logits = self.ddp_model(batch.src, batch.src_lens, batch.trg_in)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1),
-                                           batch.trg_out.flatten(), ignore_index=PAD,
-                                           reduction="sum",
-                                           label_smoothing=self.cfg.label_smoothing)
+                        hidden = self.ddp_model(batch.src, batch.src_lens, batch.trg_in,
+                                                features=True)
+                    loss = linear_cross_entropy(hidden.flatten(0, 1), self.model.decoder.output,
+                                                batch.trg_out.flatten(),
+                                                self.cfg.label_smoothing)
                     self.scaler.scale(loss * norm).backward()
             except torch.OutOfMemoryError:
                 out_of_memory = True  # raised below, where the error's traceback is gone

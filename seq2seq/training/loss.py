@@ -1,0 +1,117 @@
+"""The training loss fused with the output layer: label-smoothed cross-entropy over ``W h + b``.
+
+Computed as written, the loss makes a ``(N, V)`` logits tensor and then walks it many times:
+the cast to fp32, ``log_softmax``, the smoothing term, and in backward a zero-filled gradient,
+the sum of the two terms' gradients, ``log_softmax``'s backward and the cast back. At
+``N = 4096`` target tokens and ``V = 7000`` these passes cost as much on a CPU as the output
+layer's three matmuls. :func:`linear_cross_entropy` instead (as Liger-Kernel's fused linear
+cross-entropy does on GPUs):
+
+- drops the rows whose target is padding before the output layer (they add nothing);
+- takes the rows in chunks small enough to stay in cache, and for each chunk computes the
+  logits, the loss and at once the gradient of the loss with respect to the logits,
+  ``softmax(x) - (1 - eps) onehot(y) - eps / V``, in fp32;
+- multiplies that gradient back into the gradients of the hidden states, the weight and the
+  bias, so backward only scales them by the incoming gradient.
+
+It is the same function as ``F.cross_entropy(F.linear(h, W, b).float(), y, ignore_index=PAD,
+reduction="sum", label_smoothing=eps)``: logits in the dtype of ``h`` (bf16 under autocast),
+softmax statistics and the loss in fp32, the weight's gradient summed in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from seq2seq.tokenizer import PAD
+
+# Logits per chunk: 2^22 fp32 values are 16 MiB, within a CPU's last-level cache; a GPU
+# gains from larger chunks.
+CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
+
+
+def linear_cross_entropy(hidden: torch.Tensor, output: nn.Linear, target: torch.Tensor,
+                         smoothing: float) -> torch.Tensor:
+    """Summed label-smoothed cross-entropy of ``output(hidden)`` against ``target``.
+
+    Args:
+        hidden: ``(N, H)`` the inputs of the output layer (the dtype the logits are made in).
+        output: the output layer ``(V, H)`` (its weight may be tied to an embedding).
+        target: ``(N,)`` target ids; PAD rows are ignored.
+        smoothing: label smoothing ``eps`` in [0, 1).
+
+    Returns:
+        The fp32 scalar loss; its backward reaches ``hidden``, ``output.weight`` and
+        ``output.bias``.
+    """
+    chunk = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 2**22) // output.out_features)
+    return _LinearCrossEntropy.apply(hidden, output.weight, output.bias, target, smoothing,
+                                     chunk)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and every gradient; backward scales them."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, target: torch.Tensor, smoothing: float,
+                chunk: int) -> torch.Tensor:
+        dtype, vocab = hidden.dtype, weight.size(0)
+        with torch.autocast(hidden.device.type, enabled=False):
+            keep = (target != PAD).nonzero().squeeze(1)
+            rows, labels = hidden.index_select(0, keep), target.index_select(0, keep)
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            grad_rows = torch.empty_like(rows)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+            grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+            loss = hidden.new_zeros((), dtype=torch.float32)
+            # Buffers reused by every chunk: fresh (N, V) allocations would each be paged in.
+            rows_max = min(chunk, rows.size(0))
+            logits = hidden.new_empty((rows_max, vocab))
+            wide = logits if dtype == torch.float32 else \
+                hidden.new_empty((rows_max, vocab), dtype=torch.float32)
+            partial = None if dtype == torch.float32 else torch.empty_like(w)
+            for start in range(0, rows.size(0), chunk):
+                h, y = rows[start:start + chunk], labels[start:start + chunk]
+                out, x = logits[:h.size(0)], wide[:h.size(0)]
+                if b is None:
+                    torch.mm(h, w.t(), out=out)
+                else:
+                    torch.addmm(b, h, w.t(), out=out)
+                x.copy_(out)
+                picked = x.gather(1, y.unsqueeze(1)).squeeze(1)
+                total = x.sum(dim=1)
+                peak = x.amax(dim=1, keepdim=True)
+                probs = x.sub_(peak).exp_()  # the logits are spent: softmax in place
+                norm = probs.sum(dim=1, keepdim=True)
+                lse = (norm.log() + peak).squeeze(1)
+                # -(1-eps) log p_y - eps/V sum_c log p_c, with log p_c = x_c - lse
+                loss += (lse - (1 - smoothing) * picked - smoothing / vocab * total).sum()
+                grad = probs.div_(norm).sub_(smoothing / vocab)
+                grad.scatter_add_(1, y.unsqueeze(1), grad.new_full((y.numel(), 1),
+                                                                   smoothing - 1))
+                if grad_bias is not None:
+                    grad_bias += grad.sum(dim=0)
+                grad = out.copy_(grad)  # in the logits' dtype
+                torch.mm(grad, w, out=grad_rows[start:start + chunk])
+                if partial is None:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight += torch.mm(grad.t(), h, out=partial)
+            grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple:
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_loss.float()
+        return (grad_hidden.float().mul_(scale).to(grad_hidden.dtype),
+                (grad_weight * scale).to(ctx.weight_dtype),
+                None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype),
+                None, None, None)
