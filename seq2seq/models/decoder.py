@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.models.attention import Attention
+from seq2seq.models.dropout import Dropout, dropout
 from seq2seq.models.encoder import make_rnn, run_rnn
 
 State = tuple[torch.Tensor, ...]
@@ -89,7 +90,7 @@ class Decoder(nn.Module):
         self.states = 2 if cell == "lstm" else 1
         self.bridge = nn.Linear(final_size, self.states * layers * hidden) \
             if init == "bridge" else None
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.output = nn.Linear(hidden, vocab)
         if tie_output:
             if emb_size != hidden:
@@ -317,7 +318,7 @@ def stacked_step(rnn: nn.RNNBase, cell: str, gates: torch.Tensor, hs: list[torch
     for layer in range(rnn.num_layers):
         if layer > 0:
             # nn.GRU's dropout between layers (only in training, as the module does).
-            x = F.dropout(x, rnn.dropout, training)
+            x = dropout(x, rnn.dropout, training)
             gates = F.linear(x, getattr(rnn, f"weight_ih_l{layer}"),
                              getattr(rnn, f"bias_ih_l{layer}"))
         h = hs[layer]

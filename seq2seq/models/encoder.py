@@ -16,6 +16,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from seq2seq.models.dropout import Dropout, dropout
+
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
 
@@ -103,7 +105,7 @@ class Encoder(nn.Module):
         self.directions = 2 if bidirectional else 1
         self.rnn = make_rnn(cell, embedding.embedding_dim, hidden, layers, dropout,
                             bidirectional)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     @property
     def output_size(self) -> int:
@@ -182,7 +184,7 @@ class Encoder(nn.Module):
         x = emb if dtype is None else emb.to(dtype)
         for layer in range(rnn.num_layers):
             if layer > 0:
-                x = F.dropout(x, rnn.dropout, self.training)
+                x = dropout(x, rnn.dropout, self.training)
             outputs, finals_h, finals_c = [], [], []
             for direction in range(self.directions):
                 suffix = f"l{layer}" + ("_reverse" if direction else "")
