@@ -65,24 +65,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows, labels = hidden.index_select(0, keep), target.index_select(0, keep)
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
-            grad_rows = torch.empty_like(rows)
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
             grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
             loss = hidden.new_zeros((), dtype=torch.float32)
-            # Buffers reused by every chunk: fresh (N, V) allocations would each be paged in.
+            # Each chunk's logits are made in place of, then overwritten by, their gradient;
+            # the weight's gradient is one matmul at the end (summed in fp32 inside it).
+            grads = hidden.new_empty((rows.size(0), vocab))
             rows_max = min(chunk, rows.size(0))
-            logits = hidden.new_empty((rows_max, vocab))
-            wide = logits if dtype == torch.float32 else \
+            wide = None if dtype == torch.float32 else \
                 hidden.new_empty((rows_max, vocab), dtype=torch.float32)
-            partial = None if dtype == torch.float32 else torch.empty_like(w)
             for start in range(0, rows.size(0), chunk):
                 h, y = rows[start:start + chunk], labels[start:start + chunk]
-                out, x = logits[:h.size(0)], wide[:h.size(0)]
+                out = grads[start:start + chunk]
                 if b is None:
                     torch.mm(h, w.t(), out=out)
                 else:
                     torch.addmm(b, h, w.t(), out=out)
-                x.copy_(out)
+                x = out if wide is None else wide[:h.size(0)].copy_(out)
                 picked = x.gather(1, y.unsqueeze(1)).squeeze(1)
                 total = x.sum(dim=1)
                 peak = x.amax(dim=1, keepdim=True)
@@ -96,12 +94,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                                                    smoothing - 1))
                 if grad_bias is not None:
                     grad_bias += grad.sum(dim=0)
-                grad = out.copy_(grad)  # in the logits' dtype
-                torch.mm(grad, w, out=grad_rows[start:start + chunk])
-                if partial is None:
-                    grad_weight.addmm_(grad.t(), h)
-                else:
-                    grad_weight += torch.mm(grad.t(), h, out=partial)
+                if wide is not None:
+                    out.copy_(grad)
+            grad_rows = grads @ w
+            grad_weight = (grads.t() @ rows).float()
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
