@@ -105,8 +105,8 @@ def summary(latencies: list[float], wall: float, failures: dict[str, int]) -> di
             "p99_ms": round(1000 * cuts[98], 1) if cuts else None, "failures": failures}
 
 
-def offline(checkpoint: str, sentences: list[str], decode_flags: dict, threads: int
-            ) -> tuple[dict, list[str]]:
+def offline(checkpoint: str, sentences: list[str], decode_flags: dict, threads: int,
+            precision: str = "fp32") -> tuple[dict, list[str]]:
     """``seq2seq translate``'s throughput on the sentences: its code path (chunks of 1000
     lines, length-sorted batches) in this process, model loading not counted."""
     import torch
@@ -116,7 +116,7 @@ def offline(checkpoint: str, sentences: list[str], decode_flags: dict, threads: 
 
     if threads:
         torch.set_num_threads(threads)
-    translator = Translator.from_checkpoint(checkpoint, device="cpu")
+    translator = Translator.from_checkpoint(checkpoint, device="cpu", precision=precision)
     settings = translator.decode_settings(**decode_flags)
     started = time.monotonic()
     outputs = list(translate_stream(
@@ -162,8 +162,8 @@ class ServerProcess:
 
 def decode_flags(args: argparse.Namespace) -> tuple[list[str], dict]:
     """The decoding options as ``serve`` flags and as ``decode_settings`` arguments."""
-    flags, values = [], {}
-    for name in ["beam", "alpha"]:
+    flags, values = ["--precision", args.precision], {}
+    for name in ["beam", "alpha", "shortlist"]:
         value = getattr(args, name)
         if value is not None:
             flags += [f"--{name}", str(value)]
@@ -191,7 +191,7 @@ def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
                 server.stop()
             print(f"{name}: {report[name]}", file=sys.stderr)
     report["offline translate"], expected = offline(args.checkpoint, sentences, values,
-                                                    args.threads)
+                                                    args.threads, args.precision)
     for name, served in answers.items():
         # The served translations must be translate's, batched or not.
         report[name]["differ_from_offline"] = sum(a != e for a, e in zip(served, expected))
@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(0: torch's default)")
     parser.add_argument("--beam", type=int, help="beam size (default: the checkpoint's)")
     parser.add_argument("--alpha", type=float, help="length penalty (default: checkpoint's)")
+    parser.add_argument("--shortlist", type=int, help="serve/translate --shortlist N (needs a "
+                        "checkpoint with a lexicon)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
+                        help="serve/translate --precision (weights cast once)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 256:
@@ -253,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report = compare(args, sentences)
     report["setup"] = {"clients": args.clients, "sentences": len(sentences),
-                       "input": str(args.input), "threads": args.threads}
+                       "input": str(args.input), "threads": args.threads,
+                       "batch_wait_ms": args.batch_wait_ms, "batch_size": args.batch_size,
+                       "precision": args.precision, "shortlist": args.shortlist}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,34 @@
+"""``scripts/load_test.py`` end to end: real servers with batching on and off, offline
+translate beside them, and the same decoding flags passed to all three."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+from tests.serve.conftest import ENV
+
+
+def test_load_test_compares_on_off_and_offline_with_the_same_flags(checkpoint, test_sentences,
+                                                                     tmp_path):
+    source = tmp_path / "sentences.txt"
+    source.write_text("\n".join(test_sentences[:24]) + "\n", encoding="utf-8")
+    report_path = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "load_test.py"), "--checkpoint",
+         str(checkpoint), "--input", str(source), "--sentences", "24", "--clients", "6",
+         "--threads", "1", "--beam", "3", "--precision", "bf16", "--batch-wait-ms", "20",
+         "--json", str(report_path)],
+        capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["setup"]["precision"] == "bf16" and report["setup"]["batch_wait_ms"] == 20
+    for mode in ("batching on", "batching off"):
+        assert report[mode]["sentences"] == 24 and report[mode]["failures"] == {}
+        # served bf16 beam-3 outputs equal offline translate's with the same flags
+        assert report[mode]["differ_from_offline"] == 0
+    assert report["batching off"]["mean_batch"] == 1.0
+    assert report["batching on"]["mean_batch"] >= 1.0
+    assert report["offline translate"]["sentences"] == 24
