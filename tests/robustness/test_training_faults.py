@@ -252,8 +252,9 @@ def poison_forward(monkeypatch, bad_calls: set[int], kind: str) -> list[int]:
     """Make the training forward passes numbered in ``bad_calls`` (1-based) non-finite."""
     real, calls = Seq2Seq.forward, []
 
-    def forward(self, src, src_lens, trg_in):
-        logits = real(self, src, src_lens, trg_in)
+    def forward(self, src, src_lens, trg_in, features=False):
+        # the training step asks for the output layer's inputs: poisoning them poisons the loss
+        logits = real(self, src, src_lens, trg_in, features)
         if not self.training:
             return logits
         calls.append(1)
@@ -314,10 +315,10 @@ def test_too_many_non_finite_updates_stop_the_run_keeping_the_last_good_checkpoi
 def out_of_memory_above(monkeypatch, max_sentences: int) -> None:
     real = Seq2Seq.forward
 
-    def forward(self, src, src_lens, trg_in):
+    def forward(self, src, src_lens, trg_in, features=False):
         if src.shape[0] > max_sentences:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, src, src_lens, trg_in)
+        return real(self, src, src_lens, trg_in, features)
 
     monkeypatch.setattr(Seq2Seq, "forward", forward)
 
