@@ -218,7 +218,8 @@ class Decoder(nn.Module):
             context, attn = self.attention(out, keys, enc_out, src_mask)
             readout = [context, out]
         att_vec = torch.tanh(self.combine(torch.cat(readout, dim=-1)))  # h~: (B, T, H)
-        logits = self.dropout(att_vec) if features else self.output(self.dropout(att_vec))
+        att_vec_out = self.dropout(att_vec)
+        logits = att_vec_out if features else self.output(att_vec_out)
         hx = rnn_hx if self.cell == "lstm" else (rnn_hx,)
         new_state = tuple(h.transpose(0, 1) for h in hx)
         if self.input_feeding:

@@ -16,7 +16,8 @@ cross-entropy does on GPUs):
 
 It is the same function as ``F.cross_entropy(F.linear(h, W, b).float(), y, ignore_index=PAD,
 reduction="sum", label_smoothing=eps)``: logits in the dtype of ``h`` (bf16 under autocast),
-softmax statistics and the loss in fp32, the weight's gradient summed in fp32.
+softmax statistics and the loss in fp32, the weight's gradient accumulated in fp32 inside one
+matmul and rounded once, as the unfused backward does.
 """
 
 from __future__ import annotations
