@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gzip
 import ipaddress
 import json
@@ -67,7 +68,7 @@ async def load(url: str, sentences: list[str], clients: int, source: str, target
     answers: list[str | None] = [None] * len(sentences)
     failures: dict[str, int] = {}
     todo = iter(range(len(sentences)))
-    deadline = time.monotonic() + max_seconds
+    deadline = 0.0
 
     async def client(http: httpx.AsyncClient) -> None:
         for i in todo:  # shared: each sentence is sent once
@@ -88,10 +89,19 @@ async def load(url: str, sentences: list[str], clients: int, source: str, target
             else:
                 failures[outcome] = failures.get(outcome, 0) + 1
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    # One connection per client, each with its own httpx client: a shared pool of N
+    # connections costs the load generator about three times the CPU per request (measured:
+    # 4 ms against 1.3 ms), taken from the cores the server runs on. The clients are made and
+    # connected (one GET /health each) before the clock starts: creating 32 httpx clients
+    # takes longer than a second of the run.
+    one = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with contextlib.AsyncExitStack() as stack:
+        https = [await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, timeout=120, limits=one)) for _ in range(clients)]
+        await asyncio.gather(*(http.get("health") for http in https))
         started = time.monotonic()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+        deadline = started + max_seconds
+        await asyncio.gather(*(client(http) for http in https))
         wall = time.monotonic() - started
     return summary(latencies, wall, failures), answers
 

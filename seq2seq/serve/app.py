@@ -103,12 +103,37 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return JSONResponse({"error": f"Translation error: {type(error).__name__}"},
                             status_code=500)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        path = request.url.path if request.url.path in ROUTES else "other"
-        metrics.requests.labels(path=path, status=str(response.status_code)).inc()
-        return response
+    app.add_middleware(CountAnswers, metrics=metrics)
+
+
+class CountAnswers:
+    """Counts every answer by path and status, as plain ASGI middleware (Starlette's
+    ``BaseHTTPMiddleware`` costs a task and a stream per request)."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        path = scope["path"] if scope["path"] in ROUTES else "other"
+        started = False
+
+        async def counted(message: dict) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.metrics.requests.labels(path=path, status=str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:  # answered as a 500 by the handler outside this middleware
+            if not started:
+                self.metrics.requests.labels(path=path, status="500").inc()
+            raise
 
 
 async def request_fields(request: Request, body_limit: int) -> dict[str, Any]:

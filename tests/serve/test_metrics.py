@@ -1,0 +1,47 @@
+"""The request counter of ``/metrics``: every answer counted once by path and status, failures
+(500s, answered outside the counting middleware) included."""
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.testclient import TestClient
+
+from seq2seq.serve.app import add_error_handlers
+from seq2seq.serve.metrics import Metrics
+from seq2seq.serve.parsing import ApiError
+
+
+def counts(metrics: Metrics) -> dict[tuple[str, str], float]:
+    return {(s.labels["path"], s.labels["status"]): s.value
+            for family in metrics.registry.collect() if family.name == "seq2seq_requests"
+            for s in family.samples if s.name.endswith("_total")}
+
+
+def test_answers_are_counted_by_path_and_status():
+    metrics = Metrics()
+    app = FastAPI()
+    add_error_handlers(app, metrics)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.post("/translate")
+    async def translate(fail: str = "") -> JSONResponse:
+        if fail == "bug":
+            raise RuntimeError("a bug")
+        if fail == "refused":
+            raise ApiError(400, "Invalid request")
+        return JSONResponse({"translatedText": "x"})
+
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/health").status_code == 200
+    assert client.get("/health").status_code == 200
+    assert client.post("/translate").status_code == 200
+    assert client.post("/translate?fail=refused").status_code == 400
+    failed = client.post("/translate?fail=bug")
+    assert failed.status_code == 500 and failed.json() == {"error": "Translation error: "
+                                                           "RuntimeError"}
+    assert client.get("/secret/path").status_code == 404
+    assert counts(metrics) == {("/health", "200"): 2, ("/translate", "200"): 1,
+                               ("/translate", "400"): 1, ("/translate", "500"): 1,
+                               ("other", "404"): 1}
