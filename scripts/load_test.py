@@ -115,26 +115,33 @@ def summary(latencies: list[float], wall: float, failures: dict[str, int]) -> di
             "p99_ms": round(1000 * cuts[98], 1) if cuts else None, "failures": failures}
 
 
-def offline(checkpoint: str, sentences: list[str], decode_flags: dict, threads: int,
-            precision: str = "fp32") -> tuple[dict, list[str]]:
+class Offline:
     """``seq2seq translate``'s throughput on the sentences: its code path (chunks of 1000
     lines, length-sorted batches) in this process, model loading not counted."""
-    import torch
 
-    from seq2seq.translate import Translator
-    from seq2seq.translate_io import one_line, translate_stream
+    def __init__(self, checkpoint: str, decode_flags: dict, threads: int,
+                 precision: str = "fp32"):
+        import torch
 
-    if threads:
-        torch.set_num_threads(threads)
-    translator = Translator.from_checkpoint(checkpoint, device="cpu", precision=precision)
-    settings = translator.decode_settings(**decode_flags)
-    started = time.monotonic()
-    outputs = list(translate_stream(
-        sentences, lambda batch: translator.translate_full(batch, settings), empty=None))
-    wall = time.monotonic() - started
-    figures = {"sentences": len(outputs), "seconds": round(wall, 2),
-               "sentences_per_s": round(len(outputs) / wall, 1)}
-    return figures, [one_line(r.hypotheses[0]) if r else "" for r in outputs]
+        from seq2seq.translate import Translator
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.translator = Translator.from_checkpoint(checkpoint, device="cpu",
+                                                     precision=precision)
+        self.settings = self.translator.decode_settings(**decode_flags)
+
+    def run(self, sentences: list[str]) -> tuple[dict, list[str]]:
+        from seq2seq.translate_io import one_line, translate_stream
+
+        started = time.monotonic()
+        outputs = list(translate_stream(
+            sentences, lambda batch: self.translator.translate_full(batch, self.settings),
+            empty=None))
+        wall = time.monotonic() - started
+        figures = {"sentences": len(outputs), "seconds": round(wall, 2),
+                   "sentences_per_s": round(len(outputs) / wall, 1)}
+        return figures, [one_line(r.hypotheses[0]) if r else "" for r in outputs]
 
 
 class ServerProcess:
@@ -182,30 +189,60 @@ def decode_flags(args: argparse.Namespace) -> tuple[list[str], dict]:
 
 
 def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
-    """Batching on, batching off (``--batch-size 1``), and offline, on the same sentences."""
+    """Batching on, batching off (``--batch-size 1``), and offline, on the same sentences,
+    ``args.repeat`` times in turn (on, off, offline, on, ...), so that a slow spell of a shared
+    machine falls on every mode alike. Each mode reports its median run (by sentences/s) and
+    every run's throughput; the ratios are the medians of the runs' own ratios."""
     flags, values = decode_flags(args)
-    report, answers = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, batching in [("batching on", ["--batch-size", str(args.batch_size)]),
-                               ("batching off", ["--batch-size", "1"])]:
-            server = ServerProcess(args.checkpoint, flags + batching + [
-                "--threads", str(args.threads), "--batch-wait-ms", str(args.batch_wait_ms)],
-                Path(tmp) / "serve.log")
-            try:
-                source, target = languages(server.url)
-                report[name], answers[name] = asyncio.run(load(
+    modes = {"batching on": str(args.batch_size), "batching off": "1"}
+    runs: dict[str, list[dict]] = {name: [] for name in [*modes, "offline translate"]}
+    differ = {name: 0 for name in modes}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        servers = {}
+        for name, batch_size in modes.items():
+            servers[name] = ServerProcess(args.checkpoint, flags + [
+                "--batch-size", batch_size, "--threads", str(args.threads),
+                "--batch-wait-ms", str(args.batch_wait_ms)], Path(tmp) / f"{name.split()[-1]}.log")
+            stack.callback(servers[name].stop)
+        source, target = languages(servers["batching on"].url)
+        offline = Offline(args.checkpoint, values, args.threads, args.precision)
+        for _ in range(args.repeat):
+            answers = {}
+            for name, server in servers.items():
+                figures, answers[name] = asyncio.run(load(
                     server.url, sentences, args.clients, source, target, None,
                     args.max_seconds))
-                report[name]["mean_batch"] = mean_batch(server.url)
-            finally:
-                server.stop()
-            print(f"{name}: {report[name]}", file=sys.stderr)
-    report["offline translate"], expected = offline(args.checkpoint, sentences, values,
-                                                    args.threads, args.precision)
-    for name, served in answers.items():
-        # The served translations must be translate's, batched or not.
-        report[name]["differ_from_offline"] = sum(a != e for a, e in zip(served, expected))
+                runs[name].append(figures)
+                print(f"{name}: {figures}", file=sys.stderr)
+            figures, expected = offline.run(sentences)
+            runs["offline translate"].append(figures)
+            for name, served in answers.items():
+                # The served translations must be translate's, batched or not.
+                differ[name] += sum(a != e for a, e in zip(served, expected))
+        batches = {name: mean_batch(server.url) for name, server in servers.items()}
+    report = {name: median_run(found) for name, found in runs.items()}
+    for name in modes:
+        report[name] |= {"mean_batch": batches[name], "differ_from_offline": differ[name]}
+    rates = {name: [run["sentences_per_s"] for run in found] for name, found in runs.items()}
+    report["ratios"] = {
+        "on/off": median_ratio(rates["batching on"], rates["batching off"]),
+        "on/offline": median_ratio(rates["batching on"], rates["offline translate"])}
     return report
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median throughput (the lower middle one of an even count), with every
+    run's throughput beside it."""
+    ranked = sorted(runs, key=lambda run: run["sentences_per_s"])
+    return ranked[(len(ranked) - 1) // 2] | {
+        "runs_sentences_per_s": [run["sentences_per_s"] for run in runs]}
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of the runs' own ratios (run ``i`` of one mode against run ``i`` of the
+    other, measured minutes apart)."""
+    ratios = [a / b for a, b in zip(numerators, denominators) if b]
+    return round(statistics.median(ratios), 2) if ratios else 0.0
 
 
 def mean_batch(url: str) -> float:
@@ -251,10 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                         "checkpoint with a lexicon)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                         help="serve/translate --precision (weights cast once)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="with --checkpoint: measure on, off and offline this many times "
+                        "in turn and report medians (a shared machine's speed drifts)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 256:
         parser.error("--clients must be between 1 and 256")
+    if not 1 <= args.repeat <= 100:
+        parser.error("--repeat must be between 1 and 100")
     sentences = read_sentences(args.input, args.sentences)
     if args.url:
         url = args.url if args.url.endswith("/") else args.url + "/"
@@ -269,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     report["setup"] = {"clients": args.clients, "sentences": len(sentences),
                        "input": str(args.input), "threads": args.threads,
                        "batch_wait_ms": args.batch_wait_ms, "batch_size": args.batch_size,
-                       "precision": args.precision, "shortlist": args.shortlist}
+                       "precision": args.precision, "shortlist": args.shortlist,
+                       "repeat": args.repeat}
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

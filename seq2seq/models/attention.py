@@ -63,16 +63,33 @@ class Attention(nn.Module):
                 src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attend from ``T`` queries at once (``T = 1`` for one decoder step).
 
+        The source side may hold one row per ``K`` consecutive query rows (``B = n * K``
+        queries against ``n`` sentences: the ``K`` beams of each sentence in beam search). The
+        ``K`` queries of a sentence then attend as ``K * T`` queries of one row, so the source
+        is never copied ``K`` times and each score is one batched matmul per sentence.
+
         Args:
             query: ``(B, T, Hq)`` decoder states.
-            keys: ``(B, S, A)`` from :meth:`project_keys`.
-            enc_out: ``(B, S, He)`` the values.
-            src_mask: ``(B, S)`` bool, True on real source tokens (at least one per row).
+            keys: ``(n, S, A)`` from :meth:`project_keys`, ``n`` dividing ``B``.
+            enc_out: ``(n, S, He)`` the values.
+            src_mask: ``(n, S)`` bool, True on real source tokens (at least one per row).
 
         Returns:
             context: ``(B, T, He)`` weighted sums of ``enc_out``.
             weights: ``(B, T, S)`` attention distributions, exactly 0 on padding.
         """
+        rows, steps = query.size(0), query.size(1)
+        if keys.size(0) != rows:
+            query = query.reshape(keys.size(0), -1, query.size(-1))  # (n, K * T, Hq)
+        context, weights = self._attend(query, keys, enc_out, src_mask)
+        if keys.size(0) != rows:
+            context = context.reshape(rows, steps, -1)
+            weights = weights.reshape(rows, steps, -1)
+        return context, weights
+
+    def _attend(self, query: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor,
+                src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with one source row per query row."""
         if self.kind == "bahdanau":
             # (B, T, 1, A) + (B, 1, S, A): every query against every key in one broadcast.
             hidden = torch.sigmoid(2 * self.query_layer(query).unsqueeze(2) + keys.unsqueeze(1))

@@ -132,7 +132,8 @@ class Decoder(nn.Module):
         Args:
             prev_tokens: ``(B,)`` the previous target tokens (BOS first).
             state: from :meth:`init_state` or the previous step.
-            enc_out: ``(B, S, He)``; keys: ``(B, S, A)``; src_mask: ``(B, S)`` bool.
+            enc_out: ``(B, S, He)``; keys: ``(B, S, A)``; src_mask: ``(B, S)`` bool (or
+                ``n`` rows for ``B = n * K``: see :meth:`Attention.forward`).
             rows: the output layer restricted to some target ids (:meth:`output_rows`), or
                 None for every id.
 

@@ -77,7 +77,8 @@ class Seq2Seq(nn.Module):
         Args:
             prev_tokens: ``(B,)`` previous target tokens.
             state: from :meth:`init_state` or the previous step.
-            enc: from :meth:`encode`.
+            enc: from :meth:`encode`, with ``B`` rows or one row per ``K`` consecutive rows
+                (a sentence's ``K`` beams share it, see :meth:`Attention.forward`).
             rows: score only these target ids (from :meth:`output_rows`); None: all.
 
         Returns:

@@ -58,7 +58,8 @@ class _Beams:
         attn_hist: ``(N, t, S)`` attention so far, or None when not requested.
         prev: ``(N,)`` last token of each beam.
         state: the decoder state, a nest of ``(N, ...)`` tensors.
-        enc: the encoder output, a nest of ``(N, ...)`` tensors.
+        enc: the encoder output, a nest of ``(n, ...)`` tensors: one row per sentence, which
+            attention shares among its ``K`` beams.
         allowed: ``(n, U)`` which shortlisted targets each sentence may produce, or None
             without a shortlist.
     """
@@ -155,7 +156,7 @@ def beam_search(
 
 def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int,
            max_len_ratio: float, max_len_add: int, return_attention: bool) -> _Beams:
-    """Encode the batch once and copy encoder output and initial state to ``K`` beams each."""
+    """Encode the batch once and copy the initial state to ``K`` beams each."""
     batch_size = src.size(0)
     enc = model.encode(src, src_lens)
     state = model.init_state(enc)
@@ -174,7 +175,7 @@ def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int
                    if return_attention else None),
         prev=torch.full((num_rows,), BOS, dtype=torch.long, device=src.device),
         state=reorder(state, rows),
-        enc=reorder(enc, rows),
+        enc=enc,  # one row per sentence: attention reads it for the K beams (Attention.forward)
     )
 
 
@@ -333,6 +334,6 @@ def _compact(beams: _Beams, keep: list[int]) -> _Beams:
         attn_hist=reorder(beams.attn_hist, rows),
         prev=beams.prev.index_select(0, rows),
         state=reorder(beams.state, rows),
-        enc=reorder(beams.enc, rows),
+        enc=reorder(beams.enc, keep_t),
         allowed=reorder(beams.allowed, keep_t),
     )

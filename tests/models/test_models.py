@@ -94,6 +94,22 @@ def test_attention_weights_are_exactly_zero_on_padding(kind):
     assert torch.all(weights[2, :, 0] == 1)
 
 
+@pytest.mark.parametrize("kind", ATTENTIONS)
+def test_beams_attend_to_one_shared_source_row(kind):
+    # Beam search keeps one encoder row per sentence for its K beams (rows j*K..j*K+K-1).
+    torch.manual_seed(0)
+    attention = Attention(kind, query_size=16, value_size=16, attention_size=12)
+    enc_out = torch.randn(3, 7, 16)
+    src_mask = torch.arange(7) < torch.tensor([[7], [2], [5]])
+    keys = attention.project_keys(enc_out)
+    query = torch.randn(3 * 4, 1, 16)
+    shared = attention(query, keys, enc_out, src_mask)
+    copied = attention(query, *(t.repeat_interleave(4, 0) for t in (keys, enc_out, src_mask)))
+    for got, want in zip(shared, copied):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_step_attention_is_exactly_zero_on_padding(decoder):
     model = make(tiny(decoder=decoder, attention="general")).eval()

@@ -338,7 +338,8 @@ def test_finished_sentences_stop_costing_compute():
     src, src_lens = make_batch([1, 5])
     counter = RowCounter(model)
     beam_search(counter, src, src_lens, beam_size=3, max_len_ratio=1.0, max_len_add=0)
-    assert counter.rows == [(6, 6)] + [(3, 3)] * 4
+    # Beam rows (3 per sentence) against encoder rows (one per sentence, shared by its beams).
+    assert counter.rows == [(6, 2)] + [(3, 1)] * 4
     counter = RowCounter(model)
     greedy_search(counter, src, src_lens, max_len_ratio=1.0, max_len_add=0)
     assert counter.rows == [(2, 2)] + [(1, 1)] * 4

@@ -23,6 +23,13 @@ class ToyEncoding(NamedTuple):
     final: torch.Tensor
 
 
+def per_row(enc: ToyEncoding, rows: int) -> ToyEncoding:
+    """``enc`` with one row per decoder row: beam search passes one row per sentence for the
+    ``K`` rows of its beams (see ``seq2seq.search.beam``)."""
+    group = rows // enc.enc_out.size(0)
+    return enc if group == 1 else ToyEncoding(*(t.repeat_interleave(group, 0) for t in enc))
+
+
 def teacher_forced_score(model: nn.Module, src: torch.Tensor, src_lens: torch.Tensor,
                          trg_in: torch.Tensor, trg_out: torch.Tensor) -> torch.Tensor:
     """``(B,)`` sum of ``log p(trg_out[t] | trg_in[:t+1])`` by calling ``step``, PAD excluded."""
@@ -66,6 +73,7 @@ class ToyModel(nn.Module):
 
     def step(self, prev_tokens: torch.Tensor, state: tuple[torch.Tensor], enc: ToyEncoding
              ) -> tuple[torch.Tensor, tuple[torch.Tensor], torch.Tensor]:
+        enc = per_row(enc, prev_tokens.size(0))
         hidden = self.cell(self.trg_emb(prev_tokens), state[0])
         energy = torch.bmm(enc.enc_out, hidden.unsqueeze(2)).squeeze(2)
         attn = torch.softmax(energy.masked_fill(~enc.src_mask, float("-inf")), dim=1)
@@ -97,6 +105,7 @@ class BigramModel(nn.Module):
         return (enc.final,)
 
     def step(self, prev_tokens, state, enc):
+        enc = per_row(enc, prev_tokens.size(0))
         attn = enc.src_mask.float() / enc.src_mask.sum(1, keepdim=True)
         return self.table[prev_tokens], state, attn
 

@@ -20,6 +20,7 @@ def test_load_test_compares_on_off_and_offline_with_the_same_flags(checkpoint, t
         [sys.executable, str(REPO / "scripts" / "load_test.py"), "--checkpoint",
          str(checkpoint), "--input", str(source), "--sentences", "24", "--clients", "6",
          "--threads", "1", "--beam", "3", "--precision", "bf16", "--batch-wait-ms", "20",
+         "--repeat", "2",
          "--json", str(report_path)],
         capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -32,3 +33,9 @@ def test_load_test_compares_on_off_and_offline_with_the_same_flags(checkpoint, t
     assert report["batching off"]["mean_batch"] == 1.0
     assert report["batching on"]["mean_batch"] >= 1.0
     assert report["offline translate"]["sentences"] == 24
+    for mode in ("batching on", "batching off", "offline translate"):
+        assert len(report[mode]["runs_sentences_per_s"]) == 2  # --repeat 2, medians reported
+    on, off, offline = (report[mode]["sentences_per_s"]
+                        for mode in ("batching on", "batching off", "offline translate"))
+    assert report["ratios"]["on/off"] > 0 and report["ratios"]["on/offline"] > 0
+    assert off in report["batching off"]["runs_sentences_per_s"] and offline > 0 and on > 0
