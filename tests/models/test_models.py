@@ -80,12 +80,16 @@ def test_shapes_and_forward_equals_steps(cell, attention, decoder, feeding, bidi
         torch.testing.assert_close(stepped, torch.log_softmax(logits, -1), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ATTENTIONS)
-def test_attention_weights_are_exactly_zero_on_padding(kind):
+def attention_over_three_sources(kind: str) -> tuple[Attention, torch.Tensor, torch.Tensor]:
+    """An attention layer, encoder outputs ``(3, 7, 16)`` and a mask of lengths 7, 2, 1."""
     torch.manual_seed(0)
     attention = Attention(kind, query_size=16, value_size=16, attention_size=12)
-    enc_out = torch.randn(3, 7, 16)
-    src_mask = torch.arange(7) < torch.tensor([[7], [2], [1]])
+    return attention, torch.randn(3, 7, 16), torch.arange(7) < torch.tensor([[7], [2], [1]])
+
+
+@pytest.mark.parametrize("kind", ATTENTIONS)
+def test_attention_weights_are_exactly_zero_on_padding(kind):
+    attention, enc_out, src_mask = attention_over_three_sources(kind)
     context, weights = attention(torch.randn(3, 4, 16), attention.project_keys(enc_out),
                                  enc_out, src_mask)
     assert context.shape == (3, 4, 16) and weights.shape == (3, 4, 7)
@@ -97,16 +101,13 @@ def test_attention_weights_are_exactly_zero_on_padding(kind):
 @pytest.mark.parametrize("kind", ATTENTIONS)
 def test_beams_attend_to_one_shared_source_row(kind):
     # Beam search keeps one encoder row per sentence for its K beams (rows j*K..j*K+K-1).
-    torch.manual_seed(0)
-    attention = Attention(kind, query_size=16, value_size=16, attention_size=12)
-    enc_out = torch.randn(3, 7, 16)
-    src_mask = torch.arange(7) < torch.tensor([[7], [2], [5]])
+    attention, enc_out, src_mask = attention_over_three_sources(kind)
     keys = attention.project_keys(enc_out)
     query = torch.randn(3 * 4, 1, 16)
     shared = attention(query, keys, enc_out, src_mask)
     copied = attention(query, *(t.repeat_interleave(4, 0) for t in (keys, enc_out, src_mask)))
+    assert shared[0].shape == (12, 1, 16) and shared[1].shape == (12, 1, 7)
     for got, want in zip(shared, copied):
-        assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
