@@ -68,7 +68,7 @@ async def load(url: str, sentences: list[str], clients: int, source: str, target
     answers: list[str | None] = [None] * len(sentences)
     failures: dict[str, int] = {}
     todo = iter(range(len(sentences)))
-    deadline = 0.0
+    deadline = 0.0  # set when the clock starts, below
 
     async def client(http: httpx.AsyncClient) -> None:
         for i in todo:  # shared: each sentence is sent once
@@ -98,7 +98,11 @@ async def load(url: str, sentences: list[str], clients: int, source: str, target
     async with contextlib.AsyncExitStack() as stack:
         https = [await stack.enter_async_context(
             httpx.AsyncClient(base_url=url, timeout=120, limits=one)) for _ in range(clients)]
-        await asyncio.gather(*(http.get("health") for http in https))
+        try:
+            await asyncio.gather(*(http.get("health") for http in https))
+        except httpx.HTTPError as error:
+            raise SystemExit(f"error: {url}: cannot connect ({type(error).__name__}: "
+                             f"{error})") from None
         started = time.monotonic()
         deadline = started + max_seconds
         await asyncio.gather(*(client(http) for http in https))
