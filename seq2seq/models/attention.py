@@ -79,13 +79,11 @@ class Attention(nn.Module):
             weights: ``(B, T, S)`` attention distributions, exactly 0 on padding.
         """
         rows, steps = query.size(0), query.size(1)
-        if keys.size(0) != rows:
-            query = query.reshape(keys.size(0), -1, query.size(-1))  # (n, K * T, Hq)
+        if keys.size(0) == rows:
+            return self._attend(query, keys, enc_out, src_mask)
+        query = query.reshape(keys.size(0), -1, query.size(-1))  # (n, K * T, Hq)
         context, weights = self._attend(query, keys, enc_out, src_mask)
-        if keys.size(0) != rows:
-            context = context.reshape(rows, steps, -1)
-            weights = weights.reshape(rows, steps, -1)
-        return context, weights
+        return context.reshape(rows, steps, -1), weights.reshape(rows, steps, -1)
 
     def _attend(self, query: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor,
                 src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
