@@ -89,6 +89,17 @@ class Seq2Seq(nn.Module):
                                                 enc.src_mask, rows)
         return torch.log_softmax(logits.float(), dim=-1), state, attn
 
+    def pad_source(self, enc: EncoderOutput, length: int) -> EncoderOutput:
+        """``enc`` widened to ``length`` source positions, as if its sources had more padding
+        (beam search uses this to add longer sentences to a search in progress). The new
+        positions are masked out: their values (zero) never reach the decoder."""
+        short = length - enc.enc_out.size(1)
+        if short <= 0:
+            return enc
+        pad = torch.nn.functional.pad
+        return EncoderOutput(pad(enc.enc_out, (0, 0, 0, short)), pad(enc.keys, (0, 0, 0, short)),
+                             pad(enc.src_mask, (0, short), value=False), enc.final)
+
     def output_rows(self, ids: torch.Tensor) -> OutputRows:
         """The output layer restricted to target ids ``ids``, for :meth:`step`."""
         return self.decoder.output_rows(ids)

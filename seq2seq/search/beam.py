@@ -14,6 +14,11 @@ All beams of all sentences live in flat ``(n * K, ...)`` tensors (``n`` unfinish
 6. sentences that are done are removed from the flat tensors (encoder output included), so they
    stop costing compute.
 
+:class:`BeamSearch` runs these steps over a set of sentences that may grow between steps
+(continuous batching: a server adds the sentences of new requests to the search in progress,
+see :mod:`seq2seq.serve.worker`). Each sentence counts its own steps, so it is decoded exactly as
+it would be alone; :func:`beam_search` adds a whole batch at once and steps until it is done.
+
 A sentence is done at its maximum length (its live beams are then finished as they are, without
 EOS), or once it has ``n_best`` finished hypotheses that no live beam can beat. "Can beat" uses an
 exact bound, so stopping early never changes the result: log-probabilities only fall as a beam
@@ -28,6 +33,7 @@ finished sentences already leave the batch and the exact bound stops them soon a
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +42,9 @@ import torch
 from seq2seq.search.common import (
     BOS,
     EOS,
+    PAD,
     Hypothesis,
+    concat,
     forbid_tokens,
     length_penalty,
     make_hypothesis,
@@ -48,31 +56,143 @@ from seq2seq.search.shortlist import Shortlist
 
 @dataclass
 class _Beams:
-    """The unfinished part of a batch: ``n`` sentences of ``K`` beams each, ``N = n * K`` rows.
+    """The unfinished sentences of a search: ``n`` sentences of ``K`` beams each, ``N = n * K``
+    rows.
 
     Attributes:
-        sentences: ``n`` indices of the sentences in the input batch.
+        keys: ``n`` names of the sentences, as the caller gave them.
         max_lens: ``n`` maximum output lengths (scored tokens).
+        src_lens: ``n`` source lengths.
+        steps: ``n`` tokens generated so far by each sentence (they differ once sentences have
+            joined at different steps).
         scores: ``(n, K)`` log-probability of each beam (-inf: no beam there).
-        tokens: ``(N, t)`` tokens of each beam so far, without BOS.
-        attn_hist: ``(N, t, S)`` attention so far, or None when not requested.
+        tokens: ``(N, W)`` tokens of each beam so far, without BOS, right-aligned: a sentence
+            with ``t < W`` steps has PAD in its first ``W - t`` columns.
+        attn_hist: ``(N, W, S)`` attention so far, aligned as ``tokens``, or None when not
+            requested.
         prev: ``(N,)`` last token of each beam.
         state: the decoder state, a nest of ``(N, ...)`` tensors.
         enc: the encoder output, a nest of ``(n, ...)`` tensors: one row per sentence, which
             attention shares among its ``K`` beams.
+        src: ``(n, S)`` the sources, padded with PAD (a shortlist is computed from them).
         allowed: ``(n, U)`` which shortlisted targets each sentence may produce, or None
             without a shortlist.
     """
 
-    sentences: list[int]
+    keys: list[Hashable]
     max_lens: list[int]
+    src_lens: list[int]
+    steps: list[int]
     scores: torch.Tensor
     tokens: torch.Tensor
     attn_hist: torch.Tensor | None
     prev: torch.Tensor
     state: Any
     enc: Any
+    src: torch.Tensor
     allowed: torch.Tensor | None = None
+
+    def aligned(self) -> bool:
+        """Whether every sentence has taken every step so far (no PAD in ``tokens``)."""
+        return min(self.steps) == max(self.steps) == self.tokens.size(1)
+
+
+class BeamSearch:
+    """Beam search over sentences that can join while others are being decoded.
+
+    :meth:`add` encodes sentences and gives them their first beam; each :meth:`step` extends
+    every live sentence by one token and returns the n-best lists of the sentences that are done.
+    A sentence gets the same hypotheses whatever it shares the steps with and whenever it
+    joined. Arguments are those of :func:`beam_search`; the model also needs
+    ``pad_source(enc, length)`` to add sentences whose source is longer than those decoded.
+    """
+
+    def __init__(self, model: Any, beam_size: int, n_best: int = 1, alpha: float = 0.0,
+                 max_len_ratio: float = 1.5, max_len_add: int = 10, min_len: int = 0,
+                 no_repeat_ngram: int = 0, return_attention: bool = False,
+                 shortlist: Shortlist | None = None):
+        if not 1 <= n_best <= beam_size:
+            raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, "
+                             f"beam_size={beam_size}")
+        self.model, self.beam_size, self.n_best, self.alpha = model, beam_size, n_best, alpha
+        self.max_len_ratio, self.max_len_add = max_len_ratio, max_len_add
+        self.min_len, self.no_repeat_ngram = min_len, no_repeat_ngram
+        self.return_attention, self.shortlist = return_attention, shortlist
+        self._beams: _Beams | None = None
+        self._finished: dict[Hashable, list[Hypothesis]] = {}
+        self._targets: torch.Tensor | None = None  # the shortlist's union, (U,) target ids
+        self._rows: Any = None  # the output layer restricted to _targets
+
+    def __len__(self) -> int:
+        """Sentences not yet done."""
+        return len(self._finished)
+
+    @torch.no_grad()
+    def add(self, src: torch.Tensor, src_lens: torch.Tensor, keys: Sequence[Hashable]) -> None:
+        """Encode ``(B, S)`` padded sources with ``(B,)`` lengths and start their beams; each
+        :meth:`step` that finishes one returns it under its key (keys must not be live)."""
+        keys = list(keys)
+        if len(keys) != src.size(0) or len(set(keys)) != len(keys):
+            raise ValueError(f"need {src.size(0)} distinct keys, got {keys!r}")
+        if any(key in self._finished for key in keys):
+            raise ValueError("a key is already being decoded")
+        if not keys:
+            return
+        if self._beams is not None and src.size(1) < self._beams.src.size(1):
+            # Encoded with the padding it will have, so that only a longer source needs the
+            # search's encoder output widened (pad_source).
+            src = torch.nn.functional.pad(src, (0, self._beams.src.size(1) - src.size(1)),
+                                          value=PAD)
+        new = _start(self.model, src, src_lens, keys, self.beam_size, self.max_len_ratio,
+                     self.max_len_add, self.return_attention)
+        self._beams = new if self._beams is None else _merge(self.model, self._beams, new)
+        self._finished.update((key, []) for key in keys)
+        if self.shortlist is not None:
+            # Each sentence is normalised over its own shortlist, so a larger union does not
+            # change the others' results.
+            self._targets, self._beams.allowed = self.shortlist.for_batch(self._beams.src)
+            self._rows = self.model.output_rows(self._targets)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Hashable, list[Hypothesis]]]:
+        """Extend every live sentence by one token.
+
+        Returns:
+            ``(key, n-best list)`` of each sentence done at this step, its hypotheses best
+            first (fewer than ``n_best`` only if the constraints leave fewer possible outputs).
+        """
+        beams = self._beams
+        if beams is None:
+            return []
+        if self._rows is None:
+            log_probs, state, attn = self.model.step(beams.prev, beams.state, beams.enc)
+        else:
+            log_probs, state, attn = self.model.step(beams.prev, beams.state, beams.enc,
+                                                     self._rows)
+            log_probs = _own_shortlists(log_probs, beams.allowed, self.beam_size)
+        lengths = None if beams.aligned() else torch.tensor(
+            beams.steps, device=log_probs.device).repeat_interleave(self.beam_size)
+        log_probs = forbid_tokens(log_probs, beams.tokens, self.min_len, self.no_repeat_ngram,
+                                  self._targets, lengths)
+        cand_scores, cand_rows, cand_tokens = _candidates(beams.scores, log_probs)
+        if self._targets is not None:
+            cand_tokens = self._targets[cand_tokens]
+        _finish_eos(self._finished, beams, attn, cand_scores, cand_rows, cand_tokens,
+                    self.alpha)
+        beams = _advance(beams, state, attn, cand_scores, cand_rows, cand_tokens)
+        done = _finish_done(self._finished, beams, self.n_best, self.alpha)
+        results = []
+        for j, is_done in enumerate(done):
+            if is_done:
+                hyps = self._finished.pop(beams.keys[j])
+                # Stable: equal scores keep the order in which they were found.
+                hyps.sort(key=lambda h: -h.score)
+                results.append((beams.keys[j], hyps[:self.n_best]))
+        if results:
+            keep = [j for j, is_done in enumerate(done) if not is_done]
+            beams = _compact(beams, keep) if keep else None
+        self._beams = beams
+        return results
 
 
 @torch.no_grad()
@@ -117,45 +237,19 @@ def beam_search(
         For each sentence, in input order, its ``n_best`` hypotheses, best first (fewer only if
         the constraints leave fewer possible outputs).
     """
-    if not 1 <= n_best <= beam_size:
-        raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, "
-                         f"beam_size={beam_size}")
-    src_lens_list = src_lens.tolist()
-    beams = _start(model, src, src_lens, beam_size, max_len_ratio, max_len_add, return_attention)
-    finished: list[list[Hypothesis]] = [[] for _ in src_lens_list]
-    targets = rows = None
-    if shortlist is not None:
-        targets, beams.allowed = shortlist.for_batch(src)
-        rows = model.output_rows(targets)
-
-    t = 0
-    while beams.sentences:
-        if rows is None:
-            log_probs, state, attn = model.step(beams.prev, beams.state, beams.enc)
-        else:
-            log_probs, state, attn = model.step(beams.prev, beams.state, beams.enc, rows)
-            log_probs = _own_shortlists(log_probs, beams.allowed, beam_size)
-        log_probs = forbid_tokens(log_probs, beams.tokens, min_len, no_repeat_ngram, targets)
-        cand_scores, cand_rows, cand_tokens = _candidates(beams.scores, log_probs)
-        if targets is not None:
-            cand_tokens = targets[cand_tokens]
-        _finish_eos(finished, beams, attn, cand_scores, cand_rows, cand_tokens, alpha,
-                    src_lens_list)
-        beams = _advance(beams, state, attn, cand_scores, cand_rows, cand_tokens)
-        t += 1
-        done = _finish_done(finished, beams, t, n_best, alpha, src_lens_list)
-        if any(done):
-            beams = _compact(beams, [j for j, d in enumerate(done) if not d])
-
-    for hyps in finished:
-        # Stable: equal scores keep the order in which they were found.
-        hyps.sort(key=lambda h: -h.score)
-        del hyps[n_best:]
-    return finished
+    search = BeamSearch(model, beam_size, n_best, alpha, max_len_ratio, max_len_add, min_len,
+                        no_repeat_ngram, return_attention, shortlist)
+    search.add(src, src_lens, range(src.size(0)))
+    results: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
+    while len(search):
+        for key, hyps in search.step():
+            results[key] = hyps
+    return results
 
 
-def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int,
-           max_len_ratio: float, max_len_add: int, return_attention: bool) -> _Beams:
+def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, keys: list[Hashable],
+           beam_size: int, max_len_ratio: float, max_len_add: int,
+           return_attention: bool) -> _Beams:
     """Encode the batch once and copy the initial state to ``K`` beams each."""
     batch_size = src.size(0)
     enc = model.encode(src, src_lens)
@@ -167,8 +261,10 @@ def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int
     scores[:, 0] = 0.0
     num_rows = batch_size * beam_size
     return _Beams(
-        sentences=list(range(batch_size)),
+        keys=keys,
         max_lens=max_output_lengths(src_lens, max_len_ratio, max_len_add),
+        src_lens=src_lens.tolist(),
+        steps=[0] * batch_size,
         scores=scores,
         tokens=torch.zeros((num_rows, 0), dtype=torch.long, device=src.device),
         attn_hist=(torch.zeros((num_rows, 0, src.size(1)), device=src.device)
@@ -176,6 +272,46 @@ def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, beam_size: int
         prev=torch.full((num_rows,), BOS, dtype=torch.long, device=src.device),
         state=reorder(state, rows),
         enc=enc,  # one row per sentence: attention reads it for the K beams (Attention.forward)
+        src=src,
+    )
+
+
+def _merge(model: Any, old: _Beams, new: _Beams) -> _Beams:
+    """The sentences of ``old`` followed by those of ``new`` (just started), in one set of
+    tensors: sources padded to the longer of the two, ``new``'s tokens to ``old``'s width."""
+    length = max(old.src.size(1), new.src.size(1))
+    width = old.tokens.size(1)
+
+    def to_length(beams: _Beams) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+        short = length - beams.src.size(1)
+        if not short:
+            return beams.enc, beams.src, beams.attn_hist
+        if not hasattr(model, "pad_source"):
+            raise TypeError(f"{type(model).__name__} has no pad_source: sentences with "
+                            "longer sources cannot join its search")
+        attn_hist = (None if beams.attn_hist is None
+                     else torch.nn.functional.pad(beams.attn_hist, (0, short)))
+        return (model.pad_source(beams.enc, length),
+                torch.nn.functional.pad(beams.src, (0, short), value=PAD), attn_hist)
+
+    old_enc, old_src, old_attn = to_length(old)
+    new_enc, new_src, new_attn = to_length(new)
+    num_new = new.tokens.size(0)
+    new_tokens = torch.full((num_new, width), PAD, dtype=torch.long, device=old.tokens.device)
+    if new_attn is not None:
+        new_attn = new_attn.new_zeros((num_new, width, length))
+    return _Beams(
+        keys=old.keys + new.keys,
+        max_lens=old.max_lens + new.max_lens,
+        src_lens=old.src_lens + new.src_lens,
+        steps=old.steps + new.steps,
+        scores=torch.cat([old.scores, new.scores]),
+        tokens=torch.cat([old.tokens, new_tokens]),
+        attn_hist=concat(old_attn, new_attn),
+        prev=torch.cat([old.prev, new.prev]),
+        state=concat(old.state, new.state),
+        enc=concat(old_enc, new_enc),
+        src=torch.cat([old_src, new_src]),
     )
 
 
@@ -214,9 +350,9 @@ def _candidates(scores: torch.Tensor, log_probs: torch.Tensor
     return cand_scores, cand_rows, flat % vocab_size
 
 
-def _finish_eos(finished: list[list[Hypothesis]], beams: _Beams, attn: torch.Tensor,
+def _finish_eos(finished: dict[Hashable, list[Hypothesis]], beams: _Beams, attn: torch.Tensor,
                 cand_scores: torch.Tensor, cand_rows: torch.Tensor, cand_tokens: torch.Tensor,
-                alpha: float, src_lens: list[int]) -> None:
+                alpha: float) -> None:
     """Turn EOS candidates ranked within the top ``K`` into finished hypotheses.
 
     EOS ranked below the top ``K`` is ignored, as if the beam had not had room for it.
@@ -233,13 +369,15 @@ def _finish_eos(finished: list[list[Hypothesis]], beams: _Beams, attn: torch.Ten
     rows = cand_rows[where[:, 0], where[:, 1]]
     log_probs = cand_scores[where[:, 0], where[:, 1]].tolist()
     prefixes = beams.tokens[rows].tolist()
+    width = beams.tokens.size(1)
     for i, (j, row) in enumerate(zip(where[:, 0].tolist(), rows.tolist())):
-        b = beams.sentences[j]
+        start = width - beams.steps[j]  # the sentence's own tokens are the last steps[j]
         attention = None
         if beams.attn_hist is not None:
-            steps = torch.cat([beams.attn_hist[row], attn[row].unsqueeze(0)], dim=0)
-            attention = steps[:, :src_lens[b]].cpu()
-        finished[b].append(make_hypothesis(prefixes[i] + [EOS], log_probs[i], alpha, attention))
+            steps = torch.cat([beams.attn_hist[row, start:], attn[row].unsqueeze(0)], dim=0)
+            attention = steps[:, :beams.src_lens[j]].cpu()
+        finished[beams.keys[j]].append(
+            make_hypothesis(prefixes[i][start:] + [EOS], log_probs[i], alpha, attention))
 
 
 def _advance(beams: _Beams, state: Any, attn: torch.Tensor, cand_scores: torch.Tensor,
@@ -265,21 +403,25 @@ def _advance(beams: _Beams, state: Any, attn: torch.Tensor, cand_scores: torch.T
     if beams.attn_hist is not None:
         attn_hist = torch.cat([beams.attn_hist[rows], attn[rows].unsqueeze(1)], dim=1)
     return _Beams(
-        sentences=beams.sentences,
+        keys=beams.keys,
         max_lens=beams.max_lens,
+        src_lens=beams.src_lens,
+        steps=[t + 1 for t in beams.steps],
         scores=cand_scores.gather(1, pick),
         tokens=torch.cat([beams.tokens[rows], new_tokens.unsqueeze(1)], dim=1),
         attn_hist=attn_hist,
         prev=new_tokens,
         state=reorder(state, rows),
         enc=beams.enc,  # every beam of a sentence shares its encoder output: no reordering
-        allowed=beams.allowed,  # so do its shortlist
+        src=beams.src,
+        allowed=beams.allowed,  # and its shortlist
     )
 
 
-def _finish_done(finished: list[list[Hypothesis]], beams: _Beams, t: int, n_best: int,
-                 alpha: float, src_lens: list[int]) -> list[bool]:
-    """Which sentences are done after ``t`` tokens; finish the live beams of those cut at length.
+def _finish_done(finished: dict[Hashable, list[Hypothesis]], beams: _Beams, n_best: int,
+                 alpha: float) -> list[bool]:
+    """Which sentences are done after their latest step; finish the live beams of those cut at
+    length.
 
     A sentence is done at its maximum length, or when its ``n_best``-th finished hypothesis
     scores at least the bound on any live beam's final score (see the module docstring).
@@ -289,51 +431,61 @@ def _finish_done(finished: list[list[Hypothesis]], beams: _Beams, t: int, n_best
     """
     best_live = beams.scores.max(dim=1).values  # (n,)
     max_lens = torch.tensor(beams.max_lens, device=best_live.device, dtype=best_live.dtype)
+    next_lp = torch.tensor([length_penalty(t + 1, alpha) for t in beams.steps],
+                           device=best_live.device, dtype=best_live.dtype)
     # lp grows with length, so c / lp is largest at the longest length when c <= 0, and at the
     # shortest when rounding leaves c slightly > 0; taking both keeps the bound safe.
-    bound = torch.maximum(best_live / length_penalty(t + 1, alpha),
+    bound = torch.maximum(best_live / next_lp,
                           best_live / ((5.0 + max_lens) / 6.0) ** alpha).tolist()
     done = []
-    for j, b in enumerate(beams.sentences):
-        if t >= beams.max_lens[j]:
-            _finish_cut(finished[b], beams, j, alpha, src_lens[b])
+    for j, key in enumerate(beams.keys):
+        if beams.steps[j] >= beams.max_lens[j]:
+            _finish_cut(finished[key], beams, j, alpha)
             done.append(True)
             continue
-        scores = sorted((h.score for h in finished[b]), reverse=True)
+        scores = sorted((h.score for h in finished[key]), reverse=True)
         nth_best = scores[n_best - 1] if len(scores) >= n_best else float("-inf")
         # -inf >= -inf: no live beam left, nothing more can be found.
         done.append(nth_best >= bound[j])
     return done
 
 
-def _finish_cut(hyps: list[Hypothesis], beams: _Beams, j: int, alpha: float,
-                src_len: int) -> None:
+def _finish_cut(hyps: list[Hypothesis], beams: _Beams, j: int, alpha: float) -> None:
     """Finish the live beams of sentence ``j`` as they are: it reached its maximum length."""
     beam_size = beams.scores.size(1)
+    start = beams.tokens.size(1) - beams.steps[j]
     for k, log_prob in enumerate(beams.scores[j].tolist()):
         if log_prob == float("-inf"):
             continue
         row = j * beam_size + k
         attention = None
         if beams.attn_hist is not None:
-            attention = beams.attn_hist[row, :, :src_len].cpu()
-        hyps.append(make_hypothesis(beams.tokens[row].tolist(), log_prob, alpha, attention))
+            attention = beams.attn_hist[row, start:, :beams.src_lens[j]].cpu()
+        hyps.append(make_hypothesis(beams.tokens[row, start:].tolist(), log_prob, alpha,
+                                    attention))
 
 
 def _compact(beams: _Beams, keep: list[int]) -> _Beams:
-    """Keep only sentences ``keep`` (indices into ``beams.sentences``) in every flat tensor."""
+    """Keep only sentences ``keep`` (indices into ``beams.keys``) in every flat tensor, and only
+    as many token columns as the longest of them has."""
     beam_size = beams.scores.size(1)
     device = beams.scores.device
     keep_t = torch.tensor(keep, dtype=torch.long, device=device)
     rows = (keep_t.unsqueeze(1) * beam_size + torch.arange(beam_size, device=device)).view(-1)
+    steps = [beams.steps[j] for j in keep]
+    first = beams.tokens.size(1) - max(steps)  # columns before it are PAD in every kept row
+    attn_hist = reorder(beams.attn_hist, rows)
     return _Beams(
-        sentences=[beams.sentences[j] for j in keep],
+        keys=[beams.keys[j] for j in keep],
         max_lens=[beams.max_lens[j] for j in keep],
+        src_lens=[beams.src_lens[j] for j in keep],
+        steps=steps,
         scores=beams.scores.index_select(0, keep_t),
-        tokens=beams.tokens.index_select(0, rows),
-        attn_hist=reorder(beams.attn_hist, rows),
+        tokens=beams.tokens.index_select(0, rows)[:, first:],
+        attn_hist=None if attn_hist is None else attn_hist[:, first:],
         prev=beams.prev.index_select(0, rows),
         state=reorder(beams.state, rows),
         enc=reorder(beams.enc, keep_t),
+        src=beams.src.index_select(0, keep_t),
         allowed=reorder(beams.allowed, keep_t),
     )

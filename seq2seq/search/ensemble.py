@@ -37,6 +37,10 @@ class Ensemble(nn.Module):
         """Each member's initial decoder state."""
         return tuple(model.init_state(e) for model, e in zip(self.models, enc))
 
+    def pad_source(self, enc: tuple[Any, ...], length: int) -> tuple[Any, ...]:
+        """Each member's encoder output widened to ``length`` source positions."""
+        return tuple(model.pad_source(e, length) for model, e in zip(self.models, enc))
+
     def output_rows(self, ids: torch.Tensor) -> tuple[Any, ...]:
         """Each member's output layer restricted to target ids ``ids``."""
         return tuple(model.output_rows(ids) for model in self.models)

@@ -23,6 +23,14 @@ class ToyEncoding(NamedTuple):
     final: torch.Tensor
 
 
+def pad_source(enc: ToyEncoding, length: int) -> ToyEncoding:
+    """``enc`` widened to ``length`` source positions, masked out (the search interface's
+    ``pad_source``)."""
+    short = length - enc.enc_out.size(1)
+    return ToyEncoding(nn.functional.pad(enc.enc_out, (0, 0, 0, short)),
+                       nn.functional.pad(enc.src_mask, (0, short), value=False), enc.final)
+
+
 def per_row(enc: ToyEncoding, rows: int) -> ToyEncoding:
     """``enc`` with one row per decoder row: beam search passes one row per sentence for the
     ``K`` rows of its beams (see ``seq2seq.search.beam``)."""
@@ -71,6 +79,9 @@ class ToyModel(nn.Module):
     def init_state(self, enc: ToyEncoding) -> tuple[torch.Tensor]:
         return (torch.tanh(self.bridge(enc.final)),)
 
+    def pad_source(self, enc: ToyEncoding, length: int) -> ToyEncoding:
+        return pad_source(enc, length)
+
     def step(self, prev_tokens: torch.Tensor, state: tuple[torch.Tensor], enc: ToyEncoding
              ) -> tuple[torch.Tensor, tuple[torch.Tensor], torch.Tensor]:
         enc = per_row(enc, prev_tokens.size(0))
@@ -103,6 +114,9 @@ class BigramModel(nn.Module):
 
     def init_state(self, enc: ToyEncoding) -> tuple[torch.Tensor]:
         return (enc.final,)
+
+    def pad_source(self, enc: ToyEncoding, length: int) -> ToyEncoding:
+        return pad_source(enc, length)
 
     def step(self, prev_tokens, state, enc):
         enc = per_row(enc, prev_tokens.size(0))

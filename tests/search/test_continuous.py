@@ -1,0 +1,153 @@
+"""Continuous batching: sentences that join a beam search in progress are decoded as if alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seq2seq.search import Ensemble, beam_search
+from seq2seq.search.beam import BeamSearch
+from tests.search.test_search import SRC_LENS, make_batch, one, real_model
+from tests.search.test_shortlist import restrictive
+from tests.search.toy_models import ToyModel
+
+# When each sentence of make_batch(SRC_LENS) joins: (step, indices). Short sources join before
+# long ones, so later sentences widen the source positions of the search.
+JOINS = [(0, [1, 4]), (2, [2]), (3, [0, 5]), (7, [3])]
+
+
+def run_joined(search: BeamSearch, src: torch.Tensor, src_lens: torch.Tensor,
+               joins=JOINS) -> dict[int, list]:
+    """Step ``search``, adding each sentence (alone, unpadded) at its step of ``joins``;
+    every sentence's n-best list by index. Every join after the first must find the search
+    busy, or the test would not test joining."""
+    results: dict[int, list] = {}
+    pending = dict(joins)
+    step = 0
+    while pending or len(search):
+        for i in pending.pop(step, []):
+            assert step == 0 or len(search) > 0, f"sentence {i} joined an idle search"
+            search.add(*one(src, src_lens, i), [i])
+        results.update(search.step())
+        step += 1
+    return results
+
+
+def assert_same(hyps: list, alone: list) -> None:
+    assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+    for h, a in zip(hyps, alone):
+        assert h.score == pytest.approx(a.score, abs=1e-5)
+        assert h.log_prob == pytest.approx(a.log_prob, abs=1e-5)
+
+
+MODELS = {
+    "toy": lambda: ToyModel(eos_bias=2.0),
+    "gru-bahdanau": lambda: real_model(),
+    "lstm-luong": lambda: real_model(cell="lstm", decoder="luong", attention="general"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("settings", [
+    dict(alpha=0.0),
+    dict(alpha=0.6, n_best=3),
+    dict(alpha=1.5, min_len=4),
+    dict(alpha=0.6, no_repeat_ngram=2),
+])
+def test_joining_late_gives_what_decoding_alone_gives(name, settings):
+    model = MODELS[name]()
+    src, src_lens = make_batch(SRC_LENS)
+    search = BeamSearch(model, beam_size=4, max_len_add=5, **settings)
+    joined = run_joined(search, src, src_lens)
+    assert sorted(joined) == list(range(len(SRC_LENS)))
+    for i in range(len(SRC_LENS)):
+        alone = beam_search(model, *one(src, src_lens, i), beam_size=4, max_len_add=5,
+                            **settings)[0]
+        assert_same(joined[i], alone)
+
+
+def test_joined_attention_covers_each_sentences_own_steps_and_source():
+    model = real_model()
+    src, src_lens = make_batch(SRC_LENS)
+    search = BeamSearch(model, beam_size=3, n_best=2, alpha=0.6, max_len_add=5,
+                        return_attention=True)
+    joined = run_joined(search, src, src_lens)
+    for i in range(len(SRC_LENS)):
+        alone = beam_search(model, *one(src, src_lens, i), beam_size=3, n_best=2, alpha=0.6,
+                            max_len_add=5, return_attention=True)[0]
+        assert_same(joined[i], alone)
+        for h, a in zip(joined[i], alone):
+            assert h.attention.shape == a.attention.shape == (a.attention.size(0), SRC_LENS[i])
+            torch.testing.assert_close(h.attention, a.attention, atol=1e-6, rtol=0)
+
+
+def test_joining_a_shortlisted_search_keeps_each_sentences_own_shortlist():
+    model = real_model()
+    shortlist = restrictive()
+    src, src_lens = make_batch(SRC_LENS)
+    search = BeamSearch(model, beam_size=4, n_best=3, alpha=0.6, max_len_add=5,
+                        shortlist=shortlist)
+    joined = run_joined(search, src, src_lens)
+    for i in range(len(SRC_LENS)):
+        alone = beam_search(model, *one(src, src_lens, i), beam_size=4, n_best=3, alpha=0.6,
+                            max_len_add=5, shortlist=shortlist)[0]
+        assert_same(joined[i], alone)
+
+
+def test_an_ensemble_joins_like_its_members():
+    members = [real_model(), real_model(cell="lstm", decoder="luong", attention="general")]
+    model = Ensemble(members)
+    src, src_lens = make_batch(SRC_LENS)
+    joined = run_joined(BeamSearch(model, beam_size=3, alpha=0.6, max_len_add=5), src, src_lens)
+    for i in range(len(SRC_LENS)):
+        alone = beam_search(model, *one(src, src_lens, i), beam_size=3, alpha=0.6,
+                            max_len_add=5)[0]
+        assert_same(joined[i], alone)
+
+
+def test_a_search_empties_and_starts_again():
+    model = ToyModel(eos_bias=2.0)
+    src, src_lens = make_batch(SRC_LENS)
+    search = BeamSearch(model, beam_size=3, max_len_add=5)
+    assert len(search) == 0 and search.step() == []
+    first = run_joined(search, src, src_lens, joins=[(0, [0])])
+    assert len(search) == 0
+    again = run_joined(search, src, src_lens, joins=[(0, [0, 1])])
+    assert_same(again[0], first[0])
+
+
+def test_keys_must_be_distinct_and_not_live():
+    search = BeamSearch(ToyModel(), beam_size=2)
+    src, src_lens = make_batch([3, 4])
+    with pytest.raises(ValueError, match="distinct keys"):
+        search.add(src, src_lens, ["a", "a"])
+    with pytest.raises(ValueError, match="distinct keys"):
+        search.add(src, src_lens, ["a"])
+    search.add(src, src_lens, ["a", "b"])
+    with pytest.raises(ValueError, match="already being decoded"):
+        search.add(*one(src, src_lens, 0), ["b"])
+
+
+def test_a_model_without_pad_source_takes_shorter_sentences_only():
+    class NoPad(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = ToyModel(eos_bias=-5.0)  # never ends early
+
+        def encode(self, src, src_lens):
+            return self.inner.encode(src, src_lens)
+
+        def init_state(self, enc):
+            return self.inner.init_state(enc)
+
+        def step(self, prev, state, enc):
+            return self.inner.step(prev, state, enc)
+
+    search = BeamSearch(NoPad(), beam_size=2, max_len_add=20)
+    src, src_lens = make_batch([5, 2, 9])
+    search.add(*one(src, src_lens, 0), [0])
+    search.step()
+    search.add(*one(src, src_lens, 1), [1])  # shorter: padded to the search's width
+    search.step()
+    with pytest.raises(TypeError, match="pad_source"):
+        search.add(*one(src, src_lens, 2), [2])
