@@ -239,11 +239,11 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
 
     Beam search restricts the output layer to ``decode.shortlist`` of ``lexicon`` when that
     is set (as ``translate`` does); greedy search never does."""
+    from seq2seq.decoding import pad_sources
     from seq2seq.scoring import corpus_bleu
     from seq2seq.search import beam_search, greedy_search
     from seq2seq.search.shortlist import Shortlist
     from seq2seq.search.static_beam import StaticBeamSearch
-    from seq2seq.translate import pad_sources
 
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]), reverse=True)
     shortlist = (Shortlist(lexicon, decode.shortlist, decode.shortlist_frequent)

@@ -250,7 +250,8 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
 
 
 def mean_batch(url: str) -> float:
-    """Sentences per decode the server ran, from its ``/metrics``."""
+    """Mean sentences per search step (or whole decode) the server ran, from its
+    ``/metrics``."""
     text = httpx.get(url + "metrics").text
     count = sum(float(n) for n in re.findall(r"^seq2seq_batch_sentences_count\S* (\S+)$",
                                              text, re.M))

@@ -20,12 +20,12 @@ import torch
 
 from seq2seq.checkpoint import load_checkpoint, load_weights
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
+from seq2seq.decoding import decode_ids, make_shortlist, search_path
 from seq2seq.errors import Seq2SeqError
 from seq2seq.files import check_distinct, check_output, same_file
-from seq2seq.search import Ensemble, Hypothesis, beam_search, greedy_search
-from seq2seq.search.shortlist import Lexicon, Shortlist
-from seq2seq.search.static_beam import StaticBeamSearch
-from seq2seq.tokenizer import EOS, PAD, Tokenizer
+from seq2seq.search import BeamSearch, Ensemble, Hypothesis
+from seq2seq.search.shortlist import Lexicon
+from seq2seq.tokenizer import Tokenizer
 from seq2seq.translate_io import translate_file
 
 
@@ -61,76 +61,6 @@ def resolve_device(name: str, what: str = "--device") -> torch.device:
         raise SettingError(f"{what} {name}: this machine has {count} CUDA GPU"
                            f"{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})")
     return torch.device(name)
-
-
-def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, each at most ``batch_tokens`` padded
-    source tokens (a longer sentence goes alone). Sorting by length keeps padding small."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-    batches, current, longest = [], [], 0
-    for i in order:
-        longest_if_added = max(longest, lengths[i])
-        if current and longest_if_added * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current, longest_if_added = [], lengths[i]
-        current.append(i)
-        longest = longest_if_added
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pad_sources(src_ids: list[list[int]],
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, S)`` padded sources (each ending in EOS) and ``(B,)`` lengths."""
-    rows = [ids + [EOS] for ids in src_ids]
-    src_lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    src = torch.full((len(rows), int(src_lens.max())), PAD, dtype=torch.long)
-    for i, row in enumerate(rows):
-        src[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-    return src.to(device), src_lens.to(device)
-
-
-@torch.no_grad()
-def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, device: torch.device,
-               return_attention: bool = False, lexicon: Lexicon | None = None
-               ) -> list[list[Hypothesis]]:
-    """Search every source (token ids without EOS); n-best lists in input order.
-
-    Beam size 1 with alpha 0 uses greedy search (the two agree then; greedy is cheaper).
-    ``decode.shortlist`` needs ``lexicon``, and applies to the plain beam search only.
-    """
-    results: list[list[Hypothesis]] = [[] for _ in src_ids]
-    static = shortlist = None
-    if decode.shortlist:
-        if lexicon is None:
-            raise ValueError("decode.shortlist needs a lexicon")
-        shortlist = Shortlist(lexicon, decode.shortlist, decode.shortlist_frequent)
-    elif (decode.cuda_graphs and device.type == "cuda" and not return_attention
-            and decode.no_repeat_ngram == 0):
-        # One searcher for all batches: its buffers and graphs serve every batch of a shape.
-        static = StaticBeamSearch(model, decode.beam_size, decode.n_best, decode.alpha,
-                                  decode.max_len_ratio, decode.max_len_add, decode.min_len,
-                                  capture=True)
-    for batch in length_batches([len(s) + 1 for s in src_ids], decode.batch_tokens):
-        src, src_lens = pad_sources([src_ids[i] for i in batch], device)
-        if decode.beam_size == 1 and decode.alpha == 0:
-            hyps = [[h] for h in greedy_search(
-                model, src, src_lens, max_len_ratio=decode.max_len_ratio,
-                max_len_add=decode.max_len_add, min_len=decode.min_len,
-                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention)]
-        elif static is not None:
-            hyps = static(src, src_lens)
-        else:
-            hyps = beam_search(
-                model, src, src_lens, beam_size=decode.beam_size, n_best=decode.n_best,
-                alpha=decode.alpha, max_len_ratio=decode.max_len_ratio,
-                max_len_add=decode.max_len_add, min_len=decode.min_len,
-                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention,
-                shortlist=shortlist)
-        for i, nbest in zip(batch, hyps):
-            results[i] = nbest
-    return results
 
 
 API_NAMES = {"beam_size": "beam", "n_best": "nbest", "alpha": "alpha",
@@ -188,6 +118,12 @@ class Translation:
     src_pieces: list[str]
     hyp_pieces: list[list[str]]
     attention: list[torch.Tensor | None]
+
+
+def blank_translation() -> Translation:
+    """The translation of a blank sentence (not decoded): one empty hypothesis, score 0.0."""
+    return Translation(hypotheses=[""], scores=[0.0], src_pieces=[], hyp_pieces=[[]],
+                       attention=[None])
 
 
 class Translator:
@@ -313,22 +249,51 @@ class Translator:
         if not isinstance(settings, DecodeConfig):
             raise TypeError(f"settings must be a DecodeConfig (see decode_settings), got "
                             f"{type(settings).__name__}")
-        todo = [i for i, sentence in enumerate(sentences) if sentence.strip()]
-        out = [Translation(hypotheses=[""], scores=[0.0], src_pieces=[], hyp_pieces=[[]],
-                           attention=[None]) for _ in sentences]
-        src_ids = self.tokenizer.encode_src([sentences[i] for i in todo])
+        todo, src_ids = self.encode_sources(sentences)
+        out = [blank_translation() for _ in sentences]
         nbests = decode_ids(self.model, src_ids, settings, self.device, return_attention,
                             self.lexicon)
         # One SentencePiece call for every hypothesis of every sentence, not one per sentence.
         texts = iter(self.tokenizer.decode_trg([h.tokens for nbest in nbests for h in nbest]))
         for i, ids, nbest in zip(todo, src_ids, nbests):
-            out[i] = Translation(
-                hypotheses=[next(texts) for _ in nbest], scores=[h.score for h in nbest],
-                src_pieces=self.tokenizer.src_pieces(ids) + ["</s>"] if return_attention
-                else [],
-                hyp_pieces=[self._hyp_labels(h) if return_attention else [] for h in nbest],
-                attention=[h.attention for h in nbest])
+            out[i] = self.translation(ids, nbest, return_attention,
+                                      [next(texts) for _ in nbest])
         return out
+
+    def encode_sources(self, sentences: list[str]) -> tuple[list[int], list[list[int]]]:
+        """The indices of the sentences that are not blank, and their source token ids.
+
+        Blank sentences are not decoded: their translation is :func:`blank_translation`.
+        """
+        todo = [i for i, sentence in enumerate(sentences) if sentence.strip()]
+        return todo, self.tokenizer.encode_src([sentences[i] for i in todo])
+
+    def translation(self, src_ids: list[int], nbest: list[Hypothesis], return_attention: bool,
+                    texts: list[str] | None = None) -> Translation:
+        """The :class:`Translation` of one searched sentence (``texts``: its hypotheses
+        detokenized already, else detokenized here)."""
+        if texts is None:
+            texts = self.tokenizer.decode_trg([h.tokens for h in nbest])
+        return Translation(
+            hypotheses=texts, scores=[h.score for h in nbest],
+            src_pieces=self.tokenizer.src_pieces(src_ids) + ["</s>"] if return_attention
+            else [],
+            hyp_pieces=[self._hyp_labels(h) if return_attention else [] for h in nbest],
+            attention=[h.attention for h in nbest])
+
+    def joinable_search(self, settings: DecodeConfig, return_attention: bool
+                        ) -> BeamSearch | None:
+        """A :class:`BeamSearch` that sentences can join while it runs, deciding exactly as
+        :meth:`translate_full` does with these settings; None where ``translate_full`` would
+        not run this beam search (greedy, CUDA graphs)."""
+        if search_path(settings, self.device, return_attention) != "beam":
+            return None
+        return BeamSearch(self.model, beam_size=settings.beam_size, n_best=settings.n_best,
+                          alpha=settings.alpha, max_len_ratio=settings.max_len_ratio,
+                          max_len_add=settings.max_len_add, min_len=settings.min_len,
+                          no_repeat_ngram=settings.no_repeat_ngram,
+                          return_attention=return_attention,
+                          shortlist=make_shortlist(settings, self.lexicon))
 
     def _hyp_labels(self, hyp: Hypothesis) -> list[str]:
         """The target pieces of ``hyp``, one per row of its attention matrix."""

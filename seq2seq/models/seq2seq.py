@@ -89,12 +89,16 @@ class Seq2Seq(nn.Module):
                                                 enc.src_mask, rows)
         return torch.log_softmax(logits.float(), dim=-1), state, attn
 
-    def pad_source(self, enc: EncoderOutput, length: int) -> EncoderOutput:
-        """``enc`` widened to ``length`` source positions, as if its sources had more padding
-        (beam search uses this to add longer sentences to a search in progress). The new
-        positions are masked out: their values (zero) never reach the decoder."""
+    def resize_source(self, enc: EncoderOutput, length: int) -> EncoderOutput:
+        """``enc`` with ``length`` source positions, as if its sources had been padded to that
+        length: padding is added (masked out; its values, zero, never reach the decoder) or cut
+        (only padding: ``length`` is at least the longest source). Beam search uses this when
+        longer sentences join a search in progress, and to drop padding the sentences left."""
         short = length - enc.enc_out.size(1)
-        if short <= 0:
+        if short < 0:
+            return EncoderOutput(enc.enc_out[:, :length], enc.keys[:, :length],
+                                 enc.src_mask[:, :length], enc.final)
+        if short == 0:
             return enc
         pad = torch.nn.functional.pad
         return EncoderOutput(pad(enc.enc_out, (0, 0, 0, short)), pad(enc.keys, (0, 0, 0, short)),

@@ -34,67 +34,24 @@ finished sentences already leave the batch and the exact bound stops them soon a
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from seq2seq.search.common import (
-    BOS,
-    EOS,
-    PAD,
-    Hypothesis,
-    concat,
-    forbid_tokens,
-    length_penalty,
-    make_hypothesis,
-    max_output_lengths,
-    reorder,
+from seq2seq.search.beam_steps import (
+    Beams,
+    advance,
+    candidates,
+    compact,
+    drop_padding,
+    finish_done,
+    finish_eos,
+    merge,
+    own_shortlists,
+    start,
 )
+from seq2seq.search.common import PAD, Hypothesis, forbid_tokens
 from seq2seq.search.shortlist import Shortlist
-
-
-@dataclass
-class _Beams:
-    """The unfinished sentences of a search: ``n`` sentences of ``K`` beams each, ``N = n * K``
-    rows.
-
-    Attributes:
-        keys: ``n`` names of the sentences, as the caller gave them.
-        max_lens: ``n`` maximum output lengths (scored tokens).
-        src_lens: ``n`` source lengths.
-        steps: ``n`` tokens generated so far by each sentence (they differ once sentences have
-            joined at different steps).
-        scores: ``(n, K)`` log-probability of each beam (-inf: no beam there).
-        tokens: ``(N, W)`` tokens of each beam so far, without BOS, right-aligned: a sentence
-            with ``t < W`` steps has PAD in its first ``W - t`` columns.
-        attn_hist: ``(N, W, S)`` attention so far, aligned as ``tokens``, or None when not
-            requested.
-        prev: ``(N,)`` last token of each beam.
-        state: the decoder state, a nest of ``(N, ...)`` tensors.
-        enc: the encoder output, a nest of ``(n, ...)`` tensors: one row per sentence, which
-            attention shares among its ``K`` beams.
-        src: ``(n, S)`` the sources, padded with PAD (a shortlist is computed from them).
-        allowed: ``(n, U)`` which shortlisted targets each sentence may produce, or None
-            without a shortlist.
-    """
-
-    keys: list[Hashable]
-    max_lens: list[int]
-    src_lens: list[int]
-    steps: list[int]
-    scores: torch.Tensor
-    tokens: torch.Tensor
-    attn_hist: torch.Tensor | None
-    prev: torch.Tensor
-    state: Any
-    enc: Any
-    src: torch.Tensor
-    allowed: torch.Tensor | None = None
-
-    def aligned(self) -> bool:
-        """Whether every sentence has taken every step so far (no PAD in ``tokens``)."""
-        return min(self.steps) == max(self.steps) == self.tokens.size(1)
 
 
 class BeamSearch:
@@ -104,7 +61,8 @@ class BeamSearch:
     every live sentence by one token and returns the n-best lists of the sentences that are done.
     A sentence gets the same hypotheses whatever it shares the steps with and whenever it
     joined. Arguments are those of :func:`beam_search`; the model also needs
-    ``pad_source(enc, length)`` to add sentences whose source is longer than those decoded.
+    ``resize_source(enc, length)`` to add sentences whose source is longer than those decoded
+    (with it, the search also drops source positions that only padding is left in).
     """
 
     def __init__(self, model: Any, beam_size: int, n_best: int = 1, alpha: float = 0.0,
@@ -118,7 +76,7 @@ class BeamSearch:
         self.max_len_ratio, self.max_len_add = max_len_ratio, max_len_add
         self.min_len, self.no_repeat_ngram = min_len, no_repeat_ngram
         self.return_attention, self.shortlist = return_attention, shortlist
-        self._beams: _Beams | None = None
+        self._beams: Beams | None = None
         self._finished: dict[Hashable, list[Hypothesis]] = {}
         self._targets: torch.Tensor | None = None  # the shortlist's union, (U,) target ids
         self._rows: Any = None  # the output layer restricted to _targets
@@ -140,12 +98,12 @@ class BeamSearch:
             return
         if self._beams is not None and src.size(1) < self._beams.src.size(1):
             # Encoded with the padding it will have, so that only a longer source needs the
-            # search's encoder output widened (pad_source).
+            # search's encoder output widened (resize_source).
             src = torch.nn.functional.pad(src, (0, self._beams.src.size(1) - src.size(1)),
                                           value=PAD)
-        new = _start(self.model, src, src_lens, keys, self.beam_size, self.max_len_ratio,
+        new = start(self.model, src, src_lens, keys, self.beam_size, self.max_len_ratio,
                      self.max_len_add, self.return_attention)
-        self._beams = new if self._beams is None else _merge(self.model, self._beams, new)
+        self._beams = new if self._beams is None else merge(self.model, self._beams, new)
         self._finished.update((key, []) for key in keys)
         if self.shortlist is not None:
             # Each sentence is normalised over its own shortlist, so a larger union does not
@@ -169,18 +127,18 @@ class BeamSearch:
         else:
             log_probs, state, attn = self.model.step(beams.prev, beams.state, beams.enc,
                                                      self._rows)
-            log_probs = _own_shortlists(log_probs, beams.allowed, self.beam_size)
+            log_probs = own_shortlists(log_probs, beams.allowed, self.beam_size)
         lengths = None if beams.aligned() else torch.tensor(
             beams.steps, device=log_probs.device).repeat_interleave(self.beam_size)
         log_probs = forbid_tokens(log_probs, beams.tokens, self.min_len, self.no_repeat_ngram,
                                   self._targets, lengths)
-        cand_scores, cand_rows, cand_tokens = _candidates(beams.scores, log_probs)
+        cand_scores, cand_rows, cand_tokens = candidates(beams.scores, log_probs)
         if self._targets is not None:
             cand_tokens = self._targets[cand_tokens]
-        _finish_eos(self._finished, beams, attn, cand_scores, cand_rows, cand_tokens,
+        finish_eos(self._finished, beams, attn, cand_scores, cand_rows, cand_tokens,
                     self.alpha)
-        beams = _advance(beams, state, attn, cand_scores, cand_rows, cand_tokens)
-        done = _finish_done(self._finished, beams, self.n_best, self.alpha)
+        beams = advance(beams, state, attn, cand_scores, cand_rows, cand_tokens)
+        done = finish_done(self._finished, beams, self.n_best, self.alpha)
         results = []
         for j, is_done in enumerate(done):
             if is_done:
@@ -190,7 +148,9 @@ class BeamSearch:
                 results.append((beams.keys[j], hyps[:self.n_best]))
         if results:
             keep = [j for j, is_done in enumerate(done) if not is_done]
-            beams = _compact(beams, keep) if keep else None
+            beams = compact(beams, keep) if keep else None
+            if beams is not None and hasattr(self.model, "resize_source"):
+                beams = drop_padding(self.model, beams)
         self._beams = beams
         return results
 
@@ -245,247 +205,3 @@ def beam_search(
         for key, hyps in search.step():
             results[key] = hyps
     return results
-
-
-def _start(model: Any, src: torch.Tensor, src_lens: torch.Tensor, keys: list[Hashable],
-           beam_size: int, max_len_ratio: float, max_len_add: int,
-           return_attention: bool) -> _Beams:
-    """Encode the batch once and copy the initial state to ``K`` beams each."""
-    batch_size = src.size(0)
-    enc = model.encode(src, src_lens)
-    state = model.init_state(enc)
-    rows = torch.arange(batch_size, device=src.device).repeat_interleave(beam_size)
-    # Only beam 0 is real at first: the others start at -inf so the first step does not pick the
-    # same token K times.
-    scores = torch.full((batch_size, beam_size), float("-inf"), device=src.device)
-    scores[:, 0] = 0.0
-    num_rows = batch_size * beam_size
-    return _Beams(
-        keys=keys,
-        max_lens=max_output_lengths(src_lens, max_len_ratio, max_len_add),
-        src_lens=src_lens.tolist(),
-        steps=[0] * batch_size,
-        scores=scores,
-        tokens=torch.zeros((num_rows, 0), dtype=torch.long, device=src.device),
-        attn_hist=(torch.zeros((num_rows, 0, src.size(1)), device=src.device)
-                   if return_attention else None),
-        prev=torch.full((num_rows,), BOS, dtype=torch.long, device=src.device),
-        state=reorder(state, rows),
-        enc=enc,  # one row per sentence: attention reads it for the K beams (Attention.forward)
-        src=src,
-    )
-
-
-def _merge(model: Any, old: _Beams, new: _Beams) -> _Beams:
-    """The sentences of ``old`` followed by those of ``new`` (just started), in one set of
-    tensors: sources padded to the longer of the two, ``new``'s tokens to ``old``'s width."""
-    length = max(old.src.size(1), new.src.size(1))
-    width = old.tokens.size(1)
-
-    def to_length(beams: _Beams) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
-        short = length - beams.src.size(1)
-        if not short:
-            return beams.enc, beams.src, beams.attn_hist
-        if not hasattr(model, "pad_source"):
-            raise TypeError(f"{type(model).__name__} has no pad_source: sentences with "
-                            "longer sources cannot join its search")
-        attn_hist = (None if beams.attn_hist is None
-                     else torch.nn.functional.pad(beams.attn_hist, (0, short)))
-        return (model.pad_source(beams.enc, length),
-                torch.nn.functional.pad(beams.src, (0, short), value=PAD), attn_hist)
-
-    old_enc, old_src, old_attn = to_length(old)
-    new_enc, new_src, new_attn = to_length(new)
-    num_new = new.tokens.size(0)
-    new_tokens = torch.full((num_new, width), PAD, dtype=torch.long, device=old.tokens.device)
-    if new_attn is not None:
-        new_attn = new_attn.new_zeros((num_new, width, length))
-    return _Beams(
-        keys=old.keys + new.keys,
-        max_lens=old.max_lens + new.max_lens,
-        src_lens=old.src_lens + new.src_lens,
-        steps=old.steps + new.steps,
-        scores=torch.cat([old.scores, new.scores]),
-        tokens=torch.cat([old.tokens, new_tokens]),
-        attn_hist=concat(old_attn, new_attn),
-        prev=torch.cat([old.prev, new.prev]),
-        state=concat(old.state, new.state),
-        enc=concat(old_enc, new_enc),
-        src=torch.cat([old_src, new_src]),
-    )
-
-
-def _own_shortlists(log_probs: torch.Tensor, allowed: torch.Tensor, beam_size: int
-                    ) -> torch.Tensor:
-    """Renormalise each row's log-probabilities over its sentence's own shortlist.
-
-    Args:
-        log_probs: ``(N, U)`` normalised over the batch's union of shortlists.
-        allowed: ``(n, U)`` each sentence's own shortlist within the union.
-    """
-    log_probs = log_probs.masked_fill(~allowed.repeat_interleave(beam_size, dim=0),
-                                      float("-inf"))
-    return log_probs - log_probs.logsumexp(dim=1, keepdim=True)
-
-
-def _candidates(scores: torch.Tensor, log_probs: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The best ``2K`` one-token extensions of each sentence's beams.
-
-    Args:
-        scores: ``(n, K)`` beam log-probabilities.
-        log_probs: ``(n * K, V)`` next-token log-probabilities.
-
-    Returns:
-        ``(n, C)`` candidate log-probabilities (best first), the flat beam row each extends and
-        the token it adds; ``C = min(2K, K * V)``.
-    """
-    n, beam_size = scores.shape
-    vocab_size = log_probs.size(1)
-    total = scores.unsqueeze(2) + log_probs.view(n, beam_size, vocab_size)  # (n, K, V)
-    num_cands = min(2 * beam_size, beam_size * vocab_size)
-    cand_scores, flat = total.view(n, -1).topk(num_cands, dim=1)
-    sentence_first_row = torch.arange(n, device=scores.device).unsqueeze(1) * beam_size
-    cand_rows = sentence_first_row + flat // vocab_size
-    return cand_scores, cand_rows, flat % vocab_size
-
-
-def _finish_eos(finished: dict[Hashable, list[Hypothesis]], beams: _Beams, attn: torch.Tensor,
-                cand_scores: torch.Tensor, cand_rows: torch.Tensor, cand_tokens: torch.Tensor,
-                alpha: float) -> None:
-    """Turn EOS candidates ranked within the top ``K`` into finished hypotheses.
-
-    EOS ranked below the top ``K`` is ignored, as if the beam had not had room for it.
-
-    Args:
-        attn: ``(N, S)`` attention of this step, by the rows before reordering.
-    """
-    beam_size = beams.scores.size(1)
-    is_final = (cand_tokens == EOS) & torch.isfinite(cand_scores)
-    is_final[:, beam_size:] = False
-    where = is_final.nonzero()  # (F, 2): sentence j, candidate c
-    if where.numel() == 0:
-        return
-    rows = cand_rows[where[:, 0], where[:, 1]]
-    log_probs = cand_scores[where[:, 0], where[:, 1]].tolist()
-    prefixes = beams.tokens[rows].tolist()
-    width = beams.tokens.size(1)
-    for i, (j, row) in enumerate(zip(where[:, 0].tolist(), rows.tolist())):
-        start = width - beams.steps[j]  # the sentence's own tokens are the last steps[j]
-        attention = None
-        if beams.attn_hist is not None:
-            steps = torch.cat([beams.attn_hist[row, start:], attn[row].unsqueeze(0)], dim=0)
-            attention = steps[:, :beams.src_lens[j]].cpu()
-        finished[beams.keys[j]].append(
-            make_hypothesis(prefixes[i][start:] + [EOS], log_probs[i], alpha, attention))
-
-
-def _advance(beams: _Beams, state: Any, attn: torch.Tensor, cand_scores: torch.Tensor,
-             cand_rows: torch.Tensor, cand_tokens: torch.Tensor) -> _Beams:
-    """Extend the beams with the best ``K`` candidates that do not end in EOS.
-
-    Args:
-        state: the decoder state after this step, by the rows before reordering.
-        attn: ``(N, S)`` attention of this step, by the rows before reordering.
-
-    Returns:
-        The beams one token longer, rows reordered to follow their candidates.
-    """
-    beam_size = beams.scores.size(1)
-    num_cands = cand_scores.size(1)
-    # Candidates are sorted best first; pushing EOS past the end keeps the rest in that order.
-    order = (cand_tokens == EOS).long() * num_cands + torch.arange(
-        num_cands, device=cand_tokens.device)
-    pick = order.topk(beam_size, dim=1, largest=False).indices  # (n, K), ascending
-    rows = cand_rows.gather(1, pick).view(-1)
-    new_tokens = cand_tokens.gather(1, pick).view(-1)
-    attn_hist = None
-    if beams.attn_hist is not None:
-        attn_hist = torch.cat([beams.attn_hist[rows], attn[rows].unsqueeze(1)], dim=1)
-    return _Beams(
-        keys=beams.keys,
-        max_lens=beams.max_lens,
-        src_lens=beams.src_lens,
-        steps=[t + 1 for t in beams.steps],
-        scores=cand_scores.gather(1, pick),
-        tokens=torch.cat([beams.tokens[rows], new_tokens.unsqueeze(1)], dim=1),
-        attn_hist=attn_hist,
-        prev=new_tokens,
-        state=reorder(state, rows),
-        enc=beams.enc,  # every beam of a sentence shares its encoder output: no reordering
-        src=beams.src,
-        allowed=beams.allowed,  # and its shortlist
-    )
-
-
-def _finish_done(finished: dict[Hashable, list[Hypothesis]], beams: _Beams, n_best: int,
-                 alpha: float) -> list[bool]:
-    """Which sentences are done after their latest step; finish the live beams of those cut at
-    length.
-
-    A sentence is done at its maximum length, or when its ``n_best``-th finished hypothesis
-    scores at least the bound on any live beam's final score (see the module docstring).
-
-    Returns:
-        ``n`` flags, one per unfinished sentence.
-    """
-    best_live = beams.scores.max(dim=1).values  # (n,)
-    max_lens = torch.tensor(beams.max_lens, device=best_live.device, dtype=best_live.dtype)
-    next_lp = torch.tensor([length_penalty(t + 1, alpha) for t in beams.steps],
-                           device=best_live.device, dtype=best_live.dtype)
-    # lp grows with length, so c / lp is largest at the longest length when c <= 0, and at the
-    # shortest when rounding leaves c slightly > 0; taking both keeps the bound safe.
-    bound = torch.maximum(best_live / next_lp,
-                          best_live / ((5.0 + max_lens) / 6.0) ** alpha).tolist()
-    done = []
-    for j, key in enumerate(beams.keys):
-        if beams.steps[j] >= beams.max_lens[j]:
-            _finish_cut(finished[key], beams, j, alpha)
-            done.append(True)
-            continue
-        scores = sorted((h.score for h in finished[key]), reverse=True)
-        nth_best = scores[n_best - 1] if len(scores) >= n_best else float("-inf")
-        # -inf >= -inf: no live beam left, nothing more can be found.
-        done.append(nth_best >= bound[j])
-    return done
-
-
-def _finish_cut(hyps: list[Hypothesis], beams: _Beams, j: int, alpha: float) -> None:
-    """Finish the live beams of sentence ``j`` as they are: it reached its maximum length."""
-    beam_size = beams.scores.size(1)
-    start = beams.tokens.size(1) - beams.steps[j]
-    for k, log_prob in enumerate(beams.scores[j].tolist()):
-        if log_prob == float("-inf"):
-            continue
-        row = j * beam_size + k
-        attention = None
-        if beams.attn_hist is not None:
-            attention = beams.attn_hist[row, start:, :beams.src_lens[j]].cpu()
-        hyps.append(make_hypothesis(beams.tokens[row, start:].tolist(), log_prob, alpha,
-                                    attention))
-
-
-def _compact(beams: _Beams, keep: list[int]) -> _Beams:
-    """Keep only sentences ``keep`` (indices into ``beams.keys``) in every flat tensor, and only
-    as many token columns as the longest of them has."""
-    beam_size = beams.scores.size(1)
-    device = beams.scores.device
-    keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-    rows = (keep_t.unsqueeze(1) * beam_size + torch.arange(beam_size, device=device)).view(-1)
-    steps = [beams.steps[j] for j in keep]
-    first = beams.tokens.size(1) - max(steps)  # columns before it are PAD in every kept row
-    attn_hist = reorder(beams.attn_hist, rows)
-    return _Beams(
-        keys=[beams.keys[j] for j in keep],
-        max_lens=[beams.max_lens[j] for j in keep],
-        src_lens=[beams.src_lens[j] for j in keep],
-        steps=steps,
-        scores=beams.scores.index_select(0, keep_t),
-        tokens=beams.tokens.index_select(0, rows)[:, first:],
-        attn_hist=None if attn_hist is None else attn_hist[:, first:],
-        prev=beams.prev.index_select(0, rows),
-        state=reorder(beams.state, rows),
-        enc=reorder(beams.enc, keep_t),
-        src=beams.src.index_select(0, keep_t),
-        allowed=reorder(beams.allowed, keep_t),
-    )

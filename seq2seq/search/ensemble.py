@@ -37,9 +37,10 @@ class Ensemble(nn.Module):
         """Each member's initial decoder state."""
         return tuple(model.init_state(e) for model, e in zip(self.models, enc))
 
-    def pad_source(self, enc: tuple[Any, ...], length: int) -> tuple[Any, ...]:
-        """Each member's encoder output widened to ``length`` source positions."""
-        return tuple(model.pad_source(e, length) for model, e in zip(self.models, enc))
+    def resize_source(self, enc: tuple[Any, ...], length: int) -> tuple[Any, ...]:
+        """Each member's encoder output with ``length`` source positions (padding added or
+        cut)."""
+        return tuple(model.resize_source(e, length) for model, e in zip(self.models, enc))
 
     def output_rows(self, ids: torch.Tensor) -> tuple[Any, ...]:
         """Each member's output layer restricted to target ids ``ids``."""

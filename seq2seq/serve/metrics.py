@@ -27,7 +27,8 @@ class Metrics:
         self.sentences = Counter("seq2seq_sentences", "sentences translated (non-blank lines)",
                                  ["pair"], registry=self.registry)
         self.batch_size = Histogram("seq2seq_batch_sentences",
-                                    "sentences per decode the workers ran", ["pair"],
+                                    "sentences decoded together: per step of a beam search that "
+                                    "requests join, per whole decode otherwise", ["pair"],
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.latency = Histogram("seq2seq_request_seconds", "time to answer /translate",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -39,14 +40,13 @@ class Metrics:
         self.queue.labels(pair=pair).set_function(queued)
 
     def on_batch(self, pair: str) -> Callable[[int], None]:
-        """A callback for a worker: records each decode's sentence count."""
-        histogram, counter = self.batch_size.labels(pair=pair), self.sentences.labels(pair=pair)
+        """A callback for a worker: records the sentence count of each search step (or whole
+        decode)."""
+        return self.batch_size.labels(pair=pair).observe
 
-        def record(size: int) -> None:
-            histogram.observe(size)
-            counter.inc(size)
-
-        return record
+    def on_translated(self, pair: str) -> Callable[[int], None]:
+        """A callback for a worker: counts the sentences it translated."""
+        return self.sentences.labels(pair=pair).inc
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -79,6 +79,7 @@ def load_model(path: str, args: Any, options: ServeOptions, metrics: Metrics) ->
     pair = f"{source}-{target}"
     worker = BatchWorker(translator, options.batch_size, options.batch_wait_ms / 1000,
                          options.queue_size, on_batch=metrics.on_batch(pair),
+                         on_translated=metrics.on_translated(pair),
                          name=f"decode-{pair}")
     metrics.watch_queue(pair, lambda: worker.queued)
     return ServedModel(source=source, target=target, checkpoint=str(path),

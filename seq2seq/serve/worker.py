@@ -1,12 +1,17 @@
 """Dynamic batching: one decoding thread per model, fed by a bounded queue of jobs.
 
-A job is the sentences of one request. The worker takes the oldest job, then keeps taking jobs
-until it holds ``max_sentences`` sentences or ``wait_s`` has passed since it took the first,
-decodes them together (one ``Translator.translate_full`` call per distinct decode setting,
-which splits them into length-sorted batches of ``batch_tokens`` as ``seq2seq translate``
-does) and hands each job its own results. Beam and greedy search give a sentence the same
-output whatever it is batched with (tests/search: batched equals one by one), so batching
-changes speed, not translations.
+A job is the sentences of one request. Beam search batches them continuously: the worker runs
+one :class:`~seq2seq.search.beam.BeamSearch` step after another, and before each step adds the
+sentences of the jobs that arrived meanwhile (up to ``max_sentences`` in the search), so a new
+request never waits for the batch in progress to finish, and the batch never shrinks to its
+slowest sentence. Each sentence counts its own steps, so it gets what ``seq2seq translate``
+writes for it whatever it shares the steps with (tests/search/test_continuous.py). A job with
+other settings than the search in progress waits, in order, until that search is empty.
+
+Searches that sentences cannot join (greedy search, the CUDA-graphed beam search) are batched
+as whole decodes instead: the worker takes the oldest job, keeps taking jobs until it holds
+``max_sentences`` sentences or ``wait_s`` has passed, and decodes them with one
+``Translator.translate_full`` call per setting.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from seq2seq.config import DecodeConfig
+from seq2seq.decoding import pad_sources
+from seq2seq.translate import blank_translation
 
 
 class QueueFull(Exception):
@@ -40,22 +47,44 @@ class Job:
     """Set by a request that stopped waiting; a job not yet decoded is then skipped."""
 
 
+@dataclasses.dataclass(eq=False)
+class _Live:
+    """A job whose sentences are in the search."""
+
+    job: Job
+    results: list[Any]
+    """One ``Translation`` per sentence: blank ones from the start, the others as they end."""
+    remaining: int
+    """Sentences still in the search."""
+    src_ids: dict[int, list[int]]
+    """Source token ids of each decoded sentence, by index in the job."""
+
+
 class BatchWorker:
     """One model's queue and the thread that decodes it.
 
     Args:
         translator: a ``seq2seq.translate.Translator``.
-        max_sentences: most sentences gathered into one decode (1: no batching across requests).
-        wait_s: how long to wait for more jobs after taking the first.
+        max_sentences: most sentences in the search at once, or gathered into one whole decode
+            (1: no batching across requests).
+        wait_s: how long a whole decode waits for more jobs after taking the first (a search
+            that sentences join never waits).
         queue_limit: most sentences waiting; ``submit`` refuses a job beyond it.
-        on_batch: called with the number of sentences of every decode (metrics).
+        on_batch: called with the number of sentences of every search step or whole decode
+            (metrics).
+        on_translated: called with the number of sentences decoded for each job delivered.
     """
 
     def __init__(self, translator: Any, max_sentences: int, wait_s: float, queue_limit: int,
-                 on_batch: Callable[[int], None] = lambda size: None, name: str = "worker"):
+                 on_batch: Callable[[int], None] = lambda size: None,
+                 on_translated: Callable[[int], None] = lambda count: None,
+                 name: str = "worker"):
         self.translator = translator
         self.max_sentences, self.wait_s, self.queue_limit = max_sentences, wait_s, queue_limit
-        self.on_batch = on_batch
+        self.on_batch, self.on_translated = on_batch, on_translated
+        self._live: set[_Live] = set()  # jobs whose sentences are in the search
+        self._search: Any = None  # the joinable BeamSearch of _search_key's settings
+        self._search_key: Any = None
         self._jobs: deque[Job] = deque()
         self._queued = 0  # sentences in self._jobs
         self._stopping = False
@@ -98,8 +127,109 @@ class BatchWorker:
             self._thread.join()
 
     def _run(self) -> None:
-        while (batch := self._gather()) is not None:
-            self._decode(batch)
+        while True:
+            with self._changed:
+                while not self._jobs and not self._live:
+                    if self._stopping:
+                        return
+                    self._changed.wait()
+                if not self._live and self._search_for(self._jobs[0]) is None:
+                    batch, joining = self._gather(), []
+                else:
+                    batch, joining = [], self._admit()
+            if batch:
+                decode_whole(self.translator, batch, self.on_batch, self.on_translated)
+            else:
+                self._join(joining)
+                self._step()
+
+    def _search_for(self, job: Job) -> Any:
+        """The joinable search for ``job``'s settings (a new one unless the current search has
+        them); None where they need a whole decode (greedy, CUDA graphs)."""
+        key = (job.settings, job.attention)
+        if key != self._search_key:
+            self._search_key = key
+            self._search = self.translator.joinable_search(job.settings, job.attention)
+        return self._search
+
+    def _admit(self) -> list[Job]:
+        """Take the queued jobs that can join the search now (under the lock): in order, with
+        the search's settings, while the search holds at most ``max_sentences`` sentences (an
+        idle search takes one job of any size)."""
+        taken: list[Job] = []
+        count = sum(live.remaining for live in self._live)
+        while self._jobs:
+            job = self._jobs[0]
+            if job.cancelled:
+                self._jobs.popleft()
+                self._queued -= len(job.sentences)
+                continue
+            if self._live or taken:
+                if (job.settings, job.attention) != self._search_key:
+                    break
+                if count + len(job.sentences) > self.max_sentences:
+                    break
+            elif self._search_for(job) is None:
+                break
+            taken.append(self._jobs.popleft())
+            self._queued -= len(job.sentences)
+            count += len(job.sentences)
+        return taken
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Encode the sentences of ``jobs`` and add them to the search, in one batch."""
+        keys, src_ids = [], []
+        for job in jobs:
+            try:
+                todo, ids = self.translator.encode_sources(job.sentences)
+            except Exception as error:  # a tokenizer failure: this job learns it
+                job.deliver(error)
+                continue
+            live = _Live(job, [blank_translation() for _ in job.sentences], len(todo), {})
+            if not todo:
+                self._deliver(live)
+                continue
+            self._live.add(live)
+            for i, sentence_ids in zip(todo, ids):
+                live.src_ids[i] = sentence_ids
+                keys.append((live, i))
+                src_ids.append(sentence_ids)
+        if keys:
+            try:
+                src, src_lens = pad_sources(src_ids, self.translator.device)
+                self._search.add(src, src_lens, keys)
+            except Exception as error:
+                self._fail(error)
+
+    def _step(self) -> None:
+        """One step of the search; deliver the jobs whose last sentence it finished."""
+        if not self._live:
+            return
+        size = len(self._search)
+        try:
+            done = self._search.step()
+        except Exception as error:  # a bug or an exhausted device: every live job learns it
+            self._fail(error)
+            return
+        self.on_batch(size)
+        for (live, i), nbest in done:
+            live.results[i] = self.translator.translation(live.src_ids[i], nbest,
+                                                          live.job.attention)
+            live.remaining -= 1
+            if not live.remaining:
+                self._live.discard(live)
+                self._deliver(live)
+
+    def _deliver(self, live: _Live) -> None:
+        self.on_translated(len(live.src_ids))
+        live.job.deliver(live.results)
+
+    def _fail(self, error: Exception) -> None:
+        """Deliver ``error`` to every live job and start the next search afresh."""
+        for live in self._live:
+            live.job.deliver(error)
+        self._live.clear()
+        self._search_key = self._search = None
 
     def _gather(self) -> list[Job] | None:
         """The next jobs to decode together; ``None`` once stopping with nothing queued."""
@@ -125,23 +255,27 @@ class BatchWorker:
             self._queued -= count
             return batch
 
-    def _decode(self, batch: list[Job]) -> None:
-        """Decode the live jobs of ``batch``, one call per decode setting, and deliver."""
-        groups: dict[DecodeConfig, list[Job]] = {}
-        for job in batch:
-            if not job.cancelled:
-                groups.setdefault(job.settings, []).append(job)
-        for settings, jobs in groups.items():
-            sentences = [sentence for job in jobs for sentence in job.sentences]
-            try:
-                results = self.translator.translate_full(
-                    sentences, settings, return_attention=any(job.attention for job in jobs))
-            except Exception as error:  # a bug or an exhausted device: every job learns it
-                for job in jobs:
-                    job.deliver(error)
-                continue
-            self.on_batch(len(sentences))
-            start = 0
+
+def decode_whole(translator: Any, batch: list[Job], on_batch: Callable[[int], None],
+                 on_translated: Callable[[int], None]) -> None:
+    """Decode the live jobs of ``batch`` as whole batches, one ``translate_full`` call per
+    setting, and deliver (searches that sentences cannot join)."""
+    groups: dict[DecodeConfig, list[Job]] = {}
+    for job in batch:
+        if not job.cancelled:
+            groups.setdefault(job.settings, []).append(job)
+    for settings, jobs in groups.items():
+        sentences = [sentence for job in jobs for sentence in job.sentences]
+        try:
+            results = translator.translate_full(
+                sentences, settings, return_attention=any(job.attention for job in jobs))
+        except Exception as error:  # a bug or an exhausted device: every job learns it
             for job in jobs:
-                job.deliver(results[start:start + len(job.sentences)])
-                start += len(job.sentences)
+                job.deliver(error)
+            continue
+        on_batch(len(sentences))
+        on_translated(len(sentences))
+        start = 0
+        for job in jobs:
+            job.deliver(results[start:start + len(job.sentences)])
+            start += len(job.sentences)

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from seq2seq import distributed as dist
 from seq2seq.config import Recipe
+from seq2seq.decoding import decode_ids, length_batches, pad_sources
 from seq2seq.scoring import corpus_bleu
 from seq2seq.tokenizer import PAD
-from seq2seq.translate import decode_ids, length_batches, pad_sources
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seq2seq.search import Ensemble, beam_search
+from seq2seq.search import BOS, Ensemble, beam_search
 from seq2seq.search.beam import BeamSearch
 from tests.search.test_search import SRC_LENS, make_batch, one, real_model
 from tests.search.test_shortlist import restrictive
-from tests.search.toy_models import ToyModel
+from tests.search.toy_models import ToyModel, bigram
 
 # When each sentence of make_batch(SRC_LENS) joins: (step, indices). Short sources join before
 # long ones, so later sentences widen the source positions of the search.
@@ -128,7 +128,7 @@ def test_keys_must_be_distinct_and_not_live():
         search.add(*one(src, src_lens, 0), ["b"])
 
 
-def test_a_model_without_pad_source_takes_shorter_sentences_only():
+def test_a_model_without_resize_source_takes_shorter_sentences_only():
     class NoPad(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -149,5 +149,32 @@ def test_a_model_without_pad_source_takes_shorter_sentences_only():
     search.step()
     search.add(*one(src, src_lens, 1), [1])  # shorter: padded to the search's width
     search.step()
-    with pytest.raises(TypeError, match="pad_source"):
+    with pytest.raises(TypeError, match="resize_source"):
         search.add(*one(src, src_lens, 2), [2])
+
+
+def test_source_positions_of_finished_sentences_are_dropped():
+    # A model that never ends: each sentence runs to its maximum length, here 4 tokens for
+    # every source (max_len_ratio 0), so the long sentence that joined first ends first.
+    inner = bigram(6, {BOS: {4: 1.0}, 4: {4: 1.0}})
+    widths: list[int] = []
+
+    class Recording(torch.nn.Module):
+        def encode(self, src, src_lens):
+            return inner.encode(src, src_lens)
+
+        def init_state(self, enc):
+            return inner.init_state(enc)
+
+        def resize_source(self, enc, length):
+            return inner.resize_source(enc, length)
+
+        def step(self, prev, state, enc):
+            widths.append(enc.enc_out.size(1))
+            return inner.step(prev, state, enc)
+
+    src, src_lens = make_batch([9, 3])
+    search = BeamSearch(Recording(), beam_size=2, max_len_ratio=0.0, max_len_add=4)
+    done = run_joined(search, src, src_lens, joins=[(0, [0]), (2, [1])])
+    assert sorted(done) == [0, 1]
+    assert widths == [9, 9, 9, 9, 3, 3]

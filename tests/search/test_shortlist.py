@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from seq2seq.config import DecodeConfig
+from seq2seq.decoding import decode_ids
 from seq2seq.quantize import quantize_for_cpu
 from seq2seq.search import EOS, PAD, UNK, beam_search
 from seq2seq.search.shortlist import (
@@ -15,7 +16,6 @@ from seq2seq.search.shortlist import (
     build_lexicon,
     sentence_shortlists,
 )
-from seq2seq.translate import decode_ids
 from tests.search.test_search import SRC_LENS, VOCAB, make_batch, real_model
 
 

@@ -23,10 +23,12 @@ class ToyEncoding(NamedTuple):
     final: torch.Tensor
 
 
-def pad_source(enc: ToyEncoding, length: int) -> ToyEncoding:
-    """``enc`` widened to ``length`` source positions, masked out (the search interface's
-    ``pad_source``)."""
+def resize_source(enc: ToyEncoding, length: int) -> ToyEncoding:
+    """``enc`` with ``length`` source positions, padding added (masked out) or cut (the search
+    interface's ``resize_source``)."""
     short = length - enc.enc_out.size(1)
+    if short < 0:
+        return ToyEncoding(enc.enc_out[:, :length], enc.src_mask[:, :length], enc.final)
     return ToyEncoding(nn.functional.pad(enc.enc_out, (0, 0, 0, short)),
                        nn.functional.pad(enc.src_mask, (0, short), value=False), enc.final)
 
@@ -79,8 +81,8 @@ class ToyModel(nn.Module):
     def init_state(self, enc: ToyEncoding) -> tuple[torch.Tensor]:
         return (torch.tanh(self.bridge(enc.final)),)
 
-    def pad_source(self, enc: ToyEncoding, length: int) -> ToyEncoding:
-        return pad_source(enc, length)
+    def resize_source(self, enc: ToyEncoding, length: int) -> ToyEncoding:
+        return resize_source(enc, length)
 
     def step(self, prev_tokens: torch.Tensor, state: tuple[torch.Tensor], enc: ToyEncoding
              ) -> tuple[torch.Tensor, tuple[torch.Tensor], torch.Tensor]:
@@ -115,8 +117,8 @@ class BigramModel(nn.Module):
     def init_state(self, enc: ToyEncoding) -> tuple[torch.Tensor]:
         return (enc.final,)
 
-    def pad_source(self, enc: ToyEncoding, length: int) -> ToyEncoding:
-        return pad_source(enc, length)
+    def resize_source(self, enc: ToyEncoding, length: int) -> ToyEncoding:
+        return resize_source(enc, length)
 
     def step(self, prev_tokens, state, enc):
         enc = per_row(enc, prev_tokens.size(0))

@@ -1,0 +1,118 @@
+"""The decoding worker in-process: requests that join a beam search in progress get what
+``Translator.translate_full`` gives them alone; other settings wait their turn; stop drains."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from seq2seq.serve.worker import BatchWorker, Job, QueueFull
+from seq2seq.translate import Translator
+
+
+@pytest.fixture(scope="module")
+def translator(checkpoint) -> Translator:
+    torch.set_num_threads(1)
+    return Translator.from_checkpoint(checkpoint, device="cpu")
+
+
+class Inbox:
+    """Where one job's result lands, and when."""
+
+    def __init__(self) -> None:
+        self.result = None
+        self.done = threading.Event()
+
+    def __call__(self, result) -> None:
+        self.result = result
+        self.done.set()
+
+
+def submit(worker: BatchWorker, sentences: list[str], settings, attention=False) -> Inbox:
+    inbox = Inbox()
+    worker.submit(Job(sentences, settings, attention, deliver=inbox))
+    return inbox
+
+
+def test_jobs_joining_a_search_in_progress_get_their_own_translations(translator,
+                                                                       test_sentences):
+    plain = translator.decode_settings(beam=4, alpha=0.6)
+    nbest = translator.decode_settings(beam=4, nbest=3, alpha=0.6)
+    greedy = translator.decode_settings(beam=1, alpha=0.0)
+    steps: list[int] = []
+    worker = BatchWorker(translator, max_sentences=8, wait_s=0.0, queue_limit=1000,
+                         on_batch=steps.append)
+    worker.start()
+    jobs = []
+    # Staggered: each job arrives while earlier ones are being decoded. Blank lines, a job
+    # bigger than max_sentences, other settings and an attention request are mixed in.
+    plan = [([test_sentences[0]], plain, False), ([test_sentences[1], "", test_sentences[2]],
+                                                  plain, False),
+            (test_sentences[3:15], plain, False), ([test_sentences[15]], nbest, False),
+            ([test_sentences[16]], plain, True), (["  ", ""], plain, False),
+            (test_sentences[17:20], greedy, False), ([test_sentences[20]], plain, False)]
+    for sentences, settings, attention in plan:
+        jobs.append((sentences, settings, attention,
+                     submit(worker, sentences, settings, attention)))
+        time.sleep(0.02)
+    for _, _, _, inbox in jobs:
+        assert inbox.done.wait(120)
+    worker.stop()
+    for sentences, settings, attention, inbox in jobs:
+        expected = translator.translate_full(sentences, settings, return_attention=attention)
+        assert not isinstance(inbox.result, BaseException), inbox.result
+        assert [t.hypotheses for t in inbox.result] == [t.hypotheses for t in expected]
+        for got, want in zip(inbox.result, expected):
+            assert got.scores == pytest.approx(want.scores, abs=1e-4)
+            assert got.hyp_pieces == want.hyp_pieces and got.src_pieces == want.src_pieces
+            for a, b in zip(got.attention, want.attention):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # Sentences shared steps, and the search never held more than max_sentences, except for the
+    # job of 12 that came to an idle search.
+    assert max(steps) > 1
+    assert max(steps) <= 12
+
+
+def test_stop_decodes_what_was_accepted_and_refuses_more(translator, test_sentences):
+    settings = translator.decode_settings(beam=3)
+    worker = BatchWorker(translator, max_sentences=4, wait_s=0.0, queue_limit=1000)
+    worker.start()
+    inboxes = [submit(worker, [sentence], settings) for sentence in test_sentences[:10]]
+    worker.stop()
+    assert all(inbox.done.is_set() for inbox in inboxes)
+    expected = translator.translate_full(test_sentences[:10], settings)
+    assert [inbox.result[0].hypotheses for inbox in inboxes] == [t.hypotheses for t in expected]
+    with pytest.raises(QueueFull):
+        submit(worker, ["one more"], settings)
+
+
+def test_a_failing_step_reaches_every_live_job_and_the_worker_goes_on(translator,
+                                                                      test_sentences,
+                                                                      monkeypatch):
+    settings = translator.decode_settings(beam=3)
+    worker = BatchWorker(translator, max_sentences=8, wait_s=0.0, queue_limit=1000)
+    real_step = type(translator.model).step
+    calls = {"n": 0}
+
+    def flaky_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("the device is gone")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(translator.model), "step", flaky_step)
+    first = [submit(worker, [sentence], settings) for sentence in test_sentences[:3]]
+    worker.start()
+    for inbox in first:
+        assert inbox.done.wait(60)
+    assert all(isinstance(inbox.result, RuntimeError) for inbox in first)
+    after = submit(worker, [test_sentences[3]], settings)
+    assert after.done.wait(60)
+    worker.stop()
+    assert after.result[0].hypotheses == translator.translate_full(
+        [test_sentences[3]], settings)[0].hypotheses
