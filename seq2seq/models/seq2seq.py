@@ -95,9 +95,10 @@ class Seq2Seq(nn.Module):
         (only padding: ``length`` is at least the longest source). Beam search uses this when
         longer sentences join a search in progress, and to drop padding the sentences left."""
         short = length - enc.enc_out.size(1)
-        if short < 0:
-            return EncoderOutput(enc.enc_out[:, :length], enc.keys[:, :length],
-                                 enc.src_mask[:, :length], enc.final)
+        if short < 0:  # copied once, so that every later step reads contiguous memory
+            return EncoderOutput(enc.enc_out[:, :length].contiguous(),
+                                 enc.keys[:, :length].contiguous(),
+                                 enc.src_mask[:, :length].contiguous(), enc.final)
         if short == 0:
             return enc
         pad = torch.nn.functional.pad
