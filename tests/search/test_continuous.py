@@ -33,6 +33,16 @@ def run_joined(search: BeamSearch, src: torch.Tensor, src_lens: torch.Tensor,
     return results
 
 
+def joined_and_alone(model, **settings) -> list[tuple[list, list]]:
+    """Each sentence's n-best list when joining a search at its step of JOINS, beside its list
+    when decoded alone with the same settings."""
+    src, src_lens = make_batch(SRC_LENS)
+    joined = run_joined(BeamSearch(model, **settings), src, src_lens)
+    assert sorted(joined) == list(range(len(SRC_LENS)))
+    return [(joined[i], beam_search(model, *one(src, src_lens, i), **settings)[0])
+            for i in range(len(SRC_LENS))]
+
+
 def assert_same(hyps: list, alone: list) -> None:
     assert [h.tokens for h in hyps] == [h.tokens for h in alone]
     for h, a in zip(hyps, alone):
@@ -55,54 +65,32 @@ MODELS = {
     dict(alpha=0.6, no_repeat_ngram=2),
 ])
 def test_joining_late_gives_what_decoding_alone_gives(name, settings):
-    model = MODELS[name]()
-    src, src_lens = make_batch(SRC_LENS)
-    search = BeamSearch(model, beam_size=4, max_len_add=5, **settings)
-    joined = run_joined(search, src, src_lens)
-    assert sorted(joined) == list(range(len(SRC_LENS)))
-    for i in range(len(SRC_LENS)):
-        alone = beam_search(model, *one(src, src_lens, i), beam_size=4, max_len_add=5,
-                            **settings)[0]
-        assert_same(joined[i], alone)
+    for joined, alone in joined_and_alone(MODELS[name](), beam_size=4, max_len_add=5,
+                                          **settings):
+        assert_same(joined, alone)
 
 
 def test_joined_attention_covers_each_sentences_own_steps_and_source():
-    model = real_model()
-    src, src_lens = make_batch(SRC_LENS)
-    search = BeamSearch(model, beam_size=3, n_best=2, alpha=0.6, max_len_add=5,
-                        return_attention=True)
-    joined = run_joined(search, src, src_lens)
-    for i in range(len(SRC_LENS)):
-        alone = beam_search(model, *one(src, src_lens, i), beam_size=3, n_best=2, alpha=0.6,
-                            max_len_add=5, return_attention=True)[0]
-        assert_same(joined[i], alone)
-        for h, a in zip(joined[i], alone):
-            assert h.attention.shape == a.attention.shape == (a.attention.size(0), SRC_LENS[i])
+    pairs = joined_and_alone(real_model(), beam_size=3, n_best=2, alpha=0.6, max_len_add=5,
+                             return_attention=True)
+    for (joined, alone), src_len in zip(pairs, SRC_LENS):
+        assert_same(joined, alone)
+        for h, a in zip(joined, alone):
+            assert h.attention.shape == a.attention.shape == (a.attention.size(0), src_len)
             torch.testing.assert_close(h.attention, a.attention, atol=1e-6, rtol=0)
 
 
 def test_joining_a_shortlisted_search_keeps_each_sentences_own_shortlist():
-    model = real_model()
-    shortlist = restrictive()
-    src, src_lens = make_batch(SRC_LENS)
-    search = BeamSearch(model, beam_size=4, n_best=3, alpha=0.6, max_len_add=5,
-                        shortlist=shortlist)
-    joined = run_joined(search, src, src_lens)
-    for i in range(len(SRC_LENS)):
-        alone = beam_search(model, *one(src, src_lens, i), beam_size=4, n_best=3, alpha=0.6,
-                            max_len_add=5, shortlist=shortlist)[0]
-        assert_same(joined[i], alone)
+    for joined, alone in joined_and_alone(real_model(), beam_size=4, n_best=3, alpha=0.6,
+                                          max_len_add=5, shortlist=restrictive()):
+        assert_same(joined, alone)
 
 
 def test_an_ensemble_joins_like_its_members():
-    members = [real_model(), real_model(cell="lstm", decoder="luong", attention="general")]
-    model = Ensemble(members)
-    src, src_lens = make_batch(SRC_LENS)
-    joined = run_joined(BeamSearch(model, beam_size=3, alpha=0.6, max_len_add=5), src, src_lens)
-    for i in range(len(SRC_LENS)):
-        alone = beam_search(model, *one(src, src_lens, i), beam_size=3, alpha=0.6,
-                            max_len_add=5)[0]
-        assert_same(joined[i], alone)
+    model = Ensemble([real_model(),
+                      real_model(cell="lstm", decoder="luong", attention="general")])
+    for joined, alone in joined_and_alone(model, beam_size=3, alpha=0.6, max_len_add=5):
+        assert_same(joined, alone)
 
 
 def test_a_search_empties_and_starts_again():
