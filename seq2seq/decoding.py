@@ -77,14 +77,15 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
     results: list[list[Hypothesis]] = [[] for _ in src_ids]
     static = None
     shortlist = make_shortlist(decode, lexicon)
-    if search_path(decode, device, return_attention) == "graphs":
+    path = search_path(decode, device, return_attention)
+    if path == "graphs":
         # One searcher for all batches: its buffers and graphs serve every batch of a shape.
         static = StaticBeamSearch(model, decode.beam_size, decode.n_best, decode.alpha,
                                   decode.max_len_ratio, decode.max_len_add, decode.min_len,
                                   capture=True)
     for batch in length_batches([len(s) + 1 for s in src_ids], decode.batch_tokens):
         src, src_lens = pad_sources([src_ids[i] for i in batch], device)
-        if search_path(decode, device, return_attention) == "greedy":
+        if path == "greedy":
             hyps = [[h] for h in greedy_search(
                 model, src, src_lens, max_len_ratio=decode.max_len_ratio,
                 max_len_add=decode.max_len_add, min_len=decode.min_len,

@@ -117,11 +117,11 @@ def merge(model: Any, old: Beams, new: Beams) -> Beams:
                 torch.nn.functional.pad(beams.src, (0, short), value=PAD), attn_hist)
 
     old_enc, old_src, old_attn = to_length(old)
-    new_enc, new_src, new_attn = to_length(new)
+    new_enc, new_src, _ = to_length(new)
     num_new = new.tokens.size(0)
     new_tokens = torch.full((num_new, width), PAD, dtype=torch.long, device=old.tokens.device)
-    if new_attn is not None:
-        new_attn = new_attn.new_zeros((num_new, width, length))
+    # new has no steps yet: its attention history is the width of old's, all zeros
+    new_attn = None if old_attn is None else old_attn.new_zeros((num_new, width, length))
     return Beams(
         keys=old.keys + new.keys,
         max_lens=old.max_lens + new.max_lens,

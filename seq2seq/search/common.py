@@ -132,13 +132,9 @@ def forbid_tokens(log_probs: torch.Tensor, tokens: torch.Tensor, min_len: int,
         banned = (targets.unsqueeze(1) == banned).any(dim=1).nonzero().squeeze(1)
     log_probs = log_probs.index_fill(1, banned, float("-inf"))
     if not uniform and min_len > 0:
-        eos = torch.tensor([EOS], device=log_probs.device)
-        if targets is not None:
-            eos = (targets == EOS).nonzero().squeeze(1)
-        short = (lengths < min_len).unsqueeze(1)
-        cols = torch.zeros(log_probs.size(1), dtype=torch.bool, device=log_probs.device)
-        cols[eos] = True
-        log_probs = log_probs.masked_fill(short & cols, float("-inf"))
+        eos = (torch.tensor([EOS], device=log_probs.device) if targets is None
+               else (targets == EOS).nonzero().squeeze(1))
+        log_probs[(lengths < min_len).nonzero(), eos] = float("-inf")  # a new tensor already
     if 0 < no_repeat_ngram <= t:
         if targets is None:
             repeats = repeated_ngram_mask(tokens, no_repeat_ngram, log_probs.size(1))

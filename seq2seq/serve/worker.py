@@ -157,7 +157,7 @@ class BatchWorker:
         the search's settings, while the search holds at most ``max_sentences`` sentences (an
         idle search takes one job of any size)."""
         taken: list[Job] = []
-        count = sum(live.remaining for live in self._live)
+        count = len(self._search) if self._live else 0
         while self._jobs:
             job = self._jobs[0]
             if job.cancelled:
