@@ -122,6 +122,9 @@ class ModelConfig:
         "bridge", "decoder initial state: learned bridge from the encoder, or zeros")
     dropout: float = option(0.3, "dropout on embeddings, between layers and before the output",
                             floats(0, 1, hi_open=True))
+    word_dropout: float = option(
+        0.0, "probability of dropping a whole input token, source and target, in training "
+        "(its embedding zeroed; Sennrich et al. 2016); 0: off", floats(0, 1, hi_open=True))
     forget_bias: Optional[float] = option(
         None, "LSTM only: initial forget-gate bias, e.g. 1.0 (null: like every other weight)",
         floats(-100, 100))

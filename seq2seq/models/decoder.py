@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.models.attention import Attention
-from seq2seq.models.dropout import Dropout, dropout
+from seq2seq.models.dropout import Dropout, dropout, word_dropout
 from seq2seq.models.encoder import make_rnn, run_rnn
 
 State = tuple[torch.Tensor, ...]
@@ -69,9 +69,13 @@ class Decoder(nn.Module):
 
     Attributes:
         fused: compute with :func:`recur` (True) or with the RNN module, :meth:`run` (False).
+        word_dropout: in training, the probability of dropping a whole input token (its
+            embedding zeroed, :func:`~seq2seq.models.dropout.word_dropout`); set by
+            :func:`~seq2seq.models.seq2seq.build_model` from ``model.word_dropout``.
     """
 
     fused = True
+    word_dropout = 0.0
 
     def __init__(self, embedding: nn.Embedding, cell: str, hidden: int, layers: int,
                  attention: Attention, enc_size: int, final_size: int, style: str,
@@ -147,12 +151,17 @@ class Decoder(nn.Module):
             if rows is not None:
                 logits = logits.index_select(1, rows.ids)
             return logits, state, attn.squeeze(1)
-        emb = self.dropout(self.embedding(prev_tokens.unsqueeze(1)))
+        emb = self._embed(prev_tokens.unsqueeze(1))
         att_vecs, state, attn = recur(self, emb, state, enc_out, keys, src_mask)
         hidden = self.dropout(att_vecs[:, 0])
         if rows is None:
             return self.output(hidden), state, attn
         return F.linear(hidden, rows.weight, rows.bias), state, attn
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ``tokens`` ``(B, T)`` with word dropout, then dropout: ``(B, T, E)``."""
+        emb = word_dropout(self.embedding(tokens), self.word_dropout, self.training)
+        return self.dropout(emb)
 
     def output_rows(self, ids: torch.Tensor) -> OutputRows:
         """The output layer's rows for target ids ``ids`` (a shortlist), copied once so that
@@ -184,7 +193,7 @@ class Decoder(nn.Module):
             # call runs all T steps, then one batched attention covers every step.
             return self.run(trg_in, state, enc_out, keys, src_mask, features)[0]
         if self.fused:
-            emb = self.dropout(self.embedding(trg_in))  # (B, T, E), every step at once
+            emb = self._embed(trg_in)  # (B, T, E), every step at once
             att_vecs = self.dropout(recur(self, emb, state, enc_out, keys, src_mask)[0])
             return att_vecs if features else self.output(att_vecs)
         logits = []
@@ -203,7 +212,7 @@ class Decoder(nn.Module):
             logits ``(B, T, V)`` (features: ``h~`` after dropout, ``(B, T, H)``), the new
             state, attention weights ``(B, T, S)``.
         """
-        emb = self.dropout(self.embedding(tokens))  # (B, T, E)
+        emb = self._embed(tokens)  # (B, T, E)
         dtype = self.embedding.weight.dtype  # the state may come from autocast layers
         hx = tuple(s.transpose(0, 1).to(dtype).contiguous()
                    for s in state[:self.states])  # (L, B, H)

@@ -33,6 +33,20 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * keep
 
 
+def word_dropout(emb: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Drop whole tokens: zero each position's embedding ``emb[b, t]`` with probability ``p``
+    and scale the kept ones by ``1 / (1 - p)`` (Sennrich et al. 2016, "Edinburgh neural
+    machine translation systems for WMT 16", §3.2: dropout of full words, source and target).
+
+    The model then cannot lean on any single input word, and must read it from the context;
+    one draw per position, from torch's default generator (so resume reproduces it).
+    """
+    if not training or p == 0.0:
+        return emb
+    keep = torch.empty(emb.shape[:-1] + (1,), dtype=emb.dtype, device=emb.device)
+    return emb * keep.bernoulli_(1.0 - p).div_(1.0 - p)
+
+
 class Dropout(nn.Module):
     """``nn.Dropout`` through :func:`dropout`."""
 

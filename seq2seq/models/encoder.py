@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from seq2seq.models.dropout import Dropout, dropout
+from seq2seq.models.dropout import Dropout, dropout, word_dropout
 
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
@@ -93,9 +93,12 @@ class Encoder(nn.Module):
         packed: run the RNN over packed sequences (the default). False selects a path with no
             host synchronisation and no data-dependent shapes, for CUDA-graph capture; it
             gives the same results (see :meth:`_unpacked`).
+        word_dropout: in training, the probability of dropping a whole source token (set
+            from ``model.word_dropout``, as the decoder's).
     """
 
     packed = True
+    word_dropout = 0.0
 
     def __init__(self, embedding: nn.Embedding, cell: str, hidden: int, layers: int,
                  bidirectional: bool, dropout: float):
@@ -131,7 +134,8 @@ class Encoder(nn.Module):
                 direction at the last real token, the backward one at the first), with the
                 LSTM cell state concatenated after the hidden state.
         """
-        emb = self.dropout(self.embedding(src))
+        emb = self.embedding(src)
+        emb = self.dropout(word_dropout(emb, self.word_dropout, self.training))
         if not self.packed:
             enc_out, final = self._unpacked(emb, src_lens)
             return self.dropout(enc_out), final

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from seq2seq.models.dropout import LEVELS, Dropout, dropout
+from seq2seq.models.dropout import LEVELS, Dropout, dropout, word_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
@@ -57,3 +57,28 @@ def test_eval_zero_and_one():
     assert torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_word_dropout_drops_whole_tokens_and_keeps_the_expectation(p):
+    torch.manual_seed(3)
+    emb = torch.randn(200, 500, 6).abs() + 0.1  # no element is zero by chance
+    out = word_dropout(emb, p, training=True)
+    zero = out == 0
+    assert torch.equal(zero.all(-1), zero.any(-1))  # a token goes whole or not at all
+    dropped = float(zero.all(-1).float().mean())
+    assert abs(dropped - p) < 0.006  # ~5 standard deviations over 100,000 tokens
+    kept = ~zero.all(-1)
+    torch.testing.assert_close(out[kept], emb[kept] / (1 - p))
+
+
+def test_word_dropout_off_draws_nothing():
+    emb = torch.randn(3, 4, 5)
+    state = torch.get_rng_state()
+    assert word_dropout(emb, 0.3, training=False) is emb
+    assert word_dropout(emb, 0.0, training=True) is emb
+    assert torch.equal(torch.get_rng_state(), state)  # a run without it keeps its stream
+    torch.manual_seed(4)
+    first = word_dropout(emb, 0.5, True)
+    torch.manual_seed(4)
+    assert torch.equal(word_dropout(emb, 0.5, True), first)

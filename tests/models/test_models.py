@@ -339,3 +339,29 @@ def test_rnn_modules_run_in_their_weights_precision_unless_cpu_bf16(cell, packed
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32
                and torch.isfinite(p.grad).all() for p in model.decoder.rnn.parameters())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_word_dropout_reaches_source_and_target_in_training_only(cell):
+    """model.word_dropout zeroes whole input tokens on both sides in training; evaluation and
+    a model without it are untouched."""
+    src, src_lens, trg_in, _ = batch([5, 3, 4])
+    cfg = tiny(cell, dropout=0.0, word_dropout=0.5)
+    model = make(cfg)
+    plain = make(dataclasses.replace(cfg, word_dropout=0.0))
+    assert model.encoder.word_dropout == model.decoder.word_dropout == 0.5
+    assert plain.encoder.word_dropout == plain.decoder.word_dropout == 0.0
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        reference = plain(src, src_lens, trg_in)
+        assert torch.equal(model(src, src_lens, trg_in), reference)
+        plain.train()
+        assert torch.equal(plain(src, src_lens, trg_in), reference)  # no other dropout
+        model.train()
+        for side in (model.encoder, model.decoder):
+            other = model.decoder if side is model.encoder else model.encoder
+            other.word_dropout = 0.0
+            torch.manual_seed(6)
+            assert not torch.allclose(model(src, src_lens, trg_in), reference)
+            other.word_dropout = 0.5
