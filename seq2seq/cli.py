@@ -18,6 +18,7 @@ from seq2seq import __version__
 from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from seq2seq.config.memory import memory_problems
 from seq2seq.errors import Seq2SeqError
+from seq2seq.heap import keep_freed_memory
 from seq2seq.serve.options import add_serve_arguments
 
 EXIT_USAGE = 2
@@ -267,6 +268,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     previous = None
     with contextlib.suppress(ValueError):  # not the main thread: keep the default
         previous = signal.signal(signal.SIGTERM, _terminate)

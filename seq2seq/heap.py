@@ -1,0 +1,40 @@
+"""Keep freed memory in the process instead of giving it back to the OS after every step.
+
+Each beam-search step allocates and frees tensors of several megabytes (the ``(beams, V)``
+log-probabilities, their copies). glibc's malloc serves blocks above its mmap threshold with
+fresh ``mmap`` pages and trims free memory at the heap's top back to the OS, so the next step
+touches new pages again, and each first touch is a page fault that the kernel fills with
+zeros. On 1,000 test sentences that was 740,000 page faults and about a fifth of offline
+decoding's time. Raising both thresholds (the ``mallopt`` settings that the
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` environment variables also set)
+lets freed blocks be reused: the process keeps up to :data:`TRIM_THRESHOLD` of free heap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed mmap threshold on 64-bit systems
+TRIM_THRESHOLD = 512 << 20
+ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc malloc's mmap and trim thresholds for this process (see the module
+    docstring). Does nothing outside Linux with glibc, or when the user set either threshold
+    in the environment. Returns whether the settings were applied."""
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in ENVIRONMENT):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # another C library (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
