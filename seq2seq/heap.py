@@ -4,7 +4,7 @@ Each beam-search step allocates and frees tensors of several megabytes (the ``(b
 log-probabilities, their copies). glibc's malloc serves blocks above its mmap threshold with
 fresh ``mmap`` pages and trims free memory at the heap's top back to the OS, so the next step
 touches new pages again, and each first touch is a page fault that the kernel fills with
-zeros. On 1,000 test sentences that was 740,000 page faults and about a fifth of offline
+zeros. On 1,000 test sentences that was 740,000 page faults and about an eighth of offline
 decoding's time. Raising both thresholds (the ``mallopt`` settings that the
 ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` environment variables also set)
 lets freed blocks be reused: the process keeps up to :data:`TRIM_THRESHOLD` of free heap.
