@@ -402,6 +402,10 @@ def format_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("SEQ2SEQ_DATA", str(REPO.parent / "shared" / "data"))
+    from seq2seq.heap import keep_freed_memory
+
+    # As every seq2seq command does (cli.main), so that the figures are the commands' own.
+    heap_kept = keep_freed_memory()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda: no CUDA GPU is available")
@@ -420,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_model": cpu_model(), "train_precision": trainer.recipe.train.precision,
         "decoder_path": "plain" if args.plain_decoder else "fused",
         "parameters": trainer.model.num_parameters, "work_dir": trainer.recipe.output_dir,
+        "keep_freed_memory": heap_kept,
     }
     flop_rows = []
     if args.flops and args.steps:

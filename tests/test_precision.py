@@ -101,14 +101,16 @@ def test_a_bf16_step_agrees_with_fp32(cell, decoder, packed):
     model.encoder.packed = packed
     data = batch([7, 5, 6, 3], trg_len=8)
     rnn_dtypes = []
-    for rnn in (model.encoder.rnn, model.decoder.rnn):
-        # out[0]: a PackedSequence (encoder) or a tensor; .data is the values of either.
-        rnn.register_forward_hook(lambda m, args, out: rnn_dtypes.append(out[0].data.dtype))
+    # The encoder's outputs (which come from its RNN: in training on a CPU it steps the cells
+    # itself, models/cells.py), and the decoder RNN module's where it is called (luong).
+    for module in (model.encoder, model.decoder.rnn):
+        # out[0]: enc_out, or the RNN module's output; .data is the values of either.
+        module.register_forward_hook(lambda m, args, out: rnn_dtypes.append(out[0].data.dtype))
     loss32, grads32 = loss_and_gradients(model, None, data)
+    assert rnn_dtypes and set(rnn_dtypes) == {torch.float32}
     rnn_dtypes.clear()
     loss16, grads16 = loss_and_gradients(model, torch.bfloat16, data)
-    if packed:  # the encoder's RNN module ran in bf16 (the unpacked path calls the ops)
-        assert rnn_dtypes and set(rnn_dtypes) == {torch.bfloat16}
+    assert rnn_dtypes and set(rnn_dtypes) == {torch.bfloat16}
     assert abs(loss16 - loss32) <= LOSS_RTOL * loss32
     # fp32 master weights get fp32 gradients through the bf16 copies.
     assert all(g.dtype == torch.float32 for g in grads16.values())

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.models.attention import Attention
+from seq2seq.models.cells import cell_step
 from seq2seq.models.dropout import Dropout, dropout, word_dropout
 from seq2seq.models.encoder import make_rnn, run_rnn
 
@@ -332,20 +333,9 @@ def stacked_step(rnn: nn.RNNBase, cell: str, gates: torch.Tensor, hs: list[torch
             x = dropout(x, rnn.dropout, training)
             gates = F.linear(x, getattr(rnn, f"weight_ih_l{layer}"),
                              getattr(rnn, f"bias_ih_l{layer}"))
-        h = hs[layer]
-        hidden = F.linear(h, getattr(rnn, f"weight_hh_l{layer}"),
-                          getattr(rnn, f"bias_hh_l{layer}"))
-        if cell == "gru":
-            size = rnn.hidden_size
-            reset, update = torch.sigmoid(gates[:, :2 * size]
-                                          + hidden[:, :2 * size]).chunk(2, dim=-1)
-            new = torch.tanh(gates[:, 2 * size:] + reset * hidden[:, 2 * size:])
-            h = new + update * (h - new)
-        elif cell == "lstm":
-            i, f, g, o = (gates + hidden).chunk(4, dim=-1)
-            cs[layer] = torch.sigmoid(f) * cs[layer] + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(cs[layer])
-        else:
-            h = torch.tanh(gates + hidden)
+        h, c = cell_step(cell, gates, hs[layer], None if cs is None else cs[layer],
+                         getattr(rnn, f"weight_hh_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"))
+        if cs is not None:
+            cs[layer] = c
         hs[layer] = x = h
     return x

@@ -1,0 +1,136 @@
+"""The recurrent cells' arithmetic, and a stacked RNN over packed sequences built from it.
+
+:func:`cell_step` is one step of ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` (tanh) given the input's
+share of the gates, with torch's equations and gate order (GRU: r, z, n; LSTM: i, f, g, o), so
+the modules' parameters mean the same here as in torch. The decoder's fused path and
+:func:`packed_rnn` both step with it.
+
+:func:`packed_rnn` is what ``rnn(packed)`` computes, for training on a CPU. Torch's CPU kernel
+for packed input reads each step's rows of the precomputed input gates with ``narrow``, and
+the backward of each ``narrow`` writes a zero-filled gradient the size of the whole sequence
+before adding it up: ``S`` full-size fills and additions per layer and direction, a fifth of a
+``de-en.gru`` training step (measured with ``torch.profiler``). Here the gates are ``split``
+into their steps, whose backward joins the steps' gradients once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from seq2seq.models.dropout import dropout
+
+CELLS = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn"}
+
+
+def cell_step(cell: str, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None,
+              w_hh: torch.Tensor, b_hh: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of a GRU / LSTM / tanh-RNN cell.
+
+    Args:
+        cell: "gru", "lstm" or "rnn".
+        gates: ``(B, G)`` the input's share of the gates, ``x W_ih^T + b_ih``.
+        h: ``(B, H)`` the previous hidden state; c: the LSTM's cell state (else None).
+        w_hh, b_hh: the hidden-to-hidden weight ``(G, H)`` and bias.
+
+    Returns:
+        the new ``h`` and ``c`` (None but for LSTM).
+    """
+    hidden = F.linear(h, w_hh, b_hh)
+    if cell == "gru":
+        size = h.size(-1)
+        reset, update = torch.sigmoid(gates[:, :2 * size] + hidden[:, :2 * size]).chunk(2, -1)
+        new = torch.tanh(gates[:, 2 * size:] + reset * hidden[:, 2 * size:])
+        return new + update * (h - new), None
+    if cell == "lstm":
+        i, f, g, o = (gates + hidden).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    return torch.tanh(gates + hidden), None
+
+
+def steps_packed(rnn: nn.Module) -> bool:
+    """Whether :func:`packed_rnn` computes ``rnn``: a float ``nn.GRU`` / ``nn.LSTM`` /
+    tanh ``nn.RNN`` without projections (not a quantised one, whose weights are packed)."""
+    return (isinstance(rnn, nn.RNNBase) and rnn.mode in CELLS
+            and not getattr(rnn, "proj_size", 0))
+
+
+def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | None = None
+               ) -> tuple[PackedSequence, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """``rnn(packed)`` from zero initial states, with the module's parameters.
+
+    Args:
+        rnn: a module that :func:`steps_packed` accepts; its dropout between layers applies
+            in training, as the module's own.
+        packed: the input, as ``pack_padded_sequence`` makes it.
+        dtype: compute in this dtype on copies of the weights (bf16 under CPU bf16
+            autocast); None: in the weights' dtype.
+
+    Returns:
+        the packed outputs of the top layer, and the final states ``(L * D, B, H)`` in the
+        input's batch order (for LSTM ``(h, c)``), as the module returns them.
+    """
+    cell = CELLS[rnn.mode]
+    sizes = packed.batch_sizes.tolist()
+    x = packed.data if dtype is None else packed.data.to(dtype)
+    finals_h, finals_c = [], []
+    for layer in range(rnn.num_layers):
+        if layer > 0:
+            x = dropout(x, rnn.dropout, rnn.training)
+        outputs = []
+        for direction in range(2 if rnn.bidirectional else 1):
+            suffix = f"l{layer}" + ("_reverse" if direction else "")
+            weights = [getattr(rnn, f"{name}_{suffix}", None)
+                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            if dtype is not None:
+                weights = [w if w is None else w.to(dtype) for w in weights]
+            out, h, c = _layer(cell, x, sizes, *weights, reverse=direction == 1)
+            outputs.append(out)
+            finals_h.append(h)
+            finals_c.append(c)
+        x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
+    order = packed.unsorted_indices
+    h = torch.stack(finals_h)
+    h = h if order is None else h.index_select(1, order)
+    if cell != "lstm":
+        return packed._replace(data=x), h
+    c = torch.stack(finals_c)
+    return packed._replace(data=x), (h, c if order is None else c.index_select(1, order))
+
+
+def _layer(cell: str, x: torch.Tensor, sizes: list[int], w_ih: torch.Tensor,
+           w_hh: torch.Tensor, b_ih: torch.Tensor | None, b_hh: torch.Tensor | None,
+           reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer and direction over packed data ``x`` ``(N, I)`` with ``sizes`` rows per step
+    (non-increasing: the batch is sorted by length, longest first).
+
+    Returns:
+        the outputs ``(N, H)`` in the same packed layout, and the final ``h`` and ``c`` (None
+        but for LSTM), ``(B, H)`` in sorted order: each sentence's state after its last real
+        step, or (reverse) after its first.
+    """
+    gates = F.linear(x, w_ih, b_ih).split(sizes)  # backward: one join, not a fill per step
+    hidden = w_hh.size(1)
+    h = x.new_zeros(sizes[-1] if reverse else sizes[0], hidden)
+    c = torch.zeros_like(h) if cell == "lstm" else None
+    outputs: list[torch.Tensor] = [h] * len(sizes)
+    done_h, done_c = [], []
+    for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
+        rows = sizes[t]
+        if rows > h.size(0):  # reverse: longer sentences join at their last step
+            h = torch.cat([h, h.new_zeros(rows - h.size(0), hidden)])
+            c = None if c is None else torch.cat([c, c.new_zeros(rows - c.size(0), hidden)])
+        elif rows < h.size(0):  # forward: the shortest sentences have ended
+            done_h.append(h[rows:])
+            done_c.append(None if c is None else c[rows:])
+            h, c = h[:rows], None if c is None else c[:rows]
+        h, c = cell_step(cell, gates[t], h, c, w_hh, b_hh)
+        outputs[t] = h
+    if not reverse and done_h:  # the longest sentences last: sorted order is the reverse
+        h = torch.cat([h] + done_h[::-1])
+        c = None if c is None else torch.cat([c] + done_c[::-1])
+    return torch.cat(outputs), h, c

@@ -1,0 +1,94 @@
+"""packed_rnn computes what the RNN module computes over packed input, and the encoder uses it
+in CPU training only."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from seq2seq.models.cells import packed_rnn, steps_packed
+from tests.models.test_models import batch, make, tiny
+
+MODULES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+
+
+def module_and_input(cell, bidirectional, layers=2, bias=True, lens=(3, 7, 1, 7, 5, 2)):
+    torch.manual_seed(0)
+    rnn = MODULES[cell](6, 5, num_layers=layers, batch_first=True, bias=bias,
+                        bidirectional=bidirectional).double()
+    x = torch.randn(len(lens), max(lens), 6, dtype=torch.double)
+    packed = pack_padded_sequence(x, torch.tensor(lens), batch_first=True,
+                                  enforce_sorted=False)
+    return rnn, packed
+
+
+def outputs_and_gradients(rnn, run, packed):
+    out, hx = run(rnn, packed)
+    states = hx if isinstance(hx, tuple) else (hx,)
+    # Weights that give every output and final state its own gradient.
+    torch.manual_seed(1)
+    total = sum((t * torch.randn_like(t)).sum() for t in (out.data,) + states)
+    return out, states, torch.autograd.grad(total, list(rnn.parameters()))
+
+
+@pytest.mark.parametrize("cell", MODULES)
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["bi", "uni"])
+@pytest.mark.parametrize("layers,bias", [(2, True), (1, False), (3, True)])
+def test_packed_rnn_equals_the_module_outputs_states_and_gradients(cell, bidirectional,
+                                                                   layers, bias):
+    rnn, packed = module_and_input(cell, bidirectional, layers, bias)
+    assert steps_packed(rnn)
+    want_out, want_states, want_grads = outputs_and_gradients(
+        rnn, lambda m, p: m(p), packed)
+    got_out, got_states, got_grads = outputs_and_gradients(rnn, packed_rnn, packed)
+    assert torch.equal(got_out.batch_sizes, want_out.batch_sizes)
+    assert torch.equal(got_out.unsorted_indices, want_out.unsorted_indices)
+    torch.testing.assert_close(got_out.data, want_out.data)
+    assert len(got_states) == len(want_states)
+    for got, want in zip(got_states, want_states):  # (L * D, B, H), the input's batch order
+        torch.testing.assert_close(got, want)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_packed_rnn_in_bf16_runs_on_bf16_copies_and_stays_close():
+    rnn, packed = module_and_input("gru", True)
+    rnn, packed = rnn.float(), packed._replace(data=packed.data.float())
+    want, _ = rnn(packed)
+    got, hx = packed_rnn(rnn, packed, torch.bfloat16)
+    assert got.data.dtype == hx.dtype == torch.bfloat16
+    assert rnn.weight_ih_l0.dtype == torch.float32  # the master weights are untouched
+    torch.testing.assert_close(got.data.float(), want.data, atol=0.03, rtol=0)
+    got.data.float().sum().backward()
+    assert rnn.weight_hh_l0.grad.dtype == torch.float32
+
+
+def test_modules_it_cannot_step_are_left_to_torch():
+    assert not steps_packed(nn.RNN(4, 4, nonlinearity="relu"))
+    assert not steps_packed(nn.LSTM(4, 4, proj_size=2))
+    quantized = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.GRU(4, 4)), {nn.GRU},
+                                                       dtype=torch.qint8)[0]
+    assert not steps_packed(quantized)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_the_encoder_trains_through_packed_rnn_and_encodes_as_in_evaluation(cell,
+                                                                            monkeypatch):
+    """In CPU training the encoder steps the cells itself (torch's packed backward fills a
+    whole-sequence gradient per step); in evaluation it calls the module: same function."""
+    import seq2seq.models.encoder as encoder_module
+
+    calls = []
+    real = encoder_module.packed_rnn
+    monkeypatch.setattr(encoder_module, "packed_rnn",
+                        lambda *args: calls.append(1) or real(*args))
+    model = make(tiny(cell, dropout=0.0))
+    src, src_lens, _, _ = batch([5, 2, 7, 1])
+    train_out, train_final = model.encoder.train()(src, src_lens)
+    assert calls == [1]
+    with torch.no_grad():
+        eval_out, eval_final = model.encoder.eval()(src, src_lens)
+    assert calls == [1]
+    torch.testing.assert_close(train_out, eval_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(train_final, eval_final, atol=1e-6, rtol=1e-5)
+    assert torch.all(train_out[src == 0] == 0)  # padding positions stay exactly zero
