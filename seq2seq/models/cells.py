@@ -8,9 +8,15 @@ the modules' parameters mean the same here as in torch. The decoder's fused path
 :func:`packed_rnn` is what ``rnn(packed)`` computes, for training on a CPU. Torch's CPU kernel
 for packed input reads each step's rows of the precomputed input gates with ``narrow``, and
 the backward of each ``narrow`` writes a zero-filled gradient the size of the whole sequence
-before adding it up: ``S`` full-size fills and additions per layer and direction, a fifth of a
-``de-en.gru`` training step (measured with ``torch.profiler``). Here the gates are ``split``
-into their steps, whose backward joins the steps' gradients once.
+before adding it up: ``S`` full-size fills and additions per layer and direction. Here the
+gates are ``split`` into their steps, whose backward joins the steps' gradients once.
+
+:func:`padded` is ``pad_packed_sequence(packed, batch_first=True)``, for the same reason: torch
+copies each run of steps into a slice of the output in place, and the backward of every such
+copy clones the whole ``(S, B, H)`` gradient (one clone per distinct batch size: about 15 per
+``de-en.gru`` batch, measured). Here the packed rows are put in place by one ``index_copy``,
+whose backward is one ``index_select``, and the result is contiguous batch-first memory, which
+each decoder step's attention reads.
 """
 
 from __future__ import annotations
@@ -134,3 +140,19 @@ def _layer(cell: str, x: torch.Tensor, sizes: list[int], w_ih: torch.Tensor,
         h = torch.cat([h] + done_h[::-1])
         c = None if c is None else torch.cat([c] + done_c[::-1])
     return torch.cat(outputs), h, c
+
+
+def padded(packed: PackedSequence, length: int) -> torch.Tensor:
+    """``pad_packed_sequence(packed, batch_first=True, total_length=length)[0]`` (zeros on
+    padding) as contiguous ``(B, length, H)``, made by one ``index_copy``."""
+    data, sizes = packed.data, packed.batch_sizes
+    rows = torch.arange(data.size(0))
+    starts = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+    steps = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    sorted_rows = rows - starts  # each packed row's place in the length-sorted batch
+    order = packed.sorted_indices
+    batch_rows = sorted_rows if order is None else order.cpu()[sorted_rows]
+    index = (batch_rows * length + steps).to(data.device)
+    batch = int(sizes[0])
+    out = data.new_zeros(batch * length, data.size(-1)).index_copy(0, index, data)
+    return out.view(batch, length, data.size(-1))

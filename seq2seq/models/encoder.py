@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from seq2seq.models.cells import packed_rnn, steps_packed
+from seq2seq.models.cells import packed_rnn, padded, steps_packed
 from seq2seq.models.dropout import Dropout, dropout, word_dropout
 
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
@@ -148,15 +148,17 @@ class Encoder(nn.Module):
                                       enforce_sorted=False)
         if (emb.device.type == "cpu" and torch.is_grad_enabled() and self.training
                 and steps_packed(self.rnn)):
-            # Training on a CPU: torch's packed kernel spends a fifth of the step on its
-            # backward's zero fills (see seq2seq.models.cells); without gradients it is faster.
+            # Training on a CPU: the backward of torch's packed kernel and of its unpacking
+            # fill and clone whole-sequence tensors step by step (seq2seq.models.cells);
+            # without gradients torch's own calls are the faster ones.
             dtype = rnn_dtype("cpu")  # before autocast is turned off for the call
             with full_precision("cpu"):
                 packed_out, hx = packed_rnn(self.rnn, packed, dtype)
+            enc_out = padded(packed_out, src.size(1))
         else:
             packed_out, hx = run_rnn(self.rnn, packed)
-        enc_out, _ = pad_packed_sequence(packed_out, batch_first=True,
-                                         total_length=src.size(1))
+            enc_out, _ = pad_packed_sequence(packed_out, batch_first=True,
+                                             total_length=src.size(1))
         states = hx if self.cell == "lstm" else (hx,)
         final = torch.cat([self._top_layer(state) for state in states], dim=-1)
         return self.dropout(enc_out), final

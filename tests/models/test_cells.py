@@ -4,9 +4,9 @@ in CPU training only."""
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seq2seq.models.cells import packed_rnn, steps_packed
+from seq2seq.models.cells import packed_rnn, padded, steps_packed
 from tests.models.test_models import batch, make, tiny
 
 MODULES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
@@ -92,3 +92,17 @@ def test_the_encoder_trains_through_packed_rnn_and_encodes_as_in_evaluation(cell
     torch.testing.assert_close(train_out, eval_out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(train_final, eval_final, atol=1e-6, rtol=1e-5)
     assert torch.all(train_out[src == 0] == 0)  # padding positions stay exactly zero
+
+
+@pytest.mark.parametrize("sort", [True, False], ids=["sorted", "unsorted"])
+def test_padded_equals_pad_packed_sequence_and_its_gradient(sort):
+    lens = torch.tensor([4, 4, 2, 1]) if sort else torch.tensor([2, 4, 1, 4, 3])
+    x = torch.randn(len(lens), 6, 3, dtype=torch.double, requires_grad=True)
+    packed = pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=sort)
+    want, _ = pad_packed_sequence(packed, batch_first=True, total_length=6)
+    got = padded(packed, 6)
+    assert got.is_contiguous() and torch.equal(got, want)
+    weights = torch.randn_like(want)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), x, retain_graph=True)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), x)
+    assert torch.equal(got_grad, want_grad)
