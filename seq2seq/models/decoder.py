@@ -267,12 +267,12 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
     w_ih0 = decoder.rnn.weight_ih_l0
     # Column blocks of the first layer's input weight: [emb | context (bahdanau) | feed].
     emb_gates = F.linear(emb, w_ih0[:, :emb_size], decoder.rnn.bias_ih_l0)  # (B, T, G)
-    w_rest = w_ih0[:, emb_size:]
+    w_rest = autocast_once(w_ih0[:, emb_size:])
     w_comb = decoder.combine.weight
     if decoder.style == "bahdanau":
         # h~ = tanh(W [s_t; c_t; E y]): the E y block is known for every step in advance.
         emb_comb = F.linear(emb, w_comb[:, -emb_size:], decoder.combine.bias)  # (B, T, H)
-        w_comb = w_comb[:, :-emb_size]
+        w_comb = autocast_once(w_comb[:, :-emb_size])
     # unbind, not [:, t] in the loop: the backward of T slices would write T zero-filled
     # (B, T, G) gradients, the backward of one unbind stacks T slices once.
     emb_gates = emb_gates.unbind(1)
@@ -309,6 +309,18 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
     if decoder.input_feeding:
         new_state += (feed,)
     return torch.stack(att_vecs, dim=1), new_state, attn.squeeze(1)
+
+
+def autocast_once(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in the autocast dtype where autocast is on, cast here once for every step.
+
+    Autocast caches its casts of parameters only: a slice of one would be cast again at each
+    step, and its gradient cast back and summed at each step of the backward.
+    """
+    device = weight.device.type
+    if not torch.is_autocast_enabled(device):
+        return weight
+    return weight.to(torch.get_autocast_dtype(device))
 
 
 def stacked_step(rnn: nn.RNNBase, cell: str, gates: torch.Tensor, hs: list[torch.Tensor],
