@@ -65,6 +65,16 @@ def steps_packed(rnn: nn.Module) -> bool:
             and not getattr(rnn, "proj_size", 0))
 
 
+def layer_weights(rnn: nn.RNNBase, layer: int, direction: int,
+                  dtype: torch.dtype | None = None) -> list[torch.Tensor | None]:
+    """``[weight_ih, weight_hh, bias_ih, bias_hh]`` of one layer and direction of ``rnn``
+    (None for a missing bias), cast to ``dtype`` unless it is None."""
+    suffix = f"l{layer}" + ("_reverse" if direction else "")
+    weights = [getattr(rnn, f"{name}_{suffix}", None)
+               for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    return weights if dtype is None else [w if w is None else w.to(dtype) for w in weights]
+
+
 def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | None = None
                ) -> tuple[PackedSequence, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """``rnn(packed)`` from zero initial states, with the module's parameters.
@@ -89,11 +99,7 @@ def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | Non
             x = dropout(x, rnn.dropout, rnn.training)
         outputs = []
         for direction in range(2 if rnn.bidirectional else 1):
-            suffix = f"l{layer}" + ("_reverse" if direction else "")
-            weights = [getattr(rnn, f"{name}_{suffix}", None)
-                       for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            if dtype is not None:
-                weights = [w if w is None else w.to(dtype) for w in weights]
+            weights = layer_weights(rnn, layer, direction, dtype)
             out, h, c = _layer(cell, x, sizes, *weights, reverse=direction == 1)
             outputs.append(out)
             finals_h.append(h)

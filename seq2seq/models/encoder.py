@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from seq2seq.models.cells import packed_rnn, padded, steps_packed
+from seq2seq.models.cells import layer_weights, packed_rnn, padded, steps_packed
 from seq2seq.models.dropout import Dropout, dropout, word_dropout
 
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
@@ -202,18 +202,14 @@ class Encoder(nn.Module):
                 x = dropout(x, rnn.dropout, self.training)
             outputs, finals_h, finals_c = [], [], []
             for direction in range(self.directions):
-                suffix = f"l{layer}" + ("_reverse" if direction else "")
-                weights = {f"{name}_l0": getattr(rnn, f"{name}_{suffix}")
-                           for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
-                if dtype is not None:
-                    weights = {name: w.to(dtype) for name, w in weights.items()}
+                weights = layer_weights(rnn, layer, direction, dtype)
                 inputs = _gather_steps(x, reverse) if direction else x
                 if self.cell == "lstm":
                     with full_precision(inputs.device.type):  # as the other RNN calls
-                        out, h, c = _masked_lstm(inputs, real, *weights.values())
+                        out, h, c = _masked_lstm(inputs, real, *weights)
                     finals_c.append(c)
                 else:
-                    out = self._one_layer(inputs, list(weights.values()))
+                    out = self._one_layer(inputs, weights)
                     h = out.gather(1, last).squeeze(1)  # each direction ends at step len - 1
                 finals_h.append(h)
                 outputs.append(_gather_steps(out, reverse) if direction else out)
