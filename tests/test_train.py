@@ -9,7 +9,7 @@ import torch
 from seq2seq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from seq2seq.config import recipe_from_dict, recipe_to_dict
 from seq2seq.errors import Seq2SeqError
-from seq2seq.training.optim import Schedule
+from seq2seq.training.optim import Schedule, run_done
 from seq2seq.training.run_dir import check_resumable
 from seq2seq.training.trainer import fit
 from tests.conftest import tiny_tree
@@ -55,6 +55,45 @@ def test_stop_at_k_and_resume_equals_uninterrupted_bitwise(tmp_path, precision):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_linear_schedule_resumes_bitwise_when_max_steps_stops_the_run_early(tmp_path):
+    # The run's length is max_epochs, so a stop at max_steps=4 does not change the schedule.
+    linear = ("train.schedule=linear", "train.decay_last=0.8", "train.max_epochs=2")
+    full = tiny_recipe(tmp_path, *linear, "train.max_steps=0", name="full")
+    fit(full)
+    part = tiny_recipe(tmp_path, *linear, "train.max_steps=4", name="part")
+    fit(part)
+    fit(tiny_recipe(tmp_path, *linear, "train.max_steps=0", name="part"))
+    a, b = weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "part" / "last.pt")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text()
+            .splitlines()]
+    rates = [r["lr"] for r in rows if r["split"] == "train"]
+    assert len(rates) > 4 and rates[0] == 0.01 and rates[-1] < rates[0]
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_linear_schedule_holds_the_rate_then_falls_to_min_lr():
+    schedule = Schedule(1e-3, "linear", 0, 1e-6, 0.5, 1, decay_last=0.25)
+    assert schedule.at(1, 0.0) == schedule.at(1, 0.75) == 1e-3
+    assert schedule.at(1, 0.875) == pytest.approx(5e-4)
+    assert schedule.at(1, 1.0) == 1e-6
+    warm = Schedule(1e-3, "linear", 10, 0, 0.5, 1, decay_last=1.0)
+    assert warm.at(5, 0.0) == pytest.approx(5e-4)  # warmup first
+    assert warm.at(20, 0.5) == pytest.approx(5e-4)
+    warm.validated(improved=False)
+    warm.validated(improved=False)
+    assert warm.scale == 1.0  # no plateau bookkeeping
+
+
+def test_run_done_counts_epochs_and_falls_back_to_steps():
+    from types import SimpleNamespace as Position
+
+    epochs = Position(max_epochs=4, max_steps=3)  # max_steps only stops early
+    assert run_done(epochs, Position(epoch=1, epoch_step=50, step=150), 100) == 0.375
+    steps = Position(max_epochs=0, max_steps=200)
+    assert run_done(steps, Position(epoch=1, epoch_step=50, step=150), 100) == 0.75
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path):

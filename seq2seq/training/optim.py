@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 
@@ -23,9 +24,13 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device,
 
 @dataclasses.dataclass
 class Schedule:
-    """Learning rate = lr * warmup * (inverse sqrt) * plateau scale, floored at min_lr.
+    """Learning rate = lr * warmup * (inverse sqrt | linear decay) * plateau scale, >= min_lr.
 
-    Plain state (two numbers) so that it round-trips through a weights-only checkpoint.
+    ``linear`` holds the rate (after any warmup) and then lowers it in a straight line to
+    min_lr over the run's last ``decay_last`` fraction, measured by :meth:`at`'s ``done`` (the
+    share of the run's epochs or steps already trained), so that it needs no count of updates
+    in advance. Plain state (two numbers) so that it round-trips through a weights-only
+    checkpoint.
     """
 
     lr: float
@@ -34,16 +39,19 @@ class Schedule:
     min_lr: float
     factor: float
     patience: int
+    decay_last: float = 1.0
     scale: float = 1.0
     bad_validations: int = 0
 
-    def at(self, step: int) -> float:
-        """Learning rate for update number ``step`` (1-based)."""
+    def at(self, step: int, done: float = 0.0) -> float:
+        """Learning rate for update number ``step`` (1-based), ``done`` of the run behind it."""
         rate = self.lr * self.scale
         if self.warmup_steps and step < self.warmup_steps:
             rate *= step / self.warmup_steps
         elif self.kind == "inverse_sqrt" and self.warmup_steps:
             rate *= math.sqrt(self.warmup_steps / step)
+        if self.kind == "linear":
+            rate *= min(1.0, max(0.0, (1.0 - done) / self.decay_last))
         return max(rate, self.min_lr)
 
     def validated(self, improved: bool) -> None:
@@ -61,6 +69,19 @@ class Schedule:
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.scale = float(state["scale"])
         self.bad_validations = int(state["bad_validations"])
+
+
+def run_done(cfg: Any, progress: Any, epoch_steps: int) -> float:
+    """The share of the run trained before the next update, for the ``linear`` schedule.
+
+    ``cfg`` is the recipe's train section, ``progress`` the run's position and ``epoch_steps``
+    the current epoch's update count. The run's length is train.max_epochs, or train.max_steps
+    when max_epochs is 0: with both set, max_steps only stops the run early (or lets it stop
+    and resume), and the schedule stays the one of the whole run of max_epochs.
+    """
+    if cfg.max_epochs:
+        return (progress.epoch + progress.epoch_step / max(epoch_steps, 1)) / cfg.max_epochs
+    return progress.step / cfg.max_steps
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -33,7 +33,7 @@ from seq2seq.data.cache import prepare_data
 from seq2seq.data.sampling import sampled_epoch
 from seq2seq.models.seq2seq import build_model
 from seq2seq.training.averaging import average_and_validate
-from seq2seq.training.optim import Schedule
+from seq2seq.training.optim import Schedule, run_done
 from seq2seq.training.progress import Progress
 from seq2seq.training.run_dir import RunDirectory, exit_code, print_summary
 from seq2seq.training.step import build_step
@@ -146,7 +146,7 @@ class Trainer:
         self.step = build_step(self.model, recipe, self.device, self.data.train,
                                self.data.train_lengths()[1], self.run.path / "last.pt")
         self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.min_lr,
-                                 cfg.plateau_factor, cfg.plateau_patience)
+                                 cfg.plateau_factor, cfg.plateau_patience, cfg.decay_last)
         self.progress = Progress()
         # Dropout streams differ per rank; rank 0 of a 1-process run uses the recipe seed.
         torch.manual_seed(recipe.seed + 1000 * self.rank)
@@ -197,7 +197,7 @@ class Trainer:
                 global_batch = batches[s * group:(s + 1) * group]
                 global_tokens = int(sum(int(trg_lens[i].sum()) for i in global_batch)
                                     + sum(len(i) for i in global_batch))  # + one EOS each
-                lr = self.schedule.at(progress.step + 1)
+                lr = self.schedule.at(progress.step + 1, run_done(cfg, progress, len(steps)))
                 window.add(self.step.accumulate(steps[s], global_tokens), global_tokens)
                 ok = self.step.apply(lr)
                 progress.step += 1
