@@ -124,7 +124,7 @@ class Offline:
     lines, length-sorted batches) in this process, model loading not counted."""
 
     def __init__(self, checkpoint: str, decode_flags: dict, threads: int,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", quantize: bool = False):
         import torch
 
         from seq2seq.translate import Translator
@@ -132,7 +132,7 @@ class Offline:
         if threads:
             torch.set_num_threads(threads)
         self.translator = Translator.from_checkpoint(checkpoint, device="cpu",
-                                                     precision=precision)
+                                                     quantize=quantize, precision=precision)
         self.settings = self.translator.decode_settings(**decode_flags)
 
     def run(self, sentences: list[str]) -> tuple[dict, list[str]]:
@@ -183,7 +183,7 @@ class ServerProcess:
 
 def decode_flags(args: argparse.Namespace) -> tuple[list[str], dict]:
     """The decoding options as ``serve`` flags and as ``decode_settings`` arguments."""
-    flags, values = ["--precision", args.precision], {}
+    flags, values = ["--precision", args.precision] + ["--quantize"] * args.quantize, {}
     for name in ["beam", "alpha", "shortlist"]:
         value = getattr(args, name)
         if value is not None:
@@ -209,7 +209,7 @@ def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
                 "--batch-wait-ms", str(args.batch_wait_ms)], Path(tmp) / f"{name.split()[-1]}.log")
             stack.callback(servers[name].stop)
         source, target = languages(servers["batching on"].url)
-        offline = Offline(args.checkpoint, values, args.threads, args.precision)
+        offline = Offline(args.checkpoint, values, args.threads, args.precision, args.quantize)
         for _ in range(args.repeat):
             answers = {}
             for name, server in servers.items():
@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                         "checkpoint with a lexicon)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                         help="serve/translate --precision (weights cast once)")
+    parser.add_argument("--quantize", action="store_true",
+                        help="serve/translate --quantize (int8 weights)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="with --checkpoint: measure on, off and offline this many times "
                         "in turn and report medians (a shared machine's speed drifts)")
@@ -316,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     report["setup"] = {"clients": args.clients, "sentences": len(sentences),
                        "input": str(args.input), "threads": args.threads,
                        "batch_wait_ms": args.batch_wait_ms, "batch_size": args.batch_size,
-                       "precision": args.precision, "shortlist": args.shortlist,
+                       "precision": args.precision, "quantize": args.quantize,
+                       "shortlist": args.shortlist,
                        "repeat": args.repeat}
     print(json.dumps(report, indent=2))
     if args.json:
