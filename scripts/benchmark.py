@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 100 on CPU, 500 on GPU)")
     parser.add_argument("--beams", default="1,5", help="beam sizes to time (1: greedy)")
     parser.add_argument("--quantize", action="store_true",
-                        help="also decode with the int8 dynamically quantised model (CPU)")
+                        help="also decode with the int8 model (CPU, seq2seq.quantize)")
     parser.add_argument("--bf16", action="store_true",
                         help="also decode with the weights cast to bf16 once (fast on a CPU "
                         "with native bf16: amx_bf16, avx512_bf16)")

@@ -1,53 +1,116 @@
-"""Int8 dynamic quantisation of a trained model for CPU decoding (opt-in: ``--quantize``).
+"""Int8 decoding of a trained model on the CPU (opt-in: ``--quantize``).
 
-``torch.ao.quantization.quantize_dynamic`` stores the weights of every ``nn.Linear``,
-``nn.GRU`` and ``nn.LSTM`` as int8 and quantises activations on the fly, per batch; matrix
-products then run in int8 (fbgemm on x86). Measured on a 2-core AVX2 CPU: the (500, 512) x
-(512, 8000) output layer of beam-5 at batch 100 runs 2.1x faster, beam-5 decoding of the
-Multi30k-sized model (recipes/multi30k/de-en.gru.yaml) ~1.45x faster per CPU-second; the small
-quickstart model gains little (its matrices are too small for the int8 kernels to pay off) and
-its BLEU stays at 98.39 (beam 5). Embeddings stay fp32. Only inference on the CPU is
-supported: quantised modules have no gradients and no CUDA kernels.
+Every ``nn.Linear`` becomes an :class:`Int8Linear`: int8 weights with one scale per output
+row, and int8 activations with one scale per input row, multiplied in int8 with int32 sums
+(``torch._int_mm``, oneDNN on x86). A row's output depends on that row alone, so a sentence
+translates the same whatever it is batched with, as in fp32: ``serve`` answers exactly what
+``translate`` writes, and ``translate`` what it writes for the sentence alone. torch's dynamic
+quantisation (``quantize_dynamic``, this module's earlier method) scales the activations by
+the whole batch's largest value instead, so an output could change with its batch mates (100
+of 1,000 served test sentences differed from offline ``translate`` under it). The decoder's RNN
+becomes an :class:`Int8RNN` (its projections :class:`Int8Linear`, its cell equations float);
+the encoder's stays float, since it runs once per sentence and torch's int8 RNN modules
+quantise per batch too. Embeddings stay float. Only inference on the CPU is supported: int8
+modules have no gradients and no CUDA kernels.
 
-The quantised model keeps the search interface (``encode`` / ``init_state`` / ``step``): its
+The int8 model keeps the search interface (``encode`` / ``init_state`` / ``step``): its
 decoder computes with its modules (the plain path of :class:`seq2seq.models.Decoder`), since the
-fused path reads fp32 parameters that the packed int8 modules no longer expose.
+fused path reads the float weights of ``combine``, which an :class:`Int8Linear` no longer has.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
 from seq2seq.errors import Seq2SeqError
+from seq2seq.models.cells import CELLS, cell_update, steps_packed
 from seq2seq.models.decoder import Decoder
 
-QUANTIZED_TYPES = {nn.Linear, nn.GRU, nn.LSTM}
+QMAX = 127.0  # symmetric int8: -127..127, so that -x quantises to -q(x)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``(N, K)`` float -> int8 ``(N, K)`` and the scale of each row ``(N, 1)``."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(QMAX)
+    return (x / scale).round_().clamp_(-QMAX, QMAX).to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` in int8: ``y = (q(x) q(W)^T) * s_x * s_W + b`` with a scale per row of
+    ``x`` and per output of ``W`` (symmetric, round to nearest). Integer sums are exact, so each
+    row of ``y`` depends on its own row of ``x`` only."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        qweight, scale = quantize_rows(weight.detach().float())
+        self.register_buffer("qweight_t", qweight.t().contiguous())  # (K, N_out)
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, N_out)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, scale = quantize_rows(x.reshape(-1, self.in_features).float())
+        y = torch._int_mm(rows, self.qweight_t).float().mul_(scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class Int8RNN(nn.Module):
+    """A unidirectional batch-first ``nn.GRU`` / ``nn.LSTM`` / tanh ``nn.RNN`` whose input and
+    hidden projections are :class:`Int8Linear` (the decoder's: a step of it is the largest
+    matmul after the output layer), stepped with the float cell equations of
+    :func:`~seq2seq.models.cells.cell_update`. Same call as the module's."""
+
+    def __init__(self, rnn: nn.RNNBase):
+        super().__init__()
+        self.cell, self.layers = CELLS[rnn.mode], rnn.num_layers
+        weights = dict(rnn.named_parameters())
+        self.ih = nn.ModuleList(Int8Linear(weights[f"weight_ih_l{k}"], weights.get(
+            f"bias_ih_l{k}")) for k in range(self.layers))
+        self.hh = nn.ModuleList(Int8Linear(weights[f"weight_hh_l{k}"], weights.get(
+            f"bias_hh_l{k}")) for k in range(self.layers))
+
+    def forward(self, x: torch.Tensor, hx: Any) -> tuple[torch.Tensor, Any]:
+        lstm = self.cell == "lstm"
+        hs = list((hx[0] if lstm else hx).unbind(0))  # per layer (B, H)
+        cs: list[Any] = list(hx[1].unbind(0)) if lstm else [None] * self.layers
+        outputs = []
+        for t in range(x.size(1)):
+            inp = x[:, t]
+            for k in range(self.layers):
+                hs[k], cs[k] = cell_update(self.cell, self.ih[k](inp), self.hh[k](hs[k]),
+                                           hs[k], cs[k])
+                inp = hs[k]
+            outputs.append(inp)
+        h = torch.stack(hs)
+        return torch.stack(outputs, dim=1), ((h, torch.stack(cs)) if lstm else h)
 
 
 def quantize_for_cpu(model: nn.Module) -> nn.Module:
-    """An int8 dynamically quantised copy of ``model`` (a ``Seq2Seq`` or an ``Ensemble``) in
-    eval mode; ``model`` itself is left unchanged.
+    """An int8 copy of ``model`` (a ``Seq2Seq`` or an ``Ensemble``) in eval mode, its
+    ``nn.Linear`` layers :class:`Int8Linear`; ``model`` itself is left unchanged.
 
     Raises:
-        Seq2SeqError: the model is not on the CPU, or this torch build has no int8 engine.
+        Seq2SeqError: the model is not on the CPU.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise Seq2SeqError("--quantize works on the CPU only (use --device cpu)")
-    engines = torch.backends.quantized.supported_engines
-    engine = next((e for e in ("fbgemm", "x86", "qnnpack") if e in engines), None)
-    if engine is None:
-        raise Seq2SeqError(f"--quantize: this torch build has no int8 engine ({engines})")
-    torch.backends.quantized.engine = engine
     model = copy.deepcopy(model).eval()
-    for module in model.modules():
+    for module in list(model.modules()):
         if isinstance(module, Decoder):
             module.fused = False
-    with warnings.catch_warnings():
-        # torch >= 2.9 announces the move of eager quantisation to torchao; it still works.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.ao.quantization.quantize_dynamic(model, QUANTIZED_TYPES, dtype=torch.qint8)
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, Int8Linear(child.weight, child.bias))
+        rnn = getattr(module, "rnn", None)
+        if isinstance(module, Decoder) and steps_packed(rnn) and not rnn.bidirectional:
+            module.rnn = Int8RNN(rnn)
+    return model

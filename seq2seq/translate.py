@@ -141,7 +141,7 @@ class Translator:
                         quantize: bool = False, precision: str = "fp32") -> "Translator":
         """Load one checkpoint, or several (an ensemble) sharing one tokenizer.
 
-        ``quantize`` decodes with an int8 dynamically quantised copy (CPU only, see
+        ``quantize`` decodes with an int8 copy (CPU only, see
         :mod:`seq2seq.quantize`). ``precision`` "bf16" decodes with the weights cast to bf16
         once; "auto" picks bf16 where the device computes it natively, else fp32 (see
         :func:`seq2seq.precision.decoding_model`); :attr:`precision` says which it became.

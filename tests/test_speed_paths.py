@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from seq2seq.config import ModelConfig
 from seq2seq.models import PAD, build_model
-from seq2seq.quantize import quantize_for_cpu
+from seq2seq.quantize import Int8Linear, Int8RNN, quantize_for_cpu
 from seq2seq.scoring import corpus_bleu
 from seq2seq.search import beam_search, greedy_search
 
@@ -118,8 +118,9 @@ def test_quantised_model_keeps_the_search_interface_and_leaves_the_original():
     quantised = quantize_for_cpu(model)
     assert model.decoder.fused and not quantised.decoder.fused
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert isinstance(quantised.decoder.output, torch.ao.nn.quantized.dynamic.Linear)
-    assert isinstance(quantised.decoder.rnn, torch.ao.nn.quantized.dynamic.LSTM)
+    assert isinstance(quantised.decoder.output, Int8Linear)
+    assert isinstance(quantised.decoder.rnn, Int8RNN)
+    assert isinstance(quantised.encoder.rnn, torch.nn.LSTM)  # float: it runs once
     src, src_lens, _, _ = batch([6, 3])
     enc = quantised.encode(src, src_lens)
     log_probs, state, attn = quantised.step(torch.full((2,), 2), quantised.init_state(enc), enc)
@@ -127,6 +128,53 @@ def test_quantised_model_keeps_the_search_interface_and_leaves_the_original():
     torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(2))
     assert len(beam_search(quantised, src, src_lens, beam_size=2, max_len_ratio=1.0,
                            max_len_add=2)) == 2
+
+
+def test_int8_linear_is_close_to_float_and_each_row_depends_on_itself_only():
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(37, 53)
+    int8 = Int8Linear(linear.weight, linear.bias)
+    x = torch.randn(9, 4, 37)
+    x[0, 0] *= 100  # one large row: a scale per batch would coarsen every other row
+    y = int8(x)
+    assert y.shape == (9, 4, 53)
+    close = linear(x[1:]).detach()
+    assert float((y[1:] - close).abs().max()) < 0.02 * float(close.abs().max())
+    for i in range(9):  # bitwise the same alone as in the batch
+        assert torch.equal(int8(x[i]), y[i])
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_int8_rnn_steps_like_the_float_module(cell):
+    from seq2seq.models.encoder import make_rnn
+
+    torch.manual_seed(4)
+    rnn = make_rnn(cell, 12, 16, 2, 0.0).eval()
+    x = torch.randn(5, 3, 12)
+    h = torch.randn(2, 5, 16) * 0.5
+    hx = (h, torch.randn(2, 5, 16) * 0.5) if cell == "lstm" else h
+    want, want_hx = rnn(x, hx)
+    got, got_hx = Int8RNN(rnn)(x, hx)
+    torch.testing.assert_close(got, want, atol=0.03, rtol=0)
+    for a, b in zip(got_hx if cell == "lstm" else [got_hx], want_hx if cell == "lstm"
+                    else [want_hx]):
+        torch.testing.assert_close(a, b, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_int8_search_gives_each_sentence_what_it_gets_alone(cell):
+    torch.manual_seed(0)
+    model = build_model(tiny(cell, "bahdanau", "luong", True), VOCAB, VOCAB).eval()
+    int8 = quantize_for_cpu(model)
+    src, src_lens, _, _ = batch([7, 3, 5])
+    together = beam_search(int8, src, src_lens, beam_size=3, n_best=2, alpha=0.6,
+                           max_len_ratio=1.5, max_len_add=4)
+    for i in range(3):
+        alone = beam_search(int8, src[i:i + 1, :int(src_lens[i])], src_lens[i:i + 1],
+                            beam_size=3, n_best=2, alpha=0.6, max_len_ratio=1.5, max_len_add=4)
+        assert [h.tokens for h in alone[0]] == [h.tokens for h in together[i]]
+        assert [h.score for h in alone[0]] == pytest.approx([h.score for h in together[i]],
+                                                              abs=1e-5)
 
 
 # ---- quantised decoding of a trained model ---------------------------------------------------

@@ -45,7 +45,12 @@ def cell_step(cell: str, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor |
     Returns:
         the new ``h`` and ``c`` (None but for LSTM).
     """
-    hidden = F.linear(h, w_hh, b_hh)
+    return cell_update(cell, gates, F.linear(h, w_hh, b_hh), h, c)
+
+
+def cell_update(cell: str, gates: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor,
+                c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`cell_step` given the hidden state's share of the gates, ``h W_hh^T + b_hh``."""
     if cell == "gru":
         size = h.size(-1)
         reset, update = torch.sigmoid(gates[:, :2 * size] + hidden[:, :2 * size]).chunk(2, -1)

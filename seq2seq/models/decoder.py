@@ -17,8 +17,8 @@ The decoder state is a tuple of batch-first tensors: ``(h,)`` or ``(h, c)`` for 
 any state with ``index_select(0, idx)`` without knowing its layout.
 
 Two implementations compute the same function. The *plain* one (:meth:`Decoder.run`) calls the
-``nn.GRU`` / ``nn.LSTM`` module one step at a time; it is the reference, and the path of a
-dynamically quantised model, whose RNN and Linear layers are packed int8 modules. The *fused*
+``nn.GRU`` / ``nn.LSTM`` module one step at a time; it is the reference, and the path of an
+int8 model (:mod:`seq2seq.quantize`), whose RNN and Linear layers are int8 modules. The *fused*
 one (:func:`recur`, used when :attr:`Decoder.fused` is True) reads the same parameters
 but does the cell arithmetic itself, so that everything not depending on the previous step is
 done once for all steps: the embeddings, their share of the first layer's input gates and of the
@@ -166,9 +166,9 @@ class Decoder(nn.Module):
 
     def output_rows(self, ids: torch.Tensor) -> OutputRows:
         """The output layer's rows for target ids ``ids`` (a shortlist), copied once so that
-        every step multiplies by ``(U, H)`` instead of ``(V, H)``. An int8 output layer packs
-        its weights: then every step computes all logits and keeps those of ``ids``."""
-        weight = self.output.weight
+        every step multiplies by ``(U, H)`` instead of ``(V, H)``. An int8 output layer has no
+        float weights: then every step computes all logits and keeps those of ``ids``."""
+        weight = getattr(self.output, "weight", None)
         if not isinstance(weight, torch.Tensor):
             return OutputRows(ids, None, None)
         bias = self.output.bias
