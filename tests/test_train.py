@@ -59,9 +59,7 @@ def test_stop_at_k_and_resume_equals_uninterrupted_bitwise(tmp_path, precision):
 
 def test_linear_schedule_resumes_bitwise_when_max_steps_stops_the_run_early(tmp_path):
     # The run's length is max_epochs, so a stop at max_steps=4 does not change the schedule.
-    # Variational dropout masks come from the checkpointed generator as well.
-    linear = ("train.schedule=linear", "train.decay_last=0.8", "train.max_epochs=2",
-              "model.variational_dropout=true")
+    linear = ("train.schedule=linear", "train.decay_last=0.8", "train.max_epochs=2")
     full = tiny_recipe(tmp_path, *linear, "train.max_steps=0", name="full")
     fit(full)
     part = tiny_recipe(tmp_path, *linear, "train.max_steps=4", name="part")

@@ -125,10 +125,6 @@ class ModelConfig:
     word_dropout: float = option(
         0.0, "probability of dropping a whole input token, source and target, in training "
         "(its embedding zeroed; Sennrich et al. 2016); 0: off", floats(0, 1, hi_open=True))
-    variational_dropout: bool = option(
-        False, "draw the dropout masks on embeddings and RNN outputs (model.dropout) once per "
-        "sentence, shared by all its positions (Gal and Ghahramani 2016); between RNN layers "
-        "dropout stays per element")
     forget_bias: Optional[float] = option(
         None, "LSTM only: initial forget-gate bias, e.g. 1.0 (null: like every other weight)",
         floats(-100, 100))

@@ -27,34 +27,10 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return F.dropout(x, p, training)
     if cut == 0:
         return x
-    return x * cheap_mask(x.shape, cut, x.dtype)
-
-
-def cheap_mask(shape: torch.Size, cut: int, dtype: torch.dtype) -> torch.Tensor:
-    """A CPU keep-mask of ``shape``: 0, or the inverse keep probability where a 16-bit draw
-    clears ``cut`` (the drop probability in 1/65536ths, 0 < cut < 65536)."""
-    numel = shape.numel()
-    words = torch.randint(-2**63, 2**63 - 1, ((numel + 3) // 4,), dtype=torch.int64)
-    bits = words.view(torch.int16)[:numel].view(shape)
-    return (bits >= cut - LEVELS // 2).to(dtype).mul_(LEVELS / (LEVELS - cut))
-
-
-def variational_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout of ``x`` ``(B, T, D)`` with one mask per sentence and feature, shared by all
-    ``T`` positions (Gal and Ghahramani 2016, "A theoretically grounded application of dropout
-    in recurrent neural networks"): a sentence loses the same features at every position.
-
-    Other shapes (a single step in decoding is never in training) fall back to
-    :func:`dropout`. Draws from torch's default generator, so resume reproduces the masks.
-    """
-    if not training or p == 0.0 or x.dim() != 3:
-        return dropout(x, p, training)
-    shape = torch.Size((x.size(0), 1, x.size(2)))
-    cut = round(p * LEVELS)
-    if x.device.type != "cpu" or cut >= LEVELS:
-        keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - p)
-        return x * keep.div_(1.0 - p) if p < 1.0 else x * keep
-    return x * cheap_mask(shape, cut, x.dtype)
+    words = torch.randint(-2**63, 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+    bits = words.view(torch.int16)[:x.numel()].view(x.shape)
+    keep = (bits >= cut - LEVELS // 2).to(x.dtype).mul_(LEVELS / (LEVELS - cut))
+    return x * keep
 
 
 def word_dropout(emb: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -72,11 +48,7 @@ def word_dropout(emb: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Dropout(nn.Module):
-    """``nn.Dropout`` through :func:`dropout`; with :attr:`variational` set, through
-    :func:`variational_dropout` (one mask per sentence, set by
-    :func:`~seq2seq.models.seq2seq.build_model` from ``model.variational_dropout``)."""
-
-    variational = False
+    """``nn.Dropout`` through :func:`dropout`."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -85,9 +57,7 @@ class Dropout(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.variational:
-            return variational_dropout(x, self.p, self.training)
         return dropout(x, self.p, self.training)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}" + (", variational" if self.variational else "")
+        return f"p={self.p}"

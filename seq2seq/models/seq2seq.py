@@ -168,7 +168,6 @@ def build_model(cfg: ModelConfig, src_vocab: int, trg_vocab: int) -> Seq2Seq:
                       encoder.output_size, encoder.final_size, cfg.decoder, cfg.input_feeding,
                       cfg.init, cfg.dropout, tie_output=cfg.tie_embeddings != "none")
     encoder.word_dropout = decoder.word_dropout = cfg.word_dropout
-    encoder.dropout.variational = decoder.dropout.variational = cfg.variational_dropout
     model = Seq2Seq(encoder, decoder)
     initialise(model)
     if cfg.forget_bias is not None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from seq2seq.models.dropout import LEVELS, Dropout, dropout, variational_dropout, word_dropout
+from seq2seq.models.dropout import LEVELS, Dropout, dropout, word_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
@@ -82,42 +82,3 @@ def test_word_dropout_off_draws_nothing():
     first = word_dropout(emb, 0.5, True)
     torch.manual_seed(4)
     assert torch.equal(word_dropout(emb, 0.5, True), first)
-
-
-@pytest.mark.parametrize("p", [0.2, 0.5])
-def test_variational_dropout_shares_one_mask_across_a_sentence(p):
-    torch.manual_seed(4)
-    x = torch.randn(300, 17, 64).abs() + 0.1  # no element is zero by chance
-    torch.manual_seed(9)
-    out = variational_dropout(x, p, training=True)
-    scale = out / x
-    assert torch.allclose(scale, scale[:, :1].expand_as(scale))  # the same at every position
-    dropped = float((scale[:, 0] == 0).float().mean())
-    assert abs(dropped - round(p * LEVELS) / LEVELS) < 0.025  # ~5 sd over 19,200 features
-    assert not torch.equal(scale[0, 0], scale[1, 0])  # sentences draw their own masks
-    torch.manual_seed(9)
-    assert torch.equal(variational_dropout(x, p, training=True), out)  # seeded
-
-
-def test_variational_dropout_outside_training_and_on_other_shapes():
-    x = torch.randn(4, 5, 6)
-    assert torch.equal(variational_dropout(x, 0.3, training=False), x)
-    module = Dropout(0.3)
-    module.variational = True
-    assert "variational" in repr(module)
-    assert torch.equal(module.eval()(x), x)
-    torch.manual_seed(6)
-    flat = variational_dropout(torch.ones(8, 9), 0.5, training=True)  # a step: per element
-    assert 0 < int((flat == 0).sum()) < 72
-
-
-def test_model_variational_dropout_reaches_both_dropout_sites():
-    from seq2seq.config import recipe_from_dict
-    from seq2seq.models.seq2seq import build_model
-    from tests.conftest import tiny_tree
-
-    recipe = recipe_from_dict(tiny_tree("run"), ["model.variational_dropout=true"])
-    model = build_model(recipe.model, 30, 30)
-    assert model.encoder.dropout.variational and model.decoder.dropout.variational
-    assert not build_model(recipe_from_dict(tiny_tree("run")).model, 30, 30
-                           ).encoder.dropout.variational
