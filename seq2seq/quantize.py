@@ -107,10 +107,9 @@ def quantize_for_cpu(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, Decoder):
             module.fused = False
+            if steps_packed(module.rnn):  # a decoder RNN is unidirectional
+                module.rnn = Int8RNN(module.rnn)
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 setattr(module, name, Int8Linear(child.weight, child.bias))
-        rnn = getattr(module, "rnn", None)
-        if isinstance(module, Decoder) and steps_packed(rnn) and not rnn.bidirectional:
-            module.rnn = Int8RNN(rnn)
     return model
