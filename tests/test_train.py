@@ -57,47 +57,6 @@ def test_stop_at_k_and_resume_equals_uninterrupted_bitwise(tmp_path, precision):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_ema_run_trains_as_a_plain_run_and_resumes_bitwise(tmp_path):
-    ema = "train.ema_decay=0.9"
-    plain = tiny_recipe(tmp_path, "train.max_steps=8", name="plain")
-    fit(plain)
-    fit(tiny_recipe(tmp_path, "train.max_steps=8", ema, name="full"))
-    fit(tiny_recipe(tmp_path, "train.max_steps=4", ema, name="part"))
-    fit(tiny_recipe(tmp_path, "train.max_steps=8", ema, name="part"))
-    full = load_checkpoint(tmp_path / "full" / "last.pt")
-    part = load_checkpoint(tmp_path / "part" / "last.pt")
-    trained = weights(tmp_path / "plain" / "last.pt")
-    for key in trained:
-        # The average does not touch training: the trained weights are a plain run's.
-        assert torch.equal(full["trained_model"][key], trained[key]), key
-        assert torch.equal(part["trained_model"][key], trained[key]), key
-        assert torch.equal(part["model"][key], full["model"][key]), key
-    assert not all(torch.equal(full["model"][k], trained[k]) for k in trained)
-
-
-def test_weight_average_follows_its_formula_and_swaps_in_and_out():
-    from seq2seq.training.ema import WeightAverage
-
-    layer = torch.nn.Linear(3, 2)
-    start = {k: v.clone() for k, v in layer.state_dict().items()}
-    average = WeightAverage(layer, decay=0.75)
-    expected = {k: v.clone() for k, v in start.items()}
-    for shift in (1.0, -2.0, 0.5):
-        with torch.no_grad():
-            for param in layer.parameters():
-                param.add_(shift)
-        average.update()
-        expected = {k: 0.75 * expected[k] + 0.25 * v for k, v in layer.state_dict().items()}
-    trained = {k: v.clone() for k, v in layer.state_dict().items()}
-    with average.swapped_in():
-        for key, value in layer.state_dict().items():
-            assert torch.allclose(value, expected[key], atol=1e-6), key
-    assert all(torch.equal(layer.state_dict()[k], trained[k]) for k in trained)
-    models = average.checkpoint_models(layer)
-    assert all(torch.equal(models["trained_model"][k], trained[k]) for k in trained)
-    assert all(torch.allclose(models["model"][k], expected[k], atol=1e-6) for k in expected)
-
-
 def test_linear_schedule_resumes_bitwise_when_max_steps_stops_the_run_early(tmp_path):
     # The run's length is max_epochs, so a stop at max_steps=4 does not change the schedule.
     linear = ("train.schedule=linear", "train.decay_last=0.8", "train.max_epochs=2")

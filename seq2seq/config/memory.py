@@ -5,8 +5,7 @@ The estimate (fp32, 4 bytes a number) is deliberately simple and errs low, so th
 only what cannot fit:
 
 - weights, gradients and the two Adam moments: 4 x the parameters, counted from the model
-  section as :func:`seq2seq.models.seq2seq.build_model` builds it (a test checks the count),
-  5 x with ``train.ema_decay``'s average of the weights;
+  section as :func:`seq2seq.models.seq2seq.build_model` builds it (a test checks the count);
 - activations kept for the backward pass of one batch of ``train.batch_tokens`` target tokens
   (at least one longest pair): logits, log-probabilities and their gradient over the target
   vocabulary; the attention over sources of up to ``data.max_src_tokens`` tokens (the additive
@@ -41,8 +40,7 @@ def memory_problems(recipe: Recipe, ram: int | None = None) -> list[str]:
     ram = machine_memory() if ram is None else ram
     copies = recipe.distributed.nproc_per_node if _trains_on_cpu(recipe) else 1
     groups = parameter_groups(recipe.model, recipe.tokenizer.vocab_size)
-    tensors = 5 if recipe.train.ema_decay else 4  # weights, gradients, 2 Adam moments, average
-    state = tensors * BYTES * sum(groups.values()) * copies
+    state = 4 * BYTES * sum(groups.values()) * copies  # weights, gradients, 2 Adam moments
     per = f" ({copies} processes)" if copies > 1 else ""
     if state > ram:
         key = max(groups, key=groups.get)

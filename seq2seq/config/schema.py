@@ -191,9 +191,6 @@ class TrainConfig:
     average_last: int = option(
         0, "at the end, average the weights of the last N step checkpoints into averaged.pt "
         "and validate it (needs train.keep_last >= N; 0: off)", ints(0, 1_000_000))
-    ema_decay: float = option(
-        0.0, "keep an exponential moving average of the weights with this decay per update; "
-        "validation, checkpoints and decoding use the average (0: off)", floats(0, 1, hi_open=True))
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
     threads: int = option(0, "CPU threads for torch (0: torch's default)", ints(0, 1024))
     max_bad_steps: int = option(

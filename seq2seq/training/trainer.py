@@ -33,7 +33,6 @@ from seq2seq.data.cache import prepare_data
 from seq2seq.data.sampling import sampled_epoch
 from seq2seq.models.seq2seq import build_model
 from seq2seq.training.averaging import average_and_validate
-from seq2seq.training.ema import WeightAverage
 from seq2seq.training.optim import Schedule, run_done
 from seq2seq.training.progress import Progress
 from seq2seq.training.run_dir import RunDirectory, exit_code, print_summary
@@ -149,7 +148,6 @@ class Trainer:
         self.schedule = Schedule(cfg.lr, cfg.schedule, cfg.warmup_steps, cfg.min_lr,
                                  cfg.plateau_factor, cfg.plateau_patience, cfg.decay_last)
         self.progress = Progress()
-        self.average = WeightAverage(self.model, cfg.ema_decay)  # train.ema_decay
         # Dropout streams differ per rank; rank 0 of a 1-process run uses the recipe seed.
         torch.manual_seed(recipe.seed + 1000 * self.rank)
         self.session = Session()
@@ -160,8 +158,7 @@ class Trainer:
             self.run.open_tensorboard()
 
     def resume(self, path: Path, ckpt: dict[str, Any]) -> None:
-        load_weights(self.model, ckpt.get("trained_model", ckpt["model"]), path)
-        self.average.load(ckpt)
+        load_weights(self.model, ckpt["model"], path)
         self.step.load_state_dict(ckpt)
         self.schedule.load_state_dict(ckpt["schedule"])
         self.progress = Progress(**ckpt["progress"])
@@ -203,16 +200,13 @@ class Trainer:
                 lr = self.schedule.at(progress.step + 1, run_done(cfg, progress, len(steps)))
                 window.add(self.step.accumulate(steps[s], global_tokens), global_tokens)
                 ok = self.step.apply(lr)
-                if ok:
-                    self.average.update()
                 progress.step += 1
                 progress.epoch_step = s + 1
                 self.session.tokens += global_tokens
                 bar.update(1)
                 self.step.count(ok, progress)
                 if progress.step % cfg.log_every == 0:
-                    self.step.sync(progress)
-                    log_window(self.run, progress, window, lr, bar)
+                    self.log_window(window, lr, bar)
                 if progress.step % cfg.valid_every == 0:
                     self.validate_and_save(scheduled=True)
                 if cfg.max_steps and progress.step >= cfg.max_steps:
@@ -231,6 +225,16 @@ class Trainer:
         bar.close()
         self.finish()
 
+    def log_window(self, window: Window, lr: float, bar: Any) -> None:
+        """Log the mean loss and throughput of the updates since the last log."""
+        self.step.sync(self.progress)
+        loss, rate = window.summary()
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+        self.run.log({"step": self.progress.step, "split": "train",
+                      "epoch": self.progress.epoch_label(), "loss": loss, "lr": lr,
+                      "tokens_per_s": rate})
+        window.reset()
+
     # ---- validation, checkpoints, the end ---------------------------------------------------
 
     def validate_and_save(self, scheduled: bool) -> None:
@@ -241,9 +245,8 @@ class Trainer:
         """
         cfg, progress = self.recipe.train, self.progress
         start = time.perf_counter()
-        with self.average.swapped_in():
-            metrics = validate(self.model, self.data.valid, self.data.tokenizer, self.recipe,
-                               self.device)
+        metrics = validate(self.model, self.data.valid, self.data.tokenizer, self.recipe,
+                           self.device)
         self.session.validation_s += time.perf_counter() - start
         self.model.train()
         self.run.log_validation(progress.step, progress.epoch_label(), metrics)
@@ -268,8 +271,7 @@ class Trainer:
         if not dist.is_main():
             return
         self.run.save(name, {
-            # With train.ema_decay, the average as "model" and the trained weights beside it.
-            **self.average.checkpoint_models(self.model),
+            "model": self.model.state_dict(),
             **self.step.state_dict(),  # optimizer, scaler, the precision computed in
             "schedule": self.schedule.state_dict(),
             "progress": dataclasses.asdict(self.progress),
@@ -312,16 +314,6 @@ class Trainer:
         """
         self.step.close()
         self.run.close()
-
-
-def log_window(run: RunDirectory, progress: Progress, window: Window, lr: float,
-               bar: Any) -> None:
-    """Log the mean loss and throughput of the updates since the last log."""
-    loss, rate = window.summary()
-    bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-    run.log({"step": progress.step, "split": "train", "epoch": progress.epoch_label(),
-             "loss": loss, "lr": lr, "tokens_per_s": rate})
-    window.reset()
 
 
 def epoch_pairs(data: Any, recipe: Recipe, epoch: int, step: Any) -> tuple[Any, Any]:
