@@ -109,8 +109,18 @@ def barrier() -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place; returns it."""
-    if is_initialized():
+    """Sum ``tensor`` over all ranks, in place; returns it.
+
+    NCCL reduces GPU memory only, so a CPU tensor (validation's totals) goes through this
+    rank's GPU and back.
+    """
+    if not is_initialized():
+        return tensor
+    if backend() == "nccl" and tensor.device.type != "cuda":
+        on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        tensor.copy_(on_gpu)
+    else:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
