@@ -179,7 +179,12 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     trainer.model.train()
     timed_tokens, timed_s, cpu_s, load_before = 0, 0.0, 0.0, load_average()
+    static = getattr(trainer.step, "static", None)
+    graphs = (lambda: len(static.graphs)) if static is not None else (lambda: None)
+    graphs_before_timing = graphs()
     for s in range(warmup + steps):
+        if s == warmup:
+            graphs_before_timing = graphs()
         micro, tokens = updates[s % len(updates)]
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -200,8 +205,11 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
         "target_tokens_per_cpu_s": round(timed_tokens / cpu_s, 1),
         "step_s": round(timed_s / steps, 4),
         "updates_per_epoch": len(updates),
-        "cuda_graphs": (len(trainer.step.static.graphs)
-                        if getattr(trainer.step, "static", None) is not None else None),
+        "cuda_graphs": graphs(),
+        # Captures inside the timed steps make the figure slower than training runs: a warm-up
+        # shorter than an epoch can leave bucket shapes uncaptured.
+        "cuda_graphs_captured_while_timed": (graphs() - graphs_before_timing
+                                             if static is not None else None),
         "epoch_s_extrapolated": round(epoch_tokens / rate, 1),
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20
                                  if device.type == "cuda" else peak_rss_mib(), 1),
@@ -368,6 +376,9 @@ def format_table(result: dict[str, Any]) -> str:
             f"{train['peak_memory_mib']:,.0f} | |",
             f"| CUDA graphs (bucket shapes captured) | {train['cuda_graphs'] or 'off'} | |",
         ]
+        if train["cuda_graphs_captured_while_timed"]:
+            lines.append(f"| of those, captured in the timed steps (a longer --warmup leaves "
+                         f"none) | {train['cuda_graphs_captured_while_timed']} | |")
     flops = result.get("flops")
     if flops:
         peak = flops["matmul_gflops"]
