@@ -40,6 +40,11 @@ def average_and_validate(run: RunDirectory, model: torch.nn.Module, data: Any, r
     dist.barrier()  # the other ranks read what the main rank wrote
     averaged = copy.deepcopy(model)
     load_weights(averaged, load_checkpoint(target, map_location=device)["model"], target)
+    for module in averaged.modules():
+        if isinstance(module, torch.nn.RNNBase):
+            # A deep copy no longer shares cuDNN's single weight buffer (which made each RNN
+            # call on a GPU copy its weights first, with a warning); a no-op on the CPU.
+            module.flatten_parameters()
     metrics = validate(averaged, data.valid, data.tokenizer, recipe, device)
     run.log({"step": step, "split": "averaged", "epoch": epoch, **metrics})
     if dist.is_main():
