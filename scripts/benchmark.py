@@ -179,12 +179,11 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     trainer.model.train()
     timed_tokens, timed_s, cpu_s, load_before = 0, 0.0, 0.0, load_average()
-    static = getattr(trainer.step, "static", None)
-    graphs = (lambda: len(static.graphs)) if static is not None else (lambda: None)
-    graphs_before_timing = graphs()
+    static = getattr(trainer.step, "static", None)  # CUDA graphs, if on
+    graphs_before_timing = 0
     for s in range(warmup + steps):
-        if s == warmup:
-            graphs_before_timing = graphs()
+        if s == warmup and static is not None:
+            graphs_before_timing = len(static.graphs)
         micro, tokens = updates[s % len(updates)]
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -205,10 +204,10 @@ def bench_training(trainer: Any, warmup: int, steps: int) -> dict[str, Any]:
         "target_tokens_per_cpu_s": round(timed_tokens / cpu_s, 1),
         "step_s": round(timed_s / steps, 4),
         "updates_per_epoch": len(updates),
-        "cuda_graphs": graphs(),
+        "cuda_graphs": len(static.graphs) if static is not None else None,
         # Captures inside the timed steps make the figure slower than training runs: a warm-up
         # shorter than an epoch can leave bucket shapes uncaptured.
-        "cuda_graphs_captured_while_timed": (graphs() - graphs_before_timing
+        "cuda_graphs_captured_while_timed": (len(static.graphs) - graphs_before_timing
                                              if static is not None else None),
         "epoch_s_extrapolated": round(epoch_tokens / rate, 1),
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20
