@@ -102,3 +102,47 @@ def test_only_padding_gives_zero_loss_and_gradients():
     loss.backward()
     assert float(loss.detach()) == 0.0
     assert features.grad.abs().max() == 0 and output.weight.grad.abs().max() == 0
+
+
+def rdrop_pair(alpha, features_2, output, target, smoothing=0.1):
+    return fused.rdrop_cross_entropy(features_2, output, target, smoothing, alpha)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_rdrop_with_two_equal_passes_is_the_plain_loss(bias):
+    features, output, target = problem(bias)
+    want = gradients(fused_loss, features, output, target, None)
+
+    def twice(f, out, y):
+        objective, cross_entropy = rdrop_pair(3.0, torch.cat([f, f]), out, y)
+        torch.testing.assert_close(cross_entropy, objective.detach())  # the KL is 0
+        return objective
+
+    got = gradients(twice, features, output, target, None)
+    for expected, have in zip(want, got):
+        torch.testing.assert_close(have, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_rdrop_adds_alpha_times_the_symmetric_kl_of_the_passes(smoothing):
+    features, output, target = problem()
+    other = features + 0.5 * torch.randn(features.shape, generator=torch.Generator().manual_seed(4))
+    objective, cross_entropy = rdrop_pair(5.0, torch.cat([features, other]), output, target,
+                                          smoothing)
+    keep = target != PAD
+    p, q = (F.log_softmax(output(x[keep]), dim=-1) for x in (features, other))
+    kl_pq = F.kl_div(q, p, log_target=True, reduction="sum")  # KL(p || q)
+    kl_qp = F.kl_div(p, q, log_target=True, reduction="sum")
+    plain = (unfused(features, output, target, smoothing)
+             + unfused(other, output, target, smoothing)) / 2
+    torch.testing.assert_close(cross_entropy, plain.detach())
+    # The paper's CE_1 + CE_2 + alpha / 2 (KL_pq + KL_qp), halved.
+    paper = 2 * plain + 5.0 / 2 * (kl_pq + kl_qp)
+    torch.testing.assert_close(objective, paper / 2)
+    assert kl_pq + kl_qp > 0.1  # the passes differ, so the term is not vacuous
+
+
+def test_rdrop_refuses_rows_that_are_not_two_passes():
+    features, output, target = problem()
+    with pytest.raises(ValueError, match="2 x 37 rows"):
+        fused.rdrop_cross_entropy(features, output, target, 0.1, 1.0)

@@ -216,3 +216,38 @@ def test_average_last_needs_that_many_kept_checkpoints():
     with pytest.raises(RecipeError, match="train.average_last: averages step checkpoints, so "
                                           "it needs train.keep_last >= 5; got keep_last 2"):
         recipe_from_dict(tiny_tree("run"), ["train.average_last=5", "train.keep_last=2"])
+
+
+def test_rdrop_without_dropout_gives_the_plain_update(tmp_path):
+    """With no dropout the two passes agree, the KL is 0 and R-Drop's update is the plain one;
+    with dropout the passes differ and so does the update."""
+    from seq2seq.data.batching import epoch_batches
+    from seq2seq.training.trainer import Trainer
+
+    def update_gradients(*overrides):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_recipe(tmp_path, *overrides, name="-".join(overrides)))
+        trainer.model.train()
+        src_lens, trg_lens = trainer.data.train_lengths()
+        batch = epoch_batches(trg_lens, src_lens, 300, 0, 1, 0, 1)[0]
+        trainer.step.optimizer.zero_grad()
+        trainer.step.accumulate([batch], int(trg_lens[batch].sum()) + len(batch))
+        return [p.grad.clone() for p in trainer.model.parameters()]
+
+    plain = update_gradients("model.dropout=0.0")
+    rdrop = update_gradients("model.dropout=0.0", "train.rdrop_alpha=2.0")
+    for g1, g2 in zip(plain, rdrop):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+    with_dropout = update_gradients("model.dropout=0.3", "train.rdrop_alpha=2.0")
+    plain_dropout = update_gradients("model.dropout=0.3")
+    assert any(not torch.allclose(a, b) for a, b in zip(with_dropout, plain_dropout))
+
+
+def test_rdrop_resumes_bitwise(tmp_path):
+    full = tiny_recipe(tmp_path, "train.max_steps=8", "train.rdrop_alpha=1.0", name="full")
+    fit(full)
+    fit(tiny_recipe(tmp_path, "train.max_steps=4", "train.rdrop_alpha=1.0", name="part"))
+    fit(tiny_recipe(tmp_path, "train.max_steps=8", "train.rdrop_alpha=1.0", name="part"))
+    a, b = weights(tmp_path / "full" / "last.pt"), weights(tmp_path / "part" / "last.pt")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -9,7 +9,8 @@ only what cannot fit:
 - activations kept for the backward pass of one batch of ``train.batch_tokens`` target tokens
   (at least one longest pair): logits, log-probabilities and their gradient over the target
   vocabulary; the attention over sources of up to ``data.max_src_tokens`` tokens (the additive
-  MLP's ``attention_size`` features per source position); the recurrent states.
+  MLP's ``attention_size`` features per source position); the recurrent states; twice that
+  with R-Drop (``train.rdrop_alpha``), which runs each batch twice.
 
 Both are compared with the machine's RAM; the activations only when training runs on the CPU
 (``train.device: cpu``, or ``auto`` on a machine without an NVIDIA driver), where each of
@@ -93,7 +94,8 @@ def activation_bytes(recipe: Recipe) -> int:
     per_target = (3 * vocab + per_source + model.dec_layers * model.dec_hidden * (gates + 2)
                   + 3 * model.dec_hidden + model.emb_size + 2 * model.enc_hidden * dirs)
     encoder = trg * (model.enc_layers * model.enc_hidden * dirs * (gates + 2) + model.emb_size)
-    return BYTES * (trg * per_target + encoder)
+    passes = 2 if recipe.train.rdrop_alpha > 0 else 1  # R-Drop runs each batch twice
+    return BYTES * passes * (trg * per_target + encoder)
 
 
 def _rnn(gates: int, input_size: int, hidden: int, layers: int, dirs: int) -> int:

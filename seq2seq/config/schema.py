@@ -165,6 +165,11 @@ class TrainConfig:
     clip_norm: float = option(1.0, "gradient-norm clipping (0: off)", floats(0, 1_000_000))
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy",
                                     floats(0, 1, hi_open=True))
+    rdrop_alpha: float = option(
+        0.0, "R-Drop (Liang et al. 2021): each batch is run twice with different dropout and "
+        "the two predicted distributions are pulled together by their symmetric KL, weighted "
+        "by this (the paper's alpha; about twice the compute per update; 0: off)",
+        floats(0, 1000))
     sample_alpha: float = option(
         0.0, "subword regularisation (Kudo 2018): re-tokenise the training pairs by sampling "
         "each epoch with this smoothing (unigram) or merge dropout (bpe); 0: off",

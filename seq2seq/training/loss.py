@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.tokenizer import PAD
@@ -112,3 +113,42 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 (grad_weight * scale).to(ctx.weight_dtype),
                 None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype),
                 None, None, None)
+
+
+def rdrop_cross_entropy(hidden: torch.Tensor, output: nn.Linear, target: torch.Tensor,
+                        smoothing: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """R-Drop's objective (Liang et al. 2021) over two dropout passes of the same tokens.
+
+    The paper's loss for a token is ``CE_1 + CE_2 + alpha / 2 (KL(p_1||p_2) + KL(p_2||p_1))``;
+    this is half of it, so that with ``alpha = 0`` it is the plain loss averaged over the two
+    passes and the learning rate keeps its meaning, while ``alpha`` weighs the KL term against
+    the cross-entropy as in the paper. Computed unfused (the KL needs both passes' whole
+    distributions): fp32 softmax statistics over logits made in the dtype of ``hidden``.
+
+    Args:
+        hidden: ``(2N, H)`` output-layer inputs; rows ``i`` and ``N + i`` are the same target
+            token seen through two different dropout masks.
+        output: the output layer ``(V, H)``.
+        target: ``(N,)`` target ids of each pair of rows; PAD rows are ignored.
+        smoothing: label smoothing of the cross-entropy.
+        alpha: the weight of the symmetric KL.
+
+    Returns:
+        ``(objective, cross_entropy)``, fp32 sums over the tokens: the summed objective to
+        minimise, and the two passes' mean label-smoothed cross-entropy (for the log).
+    """
+    n = target.size(0)
+    if hidden.size(0) != 2 * n:
+        raise ValueError(f"R-Drop needs 2 x {n} rows of features, got {hidden.size(0)}")
+    keep = (target != PAD).nonzero().squeeze(1)
+    rows = torch.cat([hidden[:n].index_select(0, keep), hidden[n:].index_select(0, keep)])
+    labels = target.index_select(0, keep)
+    with torch.autocast(hidden.device.type, enabled=False):
+        weight = output.weight.to(rows.dtype)
+        bias = None if output.bias is None else output.bias.to(rows.dtype)
+        logp = F.linear(rows, weight, bias).float().log_softmax(dim=-1)
+    cross_entropy = F.nll_loss(logp, labels.repeat(2), reduction="sum") * (1 - smoothing) \
+        - logp.mean(dim=-1).sum() * smoothing
+    logp_1, logp_2 = logp.chunk(2)
+    symmetric_kl = ((logp_1.exp() - logp_2.exp()) * (logp_1 - logp_2)).sum()
+    return (cross_entropy + alpha / 2 * symmetric_kl) / 2, cross_entropy.detach() / 2

@@ -30,7 +30,7 @@ from seq2seq.data.batching import collate
 from seq2seq.errors import Seq2SeqError
 from seq2seq.precision import precision_dtype, resolve_precision
 from seq2seq.training.graphs import StaticSteps, bucket_shape
-from seq2seq.training.loss import linear_cross_entropy
+from seq2seq.training.loss import linear_cross_entropy, rdrop_cross_entropy
 from seq2seq.training.optim import load_optimizer_state, make_optimizer
 from seq2seq.training.progress import Progress
 
@@ -62,6 +62,11 @@ def build_step(model: torch.nn.Module, recipe: Recipe, device: torch.device, tra
     use_graphs = cfg.cuda_graphs and device.type == "cuda" if graphs is None else graphs
     if cfg.cuda_graphs and not use_graphs and dist.is_main():
         print("note: train.cuda_graphs applies on a GPU only; training eagerly", file=sys.stderr)
+    if use_graphs and cfg.rdrop_alpha > 0:
+        use_graphs = False
+        if dist.is_main():
+            print("note: train.rdrop_alpha has no CUDA-graph program; training eagerly",
+                  file=sys.stderr)
     # With graphs the gradients are summed over ranks by StaticSteps, not by DDP (whose
     # hooks cannot be recorded); every rank starts from the same seeded weights.
     ddp_model = model if use_graphs else dist.wrap_ddp(model, device)
@@ -191,15 +196,25 @@ class EagerStep(_Step):
             out_of_memory = False
             try:
                 batch = collate(self.train_set, indices, self.device)
+                # R-Drop runs every sentence twice in one batch: each copy draws its own
+                # dropout masks.
+                twice = 2 if self.cfg.rdrop_alpha > 0 else 1
                 with dist.no_sync(self.ddp_model, skip=not last):
                     with torch.autocast(self.device.type, dtype=dtype or torch.float32,
                                         enabled=dtype is not None):
-                        hidden = self.ddp_model(batch.src, batch.src_lens, batch.trg_in,
-                                                features=True)
-                    loss = linear_cross_entropy(hidden.flatten(0, 1), self.model.decoder.output,
-                                                batch.trg_out.flatten(),
-                                                self.cfg.label_smoothing)
-                    self.scaler.scale(loss * norm).backward()
+                        hidden = self.ddp_model(batch.src.repeat(twice, 1),
+                                                batch.src_lens.repeat(twice),
+                                                batch.trg_in.repeat(twice, 1), features=True)
+                    if twice == 2:
+                        objective, loss = rdrop_cross_entropy(
+                            hidden.flatten(0, 1), self.model.decoder.output,
+                            batch.trg_out.flatten(), self.cfg.label_smoothing,
+                            self.cfg.rdrop_alpha)
+                    else:
+                        objective = loss = linear_cross_entropy(
+                            hidden.flatten(0, 1), self.model.decoder.output,
+                            batch.trg_out.flatten(), self.cfg.label_smoothing)
+                    self.scaler.scale(objective * norm).backward()
             except torch.OutOfMemoryError:
                 out_of_memory = True  # raised below, where the error's traceback is gone
             if out_of_memory:

@@ -307,6 +307,10 @@ def test_memory_problems_name_the_key_and_the_figures():
     assert problem.startswith("train.batch_tokens: a batch of 200000 target tokens (sources up "
                               "to data.max_src_tokens 100, vocabulary 8000) would need ~")
     assert memory_problems(batch, ram=10**6 * GIB) == []
+    # R-Drop keeps two passes' activations: twice what the same batch needs without it.
+    from seq2seq.config.memory import activation_bytes
+    rdrop = recipe_from_dict({}, ["train.batch_tokens=200000", "train.rdrop_alpha=1"])
+    assert activation_bytes(rdrop) == 2 * activation_bytes(batch)
     # On a GPU the activations are the GPU's business; the weights are still built on the host.
     on_gpu = recipe_from_dict({}, ["train.batch_tokens=200000", "train.device=cuda"])
     assert memory_problems(on_gpu, ram=8 * GIB) == []
