@@ -107,8 +107,8 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
 
 class CountAnswers:
-    """Counts every answer by path and status, as plain ASGI middleware (Starlette's
-    ``BaseHTTPMiddleware`` costs a task and a stream per request)."""
+    """Counts every answer by path and status, and the requests in progress, as plain ASGI
+    middleware (Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per request)."""
 
     def __init__(self, app: Any, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -121,10 +121,15 @@ class CountAnswers:
         path = scope["path"] if scope["path"] in ROUTES else "other"
         started = False
 
+        # In progress from the moment the app has the request to the start of its answer.
+        in_progress = self.metrics.in_progress.labels(path=path)
+        in_progress.inc()
+
         async def counted(message: dict) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                in_progress.dec()
                 self.metrics.requests.labels(path=path, status=str(message["status"])).inc()
             await send(message)
 
@@ -134,6 +139,9 @@ class CountAnswers:
             if not started:
                 self.metrics.requests.labels(path=path, status="500").inc()
             raise
+        finally:
+            if not started:
+                in_progress.dec()
 
 
 async def request_fields(request: Request, body_limit: int) -> dict[str, Any]:

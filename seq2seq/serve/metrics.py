@@ -16,7 +16,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class Metrics:
-    """Counters of requests and sentences, batch sizes, queue lengths and request latency."""
+    """Counters of requests and sentences, requests in progress, batch sizes, queue lengths and
+    request latency."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -32,6 +33,9 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=self.registry)
         self.latency = Histogram("seq2seq_request_seconds", "time to answer /translate",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.in_progress = Gauge("seq2seq_requests_in_progress",
+                                 "HTTP requests received whose answer has not started", ["path"],
+                                 registry=self.registry)
         self.queue = Gauge("seq2seq_queue_sentences", "sentences waiting for a worker",
                            ["pair"], registry=self.registry)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 
 import httpx
 import pytest
@@ -146,16 +148,26 @@ def test_sigterm_under_load_answers_every_accepted_request(checkpoint, test_sent
                                                            tmp_path):
     sentences = test_sentences[100:132]
     expected = translate_offline(checkpoint, sentences, tmp_path)
-    server = Server(checkpoint, tmp_path / "serve.log", "--batch-size", "4",
+    # One sentence per decode, so that the load lasts well past the moment all are accepted.
+    server = Server(checkpoint, tmp_path / "serve.log", "--batch-size", "1",
                     "--batch-wait-ms", "0")
 
     async def load_then_sigterm() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
             requests = [asyncio.create_task(http.post("translate", json={
                 "q": sentence, "source": "en", "target": "de"})) for sentence in sentences]
-            await asyncio.wait(requests, return_when=asyncio.FIRST_COMPLETED)
-            # Every request was sent long before the first decode ended; most still wait.
-            await asyncio.sleep(0.2)
+            # SIGTERM once the server holds every request not yet answered (its gauge of
+            # requests whose answer has not started; one answered is in it no more), however
+            # fast or loaded this machine is.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                metrics = (await http.get("metrics")).text
+                held = re.search(r'^seq2seq_requests_in_progress\{path="/translate"\} (\S+)$',
+                                 metrics, re.MULTILINE)
+                answered = sum(1 for request in requests if request.done())
+                if held and float(held.group(1)) + answered >= len(requests):
+                    break
+                await asyncio.sleep(0.005)
             pending = sum(1 for request in requests if not request.done())
             server.process.terminate()
             answered = await asyncio.gather(*requests)

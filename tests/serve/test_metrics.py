@@ -45,3 +45,23 @@ def test_answers_are_counted_by_path_and_status():
     assert counts(metrics) == {("/health", "200"): 2, ("/translate", "200"): 1,
                                ("/translate", "400"): 1, ("/translate", "500"): 1,
                                ("other", "404"): 1}
+    # Every request, answered or failed, has left the gauge of requests in progress.
+    in_progress = {s.labels["path"]: s.value for family in metrics.registry.collect()
+                   if family.name == "seq2seq_requests_in_progress" for s in family.samples}
+    assert in_progress == {"/health": 0, "/translate": 0, "other": 0}
+
+
+def test_a_request_is_in_progress_until_its_answer_starts():
+    metrics = Metrics()
+    app = FastAPI()
+    add_error_handlers(app, metrics)
+    seen = []
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        seen.append(metrics.in_progress.labels(path="/health")._value.get())
+        return JSONResponse({"status": "ok"})
+
+    client = TestClient(app)
+    assert client.get("/health").status_code == 200
+    assert seen == [1] and metrics.in_progress.labels(path="/health")._value.get() == 0
