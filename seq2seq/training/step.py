@@ -196,16 +196,17 @@ class EagerStep(_Step):
             out_of_memory = False
             try:
                 batch = collate(self.train_set, indices, self.device)
-                # R-Drop runs every sentence twice in one batch: each copy draws its own
-                # dropout masks.
-                twice = 2 if self.cfg.rdrop_alpha > 0 else 1
+                src, src_lens, trg_in = batch.src, batch.src_lens, batch.trg_in
+                rdrop = self.cfg.rdrop_alpha > 0
+                if rdrop:
+                    # Every sentence twice in one batch: each copy draws its own dropout masks.
+                    src, src_lens = src.repeat(2, 1), src_lens.repeat(2)
+                    trg_in = trg_in.repeat(2, 1)
                 with dist.no_sync(self.ddp_model, skip=not last):
                     with torch.autocast(self.device.type, dtype=dtype or torch.float32,
                                         enabled=dtype is not None):
-                        hidden = self.ddp_model(batch.src.repeat(twice, 1),
-                                                batch.src_lens.repeat(twice),
-                                                batch.trg_in.repeat(twice, 1), features=True)
-                    if twice == 2:
+                        hidden = self.ddp_model(src, src_lens, trg_in, features=True)
+                    if rdrop:
                         objective, loss = rdrop_cross_entropy(
                             hidden.flatten(0, 1), self.model.decoder.output,
                             batch.trg_out.flatten(), self.cfg.label_smoothing,
