@@ -112,11 +112,20 @@ def physical_cores() -> int:
 
 
 def cpu_model() -> str:
-    """The ``model name`` of /proc/cpuinfo (platform.processor() where there is none)."""
+    """The ``model name`` of /proc/cpuinfo with its ``cpu family``, ``model`` and ``stepping``
+    (a name such as "AMD EPYC" covers several generations: family 25 is Zen 3/4, 26 is Zen 5),
+    or platform.processor() where there is no /proc/cpuinfo."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor is enough
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            ids = ", ".join(f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping")
+                            if key in fields)
+            return f"{fields['model name']} ({ids})" if ids else fields["model name"]
     except OSError:
         pass
     return platform.processor() or platform.machine()
