@@ -83,8 +83,13 @@ def decoding_model(model: torch.nn.Module, precision: str, device: torch.device
                    ) -> tuple[torch.nn.Module, str, str]:
     """``(model to decode with, precision, why)`` for ``--precision``: in bf16, a copy with
     every weight cast once (the searches take ``log_softmax`` of fp32 logits, so scores
-    accumulate in fp32); in fp32 the model itself."""
+    accumulate in fp32) and, on a CPU, packed once for oneDNN where torch can
+    (:mod:`seq2seq.models.packed`); in fp32 the model itself."""
     resolved, why = resolve_precision(precision, device)
     if resolved != "bf16":
         return model, "fp32", why
-    return copy.deepcopy(model).to(torch.bfloat16), "bf16", why
+    from seq2seq.models.packed import pack_for_cpu_bf16
+
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    pack_for_cpu_bf16(model)  # a no-op on a GPU and where oneDNN has no bf16
+    return model, "bf16", why

@@ -35,20 +35,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.models.attention import Attention
-from seq2seq.models.cells import cell_step
+from seq2seq.models.cells import cell_update
 from seq2seq.models.dropout import Dropout, dropout, word_dropout
 from seq2seq.models.encoder import make_rnn, run_rnn
+from seq2seq.models.packed import pack_weight, packed_linear
+from seq2seq.models.step_weights import StepLinears, packed_step_linears, step_linears
 
 State = tuple[torch.Tensor, ...]
 
 
 class OutputRows(NamedTuple):
     """The output layer restricted to target ids ``ids``: their weight and bias rows (None
-    when the layer is int8: its logits are then computed in full and selected)."""
+    when the layer is int8: its logits are then computed in full and selected), and the
+    weight rows packed for oneDNN when the model is (:mod:`seq2seq.models.packed`)."""
 
     ids: torch.Tensor
     weight: torch.Tensor | None
     bias: torch.Tensor | None
+    packed: torch.Tensor | None = None
 
 
 class Decoder(nn.Module):
@@ -77,6 +81,7 @@ class Decoder(nn.Module):
 
     fused = True
     word_dropout = 0.0
+    packed_linears: StepLinears | None = None  # set by seq2seq.models.packed
 
     def __init__(self, embedding: nn.Embedding, cell: str, hidden: int, layers: int,
                  attention: Attention, enc_size: int, final_size: int, style: str,
@@ -157,6 +162,8 @@ class Decoder(nn.Module):
         hidden = self.dropout(att_vecs[:, 0])
         if rows is None:
             return self.output(hidden), state, attn
+        if rows.packed is not None and not torch.is_grad_enabled():
+            return packed_linear(hidden, rows.packed, rows.bias), state, attn
         return F.linear(hidden, rows.weight, rows.bias), state, attn
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -172,8 +179,9 @@ class Decoder(nn.Module):
         if not isinstance(weight, torch.Tensor):
             return OutputRows(ids, None, None)
         bias = self.output.bias
-        return OutputRows(ids, weight.index_select(0, ids),
-                          None if bias is None else bias.index_select(0, ids))
+        rows = weight.index_select(0, ids)
+        return OutputRows(ids, rows, None if bias is None else bias.index_select(0, ids),
+                          pack_weight(rows) if hasattr(self.output, "packed") else None)
 
     def forward(self, trg_in: torch.Tensor, state: State, enc_out: torch.Tensor,
                 keys: torch.Tensor, src_mask: torch.Tensor, features: bool = False
@@ -241,9 +249,12 @@ class Decoder(nn.Module):
              ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...]]:
         """The RNN module in its weights' precision, or in bf16 under CPU bf16 autocast (see
         :func:`~seq2seq.models.encoder.run_rnn`)."""
-        # The embeddings' dtype: the model's (a quantised RNN keeps no float weights);
-        # run_rnn casts further to bf16 under CPU bf16 autocast.
+        # The embeddings' dtype is the model's (a quantised RNN keeps no float weights).
         return run_rnn(self.rnn, x.to(self.embedding.weight.dtype), hx)
+
+    def pack_steps(self) -> None:
+        """Pack the fused step's bf16 weight blocks (see :mod:`seq2seq.models.packed`)."""
+        self.packed_linears = packed_step_linears(self)
 
 
 def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tensor,
@@ -263,16 +274,10 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
         attentional vectors ``h~`` ``(B, T, H)`` (before output dropout), the state after
         step ``T``, attention weights ``(B, S)`` of step ``T``.
     """
-    emb_size = emb.size(-1)
-    w_ih0 = decoder.rnn.weight_ih_l0
-    # Column blocks of the first layer's input weight: [emb | context (bahdanau) | feed].
-    emb_gates = F.linear(emb, w_ih0[:, :emb_size], decoder.rnn.bias_ih_l0)  # (B, T, G)
-    w_rest = autocast_once(w_ih0[:, emb_size:])
-    w_comb = decoder.combine.weight
+    lin = step_linears(decoder)
+    emb_gates = lin.emb_gates(emb)  # (B, T, G)
     if decoder.style == "bahdanau":
-        # h~ = tanh(W [s_t; c_t; E y]): the E y block is known for every step in advance.
-        emb_comb = F.linear(emb, w_comb[:, -emb_size:], decoder.combine.bias)  # (B, T, H)
-        w_comb = autocast_once(w_comb[:, :-emb_size])
+        emb_comb = lin.comb_emb(emb)  # (B, T, H)
     # unbind, not [:, t] in the loop: the backward of T slices would write T zero-filled
     # (B, T, G) gradients, the backward of one unbind stacks T slices once.
     emb_gates = emb_gates.unbind(1)
@@ -293,11 +298,10 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
             extra.append(feed)
         gates = emb_gates[t]
         if extra:
-            gates = gates + F.linear(torch.cat(extra, dim=-1), w_rest)
-        out = stacked_step(decoder.rnn, decoder.cell, gates, hs, cs, decoder.training)
+            gates = gates + lin.rest_gates(torch.cat(extra, dim=-1))
+        out = stacked_step(decoder.rnn, decoder.cell, gates, hs, cs, decoder.training, lin)
         if decoder.style == "bahdanau":
-            att_vec = torch.tanh(emb_comb[t] + F.linear(torch.cat([out, context], -1),
-                                                           w_comb))
+            att_vec = torch.tanh(emb_comb[t] + lin.comb_rest(torch.cat([out, context], -1)))
         else:
             context, attn = decoder.attention(out.unsqueeze(1), keys, enc_out, src_mask)
             att_vec = torch.tanh(decoder.combine(torch.cat([context.squeeze(1), out], -1)))
@@ -311,20 +315,9 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
     return torch.stack(att_vecs, dim=1), new_state, attn.squeeze(1)
 
 
-def autocast_once(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` in the autocast dtype where autocast is on, cast here once for every step.
-
-    Autocast caches its casts of parameters only: a slice of one would be cast again at each
-    step, and its gradient cast back and summed at each step of the backward.
-    """
-    device = weight.device.type
-    if not torch.is_autocast_enabled(device):
-        return weight
-    return weight.to(torch.get_autocast_dtype(device))
-
-
 def stacked_step(rnn: nn.RNNBase, cell: str, gates: torch.Tensor, hs: list[torch.Tensor],
-                 cs: list[torch.Tensor] | None, training: bool) -> torch.Tensor:
+                 cs: list[torch.Tensor] | None, training: bool, lin: StepLinears
+                 ) -> torch.Tensor:
     """One step of the stacked RNN given the first layer's input gates; updates ``hs`` and
     ``cs`` (LSTM) in place and returns the top layer's new state ``(B, H)``.
 
@@ -332,21 +325,21 @@ def stacked_step(rnn: nn.RNNBase, cell: str, gates: torch.Tensor, hs: list[torch
     g, o), so the module's parameters mean the same in both paths.
 
     Args:
-        rnn: the decoder's ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN``, whose parameters are read.
+        rnn: the decoder's ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` (its layers and dropout).
         cell: "gru", "lstm" or "rnn".
         gates: ``(B, G)`` the first layer's input gates.
         hs, cs: per layer, the hidden (and LSTM cell) states ``(B, H)``.
         training: apply the dropout between layers.
+        lin: the products with the RNN's weights (:func:`step_linears`).
     """
     x = None
     for layer in range(rnn.num_layers):
         if layer > 0:
             # nn.GRU's dropout between layers (only in training, as the module does).
             x = dropout(x, rnn.dropout, training)
-            gates = F.linear(x, getattr(rnn, f"weight_ih_l{layer}"),
-                             getattr(rnn, f"bias_ih_l{layer}"))
-        h, c = cell_step(cell, gates, hs[layer], None if cs is None else cs[layer],
-                         getattr(rnn, f"weight_hh_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"))
+            gates = lin.ih[layer](x)
+        h, c = cell_update(cell, gates, lin.hh[layer](hs[layer]), hs[layer],
+                           None if cs is None else cs[layer])
         if cs is not None:
             cs[layer] = c
         hs[layer] = x = h

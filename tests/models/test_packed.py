@@ -1,0 +1,137 @@
+"""bf16 decoding with weights packed once for oneDNN (seq2seq.models.packed): the products and
+the searches agree with the plain bf16 model for every cell, attention and decoder style; fp32
+models, training and CPUs without oneDNN bf16 keep the plain path."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seq2seq.models import packed as pk
+from seq2seq.models.step_weights import step_linears
+from seq2seq.precision import decoding_model
+from seq2seq.search import beam_search, greedy_search
+from tests.models.test_models import ALL_CONFIGS, batch, make, step_all, tiny
+from tests.search.test_search import SRC_LENS, make_batch, real_model
+from tests.search.test_shortlist import restrictive
+
+CPU = torch.device("cpu")
+SUPPORTED = pk.packing_supported(CPU)
+# One bf16 rounding of a product: packed and plain may accumulate in another order.
+BF16 = {"rtol": 2 * 2 ** -8, "atol": 1e-2}
+
+
+def packed_copy(model: nn.Module) -> nn.Module:
+    packed = copy.deepcopy(model)
+    assert pk.pack_for_cpu_bf16(packed) == SUPPORTED
+    return packed
+
+
+def linears(model: nn.Module) -> list[type]:
+    return [type(m) for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("shape", [(7, 24), (3, 5, 24), (2, 3, 4, 24), (0, 24)])
+@pytest.mark.parametrize("out,bias", [(40, True), (40, False), (1, False)])
+def test_a_packed_product_is_f_linear(shape, out, bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).bfloat16()
+    weight = torch.randn(out, 24, generator=gen).bfloat16()
+    b = torch.randn(out, generator=gen).bfloat16() if bias else None
+    if not SUPPORTED:
+        assert not pk.pack_for_cpu_bf16(nn.Linear(24, out).bfloat16())
+        return
+    y = pk.linear_fn(weight, b)(x)
+    assert y.shape == (*shape[:-1], out) and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.linear(x, weight, b).float(), **BF16)
+    # a strided input (a column slice) and a strided weight (a block of a wider one)
+    wide = torch.randn(out, 48, generator=gen).bfloat16()
+    xs = torch.randn(*shape[:-1], 48, generator=gen).bfloat16()[..., ::2]
+    torch.testing.assert_close(pk.linear_fn(wide[:, 24:], b)(xs).float(),
+                               F.linear(xs, wide[:, 24:], b).float(), **BF16)
+
+
+@pytest.mark.parametrize("cell,attention,decoder,feeding,bidi", ALL_CONFIGS)
+def test_packed_steps_agree_with_the_plain_bf16_model(cell, attention, decoder, feeding, bidi):
+    model = make(tiny(cell, attention, decoder, feeding, bidi)).eval().to(torch.bfloat16)
+    packed = packed_copy(model)
+    src, src_lens, trg_in, _ = batch([5, 3, 4])
+    with torch.no_grad():
+        expected, expected_attn = step_all(model, src, src_lens, trg_in)
+        got, got_attn = step_all(packed, src, src_lens, trg_in)
+    torch.testing.assert_close(got, expected, **BF16)
+    torch.testing.assert_close(got_attn.float(), expected_attn.float(), **BF16)
+    if SUPPORTED:  # the packed paths were the ones taken
+        assert set(linears(packed)) == {pk.PackedLinear}
+        with torch.no_grad():
+            assert step_linears(packed.decoder) is packed.decoder.packed_linears
+    else:
+        assert set(linears(packed)) == {nn.Linear} and packed.decoder.packed_linears is None
+
+
+def test_packing_keeps_parameters_ties_and_state_dict():
+    model = make(tiny(emb_size=16, tie_embeddings="decoder")).eval().to(torch.bfloat16)
+    packed = packed_copy(model)
+    assert packed.state_dict().keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(packed.state_dict()[key], value), key
+    assert packed.decoder.output.weight is packed.decoder.embedding.weight
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_searches_with_packed_weights_find_what_the_plain_bf16_model_finds(cell):
+    # real_model's weights are scaled up, so its choices are clear-cut beyond bf16 rounding
+    model = real_model(cell=cell).to(torch.bfloat16)
+    packed = packed_copy(model)
+    src, src_lens = make_batch(SRC_LENS)
+    shortlist = restrictive()
+    for search in (
+        lambda m: beam_search(m, src, src_lens, beam_size=4, n_best=2, alpha=0.6, max_len_add=5),
+        lambda m: beam_search(m, src, src_lens, beam_size=4, alpha=0.6, max_len_add=5,
+                              shortlist=shortlist),
+        lambda m: [[h] for h in greedy_search(m, src, src_lens, 1.5, 5)],
+    ):
+        for hyps, hyps2 in zip(search(model), search(packed)):
+            assert [h.tokens for h in hyps] == [h.tokens for h in hyps2]
+            for h, h2 in zip(hyps, hyps2):
+                assert h2.log_prob == pytest.approx(h.log_prob, rel=0.02, abs=0.05)
+    if SUPPORTED:  # the shortlist's rows were packed too
+        with torch.no_grad():
+            rows = packed.output_rows(shortlist.for_batch(src)[0])
+        assert rows.packed is not None and rows.packed.is_mkldnn
+
+
+def test_training_and_gradients_take_the_plain_path():
+    model = make(tiny()).to(torch.bfloat16)
+    packed = packed_copy(model)
+    src, src_lens, trg_in, _ = batch([5, 3])
+    packed.train()
+    logits = packed(src, src_lens, trg_in)
+    logits.float().sum().backward()
+    assert all(p.grad is not None for p in packed.decoder.output.parameters())
+    packed.eval()  # eval mode with gradients enabled: still the parameters as they are now
+    if SUPPORTED:
+        assert step_linears(packed.decoder) is not packed.decoder.packed_linears
+
+
+def test_fp32_models_and_cpus_without_onednn_bf16_are_left_alone(monkeypatch):
+    model = make(tiny()).eval()
+    assert not pk.pack_for_cpu_bf16(model)  # fp32
+    assert set(linears(model)) == {nn.Linear} and model.decoder.packed_linears is None
+    monkeypatch.setattr(pk, "packing_supported", lambda device: False)
+    bf16 = make(tiny()).eval().to(torch.bfloat16)
+    assert not pk.pack_for_cpu_bf16(bf16)
+    assert set(linears(bf16)) == {nn.Linear}
+    # decoding_model still gives a working bf16 copy, unpacked
+    decoded, precision, _ = decoding_model(make(tiny()).eval(), "bf16", CPU)
+    assert precision == "bf16" and set(linears(decoded)) == {nn.Linear}
+
+
+def test_decoding_model_packs_its_bf16_copy_where_supported():
+    model = make(tiny()).eval()
+    decoded, precision, _ = decoding_model(model, "bf16", CPU)
+    assert precision == "bf16" and decoded is not model
+    assert set(linears(decoded)) == ({pk.PackedLinear} if SUPPORTED else {nn.Linear})
+    assert set(linears(model)) == {nn.Linear}  # the fp32 model is untouched
