@@ -122,7 +122,9 @@ def forbid_tokens(log_probs: torch.Tensor, tokens: torch.Tensor, min_len: int,
             ``t = tokens.size(1)``.
 
     Returns:
-        ``(N, V)`` log-probabilities, a new tensor.
+        ``(N, V)`` log-probabilities: ``log_probs`` itself, changed in place (the searches own
+        what ``model.step`` returns, a tensor made for them at each step), except where the
+        n-gram rule applies, which makes a new one.
     """
     t = tokens.size(1)
     uniform = lengths is None
@@ -130,11 +132,12 @@ def forbid_tokens(log_probs: torch.Tensor, tokens: torch.Tensor, min_len: int,
                           device=log_probs.device)
     if targets is not None:
         banned = (targets.unsqueeze(1) == banned).any(dim=1).nonzero().squeeze(1)
-    log_probs = log_probs.index_fill(1, banned, float("-inf"))
+    # In place: a copy of the (N, V) tensor per step cost as much as its log_softmax.
+    log_probs.index_fill_(1, banned, float("-inf"))
     if not uniform and min_len > 0:
         eos = (torch.tensor([EOS], device=log_probs.device) if targets is None
                else (targets == EOS).nonzero().squeeze(1))
-        log_probs[(lengths < min_len).nonzero(), eos] = float("-inf")  # a new tensor already
+        log_probs[(lengths < min_len).nonzero(), eos] = float("-inf")
     if 0 < no_repeat_ngram <= t:
         if targets is None:
             repeats = repeated_ngram_mask(tokens, no_repeat_ngram, log_probs.size(1))
