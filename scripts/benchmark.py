@@ -111,13 +111,13 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-def cpu_model() -> str:
-    """The ``model name`` of /proc/cpuinfo with its ``cpu family``, ``model`` and ``stepping``
-    (a name such as "AMD EPYC" covers several generations: family 25 is Zen 3/4, 26 is Zen 5),
-    or platform.processor() where there is no /proc/cpuinfo."""
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The ``model name`` of the first CPU in ``cpuinfo`` with its ``cpu family``, ``model`` and
+    ``stepping`` (a name such as "AMD EPYC" covers several generations: family 25 is Zen 3/4,
+    26 is Zen 5), or platform.processor() where there is no such file."""
     try:
         fields: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             key, _, value = line.partition(":")
             if not key.strip():
                 break  # the first processor is enough

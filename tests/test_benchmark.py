@@ -158,3 +158,21 @@ def test_compare_peers_stops_with_one_line_when_a_part_fails(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: seq2seq-fp32 failed (exit ")
     assert last.endswith(f"; see {tmp_path / 'work' / 'seq2seq-fp32.log'}")
+
+
+def test_the_cpu_is_named_with_its_family_model_and_stepping(tmp_path):
+    # "AMD EPYC" alone covers Zen 4 and Zen 5, whose bf16 speeds differ by 2x.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+                       "model\t\t: 2\nmodel name\t: AMD EPYC\nstepping\t: 1\n\n"
+                       "processor\t: 1\ncpu family\t: 25\nmodel name\t: Other\n")
+    assert benchmark.cpu_model(cpuinfo) == "AMD EPYC (cpu family 26, model 2, stepping 1)"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert benchmark.cpu_model(cpuinfo) == "Some CPU"
+    assert benchmark.cpu_model(tmp_path / "missing") == (benchmark.platform.processor()
+                                                          or benchmark.platform.machine())
