@@ -103,9 +103,17 @@ def test_bool_is_not_an_integer_and_string_is_not_a_bool():
     ({"train": {"max_steps": 0, "max_epochs": 0}}, "train.max_steps"),
     ({"distributed": {"nnodes": 2, "node_rank": 2}}, "distributed.node_rank"),
     ({"distributed": {"rdzv_endpoint": "nohost"}}, "distributed.rdzv_endpoint"),
+    ({"train": {"rdrop_alpha": 1.0}, "model": {"dropout": 0.0, "word_dropout": 0.0}},
+     "train.rdrop_alpha: R-Drop compares two passes"),
 ])
 def test_impossible_combinations(tree, needle):
     assert any(needle in p for p in problems_of(tree))
+
+
+@pytest.mark.parametrize("model", [{"dropout": 0.1}, {"dropout": 0.0, "word_dropout": 0.1}])
+def test_rdrop_needs_some_dropout_and_either_kind_will_do(model):
+    recipe = recipe_from_dict({"train": {"rdrop_alpha": 1.0}, "model": model})
+    assert recipe.train.rdrop_alpha == 1.0
 
 
 def test_beam_size_zero_is_named_alone_and_an_empty_output_dir_is_refused():

@@ -222,11 +222,18 @@ def test_rdrop_without_dropout_gives_the_plain_update(tmp_path):
     """With no dropout the two passes agree, the KL is 0 and R-Drop's update is the plain one;
     with dropout the passes differ and so does the update."""
     from seq2seq.data.batching import epoch_batches
+    from seq2seq.models.dropout import Dropout
     from seq2seq.training.trainer import Trainer
 
-    def update_gradients(*overrides):
+    def update_gradients(*overrides, no_dropout=False):
         torch.manual_seed(0)
         trainer = Trainer(tiny_recipe(tmp_path, *overrides, name="-".join(overrides)))
+        if no_dropout:  # a recipe refuses R-Drop without dropout; the model can still have none
+            for module in trainer.model.modules():
+                if isinstance(module, Dropout):
+                    module.p = 0.0
+                elif isinstance(module, torch.nn.RNNBase):
+                    module.dropout = 0.0
         trainer.model.train()
         src_lens, trg_lens = trainer.data.train_lengths()
         batch = epoch_batches(trg_lens, src_lens, 300, 0, 1, 0, 1)[0]
@@ -234,8 +241,8 @@ def test_rdrop_without_dropout_gives_the_plain_update(tmp_path):
         trainer.step.accumulate([batch], int(trg_lens[batch].sum()) + len(batch))
         return [p.grad.clone() for p in trainer.model.parameters()]
 
-    plain = update_gradients("model.dropout=0.0")
-    rdrop = update_gradients("model.dropout=0.0", "train.rdrop_alpha=2.0")
+    plain = update_gradients("model.dropout=0.3", no_dropout=True)
+    rdrop = update_gradients("model.dropout=0.3", "train.rdrop_alpha=2.0", no_dropout=True)
     for g1, g2 in zip(plain, rdrop):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
     with_dropout = update_gradients("model.dropout=0.3", "train.rdrop_alpha=2.0")

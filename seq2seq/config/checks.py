@@ -156,4 +156,10 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.model.tie_embeddings == "all":
         _check(problems, recipe.tokenizer.joint, "model.tie_embeddings",
                "'all' needs a joint vocabulary (tokenizer.joint: true)")
+    if recipe.train.rdrop_alpha > 0:
+        # The two passes differ only by their dropout masks: without dropout the KL term is 0.
+        _check(problems, recipe.model.dropout > 0 or recipe.model.word_dropout > 0,
+               "train.rdrop_alpha", "R-Drop compares two passes that differ only in their "
+               "dropout masks, and model.dropout and model.word_dropout are 0: it would double "
+               "the cost of each update for nothing; set a dropout, or train.rdrop_alpha: 0")
     _raise_any(problems)
