@@ -2,8 +2,9 @@
 
 :func:`cell_step` is one step of ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` (tanh) given the input's
 share of the gates, with torch's equations and gate order (GRU: r, z, n; LSTM: i, f, g, o), so
-the modules' parameters mean the same here as in torch. The decoder's fused path and
-:func:`packed_rnn` both step with it.
+the modules' parameters mean the same here as in torch. :func:`packed_rnn` steps with it, and
+the decoder's fused path with :func:`cell_update` (the same step given the hidden state's share
+of the gates, which the decoder multiplies out itself, packed for bf16 decoding).
 
 :func:`packed_rnn` is what ``rnn(packed)`` computes, for training on a CPU. Torch's CPU kernel
 for packed input reads each step's rows of the precomputed input gates with ``narrow``, and

@@ -98,7 +98,9 @@ def test_an_interrupted_translation_leaves_the_old_output_and_no_temporary_file(
     big = workdir / "big.txt"
     big.write_bytes(b"the dog sees the cat and the man reads a book\n" * 200_000)
     (workdir / "out.txt").write_bytes(b"previous output\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a process still running a minute after the signal is sent SIGABRT,
+    # and the traceback of every thread it prints says where it was (seen once in CI).
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     process = subprocess.Popen([sys.executable, "-m", "seq2seq", "translate", "--checkpoint",
                                 str(trained), "--input", "big.txt", "--output", "out.txt",
                                 "--attention", "att.jsonl"],
@@ -108,7 +110,12 @@ def test_an_interrupted_translation_leaves_the_old_output_and_no_temporary_file(
         time.sleep(0.05)  # both temporary files exist: translation is under way
     assert process.poll() is None, process.stderr.read().decode()
     process.send_signal(sig)
-    _, err = process.communicate(timeout=60)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, err = process.communicate(timeout=30)
+        pytest.fail(f"still running 60 s after {sig.name}; where it was:\n{err.decode()[-4000:]}")
     assert process.returncode == 128 + sig and b"Traceback" not in err, err.decode()
     assert (workdir / "out.txt").read_bytes() == b"previous output\n"
     assert not (workdir / "att.jsonl").exists()
