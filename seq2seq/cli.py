@@ -270,9 +270,12 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
-    previous = None
-    with contextlib.suppress(ValueError):  # not the main thread: keep the default
-        previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: keep the defaults
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)
+        # Python keeps a SIGINT that its launcher ignored (a background job of a script): every
+        # command stops on SIGINT all the same, cleaning up, as `train` always has.
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args)
     except RecipeError as error:
@@ -297,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 1
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:  # None: not set from Python, nothing to restore
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

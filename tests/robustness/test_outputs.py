@@ -92,19 +92,28 @@ def test_a_full_disk_while_translating_is_one_line(workdir, trained):
     assert error_lines(result.stderr) == ["error: full: cannot write (No space left on device)"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig,launch", [(signal.SIGTERM, None), (signal.SIGINT, None),
+                                        (signal.SIGINT, ignore_sigint)],
+                         ids=["SIGTERM", "SIGINT", "SIGINT-ignored-by-the-launcher"])
 def test_an_interrupted_translation_leaves_the_old_output_and_no_temporary_file(
-        sig, workdir, trained):
+        sig, launch, workdir, trained):
+    # A background job of a script starts with SIGINT ignored, and Python would keep it so:
+    # the CLI installs its own SIGINT handler, so that SIGINT still stops it.
     big = workdir / "big.txt"
     big.write_bytes(b"the dog sees the cat and the man reads a book\n" * 200_000)
     (workdir / "out.txt").write_bytes(b"previous output\n")
     # PYTHONFAULTHANDLER: a process still running a minute after the signal is sent SIGABRT,
-    # and the traceback of every thread it prints says where it was (seen once in CI).
+    # and the traceback of every thread it prints says where it was.
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     process = subprocess.Popen([sys.executable, "-m", "seq2seq", "translate", "--checkpoint",
                                 str(trained), "--input", "big.txt", "--output", "out.txt",
                                 "--attention", "att.jsonl"],
-                               cwd=workdir, env=env, stderr=subprocess.PIPE)
+                               cwd=workdir, env=env, stderr=subprocess.PIPE,
+                               preexec_fn=launch)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(workdir.glob(".*.tmp"))) < 2:
         time.sleep(0.05)  # both temporary files exist: translation is under way
