@@ -38,7 +38,7 @@ from seq2seq.models.attention import Attention
 from seq2seq.models.cells import cell_update
 from seq2seq.models.dropout import Dropout, dropout, word_dropout
 from seq2seq.models.encoder import make_rnn, run_rnn
-from seq2seq.models.packed import pack_weight, packed_linear
+from seq2seq.models.packed import PackedLinear, pack_weight, packed_linear
 from seq2seq.models.step_weights import StepLinears, packed_step_linears, step_linears
 
 State = tuple[torch.Tensor, ...]
@@ -181,7 +181,7 @@ class Decoder(nn.Module):
         bias = self.output.bias
         rows = weight.index_select(0, ids)
         return OutputRows(ids, rows, None if bias is None else bias.index_select(0, ids),
-                          pack_weight(rows) if hasattr(self.output, "packed") else None)
+                          pack_weight(rows) if isinstance(self.output, PackedLinear) else None)
 
     def forward(self, trg_in: torch.Tensor, state: State, enc_out: torch.Tensor,
                 keys: torch.Tensor, src_mask: torch.Tensor, features: bool = False

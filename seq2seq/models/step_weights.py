@@ -54,40 +54,26 @@ def step_linears(decoder: Decoder) -> StepLinears:
     return plain_step_linears(decoder)
 
 
-def _weight_blocks(decoder: Decoder) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """The weight blocks (and biases) of a fused step, as :class:`StepLinears` names them;
-    ``ih_L`` / ``hh_L`` per layer ``L``."""
-    rnn, emb_size = decoder.rnn, decoder.embedding.embedding_dim
-    w_ih0 = rnn.weight_ih_l0
-    # Column blocks of the first layer's input weight: [emb | context (bahdanau) | feed].
-    blocks = {"emb_gates": (w_ih0[:, :emb_size], rnn.bias_ih_l0)}
-    if w_ih0.size(1) > emb_size:
-        blocks["rest_gates"] = (w_ih0[:, emb_size:], None)
-    if decoder.style == "bahdanau":
-        # h~ = tanh(W [s_t; c_t; E y]): the E y block is known for every step in advance.
-        w_comb = decoder.combine.weight
-        blocks["comb_emb"] = (w_comb[:, -emb_size:], decoder.combine.bias)
-        blocks["comb_rest"] = (w_comb[:, :-emb_size], None)
-    for layer in range(rnn.num_layers):
-        if layer > 0:
-            blocks[f"ih_{layer}"] = (getattr(rnn, f"weight_ih_l{layer}"),
-                                     getattr(rnn, f"bias_ih_l{layer}"))
-        blocks[f"hh_{layer}"] = (getattr(rnn, f"weight_hh_l{layer}"),
-                                 getattr(rnn, f"bias_hh_l{layer}"))
-    return blocks
-
-
-def _step_linears(decoder: Decoder,
-                  make: Callable[[str, torch.Tensor, torch.Tensor | None], Linear]
+def _step_linears(decoder: Decoder, make: Callable[[torch.Tensor, torch.Tensor | None], Linear],
+                  per_step: Callable[[torch.Tensor, torch.Tensor | None], Linear]
                   ) -> StepLinears:
-    """A :class:`StepLinears` of ``make(name, weight, bias)`` for each weight block."""
-    blocks = {name: make(name, *weights) for name, weights in _weight_blocks(decoder).items()}
-    layers = range(decoder.rnn.num_layers)
+    """A :class:`StepLinears` of ``make(weight, bias)`` for each weight block, and of
+    ``per_step`` for the slices of a weight that every step multiplies by."""
+    rnn, emb_size, combine = decoder.rnn, decoder.embedding.embedding_dim, decoder.combine
+    w_ih0 = rnn.weight_ih_l0
+    bahdanau = decoder.style == "bahdanau"
+    # Column blocks of the first layer's input weight: [emb | context (bahdanau) | feed];
+    # bahdanau's h~ = tanh(W [s_t; c_t; E y]): the E y block is known for every step in advance.
     return StepLinears(
-        emb_gates=blocks["emb_gates"], rest_gates=blocks.get("rest_gates"),
-        comb_emb=blocks.get("comb_emb"), comb_rest=blocks.get("comb_rest"),
-        ih=tuple(blocks.get(f"ih_{layer}") for layer in layers),
-        hh=tuple(blocks[f"hh_{layer}"] for layer in layers))
+        emb_gates=make(w_ih0[:, :emb_size], rnn.bias_ih_l0),
+        rest_gates=per_step(w_ih0[:, emb_size:], None) if w_ih0.size(1) > emb_size else None,
+        comb_emb=make(combine.weight[:, -emb_size:], combine.bias) if bahdanau else None,
+        comb_rest=per_step(combine.weight[:, :-emb_size], None) if bahdanau else None,
+        ih=(None,) + tuple(make(getattr(rnn, f"weight_ih_l{layer}"),
+                                getattr(rnn, f"bias_ih_l{layer}"))
+                           for layer in range(1, rnn.num_layers)),
+        hh=tuple(make(getattr(rnn, f"weight_hh_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"))
+                 for layer in range(rnn.num_layers)))
 
 
 def plain_step_linears(decoder: Decoder) -> StepLinears:
@@ -95,17 +81,16 @@ def plain_step_linears(decoder: Decoder) -> StepLinears:
     multiplies by are cast once here under autocast (:func:`autocast_once`); autocast casts
     whole parameters once itself, and the embeddings' blocks are multiplied once for all steps.
     """
-    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-        once = name in ("rest_gates", "comb_rest")
-        return functools.partial(F.linear, weight=autocast_once(weight) if once else weight,
-                                 bias=bias)
+    def make(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+        return functools.partial(F.linear, weight=weight, bias=bias)
 
-    return _step_linears(decoder, make)
+    return _step_linears(decoder, make,
+                         lambda weight, bias: make(autocast_once(weight), bias))
 
 
 def packed_step_linears(decoder: Decoder) -> StepLinears:
     """Packed copies of the decoder's bf16 step weights (:mod:`seq2seq.models.packed`)."""
-    return _step_linears(decoder, lambda name, weight, bias: linear_fn(weight, bias))
+    return _step_linears(decoder, linear_fn, linear_fn)
 
 
 def autocast_once(weight: torch.Tensor) -> torch.Tensor:
