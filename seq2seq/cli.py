@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         # command stops on SIGINT all the same, cleaning up, as `train` always has.
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        if os.environ.get("SEQ2SEQ_FP32_GEMM"):  # a bad value is said now, before any work
+            from seq2seq.models.gemm import fp32_backend
+            fp32_backend()
         return args.func(args)
     except RecipeError as error:
         for problem in error.problems:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seq2seq.models.gemm import apply_linear
+
 
 class Attention(nn.Module):
     """Scores ``(B, T, S)`` between decoder queries and encoder positions.
@@ -56,7 +58,7 @@ class Attention(nn.Module):
         """
         if self.kind == "dot":
             return enc_out
-        keys = self.key_layer(enc_out)
+        keys = apply_linear(self.key_layer, enc_out)
         return 2 * keys if self.kind == "bahdanau" else keys
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor,
@@ -90,10 +92,11 @@ class Attention(nn.Module):
         """:meth:`forward` with one source row per query row."""
         if self.kind == "bahdanau":
             # (B, T, 1, A) + (B, 1, S, A): every query against every key in one broadcast.
-            hidden = torch.sigmoid(2 * self.query_layer(query).unsqueeze(2) + keys.unsqueeze(1))
+            hidden = torch.sigmoid(2 * apply_linear(self.query_layer, query).unsqueeze(2)
+                                   + keys.unsqueeze(1))
             # v^T 1 through the layer itself, whatever it stores (an int8 one packs v)
             v_sum = self.energy_layer(hidden.new_ones(1, hidden.size(-1))).squeeze()
-            scores = 2 * self.energy_layer(hidden).squeeze(-1) - v_sum
+            scores = 2 * apply_linear(self.energy_layer, hidden).squeeze(-1) - v_sum
         else:
             scores = torch.bmm(query, keys.transpose(1, 2))
         scores = scores.masked_fill(~src_mask.unsqueeze(1), float("-inf"))

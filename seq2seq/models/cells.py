@@ -23,11 +23,11 @@ each decoder step's attention reads.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from seq2seq.models.dropout import dropout
+from seq2seq.models.gemm import linear
 
 CELLS = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn"}
 
@@ -46,7 +46,7 @@ def cell_step(cell: str, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor |
     Returns:
         the new ``h`` and ``c`` (None but for LSTM).
     """
-    return cell_update(cell, gates, F.linear(h, w_hh, b_hh), h, c)
+    return cell_update(cell, gates, linear(h, w_hh, b_hh), h, c)
 
 
 def cell_update(cell: str, gates: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor,
@@ -131,7 +131,7 @@ def _layer(cell: str, x: torch.Tensor, sizes: list[int], w_ih: torch.Tensor,
         but for LSTM), ``(B, H)`` in sorted order: each sentence's state after its last real
         step, or (reverse) after its first.
     """
-    gates = F.linear(x, w_ih, b_ih).split(sizes)  # backward: one join, not a fill per step
+    gates = linear(x, w_ih, b_ih).split(sizes)  # backward: one join, not a fill per step
     hidden = w_hh.size(1)
     h = x.new_zeros(sizes[-1] if reverse else sizes[0], hidden)
     c = torch.zeros_like(h) if cell == "lstm" else None

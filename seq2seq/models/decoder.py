@@ -31,13 +31,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from seq2seq.models.attention import Attention
 from seq2seq.models.cells import cell_update
 from seq2seq.models.dropout import Dropout, dropout, word_dropout
 from seq2seq.models.encoder import make_rnn, run_rnn
+from seq2seq.models.gemm import apply_linear, linear
 from seq2seq.models.packed import PackedLinear, pack_weight, packed_linear
 from seq2seq.models.step_weights import StepLinears, packed_step_linears, step_linears
 
@@ -128,7 +128,7 @@ class Decoder(nn.Module):
         if self.bridge is None:
             init = final.new_zeros(shape)
         else:
-            init = torch.tanh(self.bridge(final)).view(shape)
+            init = torch.tanh(apply_linear(self.bridge, final)).view(shape)
         state = tuple(init.chunk(self.states, dim=1))
         if self.input_feeding:
             state += (final.new_zeros(batch, self.hidden),)
@@ -161,10 +161,10 @@ class Decoder(nn.Module):
         att_vecs, state, attn = recur(self, emb, state, enc_out, keys, src_mask)
         hidden = self.dropout(att_vecs[:, 0])
         if rows is None:
-            return self.output(hidden), state, attn
+            return apply_linear(self.output, hidden), state, attn
         if rows.packed is not None and not torch.is_grad_enabled():
             return packed_linear(hidden, rows.packed, rows.bias), state, attn
-        return F.linear(hidden, rows.weight, rows.bias), state, attn
+        return linear(hidden, rows.weight, rows.bias), state, attn
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embeddings of ``tokens`` ``(B, T)`` with word dropout, then dropout: ``(B, T, E)``."""
@@ -204,7 +204,7 @@ class Decoder(nn.Module):
         if self.fused:
             emb = self._embed(trg_in)  # (B, T, E), every step at once
             att_vecs = self.dropout(recur(self, emb, state, enc_out, keys, src_mask)[0])
-            return att_vecs if features else self.output(att_vecs)
+            return att_vecs if features else apply_linear(self.output, att_vecs)
         logits = []
         for t in range(trg_in.size(1)):
             step_logits, state, _ = self.run(trg_in[:, t:t + 1], state, enc_out, keys,
@@ -236,9 +236,10 @@ class Decoder(nn.Module):
             out, rnn_hx = self._rnn(torch.cat([emb] + feed, dim=-1), rnn_hx)
             context, attn = self.attention(out, keys, enc_out, src_mask)
             readout = [context, out]
-        att_vec = torch.tanh(self.combine(torch.cat(readout, dim=-1)))  # h~: (B, T, H)
+        # h~: (B, T, H)
+        att_vec = torch.tanh(apply_linear(self.combine, torch.cat(readout, dim=-1)))
         att_vec_out = self.dropout(att_vec)
-        logits = att_vec_out if features else self.output(att_vec_out)
+        logits = att_vec_out if features else apply_linear(self.output, att_vec_out)
         hx = rnn_hx if self.cell == "lstm" else (rnn_hx,)
         new_state = tuple(h.transpose(0, 1) for h in hx)
         if self.input_feeding:
@@ -304,7 +305,8 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
             att_vec = torch.tanh(emb_comb[t] + lin.comb_rest(torch.cat([out, context], -1)))
         else:
             context, attn = decoder.attention(out.unsqueeze(1), keys, enc_out, src_mask)
-            att_vec = torch.tanh(decoder.combine(torch.cat([context.squeeze(1), out], -1)))
+            att_vec = torch.tanh(apply_linear(decoder.combine,
+                                              torch.cat([context.squeeze(1), out], -1)))
         att_vecs.append(att_vec)
         feed = att_vec
     new_state = (torch.stack(hs, dim=1),)

@@ -11,13 +11,13 @@ import warnings
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from seq2seq.models.cells import layer_weights, packed_rnn, padded, steps_packed
 from seq2seq.models.dropout import Dropout, dropout, word_dropout
+from seq2seq.models.gemm import linear
 
 RNN_CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
 
@@ -250,12 +250,12 @@ def _masked_lstm(x: torch.Tensor, real: torch.Tensor, w_ih: torch.Tensor, w_hh: 
         each ``(B, H)``.
     """
     batch, hidden = x.size(0), w_hh.size(1)
-    gates_x = F.linear(x, w_ih, b_ih).unbind(1)  # every step's input part at once
+    gates_x = linear(x, w_ih, b_ih).unbind(1)  # every step's input part at once
     keep = real.unsqueeze(-1).unbind(1)
     h = c = x.new_zeros(batch, hidden)
     outputs = []
     for t, gates in enumerate(gates_x):
-        i, f, g, o = (gates + F.linear(h, w_hh, b_hh)).chunk(4, dim=-1)
+        i, f, g, o = (gates + linear(h, w_hh, b_hh)).chunk(4, dim=-1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
         h, c = torch.where(keep[t], h_new, h), torch.where(keep[t], c_new, c)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from seq2seq.models.gemm import linear, step_weight
 from seq2seq.models.packed import Linear, linear_fn
 
 if TYPE_CHECKING:  # the decoder calls these; importing it here would close a circle
@@ -77,15 +77,17 @@ def _step_linears(decoder: Decoder, make: Callable[[torch.Tensor, torch.Tensor |
 
 
 def plain_step_linears(decoder: Decoder) -> StepLinears:
-    """``F.linear`` on the decoder's parameters. The slices of a weight that every step
-    multiplies by are cast once here under autocast (:func:`autocast_once`); autocast casts
-    whole parameters once itself, and the embeddings' blocks are multiplied once for all steps.
+    """:func:`~seq2seq.models.gemm.linear` on the decoder's parameters. The slices of a
+    weight that every step multiplies by are cast once here under autocast
+    (:func:`autocast_once`), or made contiguous once for oneDNN (:func:`~seq2seq.models.gemm.
+    step_weight`); autocast casts whole parameters once itself, and the embeddings' blocks are
+    multiplied once for all steps.
     """
     def make(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
-        return functools.partial(F.linear, weight=weight, bias=bias)
+        return functools.partial(linear, weight=weight, bias=bias)
 
     return _step_linears(decoder, make,
-                         lambda weight, bias: make(autocast_once(weight), bias))
+                         lambda weight, bias: make(step_weight(autocast_once(weight)), bias))
 
 
 def packed_step_linears(decoder: Decoder) -> StepLinears:

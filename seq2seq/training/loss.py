@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq.models.gemm import linear, product, uses_onednn
 from seq2seq.tokenizer import PAD
 
 # Logits per chunk: 2^22 fp32 values are 16 MiB, within a CPU's last-level cache; a GPU
@@ -73,12 +74,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # the weight's gradient is one matmul at the end (summed in fp32 inside it).
             grads = hidden.new_empty((rows.size(0), vocab))
             rows_max = min(chunk, rows.size(0))
+            onednn = uses_onednn(rows, w)
             wide = None if dtype == torch.float32 else \
                 hidden.new_empty((rows_max, vocab), dtype=torch.float32)
             for start in range(0, rows.size(0), chunk):
                 h, y = rows[start:start + chunk], labels[start:start + chunk]
                 out = grads[start:start + chunk]
-                if b is None:
+                if onednn:  # it writes a new tensor: copied in place of the logits
+                    out.copy_(product(h, w, b))
+                elif b is None:
                     torch.mm(h, w.t(), out=out)
                 else:
                     torch.addmm(b, h, w.t(), out=out)
@@ -98,8 +102,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_bias += grad.sum(dim=0)
                 if wide is not None:
                     out.copy_(grad)
-            grad_rows = grads @ w
-            grad_weight = (grads.t() @ rows).float()
+            grad_rows = product(grads, w.t())  # grads @ w
+            grad_weight = product(grads.t(), rows.t()).float()  # grads^T @ rows
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
@@ -146,7 +150,7 @@ def rdrop_cross_entropy(hidden: torch.Tensor, output: nn.Linear, target: torch.T
     with torch.autocast(hidden.device.type, enabled=False):
         weight = output.weight.to(rows.dtype)
         bias = None if output.bias is None else output.bias.to(rows.dtype)
-        logp = F.linear(rows, weight, bias).float().log_softmax(dim=-1)
+        logp = linear(rows, weight, bias).float().log_softmax(dim=-1)
     cross_entropy = F.nll_loss(logp, labels.repeat(2), reduction="sum") * (1 - smoothing) \
         - logp.mean(dim=-1).sum() * smoothing
     logp_1, logp_2 = logp.chunk(2)

@@ -28,6 +28,7 @@ from seq2seq import distributed as dist
 from seq2seq.config import Recipe, TrainConfig
 from seq2seq.data.batching import collate
 from seq2seq.errors import Seq2SeqError
+from seq2seq.models.gemm import fp32_backend
 from seq2seq.precision import precision_dtype, resolve_precision
 from seq2seq.training.graphs import StaticSteps, bucket_shape
 from seq2seq.training.loss import linear_cross_entropy, rdrop_cross_entropy
@@ -85,6 +86,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if why != "as asked" and dist.is_main():
         print(f"note: train.precision={precision}: training in {resolved} ({why})",
               file=sys.stderr)
+    if resolved == "fp32" and device.type == "cpu" and dist.is_main():
+        backend, why = fp32_backend()
+        print(f"note: fp32 matrix products by {'oneDNN' if backend == 'onednn' else 'BLAS'} "
+              f"({why})", file=sys.stderr)
     return precision_dtype(resolved)
 
 
