@@ -79,8 +79,9 @@ def fp32_backend() -> tuple[str, str]:
 
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x W^T`` goes to oneDNN: fp32 CPU tensors, autocast off, backend "onednn"."""
-    return (x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
+    """Whether ``x W^T`` goes to oneDNN: fp32 CPU tensors, autocast off, backend "onednn",
+    not inside ``torch.compile`` (a compiled graph picks its own kernels)."""
+    return (not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
             and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
             and x.numel() > 0 and weight.numel() > 0 and fp32_backend()[0] == "onednn")
 
@@ -151,7 +152,8 @@ def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def step_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight``, made contiguous once when oneDNN will multiply by it at every step (a
     column block of a wider weight would otherwise be copied at each product)."""
-    if weight.dtype == torch.float32 and weight.device.type == "cpu" \
-            and not torch.is_autocast_enabled("cpu") and fp32_backend()[0] == "onednn":
+    if not torch.compiler.is_compiling() and weight.dtype == torch.float32 \
+            and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu") \
+            and fp32_backend()[0] == "onednn":
         return weight.contiguous()
     return weight
