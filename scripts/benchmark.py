@@ -475,14 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     refs = test.trg_text[:len(src_ids)]
     decode = trainer.recipe.decode
     result.update(decode_model=description, test_set=name, test_copies=copies, decode=[])
-    variants = [("fp32", model)]
+    from seq2seq.precision import decoding_model
+
+    # fp32 as translate decodes: packed for oneDNN where fp32 products go there
+    variants = [("fp32", decoding_model(model, "fp32", device)[0])]
     if args.quantize:
         from seq2seq.quantize import quantize_for_cpu
 
         variants.append(("int8", quantize_for_cpu(model)))
     if args.bf16:
-        from seq2seq.precision import decoding_model
-
         variants.append(("bf16", decoding_model(model, "bf16", device)[0]))
     searches = [(int(b), decode) for b in args.beams.split(",")]
     if args.shortlist:  # each beam search again, restricted to the shortlist

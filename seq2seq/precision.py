@@ -90,12 +90,17 @@ def decoding_model(model: torch.nn.Module, precision: str, device: torch.device
     """``(model to decode with, precision, why)`` for ``--precision``: in bf16, a copy with
     every weight cast once (the searches take ``log_softmax`` of fp32 logits, so scores
     accumulate in fp32) and, on a CPU, packed once for oneDNN where torch can
-    (:mod:`seq2seq.models.packed`); in fp32 the model itself."""
+    (:mod:`seq2seq.models.packed`); in fp32 a packed copy where fp32 products go to oneDNN
+    (:mod:`seq2seq.models.gemm`), else the model itself. ``model`` is never changed."""
+    from seq2seq.models.packed import pack_for_cpu, packing_supported
+
     resolved, why = resolve_precision(precision, device)
     if resolved != "bf16":
+        if not packing_supported(device, torch.float32):
+            return model, "fp32", why
+        model = copy.deepcopy(model)
+        pack_for_cpu(model)  # a no-op for a model that is not all fp32 (int8 layers)
         return model, "fp32", why
-    from seq2seq.models.packed import pack_for_cpu_bf16
-
     model = copy.deepcopy(model).to(torch.bfloat16)
-    pack_for_cpu_bf16(model)  # a no-op on a GPU and where oneDNN has no bf16
+    pack_for_cpu(model)  # a no-op on a GPU and where oneDNN has no bf16
     return model, "bf16", why

@@ -180,7 +180,7 @@ class Translator:
             from seq2seq.quantize import quantize_for_cpu
 
             model = quantize_for_cpu(model)
-        elif precision != "fp32":
+        else:
             from seq2seq.precision import decoding_model
 
             model, chosen, _ = decoding_model(model, precision, torch_device)

@@ -81,8 +81,9 @@ def fp32_backend() -> tuple[str, str]:
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x W^T`` goes to oneDNN: fp32 CPU tensors, autocast off, backend "onednn",
     not inside ``torch.compile`` (a compiled graph picks its own kernels)."""
-    return (not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    return (not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32
+            and x.device.type == weight.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")
             and x.numel() > 0 and weight.numel() > 0 and fp32_backend()[0] == "onednn")
 
 

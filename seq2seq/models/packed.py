@@ -1,14 +1,15 @@
-"""bf16 weights reordered once for oneDNN, for decoding on a CPU.
+"""Weights reordered once for oneDNN, for decoding on a CPU.
 
-oneDNN multiplies bf16 matrices with the weight in a blocked layout of its own. ``F.linear`` on
+oneDNN multiplies matrices with the weight in a blocked layout of its own. ``F.linear`` on
 bf16 CPU tensors reorders the weight into that layout at every call: a pass over the whole
 weight, which at a decoder step's batch sizes costs as much as the product or more. Measured on
 a 2-core AMD EPYC (Zen 5, ``avx512_bf16``), the 512 -> 7,000 output layer with two threads:
 5 rows (one sentence's beams) 0.23 ms plain against 0.06 ms packed, 160 rows 1.56 against
-1.12, 500 rows 4.38 against 3.49. fp32 weights gain nothing this way (MKL's packed fp32 GEMM
-was measured level with ``F.linear``), so only bf16 is packed.
+1.12, 500 rows 4.38 against 3.49. fp32 weights are packed too where fp32 products go to oneDNN
+(:mod:`seq2seq.models.gemm`): on the same CPU, 5 rows 0.54 ms by MKL, 0.34 by oneDNN on the
+plain weight and 0.09 packed; 160 rows 5.76, 2.52 and 2.07 ms.
 
-:func:`pack_for_cpu_bf16` turns every ``nn.Linear`` of a bf16 model into a
+:func:`pack_for_cpu` turns every ``nn.Linear`` of a bf16 or fp32 model into a
 :class:`PackedLinear` (same parameters, so tied weights stay tied and ``state_dict`` is
 unchanged) and has each :class:`~seq2seq.models.decoder.Decoder` pack the weight blocks its
 fused step multiplies by (:meth:`~seq2seq.models.decoder.Decoder.pack_steps`).
@@ -23,19 +24,24 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from seq2seq.models.gemm import fp32_backend, linear, onednn_available
+
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
-def packing_supported(device: torch.device) -> bool:
-    """Whether torch can run oneDNN's bf16 inner product on this CPU with packed weights."""
-    mkldnn = torch.ops.mkldnn
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise")
-            and bool(mkldnn._is_mkldnn_bf16_supported()))
+def packing_supported(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether oneDNN multiplies by packed ``dtype`` weights on ``device``: bf16 where torch
+    runs oneDNN's bf16 inner product on this CPU, fp32 where fp32 products go to oneDNN
+    (:func:`~seq2seq.models.gemm.fp32_backend`)."""
+    if device.type != "cpu" or not onednn_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32 and fp32_backend()[0] == "onednn"
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``(out, in)`` in oneDNN's blocked bf16 layout (an mkldnn tensor)."""
+    """``weight`` ``(out, in)`` in oneDNN's blocked layout (an mkldnn tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
@@ -53,10 +59,11 @@ def linear_fn(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
 
 
 class PackedLinear(nn.Linear):
-    """An ``nn.Linear`` that multiplies by a packed copy of its bf16 weight outside training.
+    """An ``nn.Linear`` that multiplies by a packed copy of its weight outside training.
 
     The weight and bias stay the module's parameters (tied weights stay tied); with gradients
-    enabled or in training mode it is a plain ``nn.Linear``.
+    enabled or in training mode it multiplies by them as they are now
+    (:func:`~seq2seq.models.gemm.linear`).
     """
 
     packed: torch.Tensor
@@ -73,21 +80,24 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled():
-            return super().forward(x)
+            return linear(x, self.weight, self.bias)
         return packed_linear(x, self.packed, self.bias)
 
 
-def pack_for_cpu_bf16(model: nn.Module) -> bool:
-    """Pack ``model``'s bf16 Linear weights in place (see the module docstring).
+def pack_for_cpu(model: nn.Module) -> bool:
+    """Pack ``model``'s Linear weights in place (see the module docstring).
 
     Returns:
-        False, leaving the model as it was, where packing is not supported (no oneDNN bf16 on
-        this CPU) or the model is not a bf16 model on the CPU; else True.
+        False, leaving the model as it was, where packing is not supported for the model's
+        dtype (:func:`packing_supported`) or the model is not all bf16 or all fp32 on the
+        CPU; else True.
     """
     params = list(model.parameters())
-    if not params or any(p.dtype != torch.bfloat16 or p.device.type != "cpu" for p in params):
+    dtype = params[0].dtype if params else None
+    if dtype not in (torch.bfloat16, torch.float32) \
+            or any(p.dtype != dtype or p.device.type != "cpu" for p in params):
         return False
-    if not packing_supported(params[0].device):
+    if not packing_supported(params[0].device, dtype):
         return False
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

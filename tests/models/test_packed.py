@@ -1,6 +1,7 @@
-"""bf16 decoding with weights packed once for oneDNN (seq2seq.models.packed): the products and
-the searches agree with the plain bf16 model for every cell, attention and decoder style; fp32
-models, training and CPUs without oneDNN bf16 keep the plain path."""
+"""Decoding with weights packed once for oneDNN (seq2seq.models.packed): the products and the
+searches agree with the plain model, bf16 and fp32, for every cell, attention and decoder
+style; training, CPUs without oneDNN bf16 and fp32 where its products stay with BLAS keep the
+plain path."""
 
 import copy
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq.models import gemm
 from seq2seq.models import packed as pk
 from seq2seq.models.step_weights import step_linears
 from seq2seq.precision import decoding_model
@@ -23,9 +25,25 @@ SUPPORTED = pk.packing_supported(CPU)
 BF16 = {"rtol": 2 * 2 ** -8, "atol": 1e-2}
 
 
+# fp32 products of a few hundred terms, summed in another order by another library.
+FP32 = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture
+def fp32_gemm(monkeypatch):
+    """Set SEQ2SEQ_FP32_GEMM for the test (the choice is cached per process)."""
+    def use(value: str) -> None:
+        monkeypatch.setenv(gemm.ENV, value)
+        gemm.fp32_backend.cache_clear()
+
+    yield use
+    gemm.fp32_backend.cache_clear()
+
+
 def packed_copy(model: nn.Module) -> nn.Module:
     packed = copy.deepcopy(model)
-    assert pk.pack_for_cpu_bf16(packed) == SUPPORTED
+    dtype = next(model.parameters()).dtype
+    assert pk.pack_for_cpu(packed) == pk.packing_supported(CPU, dtype)
     return packed
 
 
@@ -41,7 +59,7 @@ def test_a_packed_product_is_f_linear(shape, out, bias):
     weight = torch.randn(out, 24, generator=gen).bfloat16()
     b = torch.randn(out, generator=gen).bfloat16() if bias else None
     if not SUPPORTED:
-        assert not pk.pack_for_cpu_bf16(nn.Linear(24, out).bfloat16())
+        assert not pk.pack_for_cpu(nn.Linear(24, out).bfloat16())
         return
     y = pk.linear_fn(weight, b)(x)
     assert y.shape == (*shape[:-1], out) and y.dtype == torch.bfloat16
@@ -116,13 +134,16 @@ def test_training_and_gradients_take_the_plain_path():
         assert step_linears(packed.decoder) is not packed.decoder.packed_linears
 
 
-def test_fp32_models_and_cpus_without_onednn_bf16_are_left_alone(monkeypatch):
+def test_fp32_with_blas_and_cpus_without_onednn_bf16_are_left_alone(monkeypatch, fp32_gemm):
+    fp32_gemm("blas")
     model = make(tiny()).eval()
-    assert not pk.pack_for_cpu_bf16(model)  # fp32
+    assert not pk.pack_for_cpu(model)  # fp32 products by BLAS
     assert set(linears(model)) == {nn.Linear} and model.decoder.packed_linears is None
-    monkeypatch.setattr(pk, "packing_supported", lambda device: False)
+    decoded, precision, _ = decoding_model(model, "fp32", CPU)
+    assert decoded is model and precision == "fp32"
+    monkeypatch.setattr(pk, "packing_supported", lambda device, dtype: False)
     bf16 = make(tiny()).eval().to(torch.bfloat16)
-    assert not pk.pack_for_cpu_bf16(bf16)
+    assert not pk.pack_for_cpu(bf16)
     assert set(linears(bf16)) == {nn.Linear}
     # decoding_model still gives a working bf16 copy, unpacked
     decoded, precision, _ = decoding_model(make(tiny()).eval(), "bf16", CPU)
@@ -135,3 +156,73 @@ def test_decoding_model_packs_its_bf16_copy_where_supported():
     assert precision == "bf16" and decoded is not model
     assert set(linears(decoded)) == ({pk.PackedLinear} if SUPPORTED else {nn.Linear})
     assert set(linears(model)) == {nn.Linear}  # the fp32 model is untouched
+
+
+@pytest.mark.parametrize("cell,attention,decoder,feeding,bidi", ALL_CONFIGS)
+def test_packed_fp32_steps_agree_with_the_plain_model(fp32_gemm, cell, attention, decoder,
+                                                      feeding, bidi):
+    fp32_gemm("onednn")
+    model = make(tiny(cell, attention, decoder, feeding, bidi)).eval()
+    packed = packed_copy(model)
+    assert set(linears(packed)) == {pk.PackedLinear}
+    src, src_lens, trg_in, _ = batch([5, 3, 4])
+    with torch.no_grad():
+        assert step_linears(packed.decoder) is packed.decoder.packed_linears
+        expected, expected_attn = step_all(model, src, src_lens, trg_in)
+        got, got_attn = step_all(packed, src, src_lens, trg_in)
+    torch.testing.assert_close(got, expected, **FP32)
+    torch.testing.assert_close(got_attn, expected_attn, **FP32)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_searches_with_packed_fp32_weights_find_what_blas_finds(fp32_gemm, cell):
+    fp32_gemm("blas")
+    # real_model's weights are x15 for float64; in fp32 that makes 18-step hypotheses chaotic
+    # (BLAS's fp32 greedy score differs from float64's by 0.6): x8 keeps choices clear-cut.
+    model = real_model(cell=cell).float()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(8 / 15)
+    src, src_lens = make_batch(SRC_LENS)
+    shortlist = restrictive()
+    searches = (
+        lambda m: beam_search(m, src, src_lens, beam_size=4, n_best=2, alpha=0.6, max_len_add=5),
+        lambda m: beam_search(m, src, src_lens, beam_size=4, alpha=0.6, max_len_add=5,
+                              shortlist=shortlist),
+        lambda m: [[h] for h in greedy_search(m, src, src_lens, 1.5, 5)],
+    )
+    expected = [search(model) for search in searches]
+    fp32_gemm("onednn")
+    packed, precision, _ = decoding_model(model, "fp32", CPU)
+    assert precision == "fp32" and packed is not model
+    assert set(linears(packed)) == {pk.PackedLinear} and set(linears(model)) == {nn.Linear}
+    # not all empty: at least a token per sentence on average over the searches
+    assert sum(len(h.tokens) for want in expected for hyps in want for h in hyps) \
+        >= len(SRC_LENS) * len(searches)
+    for search, want in zip(searches, expected):
+        for hyps, got in zip(want, search(packed)):
+            assert [h.tokens for h in got] == [h.tokens for h in hyps]
+            for h, h2 in zip(hyps, got):
+                assert h2.log_prob == pytest.approx(h.log_prob, rel=1e-4, abs=1e-5)
+    with torch.no_grad():  # the shortlist's rows were packed too
+        rows = packed.output_rows(shortlist.for_batch(src)[0])
+    assert rows.packed is not None and rows.packed.is_mkldnn
+
+
+def test_packed_fp32_keeps_parameters_ties_and_trains_plain(fp32_gemm):
+    fp32_gemm("onednn")
+    model = make(tiny(emb_size=16, tie_embeddings="decoder")).eval()
+    packed = packed_copy(model)
+    assert packed.decoder.output.weight is packed.decoder.embedding.weight
+    for key, value in model.state_dict().items():
+        assert torch.equal(packed.state_dict()[key], value), key
+    src, src_lens, trg_in, _ = batch([5, 3])
+    torch.manual_seed(5)
+    expected = model.train()(src, src_lens, trg_in)
+    torch.manual_seed(5)  # the same dropout masks
+    got = packed.train()(src, src_lens, trg_in)
+    torch.testing.assert_close(got, expected, **FP32)
+    got.sum().backward()
+    assert all(p.grad is not None for p in packed.decoder.output.parameters())
+    packed.eval()
+    assert step_linears(packed.decoder) is not packed.decoder.packed_linears  # grads enabled
