@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (10_000 if device.type == "cuda" else 1000)
     decode_batch = args.decode_batch or (500 if device.type == "cuda" else 100)
 
+    from seq2seq.models.gemm import fp32_backend
+
     trainer = build_trainer(args)
     trainer.model.decoder.fused = not args.plain_decoder
     result: dict[str, Any] = {
@@ -441,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                         else platform.processor() or platform.machine()),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu_model": cpu_model(), "train_precision": trainer.recipe.train.precision,
+        "fp32_products": "{} ({})".format(*fp32_backend()) if device.type == "cpu" else None,
         "decoder_path": "plain" if args.plain_decoder else "fused",
         "parameters": trainer.model.num_parameters, "work_dir": trainer.recipe.output_dir,
         "keep_freed_memory": heap_kept,

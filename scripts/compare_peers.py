@@ -5,13 +5,15 @@
 Runs, one after the other on the same machine, so that every figure of the table comes from
 the same hardware under comparable load (the load average is recorded beside each):
 
-1. our ``scripts/benchmark.py recipes/multi30k/de-en.gru.yaml`` in fp32: training target
+1. our ``scripts/benchmark.py recipes/multi30k/de-en.gru.yaml`` in fp32 (its products by
+   oneDNN or BLAS, as ``SEQ2SEQ_FP32_GEMM=auto`` picks: :mod:`seq2seq.models.gemm`): training target
    tokens/s (``--warmup 3 --steps N``), then beam-5 decoding at batch 100 of test_2016_flickr
    at a fixed output length (``decode.min_len=LEN decode.max_len_ratio=1e-9
    decode.max_len_add=LEN``: min = max = LEN tokens, so an untrained model costs what a
    trained one does), with fp32, int8 (``--quantize``) and bf16 (``--bf16``) weights;
 2. where the CPU computes bf16 natively (amx_bf16 or avx512_bf16), the same training in bf16
-   (``train.precision=bf16``);
+   (``train.precision=bf16``); where ``auto`` picked oneDNN for fp32, the fp32 training again
+   with ``SEQ2SEQ_FP32_GEMM=blas`` (what a CPU whose fp32 products stay with BLAS runs);
 3. the peers' kit, ``../shared/peers/bench.sh`` (``$PEERS_BENCH``), which installs both peers
    in their own venv (never project dependencies) and prints one JSON line: their training
    target tokens/s (steps after the first 20 of ``--peer-steps``) and their beam-5 batch-100
@@ -76,9 +78,12 @@ def run_part(name: str, cmd: list[str], work: Path, env: dict[str, str] | None =
     return done.stdout
 
 
-def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool) -> dict[str, Any]:
-    """scripts/benchmark.py on the de-en.gru recipe in ``precision``; its JSON result."""
-    out = work / f"seq2seq-{precision}.json"
+def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool,
+         gemm: str | None = None) -> dict[str, Any]:
+    """scripts/benchmark.py on the de-en.gru recipe in ``precision`` (``gemm``: fp32 products
+    by this SEQ2SEQ_FP32_GEMM instead of the default); its JSON result."""
+    name = f"seq2seq-{precision}" + (f"-{gemm}" if gemm else "")
+    out = work / f"{name}.json"
     cmd = [sys.executable, "scripts/benchmark.py", args.recipe, f"train.precision={precision}",
            f"decode.min_len={args.len}", "decode.max_len_ratio=1e-9",
            f"decode.max_len_add={args.len}", "--warmup", "3", "--steps", str(args.steps),
@@ -86,7 +91,7 @@ def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool) -> 
            str(out)]
     cmd += ["--beams", "5", "--repeat", str(args.repeat), "--decode-batch", "100", "--quantize",
             "--bf16", "--shortlist", str(args.shortlist)] if decode else ["--no-decode"]
-    run_part(f"seq2seq-{precision}", cmd, work)
+    run_part(name, cmd, work, env={"SEQ2SEQ_FP32_GEMM": gemm} if gemm else None)
     return json.loads(out.read_text(encoding="utf-8"))
 
 
@@ -144,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                               "seq2seq": {"fp32": ours(args, work, "fp32", decode=True)}}
     if native:
         result["seq2seq"]["bf16"] = ours(args, work, "bf16", decode=False)
+    if result["seq2seq"]["fp32"]["fp32_products"].startswith("onednn"):
+        # the fp32 training of a CPU whose products stay with BLAS (AVX2 only, or Intel's)
+        result["seq2seq"]["fp32, BLAS products"] = ours(args, work, "fp32", decode=False,
+                                                          gemm="blas")
     result["peers"] = peers(args, work)
     print(f"CPU: {result['cpu']}; bf16 flags: {', '.join(flags) or 'none'} "
           f"(native bf16: {native or 'no'}); {args.threads} threads for each toolkit; "

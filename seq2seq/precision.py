@@ -20,28 +20,16 @@ from pathlib import Path
 
 import torch
 
+from seq2seq.cpuinfo import cpu_field
+
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 CPUINFO = Path("/proc/cpuinfo")
-
-
-def cpu_field(name: str, cpuinfo: Path | None = None) -> str:
-    """Field ``name`` of the first CPU in ``cpuinfo`` (default /proc/cpuinfo), e.g.
-    ``vendor_id``; empty when it cannot be read."""
-    try:
-        text = (cpuinfo or CPUINFO).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == name:
-            return value.strip()
-    return ""
 
 
 def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
     """The ``flags`` of the first CPU in ``cpuinfo`` (default /proc/cpuinfo; empty when it
     cannot be read)."""
-    return set(cpu_field("flags", cpuinfo).split())
+    return set(cpu_field("flags", cpuinfo or CPUINFO).split())
 
 
 def cpu_native_bf16() -> str | None:

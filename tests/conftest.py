@@ -52,3 +52,19 @@ def tiny_tree(output_dir: str, **sections: dict) -> dict:
         else:
             tree[section] = values
     return tree
+
+
+@pytest.fixture
+def fp32_gemm(monkeypatch):
+    """``fp32_gemm(value)`` sets SEQ2SEQ_FP32_GEMM for the test and returns the backend it
+    makes (seq2seq.models.gemm caches the choice per process: cleared here both ways)."""
+    from seq2seq.models import gemm
+
+    def use(value: str) -> str:
+        monkeypatch.setenv(gemm.ENV, value)
+        gemm.fp32_backend.cache_clear()
+        return gemm.fp32_backend()[0]
+
+    yield use
+    monkeypatch.delenv(gemm.ENV, raising=False)
+    gemm.fp32_backend.cache_clear()

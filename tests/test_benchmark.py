@@ -127,10 +127,16 @@ def test_compare_peers_runs_both_sides_and_prints_ratios(tmp_path):
          "--steps", "1", "--repeat", "20", "--len", "6", "--threads", "1", "--shortlist", "5",
          "--work-dir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=900,
-        env={**os.environ, "PEERS_BENCH": str(kit)})
+        env={**os.environ, "PEERS_BENCH": str(kit), "SEQ2SEQ_FP32_GEMM": "onednn"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     ours = report["seq2seq"]["fp32"]
+    # fp32 products by oneDNN, so the fp32 training runs again with BLAS's, in its own row
+    assert ours["fp32_products"].startswith("onednn")
+    blas = report["seq2seq"]["fp32, BLAS products"]
+    assert blas["fp32_products"].startswith("blas") and "decode" not in blas
+    assert sum(line.startswith("| training, target tokens/s (seq2seq fp32, BLAS products)")
+               for line in result.stdout.splitlines()) == 1
     # every weights variant with and without the shortlist, whose rows say which
     assert sorted((row["weights"], str(row["shortlist"])) for row in ours["decode"]) == [
         (w, s) for w in ("bf16", "fp32", "int8") for s in ("None", "[5, 100]")]

@@ -60,7 +60,8 @@ def test_auto_on_a_gpu_is_bf16_where_supported(monkeypatch):
     assert prec.resolve_precision("fp16", cuda) == ("fp16", "as asked")
 
 
-def test_the_step_says_once_what_auto_became(monkeypatch, capsys):
+def test_the_step_says_once_what_auto_became(monkeypatch, capsys, fp32_gemm):
+    fp32_gemm("blas")
     mock_torch_probes(monkeypatch, False, True)
     assert autocast_dtype("auto", CPU) is torch.bfloat16
     assert capsys.readouterr().err.splitlines() == [
@@ -74,6 +75,10 @@ def test_the_step_says_once_what_auto_became(monkeypatch, capsys):
         "note: train.precision=auto: training in fp32 (auto: the CPU has no native bf16 (no "
         "amx_bf16 or avx512_bf16))",
         "note: train.precision=fp16: training in fp32 (fp16 applies on a GPU only)"]
+    fp32_gemm("onednn")  # fp32 by oneDNN is said too
+    assert autocast_dtype("fp32", CPU) is None
+    assert capsys.readouterr().err.splitlines() == [
+        "note: fp32 matrix products by oneDNN (SEQ2SEQ_FP32_GEMM=onednn)"]
 
 
 def loss_and_gradients(model, dtype, data):

@@ -236,8 +236,7 @@ class Decoder(nn.Module):
             out, rnn_hx = self._rnn(torch.cat([emb] + feed, dim=-1), rnn_hx)
             context, attn = self.attention(out, keys, enc_out, src_mask)
             readout = [context, out]
-        # h~: (B, T, H)
-        att_vec = torch.tanh(apply_linear(self.combine, torch.cat(readout, dim=-1)))
+        att_vec = torch.tanh(apply_linear(self.combine, torch.cat(readout, dim=-1)))  # h~
         att_vec_out = self.dropout(att_vec)
         logits = att_vec_out if features else apply_linear(self.output, att_vec_out)
         hx = rnn_hx if self.cell == "lstm" else (rnn_hx,)

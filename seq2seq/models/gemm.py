@@ -30,9 +30,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+from seq2seq.cpuinfo import cpu_field
 from seq2seq.errors import Seq2SeqError
-from seq2seq.precision import cpu_field
 
 ENV = "SEQ2SEQ_FP32_GEMM"
 CHOICES = ("auto", "onednn", "blas")
@@ -80,8 +81,10 @@ def fp32_backend() -> tuple[str, str]:
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x W^T`` goes to oneDNN: fp32 CPU tensors, autocast off, backend "onednn",
-    not inside ``torch.compile`` (a compiled graph picks its own kernels)."""
-    return (not torch.compiler.is_compiling() and x.dtype == weight.dtype == torch.float32
+    not inside ``torch.compile`` (a compiled graph picks its own kernels) nor under a Python
+    dispatch mode (torch's FLOP counter, fake tensors: they read aten's products)."""
+    return (not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
+            and x.dtype == weight.dtype == torch.float32
             and x.device.type == weight.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")
             and x.numel() > 0 and weight.numel() > 0 and fp32_backend()[0] == "onednn")
@@ -153,7 +156,8 @@ def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def step_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight``, made contiguous once when oneDNN will multiply by it at every step (a
     column block of a wider weight would otherwise be copied at each product)."""
-    if not torch.compiler.is_compiling() and weight.dtype == torch.float32 \
+    if not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() \
+            and weight.dtype == torch.float32 \
             and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu") \
             and fp32_backend()[0] == "onednn":
         return weight.contiguous()

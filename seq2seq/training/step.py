@@ -86,10 +86,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if why != "as asked" and dist.is_main():
         print(f"note: train.precision={precision}: training in {resolved} ({why})",
               file=sys.stderr)
-    if resolved == "fp32" and device.type == "cpu" and dist.is_main():
-        backend, why = fp32_backend()
-        print(f"note: fp32 matrix products by {'oneDNN' if backend == 'onednn' else 'BLAS'} "
-              f"({why})", file=sys.stderr)
+    if resolved == "fp32" and device.type == "cpu" and fp32_backend()[0] == "onednn" \
+            and dist.is_main():  # torch's default, BLAS, goes without saying
+        print(f"note: fp32 matrix products by oneDNN ({fp32_backend()[1]})", file=sys.stderr)
     return precision_dtype(resolved)
 
 

@@ -19,18 +19,6 @@ from tests.models.test_models import batch, make, tiny
 RTOL, ATOL = 1e-5, 1e-5
 
 
-@pytest.fixture
-def backend(monkeypatch):
-    """Set SEQ2SEQ_FP32_GEMM for the test (the choice is cached per process)."""
-    def use(value: str) -> str:
-        monkeypatch.setenv(gemm.ENV, value)
-        gemm.fp32_backend.cache_clear()
-        return gemm.fp32_backend()[0]
-
-    yield use
-    gemm.fp32_backend.cache_clear()
-
-
 @pytest.mark.parametrize("choice, available, capability, vendor, expected", [
     ("auto", True, "AVX512", "AuthenticAMD", "onednn"),
     ("auto", True, "AVX512", "HygonGenuine", "onednn"),
@@ -44,8 +32,8 @@ def backend(monkeypatch):
     ("blas", True, "AVX512", "AuthenticAMD", "blas"),
 ])
 def test_choose_backend(choice, available, capability, vendor, expected):
-    backend, why = choose_backend(choice, available, capability, vendor)
-    assert backend == expected
+    chosen, why = choose_backend(choice, available, capability, vendor)
+    assert chosen == expected
     assert why
 
 
@@ -66,9 +54,9 @@ def test_the_cli_refuses_a_bad_choice_in_one_line(tmp_path):
     assert not out.exists()
 
 
-def test_environment_values_are_read_case_blind(backend):
-    assert backend("BLAS") == "blas"
-    assert backend("") == backend("auto")
+def test_environment_values_are_read_case_blind(fp32_gemm):
+    assert fp32_gemm("BLAS") == "blas"
+    assert fp32_gemm("") == fp32_gemm("auto")
 
 
 def _case(shape, out_features, layout, bias, seed=0):
@@ -95,8 +83,8 @@ LAYOUTS = ["contiguous", "column block", "transposed"]
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(5, 24), (3, 4, 24), (1, 24), (2, 1, 3, 24)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_and_its_gradients_match_torch(backend, layout, shape, bias):
-    assert backend("onednn") == "onednn"
+def test_linear_and_its_gradients_match_torch(fp32_gemm, layout, shape, bias):
+    assert fp32_gemm("onednn") == "onednn"
     leaves, view = _case(shape, 17, layout, bias)
     ours = [t.clone().requires_grad_() for t in leaves]
     ref = [t.clone().requires_grad_() for t in leaves]
@@ -111,8 +99,8 @@ def test_linear_and_its_gradients_match_torch(backend, layout, shape, bias):
         torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=RTOL, atol=ATOL)
 
 
-def test_a_strided_input_and_a_strided_gradient(backend):
-    backend("onednn")
+def test_a_strided_input_and_a_strided_gradient(fp32_gemm):
+    fp32_gemm("onednn")
     state = torch.randn(6, 2, 24)  # (B, L, H): one layer's rows are strided
     x = state.unbind(1)[1].requires_grad_()
     ref_x = x.detach().clone().requires_grad_()
@@ -125,8 +113,8 @@ def test_a_strided_input_and_a_strided_gradient(backend):
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=RTOL, atol=ATOL)
 
 
-def test_only_some_gradients_wanted(backend):
-    backend("onednn")
+def test_only_some_gradients_wanted(fp32_gemm):
+    fp32_gemm("onednn")
     (x, weight, b), _ = _case((4, 8), 5, "contiguous", True)
     weight.requires_grad_()
     linear(x, weight, b).sum().backward()
@@ -135,15 +123,15 @@ def test_only_some_gradients_wanted(backend):
 
 
 @pytest.mark.parametrize("shape, out_features", [((0, 8), 5), ((3, 8), 0), ((2, 0, 8), 5)])
-def test_empty_products_are_torch_s(backend, shape, out_features):
-    backend("onednn")
+def test_empty_products_are_torch_s(fp32_gemm, shape, out_features):
+    fp32_gemm("onednn")
     (x, weight, b), _ = _case(shape, out_features, "contiguous", True)
     assert not uses_onednn(x, weight)
     assert linear(x, weight, b).shape == F.linear(x, weight, b).shape
 
 
-def test_other_dtypes_autocast_and_blas_keep_torch_s_product(backend):
-    backend("onednn")
+def test_other_dtypes_autocast_and_blas_keep_torch_s_product(fp32_gemm):
+    fp32_gemm("onednn")
     (x, weight), _ = _case((4, 8), 5, "contiguous", False)
     assert uses_onednn(x, weight)
     assert not uses_onednn(x.double(), weight.double())
@@ -151,16 +139,16 @@ def test_other_dtypes_autocast_and_blas_keep_torch_s_product(backend):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not uses_onednn(x, weight)
         assert linear(x, weight).dtype == torch.bfloat16  # autocast's own product
-    backend("blas")
+    fp32_gemm("blas")
     assert not uses_onednn(x, weight)
     assert torch.equal(product(x, weight), F.linear(x, weight))
 
 
-def test_step_weights_are_made_contiguous_for_onednn_only(backend):
+def test_step_weights_are_made_contiguous_for_onednn_only(fp32_gemm):
     block = torch.randn(6, 10)[:, 2:8]
-    backend("onednn")
+    fp32_gemm("onednn")
     assert gemm.step_weight(block).is_contiguous()
-    backend("blas")
+    fp32_gemm("blas")
     assert gemm.step_weight(block) is block
 
 
@@ -178,10 +166,10 @@ def _training_step(cell: str, attention: str, decoder: str, feeding: bool, seed:
 @pytest.mark.parametrize("attention, decoder, feeding", [
     ("bahdanau", "bahdanau", True), ("bahdanau", "luong", True), ("general", "luong", False),
     ("dot", "luong", True)])
-def test_a_training_step_agrees_with_blas(backend, cell, attention, decoder, feeding):
-    backend("blas")
+def test_a_training_step_agrees_with_blas(fp32_gemm, cell, attention, decoder, feeding):
+    fp32_gemm("blas")
     ref_loss, ref_grads = _training_step(cell, attention, decoder, feeding)
-    backend("onednn")
+    fp32_gemm("onednn")
     loss, grads = _training_step(cell, attention, decoder, feeding)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == ref_grads.keys()
@@ -189,7 +177,7 @@ def test_a_training_step_agrees_with_blas(backend, cell, attention, decoder, fee
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_the_fused_loss_agrees_with_blas(backend):
+def test_the_fused_loss_agrees_with_blas(fp32_gemm):
     from seq2seq.training.loss import linear_cross_entropy
 
     gen = torch.Generator().manual_seed(3)
@@ -198,7 +186,7 @@ def test_the_fused_loss_agrees_with_blas(backend):
     target = torch.randint(0, 50, (37,), generator=gen)
     results = []
     for choice in ("blas", "onednn"):
-        backend(choice)
+        fp32_gemm(choice)
         h = hidden.clone().requires_grad_()
         output.zero_grad()
         loss = linear_cross_entropy(h, output, target, 0.1)

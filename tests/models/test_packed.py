@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.models import gemm
 from seq2seq.models import packed as pk
 from seq2seq.models.step_weights import step_linears
 from seq2seq.precision import decoding_model
@@ -27,17 +26,6 @@ BF16 = {"rtol": 2 * 2 ** -8, "atol": 1e-2}
 
 # fp32 products of a few hundred terms, summed in another order by another library.
 FP32 = {"rtol": 1e-5, "atol": 1e-5}
-
-
-@pytest.fixture
-def fp32_gemm(monkeypatch):
-    """Set SEQ2SEQ_FP32_GEMM for the test (the choice is cached per process)."""
-    def use(value: str) -> None:
-        monkeypatch.setenv(gemm.ENV, value)
-        gemm.fp32_backend.cache_clear()
-
-    yield use
-    gemm.fp32_backend.cache_clear()
 
 
 def packed_copy(model: nn.Module) -> nn.Module:
