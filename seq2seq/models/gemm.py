@@ -62,8 +62,8 @@ def choose_backend(choice: str, available: bool, capability: str, vendor: str
         return "blas", f"auto: torch runs {capability or 'no vector'} kernels on this CPU"
     if vendor == "GenuineIntel":
         return "blas", "auto: MKL runs AVX-512 kernels on Intel CPUs"
-    return "onednn", (f"auto: a {vendor or 'non-Intel'} CPU with AVX-512, where MKL runs "
-                      "AVX2 kernels")
+    return "onednn", (f"auto: {vendor or 'a CPU not known to be Intel'} with AVX-512, where "
+                      "MKL runs AVX2 kernels")
 
 
 @functools.cache
