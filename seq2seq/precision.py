@@ -80,15 +80,15 @@ def decoding_model(model: torch.nn.Module, precision: str, device: torch.device
     accumulate in fp32) and, on a CPU, packed once for oneDNN where torch can
     (:mod:`seq2seq.models.packed`); in fp32 a packed copy where fp32 products go to oneDNN
     (:mod:`seq2seq.models.gemm`), else the model itself. ``model`` is never changed."""
-    from seq2seq.models.packed import pack_for_cpu, packing_supported
+    from seq2seq.models.packed import pack_for_cpu, packing_supported, unpack
 
     resolved, why = resolve_precision(precision, device)
     if resolved != "bf16":
         if not packing_supported(device, torch.float32):
             return model, "fp32", why
-        model = copy.deepcopy(model)
+        model = unpack(copy.deepcopy(model))  # packed already (translate's): packed anew
         pack_for_cpu(model)  # a no-op for a model that is not all fp32 (int8 layers)
         return model, "fp32", why
-    model = copy.deepcopy(model).to(torch.bfloat16)
+    model = unpack(copy.deepcopy(model)).to(torch.bfloat16)
     pack_for_cpu(model)  # a no-op on a GPU and where oneDNN has no bf16
     return model, "bf16", why

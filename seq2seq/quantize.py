@@ -29,6 +29,7 @@ from torch import nn
 from seq2seq.errors import Seq2SeqError
 from seq2seq.models.cells import CELLS, cell_update, steps_packed
 from seq2seq.models.decoder import Decoder
+from seq2seq.models.packed import unpack
 
 QMAX = 127.0  # symmetric int8: -127..127, so that -x quantises to -q(x)
 
@@ -103,7 +104,7 @@ def quantize_for_cpu(model: nn.Module) -> nn.Module:
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise Seq2SeqError("--quantize works on the CPU only (use --device cpu)")
-    model = copy.deepcopy(model).eval()
+    model = unpack(copy.deepcopy(model)).eval()  # fp32 weights packed for oneDNN: plain again
     for module in list(model.modules()):
         if isinstance(module, Decoder):
             module.fused = False

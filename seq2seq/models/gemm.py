@@ -79,15 +79,18 @@ def fp32_backend() -> tuple[str, str]:
                           torch.backends.cpu.get_cpu_capability(), cpu_field("vendor_id"))
 
 
+def _onednn_for(*tensors: torch.Tensor) -> bool:
+    """Whether products of ``tensors`` go to oneDNN: fp32 CPU tensors, autocast off, backend
+    "onednn", not inside ``torch.compile`` (a compiled graph picks its own kernels) nor under a
+    Python dispatch mode (torch's FLOP counter, fake tensors: they read aten's products)."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode() and fp32_backend()[0] == "onednn")
+
+
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x W^T`` goes to oneDNN: fp32 CPU tensors, autocast off, backend "onednn",
-    not inside ``torch.compile`` (a compiled graph picks its own kernels) nor under a Python
-    dispatch mode (torch's FLOP counter, fake tensors: they read aten's products)."""
-    return (not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode()
-            and x.dtype == weight.dtype == torch.float32
-            and x.device.type == weight.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")
-            and x.numel() > 0 and weight.numel() > 0 and fp32_backend()[0] == "onednn")
+    """Whether ``x W^T`` goes to oneDNN (:func:`_onednn_for`; empty products stay torch's)."""
+    return x.numel() > 0 and weight.numel() > 0 and _onednn_for(x, weight)
 
 
 def _gemm_layout(t: torch.Tensor) -> torch.Tensor:
@@ -156,9 +159,4 @@ def apply_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def step_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight``, made contiguous once when oneDNN will multiply by it at every step (a
     column block of a wider weight would otherwise be copied at each product)."""
-    if not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() \
-            and weight.dtype == torch.float32 \
-            and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu") \
-            and fp32_backend()[0] == "onednn":
-        return weight.contiguous()
-    return weight
+    return weight.contiguous() if _onednn_for(weight) else weight

@@ -19,6 +19,7 @@ the parameters, and the packed paths are taken only without gradients, in eval m
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -52,10 +53,42 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+class PackedWeight:
+    """``weight`` packed once (:func:`pack_weight`). oneDNN's tensors cannot be deep-copied,
+    so a deep copy packs the copied weight again: ``copy.deepcopy`` of a packed model works,
+    and the copy's packs are its own."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight.detach()
+        self.tensor = pack_weight(self.weight)
+
+    def __deepcopy__(self, memo: dict) -> PackedWeight:
+        return PackedWeight(copy.deepcopy(self.weight, memo))
+
+
+class PackedProduct:
+    """``x -> x W^T + b`` by a packed copy of ``weight`` (``bias`` is read as it is)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.packed, self.bias = PackedWeight(weight), bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed.tensor, self.bias)
+
+
 def linear_fn(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
     """``x -> x W^T + b`` by a packed copy of ``weight`` (``bias`` is read as it is)."""
-    packed = pack_weight(weight)
-    return lambda x: packed_linear(x, packed, bias)
+    return PackedProduct(weight, bias)
+
+
+def _on_parameters_of(cls: type[nn.Linear], linear: nn.Linear) -> nn.Linear:
+    """A ``cls`` module on ``linear``'s own weight and bias (tied weights stay tied)."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.in_features, module.out_features = linear.in_features, linear.out_features
+    module.weight, module.bias = linear.weight, linear.bias
+    module.training = linear.training
+    return module
 
 
 class PackedLinear(nn.Linear):
@@ -66,22 +99,18 @@ class PackedLinear(nn.Linear):
     (:func:`~seq2seq.models.gemm.linear`).
     """
 
-    packed: torch.Tensor
+    packed: PackedWeight
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> PackedLinear:
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
-        module.weight, module.bias = linear.weight, linear.bias
-        module.training = linear.training
-        module.packed = pack_weight(linear.weight)
+        module = _on_parameters_of(cls, linear)
+        module.packed = PackedWeight(linear.weight)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled():
             return linear(x, self.weight, self.bias)
-        return packed_linear(x, self.packed, self.bias)
+        return packed_linear(x, self.packed.tensor, self.bias)
 
 
 def pack_for_cpu(model: nn.Module) -> bool:
@@ -108,3 +137,16 @@ def pack_for_cpu(model: nn.Module) -> bool:
         if callable(pack_steps):
             pack_steps()
     return True
+
+
+def unpack(model: nn.Module) -> nn.Module:
+    """Undo :func:`pack_for_cpu` in place (before casting or quantising a packed model, whose
+    packs would not follow): every :class:`PackedLinear` back to an ``nn.Linear`` on the same
+    parameters, the decoders' packed step weights dropped. Returns ``model``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedLinear):
+                setattr(parent, name, _on_parameters_of(nn.Linear, child))
+        if getattr(parent, "packed_linears", None) is not None:
+            parent.packed_linears = None
+    return model

@@ -214,3 +214,41 @@ def test_packed_fp32_keeps_parameters_ties_and_trains_plain(fp32_gemm):
     assert all(p.grad is not None for p in packed.decoder.output.parameters())
     packed.eval()
     assert step_linears(packed.decoder) is not packed.decoder.packed_linears  # grads enabled
+
+
+def test_a_packed_model_deep_copies_casts_and_quantises(fp32_gemm):
+    """translate's model is packed already: the benchmark and the Python API copy it, cast it
+    to bf16 and quantise it; each gets packs (or int8 layers) of its own weights."""
+    from seq2seq.quantize import Int8Linear, quantize_for_cpu
+
+    fp32_gemm("onednn")
+    model = make(tiny()).eval()
+    packed, _, _ = decoding_model(model, "fp32", CPU)
+    src, src_lens, trg_in, _ = batch([5, 3, 4])
+    with torch.no_grad():
+        expected, _ = step_all(model, src, src_lens, trg_in)
+        copied = copy.deepcopy(packed)
+        assert set(linears(copied)) == {pk.PackedLinear}
+        copied_out, _ = step_all(copied, src, src_lens, trg_in)
+        torch.testing.assert_close(copied_out, expected, **FP32)
+        # the copy's packs are its own, made from its own weights
+        for ours, theirs in ((copied.decoder.output.packed, packed.decoder.output.packed),
+                             (copied.decoder.packed_linears.hh[0].packed,
+                              packed.decoder.packed_linears.hh[0].packed)):
+            assert ours.tensor is not theirs.tensor
+            assert ours.weight.data_ptr() != theirs.weight.data_ptr()
+            assert torch.equal(ours.weight, theirs.weight)
+        assert copied.decoder.packed_linears.hh[0].bias is copied.decoder.rnn.bias_hh_l0
+        repacked, _, _ = decoding_model(packed, "fp32", CPU)  # packing a packed model
+        torch.testing.assert_close(step_all(repacked, src, src_lens, trg_in)[0], expected, **FP32)
+        bf16, precision, _ = decoding_model(packed, "bf16", CPU)
+        assert precision == "bf16"
+        assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+        torch.testing.assert_close(step_all(bf16, src, src_lens, trg_in)[0].float(), expected,
+                                   **BF16)
+        int8 = quantize_for_cpu(packed)
+        assert not any(isinstance(m, pk.PackedLinear) for m in int8.modules())
+        assert any(isinstance(m, Int8Linear) for m in int8.modules())
+        assert int8.decoder.packed_linears is None
+        assert step_all(int8, src, src_lens, trg_in)[0].shape == expected.shape
+    assert set(linears(packed)) == {pk.PackedLinear}  # the packed model itself is unchanged
