@@ -151,3 +151,29 @@ def test_a_resume_in_another_precision_says_so(tmp_path, capfd, monkeypatch):
     assert ("note: this run computed in bf16 up to its checkpoint and continues in fp32 "
             "(train.precision=auto on this machine)") in err
     assert load_checkpoint(tmp_path / "run" / "last.pt")["precision"] == "fp32"
+
+
+def test_a_resume_on_other_fp32_products_says_so(tmp_path, capfd, fp32_gemm):
+    """SEQ2SEQ_FP32_GEMM (or another CPU) can change where fp32 products run: said on resume."""
+    from seq2seq.checkpoint import load_checkpoint
+    from seq2seq.config import recipe_from_dict
+    from seq2seq.training.trainer import fit
+    from tests.conftest import tiny_tree
+
+    def recipe(steps):
+        return recipe_from_dict(tiny_tree(str(tmp_path / "run"),
+                                          train={"max_steps": steps, "precision": "fp32"}))
+
+    fp32_gemm("blas")
+    fit(recipe(2))
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["products"] == "blas"
+    fp32_gemm("onednn")
+    capfd.readouterr()
+    fit(recipe(3))
+    err = capfd.readouterr().err
+    assert ("note: this run's fp32 products ran on blas up to its checkpoint and continue on "
+            "onednn (SEQ2SEQ_FP32_GEMM on this machine: SEQ2SEQ_FP32_GEMM=onednn)") in err
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["products"] == "onednn"
+    capfd.readouterr()
+    fit(recipe(4))  # the same products again: nothing said
+    assert "fp32 products ran on" not in capfd.readouterr().err

@@ -115,9 +115,17 @@ class _Step:
         would not say what a run trained in)."""
         return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast_dtype, "fp32")
 
+    @property
+    def products(self) -> str:
+        """Which library this step's fp32 CPU products run on, "onednn" or "blas"
+        (:mod:`seq2seq.models.gemm`); "torch" for bf16/fp16 and on a GPU."""
+        if self.precision == "fp32" and self.device.type == "cpu":
+            return fp32_backend()[0]
+        return "torch"
+
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "precision": self.precision}
+                "precision": self.precision, "products": self.products}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, state["optimizer"])
@@ -127,6 +135,12 @@ class _Step:
             print(f"note: this run computed in {before} up to its checkpoint and continues in "
                   f"{self.precision} (train.precision={self.cfg.precision} on this machine); "
                   "a resume is bitwise only within one precision", file=sys.stderr)
+        products = state.get("products")  # absent before fp32 products could go to oneDNN
+        if before == self.precision and products not in (None, self.products) \
+                and dist.is_main():
+            print(f"note: this run's fp32 products ran on {products} up to its checkpoint and "
+                  f"continue on {self.products} (SEQ2SEQ_FP32_GEMM on this machine: "
+                  f"{fp32_backend()[1]}); a resume is bitwise only on one", file=sys.stderr)
 
     def start(self, progress: Progress) -> None:
         """Called once the (resumed) optimizer state and progress are in place."""
