@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from seq2seq.cpuinfo import CPUINFO, cpu_field
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -111,24 +113,16 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     """The ``model name`` of the first CPU in ``cpuinfo`` with its ``cpu family``, ``model`` and
     ``stepping`` (a name such as "AMD EPYC" covers several generations: family 25 is Zen 3/4,
     26 is Zen 5), or platform.processor() where there is no such file."""
-    try:
-        fields: dict[str, str] = {}
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if not key.strip():
-                break  # the first processor is enough
-            fields.setdefault(key.strip(), value.strip())
-        if "model name" in fields:
-            ids = ", ".join(f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping")
-                            if key in fields)
-            return f"{fields['model name']} ({ids})" if ids else fields["model name"]
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    name = cpu_field("model name", cpuinfo)
+    if not name:
+        return platform.processor() or platform.machine()
+    ids = ", ".join(f"{key} {value}" for key in ("cpu family", "model", "stepping")
+                    if (value := cpu_field(key, cpuinfo)))
+    return f"{name} ({ids})" if ids else name
 
 
 def peak_rss_mib() -> float:

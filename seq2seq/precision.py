@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from seq2seq.cpuinfo import cpu_field
+from seq2seq.cpuinfo import CPUINFO, cpu_field
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-CPUINFO = Path("/proc/cpuinfo")
 
 
 def cpu_flags(cpuinfo: Path | None = None) -> set[str]:

@@ -129,51 +129,44 @@ def test_a_bf16_step_agrees_with_fp32(cell, decoder, packed):
         assert (grads16[name] - g32).norm() <= PARAM_RTOL * max(g32.norm(), floor), name
 
 
-def test_a_resume_in_another_precision_says_so(tmp_path, capfd, monkeypatch):
-    """auto resolves on each machine: a run resumed where it resolves otherwise says so."""
-    import seq2seq.precision as precision_module
+def train_to(tmp_path, steps: int, precision: str) -> dict:
+    """Train (or resume) the tiny run under ``tmp_path`` to ``steps``; its last checkpoint."""
     from seq2seq.checkpoint import load_checkpoint
     from seq2seq.config import recipe_from_dict
     from seq2seq.training.trainer import fit
     from tests.conftest import tiny_tree
 
-    def recipe(steps):
-        return recipe_from_dict(tiny_tree(str(tmp_path / "run"),
-                                          train={"max_steps": steps, "precision": "auto"}))
+    fit(recipe_from_dict(tiny_tree(str(tmp_path / "run"),
+                                   train={"max_steps": steps, "precision": precision})))
+    return load_checkpoint(tmp_path / "run" / "last.pt")
+
+
+def test_a_resume_in_another_precision_says_so(tmp_path, capfd, monkeypatch):
+    """auto resolves on each machine: a run resumed where it resolves otherwise says so."""
+    import seq2seq.precision as precision_module
 
     monkeypatch.setattr(precision_module, "cpu_native_bf16", lambda: "torch: avx512_bf16")
-    fit(recipe(2))
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["precision"] == "bf16"
+    assert train_to(tmp_path, 2, "auto")["precision"] == "bf16"
     monkeypatch.setattr(precision_module, "cpu_native_bf16", lambda: None)
     capfd.readouterr()
-    fit(recipe(3))
+    checkpoint = train_to(tmp_path, 3, "auto")
     err = capfd.readouterr().err
     assert ("note: this run computed in bf16 up to its checkpoint and continues in fp32 "
             "(train.precision=auto on this machine)") in err
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["precision"] == "fp32"
+    assert checkpoint["precision"] == "fp32"
 
 
 def test_a_resume_on_other_fp32_products_says_so(tmp_path, capfd, fp32_gemm):
     """SEQ2SEQ_FP32_GEMM (or another CPU) can change where fp32 products run: said on resume."""
-    from seq2seq.checkpoint import load_checkpoint
-    from seq2seq.config import recipe_from_dict
-    from seq2seq.training.trainer import fit
-    from tests.conftest import tiny_tree
-
-    def recipe(steps):
-        return recipe_from_dict(tiny_tree(str(tmp_path / "run"),
-                                          train={"max_steps": steps, "precision": "fp32"}))
-
     fp32_gemm("blas")
-    fit(recipe(2))
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["products"] == "blas"
+    assert train_to(tmp_path, 2, "fp32")["products"] == "blas"
     fp32_gemm("onednn")
     capfd.readouterr()
-    fit(recipe(3))
+    checkpoint = train_to(tmp_path, 3, "fp32")
     err = capfd.readouterr().err
     assert ("note: this run's fp32 products ran on blas up to its checkpoint and continue on "
             "onednn (SEQ2SEQ_FP32_GEMM on this machine: SEQ2SEQ_FP32_GEMM=onednn)") in err
-    assert load_checkpoint(tmp_path / "run" / "last.pt")["products"] == "onednn"
+    assert checkpoint["products"] == "onednn"
     capfd.readouterr()
-    fit(recipe(4))  # the same products again: nothing said
+    train_to(tmp_path, 4, "fp32")  # the same products again: nothing said
     assert "fp32 products ran on" not in capfd.readouterr().err
