@@ -111,6 +111,36 @@ def test_beams_attend_to_one_shared_source_row(kind):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("piece", [1, 3 * 7 * 12 * 2, 3 * 7 * 12 * 5 + 1])
+def test_additive_scores_made_in_pieces_equal_one_piece(monkeypatch, piece):
+    # Decoding on a CPU makes the (B, T, S, A) hidden layer a few sentences at a time:
+    # 1 sentence, 2, or 5 of 6 per piece here (3 beams of one query, S = 7, A = 12).
+    from seq2seq.models import attention as module
+
+    torch.manual_seed(0)
+    attention = Attention("bahdanau", query_size=16, value_size=16, attention_size=12)
+    enc_out = torch.randn(6, 7, 16)
+    src_mask = torch.arange(7) < torch.tensor([[7], [2], [1], [7], [4], [3]])
+    query = torch.randn(6 * 3, 1, 16)  # 3 beams per sentence
+    with torch.no_grad():
+        keys = attention.project_keys(enc_out)
+        whole = attention(query, keys, enc_out, src_mask)
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", piece)
+        calls = []
+        sigmoid = torch.sigmoid
+        monkeypatch.setattr(torch, "sigmoid", lambda x: calls.append(x.size(0)) or sigmoid(x))
+        pieces = attention(query, keys, enc_out, src_mask)
+    assert calls == {1: [1] * 6, 504: [2] * 3, 1261: [5, 1]}[piece]
+    for got, want in zip(pieces, whole):
+        assert torch.equal(got, want)
+    # Training keeps one piece: autograd sees the same graph as before.
+    monkeypatch.setattr(module, "CHUNK_ELEMENTS", 1)
+    calls.clear()
+    trained = attention(query, keys, enc_out, src_mask)
+    assert calls == [6] and trained[1].requires_grad
+    torch.testing.assert_close(trained[1], whole[1], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_step_attention_is_exactly_zero_on_padding(decoder):
     model = make(tiny(decoder=decoder, attention="general")).eval()

@@ -314,6 +314,22 @@ def test_attention_rows_per_scored_token():
         assert torch.allclose(g.attention, b.attention, atol=1e-6)
 
 
+def test_attention_made_in_pieces_leaves_the_search_unchanged(monkeypatch):
+    # On a CPU the decoder makes Bahdanau's hidden layer a few sentences at a time; a fp32
+    # model finds the same hypotheses with the same scores whatever the piece size.
+    from seq2seq.models import attention as module
+
+    model = real_model().float()
+    src, src_lens = make_batch(SRC_LENS)
+    whole = beam_search(model, src, src_lens, beam_size=4, n_best=2, alpha=0.6, max_len_add=5)
+    for piece in (1, 4 * 16 * 9 * 2):  # one sentence per piece; two of the longest
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", piece)
+        pieces = beam_search(model, src, src_lens, beam_size=4, n_best=2, alpha=0.6,
+                             max_len_add=5)
+        assert [[(h.tokens, h.score) for h in hyps] for hyps in pieces] == \
+            [[(h.tokens, h.score) for h in hyps] for hyps in whole]
+
+
 class RowCounter:
     """Wraps a model and records how many rows each step computes (decoder state and enc)."""
 
