@@ -19,8 +19,12 @@ the same hardware under comparable load (the load average is recorded beside eac
    target tokens/s (steps after the first 20 of ``--peer-steps``) and their beam-5 batch-100
    decoding of test_2016_flickr at the same fixed length.
 
-It prints the CPU model and its bf16 flags, then a table of figures and ratios. A failed part
-is an error (one line naming its log): nothing is filled in from elsewhere.
+It prints the CPU model and its bf16 flags, then a table of figures and ratios, then one
+line with the speed of a large matrix product in fp32 (ours, and BLAS's) and in bf16, and
+bf16's gain over our fp32 in products, training and decoding: on a CPU whose bf16 units
+multiply twice as fast as its fp32 ones (AVX512-BF16 without AMX), no step gains much more
+than twice. A failed part is an error (one line naming its log): nothing is filled in from
+elsewhere.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from seq2seq.precision import CPU_BF16_FLAGS, cpu_flags, cpu_native_bf16  # noqa: E402
 
 RECIPE = "recipes/multi30k/de-en.gru.yaml"
+PRODUCT_SIZE = 2048
 PEERS_BENCH = Path(os.environ.get("PEERS_BENCH", REPO.parent / "shared" / "peers" / "bench.sh"))
 
 
@@ -106,6 +111,49 @@ def peers(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {**json.loads(lines[-1]), "load_average": [before, load_average()]}
 
 
+def product_rates(threads: int, size: int = 2048, repeats: int = 3) -> dict[str, float]:
+    """GFLOP/s of one product of two ``size`` x ``size`` matrices on ``threads`` threads: fp32
+    as our fp32 runs it (:func:`seq2seq.models.gemm.product`: oneDNN or BLAS), fp32 by torch's
+    BLAS, and bf16. A whole step in bf16 can gain over fp32 about what its products gain."""
+    import time
+
+    import torch
+
+    from seq2seq.models.gemm import product
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    runs = {"fp32": lambda: product(a, b.t()), "fp32_blas": lambda: a @ b,
+            "bf16": lambda: a16 @ b16}
+    rates = {}
+    for name, run in runs.items():
+        run()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        rates[name] = round(2 * size**3 * repeats / (time.perf_counter() - start) / 1e9, 1)
+    return rates
+
+
+def own_ratios(result: dict[str, Any]) -> str:
+    """One line: bf16 against our own fp32, in products, training and decoding."""
+    rates, ours = result["products"], result["seq2seq"]
+    parts = [f"products bf16 / fp32 {ratio(rates['bf16'], rates['fp32'])}"]
+    if "bf16" in ours:
+        parts.append("training " + ratio(ours["bf16"]["train"]["target_tokens_per_s"],
+                                         ours["fp32"]["train"]["target_tokens_per_s"]))
+    decode = {row["weights"]: row["sentences_per_s"]
+              for row in ours["fp32"].get("decode", []) if not row.get("shortlist")}
+    if "bf16" in decode and "fp32" in decode:
+        parts.append(f"beam 5 with bf16 weights {ratio(decode['bf16'], decode['fp32'])}")
+    threads, backend = result["threads"], ours["fp32"]["fp32_products"].split()[0]
+    return (f"Products of two {PRODUCT_SIZE} x {PRODUCT_SIZE} matrices, {threads} "
+            f"thread{'s' if threads != 1 else ''}: fp32 {rates['fp32']:,.1f} GFLOP/s "
+            f"(by {backend}), fp32 by BLAS {rates['fp32_blas']:,.1f}, bf16 {rates['bf16']:,.1f}. "
+            f"bf16 against our fp32: {', '.join(parts)}.")
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
@@ -154,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         result["seq2seq"]["fp32, BLAS products"] = ours(args, work, "fp32", decode=False,
                                                           gemm="blas")
     result["peers"] = peers(args, work)
+    result["products"] = product_rates(args.threads, PRODUCT_SIZE)
     print(f"CPU: {result['cpu']}; bf16 flags: {', '.join(flags) or 'none'} "
           f"(native bf16: {native or 'no'}); {args.threads} threads for each toolkit; "
           f"peers' load average {result['peers']['load_average']}")
     print("\n".join(table(result)))
+    print(own_ratios(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -150,6 +150,16 @@ def test_compare_peers_runs_both_sides_and_prints_ratios(tmp_path):
     assert cells[2:6] == ["100", "50", f"{train / 100:.2f}x", f"{train / 50:.2f}x"]
     beam = next(line for line in result.stdout.splitlines() if "fp32 weights" in line)
     assert beam.split("|")[6].strip() == "n/a"  # Joey's missing figure stays missing
+    # bf16 against our own fp32, beside what the CPU's products allow
+    rates = report["products"]
+    assert sorted(rates) == ["bf16", "fp32", "fp32_blas"] and min(rates.values()) > 0
+    last = result.stdout.splitlines()[-1]
+    assert last.startswith("Products of two 2048 x 2048 matrices, 1 thread: fp32 ")
+    decode = {row["weights"]: row["sentences_per_s"] for row in ours["decode"]
+              if not row["shortlist"]}
+    assert f"products bf16 / fp32 {rates['bf16'] / rates['fp32']:.2f}x" in last
+    assert last.endswith(f"beam 5 with bf16 weights {decode['bf16'] / decode['fp32']:.2f}x.")
+    assert ("training " in last) == ("bf16" in report["seq2seq"])
 
 
 def test_compare_peers_stops_with_one_line_when_a_part_fails(tmp_path):
