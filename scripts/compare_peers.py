@@ -25,6 +25,12 @@ bf16's gain over our fp32 in products, training and decoding: on a CPU whose bf1
 multiply twice as fast as its fp32 ones (AVX512-BF16 without AMX), no step gains much more
 than twice. A failed part is an error (one line naming its log): nothing is filled in from
 elsewhere.
+
+What a CPU without AVX-512 (and so without native bf16) runs can be measured on one that has
+it, for both sides alike, since the peers' kit inherits the environment:
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` holds
+torch's kernels, oneDNN and MKL at AVX2; ``auto`` then trains in fp32 with BLAS's products,
+and bf16 is left out (:func:`seq2seq.precision.held_below_avx512`).
 """
 
 from __future__ import annotations
@@ -94,8 +100,12 @@ def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool,
            f"decode.max_len_add={args.len}", "--warmup", "3", "--steps", str(args.steps),
            "--threads", str(args.threads), "--work-dir", str(work / "bench"), "--json",
            str(out)]
-    cmd += ["--beams", "5", "--repeat", str(args.repeat), "--decode-batch", "100", "--quantize",
-            "--bf16", "--shortlist", str(args.shortlist)] if decode else ["--no-decode"]
+    if decode:  # bf16 weights where the CPU computes bf16 natively: elsewhere only slower
+        cmd += ["--beams", "5", "--repeat", str(args.repeat), "--decode-batch", "100",
+                "--quantize", "--shortlist", str(args.shortlist)]
+        cmd += ["--bf16"] if cpu_native_bf16() else []
+    else:
+        cmd.append("--no-decode")
     run_part(name, cmd, work, env={"SEQ2SEQ_FP32_GEMM": gemm} if gemm else None)
     return json.loads(out.read_text(encoding="utf-8"))
 
@@ -111,10 +121,12 @@ def peers(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {**json.loads(lines[-1]), "load_average": [before, load_average()]}
 
 
-def product_rates(threads: int, size: int = 2048, repeats: int = 3) -> dict[str, float]:
+def product_rates(threads: int, size: int = 2048, repeats: int = 3,
+                  bf16: bool = True) -> dict[str, float | None]:
     """GFLOP/s of one product of two ``size`` x ``size`` matrices on ``threads`` threads: fp32
     as our fp32 runs it (:func:`seq2seq.models.gemm.product`: oneDNN or BLAS), fp32 by torch's
-    BLAS, and bf16. A whole step in bf16 can gain over fp32 about what its products gain."""
+    BLAS, and bf16 (None unless ``bf16``). A whole step in bf16 can gain over fp32 about what
+    its products gain."""
     import time
 
     import torch
@@ -124,9 +136,10 @@ def product_rates(threads: int, size: int = 2048, repeats: int = 3) -> dict[str,
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size), torch.randn(size, size)
     a16, b16 = a.bfloat16(), b.bfloat16()
-    runs = {"fp32": lambda: product(a, b.t()), "fp32_blas": lambda: a @ b,
-            "bf16": lambda: a16 @ b16}
-    rates = {}
+    runs = {"fp32": lambda: product(a, b.t()), "fp32_blas": lambda: a @ b}
+    if bf16:
+        runs["bf16"] = lambda: a16 @ b16
+    rates: dict[str, float | None] = {"bf16": None}
     for name, run in runs.items():
         run()
         start = time.perf_counter()
@@ -150,7 +163,8 @@ def own_ratios(result: dict[str, Any]) -> str:
     threads, backend = result["threads"], ours["fp32"]["fp32_products"].split()[0]
     return (f"Products of two {PRODUCT_SIZE} x {PRODUCT_SIZE} matrices, {threads} "
             f"thread{'s' if threads != 1 else ''}: fp32 {rates['fp32']:,.1f} GFLOP/s "
-            f"(by {backend}), fp32 by BLAS {rates['fp32_blas']:,.1f}, bf16 {rates['bf16']:,.1f}. "
+            f"(by {backend}), fp32 by BLAS {rates['fp32_blas']:,.1f}, bf16 "
+            f"{format(rates['bf16'], ',.1f') if rates['bf16'] else 'not run (no native bf16)'}. "
             f"bf16 against our fp32: {', '.join(parts)}.")
 
 
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         result["seq2seq"]["fp32, BLAS products"] = ours(args, work, "fp32", decode=False,
                                                           gemm="blas")
     result["peers"] = peers(args, work)
-    result["products"] = product_rates(args.threads, PRODUCT_SIZE)
+    result["products"] = product_rates(args.threads, PRODUCT_SIZE, bf16=bool(native))
     print(f"CPU: {result['cpu']}; bf16 flags: {', '.join(flags) or 'none'} "
           f"(native bf16: {native or 'no'}); {args.threads} threads for each toolkit; "
           f"peers' load average {result['peers']['load_average']}")

@@ -23,6 +23,7 @@ import torch
 from seq2seq.cpuinfo import CPUINFO, cpu_field
 
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+HELD_CAPABILITIES = ("DEFAULT", "NO AVX", "AVX2")  # torch.backends.cpu.get_cpu_capability()
 
 
 def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
@@ -31,9 +32,8 @@ def cpu_flags(cpuinfo: Path | None = None) -> set[str]:
     return set(cpu_field("flags", cpuinfo or CPUINFO).split())
 
 
-def cpu_native_bf16() -> str | None:
-    """How this CPU computes bf16 natively ("torch: avx512_bf16", "cpuinfo: amx_bf16", ...),
-    or None when it does not."""
+def cpu_bf16_instructions() -> str | None:
+    """The CPU's bf16 instructions ("torch: avx512_bf16", "cpuinfo: amx_bf16", ...), or None."""
     probes = {"amx_bf16": getattr(torch.cpu, "_is_amx_tile_supported", None),
               "avx512_bf16": getattr(torch.cpu, "_is_avx512_bf16_supported", None)}
     if all(probe is not None for probe in probes.values()):
@@ -41,6 +41,21 @@ def cpu_native_bf16() -> str | None:
         return f"torch: {', '.join(found)}" if found else None
     found = [flag for flag in CPU_BF16_FLAGS if flag in cpu_flags()]
     return f"cpuinfo: {', '.join(found)}" if found else None
+
+
+def held_below_avx512() -> str | None:
+    """torch's CPU kernel level ("AVX2", ...) where it is below AVX-512 on this x86 CPU, else
+    None. ``ATEN_CPU_CAPABILITY=avx2`` holds it there on any CPU (with
+    ``ONEDNN_MAX_CPU_ISA=AVX2``, the way to measure what a CPU without AVX-512 runs); its bf16
+    products then fall back to code that does not use the bf16 instructions."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return capability if capability in HELD_CAPABILITIES else None
+
+
+def cpu_native_bf16() -> str | None:
+    """How this CPU computes bf16 natively ("torch: avx512_bf16", "cpuinfo: amx_bf16", ...),
+    or None when it does not, or torch's kernels are held below AVX-512."""
+    return None if held_below_avx512() else cpu_bf16_instructions()
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
@@ -58,6 +73,10 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     if precision == "auto":
         if native:
             return "bf16", f"auto: the CPU computes bf16 natively ({native})"
+        held, instructions = held_below_avx512(), cpu_bf16_instructions()
+        if held and instructions:
+            return "fp32", (f"auto: torch's CPU kernels are held at {held}, below the CPU's "
+                            f"bf16 instructions ({instructions})")
         return "fp32", "auto: the CPU has no native bf16 (no amx_bf16 or avx512_bf16)"
     if precision == "bf16" and not native:
         return "bf16", "as asked; the CPU has no native bf16, so it is slower than fp32"

@@ -2,6 +2,7 @@
 included agreeing with fp32 for every cell."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -15,10 +16,11 @@ from tests.models.test_models import CELLS, batch, make, tiny
 CPU = torch.device("cpu")
 
 
-def mock_torch_probes(monkeypatch, amx, avx512_bf16):
+def mock_torch_probes(monkeypatch, amx, avx512_bf16, capability="AVX512"):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
                         raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
 
 
 @pytest.mark.parametrize("amx,avx512_bf16,expected", [
@@ -34,6 +36,30 @@ def test_auto_on_a_cpu_asks_torch(monkeypatch, amx, avx512_bf16, expected):
     assert prec.resolve_precision("bf16", CPU)[0] == "bf16"
 
 
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_auto_is_fp32_where_torch_is_held_below_avx512(monkeypatch, capability):
+    # ATEN_CPU_CAPABILITY=avx2 on a CPU with AVX512-BF16: torch's bf16 products no longer use
+    # the bf16 instructions, so bf16 is not native there.
+    mock_torch_probes(monkeypatch, False, True, capability)
+    assert prec.cpu_native_bf16() is None
+    assert prec.resolve_precision("auto", CPU) == ("fp32", (
+        f"auto: torch's CPU kernels are held at {capability}, below the CPU's bf16 "
+        "instructions (torch: avx512_bf16)"))
+    mock_torch_probes(monkeypatch, False, False, capability)
+    assert prec.resolve_precision("auto", CPU)[1] == (
+        "auto: the CPU has no native bf16 (no amx_bf16 or avx512_bf16)")
+
+
+def test_torch_held_at_avx2_by_the_environment_is_seen():
+    import subprocess
+    import sys
+
+    code = "from seq2seq.precision import held_below_avx512; print(held_below_avx512())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}).stdout
+    assert out.strip() == "AVX2"
+
+
 @pytest.mark.parametrize("flags,expected", [
     ("fpu sse avx512f avx512_bf16 amx_tile", "bf16"),
     ("fpu sse avx512f amx_bf16", "bf16"),
@@ -42,6 +68,7 @@ def test_auto_on_a_cpu_asks_torch(monkeypatch, amx, avx512_bf16, expected):
 def test_auto_without_torch_probes_reads_the_cpu_flags(monkeypatch, tmp_path, flags, expected):
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         monkeypatch.delattr(torch.cpu, name, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\n"
                        "processor\t: 1\nflags\t\t: fpu\n")
