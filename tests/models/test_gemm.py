@@ -24,7 +24,8 @@ RTOL, ATOL = 1e-5, 1e-5
     ("auto", True, "AVX512", "HygonGenuine", "onednn"),
     ("auto", True, "AVX512", "", "onednn"),  # no /proc/cpuinfo: not known to be Intel
     ("auto", True, "AVX512", "GenuineIntel", "blas"),
-    ("auto", True, "AVX2", "AuthenticAMD", "blas"),
+    ("auto", True, "AVX2", "AuthenticAMD", "onednn"),
+    ("auto", True, "AVX2", "GenuineIntel", "blas"),
     ("auto", True, "DEFAULT", "AuthenticAMD", "blas"),
     ("auto", False, "AVX512", "AuthenticAMD", "blas"),
     ("onednn", True, "AVX2", "GenuineIntel", "onednn"),
