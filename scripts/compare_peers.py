@@ -90,9 +90,10 @@ def run_part(name: str, cmd: list[str], work: Path, env: dict[str, str] | None =
 
 
 def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool,
-         gemm: str | None = None) -> dict[str, Any]:
+         gemm: str | None = None, bf16: bool = False) -> dict[str, Any]:
     """scripts/benchmark.py on the de-en.gru recipe in ``precision`` (``gemm``: fp32 products
-    by this SEQ2SEQ_FP32_GEMM instead of the default); its JSON result."""
+    by this SEQ2SEQ_FP32_GEMM instead of the default; ``bf16``: decode with bf16 weights too,
+    where the CPU computes bf16 natively); its JSON result."""
     name = f"seq2seq-{precision}" + (f"-{gemm}" if gemm else "")
     out = work / f"{name}.json"
     cmd = [sys.executable, "scripts/benchmark.py", args.recipe, f"train.precision={precision}",
@@ -100,10 +101,9 @@ def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool,
            f"decode.max_len_add={args.len}", "--warmup", "3", "--steps", str(args.steps),
            "--threads", str(args.threads), "--work-dir", str(work / "bench"), "--json",
            str(out)]
-    if decode:  # bf16 weights where the CPU computes bf16 natively: elsewhere only slower
+    if decode:
         cmd += ["--beams", "5", "--repeat", str(args.repeat), "--decode-batch", "100",
-                "--quantize", "--shortlist", str(args.shortlist)]
-        cmd += ["--bf16"] if cpu_native_bf16() else []
+                "--quantize", "--shortlist", str(args.shortlist)] + (["--bf16"] if bf16 else [])
     else:
         cmd.append("--no-decode")
     run_part(name, cmd, work, env={"SEQ2SEQ_FP32_GEMM": gemm} if gemm else None)
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {"cpu": cpu_model(), "bf16_flags": flags, "native_bf16": native,
                               "threads": args.threads, "fixed_output_length": args.len,
-                              "seq2seq": {"fp32": ours(args, work, "fp32", decode=True)}}
+                              "seq2seq": {"fp32": ours(args, work, "fp32", decode=True,
+                                                       bf16=bool(native))}}
     if native:
         result["seq2seq"]["bf16"] = ours(args, work, "bf16", decode=False)
     if result["seq2seq"]["fp32"]["fp32_products"].startswith("onednn"):
