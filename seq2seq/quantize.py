@@ -43,15 +43,35 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """``nn.Linear`` in int8: ``y = (q(x) q(W)^T) * s_x * s_W + b`` with a scale per row of
     ``x`` and per output of ``W`` (symmetric, round to nearest). Integer sums are exact, so each
-    row of ``y`` depends on its own row of ``x`` only."""
+    row of ``y`` depends on its own row of ``x`` only. Made by :meth:`quantize`.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    Args:
+        qweight_t: ``(K, N_out)`` int8 weights, transposed for ``torch._int_mm``.
+        weight_scale: ``(1, N_out)`` the scale of each output.
+        bias: ``(N_out,)`` float, or None.
+    """
+
+    def __init__(self, qweight_t: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        self.in_features, self.out_features = qweight_t.shape
+        self.register_buffer("qweight_t", qweight_t)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+        """The int8 layer of float ``weight`` ``(N_out, K)`` and ``bias``."""
         qweight, scale = quantize_rows(weight.detach().float())
-        self.register_buffer("qweight_t", qweight.t().contiguous())  # (K, N_out)
-        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, N_out)
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        return cls(qweight.t().contiguous(), scale.t().contiguous(),
+                   None if bias is None else bias.detach().float().clone())
+
+    def select(self, ids: torch.Tensor) -> Int8Linear:
+        """This layer restricted to outputs ``ids`` (a shortlist's rows of an output layer):
+        their values are this layer's bit for bit, at the cost of ``len(ids)`` outputs."""
+        return Int8Linear(self.qweight_t.index_select(1, ids).contiguous(),
+                          self.weight_scale.index_select(1, ids),
+                          None if self.bias is None else self.bias.index_select(0, ids))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, scale = quantize_rows(x.reshape(-1, self.in_features).float())
@@ -74,9 +94,9 @@ class Int8RNN(nn.Module):
         super().__init__()
         self.cell, self.layers = CELLS[rnn.mode], rnn.num_layers
         weights = dict(rnn.named_parameters())
-        self.ih = nn.ModuleList(Int8Linear(weights[f"weight_ih_l{k}"], weights.get(
+        self.ih = nn.ModuleList(Int8Linear.quantize(weights[f"weight_ih_l{k}"], weights.get(
             f"bias_ih_l{k}")) for k in range(self.layers))
-        self.hh = nn.ModuleList(Int8Linear(weights[f"weight_hh_l{k}"], weights.get(
+        self.hh = nn.ModuleList(Int8Linear.quantize(weights[f"weight_hh_l{k}"], weights.get(
             f"bias_hh_l{k}")) for k in range(self.layers))
 
     def forward(self, x: torch.Tensor, hx: Any) -> tuple[torch.Tensor, Any]:
@@ -112,5 +132,5 @@ def quantize_for_cpu(model: nn.Module) -> nn.Module:
                 module.rnn = Int8RNN(module.rnn)
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, name, Int8Linear(child.weight, child.bias))
+                setattr(module, name, Int8Linear.quantize(child.weight, child.bias))
     return model

@@ -133,7 +133,7 @@ def test_quantised_model_keeps_the_search_interface_and_leaves_the_original():
 def test_int8_linear_is_close_to_float_and_each_row_depends_on_itself_only():
     torch.manual_seed(3)
     linear = torch.nn.Linear(37, 53)
-    int8 = Int8Linear(linear.weight, linear.bias)
+    int8 = Int8Linear.quantize(linear.weight, linear.bias)
     x = torch.randn(9, 4, 37)
     x[0, 0] *= 100  # one large row: a scale per batch would coarsen every other row
     y = int8(x)

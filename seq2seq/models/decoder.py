@@ -45,14 +45,23 @@ State = tuple[torch.Tensor, ...]
 
 
 class OutputRows(NamedTuple):
-    """The output layer restricted to target ids ``ids``: their weight and bias rows (None
-    when the layer is int8: its logits are then computed in full and selected), and the
-    weight rows packed for oneDNN when the model is (:mod:`seq2seq.models.packed`)."""
+    """The output layer restricted to target ids ``ids``: their weight and bias rows, and the
+    weight rows packed for oneDNN when the model is (:mod:`seq2seq.models.packed`); for an
+    output layer without float weights (int8), ``layer`` computes those rows instead."""
 
     ids: torch.Tensor
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     packed: torch.Tensor | None = None
+    layer: nn.Module | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, U)`` logits of the ids from the output layer's input ``(B, H)``."""
+        if self.layer is not None:
+            return self.layer(hidden)
+        if self.packed is not None and not torch.is_grad_enabled():
+            return packed_linear(hidden, self.packed, self.bias)
+        return linear(hidden, self.weight, self.bias)
 
 
 class Decoder(nn.Module):
@@ -150,21 +159,17 @@ class Decoder(nn.Module):
         Returns:
             logits ``(B, V)`` (``(B, U)`` with rows), the new state, attention ``(B, S)``.
         """
-        if not self.fused or rows is not None and rows.weight is None:
-            logits, state, attn = self.run(prev_tokens.unsqueeze(1), state, enc_out, keys,
-                                           src_mask)
-            logits = logits.squeeze(1)
-            if rows is not None:
-                logits = logits.index_select(1, rows.ids)
-            return logits, state, attn.squeeze(1)
+        if not self.fused:
+            out, state, attn = self.run(prev_tokens.unsqueeze(1), state, enc_out, keys,
+                                        src_mask, features=rows is not None)
+            out = out.squeeze(1)  # logits, or with rows the output layer's input
+            return (out if rows is None else rows.logits(out)), state, attn.squeeze(1)
         emb = self._embed(prev_tokens.unsqueeze(1))
         att_vecs, state, attn = recur(self, emb, state, enc_out, keys, src_mask)
         hidden = self.dropout(att_vecs[:, 0])
         if rows is None:
             return apply_linear(self.output, hidden), state, attn
-        if rows.packed is not None and not torch.is_grad_enabled():
-            return packed_linear(hidden, rows.packed, rows.bias), state, attn
-        return linear(hidden, rows.weight, rows.bias), state, attn
+        return rows.logits(hidden), state, attn
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Embeddings of ``tokens`` ``(B, T)`` with word dropout, then dropout: ``(B, T, E)``."""
@@ -173,11 +178,11 @@ class Decoder(nn.Module):
 
     def output_rows(self, ids: torch.Tensor) -> OutputRows:
         """The output layer's rows for target ids ``ids`` (a shortlist), copied once so that
-        every step multiplies by ``(U, H)`` instead of ``(V, H)``. An int8 output layer has no
-        float weights: then every step computes all logits and keeps those of ``ids``."""
+        every step multiplies by ``(U, H)`` instead of ``(V, H)``; an int8 output layer
+        (:class:`~seq2seq.quantize.Int8Linear`) is restricted by its ``select``."""
         weight = getattr(self.output, "weight", None)
         if not isinstance(weight, torch.Tensor):
-            return OutputRows(ids, None, None)
+            return OutputRows(ids, None, None, layer=self.output.select(ids))
         bias = self.output.bias
         rows = weight.index_select(0, ids)
         return OutputRows(ids, rows, None if bias is None else bias.index_select(0, ids),

@@ -145,12 +145,22 @@ def test_greedy_and_the_graphed_search_ignore_the_shortlist():
         decode_ids(model, ids, DecodeConfig(beam_size=3, shortlist=2), torch.device("cpu"))
 
 
-def test_int8_models_select_their_full_logits():
+def test_int8_models_compute_only_the_shortlisted_rows_with_their_full_values():
     model = real_model().float()
     quantized = quantize_for_cpu(model)
     shortlist = restrictive()
     src, src_lens = make_batch(SRC_LENS)
     ids, allowed = shortlist.for_batch(src)
+    rows = quantized.output_rows(ids)
+    assert rows.layer.out_features == len(ids) < VOCAB
+    with torch.no_grad():
+        enc = quantized.encode(src, src_lens)
+        prev = torch.full((src.size(0),), 1, dtype=torch.long)
+        state = quantized.init_state(enc)
+        step = quantized.decoder.step
+        full, _, _ = step(prev, state, enc.enc_out, enc.keys, enc.src_mask)
+        listed, _, _ = step(prev, state, enc.enc_out, enc.keys, enc.src_mask, rows)
+    assert torch.equal(listed, full.index_select(1, ids))  # the logits, before normalising
     hyps = beam_search(quantized, src, src_lens, beam_size=3, max_len_add=5,
                        shortlist=shortlist)
     for i, nbest in enumerate(hyps):
