@@ -1,6 +1,7 @@
 """Int8 decoding of a trained model on the CPU (opt-in: ``--quantize``).
 
-Every ``nn.Linear`` becomes an :class:`Int8Linear`: int8 weights with one scale per output
+Every ``nn.Linear`` with more than one output (Bahdanau attention's ``v`` stays float)
+becomes an :class:`Int8Linear`: int8 weights with one scale per output
 row, and int8 activations with one scale per input row, multiplied in int8 with int32 sums
 (``torch._int_mm``, oneDNN on x86). A row's output depends on that row alone, so a sentence
 translates the same whatever it is batched with, as in fp32: ``serve`` answers exactly what
@@ -131,6 +132,9 @@ def quantize_for_cpu(model: nn.Module) -> nn.Module:
             if steps_packed(module.rnn):  # a decoder RNN is unidirectional
                 module.rnn = Int8RNN(module.rnn)
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            # A vector product (one output) stays float: quantising its input (five passes over
+            # it) costs more than an int8 product saves. Bahdanau attention's v is one, applied
+            # to the (beams, source length, A) hidden layer at every step.
+            if type(child) is nn.Linear and child.out_features > 1:
                 setattr(module, name, Int8Linear.quantize(child.weight, child.bias))
     return model

@@ -130,6 +130,18 @@ def test_quantised_model_keeps_the_search_interface_and_leaves_the_original():
                            max_len_add=2)) == 2
 
 
+def test_int8_leaves_only_vector_products_in_float():
+    torch.manual_seed(0)
+    model = build_model(tiny("gru", "bahdanau", "bahdanau", True), VOCAB, VOCAB).eval()
+    quantised = quantize_for_cpu(model)
+    linears = {name: type(module) for name, module in quantised.named_modules()
+               if isinstance(module, (torch.nn.Linear, Int8Linear))}
+    # Bahdanau's v has one output: quantising its (beams, S, A) input each step costs more
+    # than the product
+    assert linears.pop("decoder.attention.energy_layer") is torch.nn.Linear
+    assert linears and set(linears.values()) == {Int8Linear}, linears
+
+
 def test_int8_linear_is_close_to_float_and_each_row_depends_on_itself_only():
     torch.manual_seed(3)
     linear = torch.nn.Linear(37, 53)

@@ -147,7 +147,9 @@ def own_shortlists(log_probs: torch.Tensor, allowed: torch.Tensor, beam_size: in
     """
     log_probs = log_probs.masked_fill(~allowed.repeat_interleave(beam_size, dim=0),
                                       float("-inf"))
-    return log_probs - log_probs.logsumexp(dim=1, keepdim=True)
+    # log_softmax, not ``x - x.logsumexp()``: one fused pass instead of four (a tenth of an
+    # int8 step with a shortlist); the same function up to rounding.
+    return torch.log_softmax(log_probs, dim=1)
 
 
 def candidates(scores: torch.Tensor, log_probs: torch.Tensor
