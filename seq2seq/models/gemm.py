@@ -119,6 +119,21 @@ def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     return out.view(*x.shape[:-1], weight.size(0))
 
 
+def weight_grad(grads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``grads^T rows``: the gradient ``(out, in)`` of ``W`` in ``x W^T``, from the rows of the
+    output's gradient ``(N, out)`` and of ``x`` ``(N, in)``.
+
+    Through oneDNN it is computed as ``(rows^T grads)^T`` (column-major) when ``grads`` is the
+    wider: oneDNN copies a column-major first operand to row-major but reads the second (the
+    weight) in any layout, so the narrower matrix is the one copied. The same sums in the same
+    order: measured bitwise equal, and for the output layer's 4,095 x 7,000 gradient (two
+    threads, Zen 5) 71 ms against 136 (123 against 190 held at AVX2), whose copy alone cost 59.
+    """
+    if uses_onednn(rows, grads) and grads.size(1) > rows.size(1):
+        return product(rows.t(), grads.t()).t()
+    return product(grads.t(), rows.t())
+
+
 class _Linear(torch.autograd.Function):
     """``F.linear`` by oneDNN, forward and backward (:func:`linear`)."""
 
@@ -136,9 +151,8 @@ class _Linear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:  # grad W
             grad_x = product(grad_rows, weight.t()).view(x.shape)
-        if ctx.needs_input_grad[1]:  # grad^T x
-            rows = _gemm_layout(x.reshape(-1, x.size(-1)))
-            grad_weight = product(grad_rows.t(), rows.t())
+        if ctx.needs_input_grad[1]:
+            grad_weight = weight_grad(grad_rows, _gemm_layout(x.reshape(-1, x.size(-1))))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
         return grad_x, grad_weight, grad_bias

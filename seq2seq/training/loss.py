@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.models.gemm import linear, product, uses_onednn
+from seq2seq.models.gemm import linear, product, uses_onednn, weight_grad
 from seq2seq.tokenizer import PAD
 
 # Logits per chunk: 2^22 fp32 values are 16 MiB, within a CPU's last-level cache; a GPU
@@ -103,7 +103,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if wide is not None:
                     out.copy_(grad)
             grad_rows = product(grads, w.t())  # grads @ w
-            grad_weight = product(grads.t(), rows.t()).float()  # grads^T @ rows
+            grad_weight = weight_grad(grads, rows).float()  # grads^T @ rows
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype

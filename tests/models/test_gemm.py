@@ -84,9 +84,10 @@ LAYOUTS = ["contiguous", "column block", "transposed"]
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(5, 24), (3, 4, 24), (1, 24), (2, 1, 3, 24)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_and_its_gradients_match_torch(fp32_gemm, layout, shape, bias):
+@pytest.mark.parametrize("out_features", [17, 40])  # narrower and wider than the input (24)
+def test_linear_and_its_gradients_match_torch(fp32_gemm, layout, shape, bias, out_features):
     assert fp32_gemm("onednn") == "onednn"
-    leaves, view = _case(shape, 17, layout, bias)
+    leaves, view = _case(shape, out_features, layout, bias)
     ours = [t.clone().requires_grad_() for t in leaves]
     ref = [t.clone().requires_grad_() for t in leaves]
     assert uses_onednn(ours[0], view(ours[1]))
@@ -98,6 +99,18 @@ def test_linear_and_its_gradients_match_torch(fp32_gemm, layout, shape, bias):
     want.backward(grad)
     for leaf, ref_leaf in zip(ours, ref):
         torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", ["onednn", "blas"])
+@pytest.mark.parametrize("outputs", [7, 300])
+def test_weight_grad_copies_the_narrower_operand_only(fp32_gemm, backend, outputs):
+    fp32_gemm(backend)
+    gen = torch.Generator().manual_seed(5)
+    grads, rows = torch.randn(50, outputs, generator=gen), torch.randn(50, 24, generator=gen)
+    got = gemm.weight_grad(grads, rows)
+    torch.testing.assert_close(got, grads.t() @ rows, rtol=RTOL, atol=ATOL)
+    # oneDNN computes a wider gradient transposed, (rows^T grads)^T: column-major
+    assert got.is_contiguous() == (backend == "blas" or outputs < 24)
 
 
 def test_a_strided_input_and_a_strided_gradient(fp32_gemm):
