@@ -1,8 +1,8 @@
 """Int8 decoding of a trained model on the CPU (opt-in: ``--quantize``).
 
 Every ``nn.Linear`` with more than one output (Bahdanau attention's ``v`` stays float)
-becomes an :class:`Int8Linear`: int8 weights with one scale per output
-row, and int8 activations with one scale per input row, multiplied in int8 with int32 sums
+becomes an :class:`Int8Linear`: int8 weights with one scale per output row, and int8
+activations with one scale per input row, multiplied in int8 with int32 sums
 (``torch._int_mm``, oneDNN on x86). A row's output depends on that row alone, so a sentence
 translates the same whatever it is batched with, as in fp32: ``serve`` answers exactly what
 ``translate`` writes, and ``translate`` what it writes for the sentence alone. torch's dynamic
@@ -70,7 +70,7 @@ class Int8Linear(nn.Module):
     def select(self, ids: torch.Tensor) -> Int8Linear:
         """This layer restricted to outputs ``ids`` (a shortlist's rows of an output layer):
         their values are this layer's bit for bit, at the cost of ``len(ids)`` outputs."""
-        return Int8Linear(self.qweight_t.index_select(1, ids).contiguous(),
+        return Int8Linear(self.qweight_t.index_select(1, ids),  # a new, contiguous tensor
                           self.weight_scale.index_select(1, ids),
                           None if self.bias is None else self.bias.index_select(0, ids))
 
