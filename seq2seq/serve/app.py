@@ -30,7 +30,7 @@ from seq2seq.serve.parsing import (
     parse_translate,
     read_body,
 )
-from seq2seq.serve.worker import Job, QueueFull
+from seq2seq.serve.worker import Job, QueueFull, WorkerGone
 
 ROUTES = ("/", "/translate", "/languages", "/health", "/metrics")
 RETRY_AFTER_S = "1"
@@ -63,9 +63,13 @@ def build_app(pairs: LanguagePairs, options: ServeOptions, metrics: Metrics) -> 
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok", "models": [
-            {"source": m.source, "target": m.target, "checkpoint": m.checkpoint,
-             "queued": m.worker.queued} for m in pairs.models.values()]})
+        # 503 once a model's decoding process has died, so that a supervisor restarts us.
+        models = [{"source": m.source, "target": m.target, "checkpoint": m.checkpoint,
+                   "queued": m.worker.queued, "failure": m.worker.failure}
+                  for m in pairs.models.values()]
+        failed = any(model["failure"] for model in models)
+        return JSONResponse({"status": "error" if failed else "ok", "models": models},
+                            status_code=503 if failed else 200)
 
     @app.get("/metrics")
     async def metrics_page() -> Response:
@@ -217,7 +221,9 @@ async def decode(model: ServedModel, job: Job, timeout_s: float) -> list[Any]:
         raise ApiError(503, f"Server busy ({error}); retry later", retry) from None
     try:
         return await asyncio.wait_for(done, timeout_s)
+    except WorkerGone as error:
+        raise ApiError(500, f"Translation failed: {error}") from None
     except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
-        job.cancelled = True
+        model.worker.cancel(job)
         raise ApiError(503, f"Translation took longer than {timeout_s:g} s; retry later",
                        retry) from None

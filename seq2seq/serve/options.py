@@ -30,9 +30,10 @@ class ServeOptions:
     batch_size: int = flag(64, "most sentences of concurrent requests decoded together: in "
                            "a beam search, which new requests join between steps; in a whole "
                            "decode otherwise (1: no batching across requests)")
-    batch_wait_ms: float = flag(5.0, "how long a whole decode (greedy, CUDA graphs) waits for "
-                                "more sentences after the first one arrives; a beam search "
-                                "that requests join never waits")
+    batch_wait_ms: float = flag(5.0, "how long a sentence waits for others: to join a "
+                                "running beam search (unless a quarter of its size is waiting), "
+                                "or, for a whole decode (greedy, CUDA graphs), for more after "
+                                "the first one arrives")
     char_limit: int = flag(5000, "most characters of text in one request")
     body_limit: int = flag(1_000_000, "most bytes of request body (413 beyond)")
     max_texts: int = flag(100, "most strings in a q list")

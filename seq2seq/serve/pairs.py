@@ -15,7 +15,6 @@ from typing import Any
 from seq2seq.config import DecodeConfig
 from seq2seq.errors import Seq2SeqError
 from seq2seq.serve.parsing import ApiError
-from seq2seq.serve.worker import BatchWorker
 from seq2seq.translate_io import DEFAULT_MAX_CHARS, one_line
 
 LANGUAGE_NAMES = {
@@ -36,10 +35,13 @@ class ServedModel:
     target: str
     checkpoint: str
     translator: Any
-    """A ``seq2seq.translate.Translator``."""
+    """A ``seq2seq.translate.Translator``, for its settings (``serve`` releases its model:
+    the worker process loads its own)."""
     settings: DecodeConfig
     """The decoding settings of the ``serve`` flags over the checkpoint's recipe."""
-    worker: BatchWorker
+    worker: Any
+    """A :class:`~seq2seq.serve.process.WorkerProcess` (or an in-process
+    :class:`~seq2seq.serve.worker.BatchWorker`)."""
 
     def settings_for(self, alternatives: int) -> DecodeConfig:
         """The settings of ``translate --nbest alternatives+1`` (or of no ``--nbest``); an n-best

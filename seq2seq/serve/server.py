@@ -16,7 +16,7 @@ from seq2seq.errors import Seq2SeqError
 from seq2seq.serve.metrics import Metrics
 from seq2seq.serve.options import ServeOptions
 from seq2seq.serve.pairs import LanguagePairs, ServedModel
-from seq2seq.serve.worker import BatchWorker
+from seq2seq.serve.process import LoadSpec, WorkerProcess
 
 
 def serve_command(args: Any) -> int:
@@ -33,12 +33,13 @@ def serve_command(args: Any) -> int:
         torch.set_num_threads(options.threads)
     metrics = Metrics()
     pairs = LanguagePairs([load_model(path, args, options, metrics) for path in args.checkpoints])
+    pairs.start()  # each worker process loads its model; a failure is one line here
     app = build_app(pairs, options, metrics)
     host, port = sock.getsockname()[:2]
     for model in pairs.models.values():
         print(f"serving {model.source}->{model.target} from {model.checkpoint} (beam "
               f"{model.settings.beam_size}, alpha {model.settings.alpha:g}, "
-              f"{model.translator.precision})", file=sys.stderr)
+              f"{model.worker.precision})", file=sys.stderr)
     print(f"listening on http://{host}:{port} (batches of up to {options.batch_size} "
           f"sentences, {options.batch_wait_ms:g} ms wait)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False,
@@ -66,21 +67,25 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def load_model(path: str, args: Any, options: ServeOptions, metrics: Metrics) -> ServedModel:
-    """One checkpoint with its settings (the decoding flags over its recipe) and worker."""
+    """One checkpoint with its settings (the decoding flags over its recipe) and its worker
+    process, not started."""
     from seq2seq.translate import Translator
 
-    translator = Translator.from_checkpoint(path, device=args.device, quantize=args.quantize,
-                                            precision=args.precision)
+    # This process only needs the recipe, tokenizer and lexicon, for the settings of each
+    # request; it loads the weights on the CPU and lets them go.
+    translator = Translator.from_checkpoint(path, device="cpu")
+    translator.model = None
     settings = translator.decode_settings(beam=args.beam, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
                                           batch_tokens=args.batch_tokens,
                                           shortlist=args.shortlist)
     source, target = translator.recipe.data.src_lang, translator.recipe.data.trg_lang
     pair = f"{source}-{target}"
-    worker = BatchWorker(translator, options.batch_size, options.batch_wait_ms / 1000,
-                         options.queue_size, on_batch=metrics.on_batch(pair),
-                         on_translated=metrics.on_translated(pair),
-                         name=f"decode-{pair}")
+    spec = LoadSpec(checkpoint=str(path), device=args.device, quantize=args.quantize,
+                    precision=args.precision, threads=options.threads)
+    worker = WorkerProcess(spec, options.batch_size, options.batch_wait_ms / 1000,
+                           options.queue_size, on_batch=metrics.on_batch(pair),
+                           on_translated=metrics.on_translated(pair), name=f"decode-{pair}")
     metrics.watch_queue(pair, lambda: worker.queued)
     return ServedModel(source=source, target=target, checkpoint=str(path),
                        translator=translator, settings=settings, worker=worker)

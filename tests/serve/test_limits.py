@@ -1,13 +1,17 @@
 """What clients cannot do to ``seq2seq serve``: hostile requests get the right 4xx and a JSON
 error, a burst past the queue gets 503s, slow translations time out, and SIGTERM under load
-answers every accepted request and exits 0."""
+answers every accepted request and exits 0; a killed decoding process fails its requests with
+a JSON 500, later ones with 503, and ``/health`` with 503."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -185,3 +189,48 @@ def test_sigterm_under_load_answers_every_accepted_request(checkpoint, test_sent
     assert "every accepted request was answered" in server.output()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "health")
+
+
+def decoding_process(server_pid: int) -> int:
+    """The pid of the server's decoding process (its child running multiprocessing's spawn)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split()
+    found = [int(pid) for pid in children
+             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(found) == 1, children
+    return found[0]
+
+
+def test_a_killed_decoding_process_fails_requests_and_health(checkpoint, test_sentences,
+                                                             tmp_path):
+    server = Server(checkpoint, tmp_path / "serve.log", "--batch-size", "1",
+                    "--batch-wait-ms", "0")
+
+    async def kill_while_decoding() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            # One sentence at a time: the worker is busy with these for a while.
+            requests = [asyncio.create_task(http.post("translate", json={
+                "q": sentence, "source": "en", "target": "de"}))
+                for sentence in test_sentences[:60]]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                metrics = (await http.get("metrics")).text
+                if re.search(r"^seq2seq_batch_sentences_count\S* [1-9]", metrics, re.M):
+                    break  # decoding has begun
+                await asyncio.sleep(0.002)
+            os.kill(decoding_process(server.process.pid), signal.SIGKILL)
+            return await asyncio.gather(*requests)
+
+    try:
+        responses = asyncio.run(kill_while_decoding())
+        failed = [r.json()["error"] for r in responses if r.status_code != 200]
+        assert failed, "every request was answered before the kill: nothing was tested"
+        assert all("decoding process has ended (exit code -9)" in error for error in failed)
+        assert {r.status_code for r in responses} <= {200, 500, 503}
+        later = httpx.post(server.url + "translate", json={
+            "q": "the dog sleeps .", "source": "en", "target": "de"})
+        assert later.status_code == 503 and "decoding process has ended" in later.json()["error"]
+        health = httpx.get(server.url + "health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert "exit code -9" in health.json()["models"][0]["failure"]
+    finally:
+        assert server.stop() == 0, server.output()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -116,3 +117,41 @@ def test_a_failing_step_reaches_every_live_job_and_the_worker_goes_on(translator
     worker.stop()
     assert after.result[0].hypotheses == translator.translate_full(
         [test_sentences[3]], settings)[0].hypotheses
+
+
+@pytest.mark.parametrize("arriving, joins_at_once", [(1, False), (2, True)])
+def test_a_running_search_is_joined_by_a_quarter_of_its_size_or_after_the_wait(
+        translator, test_sentences, monkeypatch, arriving, joins_at_once):
+    # No sentence can end before step 6, so the search holds its 8 sentences until then. A
+    # job arriving after step 1 joins at step 2 if it brings a quarter of that (2 sentences);
+    # one sentence waits (wait_s is a minute) until the search has shrunk to 4 or fewer.
+    settings = dataclasses.replace(translator.decode_settings(beam=3), min_len=6)
+    late = test_sentences[8:8 + arriving]
+    steps, joined_after = [0], []
+    encode = translator.encode_sources
+
+    def watched_encode(sentences):
+        if sentences == late:  # the search's size and steps when the late job joins it
+            joined_after.append((steps[0], len(worker._search)))
+        return encode(sentences)
+
+    def on_batch(size: int) -> None:
+        steps[0] += 1
+        if steps[0] == 1:
+            inboxes.append(submit(worker, late, settings))
+
+    monkeypatch.setattr(translator, "encode_sources", watched_encode)
+    inboxes: list[Inbox] = []
+    worker = BatchWorker(translator, max_sentences=16, wait_s=60.0, queue_limit=1000,
+                         on_batch=on_batch)
+    first = submit(worker, test_sentences[:8], settings)
+    worker.start()
+    assert first.done.wait(120) and inboxes and inboxes[0].done.wait(120)
+    worker.stop()
+    [(step, live)] = joined_after
+    if joins_at_once:
+        assert (step, live) == (1, 8)
+    else:
+        assert step >= 6 and live <= 4
+    expected = translator.translate_full(late, settings)
+    assert [t.hypotheses for t in inboxes[0].result] == [t.hypotheses for t in expected]
