@@ -127,8 +127,10 @@ class Offline:
                  precision: str = "fp32", quantize: bool = False):
         import torch
 
+        from seq2seq.heap import keep_freed_memory
         from seq2seq.translate import Translator
 
+        keep_freed_memory()  # as the seq2seq command does at start
         if threads:
             torch.set_num_threads(threads)
         self.translator = Translator.from_checkpoint(checkpoint, device="cpu",

@@ -223,6 +223,9 @@ async def decode(model: ServedModel, job: Job, timeout_s: float) -> list[Any]:
         return await asyncio.wait_for(done, timeout_s)
     except WorkerGone as error:
         raise ApiError(500, f"Translation failed: {error}") from None
+    except asyncio.CancelledError:  # the server stopped waiting (a forced shutdown)
+        model.worker.cancel(job)
+        raise
     except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
         model.worker.cancel(job)
         raise ApiError(503, f"Translation took longer than {timeout_s:g} s; retry later",

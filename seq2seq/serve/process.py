@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from seq2seq.errors import Seq2SeqError
+from seq2seq.heap import keep_freed_memory
 from seq2seq.serve.worker import BatchWorker, Job, QueueFull, WorkerGone
 
 METRICS_EVERY_S = 0.05
@@ -132,9 +133,12 @@ class WorkerProcess:
             self._send(("job", job.key, job.sentences, job.settings, job.attention))
 
     def cancel(self, job: Job) -> None:
-        """The request gave up: the worker skips the job if it has not started it."""
+        """The request gave up: the worker skips the job if it has not started it, and its
+        result, if one comes, is dropped."""
         with self._sending:
-            if job.key in self._jobs and not self._ended:
+            with self._lock:
+                known = self._jobs.pop(job.key, None) is not None
+            if known and not self._ended:
                 self._send(("cancel", job.key))
 
     def stop(self, timeout: float = 600) -> None:
@@ -209,6 +213,9 @@ def run_worker(conn: Any, spec: LoadSpec, max_sentences: int, wait_s: float,
     # Ctrl-C reaches the whole process group: the server decides when this process stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A bug that ends the decoding thread ends the process, so that the server sees it (its
+    # requests fail, /health answers 503) instead of timing out request after request.
+    threading.excepthook = die_with_traceback
     send_lock = threading.Lock()
 
     def send(message: tuple) -> None:
@@ -219,6 +226,7 @@ def run_worker(conn: Any, spec: LoadSpec, max_sentences: int, wait_s: float,
             except OSError:  # the server process is gone
                 os._exit(0)
 
+    keep_freed_memory()  # as every seq2seq command does at start (a spawned process does not)
     try:
         import torch
 
@@ -233,6 +241,11 @@ def run_worker(conn: Any, spec: LoadSpec, max_sentences: int, wait_s: float,
         send(("failed", str(error).splitlines()[0] if str(error) else type(error).__name__))
         return
     Inbox(conn, send, taken).run(translator, max_sentences, wait_s)
+
+
+def die_with_traceback(args: Any) -> None:
+    threading.__excepthook__(args)
+    os._exit(1)
 
 
 class Inbox:
@@ -251,7 +264,8 @@ class Inbox:
     def run(self, translator: Any, max_sentences: int, wait_s: float) -> None:
         # The server enforces the queue limit; here every job it sent is taken.
         self.worker = BatchWorker(translator, max_sentences, wait_s, queue_limit=2**62,
-                                  on_batch=self.on_batch, on_translated=self.on_translated)
+                                  on_batch=self.on_batch, on_translated=self.on_translated,
+                                  on_taken=self.publish)
         self.worker.start()
         self.send(("ready", translator.precision))
         while True:
@@ -263,11 +277,14 @@ class Inbox:
                 _, key, sentences, settings, attention = message
                 job = Job(sentences, settings, attention, deliver=self.deliverer(key))
                 self.jobs[key] = job
-                self.received += len(sentences)
                 self.worker.submit(job)
+                # Counted after it is queued: a publish in between errs towards more waiting.
+                self.received += len(sentences)
                 self.publish()
-            elif message[0] == "cancel" and message[1] in self.jobs:
-                self.worker.cancel(self.jobs[message[1]])
+            elif message[0] == "cancel":
+                cancelled = self.jobs.pop(message[1], None)  # never answered: forget it
+                if cancelled is not None:
+                    self.worker.cancel(cancelled)
             elif message[0] == "stop":
                 break
         self.worker.stop()
@@ -290,11 +307,21 @@ class Inbox:
 
     def deliverer(self, key: int) -> Callable[[Any], None]:
         def deliver(result: Any) -> None:  # the worker thread
-            self.jobs.pop(key, None)
+            job = self.jobs.pop(key, None)
             if isinstance(result, BaseException):
                 result = RuntimeError(f"{type(result).__name__}: {result}")  # picklable
+            else:
+                result = [sendable(translation, job is not None and job.attention)
+                          for translation in result]
             batches, self.batches = self.batches, []
             translated, self.translated = self.translated, 0
             self.publish()
             self.send(("result", key, result, batches, translated))
         return deliver
+
+
+def sendable(translation: Any, attention: bool) -> Any:
+    """``translation`` with only what its request asked for: attention matrices, if asked,
+    copied out of the search's history (a view would pickle the whole of it)."""
+    matrices = [None if a is None or not attention else a.clone() for a in translation.attention]
+    return dataclasses.replace(translation, attention=matrices)

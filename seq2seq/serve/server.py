@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from seq2seq.errors import Seq2SeqError
+from seq2seq.heap import release_freed_memory
 from seq2seq.serve.metrics import Metrics
 from seq2seq.serve.options import ServeOptions
 from seq2seq.serve.pairs import LanguagePairs, ServedModel
@@ -75,6 +76,7 @@ def load_model(path: str, args: Any, options: ServeOptions, metrics: Metrics) ->
     # request; it loads the weights on the CPU and lets them go.
     translator = Translator.from_checkpoint(path, device="cpu")
     translator.model = None
+    release_freed_memory()
     settings = translator.decode_settings(beam=args.beam, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
                                           batch_tokens=args.batch_tokens,

@@ -87,13 +87,14 @@ class BatchWorker:
         on_batch: called with the number of sentences of every search step or whole decode
             (metrics).
         on_translated: called with the number of sentences decoded for each job delivered.
+        on_taken: called when jobs have left the queue, before they are decoded.
     """
 
     def __init__(self, translator: Any, max_sentences: int, wait_s: float, queue_limit: int,
                  on_batch: Callable[[int], None] = lambda size: None,
                  on_translated: Callable[[int], None] = lambda count: None,
-                 name: str = "worker"):
-        self.translator = translator
+                 on_taken: Callable[[], None] = lambda: None, name: str = "worker"):
+        self.translator, self.on_taken = translator, on_taken
         self.max_sentences, self.wait_s, self.queue_limit = max_sentences, wait_s, queue_limit
         self.on_batch, self.on_translated = on_batch, on_translated
         self._search = LiveSearch(translator, on_batch, on_translated)
@@ -161,6 +162,8 @@ class BatchWorker:
                     batch, joining = [], self._admit()
                 else:
                     batch, joining = [], []
+            if batch or joining:
+                self.on_taken()
             if batch:
                 decode_whole(self.translator, batch, self.on_batch, self.on_translated)
             else:
