@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", help="target language")
     parser.add_argument("--api-key", help="api_key to send")
     parser.add_argument("--batch-size", type=int, default=64, help="serve --batch-size when on")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="serve --batch-wait-ms")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="serve --batch-wait-ms")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads of the servers and of offline translate "
                         "(0: torch's default)")

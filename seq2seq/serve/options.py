@@ -30,7 +30,7 @@ class ServeOptions:
     batch_size: int = flag(64, "most sentences of concurrent requests decoded together: in "
                            "a beam search, which new requests join between steps; in a whole "
                            "decode otherwise (1: no batching across requests)")
-    batch_wait_ms: float = flag(5.0, "how long a sentence waits for others: to join a "
+    batch_wait_ms: float = flag(10.0, "how long a sentence waits for others: to join a "
                                 "running beam search (unless a quarter of its size is waiting), "
                                 "or, for a whole decode (greedy, CUDA graphs), for more after "
                                 "the first one arrives")
