@@ -5,7 +5,8 @@ torch op releases the GIL, the event loop takes it to parse or answer a request,
 decoder waits to get it back. At 32 clients on a 2-core CPU that cost the decoder about 40% of
 its speed. Here the worker process loads the checkpoint and runs a
 :class:`~seq2seq.serve.worker.BatchWorker`; the server process sends it jobs and receives
-their translations over a pipe, pickled.
+their translations over a pipe, as JSON (nothing received is executed, as everywhere in this
+package).
 
 The server keeps the queue limit: it counts the sentences it sent, and the worker publishes
 how many it has taken off its queue (into the search or a whole decode), in shared memory.
@@ -16,9 +17,9 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import itertools
+import json
 import multiprocessing
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -26,6 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
+from seq2seq.config import DecodeConfig
 from seq2seq.errors import Seq2SeqError
 from seq2seq.heap import keep_freed_memory
 from seq2seq.serve.worker import BatchWorker, Job, QueueFull, WorkerGone
@@ -130,7 +134,8 @@ class WorkerProcess:
                 job.key = next(self._ids)
                 self._jobs[job.key] = job
                 self._sent += count
-            self._send(("job", job.key, job.sentences, job.settings, job.attention))
+            self._send(("job", job.key, job.sentences, dataclasses.asdict(job.settings),
+                        job.attention))
 
     def cancel(self, job: Job) -> None:
         """The request gave up: the worker skips the job if it has not started it, and its
@@ -161,7 +166,7 @@ class WorkerProcess:
 
     def _send(self, message: tuple) -> None:
         try:
-            self._conn.send_bytes(pickle.dumps(message))
+            self._conn.send_bytes(encode(message))
         except OSError:  # the worker is gone: the reader fails its jobs
             pass
 
@@ -170,7 +175,7 @@ class WorkerProcess:
         why = ""
         while True:
             try:
-                message = pickle.loads(self._conn.recv_bytes())
+                message = json.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
                 break
             kind = message[0]
@@ -183,7 +188,8 @@ class WorkerProcess:
                 with self._lock:
                     job = self._jobs.pop(key, None)
                 if job is not None:
-                    job.deliver(result)
+                    job.deliver(RuntimeError(result["error"]) if isinstance(result, dict)
+                                else [translation_from(item) for item in result])
             elif kind == "batches":
                 for size in message[1]:
                     self.on_batch(size)
@@ -219,7 +225,7 @@ def run_worker(conn: Any, spec: LoadSpec, max_sentences: int, wait_s: float,
     send_lock = threading.Lock()
 
     def send(message: tuple) -> None:
-        data = pickle.dumps(message)
+        data = encode(message)
         with send_lock:
             try:
                 conn.send_bytes(data)
@@ -228,8 +234,6 @@ def run_worker(conn: Any, spec: LoadSpec, max_sentences: int, wait_s: float,
 
     keep_freed_memory()  # as every seq2seq command does at start (a spawned process does not)
     try:
-        import torch
-
         from seq2seq.translate import Translator
 
         if spec.threads:
@@ -270,12 +274,13 @@ class Inbox:
         self.send(("ready", translator.precision))
         while True:
             try:
-                message = pickle.loads(self.conn.recv_bytes())
+                message = json.loads(self.conn.recv_bytes())
             except (EOFError, OSError):  # the server process is gone: nobody to answer
                 os._exit(0)
             if message[0] == "job":
                 _, key, sentences, settings, attention = message
-                job = Job(sentences, settings, attention, deliver=self.deliverer(key))
+                job = Job(sentences, DecodeConfig(**settings), attention,
+                          deliver=self.deliverer(key))
                 self.jobs[key] = job
                 self.worker.submit(job)
                 # Counted after it is queued: a publish in between errs towards more waiting.
@@ -309,9 +314,9 @@ class Inbox:
         def deliver(result: Any) -> None:  # the worker thread
             job = self.jobs.pop(key, None)
             if isinstance(result, BaseException):
-                result = RuntimeError(f"{type(result).__name__}: {result}")  # picklable
+                result = {"error": f"{type(result).__name__}: {result}"}
             else:
-                result = [sendable(translation, job is not None and job.attention)
+                result = [translation_to(translation, job is not None and job.attention)
                           for translation in result]
             batches, self.batches = self.batches, []
             translated, self.translated = self.translated, 0
@@ -320,8 +325,23 @@ class Inbox:
         return deliver
 
 
-def sendable(translation: Any, attention: bool) -> Any:
-    """``translation`` with only what its request asked for: attention matrices, if asked,
-    copied out of the search's history (a view would pickle the whole of it)."""
-    matrices = [None if a is None or not attention else a.clone() for a in translation.attention]
-    return dataclasses.replace(translation, attention=matrices)
+def encode(message: tuple) -> bytes:
+    return json.dumps(message, ensure_ascii=False).encode("utf-8")
+
+
+def translation_to(translation: Any, attention: bool) -> dict[str, Any]:
+    """A ``Translation`` as JSON values, with attention matrices only if its request asked."""
+    return {"hypotheses": translation.hypotheses, "scores": translation.scores,
+            "src_pieces": translation.src_pieces, "hyp_pieces": translation.hyp_pieces,
+            "attention": [a.tolist() if attention and a is not None else None
+                          for a in translation.attention]}
+
+
+def translation_from(fields: dict[str, Any]) -> Any:
+    """The ``Translation`` that :func:`translation_to` wrote (attention as float32 tensors,
+    the values the search computed)."""
+    from seq2seq.translate import Translation
+
+    attention = [None if a is None else torch.tensor(a, dtype=torch.float32)
+                 for a in fields.pop("attention")]
+    return Translation(**fields, attention=attention)

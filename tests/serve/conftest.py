@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,3 +140,24 @@ def limited_server(checkpoint, api_keys, tmp_path_factory):
     yield running
     code = running.stop()
     assert code == 0, running.output()
+
+
+class Inbox:
+    """Where one worker job's result lands, and when."""
+
+    def __init__(self) -> None:
+        self.result = None
+        self.done = threading.Event()
+
+    def __call__(self, result) -> None:
+        self.result = result
+        self.done.set()
+
+
+def submit(worker, sentences: list[str], settings, attention=False) -> Inbox:
+    """Queue a job on a ``BatchWorker`` or ``WorkerProcess``; its inbox."""
+    from seq2seq.serve.worker import Job
+
+    inbox = Inbox()
+    worker.submit(Job(sentences, settings, attention, deliver=inbox))
+    return inbox

@@ -4,8 +4,6 @@ and stop ends the process."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -13,22 +11,7 @@ from seq2seq.errors import Seq2SeqError
 from seq2seq.serve.process import LoadSpec, WorkerProcess
 from seq2seq.serve.worker import Job
 from seq2seq.translate import Translator
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.result = None
-        self.done = threading.Event()
-
-    def __call__(self, result) -> None:
-        self.result = result
-        self.done.set()
-
-
-def submit(worker: WorkerProcess, sentences: list[str], settings, attention=False) -> Inbox:
-    inbox = Inbox()
-    worker.submit(Job(sentences, settings, attention, deliver=inbox))
-    return inbox
+from tests.serve.conftest import Inbox, submit
 
 
 @pytest.fixture(scope="module")

@@ -4,38 +4,20 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 
 import pytest
 import torch
 
-from seq2seq.serve.worker import BatchWorker, Job, QueueFull
+from seq2seq.serve.worker import BatchWorker, QueueFull
 from seq2seq.translate import Translator
+from tests.serve.conftest import Inbox, submit
 
 
 @pytest.fixture(scope="module")
 def translator(checkpoint) -> Translator:
     torch.set_num_threads(1)
     return Translator.from_checkpoint(checkpoint, device="cpu")
-
-
-class Inbox:
-    """Where one job's result lands, and when."""
-
-    def __init__(self) -> None:
-        self.result = None
-        self.done = threading.Event()
-
-    def __call__(self, result) -> None:
-        self.result = result
-        self.done.set()
-
-
-def submit(worker: BatchWorker, sentences: list[str], settings, attention=False) -> Inbox:
-    inbox = Inbox()
-    worker.submit(Job(sentences, settings, attention, deliver=inbox))
-    return inbox
 
 
 def test_jobs_joining_a_search_in_progress_get_their_own_translations(translator,
