@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from typing import Any
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
@@ -28,27 +29,29 @@ def keep_freed_memory() -> bool:
     """Raise glibc malloc's mmap and trim thresholds for this process (see the module
     docstring). Does nothing outside Linux with glibc, or when the user set either threshold
     in the environment. Returns whether the settings were applied."""
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in ENVIRONMENT):
+    if any(name in os.environ for name in ENVIRONMENT):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # another C library (musl has no mallopt)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                                        and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def release_freed_memory() -> bool:
     """Give the heap's free memory back to the OS now (glibc's ``malloc_trim``), as a process
     that has freed something large for good should (``serve``'s server process, after reading
     a checkpoint whose weights its decoding process holds). Returns whether it could."""
+    trim = _libc_function("malloc_trim", [ctypes.c_size_t])
+    return trim is not None and bool(trim(0))
+
+
+def _libc_function(name: str, argtypes: list) -> Any:
+    """glibc's function ``name`` returning an int, or None outside Linux or with another C
+    library (musl has no mallopt)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return bool(trim(0))
+        return None
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
