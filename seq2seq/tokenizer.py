@@ -44,6 +44,12 @@ SRC_MODEL = "src.model"
 TRG_MODEL = "trg.model"
 INFO_FILE = "tokenizer.json"
 SAMPLING_SEED = 1234
+THREADED_BATCH = 64
+"""Lists of at least this many sentences are encoded and decoded by SentencePiece's batch calls,
+which start a pool of threads at every call; shorter lists go one sentence at a time. On a
+2-core AMD EPYC a list of one sentence costs 171 us to encode and 62 us to decode through the
+batch call, against 3.7 and 2.6 us alone (a server decodes requests of one sentence); the pool
+pays from about 64 sentences on."""
 
 
 class Tokenizer:
@@ -93,11 +99,11 @@ class Tokenizer:
 
     def encode_src(self, sentences: list[str]) -> list[list[int]]:
         """Source sentences -> subword ids (no BOS/EOS)."""
-        return self._src.encode(list(sentences), out_type=int)
+        return _encode(self._src, list(sentences))
 
     def encode_trg(self, sentences: list[str]) -> list[list[int]]:
         """Target sentences -> subword ids (no BOS/EOS)."""
-        return self._trg.encode(list(sentences), out_type=int)
+        return _encode(self._trg, list(sentences))
 
     def encode_src_sampled(self, sentences: list[str], alpha: float,
                            nbest: int) -> list[list[int]]:
@@ -173,9 +179,17 @@ class Tokenizer:
         self.__init__(state["src_proto"], state["trg_proto"])
 
 
+def _encode(processor: spm.SentencePieceProcessor, sentences: list[str]) -> list[list[int]]:
+    if len(sentences) >= THREADED_BATCH:
+        return processor.encode(sentences, out_type=int)
+    return [processor.encode(sentence, out_type=int) for sentence in sentences]
+
+
 def _decode(processor: spm.SentencePieceProcessor, ids: list[list[int]]) -> list[str]:
     kept = [[int(i) for i in row if int(i) not in SPECIAL_IDS] for row in ids]
-    return processor.decode(kept)
+    if len(kept) >= THREADED_BATCH:
+        return processor.decode(kept)
+    return [processor.decode(row) for row in kept]
 
 
 def _read_model(path: Path) -> bytes:

@@ -9,7 +9,16 @@ import torch
 
 from seq2seq.config import TokenizerConfig
 from seq2seq.errors import Seq2SeqError
-from seq2seq.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, load_or_train, train_tokenizer
+from seq2seq.tokenizer import (
+    BOS,
+    EOS,
+    PAD,
+    THREADED_BATCH,
+    UNK,
+    Tokenizer,
+    load_or_train,
+    train_tokenizer,
+)
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "ba", "gu", "fe"]
 
@@ -46,6 +55,20 @@ def test_round_trip_of_normalised_text(trained, pairs):
     trg = [t for _, t in pairs] + [s.upper() for s in held_out]
     assert trained.decode_src(trained.encode_src(src)) == src
     assert trained.decode_trg(trained.encode_trg(trg)) == trg
+
+
+def test_short_lists_encode_and_decode_as_the_batch_calls_do(trained, pairs):
+    # Lists shorter than THREADED_BATCH go one sentence at a time: the same ids and text.
+    src = [s for s, _ in pairs] + ["", " ", "ka ✓ lo"]
+    assert len(src) >= THREADED_BATCH
+    ids = trained.encode_src(src)
+    assert [trained.encode_src([s])[0] for s in src] == ids
+    assert trained.encode_src(src[:3]) == ids[:3]
+    assert trained.encode_src([]) == []
+    text = trained.decode_src(ids)
+    assert [trained.decode_src([row])[0] for row in ids] == text
+    assert trained.decode_src(ids[-5:]) == text[-5:]
+    assert trained.decode_trg([[], [BOS, EOS]]) == ["", ""]
 
 
 def test_special_ids_are_fixed(trained, pairs):
