@@ -19,6 +19,7 @@ with. Greedy search never uses a shortlist.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,12 @@ class Lexicon:
 
     table: torch.Tensor
     frequent: torch.Tensor
+
+    @functools.cached_property
+    def bound(self) -> int:
+        """One more than the largest target id it lists."""
+        return max((int(ids.max()) for ids in (self.table, self.frequent) if ids.numel()),
+                   default=-1) + 1
 
     def to_state(self) -> dict[str, torch.Tensor]:
         return {"table": self.table.to(torch.int32), "frequent": self.frequent.to(torch.int32)}
@@ -127,13 +134,21 @@ def sentence_shortlists(lexicon: Lexicon, src: torch.Tensor, top_k: int, frequen
     per_token = per_token.masked_fill((src == PAD).unsqueeze(2), -1).flatten(1)  # (B, S * k)
     common = torch.cat([lexicon.frequent[:frequent].to(device),
                         torch.tensor([UNK, EOS], device=device)])
-    ids = torch.unique(torch.cat([per_token[per_token >= 0], common]))
-    # position of every listed target in ids; -1 entries point nowhere
-    position = torch.searchsorted(ids, per_token.clamp(min=0))
+    # The union as a mask over the target ids, with one more slot that the -1 entries mark
+    # (a sort, torch.unique, cost three times as much for 32 sentences).
+    bound = max(lexicon.bound, UNK + 1, EOS + 1)
+    listed = torch.zeros(bound + 1, dtype=torch.bool, device=device)
+    listed[per_token] = True
+    listed[-1] = False
+    listed[common] = True
+    ids = listed[:-1].nonzero().squeeze(1)
+    # position of every target id in ids; -1 entries point to one past the end
+    position = torch.full((bound + 1,), ids.numel(), dtype=torch.long, device=device)
+    position[ids] = torch.arange(ids.numel(), device=device)
     allowed = torch.zeros((src.size(0), ids.numel() + 1), dtype=torch.bool, device=device)
-    allowed.scatter_(1, position.masked_fill(per_token < 0, ids.numel()), True)
+    allowed.scatter_(1, position[per_token], True)
     allowed = allowed[:, :-1]
-    allowed[:, torch.searchsorted(ids, common)] = True
+    allowed[:, position[common]] = True
     return ids, allowed
 
 
