@@ -41,6 +41,7 @@ import torch
 from seq2seq.search.beam_steps import (
     Beams,
     advance,
+    blocked_targets,
     candidates,
     compact,
     drop_padding,
@@ -108,7 +109,8 @@ class BeamSearch:
         if self.shortlist is not None:
             # Each sentence is normalised over its own shortlist, so a larger union does not
             # change the others' results.
-            self._targets, self._beams.allowed = self.shortlist.for_batch(self._beams.src)
+            self._targets, allowed = self.shortlist.for_batch(self._beams.src)
+            self._beams.blocked = blocked_targets(allowed, self.beam_size)
             self._rows = self.model.output_rows(self._targets)
 
     @torch.no_grad()
@@ -127,7 +129,7 @@ class BeamSearch:
         else:
             log_probs, state, attn = self.model.step(beams.prev, beams.state, beams.enc,
                                                      self._rows)
-            log_probs = own_shortlists(log_probs, beams.allowed, self.beam_size)
+            log_probs = own_shortlists(log_probs, beams.blocked)
         lengths = None if beams.aligned() else torch.tensor(
             beams.steps, device=log_probs.device).repeat_interleave(self.beam_size)
         log_probs = forbid_tokens(log_probs, beams.tokens, self.min_len, self.no_repeat_ngram,

@@ -47,8 +47,8 @@ class Beams:
         enc: the encoder output, a nest of ``(n, ...)`` tensors: one row per sentence, which
             attention shares among its ``K`` beams.
         src: ``(n, S)`` the sources, padded with PAD (a shortlist is computed from them).
-        allowed: ``(n, U)`` which shortlisted targets each sentence may produce, or None
-            without a shortlist.
+        blocked: ``(N, U)`` which shortlisted targets each beam may not produce (those
+            outside its sentence's own shortlist), or None without a shortlist.
     """
 
     keys: list[Hashable]
@@ -62,7 +62,7 @@ class Beams:
     state: Any
     enc: Any
     src: torch.Tensor
-    allowed: torch.Tensor | None = None
+    blocked: torch.Tensor | None = None
 
     def aligned(self) -> bool:
         """Whether every sentence has taken every step so far (no PAD in ``tokens``)."""
@@ -137,16 +137,21 @@ def merge(model: Any, old: Beams, new: Beams) -> Beams:
     )
 
 
-def own_shortlists(log_probs: torch.Tensor, allowed: torch.Tensor, beam_size: int
-                    ) -> torch.Tensor:
+def blocked_targets(allowed: torch.Tensor, beam_size: int) -> torch.Tensor:
+    """``(n, U)`` each sentence's own shortlist within the union -> ``(N, U)`` the targets
+    each beam may not produce (:attr:`Beams.blocked`)."""
+    return ~allowed.repeat_interleave(beam_size, dim=0)
+
+
+def own_shortlists(log_probs: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
     """Renormalise each row's log-probabilities over its sentence's own shortlist.
 
     Args:
         log_probs: ``(N, U)`` normalised over the batch's union of shortlists.
-        allowed: ``(n, U)`` each sentence's own shortlist within the union.
+        blocked: ``(N, U)`` the targets outside each row's own shortlist (made once per join,
+            not at every step).
     """
-    log_probs = log_probs.masked_fill(~allowed.repeat_interleave(beam_size, dim=0),
-                                      float("-inf"))
+    log_probs = log_probs.masked_fill(blocked, float("-inf"))
     # log_softmax, not ``x - x.logsumexp()``: one fused pass instead of four (a tenth of an
     # int8 step with a shortlist); the same function up to rounding.
     return torch.log_softmax(log_probs, dim=1)
@@ -238,7 +243,7 @@ def advance(beams: Beams, state: Any, attn: torch.Tensor, cand_scores: torch.Ten
         state=reorder(state, rows),
         enc=beams.enc,  # every beam of a sentence shares its encoder output: no reordering
         src=beams.src,
-        allowed=beams.allowed,  # and its shortlist
+        blocked=beams.blocked,  # and its shortlist: the rows stay within their sentence
     )
 
 
@@ -311,7 +316,7 @@ def compact(beams: Beams, keep: list[int]) -> Beams:
         state=reorder(beams.state, rows),
         enc=reorder(beams.enc, keep_t),
         src=beams.src.index_select(0, keep_t),
-        allowed=reorder(beams.allowed, keep_t),
+        blocked=reorder(beams.blocked, rows),
     )
 
 
