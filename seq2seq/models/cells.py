@@ -22,6 +22,7 @@ each decoder step's attention reads.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
@@ -30,6 +31,22 @@ from seq2seq.models.dropout import dropout
 from seq2seq.models.gemm import linear
 
 CELLS = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn"}
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """``torch.tanh(x)``, computed by numpy for a float32 CPU tensor outside autograd.
+
+    torch's CPU tanh is slow: a ``(160, 256)`` tensor (a beam-5 step's GRU gate or ``h~`` for
+    32 sentences) takes 80 us on a 2-core AMD EPYC (Zen 5), against 7 us for numpy's SIMD
+    tanh and 9 us for torch's sigmoid; that was a seventh of an int8 decoding step. numpy's
+    result is within 1.1e-7 relative of the exact one (torch's: 6e-8). It is element-wise, the
+    same for an element whatever its neighbours, layout or batch (checked on slices, strided
+    and transposed views), so decoding stays batch-invariant. With gradients, and for other
+    dtypes and devices, it is ``torch.tanh``.
+    """
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad:
+        return torch.from_numpy(np.tanh(x.numpy()))
+    return torch.tanh(x)
 
 
 def cell_step(cell: str, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None,
@@ -55,13 +72,13 @@ def cell_update(cell: str, gates: torch.Tensor, hidden: torch.Tensor, h: torch.T
     if cell == "gru":
         size = h.size(-1)
         reset, update = torch.sigmoid(gates[:, :2 * size] + hidden[:, :2 * size]).chunk(2, -1)
-        new = torch.tanh(gates[:, 2 * size:] + reset * hidden[:, 2 * size:])
+        new = tanh(gates[:, 2 * size:] + reset * hidden[:, 2 * size:])
         return new + update * (h - new), None
     if cell == "lstm":
         i, f, g, o = (gates + hidden).chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
-    return torch.tanh(gates + hidden), None
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * tanh(g)
+        return torch.sigmoid(o) * tanh(c), c
+    return tanh(gates + hidden), None
 
 
 def steps_packed(rnn: nn.Module) -> bool:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from seq2seq.models.attention import Attention
-from seq2seq.models.cells import cell_update
+from seq2seq.models.cells import cell_update, tanh
 from seq2seq.models.dropout import Dropout, dropout, word_dropout
 from seq2seq.models.encoder import make_rnn, run_rnn
 from seq2seq.models.gemm import apply_linear, linear
@@ -137,7 +137,7 @@ class Decoder(nn.Module):
         if self.bridge is None:
             init = final.new_zeros(shape)
         else:
-            init = torch.tanh(apply_linear(self.bridge, final)).view(shape)
+            init = tanh(apply_linear(self.bridge, final)).view(shape)
         state = tuple(init.chunk(self.states, dim=1))
         if self.input_feeding:
             state += (final.new_zeros(batch, self.hidden),)
@@ -241,7 +241,7 @@ class Decoder(nn.Module):
             out, rnn_hx = self._rnn(torch.cat([emb] + feed, dim=-1), rnn_hx)
             context, attn = self.attention(out, keys, enc_out, src_mask)
             readout = [context, out]
-        att_vec = torch.tanh(apply_linear(self.combine, torch.cat(readout, dim=-1)))  # h~
+        att_vec = tanh(apply_linear(self.combine, torch.cat(readout, dim=-1)))  # h~
         att_vec_out = self.dropout(att_vec)
         logits = att_vec_out if features else apply_linear(self.output, att_vec_out)
         hx = rnn_hx if self.cell == "lstm" else (rnn_hx,)
@@ -306,11 +306,11 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
             gates = gates + lin.rest_gates(torch.cat(extra, dim=-1))
         out = stacked_step(decoder.rnn, decoder.cell, gates, hs, cs, decoder.training, lin)
         if decoder.style == "bahdanau":
-            att_vec = torch.tanh(emb_comb[t] + lin.comb_rest(torch.cat([out, context], -1)))
+            att_vec = tanh(emb_comb[t] + lin.comb_rest(torch.cat([out, context], -1)))
         else:
             context, attn = decoder.attention(out.unsqueeze(1), keys, enc_out, src_mask)
-            att_vec = torch.tanh(apply_linear(decoder.combine,
-                                              torch.cat([context.squeeze(1), out], -1)))
+            att_vec = tanh(apply_linear(decoder.combine,
+                                        torch.cat([context.squeeze(1), out], -1)))
         att_vecs.append(att_vec)
         feed = att_vec
     new_state = (torch.stack(hs, dim=1),)
