@@ -30,7 +30,11 @@ What a CPU without AVX-512 (and so without native bf16) runs can be measured on 
 it, for both sides alike, since the peers' kit inherits the environment:
 ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2`` holds
 torch's kernels, oneDNN and MKL at AVX2; ``auto`` then trains in fp32 with BLAS's products,
-and bf16 is left out (:func:`seq2seq.precision.held_below_avx512`).
+and bf16 is left out (:func:`seq2seq.precision.held_below_avx512`). Decoding also runs numpy's
+tanh (:func:`seq2seq.models.cells.tanh`), so numpy must be held too:
+``NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"`` (numpy 2.4's names; numpy 1.x:
+``"AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL"``). The script refuses to
+run with torch held and numpy not.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from seq2seq.precision import CPU_BF16_FLAGS, cpu_flags, cpu_native_bf16  # noqa: E402
+from seq2seq.precision import (  # noqa: E402
+    CPU_BF16_FLAGS,
+    cpu_flags,
+    cpu_native_bf16,
+    held_below_avx512,
+)
 
 RECIPE = "recipes/multi30k/de-en.gru.yaml"
 PRODUCT_SIZE = 2048
@@ -197,8 +206,23 @@ def table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def numpy_avx512() -> bool:
+    """Whether numpy dispatches to AVX-512 kernels in this process (``NPY_DISABLE_CPU_FEATURES``
+    can turn them off at its start)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    return bool(features.get("X86_V4", features.get("AVX512_SKX", False)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    held = held_below_avx512()
+    if held and numpy_avx512():
+        sys.exit(f"error: torch's kernels are held at {held} but numpy's are not (our decoding "
+                 'runs numpy\'s tanh): set NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL '
+                 'AVX512_SPR" as well')
     os.environ.setdefault("SEQ2SEQ_DATA", str(REPO.parent / "shared" / "data"))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="seq2seq-peers-"))
     work.mkdir(parents=True, exist_ok=True)
