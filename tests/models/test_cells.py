@@ -106,3 +106,23 @@ def test_padded_equals_pad_packed_sequence_and_its_gradient(sort):
     (want_grad,) = torch.autograd.grad((want * weights).sum(), x, retain_graph=True)
     (got_grad,) = torch.autograd.grad((got * weights).sum(), x)
     assert torch.equal(got_grad, want_grad)
+
+
+def test_tanh_is_torchs_to_rounding_row_by_row_and_keeps_gradients():
+    from seq2seq.models.cells import tanh
+
+    torch.manual_seed(0)
+    x = torch.randn(160, 257) * 4
+    x[0, :4] = torch.tensor([0.0, -0.0, 1e-30, 40.0])
+    with torch.no_grad():
+        fast = tanh(x)
+    torch.testing.assert_close(fast, torch.tanh(x), rtol=3e-7, atol=1e-7)
+    # element-wise: a row alone, a slice, or a transposed view gives the same bits
+    assert torch.equal(tanh(x[7:8]), fast[7:8])
+    assert torch.equal(tanh(x[:, 3:9]), fast[:, 3:9])
+    assert torch.equal(tanh(x.t().contiguous()).t(), fast)
+    # with gradients, torch's own (numpy's would cut the graph)
+    leaf = x[:3].clone().requires_grad_()
+    tanh(leaf).sum().backward()
+    torch.testing.assert_close(leaf.grad, 1 - torch.tanh(leaf.detach()) ** 2)
+    assert tanh(x.double()).dtype == torch.double
