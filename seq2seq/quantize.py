@@ -61,7 +61,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight_t", qweight_t)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", bias)
-        self._by_output: torch.Tensor | None = None  # (N_out, K), made by select
+        self._by_output: tuple[torch.Tensor, int, torch.Tensor] | None = None  # see select
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
@@ -77,9 +77,12 @@ class Int8Linear(nn.Module):
         # gathering columns of the (K, N_out) weight costs 313 us for 731 of 4,000 outputs of
         # 256 inputs on a 2-core AMD EPYC, against 4 us, and _int_mm takes the view at the same
         # speed (a server selects at every join).
-        if self._by_output is None:
-            self._by_output = self.qweight_t.t().contiguous()
-        return Int8Linear(self._by_output.index_select(0, ids).t(),
+        # The copy is remade when the weights were replaced or written (``load_state_dict``).
+        weight = self.qweight_t
+        cached = self._by_output
+        if cached is None or cached[0] is not weight or cached[1] != weight._version:
+            self._by_output = (weight, weight._version, weight.t().contiguous())
+        return Int8Linear(self._by_output[2].index_select(0, ids).t(),
                           self.weight_scale.index_select(1, ids),
                           None if self.bias is None else self.bias.index_select(0, ids))
 

@@ -180,3 +180,18 @@ def test_an_ensemble_restricts_every_member_to_the_same_shortlist():
     for hyps, hyps2 in zip(single, pair):
         assert [h.tokens for h in hyps] == [h.tokens for h in hyps2]
         assert hyps2[0].score == pytest.approx(hyps[0].score, abs=1e-5)
+
+
+def test_an_int8_layers_selected_rows_follow_its_weights_when_they_change():
+    from seq2seq.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    layer = Int8Linear.quantize(torch.randn(50, 8), torch.randn(50))
+    ids = torch.tensor([3, 7, 40])
+    x = torch.randn(4, 8)
+    assert torch.equal(layer.select(ids)(x), layer(x)[:, ids])
+    other = Int8Linear.quantize(torch.randn(50, 8), torch.randn(50))
+    layer.load_state_dict(other.state_dict())  # written in place
+    assert torch.equal(layer.select(ids)(x), other(x)[:, ids])
+    layer.qweight_t = other.qweight_t.flip(1).contiguous()  # replaced
+    assert torch.equal(layer.select(ids).qweight_t, layer.qweight_t[:, ids])
