@@ -38,4 +38,7 @@ def test_load_test_compares_on_off_and_offline_with_the_same_flags(checkpoint, t
     on, off, offline = (report[mode]["sentences_per_s"]
                         for mode in ("batching on", "batching off", "offline translate"))
     assert report["ratios"]["on/off"] > 0 and report["ratios"]["on/offline"] > 0
+    for name in ("on/off", "on/offline"):  # each run's ratio, and their median
+        runs = report["ratios"][f"{name} runs"]
+        assert len(runs) == 2 and min(runs) <= report["ratios"][name] <= max(runs)
     assert off in report["batching off"]["runs_sentences_per_s"] and offline > 0 and on > 0
