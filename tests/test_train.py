@@ -87,6 +87,28 @@ def test_linear_schedule_holds_the_rate_then_falls_to_min_lr():
     assert warm.scale == 1.0  # no plateau bookkeeping
 
 
+def test_cpu_training_updates_with_the_fused_adam_kernel(tmp_path):
+    from seq2seq.training.optim import make_optimizer
+
+    recipe = tiny_recipe(tmp_path, "train.optimizer=adamw", "train.weight_decay=0.01")
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model, recipe, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["fused"] is True
+    # The same update as torch's default loop, up to rounding.
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(model.state_dict())
+    plain = torch.optim.AdamW(reference.parameters(), lr=recipe.train.lr,
+                              betas=recipe.train.betas, weight_decay=0.01)
+    for _ in range(3):
+        for net, opt in ((model, optimizer), (reference, plain)):
+            net(torch.ones(4, 3)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for fused, looped in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(fused, looped, rtol=1e-6, atol=1e-7)
+
+
 def test_run_done_counts_epochs_and_falls_back_to_steps():
     from types import SimpleNamespace as Position
 
