@@ -178,8 +178,9 @@ def _precision_flag(parser: argparse.ArgumentParser) -> None:
     """--precision of translate and evaluate (weights cast once, beside --quantize)."""
     parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
                         help="weights to decode with, cast once: bf16 is faster on a GPU or a "
-                        "CPU with native bf16 and may change a few outputs; auto: bf16 there, "
-                        "else fp32")
+                        "CPU with native bf16 and may change a few outputs, also with the "
+                        "batch a sentence is decoded in (its products round differently at "
+                        "other batch sizes); auto: bf16 there, else fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:

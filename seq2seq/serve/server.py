@@ -41,6 +41,10 @@ def serve_command(args: Any) -> int:
         print(f"serving {model.source}->{model.target} from {model.checkpoint} (beam "
               f"{model.settings.beam_size}, alpha {model.settings.alpha:g}, "
               f"{model.worker.precision})", file=sys.stderr)
+        if model.worker.precision == "bf16":
+            print("note: bf16 products round differently at different batch sizes, so an "
+                  "answer can differ from translate's where two hypotheses score within that "
+                  "rounding (fp32 and --quantize answer exactly)", file=sys.stderr)
     print(f"listening on http://{host}:{port} (batches of up to {options.batch_size} "
           f"sentences, {options.batch_wait_ms:g} ms wait)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False,
