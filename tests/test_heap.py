@@ -41,7 +41,7 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     applied, kept = probe("keep")
     _, plain = probe("plain")
     assert applied == "True"
-    # Measured here: 34,000-55,000 page faults without, under 10 with.
+    # Measured here: 34,000-62,000 page faults without, under 10 with.
     assert kept * 10 < plain
 
 
