@@ -243,10 +243,12 @@ def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
     rates = {name: [run["sentences_per_s"] for run in found] for name, found in runs.items()}
     report["ratios"] = {}
     for name, other in [("on/off", "batching off"), ("on/offline", "offline translate")]:
-        report["ratios"][name] = median_ratio(rates["batching on"], rates[other])
+        # run i of one mode against run i of the other, measured minutes apart
+        ratios = [a / b if b else None for a, b in zip(rates["batching on"], rates[other])]
+        report["ratios"][name] = median_ratio(ratios)
         # every run's own, so that a reader sees how far the machine's drift moved them
-        report["ratios"][f"{name} runs"] = [round(a / b, 2) if b else 0.0 for a, b in
-                                            zip(rates["batching on"], rates[other])]
+        report["ratios"][f"{name} runs"] = [0.0 if ratio is None else round(ratio, 2)
+                                            for ratio in ratios]
     return report
 
 
@@ -258,11 +260,10 @@ def median_run(runs: list[dict]) -> dict:
         "runs_sentences_per_s": [run["sentences_per_s"] for run in runs]}
 
 
-def median_ratio(numerators: list[float], denominators: list[float]) -> float:
-    """The median of the runs' own ratios (run ``i`` of one mode against run ``i`` of the
-    other, measured minutes apart)."""
-    ratios = [a / b for a, b in zip(numerators, denominators) if b]
-    return round(statistics.median(ratios), 2) if ratios else 0.0
+def median_ratio(ratios: list[float | None]) -> float:
+    """The median of the runs' own ratios, leaving out those without a denominator (None)."""
+    measured = [ratio for ratio in ratios if ratio is not None]
+    return round(statistics.median(measured), 2) if measured else 0.0
 
 
 def mean_batch(url: str) -> float:
