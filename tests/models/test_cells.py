@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seq2seq.models.cells import packed_rnn, padded, steps_packed
+from seq2seq.models.cells import cell_update, packed_rnn, padded, steps_packed, tanh
 from tests.models.test_models import batch, make, tiny
 
 MODULES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
@@ -126,3 +126,74 @@ def test_tanh_is_torchs_to_rounding_row_by_row_and_keeps_gradients():
     tanh(leaf).sum().backward()
     torch.testing.assert_close(leaf.grad, 1 - torch.tanh(leaf.detach()) ** 2)
     assert tanh(x.double()).dtype == torch.double
+
+
+def gru_update_by_autograd(gates, hidden, h, tanh=torch.tanh):
+    """The GRU update as autograd differentiates it, op by op."""
+    size = h.size(-1)
+    reset, update = torch.sigmoid(gates[:, :2 * size] + hidden[:, :2 * size]).chunk(2, -1)
+    new = tanh(gates[:, 2 * size:] + reset * hidden[:, 2 * size:])
+    return new + update * (h - new)
+
+
+def gru_inputs(dtype, rows=7, size=5):
+    torch.manual_seed(0)
+    return [torch.randn(shape, dtype=torch.float64).to(dtype).requires_grad_()
+            for shape in ((rows, 3 * size), (rows, 3 * size), (rows, size))]
+
+
+def test_gru_update_in_training_has_a_written_out_backward_equal_to_autograds():
+    inputs = gru_inputs(torch.float64)
+    out, none = cell_update("gru", *inputs, None)
+    assert none is None and out.grad_fn.name().endswith("_GRUUpdateBackward")
+    assert torch.autograd.gradcheck(lambda *x: cell_update("gru", *x, None)[0], inputs)
+    torch.manual_seed(1)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), inputs)
+    want_out = gru_update_by_autograd(*inputs)
+    want = torch.autograd.grad((want_out * weights).sum(), inputs)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+class CellsTanh(torch.autograd.Function):
+    """cells.tanh's values with autograd's rule for tanh's gradient, ``(1 - y^2) g``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = tanh(x.detach())  # numpy's in fp32, as outside autograd
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.ops.aten.tanh_backward(grad, ctx.saved_tensors[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gru_update_in_fp32_and_bf16_matches_autograd_given_the_same_tanh(dtype):
+    inputs = gru_inputs(dtype)
+    out, _ = cell_update("gru", *inputs, None)
+    torch.manual_seed(1)
+    weights = torch.randn_like(out)
+    got = torch.autograd.grad((out * weights).sum(), inputs)
+    want_out = gru_update_by_autograd(*inputs, tanh=CellsTanh.apply)
+    want = torch.autograd.grad((want_out * weights).sum(), inputs)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_bf16_tanh_is_computed_in_fp32_and_rounded_once():
+    torch.manual_seed(0)
+    x = (torch.randn(64, 33) * 3).bfloat16().requires_grad_()
+    y = tanh(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, torch.tanh(x.detach().float()).bfloat16())
+    grad = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, x, grad)
+    y = y.detach().float()
+    torch.testing.assert_close(got.float(), grad.float() * (1 - y * y), rtol=8e-3, atol=1e-5)
