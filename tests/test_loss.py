@@ -146,3 +146,19 @@ def test_rdrop_refuses_rows_that_are_not_two_passes():
     features, output, target = problem()
     with pytest.raises(ValueError, match="2 x 37 rows"):
         fused.rdrop_cross_entropy(features, output, target, 0.1, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_the_reused_workspace_leaves_no_trace_between_calls(monkeypatch, dtype):
+    monkeypatch.setattr(fused, "_WORKSPACE", {})
+    small = problem(rows=23)
+    fresh = gradients(fused_loss, *small, dtype)
+    # A larger call fills the workspace with its own logits and gradients; a smaller one
+    # after it reuses the memory and must compute exactly what it did from fresh memory.
+    features, output, target = problem(rows=61)
+    gradients(fused_loss, features * 7, output, target, dtype)
+    (buffer,) = fused._WORKSPACE.values()
+    again = gradients(fused_loss, *small, dtype)
+    assert fused._WORKSPACE[buffer.dtype] is buffer  # reused, not made again
+    for want, have in zip(fresh, again):
+        assert torch.equal(have, want)
