@@ -120,11 +120,14 @@ class Attention(nn.Module):
         step = max(1, CHUNK_ELEMENTS // per_sentence)
         if torch.is_grad_enabled() or query.device.type != "cpu" or step >= query.size(0):
             step = query.size(0)
-        pieces = []
-        for first in range(0, query.size(0), step):
+        # One piece is the tensors themselves, not slices of them: in training, the backward
+        # of a slice would zero-fill and copy a whole (B, S, A) gradient at every step.
+        pieces = [(query, keys)] if step >= query.size(0) else [
+            (query[first:first + step], keys[first:first + step])
+            for first in range(0, query.size(0), step)]
+        scores = []
+        for query_piece, keys_piece in pieces:
             # (b, T, 1, A) + (b, 1, S, A): every query against every key in one broadcast.
-            hidden = torch.sigmoid(query[first:first + step].unsqueeze(2)
-                                   + keys[first:first + step].unsqueeze(1))
-            pieces.append(apply_linear(self.energy_layer, hidden).squeeze(-1))
-        scores = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        return 2 * scores - v_sum
+            hidden = torch.sigmoid(query_piece.unsqueeze(2) + keys_piece.unsqueeze(1))
+            scores.append(apply_linear(self.energy_layer, hidden).squeeze(-1))
+        return 2 * (scores[0] if len(scores) == 1 else torch.cat(scores)) - v_sum
