@@ -1,10 +1,11 @@
 """The recurrent cells' arithmetic, and a stacked RNN over packed sequences built from it.
 
-:func:`cell_step` is one step of ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` (tanh) given the input's
-share of the gates, with torch's equations and gate order (GRU: r, z, n; LSTM: i, f, g, o), so
-the modules' parameters mean the same here as in torch. :func:`packed_rnn` steps with it, and
-the decoder's fused path with :func:`cell_update` (the same step given the hidden state's share
-of the gates, which the decoder multiplies out itself, packed for bf16 decoding).
+:func:`cell_update` is one step of ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` (tanh) given the
+input's and the hidden state's shares of the gates, with torch's equations and gate order (GRU:
+r, z, n; LSTM: i, f, g, o), so the modules' parameters mean the same here as in torch.
+:func:`packed_rnn` steps with it, multiplying by the hidden-to-hidden weight through
+:func:`~seq2seq.models.step_linear.step_linear`, and so does the decoder's fused path (with
+weights packed for bf16 decoding).
 
 :func:`packed_rnn` is what ``rnn(packed)`` computes, for training on a CPU. Torch's CPU kernel
 for packed input reads each step's rows of the precomputed input gates with ``narrow``, and
@@ -31,6 +32,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from seq2seq.models.dropout import dropout
 from seq2seq.models.gemm import linear
+from seq2seq.models.step_linear import step_linear
 
 CELLS = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn"}
 
@@ -61,23 +63,6 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x)
 
 
-def cell_step(cell: str, gates: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None,
-              w_hh: torch.Tensor, b_hh: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One step of a GRU / LSTM / tanh-RNN cell.
-
-    Args:
-        cell: "gru", "lstm" or "rnn".
-        gates: ``(B, G)`` the input's share of the gates, ``x W_ih^T + b_ih``.
-        h: ``(B, H)`` the previous hidden state; c: the LSTM's cell state (else None).
-        w_hh, b_hh: the hidden-to-hidden weight ``(G, H)`` and bias.
-
-    Returns:
-        the new ``h`` and ``c`` (None but for LSTM).
-    """
-    return cell_update(cell, gates, linear(h, w_hh, b_hh), h, c)
-
-
 class _Bf16Tanh(torch.autograd.Function):
     """``tanh`` of a bf16 tensor computed in fp32 and rounded once (see :func:`tanh`)."""
 
@@ -95,7 +80,17 @@ class _Bf16Tanh(torch.autograd.Function):
 
 def cell_update(cell: str, gates: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor,
                 c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`cell_step` given the hidden state's share of the gates, ``h W_hh^T + b_hh``."""
+    """One step of a GRU / LSTM / tanh-RNN cell.
+
+    Args:
+        cell: "gru", "lstm" or "rnn".
+        gates: ``(B, G)`` the input's share of the gates, ``x W_ih^T + b_ih``.
+        hidden: ``(B, G)`` the hidden state's share, ``h W_hh^T + b_hh``.
+        h: ``(B, H)`` the previous hidden state; c: the LSTM's cell state (else None).
+
+    Returns:
+        the new ``h`` and ``c`` (None but for LSTM).
+    """
     if cell == "gru":
         if torch.is_grad_enabled() and h.device.type == "cpu" and (
                 gates.requires_grad or hidden.requires_grad or h.requires_grad):
@@ -191,8 +186,8 @@ def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | Non
             x = dropout(x, rnn.dropout, rnn.training)
         outputs = []
         for direction in range(2 if rnn.bidirectional else 1):
-            weights = layer_weights(rnn, layer, direction, dtype)
-            out, h, c = _layer(cell, x, sizes, *weights, reverse=direction == 1)
+            weights = layer_weights(rnn, layer, direction)
+            out, h, c = _layer(cell, x, sizes, *weights, reverse=direction == 1, dtype=dtype)
             outputs.append(out)
             finals_h.append(h)
             finals_c.append(c)
@@ -208,16 +203,22 @@ def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | Non
 
 def _layer(cell: str, x: torch.Tensor, sizes: list[int], w_ih: torch.Tensor,
            w_hh: torch.Tensor, b_ih: torch.Tensor | None, b_hh: torch.Tensor | None,
-           reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+           reverse: bool, dtype: torch.dtype | None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One layer and direction over packed data ``x`` ``(N, I)`` with ``sizes`` rows per step
-    (non-increasing: the batch is sorted by length, longest first).
+    (non-increasing: the batch is sorted by length, longest first), computed in ``dtype``
+    (None: the weights').
 
     Returns:
         the outputs ``(N, H)`` in the same packed layout, and the final ``h`` and ``c`` (None
         but for LSTM), ``(B, H)`` in sorted order: each sentence's state after its last real
         step, or (reverse) after its first.
     """
+    if dtype is not None:
+        w_ih, b_ih = w_ih.to(dtype), None if b_ih is None else b_ih.to(dtype)
     gates = linear(x, w_ih, b_ih).split(sizes)  # backward: one join, not a fill per step
+    # Multiplies by w_hh at every step; in bf16, its gradient is one product for all steps.
+    recurrent = step_linear(w_hh, b_hh, dtype)
     hidden = w_hh.size(1)
     h = x.new_zeros(sizes[-1] if reverse else sizes[0], hidden)
     c = torch.zeros_like(h) if cell == "lstm" else None
@@ -232,7 +233,7 @@ def _layer(cell: str, x: torch.Tensor, sizes: list[int], w_ih: torch.Tensor,
             done_h.append(h[rows:])
             done_c.append(None if c is None else c[rows:])
             h, c = h[:rows], None if c is None else c[:rows]
-        h, c = cell_step(cell, gates[t], h, c, w_hh, b_hh)
+        h, c = cell_update(cell, gates[t], recurrent(h), h, c)
         outputs[t] = h
     if not reverse and done_h:  # the longest sentences last: sorted order is the reverse
         h = torch.cat([h] + done_h[::-1])

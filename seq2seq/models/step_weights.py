@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from seq2seq.models.gemm import linear, step_weight
+from seq2seq.models.gemm import linear
 from seq2seq.models.packed import Linear, linear_fn
+from seq2seq.models.step_linear import step_linear
 
 if TYPE_CHECKING:  # the decoder calls these; importing it here would close a circle
     from seq2seq.models.decoder import Decoder
@@ -69,39 +70,29 @@ def _step_linears(decoder: Decoder, make: Callable[[torch.Tensor, torch.Tensor |
         rest_gates=per_step(w_ih0[:, emb_size:], None) if w_ih0.size(1) > emb_size else None,
         comb_emb=make(combine.weight[:, -emb_size:], combine.bias) if bahdanau else None,
         comb_rest=per_step(combine.weight[:, :-emb_size], None) if bahdanau else None,
-        ih=(None,) + tuple(make(getattr(rnn, f"weight_ih_l{layer}"),
-                                getattr(rnn, f"bias_ih_l{layer}"))
+        ih=(None,) + tuple(per_step(getattr(rnn, f"weight_ih_l{layer}"),
+                                    getattr(rnn, f"bias_ih_l{layer}"))
                            for layer in range(1, rnn.num_layers)),
-        hh=tuple(make(getattr(rnn, f"weight_hh_l{layer}"), getattr(rnn, f"bias_hh_l{layer}"))
+        hh=tuple(per_step(getattr(rnn, f"weight_hh_l{layer}"),
+                          getattr(rnn, f"bias_hh_l{layer}"))
                  for layer in range(rnn.num_layers)))
 
 
 def plain_step_linears(decoder: Decoder) -> StepLinears:
-    """:func:`~seq2seq.models.gemm.linear` on the decoder's parameters. The slices of a
-    weight that every step multiplies by are cast once here under autocast
-    (:func:`autocast_once`), or made contiguous once for oneDNN (:func:`~seq2seq.models.gemm.
-    step_weight`); autocast casts whole parameters once itself, and the embeddings' blocks are
-    multiplied once for all steps.
+    """Products with the decoder's parameters as they are now, for one forward pass: the
+    embeddings' blocks multiplied once for all steps by :func:`~seq2seq.models.gemm.linear`,
+    and the weights every step multiplies by through :func:`~seq2seq.models.step_linear.
+    step_linear`, which casts each once under autocast (autocast caches its casts of whole
+    parameters only: a slice of one would be cast again at each step, and its gradient cast
+    back and summed at each step of the backward) and in bf16 CPU training computes each
+    one's gradient as one product over all the steps.
     """
     def make(weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         return functools.partial(linear, weight=weight, bias=bias)
 
-    return _step_linears(decoder, make,
-                         lambda weight, bias: make(step_weight(autocast_once(weight)), bias))
+    return _step_linears(decoder, make, step_linear)
 
 
 def packed_step_linears(decoder: Decoder) -> StepLinears:
     """Packed copies of the decoder's bf16 step weights (:mod:`seq2seq.models.packed`)."""
     return _step_linears(decoder, linear_fn, linear_fn)
-
-
-def autocast_once(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` in the autocast dtype where autocast is on, cast here once for every step.
-
-    Autocast caches its casts of parameters only: a slice of one would be cast again at each
-    step, and its gradient cast back and summed at each step of the backward.
-    """
-    device = weight.device.type
-    if not torch.is_autocast_enabled(device):
-        return weight
-    return weight.to(torch.get_autocast_dtype(device))
