@@ -15,10 +15,10 @@ reach the loss adds nothing, as with ``F.linear``).
 
 :func:`step_linear` uses it where it pays: bf16 training on a CPU. There the one product runs
 faster than the ``T`` small ones (about 11 against 13-18 ms for 20 steps of 300 x 1,536 x 512
-on a 2-core Xeon with AMX) and the ``T`` bf16 additions go: ``de-en.gru`` bf16 training was 3.5%
-faster and 1.7% (two runs), alternating in one process. In fp32 on the same CPU the small products are as fast as
-the one (MKL), and the copies of the steps' inputs and gradients made training 4% slower, so
-fp32, decoding and GPUs keep plain :func:`~seq2seq.models.gemm.linear`.
+on a 2-core Xeon with AMX) and the ``T`` bf16 additions go: ``de-en.gru`` bf16 training was
+3.5% and 1.7% faster in two runs, alternating in one process. In fp32 on the same CPU the small
+products are as fast as the one (MKL), and the copies of the steps' inputs and gradients made
+training 4% slower, so fp32, decoding and GPUs keep plain :func:`~seq2seq.models.gemm.linear`.
 """
 
 from __future__ import annotations
