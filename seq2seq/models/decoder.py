@@ -302,8 +302,9 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
         if decoder.input_feeding:
             extra.append(feed)
         gates = emb_gates[t]
-        if extra:
-            gates = gates + lin.rest_gates(torch.cat(extra, dim=-1))
+        if extra:  # one tensor is used as it is: a copy, and in backward a slice, saved
+            gates = gates + lin.rest_gates(extra[0] if len(extra) == 1
+                                           else torch.cat(extra, dim=-1))
         out = stacked_step(decoder.rnn, decoder.cell, gates, hs, cs, decoder.training, lin)
         if decoder.style == "bahdanau":
             att_vec = tanh(emb_comb[t] + lin.comb_rest(torch.cat([out, context], -1)))
