@@ -139,6 +139,15 @@ def test_additive_scores_made_in_pieces_equal_one_piece(monkeypatch, piece):
     trained = attention(query, keys, enc_out, src_mask)
     assert calls == [6] and trained[1].requires_grad
     torch.testing.assert_close(trained[1], whole[1], atol=0, rtol=0)
+    # ... made of the tensors themselves: the backward of a slice would zero-fill and copy a
+    # whole (B, S, A) gradient at every decoder step.
+    graph, todo = set(), [trained[1].grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in graph:
+            graph.add(node)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    assert not [node.name() for node in graph if "Slice" in node.name()]
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
