@@ -24,6 +24,7 @@ training 4% slower, so fp32, decoding and GPUs keep plain :func:`~seq2seq.models
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -80,15 +81,21 @@ class _Cast(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, owner: StepLinear, dtype: torch.dtype, weight: torch.Tensor,
                 *bias: torch.Tensor) -> Any:
-        ctx.owner = owner
+        # A weak reference: the owner holds this node's outputs, so a strong one would be a
+        # cycle through autograd's graph that Python's collector cannot see, and every
+        # forward's owner, with its steps' inputs, would stay in memory for good. While
+        # backward runs, the steps' nodes hold the owner.
+        ctx.owner = weakref.ref(owner)
+        ctx.has_bias = bool(bias)
         ctx.set_materialize_grads(False)  # the steps give it no gradient of their own
         casts = tuple(t.to(dtype, copy=True) for t in (weight, *bias))
         return casts if bias else casts[0]
 
     @staticmethod
     def backward(ctx: Any, *unused: Any) -> tuple[torch.Tensor | None, ...]:
-        grad_weight, grad_bias = ctx.owner.gradients()
-        return (None, None, grad_weight) + (() if ctx.owner.dtypes[1] is None else (grad_bias,))
+        owner = ctx.owner()
+        grad_weight, grad_bias = (None, None) if owner is None else owner.gradients()
+        return (None, None, grad_weight) + ((grad_bias,) if ctx.has_bias else ())
 
 
 class _Step(torch.autograd.Function):

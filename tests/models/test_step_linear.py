@@ -1,6 +1,8 @@
 """StepLinear: a recurrence's weight gradient as one product, equal to per-step F.linear's."""
 
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -85,3 +87,20 @@ def test_only_bf16_cpu_training_takes_it():
         out = step_linear(weight, None, torch.bfloat16)(x.bfloat16())
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), x @ weight.detach().t(), rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("backward", [True, False])
+def test_a_forward_pass_leaves_nothing_behind(backward):
+    # The owner holds its cast's outputs: a strong reference back from the cast's node would
+    # be a cycle the collector cannot see, keeping every step's input of every update.
+    weight = torch.randn(4, 4, requires_grad=True)
+    bias = torch.randn(4, requires_grad=True)
+    linear = StepLinear(weight, bias, torch.bfloat16)
+    owner = weakref.ref(linear)
+    out = linear(linear(torch.randn(2, 4)))
+    if backward:
+        out.float().sum().backward()
+        assert weight.grad is not None and bias.grad is not None
+    del linear, out
+    gc.collect()
+    assert owner() is None
