@@ -55,7 +55,8 @@ class StepLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         step = len(self.inputs)
-        self.inputs.append(x.detach().to(self.weight.dtype))
+        x = x.to(self.weight.dtype)  # once: kept for the gradient and multiplied
+        self.inputs.append(x.detach())
         return _Step.apply(x, self.weight, self.bias, self, step)
 
     def gradients(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -107,7 +108,7 @@ class _Step(torch.autograd.Function):
         ctx.owner, ctx.step = owner, step
         ctx.save_for_backward(weight)
         with torch.autocast(x.device.type, enabled=False):
-            return product(x.to(weight.dtype), weight, bias)
+            return product(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
