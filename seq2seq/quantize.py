@@ -48,47 +48,44 @@ class Int8Linear(nn.Module):
     ``x`` and per output of ``W`` (symmetric, round to nearest). Integer sums are exact, so each
     row of ``y`` depends on its own row of ``x`` only. Made by :meth:`quantize`.
 
+    The weight is kept as ``nn.Linear`` keeps it, ``(N_out, K)`` rows, and ``torch._int_mm``
+    multiplies by its transposed view. oneDNN's int8 products read that column-major operand
+    faster than a row-major ``(K, N_out)`` copy where the CPU lacks AMX (held at AVX2 on a
+    2-core Xeon, two threads: 2.06 against 2.44 ms at 500 x 512 x 1536, 0.07 against 0.42 ms
+    at 5 rows); with AMX the two are level (0.92-1.09x). A shortlist's rows are then a plain
+    row gather (:meth:`select`).
+
     Args:
-        qweight_t: ``(K, N_out)`` int8 weights, transposed for ``torch._int_mm``.
+        qweight: ``(N_out, K)`` int8 weights.
         weight_scale: ``(1, N_out)`` the scale of each output.
         bias: ``(N_out,)`` float, or None.
     """
 
-    def __init__(self, qweight_t: torch.Tensor, weight_scale: torch.Tensor,
+    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = qweight_t.shape
-        self.register_buffer("qweight_t", qweight_t)
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", bias)
-        self._by_output: tuple[torch.Tensor, int, torch.Tensor] | None = None  # see select
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
         """The int8 layer of float ``weight`` ``(N_out, K)`` and ``bias``."""
         qweight, scale = quantize_rows(weight.detach().float())
-        return cls(qweight.t().contiguous(), scale.t().contiguous(),
+        return cls(qweight, scale.t().contiguous(),
                    None if bias is None else bias.detach().float().clone())
 
     def select(self, ids: torch.Tensor) -> Int8Linear:
         """This layer restricted to outputs ``ids`` (a shortlist's rows of an output layer):
         their values are this layer's bit for bit, at the cost of ``len(ids)`` outputs."""
-        # Gathered as rows of an (N_out, K) copy and multiplied through the transposed view:
-        # gathering columns of the (K, N_out) weight costs 313 us for 731 of 4,000 outputs of
-        # 256 inputs on a 2-core AMD EPYC, against 4 us, and _int_mm takes the view at the same
-        # speed (a server selects at every join).
-        # The copy is remade when the weights were replaced or written (``load_state_dict``).
-        weight = self.qweight_t
-        cached = self._by_output
-        if cached is None or cached[0] is not weight or cached[1] != weight._version:
-            self._by_output = (weight, weight._version, weight.t().contiguous())
-        return Int8Linear(self._by_output[2].index_select(0, ids).t(),
+        return Int8Linear(self.qweight.index_select(0, ids),
                           self.weight_scale.index_select(1, ids),
                           None if self.bias is None else self.bias.index_select(0, ids))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, scale = quantize_rows(x.reshape(-1, self.in_features).float())
-        y = torch._int_mm(rows, self.qweight_t).float().mul_(scale).mul_(self.weight_scale)
+        y = torch._int_mm(rows, self.qweight.t()).float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)

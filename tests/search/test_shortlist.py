@@ -193,5 +193,5 @@ def test_an_int8_layers_selected_rows_follow_its_weights_when_they_change():
     other = Int8Linear.quantize(torch.randn(50, 8), torch.randn(50))
     layer.load_state_dict(other.state_dict())  # written in place
     assert torch.equal(layer.select(ids)(x), other(x)[:, ids])
-    layer.qweight_t = other.qweight_t.flip(1).contiguous()  # replaced
-    assert torch.equal(layer.select(ids).qweight_t, layer.qweight_t[:, ids])
+    layer.qweight = other.qweight.flip(0).contiguous()  # replaced
+    assert torch.equal(layer.select(ids).qweight, layer.qweight[ids])
