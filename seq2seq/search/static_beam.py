@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from seq2seq.search.beam_steps import candidates
 from seq2seq.search.common import (
     BOS,
     EOS,
@@ -249,13 +250,9 @@ class _Stepper:
         eos = torch.where(s.t < self.min_len, float("-inf"), log_probs[:, EOS])
         log_probs[:, EOS] = eos
 
-        # The best 2K extensions of each sentence (as beam_search's _candidates).
-        vocab = log_probs.size(1)
-        total = s.scores.unsqueeze(2) + log_probs.view(n, K, vocab)
-        num_cands = min(2 * K, K * vocab)
-        cand_scores, flat = total.view(n, -1).topk(num_cands, dim=1)
-        cand_rows = torch.arange(n, device=flat.device).unsqueeze(1) * K + flat // vocab
-        cand_tokens = flat % vocab
+        # The best 2K extensions of each sentence, as beam_search ranks them.
+        cand_scores, cand_rows, cand_tokens = candidates(s.scores, log_probs)
+        num_cands = cand_scores.size(1)
 
         # EOS within the top K: finished hypotheses of t + 1 scored tokens.
         column = s.t.clamp(max=width - 1).view(1, 1)
