@@ -11,6 +11,7 @@ from seq2seq.models.seq2seq import build_model
 from seq2seq.search import beam_search, beam_steps
 from seq2seq.search.beam_steps import RUN, candidates
 from seq2seq.search.static_beam import static_beam_search
+from tests.search.test_search import SRC_LENS, make_batch
 
 
 def every_sum(scores: torch.Tensor, log_probs: torch.Tensor):
@@ -80,14 +81,6 @@ def large_model(vocab: int) -> torch.nn.Module:
     return model
 
 
-def sources() -> tuple[torch.Tensor, torch.Tensor]:
-    src = torch.randint(4, 50, (6, 9), generator=torch.Generator().manual_seed(0))
-    src_lens = torch.tensor([9, 3, 5, 7, 1, 4])
-    for i, n in enumerate(src_lens.tolist()):
-        src[i, n:] = 0
-    return src, src_lens
-
-
 def n_bests(results: list) -> list:
     return [[(h.tokens, h.score) for h in n_best] for n_best in results]
 
@@ -95,7 +88,7 @@ def n_bests(results: list) -> list:
 @pytest.mark.parametrize("alpha", [0.0, 0.6])
 def test_a_search_by_runs_equals_the_search_by_one_ranking(monkeypatch, alpha):
     vocab = 9 * RUN + 17
-    model, (src, src_lens) = large_model(vocab), sources()
+    model, (src, src_lens) = large_model(vocab), make_batch(SRC_LENS)
     options = dict(beam_size=5, n_best=3, alpha=alpha, max_len_ratio=2.0, max_len_add=4)
     by_runs = beam_search(model, src, src_lens, **options)
     assert any(len(h.tokens) > 1 for n_best in by_runs for h in n_best)
