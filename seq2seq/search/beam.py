@@ -12,7 +12,8 @@ All beams of all sentences live in flat ``(n * K, ...)`` tensors (``n`` unfinish
 4. EOS candidates ranked within the top ``K`` become finished hypotheses;
 5. the best ``K`` other candidates are the next beams;
 6. sentences that are done are removed from the flat tensors (encoder output included), so they
-   stop costing compute.
+   stop costing compute; the batch only takes a few sizes, though, and a done sentence stays as
+   a filler until the live ones fit a smaller size (:func:`~seq2seq.search.beam_steps.shrink`).
 
 :class:`BeamSearch` runs these steps over a set of sentences that may grow between steps
 (continuous batching: a server adds the sentences of new requests to the search in progress,
@@ -42,15 +43,15 @@ from seq2seq.search.beam_steps import (
     Beams,
     advance,
     blocked_targets,
-    candidates,
-    compact,
     drop_padding,
     finish_done,
     finish_eos,
     merge,
     own_shortlists,
+    shrink,
     start,
 )
+from seq2seq.search.candidates import candidates
 from seq2seq.search.common import PAD, Hypothesis, forbid_tokens
 from seq2seq.search.shortlist import Shortlist
 
@@ -149,8 +150,7 @@ class BeamSearch:
                 hyps.sort(key=lambda h: -h.score)
                 results.append((beams.keys[j], hyps[:self.n_best]))
         if results:
-            keep = [j for j, is_done in enumerate(done) if not is_done]
-            beams = compact(beams, keep) if keep else None
+            beams = shrink(beams, done)
             if beams is not None and hasattr(self.model, "resize_source"):
                 beams = drop_padding(self.model, beams)
         self._beams = beams

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from seq2seq.search.beam_steps import candidates
+from seq2seq.search.candidates import candidates
 from seq2seq.search.common import (
     BOS,
     EOS,

@@ -1,4 +1,4 @@
-"""The beam step's candidates, found run by run (``beam_steps.candidates``), against one
+"""The beam step's candidates, found run by run (``seq2seq.search.candidates``), against one
 ``topk`` over every beam's every next token."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import torch
 
 from seq2seq.config import ModelConfig
 from seq2seq.models.seq2seq import build_model
-from seq2seq.search import beam_search, beam_steps
-from seq2seq.search.beam_steps import RUN, candidates
+from seq2seq.search import beam_search
+from seq2seq.search import candidates as candidates_module
+from seq2seq.search.candidates import RUN, candidates
 from seq2seq.search.static_beam import static_beam_search
 from tests.search.test_search import SRC_LENS, make_batch
 
@@ -95,5 +96,5 @@ def test_a_search_by_runs_equals_the_search_by_one_ranking(monkeypatch, alpha):
     static = static_beam_search(model, src, src_lens, capture=False, chunk=3, **options)
     assert [[h.tokens for h in n_best] for n_best in static] == \
         [[h.tokens for h in n_best] for n_best in by_runs]  # its scores round differently
-    monkeypatch.setattr(beam_steps, "RUN", vocab)  # vocab < 4 * RUN: one ranking of all sums
+    monkeypatch.setattr(candidates_module, "RUN", vocab)  # vocab < 4 * RUN: one ranking of all sums
     assert n_bests(beam_search(model, src, src_lens, **options)) == n_bests(by_runs)
