@@ -249,7 +249,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
 
     Beam search restricts the output layer to ``decode.shortlist`` of ``lexicon`` when that
     is set (as ``translate`` does); greedy search never does."""
-    from seq2seq.decoding import pad_sources
+    from seq2seq.decoding import bucketed_batches, pad_sources
     from seq2seq.scoring import corpus_bleu
     from seq2seq.search import beam_search, greedy_search
     from seq2seq.search.shortlist import Shortlist
@@ -259,6 +259,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     shortlist = (Shortlist(lexicon, decode.shortlist, decode.shortlist_frequent)
                  if decode.shortlist else None)
     graphs = bool(decode.cuda_graphs and device.type == "cuda" and beam > 1 and not shortlist)
+    buckets = bucketed_batches(model, device)  # as translate decides
     # decode.cuda_graphs: the fixed-shape search (same output), graphs kept across batches.
     static = StaticBeamSearch(model, beam, alpha=decode.alpha,
                               max_len_ratio=decode.max_len_ratio,
@@ -276,14 +277,15 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
         src, src_lens = pad_sources([src_ids[i] for i in batch], device)
         if beam == 1:
             best = greedy_search(model, src, src_lens, max_len_ratio=decode.max_len_ratio,
-                                 max_len_add=decode.max_len_add, min_len=decode.min_len)
+                                 max_len_add=decode.max_len_add, min_len=decode.min_len,
+                                 buckets=buckets)
         elif static is not None:
             best = [nbest[0] for nbest in static(src, src_lens)]
         else:
             best = [nbest[0] for nbest in beam_search(
                 model, src, src_lens, beam_size=beam, alpha=decode.alpha,
                 max_len_ratio=decode.max_len_ratio, max_len_add=decode.max_len_add,
-                min_len=decode.min_len, shortlist=shortlist)]
+                min_len=decode.min_len, shortlist=shortlist, buckets=buckets)]
         limits = [math.floor(decode.max_len_ratio * n + decode.max_len_add)
                   for n in src_lens.tolist()]
         for i, hyp, limit in zip(batch, best, limits):

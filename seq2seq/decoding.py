@@ -45,6 +45,18 @@ def pad_sources(src_ids: list[list[int]],
     return src.to(device), src_lens.to(device)
 
 
+def bucketed_batches(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether the searches should run at the few batch sizes of
+    :func:`seq2seq.search.common.bucket` (``buckets=True``): on a CPU, with bf16 weights, whose
+    products run on oneDNN kernels made for each number of rows. Measured on a Xeon with AMX
+    (1,000 test sentences, beam 5, alternating): a first bf16 pass 1.18x faster, greedy 1.35x.
+    Elsewhere the fillers only cost: greedy search with MKL's fp32 products or int8 weights ran
+    8% slower, and a first beam-5 pass with fp32 products on oneDNN 1.4x slower."""
+    if device.type != "cpu":
+        return False
+    return any(t.dtype == torch.bfloat16 for t in (*model.parameters(), *model.buffers()))
+
+
 def search_path(decode: DecodeConfig, device: torch.device, return_attention: bool) -> str:
     """Which search :func:`decode_ids` runs: "greedy" (beam 1, alpha 0: greedy and beam search
     agree then, greedy is cheaper), "graphs" (the CUDA-graphed static beam search) or "beam"."""
@@ -78,6 +90,7 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
     static = None
     shortlist = make_shortlist(decode, lexicon)
     path = search_path(decode, device, return_attention)
+    buckets = bucketed_batches(model, device)
     if path == "graphs":
         # One searcher for all batches: its buffers and graphs serve every batch of a shape.
         static = StaticBeamSearch(model, decode.beam_size, decode.n_best, decode.alpha,
@@ -89,7 +102,8 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
             hyps = [[h] for h in greedy_search(
                 model, src, src_lens, max_len_ratio=decode.max_len_ratio,
                 max_len_add=decode.max_len_add, min_len=decode.min_len,
-                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention)]
+                no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention,
+                buckets=buckets)]
         elif static is not None:
             hyps = static(src, src_lens)
         else:
@@ -98,7 +112,7 @@ def decode_ids(model: Any, src_ids: list[list[int]], decode: DecodeConfig, devic
                 alpha=decode.alpha, max_len_ratio=decode.max_len_ratio,
                 max_len_add=decode.max_len_add, min_len=decode.min_len,
                 no_repeat_ngram=decode.no_repeat_ngram, return_attention=return_attention,
-                shortlist=shortlist)
+                shortlist=shortlist, buckets=buckets)
         for i, nbest in zip(batch, hyps):
             results[i] = nbest
     return results

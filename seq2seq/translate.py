@@ -20,7 +20,7 @@ import torch
 
 from seq2seq.checkpoint import load_checkpoint, load_weights
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
-from seq2seq.decoding import decode_ids, make_shortlist, search_path
+from seq2seq.decoding import bucketed_batches, decode_ids, make_shortlist, search_path
 from seq2seq.errors import Seq2SeqError
 from seq2seq.files import check_distinct, check_output, same_file
 from seq2seq.search import BeamSearch, Ensemble, Hypothesis
@@ -293,7 +293,8 @@ class Translator:
                           max_len_add=settings.max_len_add, min_len=settings.min_len,
                           no_repeat_ngram=settings.no_repeat_ngram,
                           return_attention=return_attention,
-                          shortlist=make_shortlist(settings, self.lexicon))
+                          shortlist=make_shortlist(settings, self.lexicon),
+                          buckets=bucketed_batches(self.model, self.device))
 
     def _hyp_labels(self, hyp: Hypothesis) -> list[str]:
         """The target pieces of ``hyp``, one per row of its attention matrix."""

@@ -12,8 +12,8 @@ All beams of all sentences live in flat ``(n * K, ...)`` tensors (``n`` unfinish
 4. EOS candidates ranked within the top ``K`` become finished hypotheses;
 5. the best ``K`` other candidates are the next beams;
 6. sentences that are done are removed from the flat tensors (encoder output included), so they
-   stop costing compute; the batch only takes a few sizes, though, and a done sentence stays as
-   a filler until the live ones fit a smaller size (:func:`~seq2seq.search.beam_steps.shrink`).
+   stop costing compute (with ``buckets``, the batch takes a few sizes only, and a done sentence
+   stays as a filler until the live ones fit a smaller size: :func:`~.beam_steps.shrink`).
 
 :class:`BeamSearch` runs these steps over a set of sentences that may grow between steps
 (continuous batching: a server adds the sentences of new requests to the search in progress,
@@ -70,7 +70,7 @@ class BeamSearch:
     def __init__(self, model: Any, beam_size: int, n_best: int = 1, alpha: float = 0.0,
                  max_len_ratio: float = 1.5, max_len_add: int = 10, min_len: int = 0,
                  no_repeat_ngram: int = 0, return_attention: bool = False,
-                 shortlist: Shortlist | None = None):
+                 shortlist: Shortlist | None = None, buckets: bool = False):
         if not 1 <= n_best <= beam_size:
             raise ValueError(f"need 1 <= n_best <= beam_size, got n_best={n_best}, "
                              f"beam_size={beam_size}")
@@ -78,6 +78,7 @@ class BeamSearch:
         self.max_len_ratio, self.max_len_add = max_len_ratio, max_len_add
         self.min_len, self.no_repeat_ngram = min_len, no_repeat_ngram
         self.return_attention, self.shortlist = return_attention, shortlist
+        self.buckets = buckets
         self._beams: Beams | None = None
         self._finished: dict[Hashable, list[Hypothesis]] = {}
         self._targets: torch.Tensor | None = None  # the shortlist's union, (U,) target ids
@@ -150,7 +151,7 @@ class BeamSearch:
                 hyps.sort(key=lambda h: -h.score)
                 results.append((beams.keys[j], hyps[:self.n_best]))
         if results:
-            beams = shrink(beams, done)
+            beams = shrink(beams, done, self.buckets)
             if beams is not None and hasattr(self.model, "resize_source"):
                 beams = drop_padding(self.model, beams)
         self._beams = beams
@@ -171,6 +172,7 @@ def beam_search(
     no_repeat_ngram: int = 0,
     return_attention: bool = False,
     shortlist: Shortlist | None = None,
+    buckets: bool = False,
 ) -> list[list[Hypothesis]]:
     """Decode every sentence of a batch with beam search.
 
@@ -194,13 +196,16 @@ def beam_search(
         return_attention: keep the ``(T, S)`` attention of every hypothesis.
         shortlist: score only the target tokens a lexicon aligns to each sentence's source
             (see :mod:`seq2seq.search.shortlist`); the model needs ``output_rows``. None: all.
+        buckets: run at the sentence counts of :func:`~seq2seq.search.common.bucket` only,
+            keeping done sentences as fillers until the live ones fit a smaller count (the
+            same results; faster where the products run on oneDNN).
 
     Returns:
         For each sentence, in input order, its ``n_best`` hypotheses, best first (fewer only if
         the constraints leave fewer possible outputs).
     """
     search = BeamSearch(model, beam_size, n_best, alpha, max_len_ratio, max_len_add, min_len,
-                        no_repeat_ngram, return_attention, shortlist)
+                        no_repeat_ngram, return_attention, shortlist, buckets)
     search.add(src, src_lens, range(src.size(0)))
     results: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
     while len(search):

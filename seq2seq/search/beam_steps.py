@@ -18,6 +18,7 @@ from seq2seq.search.common import (
     EOS,
     PAD,
     Hypothesis,
+    bucket,
     concat,
     length_penalty,
     make_hypothesis,
@@ -275,38 +276,26 @@ def finish_cut(hyps: list[Hypothesis], beams: Beams, j: int, alpha: float) -> No
                                     attention))
 
 
-BUCKETS = True  # False: every step drops exactly the sentences that are done (tests compare)
 FILLER: Hashable = object()  # the key of a sentence that is done but stays in the batch
 
 
-def bucket(count: int) -> int:
-    """The sentence count that a search of ``count`` live sentences runs at: ``count`` up to 8,
-    else ``count`` rounded up to a multiple of a quarter of the power of two below it (9-16:
-    even numbers, 16-32: multiples of 4, ...), so at most a quarter of the rows are fillers."""
-    if count <= 8 or not BUCKETS:
-        return count
-    unit = 1 << (count.bit_length() - 3)
-    return -(-count // unit) * unit
-
-
-def shrink(beams: Beams, done: list[bool]) -> Beams | None:
+def shrink(beams: Beams, done: list[bool], buckets: bool) -> Beams | None:
     """The beams without the sentences that are done, or None when none is left.
 
-    The products of a step run on oneDNN kernels made for their number of rows, and a kernel
-    for a new number of rows costs more than the step it serves (half of one bf16 pass over
-    1,000 test sentences). So the search keeps only a few sentence counts (:func:`bucket`):
-    sentences that are done stay in the batch as fillers, their keys :data:`FILLER` and their
-    scores -inf (no candidate of theirs can finish or be kept), until the live sentences fit
-    a smaller count. The fillers kept are those with the shortest sources, so that they do
-    not hold back :func:`drop_padding`. A filler's rows are computed like any other, and rows
-    never mix, so the live sentences' results do not depend on them."""
+    With ``buckets``, the search keeps a few sentence counts only
+    (:func:`~seq2seq.search.common.bucket`): sentences that are done stay in the batch as
+    fillers, their keys :data:`FILLER` and their scores -inf (no candidate of theirs can finish
+    or be kept), until the live sentences fit a smaller count. The fillers kept are those with
+    the shortest sources, so that they do not hold back :func:`drop_padding`. A filler's rows
+    are computed like any other, and rows never mix, so the live sentences' results do not
+    depend on them."""
     live = {j for j, key in enumerate(beams.keys) if key is not FILLER and not done[j]}
     if not live:
         return None
     keys = [FILLER if is_done else key for key, is_done in zip(beams.keys, done)]
     gone = torch.tensor(done, device=beams.scores.device).unsqueeze(1)
     beams = replace(beams, keys=keys, scores=beams.scores.masked_fill(gone, float("-inf")))
-    size = bucket(len(live))
+    size = bucket(len(live)) if buckets else len(live)
     if size >= len(keys):
         return beams
     fillers = sorted((j for j in range(len(keys)) if j not in live),

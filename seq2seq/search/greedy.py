@@ -10,6 +10,7 @@ from seq2seq.search.common import (
     BOS,
     EOS,
     Hypothesis,
+    bucket,
     forbid_tokens,
     make_hypothesis,
     max_output_lengths,
@@ -27,6 +28,7 @@ def greedy_search(
     min_len: int = 0,
     no_repeat_ngram: int = 0,
     return_attention: bool = False,
+    buckets: bool = False,
 ) -> list[Hypothesis]:
     """Decode every sentence of a batch greedily; the same as ``beam_search`` with beam 1 and
     alpha 0, cheaper.
@@ -45,6 +47,9 @@ def greedy_search(
         no_repeat_ngram: forbid any token that would repeat an n-gram of this size already in
             the output (0: off).
         return_attention: keep the ``(T, S)`` attention of every hypothesis.
+        buckets: run at the sentence counts of :func:`~seq2seq.search.common.bucket` only,
+            keeping ended sentences as fillers (their rows computed, their tokens ignored)
+            until the live ones fit a smaller count.
 
     Returns:
         One hypothesis per sentence, in input order; ``score`` equals ``log_prob``.
@@ -55,7 +60,8 @@ def greedy_search(
     enc = model.encode(src, src_lens)
     state = model.init_state(enc)
 
-    # Rows of the shrinking batch: which sentence each row is and how far it may go.
+    # Rows of the shrinking batch: which sentence each row is (-1: a filler, see bucket) and
+    # how far it may go.
     alive = torch.arange(batch_size, device=src.device)
     alive_max_lens = torch.tensor(max_lens, device=src.device)
     prev = torch.full((batch_size,), BOS, dtype=torch.long, device=src.device)
@@ -74,7 +80,7 @@ def greedy_search(
         if attn_hist is not None:
             attn_hist = torch.cat([attn_hist, attn.unsqueeze(1).to(attn_hist.dtype)], dim=1)
 
-        ended = (prev == EOS) | (alive_max_lens <= t + 1)
+        ended = ((prev == EOS) | (alive_max_lens <= t + 1)) & (alive >= 0)
         if not bool(ended.any()):
             continue
         for row in ended.nonzero().squeeze(1).tolist():
@@ -82,11 +88,17 @@ def greedy_search(
             attention = None if attn_hist is None else attn_hist[row, :, :src_lens_list[b]].cpu()
             results[b] = make_hypothesis(tokens[row].tolist(), float(log_prob_sums[row]),
                                          alpha=0.0, attention=attention)
-        keep = (~ended).nonzero().squeeze(1)
-        if keep.numel() == 0:
+        alive = alive.masked_fill(ended, -1)  # fillers from now on
+        live = (alive >= 0).nonzero().squeeze(1)
+        if live.numel() == 0:
             break
-        # Drop the ended rows from everything the next step reads.
-        alive, alive_max_lens, prev, tokens, log_prob_sums, attn_hist, state, enc = reorder(
-            (alive, alive_max_lens, prev, tokens, log_prob_sums, attn_hist, state, enc), keep)
+        size = bucket(live.numel()) if buckets else live.numel()
+        if size < alive.size(0):
+            # Drop ended rows from everything the next step reads, keeping enough fillers to
+            # make a batch of one of bucket's sizes.
+            fillers = (alive < 0).nonzero().squeeze(1)[:size - live.numel()]
+            keep = torch.cat([live, fillers]).sort().values
+            alive, alive_max_lens, prev, tokens, log_prob_sums, attn_hist, state, enc = reorder(
+                (alive, alive_max_lens, prev, tokens, log_prob_sums, attn_hist, state, enc), keep)
 
     return results  # type: ignore[return-value]  # every row ends by its maximum length
