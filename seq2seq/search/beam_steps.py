@@ -23,6 +23,7 @@ from seq2seq.search.common import (
     length_penalty,
     make_hypothesis,
     max_output_lengths,
+    own_copy,
     reorder,
 )
 
@@ -183,7 +184,7 @@ def finish_eos(finished: dict[Hashable, list[Hypothesis]], beams: Beams, attn: t
         attention = None
         if beams.attn_hist is not None:
             steps = torch.cat([beams.attn_hist[row, start:], attn[row].unsqueeze(0)], dim=0)
-            attention = steps[:, :beams.src_lens[j]].cpu()
+            attention = own_copy(steps[:, :beams.src_lens[j]])
         finished[beams.keys[j]].append(
             make_hypothesis(prefixes[i][start:] + [EOS], log_probs[i], alpha, attention))
 
@@ -271,7 +272,7 @@ def finish_cut(hyps: list[Hypothesis], beams: Beams, j: int, alpha: float) -> No
         row = j * beam_size + k
         attention = None
         if beams.attn_hist is not None:
-            attention = beams.attn_hist[row, start:, :beams.src_lens[j]].cpu()
+            attention = own_copy(beams.attn_hist[row, start:, :beams.src_lens[j]])
         hyps.append(make_hypothesis(beams.tokens[row, start:].tolist(), log_prob, alpha,
                                     attention))
 

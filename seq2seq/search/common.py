@@ -88,6 +88,14 @@ def max_output_lengths(src_lens: torch.Tensor, max_len_ratio: float, max_len_add
     return [max(1, math.floor(max_len_ratio * n + max_len_add)) for n in src_lens.tolist()]
 
 
+def own_copy(attention: torch.Tensor) -> torch.Tensor:
+    """A hypothesis's own copy of its ``(T, S)`` attention, on the CPU. ``.cpu()`` of a CPU
+    tensor is the tensor itself, so a slice of the search's ``(N, W, S)`` history would keep
+    the whole history alive for as long as the hypothesis is (all of a file's, in
+    ``translate --attention``)."""
+    return attention.to("cpu", copy=True)
+
+
 def make_hypothesis(token_ids: list[int], log_prob: float, alpha: float,
                     attention: torch.Tensor | None = None) -> Hypothesis:
     """Build a :class:`Hypothesis` from every scored token (a final EOS included, if any).

@@ -14,6 +14,7 @@ from seq2seq.search.common import (
     forbid_tokens,
     make_hypothesis,
     max_output_lengths,
+    own_copy,
     reorder,
 )
 
@@ -85,7 +86,8 @@ def greedy_search(
             continue
         for row in ended.nonzero().squeeze(1).tolist():
             b = int(alive[row])
-            attention = None if attn_hist is None else attn_hist[row, :, :src_lens_list[b]].cpu()
+            attention = (None if attn_hist is None
+                         else own_copy(attn_hist[row, :, :src_lens_list[b]]))
             results[b] = make_hypothesis(tokens[row].tolist(), float(log_prob_sums[row]),
                                          alpha=0.0, attention=attention)
         alive = alive.masked_fill(ended, -1)  # fillers from now on

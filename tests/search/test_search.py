@@ -314,6 +314,22 @@ def test_attention_rows_per_scored_token():
         assert torch.allclose(g.attention, b.attention, atol=1e-6)
 
 
+def test_attention_of_a_hypothesis_holds_no_more_than_itself():
+    # Hypotheses ending by EOS and cut at their maximum length, from beam and greedy search:
+    # each attention matrix owns its memory, not a view of the search's whole history.
+    model = real_model()
+    src, src_lens = make_batch(SRC_LENS)
+    beam = beam_search(model, src, src_lens, beam_size=3, n_best=3, max_len_add=5,
+                       return_attention=True)
+    greedy = greedy_search(model, src, src_lens, 1.5, 5, return_attention=True)
+    hyps = [h for nbest in beam for h in nbest] + greedy
+    assert {len(h.tokens) < limit for h, limit in zip(
+        greedy, max_output_lengths(src_lens, 1.5, 5))} == {True, False}
+    for h in hyps:
+        owned = h.attention.untyped_storage().nbytes()
+        assert owned == h.attention.numel() * h.attention.element_size()
+
+
 def test_attention_made_in_pieces_leaves_the_search_unchanged(monkeypatch):
     # On a CPU the decoder makes Bahdanau's hidden layer a few sentences at a time; a fp32
     # model finds the same hypotheses with the same scores whatever the piece size.
