@@ -281,7 +281,8 @@ FILLER: Hashable = object()  # the key of a sentence that is done but stays in t
 
 
 def shrink(beams: Beams, done: list[bool], buckets: bool) -> Beams | None:
-    """The beams without the sentences that are done, or None when none is left.
+    """The beams of the next step: those of the sentences that are done dropped, or kept as
+    fillers; None when no sentence is live.
 
     With ``buckets``, the search keeps a few sentence counts only
     (:func:`~seq2seq.search.common.bucket`): sentences that are done stay in the batch as
