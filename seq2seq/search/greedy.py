@@ -91,16 +91,23 @@ def greedy_search(
             results[b] = make_hypothesis(tokens[row].tolist(), float(log_prob_sums[row]),
                                          alpha=0.0, attention=attention)
         alive = alive.masked_fill(ended, -1)  # fillers from now on
-        live = (alive >= 0).nonzero().squeeze(1)
-        if live.numel() == 0:
+        if not bool((alive >= 0).any()):
             break
-        size = bucket(live.numel()) if buckets else live.numel()
-        if size < alive.size(0):
-            # Drop ended rows from everything the next step reads, keeping enough fillers to
-            # make a batch of one of bucket's sizes.
-            fillers = (alive < 0).nonzero().squeeze(1)[:size - live.numel()]
-            keep = torch.cat([live, fillers]).sort().values
+        keep = rows_to_keep(alive, buckets)
+        if keep is not None:  # drop ended rows from everything the next step reads
             alive, alive_max_lens, prev, tokens, log_prob_sums, attn_hist, state, enc = reorder(
                 (alive, alive_max_lens, prev, tokens, log_prob_sums, attn_hist, state, enc), keep)
 
     return results  # type: ignore[return-value]  # every row ends by its maximum length
+
+
+def rows_to_keep(alive: torch.Tensor, buckets: bool) -> torch.Tensor | None:
+    """The rows that the next step computes, in order, or None to keep them all: the live rows
+    (``alive >= 0``) and, with ``buckets``, enough ended ones as fillers to make a batch of one
+    of :func:`~seq2seq.search.common.bucket`'s sizes."""
+    live = (alive >= 0).nonzero().squeeze(1)
+    size = bucket(live.numel()) if buckets else live.numel()
+    if size >= alive.size(0):
+        return None
+    fillers = (alive < 0).nonzero().squeeze(1)[:size - live.numel()]
+    return torch.cat([live, fillers]).sort().values
