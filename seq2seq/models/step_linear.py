@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from seq2seq.models.gemm import linear, product, step_weight, weight_grad
+from seq2seq.models.gemm import bucket_rows, linear, pad_rows, product, step_weight, weight_grad
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -65,9 +65,14 @@ class StepLinear:
         if not self.grads:
             return None, None
         steps = sorted(self.grads)
-        grads = torch.cat([self.grads[t] for t in steps])
-        rows = torch.cat([self.inputs[t] for t in steps])
+        grads = [self.grads[t] for t in steps]
+        rows = [self.inputs[t] for t in steps]
         self.grads.clear()
+        count = sum(g.size(0) for g in grads)
+        if bucket_rows(count) > count:  # zero rows, to a bucketed inner size (bucket_rows)
+            grads.append(grads[0].new_zeros(bucket_rows(count) - count, grads[0].size(1)))
+            rows.append(rows[0].new_zeros(bucket_rows(count) - count, rows[0].size(1)))
+        grads, rows = torch.cat(grads), torch.cat(rows)
         with torch.autocast(grads.device.type, enabled=False):
             grad_weight = weight_grad(grads, rows).to(self.dtypes[0])
             wide = torch.promote_types(grads.dtype, torch.float32)  # bf16 summed in fp32
@@ -108,7 +113,7 @@ class _Step(torch.autograd.Function):
         ctx.owner, ctx.step = owner, step
         ctx.save_for_backward(weight)
         with torch.autocast(x.device.type, enabled=False):
-            return product(x, weight, bias)
+            return padded_product(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -118,8 +123,17 @@ class _Step(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             with torch.autocast(grad.device.type, enabled=False):
-                grad_x = product(grad, weight.t())
+                grad_x = padded_product(grad, weight.t())
         return grad_x, None, None, None, None
+
+
+def padded_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """``x W^T + b`` for ``x`` ``(m, in)``, computed at :func:`~seq2seq.models.gemm.
+    bucket_rows` rows (zero rows added, their results dropped): a recurrence's rows change
+    as its sentences end, and each new row count would make oneDNN build a new kernel."""
+    rows = x.size(0)
+    return product(pad_rows(x, bucket_rows(rows)), weight, bias)[:rows]
 
 
 def step_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,

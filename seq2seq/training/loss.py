@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.models.gemm import linear, product, uses_onednn, weight_grad
+from seq2seq.models.gemm import bucket_rows, linear, pads_rows, product, uses_onednn, weight_grad
 from seq2seq.tokenizer import PAD
 
 # Logits per chunk: 2^22 fp32 values are 16 MiB, within a CPU's last-level cache; a GPU
@@ -74,7 +74,7 @@ def linear_cross_entropy(hidden: torch.Tensor, output: nn.Linear, target: torch.
     """
     chunk = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 2**22) // output.out_features)
     return _LinearCrossEntropy.apply(hidden, output.weight, output.bias, target, smoothing,
-                                     chunk)
+                                     chunk, pads_rows(hidden, output.weight))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -83,32 +83,45 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None, target: torch.Tensor, smoothing: float,
-                chunk: int) -> torch.Tensor:
+                chunk: int, pad: bool) -> torch.Tensor:
         dtype, vocab = hidden.dtype, weight.size(0)
         with torch.autocast(hidden.device.type, enabled=False):
             keep = (target != PAD).nonzero().squeeze(1)
-            rows, labels = hidden.index_select(0, keep), target.index_select(0, keep)
+            labels = target.index_select(0, keep)
+            count = keep.numel()
+            # pad: every product at bucketed rows (bucket_rows): whole chunks of a bucketed
+            # size, zero rows after the real ones, enough for the last chunk's bucket too
+            # (bucket_rows(count) is, for every count measured); their gradients are zeroed.
+            if pad and chunk > 16:
+                chunk = chunk >> (chunk.bit_length() - 4) << (chunk.bit_length() - 4)
+            size = count if not pad else max(
+                bucket_rows(count), count - count % chunk + bucket_rows(count % chunk))
+            rows = hidden.new_empty((size, hidden.size(1)))
+            rows[count:].zero_()
+            torch.index_select(hidden, 0, keep, out=rows[:count])
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
             grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
             loss = hidden.new_zeros((), dtype=torch.float32)
             # Each chunk's logits are made in place of, then overwritten by, their gradient;
             # the weight's gradient is one matmul at the end (summed in fp32 inside it).
-            grads = workspace(rows.size(0) * vocab, hidden).view(rows.size(0), vocab)
-            rows_max = min(chunk, rows.size(0))
+            grads = workspace(size * vocab, hidden).view(size, vocab)
             onednn = uses_onednn(rows, w)
             wide = None if dtype == torch.float32 else \
-                hidden.new_empty((rows_max, vocab), dtype=torch.float32)
-            for start in range(0, rows.size(0), chunk):
-                h, y = rows[start:start + chunk], labels[start:start + chunk]
-                out = grads[start:start + chunk]
+                hidden.new_empty((min(chunk, count), vocab), dtype=torch.float32)
+            for start in range(0, count, chunk):
+                real = min(chunk, count - start)
+                run = bucket_rows(real) if pad else real  # rows multiplied
+                h, y = rows[start:start + run], labels[start:start + real]
+                out = grads[start:start + run]
                 if onednn:  # it writes a new tensor: copied in place of the logits
                     out.copy_(product(h, w, b))
                 elif b is None:
                     torch.mm(h, w.t(), out=out)
                 else:
                     torch.addmm(b, h, w.t(), out=out)
-                x = out if wide is None else wide[:h.size(0)].copy_(out)
+                out = out[:real]
+                x = out if wide is None else wide[:real].copy_(out)
                 picked = x.gather(1, y.unsqueeze(1)).squeeze(1)
                 total = x.sum(dim=1)
                 peak = x.amax(dim=1, keepdim=True)
@@ -124,7 +137,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_bias += grad.sum(dim=0)
                 if wide is not None:
                     out.copy_(grad)
-            grad_rows = product(grads, w.t())  # grads @ w
+            grads[count:].zero_()  # padding rows: their logits are no gradient
+            grad_rows = product(grads, w.t())[:count]  # grads @ w
             grad_weight = weight_grad(grads, rows).float()  # grads^T @ rows
             grad_hidden = torch.zeros_like(hidden).index_copy_(0, keep, grad_rows)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -138,7 +152,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden.float().mul_(scale).to(grad_hidden.dtype),
                 (grad_weight * scale).to(ctx.weight_dtype),
                 None if grad_bias is None else (grad_bias * scale).to(ctx.weight_dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 def rdrop_cross_entropy(hidden: torch.Tensor, output: nn.Linear, target: torch.Tensor,
