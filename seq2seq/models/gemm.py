@@ -159,8 +159,9 @@ class _Linear(torch.autograd.Function):
 
 
 def bucket_rows(rows: int) -> int:
-    """The row count a bf16 CPU training product runs at: ``rows`` up to 16, then the next of
-    eight sizes per doubling (17 -> 18, 100 -> 104, 4,000 -> 4,096), at most 1/8 more.
+    """The row count a training product that oneDNN makes on a CPU runs at (:func:`pads_rows`):
+    ``rows`` up to 16, then the next of eight sizes per doubling (17 -> 18, 100 -> 104, 4,000
+    -> 4,096), at most 1/8 more.
 
     oneDNN, which makes every bf16 product on a CPU, builds a kernel for each shape it meets
     (a few milliseconds each, longer the more rows) and keeps up to 1,024 of them. A training
@@ -176,16 +177,17 @@ def bucket_rows(rows: int) -> int:
 
 
 def pads_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x W^T`` runs at :func:`bucket_rows` rows: a bf16 product on a CPU (under
-    bf16 autocast, or of bf16 ``x``) with gradients enabled, of a weight with at least 64
-    outputs (below that, the copies padding makes cost as much as the product), outside
-    ``torch.compile`` and Python dispatch modes."""
+    """Whether ``x W^T`` runs at :func:`bucket_rows` rows: a product that oneDNN makes on a
+    CPU (bf16 under autocast or of bf16 ``x``, or fp32 where :func:`uses_onednn`) with
+    gradients enabled, of a weight with at least 64 outputs (below that, the copies padding
+    makes cost as much as the product), outside ``torch.compile`` and Python dispatch modes.
+    fp32 products by MKL build no kernels per shape and are left alone."""
     if (x.device.type != "cpu" or not torch.is_grad_enabled() or weight.size(0) < 64
             or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()):
         return False
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return x.dtype == torch.bfloat16
+    return x.dtype == torch.bfloat16 or uses_onednn(x, weight)
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -197,15 +199,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, by oneDNN forward and backward where :func:`uses_onednn`
     says so (fp32 on a CPU where it is the faster), else ``F.linear`` itself (autocast, GPUs,
-    other dtypes); bf16 training products on a CPU at :func:`bucket_rows` rows (zero rows
-    added, their results dropped), so that their backward's products are bucketed too."""
+    other dtypes); training products that oneDNN makes on a CPU at :func:`bucket_rows` rows
+    (zero rows added, their results dropped), so that their backward's are bucketed too."""
     if pads_rows(x, weight):
         rows = x.numel() // x.size(-1)
         if bucket_rows(rows) != rows:
             if torch.is_autocast_enabled("cpu"):  # cast before the padding copy, not after
                 x = x.to(torch.get_autocast_dtype("cpu"))
             flat = pad_rows(x.reshape(rows, x.size(-1)), bucket_rows(rows))
-            return F.linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
+            return _linear(flat, weight, bias)[:rows].view(*x.shape[:-1], weight.size(0))
+    return _linear(x, weight, bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`linear` at the rows ``x`` has."""
     if not uses_onednn(x, weight):
         return F.linear(x, weight, bias)
     return _Linear.apply(x, weight, bias)

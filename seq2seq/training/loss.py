@@ -90,8 +90,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             labels = target.index_select(0, keep)
             count = keep.numel()
             # pad: every product at bucketed rows (bucket_rows): whole chunks of a bucketed
-            # size, zero rows after the real ones, enough for the last chunk's bucket too
-            # (bucket_rows(count) is, for every count measured); their gradients are zeroed.
+            # size (the chunk rounded down to one), zero rows after the real ones, enough for
+            # the last chunk's bucket too (bucket_rows(count) is, for every count to 20,000
+            # and chunk sizes tried); their gradients are zeroed.
             if pad and chunk > 16:
                 chunk = chunk >> (chunk.bit_length() - 4) << (chunk.bit_length() - 4)
             size = count if not pad else max(

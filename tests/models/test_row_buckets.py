@@ -18,7 +18,8 @@ def product_dims(fn) -> set[int]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 record_shapes=True) as prof:
         fn()
-    return {size for event in prof.events() if event.name in ("aten::mm", "aten::addmm")
+    names = ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise")
+    return {size for event in prof.events() if event.name in names
             for shape in event.input_shapes if len(shape) == 2 for size in shape}
 
 
@@ -57,9 +58,33 @@ def test_a_bf16_training_product_runs_padded_and_gives_torch_s_results(rows):
             torch.testing.assert_close(have, expected, rtol=1e-2, atol=1e-2)
 
 
-def test_what_is_not_a_bf16_cpu_training_product_is_not_padded():
+def test_fp32_training_products_by_onednn_are_padded_too(fp32_gemm):
+    """On CPUs where fp32 products go to oneDNN (AMD's), it builds kernels per shape too."""
+    fp32_gemm("onednn")
+    gen = torch.Generator().manual_seed(2)
+    x, weight = torch.randn(100, 32, generator=gen), torch.randn(96, 32, generator=gen)
+    assert gemm.pads_rows(x, weight)
+
+    def run():
+        xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = gemm.linear(xg, wg)
+        (out * x[:, :1]).sum().backward()
+        return out.detach(), xg.grad, wg.grad
+
+    dims = product_dims(run)
+    assert 100 not in dims and 104 in dims
+    got = run()
+    fp32_gemm("blas")
+    assert not gemm.pads_rows(x, weight)  # MKL builds no kernel per shape
+    assert 100 in product_dims(run)
+    for have, want in zip(got, run()):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_what_is_not_a_bf16_cpu_training_product_is_not_padded(fp32_gemm):
+    fp32_gemm("blas")
     x, weight = torch.randn(100, 32), torch.randn(96, 32)
-    assert not gemm.pads_rows(x, weight)  # fp32
+    assert not gemm.pads_rows(x, weight)  # fp32 by MKL
     assert not gemm.pads_rows(x.bfloat16(), torch.randn(8, 32))  # few outputs
     with torch.no_grad():
         assert not gemm.pads_rows(x.bfloat16(), weight)  # no gradients: decoding
