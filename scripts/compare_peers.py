@@ -1,13 +1,16 @@
 """seq2seq beside Joey NMT 2.3.0 and OpenNMT-py 3.5.1, measured in one run on this machine.
 
-    python scripts/compare_peers.py [--len 24] [--steps 20] [--peer-steps 60] [--json out.json]
+    python scripts/compare_peers.py [--len 24] [--warmup 20] [--steps 20] [--peer-steps 60]
+        [--json out.json]
 
 Runs, one after the other on the same machine, so that every figure of the table comes from
 the same hardware under comparable load (the load average is recorded beside each):
 
 1. our ``scripts/benchmark.py recipes/multi30k/de-en.gru.yaml`` in fp32 (its products by
    oneDNN or BLAS, as ``SEQ2SEQ_FP32_GEMM=auto`` picks: :mod:`seq2seq.models.gemm`): training target
-   tokens/s (``--warmup 3 --steps N``), then beam-5 decoding at batch 100 of test_2016_flickr
+   tokens/s (``--warmup W --steps N``; W = 20 by default, the peers' own untimed first
+   steps, since a fresh process builds oneDNN kernels for new shapes at first), then beam-5
+   decoding at batch 100 of test_2016_flickr
    at a fixed output length (``decode.min_len=LEN decode.max_len_ratio=1e-9
    decode.max_len_add=LEN``: min = max = LEN tokens, so an untrained model costs what a
    trained one does), with fp32, int8 (``--quantize``) and bf16 (``--bf16``) weights;
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1000,
                         help="sentences we decode (test_2016_flickr has 1,000)")
     parser.add_argument("--len", type=int, default=24, help="fixed output length in tokens")
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="our untimed first training steps (the peers': 20)")
     parser.add_argument("--steps", type=int, default=20, help="our timed training steps")
     parser.add_argument("--peer-steps", type=int, default=60,
                         help="peers' training steps (timed: those after the 20th)")
@@ -107,9 +112,9 @@ def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool,
     out = work / f"{name}.json"
     cmd = [sys.executable, "scripts/benchmark.py", args.recipe, f"train.precision={precision}",
            f"decode.min_len={args.len}", "decode.max_len_ratio=1e-9",
-           f"decode.max_len_add={args.len}", "--warmup", "3", "--steps", str(args.steps),
-           "--threads", str(args.threads), "--work-dir", str(work / "bench"), "--json",
-           str(out)]
+           f"decode.max_len_add={args.len}", "--warmup", str(args.warmup),
+           "--steps", str(args.steps), "--threads", str(args.threads),
+           "--work-dir", str(work / "bench"), "--json", str(out)]
     if decode:
         cmd += ["--beams", "5", "--repeat", str(args.repeat), "--decode-batch", "100",
                 "--quantize", "--shortlist", str(args.shortlist)] + (["--bf16"] if bf16 else [])

@@ -126,7 +126,8 @@ def test_compare_peers_runs_both_sides_and_prints_ratios(tmp_path):
     out = tmp_path / "compare.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "compare_peers.py"), "--recipe", str(recipe),
-         "--steps", "1", "--repeat", "20", "--len", "6", "--threads", "1", "--shortlist", "5",
+         "--warmup", "1", "--steps", "1", "--repeat", "20", "--len", "6", "--threads", "1",
+         "--shortlist", "5",
          "--work-dir", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=900,
         env={**os.environ, "PEERS_BENCH": str(kit), "SEQ2SEQ_FP32_GEMM": "onednn"})
