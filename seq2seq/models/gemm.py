@@ -170,10 +170,20 @@ def bucket_rows(rows: int) -> int:
     settled: in 100 ``de-en.gru`` bf16 updates (Xeon with AMX, two threads) oneDNN made 2,774
     kernels for 2,174 shapes and spent 7.6 s on it (``ONEDNN_VERBOSE=2``).
     """
-    if rows <= 16:
-        return rows
-    step = 1 << (rows.bit_length() - 4)
-    return -(-rows // step) * step
+    return bucket_size(rows, 8)
+
+
+def bucket_size(count: int, per_doubling: int, down: bool = False) -> int:
+    """``count`` rounded up (``down``: down) to one of ``per_doubling`` (a power of two) sizes
+    per doubling: counts up to ``2 * per_doubling`` as they are, else to a multiple of
+    ``1 / per_doubling`` of the power of two below ``count``. oneDNN's kernels are made per
+    shape, so the products whose rows vary keep to such sizes: the training products
+    (:func:`bucket_rows`) and the searches' sentence counts (:func:`seq2seq.search.common.
+    bucket`)."""
+    if count <= 2 * per_doubling:
+        return count
+    unit = 1 << (count.bit_length() - per_doubling.bit_length())
+    return count // unit * unit if down else -(-count // unit) * unit
 
 
 def pads_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:

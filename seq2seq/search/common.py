@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from seq2seq.models.gemm import bucket_size
+
 # The tokenizer's fixed ids (seq2seq.tokenizer trains SentencePiece with exactly these). They are
 # repeated here because search depends only on torch and the model interface.
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -191,7 +193,4 @@ def bucket(count: int) -> int:
     the same process at 250). With buckets, sentences that are done stay in the batch as
     fillers until the live ones fit a smaller count; where that pays is
     :func:`seq2seq.decoding.bucketed_batches`'s choice."""
-    if count <= 8:
-        return count
-    unit = 1 << (count.bit_length() - 3)
-    return -(-count // unit) * unit
+    return bucket_size(count, 4)

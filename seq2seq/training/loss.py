@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seq2seq.models.gemm import bucket_rows, linear, pads_rows, product, uses_onednn, weight_grad
+from seq2seq.models.gemm import (
+    bucket_rows,
+    bucket_size,
+    linear,
+    pads_rows,
+    product,
+    uses_onednn,
+    weight_grad,
+)
 from seq2seq.tokenizer import PAD
 
 # Logits per chunk: 2^22 fp32 values are 16 MiB, within a CPU's last-level cache; a GPU
@@ -93,8 +101,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # size (the chunk rounded down to one), zero rows after the real ones, enough for
             # the last chunk's bucket too (bucket_rows(count) is, for every count to 20,000
             # and chunk sizes tried); their gradients are zeroed.
-            if pad and chunk > 16:
-                chunk = chunk >> (chunk.bit_length() - 4) << (chunk.bit_length() - 4)
+            if pad:
+                chunk = bucket_size(chunk, 8, down=True)
             size = count if not pad else max(
                 bucket_rows(count), count - count % chunk + bucket_rows(count % chunk))
             rows = hidden.new_empty((size, hidden.size(1)))
