@@ -1,7 +1,7 @@
 """seq2seq beside Joey NMT 2.3.0 and OpenNMT-py 3.5.1, measured in one run on this machine.
 
     python scripts/compare_peers.py [--len 24] [--warmup 20] [--steps 20] [--peer-steps 60]
-        [--json out.json]
+        [--rounds 1] [--json out.json]
 
 Runs, one after the other on the same machine, so that every figure of the table comes from
 the same hardware under comparable load (the load average is recorded beside each):
@@ -21,6 +21,12 @@ the same hardware under comparable load (the load average is recorded beside eac
    in their own venv (never project dependencies) and prints one JSON line: their training
    target tokens/s (steps after the first 20 of ``--peer-steps``) and their beam-5 batch-100
    decoding of test_2016_flickr at the same fixed length.
+
+With ``--rounds N`` it measures all of that N times, our parts first in odd rounds and the
+peers' kit first in even ones. A machine whose speed drifts (a shared virtual one can change
+by a third within minutes) then moves both sides of a round alike: each ratio is taken within
+its round, and the table gives the median of the N ratios with their range, and each figure's
+median with its N values. One round is a single pass, as before.
 
 It prints the CPU model and its bf16 flags, then a table of figures and ratios, then one
 line with the speed of a large matrix product in fp32 (ours, and BLAS's) and in bf16, and
@@ -45,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,8 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "our benchmark's tokenizer and cache go to its bench/ folder")
     parser.add_argument("--shortlist", type=int, default=0, metavar="N",
                         help="also time our beam search with decode.shortlist=N")
+    parser.add_argument("--rounds", type=int, default=1, help="measure both sides this many "
+                        "times, alternating which goes first; each ratio is then the median "
+                        "of the rounds' own ratios, with their range")
     parser.add_argument("--json", help="write the comparison here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds: {args.rounds}: at least 1")
+    return args
 
 
 def load_average() -> float:
@@ -114,7 +127,7 @@ def ours(args: argparse.Namespace, work: Path, precision: str, decode: bool,
            f"decode.min_len={args.len}", "decode.max_len_ratio=1e-9",
            f"decode.max_len_add={args.len}", "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--threads", str(args.threads),
-           "--work-dir", str(work / "bench"), "--json", str(out)]
+           "--work-dir", str(args.bench), "--json", str(out)]
     if decode:
         cmd += ["--beams", "5", "--repeat", str(args.repeat), "--decode-batch", "100",
                 "--quantize", "--shortlist", str(args.shortlist)] + (["--bf16"] if bf16 else [])
@@ -164,17 +177,20 @@ def product_rates(threads: int, size: int = 2048, repeats: int = 3,
 
 
 def own_ratios(result: dict[str, Any]) -> str:
-    """One line: bf16 against our own fp32, in products, training and decoding."""
-    rates, ours = result["products"], result["seq2seq"]
+    """One line: bf16 against our own fp32, in products, training and decoding (each the
+    median of the rounds' ratios)."""
+    rates, rounds = result["products"], [r["seq2seq"] for r in result["rounds"]]
     parts = [f"products bf16 / fp32 {ratio(rates['bf16'], rates['fp32'])}"]
-    if "bf16" in ours:
-        parts.append("training " + ratio(ours["bf16"]["train"]["target_tokens_per_s"],
-                                         ours["fp32"]["train"]["target_tokens_per_s"]))
-    decode = {row["weights"]: row["sentences_per_s"]
-              for row in ours["fp32"].get("decode", []) if not row.get("shortlist")}
-    if "bf16" in decode and "fp32" in decode:
-        parts.append(f"beam 5 with bf16 weights {ratio(decode['bf16'], decode['fp32'])}")
-    threads, backend = result["threads"], ours["fp32"]["fp32_products"].split()[0]
+    if "bf16" in rounds[0]:
+        parts.append("training " + spread(
+            [ours["bf16"]["train"]["target_tokens_per_s"] for ours in rounds],
+            [ours["fp32"]["train"]["target_tokens_per_s"] for ours in rounds]))
+    decode = [{row["weights"]: row["sentences_per_s"] for row in ours["fp32"].get("decode", [])
+               if not row.get("shortlist")} for ours in rounds]
+    if "bf16" in decode[0] and "fp32" in decode[0]:
+        parts.append("beam 5 with bf16 weights " + spread([d["bf16"] for d in decode],
+                                                           [d["fp32"] for d in decode]))
+    threads, backend = result["threads"], rounds[0]["fp32"]["fp32_products"].split()[0]
     return (f"Products of two {PRODUCT_SIZE} x {PRODUCT_SIZE} matrices, {threads} "
             f"thread{'s' if threads != 1 else ''}: fp32 {rates['fp32']:,.1f} GFLOP/s "
             f"(by {backend}), fp32 by BLAS {rates['fp32_blas']:,.1f}, bf16 "
@@ -186,8 +202,9 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
-def table(result: dict[str, Any]) -> list[str]:
-    """Markdown rows: one per figure, seq2seq beside each peer, with ratios."""
+def figures(result: dict[str, Any], length: int) -> list[tuple[str, float, Any, Any, Any]]:
+    """``(figure, seq2seq, OpenNMT-py, Joey NMT, seq2seq's load average)`` for one round
+    (decoding at the fixed output ``length``)."""
     onmt, joey = result["peers"]["onmt"], result["peers"]["joey"]
     train_key, decode_key = "train_target_tokens_per_s", "beam5_batch100_sent_per_s"
     rows = []
@@ -196,19 +213,66 @@ def table(result: dict[str, Any]) -> list[str]:
         rows.append((f"training, target tokens/s (seq2seq {precision})",
                      train["target_tokens_per_s"], onmt[train_key], joey[train_key],
                      train["load_average"]))
-    length = result["fixed_output_length"]
     for row in result["seq2seq"]["fp32"].get("decode", []):
         listed = (", shortlist {}+{}".format(*row["shortlist"]) if row.get("shortlist")
                   else "")
         rows.append((f"beam 5, batch 100, {length} tokens, sentences/s (seq2seq "
                      f"{row['weights']} weights{listed})", row["sentences_per_s"], onmt[decode_key],
                      joey[decode_key], row["load_average"]))
+    return rows
+
+
+def spread(ours: list[float], theirs: list[Any]) -> str:
+    """The median of the rounds' ratios ``ours / theirs``, with their range when there are
+    several; n/a where a round lacks a figure."""
+    if not all(ours) or not all(theirs):
+        return "n/a"
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def cell(values: list[Any]) -> str:
+    """A figure: its value, or its rounds' median and the values themselves."""
+    if not all(values):
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:,}" if isinstance(values[0], int) else f"{values[0]:,.1f}"
+    return f"{statistics.median(values):,.1f} ({', '.join(f'{v:,.0f}' for v in values)})"
+
+
+def table(rounds: list[dict[str, Any]], length: int) -> list[str]:
+    """Markdown rows: one per figure, seq2seq beside each peer, with ratios (of the same
+    round: medians and ranges over several)."""
+    per_round = [figures(result, length) for result in rounds]
     lines = ["| figure | seq2seq | OpenNMT-py 3.5.1 | Joey NMT 2.3.0 | seq2seq / OpenNMT-py | "
              "seq2seq / Joey NMT | load avg (seq2seq) |", "|---|---|---|---|---|---|---|"]
-    for what, mine, theirs_o, theirs_j, load in rows:
-        lines.append(f"| {what} | {mine:,.1f} | {theirs_o or 'n/a'} | {theirs_j or 'n/a'} | "
-                     f"{ratio(mine, theirs_o)} | {ratio(mine, theirs_j)} | {load} |")
+    for i, (what, *_) in enumerate(per_round[0]):
+        mine, onmt, joey, load = ([rows[i][k] for rows in per_round] for k in (1, 2, 3, 4))
+        lines.append(f"| {what} | {cell(mine)} | {cell(onmt)} | {cell(joey)} | "
+                     f"{spread(mine, onmt)} | {spread(mine, joey)} | "
+                     f"{load[0] if len(load) == 1 else ', '.join(map(str, load))} |")
     return lines
+
+
+def measure_round(args: argparse.Namespace, work: Path, native: str | None,
+                  peers_first: bool) -> dict[str, Any]:
+    """One round: our parts (fp32 with decoding, bf16 training where the CPU computes it
+    natively, fp32 training by BLAS where ``auto`` picked oneDNN) and the peers' kit."""
+    result: dict[str, Any] = {}
+    if peers_first:
+        result["peers"] = peers(args, work)
+    result["seq2seq"] = {"fp32": ours(args, work, "fp32", decode=True, bf16=bool(native))}
+    if native:
+        result["seq2seq"]["bf16"] = ours(args, work, "bf16", decode=False)
+    if result["seq2seq"]["fp32"]["fp32_products"].startswith("onednn"):
+        # the fp32 training of a CPU whose products stay with BLAS (AVX2 only, or Intel's)
+        result["seq2seq"]["fp32, BLAS products"] = ours(args, work, "fp32", decode=False,
+                                                          gemm="blas")
+    if not peers_first:
+        result["peers"] = peers(args, work)
+    return result
 
 
 def numpy_avx512() -> bool:
@@ -231,26 +295,27 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("SEQ2SEQ_DATA", str(REPO.parent / "shared" / "data"))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="seq2seq-peers-"))
     work.mkdir(parents=True, exist_ok=True)
+    args.bench = work / "bench"  # our benchmark's tokenizer and data cache, for every round
     native = cpu_native_bf16()
     flags = sorted(set(CPU_BF16_FLAGS + ("amx_tile",)) & cpu_flags())
     from scripts.benchmark import cpu_model
 
     result: dict[str, Any] = {"cpu": cpu_model(), "bf16_flags": flags, "native_bf16": native,
                               "threads": args.threads, "fixed_output_length": args.len,
-                              "seq2seq": {"fp32": ours(args, work, "fp32", decode=True,
-                                                       bf16=bool(native))}}
-    if native:
-        result["seq2seq"]["bf16"] = ours(args, work, "bf16", decode=False)
-    if result["seq2seq"]["fp32"]["fp32_products"].startswith("onednn"):
-        # the fp32 training of a CPU whose products stay with BLAS (AVX2 only, or Intel's)
-        result["seq2seq"]["fp32, BLAS products"] = ours(args, work, "fp32", decode=False,
-                                                          gemm="blas")
-    result["peers"] = peers(args, work)
+                              "rounds": []}
+    for number in range(args.rounds):
+        part_work = work if args.rounds == 1 else work / f"round-{number + 1}"
+        part_work.mkdir(parents=True, exist_ok=True)
+        # every other round the peers go first, so that a drift of the machine's speed
+        # during the run does not favour one side
+        result["rounds"].append(measure_round(args, part_work, native, number % 2 == 1))
     result["products"] = product_rates(args.threads, PRODUCT_SIZE, bf16=bool(native))
+    loads = "; ".join(str(r["peers"]["load_average"]) for r in result["rounds"])
     print(f"CPU: {result['cpu']}; bf16 flags: {', '.join(flags) or 'none'} "
           f"(native bf16: {native or 'no'}); {args.threads} threads for each toolkit; "
-          f"peers' load average {result['peers']['load_average']}")
-    print("\n".join(table(result)))
+          f"peers' load average {loads}" + (f"; {args.rounds} rounds, the peers first in "
+                                            "every other" if args.rounds > 1 else ""))
+    print("\n".join(table(result["rounds"], args.len)))
     print(own_ratios(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -133,10 +133,11 @@ def test_compare_peers_runs_both_sides_and_prints_ratios(tmp_path):
         env={**os.environ, "PEERS_BENCH": str(kit), "SEQ2SEQ_FP32_GEMM": "onednn"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    ours = report["seq2seq"]["fp32"]
+    assert len(report["rounds"]) == 1  # --rounds 1, the default
+    ours = report["rounds"][0]["seq2seq"]["fp32"]
     # fp32 products by oneDNN, so the fp32 training runs again with BLAS's, in its own row
     assert ours["fp32_products"].startswith("onednn")
-    blas = report["seq2seq"]["fp32, BLAS products"]
+    blas = report["rounds"][0]["seq2seq"]["fp32, BLAS products"]
     assert blas["fp32_products"].startswith("blas") and "decode" not in blas
     assert sum(line.startswith("| training, target tokens/s (seq2seq fp32, BLAS products)")
                for line in result.stdout.splitlines()) == 1
@@ -170,7 +171,67 @@ def test_compare_peers_runs_both_sides_and_prints_ratios(tmp_path):
         assert last.endswith(f"beam 5 with bf16 weights {decode['bf16'] / decode['fp32']:.2f}x.")
     else:
         assert "bf16 not run (no native bf16)" in last and "products bf16 / fp32 n/a" in last
-    assert ("training " in last) == ("bf16" in report["seq2seq"]) == bool(native)
+    assert ("training " in last) == ("bf16" in report["rounds"][0]["seq2seq"]) == bool(native)
+
+
+def load_compare_peers():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_peers",
+                                                  REPO / "scripts" / "compare_peers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_peers_rounds_alternate_and_give_the_median_of_their_own_ratios(
+        tmp_path, monkeypatch):
+    compare = load_compare_peers()
+    calls = []
+
+    def ours(args, work, precision, decode, gemm=None, bf16=False):
+        calls.append(("ours", precision, gemm))
+        speed = {"round-1": 300.0, "round-2": 100.0, "round-3": 200.0}[work.name]
+        run = {"train": {"target_tokens_per_s": speed, "load_average": 1.0},
+               "fp32_products": "blas (auto)"}
+        if decode:
+            run["decode"] = [{"weights": "fp32", "shortlist": None, "sentences_per_s": speed / 10,
+                              "load_average": 1.5}]
+        return run
+
+    def peers(args, work):
+        calls.append(("peers",))
+        speed = {"round-1": 100, "round-2": 50, "round-3": 50}[work.name]
+        return {"onmt": {"train_target_tokens_per_s": speed, "beam5_batch100_sent_per_s": 10.0},
+                "joey": {"train_target_tokens_per_s": None, "beam5_batch100_sent_per_s": None},
+                "load_average": [1.0, 1.0]}
+
+    monkeypatch.setattr(compare, "ours", ours)
+    monkeypatch.setattr(compare, "peers", peers)
+    args = compare.parse_args(["--rounds", "3"])
+    rounds = []
+    for number in range(3):
+        work = tmp_path / f"round-{number + 1}"
+        rounds.append(compare.measure_round(args, work, None, number % 2 == 1))
+    # the peers go first in every other round
+    assert [call[0] for call in calls] == ["ours", "peers", "peers", "ours", "ours", "peers"]
+    lines = compare.table(rounds, 24)
+    train = next(line for line in lines if line.startswith("| training"))
+    cells = [cell.strip() for cell in train.split("|")[1:-1]]
+    # ratios within each round 3.0, 2.0 and 4.0: the median and the range, not the ratio of
+    # medians (200 / 50)
+    assert cells[1:7] == ["200.0 (300, 100, 200)", "50.0 (100, 50, 50)", "n/a",
+                          "3.00x (2.00-4.00)", "n/a", "1.0, 1.0, 1.0"]
+    beam = next(line for line in lines if "fp32 weights" in line)
+    assert [cell.strip() for cell in beam.split("|")[1:-1]][4] == "2.00x (1.00-3.00)"
+
+
+def test_compare_peers_refuses_zero_rounds():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare_peers.py"), "--rounds", "0"],
+        capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("--rounds: 0: at least 1")
 
 
 def test_compare_peers_stops_with_one_line_when_a_part_fails(tmp_path):
