@@ -185,12 +185,13 @@ def load_compare_peers():
 
 
 def test_compare_peers_rounds_alternate_and_give_the_median_of_their_own_ratios(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     compare = load_compare_peers()
     calls = []
 
     def ours(args, work, precision, decode, gemm=None, bf16=False):
         calls.append(("ours", precision, gemm))
+        assert work.parent == tmp_path  # each round in a folder of its own
         speed = {"round-1": 300.0, "round-2": 100.0, "round-3": 200.0}[work.name]
         run = {"train": {"target_tokens_per_s": speed, "load_average": 1.0},
                "fp32_products": "blas (auto)"}
@@ -201,27 +202,35 @@ def test_compare_peers_rounds_alternate_and_give_the_median_of_their_own_ratios(
 
     def peers(args, work):
         calls.append(("peers",))
-        speed = {"round-1": 100, "round-2": 50, "round-3": 50}[work.name]
+        speed = {"round-1": 100, "round-2": 50, "round-3": 40}[work.name]
         return {"onmt": {"train_target_tokens_per_s": speed, "beam5_batch100_sent_per_s": 10.0},
                 "joey": {"train_target_tokens_per_s": None, "beam5_batch100_sent_per_s": None},
                 "load_average": [1.0, 1.0]}
 
     monkeypatch.setattr(compare, "ours", ours)
     monkeypatch.setattr(compare, "peers", peers)
-    args = compare.parse_args(["--rounds", "3"])
-    rounds = []
-    for number in range(3):
-        work = tmp_path / f"round-{number + 1}"
-        rounds.append(compare.measure_round(args, work, None, number % 2 == 1))
+    monkeypatch.setattr(compare, "cpu_native_bf16", lambda: None)  # fp32 parts only
+    monkeypatch.setattr(compare, "product_rates", lambda threads, size, bf16: {
+        "fp32": 100.0, "fp32_blas": 100.0, "bf16": None})
+    monkeypatch.setenv("SEQ2SEQ_DATA", os.environ.get("SEQ2SEQ_DATA", "unused"))
+    out = tmp_path / "compare.json"
+    assert compare.main(["--rounds", "3", "--threads", "1", "--work-dir", str(tmp_path),
+                         "--json", str(out)]) == 0
     # the peers go first in every other round
     assert [call[0] for call in calls] == ["ours", "peers", "peers", "ours", "ours", "peers"]
+    rounds = json.loads(out.read_text())["rounds"]
+    assert [r["seq2seq"]["fp32"]["train"]["target_tokens_per_s"] for r in rounds] == [
+        300.0, 100.0, 200.0]
+    printed = capsys.readouterr().out
+    assert "; 3 rounds, the peers first in every other" in printed.splitlines()[0]
+    assert compare.table(rounds, 24)[2] in printed
     lines = compare.table(rounds, 24)
     train = next(line for line in lines if line.startswith("| training"))
     cells = [cell.strip() for cell in train.split("|")[1:-1]]
-    # ratios within each round 3.0, 2.0 and 4.0: the median and the range, not the ratio of
-    # medians (200 / 50)
-    assert cells[1:7] == ["200.0 (300, 100, 200)", "50.0 (100, 50, 50)", "n/a",
-                          "3.00x (2.00-4.00)", "n/a", "1.0, 1.0, 1.0"]
+    # ratios within each round 3.0, 2.0 and 5.0: their median and range, not the ratio of
+    # the medians (200 / 50) nor of the sums (600 / 190)
+    assert cells[1:7] == ["200.0 (300, 100, 200)", "50.0 (100, 50, 40)", "n/a",
+                          "3.00x (2.00-5.00)", "n/a", "1.0, 1.0, 1.0"]
     beam = next(line for line in lines if "fp32 weights" in line)
     assert [cell.strip() for cell in beam.split("|")[1:-1]][4] == "2.00x (1.00-3.00)"
 
