@@ -1,12 +1,22 @@
-"""Shared fixtures: where the real corpora are, and tiny recipes."""
+"""Shared fixtures: where the real corpora are, tiny recipes, the scripts as modules."""
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module of that name (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_data_root() -> Path:

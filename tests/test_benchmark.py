@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from tests.conftest import REPO, tiny_tree
+from tests.conftest import REPO, load_script, tiny_tree
 
 
 def test_benchmark_reports_speed_and_arithmetic(tmp_path):
@@ -86,16 +86,13 @@ def test_benchmark_honours_min_len_for_a_fixed_output_length(tmp_path):
 
 def test_bench_decoding_passes_min_len_to_every_search():
     # A model that wants EOS at once: only min_len keeps its outputs going to the fixed length.
-    import importlib.util
     from types import SimpleNamespace
 
     import torch
 
     from tests.search.toy_models import ToyModel
 
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmark")
     torch.manual_seed(0)
     model = ToyModel(eos_bias=20.0).eval()
     tokenizer = SimpleNamespace(decode_trg=lambda hyps: [" ".join(map(str, h)) for h in hyps])
@@ -174,19 +171,9 @@ def test_compare_peers_runs_both_sides_and_prints_ratios(tmp_path):
     assert ("training " in last) == ("bf16" in report["rounds"][0]["seq2seq"]) == bool(native)
 
 
-def load_compare_peers():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_peers",
-                                                  REPO / "scripts" / "compare_peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_compare_peers_rounds_alternate_and_give_the_median_of_their_own_ratios(
         tmp_path, monkeypatch, capsys):
-    compare = load_compare_peers()
+    compare = load_script("compare_peers")
     calls = []
 
     def ours(args, work, precision, decode, gemm=None, bf16=False):
@@ -259,11 +246,7 @@ def test_compare_peers_stops_with_one_line_when_a_part_fails(tmp_path):
 
 def test_the_cpu_is_named_with_its_family_model_and_stepping(tmp_path):
     # "AMD EPYC" alone covers Zen 4 and Zen 5, whose bf16 speeds differ by 2x.
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmark")
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
                        "model\t\t: 2\nmodel name\t: AMD EPYC\nstepping\t: 1\n\n"

@@ -1,13 +1,10 @@
 """The package's layout: size limits and no import circle (scripts/code_layout.py)."""
 
-import importlib.util
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.conftest import load_script
 
-spec = importlib.util.spec_from_file_location("code_layout", REPO / "scripts" / "code_layout.py")
-layout = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(layout)
+layout = load_script("code_layout")
 
 
 def test_no_import_circle_in_the_package():
