@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from seq2seq import native
 from seq2seq.config import ModelConfig
 from seq2seq.models.attention import Attention
 from seq2seq.models.decoder import Decoder, OutputRows, State
@@ -87,7 +88,7 @@ class Seq2Seq(nn.Module):
         """
         logits, state, attn = self.decoder.step(prev_tokens, state, enc.enc_out, enc.keys,
                                                 enc.src_mask, rows)
-        return torch.log_softmax(logits.float(), dim=-1), state, attn
+        return native.log_softmax(logits), state, attn
 
     def resize_source(self, enc: EncoderOutput, length: int) -> EncoderOutput:
         """``enc`` with ``length`` source positions, as if its sources had been padded to that

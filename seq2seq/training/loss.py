@@ -14,6 +14,10 @@ cross-entropy does on GPUs):
 - multiplies that gradient back into the gradients of the hidden states, the weight and the
   bias, so backward only scales them by the incoming gradient.
 
+On a CPU, each chunk's softmax passes are one C kernel that takes a row at a time through the
+L1 cache (:func:`seq2seq.native.cross_entropy_rows`) where the machine can build it, and torch
+element-wise kernels otherwise.
+
 It is the same function as ``F.cross_entropy(F.linear(h, W, b).float(), y, ignore_index=PAD,
 reduction="sum", label_smoothing=eps)``: logits in the dtype of ``h`` (bf16 under autocast),
 softmax statistics and the loss in fp32, the weight's gradient accumulated in fp32 inside one
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seq2seq import native
 from seq2seq.models.gemm import (
     bucket_rows,
     bucket_size,
@@ -116,7 +121,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # the weight's gradient is one matmul at the end (summed in fp32 inside it).
             grads = workspace(size * vocab, hidden).view(size, vocab)
             onednn = uses_onednn(rows, w)
-            wide = None if dtype == torch.float32 else \
+            rows_kernel = native.usable(grads)
+            wide = None if dtype == torch.float32 or rows_kernel else \
                 hidden.new_empty((min(chunk, count), vocab), dtype=torch.float32)
             for start in range(0, count, chunk):
                 real = min(chunk, count - start)
@@ -130,6 +136,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     torch.addmm(b, h, w.t(), out=out)
                 out = out[:real]
+                if rows_kernel:  # the same passes, each row in one pass through the cache
+                    loss += native.cross_entropy_rows(out, y, smoothing, grad_bias).sum()
+                    continue
                 x = out if wide is None else wide[:real].copy_(out)
                 picked = x.gather(1, y.unsqueeze(1)).squeeze(1)
                 total = x.sum(dim=1)

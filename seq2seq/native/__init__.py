@@ -1,0 +1,158 @@
+"""Fused CPU row kernels (``rows.c``), built on first use with the machine's C compiler.
+
+On a CPU, the softmax passes over ``(rows, vocabulary)`` logits are many whole-tensor torch
+kernels in a row: a bf16-to-fp32 cast, a maximum, an exponential, a sum, a division, each a
+walk over tens of megabytes, and torch's bf16 element-wise kernels are no faster than its fp32
+ones. ``rows.c`` does each row in one pass that stays in the L1 cache:
+
+- :func:`log_softmax`: decoding's ``log_softmax(logits.float())``;
+- :func:`cross_entropy_rows`: the training loss's per-row label-smoothed cross-entropy and its
+  gradient, written over the logits (:mod:`seq2seq.training.loss`).
+
+The library is compiled once per source, compiler and CPU (``-march=native``) into
+``$SEQ2SEQ_CACHE`` (default ``~/.cache/seq2seq``), written under a temporary name and renamed,
+so processes that build it at once never load a half-written file. Where no compiler works,
+or with ``SEQ2SEQ_NATIVE=0``, the callers keep their torch code: the same functions up to
+rounding (the tests hold both paths to the same tolerance).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from seq2seq.cpuinfo import cpu_field
+
+SOURCE = Path(__file__).with_name("rows.c")
+# -fno-math-errno lets the compiler call libmvec's vector expf; no -ffast-math, which would
+# also let it assume that no value is infinite.
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+FP32, BF16 = 0, 1  # rows.c's dtype codes
+DTYPES = {torch.float32: FP32, torch.bfloat16: BF16}
+
+_voidp, _long, _int = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+SIGNATURES = {
+    "log_softmax_rows": [_voidp, _int, _long, _long, _long, _voidp, _int],
+    "cross_entropy_rows": [_voidp, _int, _long, _long, _long, _voidp, ctypes.c_float, _voidp,
+                           _voidp, _voidp, _int],
+}
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$SEQ2SEQ_CACHE``, else ``~/.cache/seq2seq``."""
+    root = os.environ.get("SEQ2SEQ_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seq2seq"
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: ``$CC``, else ``cc`` or ``gcc`` on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(cc: str, directory: Path) -> Path:
+    """Compile ``rows.c`` into ``directory`` (unless built already); the library's path.
+
+    Raises:
+        OSError: the directory cannot be written; subprocess.CalledProcessError: the compiler
+            failed.
+    """
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True,
+                             timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, *FLAGS,
+                                    cpu_field("model name"), cpu_field("flags")]).encode())
+    path = directory / f"rows-{key.hexdigest()[:16]}.so"
+    if path.exists():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=path.stem + ".", suffix=".part", dir=directory)
+    os.close(handle)
+    try:
+        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True,
+                       text=True, check=True, timeout=300)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return path
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The built library, or None where it is off or cannot be built (said once, on stderr)."""
+    if os.environ.get("SEQ2SEQ_NATIVE", "1") == "0":
+        return None
+    cc = compiler()
+    if cc is None:
+        print("note: no C compiler (cc, gcc or $CC): the fused CPU softmax kernels are off",
+              file=sys.stderr)
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(cc, cache_dir())))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        print(f"note: the fused CPU softmax kernels are off: building {SOURCE.name} with {cc} "
+              f"failed: {detail.strip().splitlines()[-1] if detail.strip() else err}",
+              file=sys.stderr)
+        return None
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernels can take ``x``: non-empty fp32 or bf16 rows on a CPU, each row
+    contiguous, outside autograd and ``torch.compile`` (they read and write plain memory)."""
+    return (x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 2 and x.numel() > 0
+            and (x.size(1) == 1 or x.stride(1) == 1) and not x.requires_grad
+            and not torch.compiler.is_compiling() and library() is not None)
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    """``torch.log_softmax(x.float(), dim=-1)``: in one pass per row where the kernels can
+    take ``x`` (:func:`usable`), else by torch."""
+    if not usable(x):
+        return torch.log_softmax(x.float(), dim=-1)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    library().log_softmax_rows(x.data_ptr(), DTYPES[x.dtype], x.stride(0), x.size(0),
+                               x.size(1), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, smoothing: float,
+                       bias_grad: torch.Tensor | None) -> torch.Tensor:
+    """Per-row label-smoothed cross-entropy of ``(R, V)`` logits (:func:`usable`), and its
+    gradient, ``softmax - eps / V - (1 - eps) onehot(target)``, written over them.
+
+    Args:
+        target: ``(R,)`` int64 class ids.
+        bias_grad: ``(V,)`` fp32, to which the gradient's column sums are added; None: not
+            summed.
+
+    Returns:
+        ``(R,)`` fp32 losses.
+    """
+    rows, vocab = logits.shape
+    threads = torch.get_num_threads()
+    target = target.to(torch.int64).contiguous()
+    loss = torch.empty(rows, dtype=torch.float32)
+    scratch = torch.empty((threads, vocab), dtype=torch.float32)
+    partial = None if bias_grad is None else torch.zeros((threads, vocab), dtype=torch.float32)
+    library().cross_entropy_rows(
+        logits.data_ptr(), DTYPES[logits.dtype], logits.stride(0), rows, vocab,
+        target.data_ptr(), smoothing, loss.data_ptr(), scratch.data_ptr(),
+        None if partial is None else partial.data_ptr(), threads)
+    if partial is not None:
+        bias_grad += partial.sum(dim=0)
+    return loss

@@ -1,0 +1,143 @@
+/* Row kernels of the CPU softmax passes, each one pass over a row that stays in the L1 cache
+ * (seq2seq.native builds this file with the machine's C compiler and calls it through ctypes).
+ *
+ * torch makes these passes one whole-tensor kernel at a time: a bf16 row is cast to fp32, then
+ * walked three or four times more, and on CPUs torch's bf16 element-wise kernels are no faster
+ * than its fp32 ones. Here a row of logits (7,000 of them are 14 KB in bf16, 28 KB in fp32) is
+ * read once from memory and the rest happens in the cache, with the compiler's vectorised expf
+ * (glibc's libmvec).
+ *
+ * Logits are bf16 (the top 16 bits of an fp32) or fp32, `dtype` says which; every statistic is
+ * fp32. Rows are split among `threads` OpenMP threads (torch's: this library is linked
+ * against the libgomp torch has already loaded). Each row is computed by one thread in a fixed
+ * order, so its results do not depend on the number of threads; only the bias gradient's sum
+ * over rows does, as torch's own sums do.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+/* glibc declares its vector expf (libmvec) only under -ffast-math, which would also let the
+ * compiler assume no infinities; declared here, the loops below vectorise without it. */
+__attribute__((__simd__("notinbranch"))) float expf(float);
+
+enum { FP32 = 0, BF16 = 1 };
+
+static inline float from_bf16(uint16_t bits)
+{
+    uint32_t word = (uint32_t)bits << 16;
+    float value;
+    memcpy(&value, &word, sizeof value);
+    return value;
+}
+
+/* Round to nearest even, as torch does (NaN kept a NaN). */
+static inline uint16_t to_bf16(float value)
+{
+    uint32_t word;
+    memcpy(&word, &value, sizeof word);
+    if ((word & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((word >> 16) | 0x40u);
+    word += 0x7fffu + ((word >> 16) & 1u);
+    return (uint16_t)(word >> 16);
+}
+
+/* A row as fp32 into `out` (which may be the row itself when it is fp32). */
+static inline void load_row(const void *row, int dtype, float *out, long cols)
+{
+    if (dtype == FP32) {
+        if ((const float *)row != out)
+            memcpy(out, row, cols * sizeof(float));
+        return;
+    }
+    const uint16_t *bits = row;
+#pragma omp simd
+    for (long c = 0; c < cols; c++)
+        out[c] = from_bf16(bits[c]);
+}
+
+static inline float row_max(const float *x, long cols)
+{
+    float peak = -INFINITY;
+#pragma omp simd reduction(max : peak)
+    for (long c = 0; c < cols; c++)
+        peak = x[c] > peak ? x[c] : peak;
+    return peak;
+}
+
+/* log_softmax of each row of `x` (`rows` rows `stride` elements apart) into the contiguous
+ * fp32 `out`: `x - max - log(sum(exp(x - max)))`, as torch computes it. */
+void log_softmax_rows(const void *x, int dtype, long stride, long rows, long cols, float *out,
+                      int threads)
+{
+    const long size = dtype == BF16 ? 2 : 4;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long r = 0; r < rows; r++) {
+        float *y = out + r * cols;
+        load_row((const char *)x + r * stride * size, dtype, y, cols);
+        const float peak = row_max(y, cols);
+        float norm = 0.0f;
+#pragma omp simd reduction(+ : norm)
+        for (long c = 0; c < cols; c++)
+            norm += expf(y[c] - peak);
+        const float log_norm = logf(norm);
+#pragma omp simd
+        for (long c = 0; c < cols; c++)
+            y[c] = (y[c] - peak) - log_norm;
+    }
+}
+
+/* Label-smoothed cross-entropy of each row of logits, and its gradient written over them.
+ *
+ * For row r with target y and smoothing eps over V = cols classes:
+ *   loss[r] = lse - (1 - eps) x_y - eps / V sum_c x_c
+ *   grad    = softmax(x) - eps / V - (1 - eps) onehot(y)
+ * `x` holds `rows` rows `stride` elements apart, in `dtype`; the gradient replaces them in the
+ * same dtype. `scratch` holds one fp32 row per thread (threads x cols), `bias_grad` one fp32
+ * row per thread too, to which each thread adds the gradients of its rows (the caller sums
+ * them, in thread order, when the layer has a bias; NULL otherwise). */
+void cross_entropy_rows(void *x, int dtype, long stride, long rows, long cols,
+                        const int64_t *target, float smoothing, float *loss,
+                        float *scratch, float *bias_grad, int threads)
+{
+    const long size = dtype == BF16 ? 2 : 4;
+    const float spread = smoothing / (float)cols;
+#pragma omp parallel num_threads(threads)
+    {
+        const long thread = omp_get_thread_num();
+        float *row = scratch + thread * cols;
+        float *bias = bias_grad ? bias_grad + thread * cols : NULL;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            char *at = (char *)x + r * stride * size;
+            float *v = dtype == FP32 ? (float *)at : row;
+            load_row(at, dtype, v, cols);
+            const long y = (long)target[r];
+            const float picked = v[y], peak = row_max(v, cols);
+            float total = 0.0f, norm = 0.0f;
+#pragma omp simd reduction(+ : total, norm)
+            for (long c = 0; c < cols; c++) {
+                total += v[c];
+                v[c] = expf(v[c] - peak);
+                norm += v[c];
+            }
+            loss[r] = (logf(norm) + peak) - (1.0f - smoothing) * picked - spread * total;
+#pragma omp simd
+            for (long c = 0; c < cols; c++)
+                v[c] = v[c] / norm - spread;
+            v[y] += smoothing - 1.0f;
+            if (bias) {
+#pragma omp simd
+                for (long c = 0; c < cols; c++)
+                    bias[c] += v[c];
+            }
+            if (dtype == BF16) {
+                uint16_t *bits = (uint16_t *)at;
+#pragma omp simd
+                for (long c = 0; c < cols; c++)
+                    bits[c] = to_bf16(v[c]);
+            }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+"""The C row kernels (seq2seq.native) compute what the torch code they replace computes, on
+every path a user's machine can take: built, built by two processes at once, and off."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from seq2seq import native
+
+# Up to rounding: glibc's vector expf against torch's, a division against torch's, and for bf16
+# gradients one rounding step (an ulp of 2^-8 relative).
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=1e-6)}
+
+
+@pytest.fixture
+def built():
+    """The library, which every machine with a C compiler must be able to build (CI has one):
+    the tests below would otherwise check only the torch fallback."""
+    assert shutil.which("cc") or shutil.which("gcc"), "no C compiler on this machine"
+    lib = native.library()
+    assert lib is not None, "the C kernels did not build"
+    return lib
+
+
+def logits(rows, cols, dtype, seed=0, scale=4.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, cols, generator=gen) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (7, 5), (64, 7000), (5, 7003)])
+def test_log_softmax_equals_torch(built, dtype, shape):
+    x = logits(*shape, dtype)
+    assert native.usable(x)
+    got = native.log_softmax(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got, torch.log_softmax(x.float(), dim=-1), rtol=1e-5, atol=2e-6)
+
+
+def test_log_softmax_of_rows_apart_and_of_extreme_values(built):
+    wide = logits(9, 300, torch.bfloat16)
+    x = wide[::2, 17:217]  # rows 600 elements apart, each contiguous
+    assert native.usable(x) and not x.is_contiguous()
+    torch.testing.assert_close(native.log_softmax(x), torch.log_softmax(x.float(), dim=-1))
+    x = torch.tensor([[1e30, -1e30, 0.0], [-3e38, -3e38, -3e38], [88.0, 89.0, 90.0]])
+    torch.testing.assert_close(native.log_softmax(x), torch.log_softmax(x, dim=-1))
+    x = torch.tensor([[0.0, float("-inf"), 1.0]])  # a masked logit stays -inf
+    got = native.log_softmax(x)
+    assert got[0, 1] == float("-inf")
+    torch.testing.assert_close(got, torch.log_softmax(x, dim=-1))
+
+
+def test_what_the_kernels_do_not_take_goes_to_torch(built):
+    for x in (logits(4, 6, torch.float64), logits(4, 6, torch.float32).t(),
+              logits(4, 6, torch.float32).requires_grad_(), torch.zeros(0, 6)):
+        assert not native.usable(x)
+        torch.testing.assert_close(native.log_softmax(x), torch.log_softmax(x.float(), dim=-1))
+
+
+def reference_cross_entropy(x, target, smoothing, bias_grad):
+    """The loss's torch passes (seq2seq.training.loss) on fp32 logits."""
+    vocab = x.size(1)
+    log_probs = torch.log_softmax(x, dim=-1)
+    loss = -(1 - smoothing) * log_probs.gather(1, target.unsqueeze(1)).squeeze(1) \
+        - smoothing / vocab * log_probs.sum(dim=1)
+    grad = log_probs.exp() - smoothing / vocab
+    grad[torch.arange(x.size(0)), target] += smoothing - 1
+    bias_grad += grad.sum(dim=0)
+    return loss, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("shape", [(1, 2), (37, 29), (130, 7001)])
+def test_cross_entropy_rows_equal_the_torch_passes(built, dtype, smoothing, shape):
+    x = logits(*shape, dtype, seed=1)
+    target = torch.randint(0, shape[1], (shape[0],), generator=torch.Generator().manual_seed(2))
+    want_bias = torch.full((shape[1],), 0.5)
+    want_loss, want_grad = reference_cross_entropy(x.float(), target, smoothing, want_bias)
+    got = x.clone()
+    bias = torch.full((shape[1],), 0.5)
+    loss = native.cross_entropy_rows(got, target, smoothing, bias)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
+    assert got.dtype == dtype  # the gradient, over the logits
+    torch.testing.assert_close(got.float(), want_grad.to(dtype).float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(bias, want_bias, rtol=1e-5, atol=1e-4)
+
+
+def test_cross_entropy_rows_leave_other_rows_and_a_missing_bias_alone(built):
+    block = logits(10, 50, torch.bfloat16)
+    before = block.clone()
+    x = block[2:6]  # rows 2-5 of a larger tensor
+    native.cross_entropy_rows(x, torch.tensor([0, 49, 3, 3]), 0.1, None)
+    assert torch.equal(block[:2], before[:2]) and torch.equal(block[6:], before[6:])
+    assert not torch.equal(block[2:6], before[2:6])
+
+
+def test_results_do_not_depend_on_the_thread_count(built):
+    x = logits(301, 1000, torch.bfloat16, seed=5)
+    target = torch.randint(0, 1000, (301,), generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            grad = x.clone()
+            loss = native.cross_entropy_rows(grad, target, 0.1, torch.zeros(1000))
+            results.append((native.log_softmax(x), loss, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*results):
+        assert torch.equal(one, three)
+
+
+def test_built_once_per_source_and_reused(built, tmp_path):
+    cc = native.compiler()
+    path = native.build(cc, tmp_path / "lib")
+    assert path.parent == tmp_path / "lib" and path.suffix == ".so"
+    stamp = path.stat().st_mtime_ns
+    assert native.build(cc, tmp_path / "lib") == path
+    assert path.stat().st_mtime_ns == stamp  # not built again
+    assert [p.name for p in (tmp_path / "lib").iterdir()] == [path.name]  # no leftovers
+
+
+def test_two_processes_building_at_once_load_one_whole_library(built, tmp_path):
+    """Each writes its own temporary file and renames it into place: whichever rename is
+    last, the name always holds a complete library, and no temporary file is left."""
+    script = ("import sys; from seq2seq import native; "
+              "lib = native.library(); print(lib is not None and lib._name)")
+    env = {**native.os.environ, "SEQ2SEQ_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    names = {out.strip() for out, _ in outputs}
+    assert len(names) == 1 and all(p.returncode == 0 for p in procs), outputs
+    (name,) = names
+    assert Path(name).parent == tmp_path
+    assert [p.name for p in tmp_path.iterdir()] == [Path(name).name]
+
+
+@pytest.fixture
+def fresh_library():
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()  # the next caller builds or loads the real one again
+
+
+def test_off_by_environment(fresh_library, monkeypatch, capsys):
+    monkeypatch.setenv("SEQ2SEQ_NATIVE", "0")
+    x = logits(3, 7, torch.bfloat16)
+    assert native.library() is None and not native.usable(x)
+    torch.testing.assert_close(native.log_softmax(x), torch.log_softmax(x.float(), dim=-1))
+    assert capsys.readouterr().err == ""  # asked for: no note
+
+
+def test_a_failing_compiler_turns_the_kernels_off_with_one_note(fresh_library, monkeypatch,
+                                                                 tmp_path, capsys):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\n"
+                    "echo 'rows.c:1: error: no such thing' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("SEQ2SEQ_CACHE", str(tmp_path / "cache"))
+    assert native.library() is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rows.c:1: error: no such thing" in err, err
+    assert native.library() is None and capsys.readouterr().err == ""  # said once
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-built file left
+
+
+def test_an_unwritable_cache_turns_the_kernels_off(fresh_library, monkeypatch, tmp_path,
+                                                   capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SEQ2SEQ_CACHE", str(blocker / "cache"))  # under a file: cannot exist
+    assert native.library() is None
+    assert "kernels are off" in capsys.readouterr().err
+
+
+def test_no_compiler(fresh_library, monkeypatch, capsys):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    assert native.library() is None
+    assert "no C compiler" in capsys.readouterr().err
