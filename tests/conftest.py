@@ -78,3 +78,16 @@ def fp32_gemm(monkeypatch):
     yield use
     monkeypatch.delenv(gemm.ENV, raising=False)
     gemm.fp32_backend.cache_clear()
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """The torch code that the C kernels (seq2seq.native) replace, for tests of that code:
+    SEQ2SEQ_NATIVE=0 for the test (the library's cache cleared both ways)."""
+    from seq2seq import native
+
+    monkeypatch.setenv("SEQ2SEQ_NATIVE", "0")
+    native.library.cache_clear()
+    yield
+    monkeypatch.delenv("SEQ2SEQ_NATIVE")
+    native.library.cache_clear()

@@ -186,3 +186,70 @@ def test_no_compiler(fresh_library, monkeypatch, capsys):
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     assert native.library() is None
     assert "no C compiler" in capsys.readouterr().err
+
+
+def exact_additive_scores(query, keys, v):
+    """``2 v^T sigmoid(q + k) - sum(v)`` in float64."""
+    hidden = torch.sigmoid(query.double().unsqueeze(2) + keys.double().unsqueeze(1))
+    return 2 * (hidden * v.double().view(-1)).sum(-1) - v.double().sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (6, 3, 7, 12), (4, 5, 33, 512)])
+def test_additive_scores_equal_the_formula(built, dtype, shape):
+    n, queries, sources, size = shape
+    gen = torch.Generator().manual_seed(7)
+    query = torch.randn(n, queries, size, generator=gen).to(dtype)
+    keys = torch.randn(n, sources, size, generator=gen).to(dtype)
+    v = (torch.randn(1, size, generator=gen) / size**0.5).to(dtype)
+    got = native.additive_scores(query, keys, v)
+    assert got.dtype == dtype and got.shape == (n, queries, sources)
+    want = exact_additive_scores(query, keys, v)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    else:  # computed in fp32 and rounded once: within one bf16 rounding of the exact value
+        assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
+
+
+def test_additive_scores_of_a_sentence_do_not_depend_on_its_batch(built):
+    gen = torch.Generator().manual_seed(8)
+    query = torch.randn(5, 4, 64, generator=gen).bfloat16()
+    keys = torch.randn(5, 9, 64, generator=gen).bfloat16()
+    v = torch.randn(1, 64, generator=gen).bfloat16()
+    whole = native.additive_scores(query, keys, v)
+    for i in range(5):
+        alone = native.additive_scores(query[i:i + 1], keys[i:i + 1], v)
+        assert torch.equal(alone[0], whole[i])
+    # slices that are not contiguous are read as they are meant
+    strided = native.additive_scores(query[::2], keys[::2], v)
+    assert torch.equal(strided, whole[::2])
+
+
+def test_attention_uses_the_kernel_without_gradients_only(built, monkeypatch):
+    from seq2seq.models.attention import Attention
+
+    torch.manual_seed(0)
+    attention = Attention("bahdanau", query_size=16, value_size=16, attention_size=12)
+    enc_out, query = torch.randn(6, 7, 16), torch.randn(18, 1, 16)  # 3 beams per sentence
+    src_mask = torch.arange(7) < torch.tensor([[7], [2], [1], [7], [4], [3]])
+    keys = attention.project_keys(enc_out).detach()
+    calls = []
+    sigmoid = torch.sigmoid
+    monkeypatch.setattr(torch, "sigmoid", lambda x: calls.append(x.shape) or sigmoid(x))
+    with torch.no_grad():
+        context, weights = attention(query, keys, enc_out, src_mask)
+    assert calls == []  # the hidden layer was never made
+    trained = attention(query, keys, enc_out, src_mask)
+    assert len(calls) == 1 and trained[1].requires_grad  # autograd: torch's ops
+    torch.testing.assert_close(weights, trained[1].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(context, trained[0].detach(), rtol=1e-5, atol=1e-6)
+    assert (weights[~src_mask.repeat_interleave(3, 0).unsqueeze(1)] == 0).all()
+
+
+def test_additive_scores_refuse_what_they_cannot_take(built):
+    query, keys, v = torch.randn(2, 1, 8), torch.randn(2, 3, 8), torch.randn(1, 8)
+    assert native.additive_scores(query, keys, v.requires_grad_()) is None
+    assert native.additive_scores(query, keys.double(), v.detach()) is None
+    assert native.additive_scores(query, keys, torch.randn(1, 9)) is None
+    with torch.enable_grad():
+        assert native.additive_scores(query.requires_grad_(), keys, v.detach()) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from seq2seq import native
 from seq2seq.models.gemm import apply_linear
 
 # Elements of the additive attention's hidden layer made at once when decoding on a CPU (4 MB
@@ -113,7 +114,15 @@ class Attention(nn.Module):
         and faulted its pages in twice (once for the sum, once for the sigmoid), 23 ms a step
         against 4 ms in pieces (one thread, Zen 5 EPYC). Each score is the same either way:
         every piece computes its rows with the same element-wise ops and products.
+
+        Without gradients on a CPU, one C kernel computes the scores instead, each from the
+        query and key rows in the cache, without the hidden layer
+        (:func:`seq2seq.native.additive_scores`; the same function, rounded once).
         """
+        if not torch.is_grad_enabled() and isinstance(self.energy_layer, nn.Linear):  # not int8
+            fused = native.additive_scores(query, keys, self.energy_layer.weight.detach())
+            if fused is not None:
+                return fused
         # v^T 1 through the layer itself, whatever it stores (an int8 one packs v)
         v_sum = self.energy_layer(query.new_ones(1, query.size(-1))).squeeze()
         per_sentence = query.size(1) * keys.size(1) * keys.size(2)

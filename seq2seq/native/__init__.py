@@ -7,7 +7,10 @@ ones. ``rows.c`` does each row in one pass that stays in the L1 cache:
 
 - :func:`log_softmax`: decoding's ``log_softmax(logits.float())``;
 - :func:`cross_entropy_rows`: the training loss's per-row label-smoothed cross-entropy and its
-  gradient, written over the logits (:mod:`seq2seq.training.loss`).
+  gradient, written over the logits (:mod:`seq2seq.training.loss`);
+- :func:`additive_scores`: a decoder step's Bahdanau attention scores, without the
+  ``(n, T, S, A)`` hidden layer that torch makes and walks three times
+  (:mod:`seq2seq.models.attention`).
 
 The library is compiled once per source, compiler and CPU (``-march=native``) into
 ``$SEQ2SEQ_CACHE`` (default ``~/.cache/seq2seq``), written under a temporary name and renamed,
@@ -44,6 +47,8 @@ SIGNATURES = {
     "log_softmax_rows": [_voidp, _int, _long, _long, _long, _voidp, _int],
     "cross_entropy_rows": [_voidp, _int, _long, _long, _long, _voidp, ctypes.c_float, _voidp,
                            _voidp, _voidp, _int],
+    "additive_scores": [_voidp, _voidp, _voidp, _int, _long, _long, _long, _long, _voidp,
+                        _voidp, _int],
 }
 
 
@@ -111,12 +116,19 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether the kernels can take ``x``: non-empty fp32 or bf16 rows on a CPU, each row
-    contiguous, outside autograd and ``torch.compile`` (they read and write plain memory)."""
-    return (x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 2 and x.numel() > 0
-            and (x.size(1) == 1 or x.stride(1) == 1) and not x.requires_grad
+def available(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels can work on ``tensors``: fp32 or bf16 CPU tensors outside autograd
+    and ``torch.compile`` (the kernels read and write plain memory), the library built."""
+    return (all(x.device.type == "cpu" and x.dtype in DTYPES and not x.requires_grad
+                for x in tensors)
             and not torch.compiler.is_compiling() and library() is not None)
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the row kernels can take ``x``: non-empty rows, each contiguous
+    (:func:`available`)."""
+    return (x.dim() == 2 and x.numel() > 0 and (x.size(1) == 1 or x.stride(1) == 1)
+            and available(x))
 
 
 def log_softmax(x: torch.Tensor) -> torch.Tensor:
@@ -156,3 +168,29 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     if partial is not None:
         bias_grad += partial.sum(dim=0)
     return loss
+
+
+def additive_scores(query: torch.Tensor, keys: torch.Tensor, energy: torch.Tensor
+                    ) -> torch.Tensor | None:
+    """``2 v^T sigmoid(query + keys) - sum(v)`` for every query against every key, without
+    grad: ``(n, T, A)`` queries and ``(n, S, A)`` keys -> ``(n, T, S)`` scores in their dtype.
+    None where the kernels cannot take them (another dtype or device, an input that requires
+    grad, no library).
+
+    Args:
+        energy: ``(1, A)`` the energy layer's weight ``v``.
+    """
+    if (query.dtype != keys.dtype or energy.dtype != query.dtype
+            or energy.numel() != query.size(-1) or query.numel() == 0 or keys.numel() == 0
+            or not available(query, keys, energy)):
+        return None
+    n, queries, size = query.shape
+    sources = keys.size(1)
+    threads = torch.get_num_threads()
+    query, keys, energy = query.contiguous(), keys.contiguous(), energy.contiguous()
+    out = query.new_empty((n, queries, sources))
+    scratch = torch.empty(threads * (sources + 2) * size, dtype=torch.float32)
+    library().additive_scores(query.data_ptr(), keys.data_ptr(), energy.data_ptr(),
+                              DTYPES[query.dtype], n, queries, sources, size, out.data_ptr(),
+                              scratch.data_ptr(), threads)
+    return out

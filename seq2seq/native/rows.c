@@ -141,3 +141,47 @@ void cross_entropy_rows(void *x, int dtype, long stride, long rows, long cols,
         }
     }
 }
+
+/* Additive (Bahdanau) attention scores without their (n, T, S, A) hidden layer:
+ *   out[i, t, s] = 2 sum_a v[a] sigmoid(query[i, t, a] + keys[i, s, a]) - sum_a v[a]
+ * which is v^T tanh(W q + U h) for query = 2 W q and keys = 2 U h (seq2seq.models.attention).
+ * `query` (n, T, A), `keys` (n, S, A) and `energy` (A) are contiguous, in `dtype`; `out`
+ * (n, T, S) is written in `dtype`, rounded once. `scratch` holds (S + 1) * A + A fp32 values
+ * per thread: a sentence's keys, converted once for its T queries, then a query and v. */
+void additive_scores(const void *query, const void *keys, const void *energy, int dtype,
+                     long n, long queries, long sources, long size, void *out, float *scratch,
+                     int threads)
+{
+    const long bytes = dtype == BF16 ? 2 : 4;
+#pragma omp parallel num_threads(threads)
+    {
+        const long thread = omp_get_thread_num();
+        float *k = scratch + thread * (sources + 2) * size;
+        float *q = k + sources * size, *v = q + size;
+        load_row(energy, dtype, v, size);
+        float v_sum = 0.0f;
+        for (long a = 0; a < size; a++)
+            v_sum += v[a];
+#pragma omp for schedule(static)
+        for (long i = 0; i < n; i++) {
+            load_row((const char *)keys + i * sources * size * bytes, dtype, k,
+                     sources * size);
+            for (long t = 0; t < queries; t++) {
+                const long row = i * queries + t;
+                load_row((const char *)query + row * size * bytes, dtype, q, size);
+                for (long s = 0; s < sources; s++) {
+                    const float *key = k + s * size;
+                    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                    for (long a = 0; a < size; a++)
+                        acc += v[a] / (1.0f + expf(-(q[a] + key[a])));
+                    const float score = 2.0f * acc - v_sum;
+                    if (dtype == BF16)
+                        ((uint16_t *)out)[row * sources + s] = to_bf16(score);
+                    else
+                        ((float *)out)[row * sources + s] = score;
+                }
+            }
+        }
+    }
+}

@@ -112,9 +112,10 @@ def test_beams_attend_to_one_shared_source_row(kind):
 
 
 @pytest.mark.parametrize("piece", [1, 3 * 7 * 12 * 2, 3 * 7 * 12 * 5 + 1])
-def test_additive_scores_made_in_pieces_equal_one_piece(monkeypatch, piece):
-    # Decoding on a CPU makes the (B, T, S, A) hidden layer a few sentences at a time:
-    # 1 sentence, 2, or 5 of 6 per piece here (3 beams of one query, S = 7, A = 12).
+def test_additive_scores_made_in_pieces_equal_one_piece(monkeypatch, torch_kernels, piece):
+    # Decoding on a CPU without the C kernel (tests/test_native.py) makes the (B, T, S, A)
+    # hidden layer a few sentences at a time: 1 sentence, 2, or 5 of 6 per piece here (3 beams
+    # of one query, S = 7, A = 12).
     from seq2seq.models import attention as module
 
     torch.manual_seed(0)
