@@ -225,31 +225,71 @@ def test_additive_scores_of_a_sentence_do_not_depend_on_its_batch(built):
     assert torch.equal(strided, whole[::2])
 
 
-def test_attention_uses_the_kernel_without_gradients_only(built, monkeypatch):
+def test_attention_makes_no_hidden_layer_with_or_without_gradients(built, monkeypatch):
     from seq2seq.models.attention import Attention
 
     torch.manual_seed(0)
     attention = Attention("bahdanau", query_size=16, value_size=16, attention_size=12)
     enc_out, query = torch.randn(6, 7, 16), torch.randn(18, 1, 16)  # 3 beams per sentence
     src_mask = torch.arange(7) < torch.tensor([[7], [2], [1], [7], [4], [3]])
-    keys = attention.project_keys(enc_out).detach()
+    keys = attention.project_keys(enc_out)
     calls = []
     sigmoid = torch.sigmoid
     monkeypatch.setattr(torch, "sigmoid", lambda x: calls.append(x.shape) or sigmoid(x))
     with torch.no_grad():
         context, weights = attention(query, keys, enc_out, src_mask)
-    assert calls == []  # the hidden layer was never made
     trained = attention(query, keys, enc_out, src_mask)
-    assert len(calls) == 1 and trained[1].requires_grad  # autograd: torch's ops
-    torch.testing.assert_close(weights, trained[1].detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(context, trained[0].detach(), rtol=1e-5, atol=1e-6)
+    assert calls == [] and trained[1].requires_grad  # the hidden layer was never made
+    torch.testing.assert_close(weights, trained[1].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(context, trained[0].detach(), rtol=0, atol=0)
     assert (weights[~src_mask.repeat_interleave(3, 0).unsqueeze(1)] == 0).all()
+
+
+def additive_gradients(query, keys, v, grad, fused):
+    leaves = [x.detach().clone().requires_grad_() for x in (query, keys, v)]
+    if fused:
+        scores = native.additive_scores(*leaves)
+    else:  # torch's ops, in float64
+        q, k, w = (x.double() for x in leaves)
+        hidden = torch.sigmoid(q.unsqueeze(2) + k.unsqueeze(1))
+        scores = 2 * (hidden * w.view(-1)).sum(-1) - w.sum()
+    scores.backward(grad.to(scores.dtype))
+    return [scores.detach()] + [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_additive_scores_gradients_equal_torch(built, dtype):
+    gen = torch.Generator().manual_seed(9)
+    n, queries, sources, size = 5, 3, 11, 40
+    query = torch.randn(n, queries, size, generator=gen).to(dtype)
+    keys = torch.randn(n, sources, size, generator=gen).to(dtype)
+    v = torch.randn(1, size, generator=gen) / size**0.5  # an fp32 master weight
+    grad = torch.randn(n, queries, sources, generator=gen)
+    grad[:, :, 8:] = 0  # masked positions: their scores get no gradient
+    got = additive_gradients(query, keys, v.to(dtype) if dtype == torch.float32 else v, grad,
+                             True)
+    want = additive_gradients(query, keys, v.to(dtype), grad, False)
+    assert [g.dtype for g in got[1:]] == [dtype, dtype, torch.float32]  # v's own dtype
+    for have, expected in zip(got, want):
+        scale = expected.abs().max()
+        tolerance = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: one rounding, and v's
+        assert (have.double() - expected).abs().max() <= tolerance * scale, (have, expected)
+
+
+@pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")
+def test_additive_scores_gradients_pass_gradcheck(built):
+    gen = torch.Generator().manual_seed(10)
+    query = torch.randn(2, 2, 6, generator=gen).requires_grad_()
+    keys = torch.randn(2, 3, 6, generator=gen).requires_grad_()
+    v = torch.randn(1, 6, generator=gen).requires_grad_()
+    # fp32 kernels: finite differences at eps 1e-2 with a loose tolerance
+    assert torch.autograd.gradcheck(native.AdditiveScores.apply, (query, keys, v), eps=1e-2,
+                                    atol=1e-2, rtol=1e-2)
 
 
 def test_additive_scores_refuse_what_they_cannot_take(built):
     query, keys, v = torch.randn(2, 1, 8), torch.randn(2, 3, 8), torch.randn(1, 8)
-    assert native.additive_scores(query, keys, v.requires_grad_()) is None
-    assert native.additive_scores(query, keys.double(), v.detach()) is None
+    assert native.additive_scores(query, keys.double(), v) is None
+    assert native.additive_scores(query.double(), keys.double(), v) is None
     assert native.additive_scores(query, keys, torch.randn(1, 9)) is None
-    with torch.enable_grad():
-        assert native.additive_scores(query.requires_grad_(), keys, v.detach()) is None
+    assert native.additive_scores(query[:, :0], keys, v) is None

@@ -115,12 +115,13 @@ class Attention(nn.Module):
         against 4 ms in pieces (one thread, Zen 5 EPYC). Each score is the same either way:
         every piece computes its rows with the same element-wise ops and products.
 
-        Without gradients on a CPU, one C kernel computes the scores instead, each from the
-        query and key rows in the cache, without the hidden layer
-        (:func:`seq2seq.native.additive_scores`; the same function, rounded once).
+        On a CPU, C kernels compute the scores instead, each from the query and key rows in
+        the cache, and in training their gradients likewise, without ever making the hidden
+        layer (:func:`seq2seq.native.additive_scores`; the same function, rounded once). The
+        code below is then left to int8 layers, GPUs and machines without a C compiler.
         """
-        if not torch.is_grad_enabled() and isinstance(self.energy_layer, nn.Linear):  # not int8
-            fused = native.additive_scores(query, keys, self.energy_layer.weight.detach())
+        if isinstance(self.energy_layer, nn.Linear):  # not an int8 layer
+            fused = native.additive_scores(query, keys, self.energy_layer.weight)
             if fused is not None:
                 return fused
         # v^T 1 through the layer itself, whatever it stores (an int8 one packs v)

@@ -49,6 +49,8 @@ SIGNATURES = {
                            _voidp, _voidp, _int],
     "additive_scores": [_voidp, _voidp, _voidp, _int, _long, _long, _long, _long, _voidp,
                         _voidp, _int],
+    "additive_scores_backward": [_voidp, _voidp, _voidp, _voidp, _int, _long, _long, _long,
+                                 _long, _voidp, _voidp, _voidp, _voidp, _int],
 }
 
 
@@ -116,10 +118,11 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def available(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels can work on ``tensors``: fp32 or bf16 CPU tensors outside autograd
-    and ``torch.compile`` (the kernels read and write plain memory), the library built."""
-    return (all(x.device.type == "cpu" and x.dtype in DTYPES and not x.requires_grad
+def available(*tensors: torch.Tensor, grad: bool = False) -> bool:
+    """Whether the kernels can work on ``tensors``: fp32 or bf16 CPU tensors, outside
+    ``torch.compile`` (the kernels read and write plain memory) and, unless ``grad``, outside
+    autograd; the library built."""
+    return (all(x.device.type == "cpu" and x.dtype in DTYPES and (grad or not x.requires_grad)
                 for x in tensors)
             and not torch.compiler.is_compiling() and library() is not None)
 
@@ -172,25 +175,57 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
 
 def additive_scores(query: torch.Tensor, keys: torch.Tensor, energy: torch.Tensor
                     ) -> torch.Tensor | None:
-    """``2 v^T sigmoid(query + keys) - sum(v)`` for every query against every key, without
-    grad: ``(n, T, A)`` queries and ``(n, S, A)`` keys -> ``(n, T, S)`` scores in their dtype.
-    None where the kernels cannot take them (another dtype or device, an input that requires
-    grad, no library).
+    """``2 v^T sigmoid(query + keys) - sum(v)`` for every query against every key:
+    ``(n, T, A)`` queries and ``(n, S, A)`` keys -> ``(n, T, S)`` scores in their dtype, with
+    a backward (:class:`AdditiveScores`) where an input requires grad. None where the kernels
+    cannot take them (another dtype or device, no library).
 
     Args:
-        energy: ``(1, A)`` the energy layer's weight ``v``.
+        energy: ``(1, A)`` the energy layer's weight ``v``, in any float dtype (an fp32 master
+            weight under autocast): cast to the queries' dtype, its gradient returned in its
+            own.
     """
-    if (query.dtype != keys.dtype or energy.dtype != query.dtype
-            or energy.numel() != query.size(-1) or query.numel() == 0 or keys.numel() == 0
-            or not available(query, keys, energy)):
+    if (query.dtype != keys.dtype or energy.numel() != query.size(-1) or query.numel() == 0
+            or keys.numel() == 0 or not available(query, keys, grad=True)
+            or energy.device.type != "cpu"):
         return None
-    n, queries, size = query.shape
-    sources = keys.size(1)
-    threads = torch.get_num_threads()
-    query, keys, energy = query.contiguous(), keys.contiguous(), energy.contiguous()
-    out = query.new_empty((n, queries, sources))
-    scratch = torch.empty(threads * (sources + 2) * size, dtype=torch.float32)
-    library().additive_scores(query.data_ptr(), keys.data_ptr(), energy.data_ptr(),
-                              DTYPES[query.dtype], n, queries, sources, size, out.data_ptr(),
-                              scratch.data_ptr(), threads)
-    return out
+    return AdditiveScores.apply(query, keys, energy)
+
+
+class AdditiveScores(torch.autograd.Function):
+    """:func:`additive_scores` with its gradients, the hidden layer computed again in backward
+    rather than kept (a training step's ``(B, 1, S, A)`` tensor)."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, keys: torch.Tensor, energy: torch.Tensor
+                ) -> torch.Tensor:
+        n, queries, size = query.shape
+        sources = keys.size(1)
+        threads = torch.get_num_threads()
+        query, keys = query.detach().contiguous(), keys.detach().contiguous()
+        v = energy.detach().to(query.dtype).contiguous()
+        out = query.new_empty((n, queries, sources))
+        scratch = torch.empty(threads * (sources + 2) * size, dtype=torch.float32)
+        library().additive_scores(query.data_ptr(), keys.data_ptr(), v.data_ptr(),
+                                  DTYPES[query.dtype], n, queries, sources, size,
+                                  out.data_ptr(), scratch.data_ptr(), threads)
+        ctx.save_for_backward(query, keys, v)
+        ctx.energy_dtype, ctx.energy_shape = energy.dtype, energy.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        query, keys, v = ctx.saved_tensors
+        n, queries, size = query.shape
+        sources = keys.size(1)
+        threads = torch.get_num_threads()
+        grad = grad.to(query.dtype).contiguous()
+        grad_query, grad_keys = torch.empty_like(query), torch.empty_like(keys)
+        grad_energy = torch.zeros((threads, size), dtype=torch.float32)
+        scratch = torch.empty(threads * (2 * sources + 3) * size, dtype=torch.float32)
+        library().additive_scores_backward(
+            query.data_ptr(), keys.data_ptr(), v.data_ptr(), grad.data_ptr(),
+            DTYPES[query.dtype], n, queries, sources, size, grad_query.data_ptr(),
+            grad_keys.data_ptr(), grad_energy.data_ptr(), scratch.data_ptr(), threads)
+        grad_energy = grad_energy.sum(dim=0).view(ctx.energy_shape).to(ctx.energy_dtype)
+        return grad_query, grad_keys, grad_energy

@@ -57,6 +57,19 @@ static inline void load_row(const void *row, int dtype, float *out, long cols)
         out[c] = from_bf16(bits[c]);
 }
 
+/* fp32 values into a row of `dtype`, rounded once. */
+static inline void store_row(const float *values, int dtype, void *row, long cols)
+{
+    if (dtype == FP32) {
+        memcpy(row, values, cols * sizeof(float));
+        return;
+    }
+    uint16_t *bits = row;
+#pragma omp simd
+    for (long c = 0; c < cols; c++)
+        bits[c] = to_bf16(values[c]);
+}
+
 static inline float row_max(const float *x, long cols)
 {
     float peak = -INFINITY;
@@ -132,12 +145,8 @@ void cross_entropy_rows(void *x, int dtype, long stride, long rows, long cols,
                 for (long c = 0; c < cols; c++)
                     bias[c] += v[c];
             }
-            if (dtype == BF16) {
-                uint16_t *bits = (uint16_t *)at;
-#pragma omp simd
-                for (long c = 0; c < cols; c++)
-                    bits[c] = to_bf16(v[c]);
-            }
+            if (dtype == BF16)
+                store_row(v, dtype, at, cols);
         }
     }
 }
@@ -182,6 +191,62 @@ void additive_scores(const void *query, const void *keys, const void *energy, in
                         ((float *)out)[row * sources + s] = score;
                 }
             }
+        }
+    }
+}
+
+/* The gradients of additive_scores, given `grad` (n, T, S) of the scores in `dtype`: each
+ * hidden value is computed again rather than kept from the forward (a step's (n, T, S, A)
+ * tensor), and scores whose gradient is zero (masked positions) are skipped.
+ *   z = query[i, t] + keys[i, s], h = sigmoid(z), g = grad[i, t, s]:
+ *   grad_query[i, t] += 2 g v * h (1 - h)   grad_keys[i, s] += the same
+ *   grad_energy += g (2 h - 1)
+ * grad_query and grad_keys are written in `dtype`, summed in fp32 and rounded once;
+ * grad_energy holds one fp32 row of A per thread, to which each thread adds (the caller sums
+ * them). `scratch` holds (2 S + 3) * A fp32 values per thread. */
+void additive_scores_backward(const void *query, const void *keys, const void *energy,
+                              const void *grad, int dtype, long n, long queries, long sources,
+                              long size, void *grad_query, void *grad_keys, float *grad_energy,
+                              float *scratch, int threads)
+{
+    const long bytes = dtype == BF16 ? 2 : 4;
+#pragma omp parallel num_threads(threads)
+    {
+        const long thread = omp_get_thread_num();
+        float *k = scratch + thread * (2 * sources + 3) * size;
+        float *dk = k + sources * size, *q = dk + sources * size, *dq = q + size, *v = dq + size;
+        float *dv = grad_energy + thread * size;
+        load_row(energy, dtype, v, size);
+#pragma omp for schedule(static)
+        for (long i = 0; i < n; i++) {
+            load_row((const char *)keys + i * sources * size * bytes, dtype, k,
+                     sources * size);
+            memset(dk, 0, sources * size * sizeof(float));
+            for (long t = 0; t < queries; t++) {
+                const long row = i * queries + t;
+                load_row((const char *)query + row * size * bytes, dtype, q, size);
+                memset(dq, 0, size * sizeof(float));
+                for (long s = 0; s < sources; s++) {
+                    const long at = row * sources + s;
+                    const float g = dtype == BF16 ? from_bf16(((const uint16_t *)grad)[at])
+                                                  : ((const float *)grad)[at];
+                    if (g == 0.0f)
+                        continue;
+                    float *dks = dk + s * size;
+                    const float *key = k + s * size;
+#pragma omp simd
+                    for (long a = 0; a < size; a++) {
+                        const float h = 1.0f / (1.0f + expf(-(q[a] + key[a])));
+                        const float d = 2.0f * g * v[a] * h * (1.0f - h);
+                        dq[a] += d;
+                        dks[a] += d;
+                        dv[a] += g * (2.0f * h - 1.0f);
+                    }
+                }
+                store_row(dq, dtype, (char *)grad_query + row * size * bytes, size);
+            }
+            store_row(dk, dtype, (char *)grad_keys + i * sources * size * bytes,
+                      sources * size);
         }
     }
 }
