@@ -361,7 +361,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"recipe {result['recipe']} {' '.join(result['overrides'])}",
              f"device {result['device']} ({result['device_name']}), torch "
              f"{result['torch']}, threads {result['threads']}, decoder path "
-             f"{result['decoder_path']}"]
+             f"{result['decoder_path']}, C kernels "
+             f"{'on' if result.get('native_kernels') else 'off'}"]
     train = result.get("train")
     if train:
         lines += [
@@ -429,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     repeat = args.repeat or (10_000 if device.type == "cuda" else 1000)
     decode_batch = args.decode_batch or (500 if device.type == "cuda" else 100)
 
+    from seq2seq import native
     from seq2seq.models.gemm import fp32_backend
 
     trainer = build_trainer(args)
@@ -443,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         "decoder_path": "plain" if args.plain_decoder else "fused",
         "parameters": trainer.model.num_parameters, "work_dir": trainer.recipe.output_dir,
         "keep_freed_memory": heap_kept,
+        # built (or loaded) here, outside the timed parts, as any earlier run would have left it
+        "native_kernels": device.type == "cpu" and native.library() is not None,
     }
     flop_rows = []
     if args.flops and args.steps:

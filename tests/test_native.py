@@ -142,6 +142,12 @@ def test_two_processes_building_at_once_load_one_whole_library(built, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [Path(name).name]
 
 
+def test_a_compiler_command_with_arguments(built, monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", f"env {native.compiler()[0]}")  # as CC="ccache gcc" would be
+    assert native.compiler()[0] == "env"
+    assert native.build(native.compiler(), tmp_path).exists()
+
+
 @pytest.fixture
 def fresh_library():
     native.library.cache_clear()

@@ -25,6 +25,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,19 +63,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seq2seq"
 
 
-def compiler() -> str | None:
-    """The C compiler to build with: ``$CC``, else ``cc`` or ``gcc`` on the PATH."""
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def compiler() -> list[str] | None:
+    """The C compiler command to build with: ``$CC`` (which may hold arguments, as
+    ``ccache gcc``), else ``cc`` or ``gcc`` on the PATH."""
+    if os.environ.get("CC", "").strip():
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
-def build(cc: str, directory: Path) -> Path:
+def build(cc: list[str], directory: Path) -> Path:
     """Compile ``rows.c`` into ``directory`` (unless built already); the library's path.
 
     Raises:
         OSError: the directory cannot be written; subprocess.CalledProcessError: the compiler
             failed.
     """
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True,
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True,
                              timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, *FLAGS,
                                     cpu_field("model name"), cpu_field("flags")]).encode())
@@ -85,7 +90,7 @@ def build(cc: str, directory: Path) -> Path:
     handle, partial = tempfile.mkstemp(prefix=path.stem + ".", suffix=".part", dir=directory)
     os.close(handle)
     try:
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True,
+        subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True,
                        text=True, check=True, timeout=300)
         os.replace(partial, path)
     finally:
@@ -101,16 +106,16 @@ def library() -> ctypes.CDLL | None:
         return None
     cc = compiler()
     if cc is None:
-        print("note: no C compiler (cc, gcc or $CC): the fused CPU softmax kernels are off",
+        print("note: no C compiler (cc, gcc or $CC): the fused CPU kernels are off",
               file=sys.stderr)
         return None
     try:
         lib = ctypes.CDLL(str(build(cc, cache_dir())))
     except (OSError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
-        print(f"note: the fused CPU softmax kernels are off: building {SOURCE.name} with {cc} "
-              f"failed: {detail.strip().splitlines()[-1] if detail.strip() else err}",
-              file=sys.stderr)
+        last = detail.strip().splitlines()[-1] if detail.strip() else err
+        print(f"note: the fused CPU kernels are off: building {SOURCE.name} with "
+              f"{shlex.join(cc)} failed: {last}", file=sys.stderr)
         return None
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
