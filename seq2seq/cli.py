@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SEQ2SEQ_FP32_GEMM"):  # a bad value is said now, before any work
             from seq2seq.models.gemm import fp32_backend
             fp32_backend()
+        if os.environ.get("SEQ2SEQ_NATIVE"):
+            from seq2seq.native import wanted
+            wanted()
         return args.func(args)
     except RecipeError as error:
         for problem in error.problems:

@@ -163,6 +163,17 @@ def test_off_by_environment(fresh_library, monkeypatch, capsys):
     assert capsys.readouterr().err == ""  # asked for: no note
 
 
+def test_a_bad_setting_is_refused_in_one_line(fresh_library, monkeypatch, capsys):
+    from seq2seq.cli import main
+
+    monkeypatch.setenv("SEQ2SEQ_NATIVE", "off")
+    with pytest.raises(native.Seq2SeqError, match="SEQ2SEQ_NATIVE='off': 1 .* or 0"):
+        native.library()
+    assert main(["check", "no-such-recipe.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: SEQ2SEQ_NATIVE='off'"), err
+
+
 def test_a_failing_compiler_turns_the_kernels_off_with_one_note(fresh_library, monkeypatch,
                                                                  tmp_path, capsys):
     fake = tmp_path / "cc"

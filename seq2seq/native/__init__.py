@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 
 from seq2seq.cpuinfo import cpu_field
+from seq2seq.errors import Seq2SeqError
 
+ENV = "SEQ2SEQ_NATIVE"
 SOURCE = Path(__file__).with_name("rows.c")
 # -fno-math-errno lets the compiler call libmvec's vector expf; no -ffast-math, which would
 # also let it assume that no value is infinite.
@@ -99,10 +101,25 @@ def build(cc: list[str], directory: Path) -> Path:
     return path
 
 
+def wanted() -> bool:
+    """Whether ``$SEQ2SEQ_NATIVE`` asks for the kernels: unset, empty or 1 (the default) yes,
+    0 no.
+
+    Raises:
+        Seq2SeqError: another value (the CLI asks before any command runs, so it is said in
+            one line).
+    """
+    value = os.environ.get(ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise Seq2SeqError(f"{ENV}={value!r}: 1 (the C kernels where they build, the default) "
+                           "or 0 (torch's code)")
+    return value != "0"
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built library, or None where it is off or cannot be built (said once, on stderr)."""
-    if os.environ.get("SEQ2SEQ_NATIVE", "1") == "0":
+    if not wanted():
         return None
     cc = compiler()
     if cc is None:
