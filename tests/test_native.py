@@ -99,6 +99,14 @@ def test_cross_entropy_rows_leave_other_rows_and_a_missing_bias_alone(built):
     assert not torch.equal(block[2:6], before[2:6])
 
 
+def test_cross_entropy_rows_refuse_a_target_outside_the_vocabulary(built):
+    for bad in (7, -1):
+        x = logits(3, 7, torch.float32)
+        with pytest.raises(IndexError, match=r"outside \[0, 7\)"):
+            native.cross_entropy_rows(x, torch.tensor([0, bad, 1]), 0.1, None)
+        assert torch.equal(x, logits(3, 7, torch.float32))  # nothing written
+
+
 def test_results_do_not_depend_on_the_thread_count(built):
     x = logits(301, 1000, torch.bfloat16, seed=5)
     target = torch.randint(0, 1000, (301,), generator=torch.Generator().manual_seed(6))
@@ -310,3 +318,6 @@ def test_additive_scores_refuse_what_they_cannot_take(built):
     assert native.additive_scores(query.double(), keys.double(), v) is None
     assert native.additive_scores(query, keys, torch.randn(1, 9)) is None
     assert native.additive_scores(query[:, :0], keys, v) is None
+    assert native.additive_scores(query, keys[:1], v) is None  # shapes that do not match
+    assert native.additive_scores(query, keys[..., :4], v[:, :4]) is None
+    assert native.additive_scores(query[0], keys[0], v) is None

@@ -183,6 +183,8 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     rows, vocab = logits.shape
     threads = torch.get_num_threads()
     target = target.to(torch.int64).contiguous()
+    if rows and not 0 <= int(target.min()) <= int(target.max()) < vocab:  # as gather refuses
+        raise IndexError(f"cross_entropy_rows: a target id outside [0, {vocab})")
     loss = torch.empty(rows, dtype=torch.float32)
     scratch = torch.empty((threads, vocab), dtype=torch.float32)
     partial = None if bias_grad is None else torch.zeros((threads, vocab), dtype=torch.float32)
@@ -207,7 +209,9 @@ def additive_scores(query: torch.Tensor, keys: torch.Tensor, energy: torch.Tenso
             weight under autocast): cast to the queries' dtype, its gradient returned in its
             own.
     """
-    if (query.dtype != keys.dtype or energy.numel() != query.size(-1) or query.numel() == 0
+    if (query.dim() != 3 or keys.dim() != 3 or keys.size(0) != query.size(0)
+            or keys.size(2) != query.size(2)  # torch's code says what is wrong with them
+            or query.dtype != keys.dtype or energy.numel() != query.size(-1) or query.numel() == 0
             or keys.numel() == 0 or not available(query, keys, grad=True)
             or energy.device.type != "cpu"):
         return None
