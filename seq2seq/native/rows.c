@@ -1,4 +1,5 @@
-/* Row kernels of the CPU softmax passes, each one pass over a row that stays in the L1 cache
+/* Row kernels of the CPU softmax passes, each one pass over a row that stays in the L1 cache,
+ * and of additive attention's scores and their gradients (at the end of the file)
  * (seq2seq.native builds this file with the machine's C compiler and calls it through ctypes).
  *
  * torch makes these passes one whole-tensor kernel at a time: a bf16 row is cast to fp32, then
@@ -10,8 +11,8 @@
  * Logits are bf16 (the top 16 bits of an fp32) or fp32, `dtype` says which; every statistic is
  * fp32. Rows are split among `threads` OpenMP threads (torch's: this library is linked
  * against the libgomp torch has already loaded). Each row is computed by one thread in a fixed
- * order, so its results do not depend on the number of threads; only the bias gradient's sum
- * over rows does, as torch's own sums do.
+ * order, so its results do not depend on the number of threads; only sums over rows (the
+ * bias gradient, attention's v gradient) do, as torch's own sums do.
  */
 #include <math.h>
 #include <omp.h>
