@@ -362,7 +362,8 @@ def format_table(result: dict[str, Any]) -> str:
              f"device {result['device']} ({result['device_name']}), torch "
              f"{result['torch']}, threads {result['threads']}, decoder path "
              f"{result['decoder_path']}, C kernels "
-             f"{'on' if result.get('native_kernels') else 'off'}"]
+             f"{'on' if result.get('native_kernels') else 'off'}"
+             + (f", int8 by {result['int8_kernel']}" if result.get("int8_kernel") else "")]
     train = result.get("train")
     if train:
         lines += [
@@ -432,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from seq2seq import native
     from seq2seq.models.gemm import fp32_backend
+    from seq2seq.quantize import int8_kernel
 
     trainer = build_trainer(args)
     trainer.model.decoder.fused = not args.plain_decoder
@@ -447,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         "keep_freed_memory": heap_kept,
         # built (or loaded) here, outside the timed parts, as any earlier run would have left it
         "native_kernels": device.type == "cpu" and native.library() is not None,
+        "int8_kernel": int8_kernel() if args.quantize else None,
     }
     flop_rows = []
     if args.flops and args.steps:

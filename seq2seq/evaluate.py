@@ -30,6 +30,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     bootstrap test; with a recipe it applies to every test set, so use it with one.
     """
     from seq2seq.precision import resolve_precision
+    from seq2seq.quantize import int8_kernel
     from seq2seq.translate import CLI_NAMES, Translator, resolve_device
 
     if recipe is not None:
@@ -66,6 +67,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
         results.append(build_result(
             name, srcs, hyps, refs, cfg.lowercase, cfg.tokenize, cfg.bootstrap, recipe.seed,
             decoding={**dataclasses.asdict(settings), "quantized": args.quantize,
+                      **({"int8_kernel": int8_kernel()} if args.quantize else {}),
                       "precision": translator.precision},
             checkpoints=checkpoints,
             compare_hyps=compare, compare_name=args.compare, attention=attention))

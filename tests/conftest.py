@@ -91,3 +91,14 @@ def torch_kernels(monkeypatch):
     yield
     monkeypatch.delenv("SEQ2SEQ_NATIVE")
     native.library.cache_clear()
+
+
+@pytest.fixture(params=["int_mm", "fbgemm"])
+def int8_kernel(request, monkeypatch) -> str:
+    """Each of seq2seq.quantize's int8 products in turn, whatever this CPU would pick: int8
+    layers made in the test use it. (``torch._int_mm`` is a slow loop on an x86 CPU without
+    VNNI, but exact everywhere; the tests' layers are small.)"""
+    from seq2seq import quantize
+
+    monkeypatch.setattr(quantize, "int8_kernel", lambda: request.param)
+    return request.param

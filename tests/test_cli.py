@@ -280,6 +280,8 @@ def test_evaluate_a_reference_against_itself_scores_100(trained, tmp_path):
 
 
 def test_evaluate_files_and_int8_have_default_report_dirs_of_their_own(trained, tmp_path):
+    from seq2seq.quantize import int8_kernel as this_cpus_kernel
+
     _, run = trained
     (tmp_path / "run" / "eval").mkdir(parents=True)
     shutil.copy(run / "best.pt", tmp_path / "run" / "best.pt")
@@ -296,6 +298,7 @@ def test_evaluate_files_and_int8_have_default_report_dirs_of_their_own(trained, 
         report = tmp_path / "run" / report_dir
         entry = json.loads((report / "report.json").read_text())["test_sets"][0]
         assert entry["decoding"]["quantized"] is quantized
+        assert entry["decoding"].get("int8_kernel") == (this_cpus_kernel() if quantized else None)
         assert f"quantized={quantized}" in (report / "report.md").read_text()
         assert recipe_report.read_text() == "the recipe's report\n"  # not overwritten
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [

@@ -142,10 +142,11 @@ def test_int8_leaves_only_vector_products_in_float():
     assert linears and set(linears.values()) == {Int8Linear}, linears
 
 
-def test_int8_linear_is_close_to_float_and_each_row_depends_on_itself_only():
+def test_int8_linear_is_close_to_float_and_each_row_depends_on_itself_only(int8_kernel):
     torch.manual_seed(3)
     linear = torch.nn.Linear(37, 53)
     int8 = Int8Linear.quantize(linear.weight, linear.bias)
+    assert int8.kernel == int8_kernel
     x = torch.randn(9, 4, 37)
     x[0, 0] *= 100  # one large row: a scale per batch would coarsen every other row
     y = int8(x)
@@ -157,7 +158,7 @@ def test_int8_linear_is_close_to_float_and_each_row_depends_on_itself_only():
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
-def test_int8_rnn_steps_like_the_float_module(cell):
+def test_int8_rnn_steps_like_the_float_module(cell, int8_kernel):
     from seq2seq.models.encoder import make_rnn
 
     torch.manual_seed(4)
@@ -174,7 +175,7 @@ def test_int8_rnn_steps_like_the_float_module(cell):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
-def test_int8_search_gives_each_sentence_what_it_gets_alone(cell):
+def test_int8_search_gives_each_sentence_what_it_gets_alone(cell, int8_kernel):
     torch.manual_seed(0)
     model = build_model(tiny(cell, "bahdanau", "luong", True), VOCAB, VOCAB).eval()
     int8 = quantize_for_cpu(model)
@@ -245,9 +246,12 @@ def decode_bleu(model, srcs, trgs) -> float:
     return corpus_bleu([words(nbest[0].tokens) for nbest in hyps], [[words(t) for t in trgs]])
 
 
-def test_quantised_decoding_is_within_one_bleu_of_fp32(trained_model):
+def test_quantised_decoding_is_within_one_bleu_of_fp32(trained_model, int8_kernel):
     srcs, trgs = copy_task(300, seed=2)
     fp32 = decode_bleu(trained_model, srcs, trgs)
-    int8 = decode_bleu(quantize_for_cpu(trained_model), srcs, trgs)
+    quantised = quantize_for_cpu(trained_model)
+    kernels = {m.kernel for m in quantised.modules() if isinstance(m, Int8Linear)}
+    assert kernels == {int8_kernel}
+    int8 = decode_bleu(quantised, srcs, trgs)
     assert fp32 > 60, f"the fixture model did not learn the task (BLEU {fp32})"
     assert abs(fp32 - int8) <= 1.0, (fp32, int8)

@@ -1,0 +1,103 @@
+"""The int8 products of seq2seq.quantize: which one a CPU gets, and that fbgemm's (7-bit
+activations, for x86 CPUs without VNNI) sums exactly what torch._int_mm sums."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from seq2seq import quantize
+from seq2seq.quantize import QMAX_7BIT, Int8Linear, quantize_rows
+
+
+@pytest.mark.parametrize("machine, vnni, engines, want", [
+    ("x86_64", False, ["x86", "fbgemm", "onednn"], "fbgemm"),  # e.g. a Zen 3 EPYC: AVX2 only
+    ("x86_64", True, ["x86", "fbgemm", "onednn"], "int_mm"),  # oneDNN's VNNI products
+    ("AMD64", False, ["fbgemm"], "fbgemm"),
+    ("x86_64", False, ["qnnpack", "onednn"], "int_mm"),  # a torch built without fbgemm
+    ("aarch64", False, ["qnnpack"], "int_mm"),
+])
+def test_each_cpu_gets_the_int8_product_that_is_fast_there(monkeypatch, machine, vnni, engines,
+                                                           want):
+    monkeypatch.setattr(quantize.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
+    monkeypatch.setattr(torch.backends, "quantized", SimpleNamespace(supported_engines=engines))
+    assert quantize.int8_kernel() == want
+
+
+def test_an_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match="'int4'"):
+        Int8Linear.quantize(torch.randn(4, 3), None, "int4")
+
+
+def reference(layer: Int8Linear, x: torch.Tensor, qmax: float) -> torch.Tensor:
+    """The layer's output from integer sums in float64 (exact), scaled as the layer scales."""
+    rows, scale = quantize_rows(x, qmax)
+    sums = (rows.double() @ layer.qweight.double().t()).float()
+    y = sums.mul_(scale).mul_(layer.weight_scale)
+    return y if layer.bias is None else y.add_(layer.bias)
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 8, 5), (5, 37, 53), (37, 512, 300), (300, 96, 1100)])
+def test_fbgemm_sums_exactly_even_where_8_bit_pairs_would_saturate(rows, k, n):
+    gen = torch.Generator().manual_seed(rows + k)
+    weight = torch.randn(n, k, generator=gen)
+    weight[:, ::2] = weight.abs().amax(1, keepdim=True)  # pairs of +127 in every row
+    layer = Int8Linear.quantize(weight, torch.randn(n, generator=gen), "fbgemm")
+    x = torch.randn(rows, k, generator=gen)
+    x[:, ::2] = x.abs().amax(1, keepdim=True)  # activations at +63: 8-bit pairs would overflow
+    x[0] *= 1e6  # the scale is a row's own
+    y = layer(x)
+    assert torch.equal(y, reference(layer, x, QMAX_7BIT))
+    assert int((layer.qweight == 127).sum()) >= n * (k // 2)
+
+
+def test_fbgemm_and_int_mm_give_the_same_bits_for_the_same_7_bit_rows():
+    torch.manual_seed(5)
+    weight, bias = torch.randn(70, 48), torch.randn(70)
+    fbgemm = Int8Linear.quantize(weight, bias, "fbgemm")
+    int_mm = Int8Linear.quantize(weight, bias, "int_mm")
+    x = torch.randn(3, 11, 48)
+    rows, scale = quantize_rows(x.reshape(-1, 48), QMAX_7BIT)
+    want = torch._int_mm(rows, int_mm.qweight.t()).float().mul_(scale).mul_(
+        int_mm.weight_scale).add_(bias)
+    assert torch.equal(fbgemm(x), want.reshape(3, 11, 70))
+    # int_mm itself keeps 8-bit activations: closer to float, so not the same bits
+    assert not torch.equal(int_mm(x), fbgemm(x))
+
+
+def test_fbgemm_rows_do_not_depend_on_their_batch_mates():
+    torch.manual_seed(6)
+    layer = Int8Linear.quantize(torch.randn(1100, 512), torch.randn(1100), "fbgemm")
+    x = torch.randn(500, 512)
+    y = layer(x)
+    for size in (1, 5, 64, 499):  # fbgemm's blocking changes with the row count
+        assert torch.equal(layer(x[-size:]), y[-size:])
+
+
+def test_fbgemm_packs_the_weight_again_when_it_changes():
+    torch.manual_seed(7)
+    layer = Int8Linear.quantize(torch.randn(20, 16), None, "fbgemm")
+    x = torch.randn(4, 16)
+    before = layer(x)
+    layer.qweight[3].neg_()  # written in place
+    assert torch.equal(layer(x), reference(layer, x, QMAX_7BIT))
+    assert not torch.equal(layer(x)[:, 3], before[:, 3])
+    layer.qweight = layer.qweight.flip(0).contiguous()  # replaced
+    assert torch.equal(layer(x), reference(layer, x, QMAX_7BIT))
+    selected = layer.select(torch.tensor([5, 0, 19]))
+    assert selected.kernel == "fbgemm"
+    assert torch.equal(selected(x), layer(x)[:, [5, 0, 19]])
+
+
+def test_the_packed_weight_is_neither_state_nor_lost_in_a_copy():
+    torch.manual_seed(8)
+    layer = Int8Linear.quantize(torch.randn(20, 16), torch.randn(20), "fbgemm")
+    x = torch.randn(4, 16)
+    y = layer(x)
+    assert set(layer.state_dict()) == {"qweight", "weight_scale", "bias"}
+    twin = copy.deepcopy(layer)
+    twin.qweight[0].neg_()  # the copy's own weight: the original keeps its pack
+    assert torch.equal(layer(x), y)
+    assert torch.equal(twin(x), reference(twin, x, QMAX_7BIT))
