@@ -48,6 +48,10 @@ from seq2seq.models.packed import unpack
 QMAX = 127.0  # symmetric int8: -127..127, so that -x quantises to -q(x)
 QMAX_7BIT = 63.0  # activations for fbgemm: 7 bits, so that no pair of products saturates
 KERNELS = ("int_mm", "fbgemm")
+# torch 2.13 deprecates quantized tensors, which fbgemm's weight packing takes: one narrow
+# filter, set once (``warnings.catch_warnings`` around each packing is not thread-safe).
+warnings.filterwarnings("ignore", category=UserWarning,
+                        message="torch.quantize_per_tensor, torch.quantize_per_channel")
 
 
 def int8_kernel() -> str:
@@ -59,7 +63,9 @@ def int8_kernel() -> str:
     vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     if vnni is not None and vnni():
         return "int_mm"
-    return "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "int_mm"
+    quantized = torch.backends.quantized  # fbgemm packs only under these engines
+    return ("fbgemm" if "fbgemm" in quantized.supported_engines
+            and quantized.engine in ("x86", "fbgemm") else "int_mm")
 
 
 def quantize_rows(x: torch.Tensor, qmax: float = QMAX,
@@ -86,9 +92,11 @@ class Int8Linear(nn.Module):
     row gather (:meth:`select`).
 
     With ``kernel="fbgemm"`` (see the module's docstring) the activations are quantised to 7
-    bits and fbgemm multiplies them by a copy of the weights packed on first use (again when
-    ``qweight`` is replaced or changed); its sums are the same integers, and the scaling
-    after them is the same.
+    bits and fbgemm multiplies them by a copy of the weights packed on first use: a second
+    copy of the int8 weights, made again when ``qweight`` is replaced, moved or written to
+    in place (writes that bypass torch's version counter, through ``.data`` or numpy, are
+    not seen), and left out of copies and pickles. Its sums are the same integers, and the
+    scaling after them is the same.
 
     Args:
         qweight: ``(N_out, K)`` int8 weights.
@@ -107,7 +115,7 @@ class Int8Linear(nn.Module):
         self.kernel = kernel or int8_kernel()
         if self.kernel not in KERNELS:
             raise ValueError(f"int8 kernel {self.kernel!r}: expected one of {KERNELS}")
-        self._packed: tuple[torch.Tensor, int, Any] | None = None  # qweight, version, pack
+        self._packed: tuple[tuple[Any, ...], Any] | None = None  # (qweight's key, pack)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -128,18 +136,21 @@ class Int8Linear(nn.Module):
     def fbgemm_weight(self) -> Any:
         """fbgemm's packed copy of ``qweight`` (unit scales: the products are the integer
         sums), made again whenever ``qweight`` is another tensor or was written to."""
+        w = self.qweight
+        # Inference tensors (made under torch.inference_mode) have no version counter.
+        key = (w, w.data_ptr(), tuple(w.shape), -1 if w.is_inference() else w._version)
         packed = self._packed
-        if packed is None or packed[0] is not self.qweight or packed[1] != self.qweight._version:
+        if packed is None or packed[0][0] is not w or packed[0][1:] != key[1:]:
             n = self.out_features
-            with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors
-                warnings.simplefilter("ignore", UserWarning)
-                weight = torch._make_per_channel_quantized_tensor(
-                    self.qweight.contiguous(), torch.ones(n, dtype=torch.float64),
-                    torch.zeros(n, dtype=torch.int64), 0)
-            packed = (self.qweight, self.qweight._version,
-                      torch.ops.quantized.linear_prepack(weight, None))
+            weight = torch._make_per_channel_quantized_tensor(
+                w.contiguous(), torch.ones(n, dtype=torch.float64),
+                torch.zeros(n, dtype=torch.int64), 0)
+            packed = (key, torch.ops.quantized.linear_prepack(weight, None))
             self._packed = packed
-        return packed[2]
+        return packed[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_packed": None}  # packed again on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()

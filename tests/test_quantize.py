@@ -2,6 +2,8 @@
 activations, for x86 CPUs without VNNI) sums exactly what torch._int_mm sums."""
 
 import copy
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -11,18 +13,20 @@ from seq2seq import quantize
 from seq2seq.quantize import QMAX_7BIT, Int8Linear, quantize_rows
 
 
-@pytest.mark.parametrize("machine, vnni, engines, want", [
-    ("x86_64", False, ["x86", "fbgemm", "onednn"], "fbgemm"),  # e.g. a Zen 3 EPYC: AVX2 only
-    ("x86_64", True, ["x86", "fbgemm", "onednn"], "int_mm"),  # oneDNN's VNNI products
-    ("AMD64", False, ["fbgemm"], "fbgemm"),
-    ("x86_64", False, ["qnnpack", "onednn"], "int_mm"),  # a torch built without fbgemm
-    ("aarch64", False, ["qnnpack"], "int_mm"),
+@pytest.mark.parametrize("machine, vnni, engines, engine, want", [
+    ("x86_64", False, ["x86", "fbgemm", "onednn"], "x86", "fbgemm"),  # a Zen 3: AVX2 only
+    ("x86_64", True, ["x86", "fbgemm", "onednn"], "x86", "int_mm"),  # oneDNN's VNNI products
+    ("AMD64", False, ["fbgemm"], "fbgemm", "fbgemm"),
+    ("x86_64", False, ["qnnpack", "onednn"], "onednn", "int_mm"),  # torch without fbgemm
+    ("x86_64", False, ["x86", "fbgemm", "onednn"], "onednn", "int_mm"),  # engine set to another
+    ("aarch64", False, ["qnnpack"], "qnnpack", "int_mm"),
 ])
 def test_each_cpu_gets_the_int8_product_that_is_fast_there(monkeypatch, machine, vnni, engines,
-                                                           want):
+                                                           engine, want):
     monkeypatch.setattr(quantize.platform, "machine", lambda: machine)
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni)
-    monkeypatch.setattr(torch.backends, "quantized", SimpleNamespace(supported_engines=engines))
+    monkeypatch.setattr(torch.backends, "quantized",
+                        SimpleNamespace(supported_engines=engines, engine=engine))
     assert quantize.int8_kernel() == want
 
 
@@ -101,3 +105,29 @@ def test_the_packed_weight_is_neither_state_nor_lost_in_a_copy():
     twin.qweight[0].neg_()  # the copy's own weight: the original keeps its pack
     assert torch.equal(layer(x), y)
     assert torch.equal(twin(x), reference(twin, x, QMAX_7BIT))
+
+
+def test_fbgemm_layers_work_under_inference_mode_and_follow_data_assignment():
+    torch.manual_seed(9)
+    weight = torch.randn(30, 16)
+    x = torch.randn(4, 16)
+    with torch.inference_mode():  # inference tensors have no version counter
+        made_inside = Int8Linear.quantize(weight, None, "fbgemm")
+        assert torch.equal(made_inside(x), reference(made_inside, x, QMAX_7BIT))
+    layer = Int8Linear.quantize(weight, None, "fbgemm")
+    with torch.inference_mode():
+        selected = layer.select(torch.tensor([2, 7]))
+        assert torch.equal(selected(x), layer(x)[:, [2, 7]])
+    layer(x)
+    layer.qweight.data = layer.qweight.flip(0).contiguous()  # same tensor object, new storage
+    assert torch.equal(layer(x), reference(layer, x, QMAX_7BIT))
+
+
+def test_packing_says_nothing_on_stderr():
+    # In a process of its own: pytest sets warning filters of its own around each test, and
+    # torch says the deprecation once per process.
+    code = ("import torch\nfrom seq2seq.quantize import Int8Linear\n"
+            "Int8Linear.quantize(torch.randn(8, 4), None, 'fbgemm')(torch.randn(2, 4))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
