@@ -17,8 +17,10 @@ All beams of all sentences live in flat ``(n * K, ...)`` tensors (``n`` unfinish
 
 :class:`BeamSearch` runs these steps over a set of sentences that may grow between steps
 (continuous batching: a server adds the sentences of new requests to the search in progress,
-see :mod:`seq2seq.serve.worker`). Each sentence counts its own steps, so it is decoded exactly as
-it would be alone; :func:`beam_search` adds a whole batch at once and steps until it is done.
+see :mod:`seq2seq.serve.worker`). Each sentence counts its own steps, so it is decoded as it
+would be alone, but for rounding: products and softmaxes can round differently at other batch
+shapes, which decides between hypotheses that tie to within it. :func:`beam_search` adds a
+whole batch at once and steps until it is done.
 
 A sentence is done at its maximum length (its live beams are then finished as they are, without
 EOS), or once it has ``n_best`` finished hypotheses that no live beam can beat. "Can beat" uses an
@@ -61,8 +63,8 @@ class BeamSearch:
 
     :meth:`add` encodes sentences and gives them their first beam; each :meth:`step` extends
     every live sentence by one token and returns the n-best lists of the sentences that are done.
-    A sentence gets the same hypotheses whatever it shares the steps with and whenever it
-    joined. Arguments are those of :func:`beam_search`; the model also needs
+    A sentence gets the same hypotheses, up to rounding, whatever it shares the steps with
+    and whenever it joined. Arguments are those of :func:`beam_search`; the model also needs
     ``resize_source(enc, length)`` to add sentences whose source is longer than those decoded
     (with it, the search also drops source positions that only padding is left in).
     """

@@ -6,7 +6,8 @@ sentences of the jobs that arrived meanwhile (up to ``max_sentences`` in the sea
 quarter of the search's size is waiting or the oldest has waited ``wait_s``, so a new request
 never waits for the batch in progress to finish, and the batch never shrinks to its slowest
 sentence. Each sentence counts its own steps, so it gets what ``seq2seq translate``
-writes for it whatever it shares the steps with (tests/search/test_continuous.py). A job with
+writes for it whatever it shares the steps with (tests/search/test_continuous.py), but where
+two hypotheses tie to within the rounding that other batch shapes change. A job with
 other settings than the search in progress waits, in order, until that search is empty.
 
 Searches that sentences cannot join (greedy search, the CUDA-graphed beam search) are batched
