@@ -28,16 +28,6 @@ VOCAB = 32
 SRC_LENS = [9, 3, 5, 7, 1, 4]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these tensors are tiny, so fanning out to threads costs more than it
-    saves (on a busy 2-core machine, 100 times more)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def real_model(**overrides) -> torch.nn.Module:
     """The project's model, tiny, with weights scaled up so that its choices are clear-cut.
 

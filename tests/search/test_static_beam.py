@@ -15,14 +15,6 @@ from tests.search.test_search import MODELS, make_batch
 LENS_MANY = [(i * 7) % 11 + 1 for i in range(SENTENCE_MULTIPLE + 9)]  # two shapes, compaction
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def assert_same_results(static, reference):
     assert len(static) == len(reference)
     for i, (mine, theirs) in enumerate(zip(static, reference)):
