@@ -3,12 +3,13 @@
 Every ``nn.Linear`` with more than one output (Bahdanau attention's ``v`` stays float)
 becomes an :class:`Int8Linear`: int8 weights with one scale per output row, and int8
 activations with one scale per input row, multiplied in int8 with int32 sums
-(``torch._int_mm``, oneDNN on x86). A row's output depends on that row alone, so a sentence
-translates the same whatever it is batched with, as in fp32: ``serve`` answers exactly what
-``translate`` writes, and ``translate`` what it writes for the sentence alone. torch's dynamic
-quantisation (``quantize_dynamic``, this module's earlier method) scales the activations by
-the whole batch's largest value instead, so an output could change with its batch mates (100
-of 1,000 served test sentences differed from offline ``translate`` under it). The decoder's RNN
+(``torch._int_mm``, oneDNN on x86). A row's output depends on that row alone, so the int8
+products add nothing that depends on a sentence's batch mates: it translates as in fp32,
+whatever it is batched with, up to the rounding that fp32's other passes have at other batch
+shapes (:mod:`seq2seq.search.beam`). torch's dynamic quantisation (``quantize_dynamic``,
+this module's earlier method) scales the activations by the whole batch's largest value
+instead, so an output could change with its batch mates (100 of 1,000 served test sentences
+differed from offline ``translate`` under it). The decoder's RNN
 becomes an :class:`Int8RNN` (its projections :class:`Int8Linear`, its cell equations float);
 the encoder's stays float, since it runs once per sentence and torch's int8 RNN modules
 quantise per batch too. Embeddings stay float. Only inference on the CPU is supported: int8
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seq2seq import native
 from seq2seq.errors import Seq2SeqError
 from seq2seq.models.cells import CELLS, cell_update, steps_packed
 from seq2seq.models.decoder import Decoder
@@ -73,6 +75,9 @@ def quantize_rows(x: torch.Tensor, qmax: float = QMAX,
     """``x`` ``(N, K)`` float -> ``(N, K)`` integers in -qmax..qmax (as ``dtype``: int8, or
     float32 for fbgemm, which quantises its float input itself) and each row's scale
     ``(N, 1)``."""
+    fused = native.quantize_rows(x, qmax, dtype)
+    if fused is not None:
+        return fused
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(qmax)
     # No clamp to +-qmax: |x| / scale is at most qmax / (1 - 2^-24) after rounding the scale,
     # which rounds to qmax (a row's quantisation runs at every int8 product of every step).
@@ -162,11 +167,13 @@ class Int8Linear(nn.Module):
                 rows, 1.0, 64, self.fbgemm_weight())
         else:
             rows, scale = quantize_rows(flat)
-            y = torch._int_mm(rows, self.qweight.t()).float()
-        y.mul_(scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = torch._int_mm(rows, self.qweight.t())
+        scaled = native.scale_rows(y, scale, self.weight_scale, self.bias)
+        if scaled is None:
+            scaled = y.float().mul_(scale).mul_(self.weight_scale)
+            if self.bias is not None:
+                scaled.add_(self.bias)
+        return scaled.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 "

@@ -321,3 +321,107 @@ def test_additive_scores_refuse_what_they_cannot_take(built):
     assert native.additive_scores(query, keys[:1], v) is None  # shapes that do not match
     assert native.additive_scores(query, keys[..., :4], v[:, :4]) is None
     assert native.additive_scores(query[0], keys[0], v) is None
+
+
+def torch_quantize_rows(x, qmax, dtype):
+    """seq2seq.quantize's torch passes."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(qmax)
+    return (x / scale).round_().to(dtype), scale
+
+
+@pytest.mark.parametrize("dtype,qmax", [(torch.int8, 127.0), (torch.float32, 63.0)])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 512), (37, 1023), (500, 64)])
+def test_quantize_rows_equal_the_torch_passes_bitwise(built, dtype, qmax, shape):
+    x = logits(*shape, torch.float32, scale=3.0)
+    x[0, 0] = 0.5 * (x[0].abs().max() / qmax)  # exactly half a step: rounds to even
+    if shape[0] > 1:
+        x[1] = 0.0  # an all-zero row: the scale's floor
+    got, got_scale = native.quantize_rows(x, qmax, dtype)
+    want, want_scale = torch_quantize_rows(x, qmax, dtype)
+    assert got.dtype == dtype and got.shape == x.shape and got_scale.shape == (shape[0], 1)
+    assert torch.equal(got_scale, want_scale) and torch.equal(got, want)
+    assert got.abs().max() <= qmax
+
+
+def test_quantize_rows_of_rows_apart(built):
+    wide = logits(9, 300, torch.float32)
+    x = wide[::2, 17:217]
+    assert not x.is_contiguous()
+    got = native.quantize_rows(x, 127.0, torch.int8)
+    want = torch_quantize_rows(x, 127.0, torch.int8)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("acc_dtype", [torch.int32, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_scale_rows_equal_the_torch_passes_bitwise(built, acc_dtype, with_bias):
+    gen = torch.Generator().manual_seed(3)
+    acc = torch.randint(-2**24, 2**24, (33, 1537), generator=gen).to(acc_dtype)
+    row_scale = torch.rand(33, 1, generator=gen) / 127
+    col_scale = torch.rand(1, 1537, generator=gen) / 127
+    bias = torch.randn(1537, generator=gen) if with_bias else None
+    want = acc.float().clone().mul_(row_scale).mul_(col_scale)
+    if bias is not None:
+        want.add_(bias)
+    got = native.scale_rows(acc.clone(), row_scale, col_scale, bias)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_scale_rows_refuse_what_they_cannot_take(built):
+    acc, rows, cols = torch.zeros(4, 6, dtype=torch.int32), torch.ones(4, 1), torch.ones(1, 6)
+    assert native.scale_rows(acc, rows, cols, None) is not None
+    for bad in ((acc.t(), rows, torch.ones(1, 4), None), (acc.double(), rows, cols, None),
+                (acc, torch.ones(3, 1), cols, None), (acc, rows, cols, torch.ones(5)),
+                (acc[:, ::2], rows, torch.ones(1, 3), None)):
+        assert native.scale_rows(*bad) is None
+    assert native.quantize_rows(torch.zeros(4, 6, dtype=torch.float64), 127.0,
+                                torch.int8) is None
+
+
+def torch_gru_update(gates, hidden, h):
+    size = h.size(-1)
+    reset, update = torch.sigmoid(gates[:, :2 * size] + hidden[:, :2 * size]).chunk(2, -1)
+    new = torch.tanh(gates[:, 2 * size:] + reset * hidden[:, 2 * size:])
+    return new + update * (h - new)
+
+
+@pytest.mark.parametrize("rows,size", [(1, 1), (5, 512), (37, 33)])
+def test_gru_update_equals_the_cell_equations(built, rows, size):
+    gen = torch.Generator().manual_seed(rows)
+    gates, hidden = (torch.randn(rows, 3 * size, generator=gen) * 4 for _ in range(2))
+    h = torch.randn(rows, size, generator=gen).tanh()
+    gates[0, :3] = torch.tensor([60.0, -60.0, 1e-6])  # saturated gates, a tiny candidate
+    got = native.gru_update(gates, hidden, h)
+    torch.testing.assert_close(got, torch_gru_update(gates, hidden, h), rtol=0, atol=3e-7)
+
+
+def test_gru_update_reads_rows_apart_and_refuses_what_it_cannot_take(built):
+    gen = torch.Generator().manual_seed(1)
+    steps = torch.randn(6, 3, 3 * 16, generator=gen)  # (B, T, G): a step's gates are rows apart
+    hidden, state = torch.randn(6, 3 * 16, generator=gen), torch.randn(6, 2, 16, generator=gen)
+    gates, h = steps[:, 1], state[:, 0]
+    assert not gates.is_contiguous() and not h.is_contiguous()
+    torch.testing.assert_close(native.gru_update(gates, hidden, h),
+                               torch_gru_update(gates, hidden, h), rtol=0, atol=3e-7)
+    for bad in ((gates.double(), hidden.double(), h.double()), (gates, hidden[:, :47], h),
+                (gates, hidden, h[:, :15]), (gates.t(), hidden, h),
+                (gates, hidden, h.clone().requires_grad_())):
+        assert native.gru_update(*bad) is None
+
+
+def test_a_gru_step_in_inference_takes_the_c_kernel(built, monkeypatch):
+    from seq2seq.models import cells
+
+    gen = torch.Generator().manual_seed(2)
+    gates, hidden = torch.randn(4, 24, generator=gen), torch.randn(4, 24, generator=gen)
+    h = torch.randn(4, 8, generator=gen)
+    calls = []
+    kernel = native.gru_update
+    monkeypatch.setattr(native, "gru_update", lambda *args: calls.append(1) or kernel(*args))
+    with torch.no_grad():
+        fused, _ = cells.cell_update("gru", gates, hidden, h, None)
+    assert calls == [1]
+    monkeypatch.setattr(native, "library", lambda: None)
+    with torch.no_grad():
+        plain, _ = cells.cell_update("gru", gates, hidden, h, None)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=3e-7)

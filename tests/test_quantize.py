@@ -131,3 +131,20 @@ def test_packing_says_nothing_on_stderr():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_c_kernels_and_torch_passes_give_the_same_output(int8_kernel, monkeypatch, bias):
+    """The row quantisation and the scaling after the product, in C where the library builds
+    (seq2seq.native) and in torch where it does not: bit for bit the same layer output."""
+    from seq2seq import native
+
+    assert native.library() is not None, "the C kernels did not build"
+    gen = torch.Generator().manual_seed(5)
+    layer = Int8Linear.quantize(torch.randn(300, 96, generator=gen),
+                                torch.randn(300, generator=gen) if bias else None)
+    x = torch.randn(4, 7, 96, generator=gen) * 3
+    with_c = layer(x)
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert native.quantize_rows(x.reshape(-1, 96), 127.0, torch.int8) is None
+    assert torch.equal(layer(x), with_c)

@@ -10,7 +10,11 @@ ones. ``rows.c`` does each row in one pass that stays in the L1 cache:
   gradient, written over the logits (:mod:`seq2seq.training.loss`);
 - :func:`additive_scores`: a decoder step's Bahdanau attention scores, without the
   ``(n, T, S, A)`` hidden layer that torch makes and walks three times
-  (:mod:`seq2seq.models.attention`).
+  (:mod:`seq2seq.models.attention`);
+- :func:`quantize_rows` and :func:`scale_rows`: the passes before and after an int8 product
+  (:mod:`seq2seq.quantize`), six and three of torch's in one each;
+- :func:`gru_update`: a GRU step's gate equations in inference (:mod:`seq2seq.models.cells`),
+  nine of torch's kernels in one pass.
 
 The library is compiled once per source, compiler and CPU (``-march=native``) into
 ``$SEQ2SEQ_CACHE`` (default ``~/.cache/seq2seq``), written under a temporary name and renamed,
@@ -54,6 +58,9 @@ SIGNATURES = {
                         _voidp, _int],
     "additive_scores_backward": [_voidp, _voidp, _voidp, _voidp, _int, _long, _long, _long,
                                  _long, _voidp, _voidp, _voidp, _voidp, _int],
+    "quantize_rows": [_voidp, _long, _long, _long, ctypes.c_float, _int, _voidp, _voidp, _int],
+    "scale_rows": [_voidp, _int, _long, _long, _voidp, _voidp, _voidp, _voidp, _int],
+    "gru_update": [_voidp, _long, _voidp, _long, _voidp, _long, _long, _long, _voidp, _int],
 }
 
 
@@ -255,3 +262,58 @@ class AdditiveScores(torch.autograd.Function):
             grad_keys.data_ptr(), grad_energy.data_ptr(), scratch.data_ptr(), threads)
         grad_energy = grad_energy.sum(dim=0).view(ctx.energy_shape).to(ctx.energy_dtype)
         return grad_query, grad_keys, grad_energy
+
+
+def quantize_rows(x: torch.Tensor, qmax: float, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`seq2seq.quantize.quantize_rows` of fp32 ``x`` ``(N, K)`` (``dtype`` int8 or
+    float32) in one pass per row, the same values; None where the kernels cannot take ``x``
+    (:func:`usable`)."""
+    if x.dtype != torch.float32 or dtype not in (torch.int8, torch.float32) or not usable(x):
+        return None
+    out = torch.empty(x.shape, dtype=dtype)
+    scale = torch.empty((x.size(0), 1), dtype=torch.float32)
+    library().quantize_rows(x.data_ptr(), x.stride(0), x.size(0), x.size(1), qmax,
+                            int(dtype == torch.int8), out.data_ptr(), scale.data_ptr(),
+                            torch.get_num_threads())
+    return out, scale
+
+
+def scale_rows(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``acc.float() * row_scale * col_scale (+ bias)``, rounded after each operation as in
+    torch, in one pass: the output of an int8 product from its ``(N, M)`` int32 sums (into a
+    new tensor) or fp32 ones (in place). ``row_scale`` ``(N, 1)``, ``col_scale`` ``(1, M)``
+    and ``bias`` ``(M,)`` are fp32. None where the kernels cannot take them."""
+    tensors = [acc, row_scale, col_scale] + ([] if bias is None else [bias])
+    if (acc.dim() != 2 or acc.dtype not in (torch.int32, torch.float32) or acc.numel() == 0
+            or any(t.dtype != torch.float32 for t in tensors[1:])
+            or row_scale.numel() != acc.size(0)
+            or any(t.numel() != acc.size(1) for t in tensors[2:])
+            or not all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad
+                       for t in tensors)
+            or torch.compiler.is_compiling() or library() is None):
+        return None
+    out = acc if acc.dtype == torch.float32 else torch.empty(acc.shape, dtype=torch.float32)
+    library().scale_rows(acc.data_ptr(), int(acc.dtype == torch.int32), acc.size(0),
+                         acc.size(1), row_scale.data_ptr(), col_scale.data_ptr(),
+                         None if bias is None else bias.data_ptr(), out.data_ptr(),
+                         torch.get_num_threads())
+    return out
+
+
+def gru_update(gates: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor
+               ) -> torch.Tensor | None:
+    """A GRU step's new state from ``(B, 3H)`` gate shares and ``(B, H)`` ``h``, fp32, outside
+    autograd (:func:`seq2seq.models.cells.cell_update`), in one pass per row; None where the
+    kernels cannot take them."""
+    if not (gates.dim() == hidden.dim() == h.dim() == 2 and gates.shape == hidden.shape
+            and gates.size(0) == h.size(0) and gates.size(1) == 3 * h.size(1) and h.numel()
+            and all(t.dtype == torch.float32 and t.stride(1) == 1 for t in (gates, hidden, h))
+            and available(gates, hidden, h)):
+        return None
+    out = torch.empty(h.shape, dtype=torch.float32)
+    library().gru_update(gates.data_ptr(), gates.stride(0), hidden.data_ptr(), hidden.stride(0),
+                         h.data_ptr(), h.stride(0), h.size(0), h.size(1), out.data_ptr(),
+                         torch.get_num_threads())
+    return out

@@ -251,3 +251,93 @@ void additive_scores_backward(const void *query, const void *keys, const void *e
         }
     }
 }
+
+/* int8 products (seq2seq.quantize): each row of `x` (`rows` rows `stride` floats apart)
+ * quantised symmetrically to -qmax..qmax, `scale[r] = max(max |x_r|, 1e-12) / qmax` and
+ * `round(x / scale)` (to nearest even), as int8 (`to_int8`) or as integral floats into the
+ * contiguous `out`: torch's six passes (abs, amax, clamp, divide, divide, round) in one read
+ * of the row and one write. */
+void quantize_rows(const float *x, long stride, long rows, long cols, float qmax, int to_int8,
+                   void *out, float *scale, int threads)
+{
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * stride;
+        float peak = 0.0f;
+#pragma omp simd reduction(max : peak)
+        for (long c = 0; c < cols; c++) {
+            const float size = fabsf(row[c]);
+            peak = size > peak ? size : peak;
+        }
+        const float s = (peak > 1e-12f ? peak : 1e-12f) / qmax;
+        scale[r] = s;
+        if (to_int8) {
+            int8_t *q = (int8_t *)out + r * cols;
+#pragma omp simd
+            for (long c = 0; c < cols; c++)
+                q[c] = (int8_t)nearbyintf(row[c] / s);
+        } else {
+            float *q = (float *)out + r * cols;
+#pragma omp simd
+            for (long c = 0; c < cols; c++)
+                q[c] = nearbyintf(row[c] / s);
+        }
+    }
+}
+
+/* The scaling after an int8 product, in one pass: `out[r][c] = acc[r][c] * row_scale[r] *
+ * col_scale[c] (+ bias[c])`, from int32 sums (`acc_int32`) or fp32 ones (`out` may then be
+ * `acc`), rounded after each operation as torch's `mul_`, `mul_`, `add_` are (no fused
+ * multiply-add). */
+__attribute__((optimize("fp-contract=off")))
+void scale_rows(const void *acc, int acc_int32, long rows, long cols, const float *row_scale,
+                const float *col_scale, const float *bias, float *out, int threads)
+{
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long r = 0; r < rows; r++) {
+        const float s = row_scale[r];
+        float *y = out + r * cols;
+        if (acc_int32) {
+            const int32_t *a = (const int32_t *)acc + r * cols;
+#pragma omp simd
+            for (long c = 0; c < cols; c++)
+                y[c] = ((float)a[c] * s) * col_scale[c];
+        } else {
+            const float *a = (const float *)acc + r * cols;
+#pragma omp simd
+            for (long c = 0; c < cols; c++)
+                y[c] = (a[c] * s) * col_scale[c];
+        }
+        if (bias) {
+#pragma omp simd
+            for (long c = 0; c < cols; c++)
+                y[c] += bias[c];
+        }
+    }
+}
+
+/* One step of a GRU's update in inference (seq2seq.models.cells.cell_update), in one pass
+ * over each row instead of nine whole-tensor kernels: from the gates' input share `gates` and
+ * hidden share `hidden` (`rows` rows of 3 x `size`, torch's order r, z, n) and the previous
+ * state `h`, the new state into the contiguous `out`:
+ *   r, z = sigmoid(gates_rz + hidden_rz);  n = tanh(gates_n + r hidden_n);  n + z (h - n).
+ * tanh(x) is computed as 2 sigmoid(2x) - 1 (with the vector expf; glibc's vector tanhf is
+ * newer than some C libraries this builds against): within 1.2e-7 of it. */
+void gru_update(const float *gates, long gates_stride, const float *hidden, long hidden_stride,
+                const float *h, long h_stride, long rows, long size, float *out, int threads)
+{
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long r = 0; r < rows; r++) {
+        const float *g = gates + r * gates_stride, *u = hidden + r * hidden_stride;
+        const float *prev = h + r * h_stride;
+        float *y = out + r * size;
+#pragma omp simd
+        for (long c = 0; c < size; c++) {
+            const float reset = 1.0f / (1.0f + expf(-(g[c] + u[c])));
+            const float update = 1.0f / (1.0f + expf(-(g[size + c] + u[size + c])));
+            const float pre = g[2 * size + c] + reset * u[2 * size + c];
+            const float candidate = 2.0f / (1.0f + expf(-2.0f * pre)) - 1.0f;
+            y[c] = candidate + update * (prev[c] - candidate);
+        }
+    }
+}
