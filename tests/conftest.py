@@ -73,11 +73,13 @@ def fp32_gemm(monkeypatch):
     def use(value: str) -> str:
         monkeypatch.setenv(gemm.ENV, value)
         gemm.fp32_backend.cache_clear()
+        gemm.fp32_packing.cache_clear()
         return gemm.fp32_backend()[0]
 
     yield use
     monkeypatch.delenv(gemm.ENV, raising=False)
     gemm.fp32_backend.cache_clear()
+    gemm.fp32_packing.cache_clear()
 
 
 @pytest.fixture

@@ -14,8 +14,10 @@ packed 1.16x as fast (98.4 and 98.1 against 87.8 and 81.1 sentences/s).
 
 :func:`fp32_backend` decides once per process, from ``SEQ2SEQ_FP32_GEMM``:
 
-- ``auto`` (the default): oneDNN where torch runs AVX-512 or AVX2 kernels on a CPU that is
-  not Intel's (MKL picks its best kernels on Intel CPUs), else torch's own products;
+- ``auto`` (the default): oneDNN where torch runs AVX-512 kernels on a CPU that is not
+  Intel's (MKL picks its best kernels on Intel CPUs), else torch's own products; on such a CPU
+  with AVX2 only, decoding still multiplies by weights that oneDNN packs
+  (:func:`fp32_packing`), since MKL trains faster there but decodes slower;
 - ``onednn`` or ``blas``: as asked (``onednn`` falls back where torch lacks it).
 
 :func:`linear` is ``F.linear`` with that choice, gradients included; every fp32 product of
@@ -68,8 +70,22 @@ def choose_backend(choice: str, available: bool, capability: str, vendor: str
     cpu = vendor or "a CPU not known to be Intel"
     if capability.startswith("AVX512"):
         return "onednn", f"auto: {cpu} with AVX-512, where MKL runs AVX2 kernels"
-    return "onednn", (f"auto: {cpu} with AVX2, where oneDNN's packed weights decode faster "
-                      "than MKL")
+    return "blas", (f"auto: {cpu} with AVX2, where MKL trains faster; decoding multiplies by "
+                    "weights that oneDNN packs")
+
+
+def choose_packing(choice: str, available: bool, capability: str, vendor: str) -> bool:
+    """Whether decoding multiplies by fp32 weights that oneDNN packs once
+    (:mod:`seq2seq.models.packed`), for the arguments of :func:`choose_backend`: where it
+    picks oneDNN, and with ``auto`` on a CPU not Intel's with AVX2 only. There MKL's AVX2
+    kernels train faster than oneDNN's (real Zen 3 EPYC, two threads, ``de-en.gru``: 1,613
+    and 1,720 against 1,339 and 1,492 target tokens/s, two rounds of
+    ``scripts/compare_peers.py``; 2048 x 2048 products 132 against 108 GFLOP/s), while
+    beam search's products of a few rows run faster by oneDNN with the weights packed."""
+    backend, _ = choose_backend(choice, available, capability, vendor)
+    return backend == "onednn" or (
+        choice == "auto" and available and capability.startswith("AVX2")
+        and vendor != "GenuineIntel")
 
 
 @functools.cache
@@ -80,9 +96,21 @@ def fp32_backend() -> tuple[str, str]:
         Seq2SeqError: ``SEQ2SEQ_FP32_GEMM`` is set to something else than auto, onednn or
             blas (the CLI asks before any command runs, so it is said in one line).
     """
+    return choose_backend(*_machine())
+
+
+@functools.cache
+def fp32_packing() -> bool:
+    """Whether decoding packs fp32 weights for oneDNN on this machine
+    (:func:`choose_packing`)."""
+    return choose_packing(*_machine())
+
+
+def _machine() -> tuple[str, bool, str, str]:
+    """:func:`choose_backend`'s arguments for this process."""
     choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    return choose_backend(choice, onednn_available(),
-                          torch.backends.cpu.get_cpu_capability(), cpu_field("vendor_id"))
+    return (choice, onednn_available(), torch.backends.cpu.get_cpu_capability(),
+            cpu_field("vendor_id"))
 
 
 def _onednn_for(*tensors: torch.Tensor) -> bool:

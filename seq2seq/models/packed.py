@@ -25,20 +25,20 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from seq2seq.models.gemm import fp32_backend, linear, onednn_available
+from seq2seq.models.gemm import fp32_packing, linear, onednn_available
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether oneDNN multiplies by packed ``dtype`` weights on ``device``: bf16 where torch
-    runs oneDNN's bf16 inner product on this CPU, fp32 where fp32 products go to oneDNN
-    (:func:`~seq2seq.models.gemm.fp32_backend`)."""
+    runs oneDNN's bf16 inner product on this CPU, fp32 where decoding packs them
+    (:func:`~seq2seq.models.gemm.fp32_packing`)."""
     if device.type != "cpu" or not onednn_available():
         return False
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32 and fp32_backend()[0] == "onednn"
+    return dtype == torch.float32 and fp32_packing()
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ RTOL, ATOL = 1e-5, 1e-5
     ("auto", True, "AVX512", "HygonGenuine", "onednn"),
     ("auto", True, "AVX512", "", "onednn"),  # no /proc/cpuinfo: not known to be Intel
     ("auto", True, "AVX512", "GenuineIntel", "blas"),
-    ("auto", True, "AVX2", "AuthenticAMD", "onednn"),
+    ("auto", True, "AVX2", "AuthenticAMD", "blas"),  # MKL trains faster; decoding packs
     ("auto", True, "AVX2", "GenuineIntel", "blas"),
     ("auto", True, "DEFAULT", "AuthenticAMD", "blas"),
     ("auto", False, "AVX512", "AuthenticAMD", "blas"),
@@ -36,6 +36,21 @@ def test_choose_backend(choice, available, capability, vendor, expected):
     chosen, why = choose_backend(choice, available, capability, vendor)
     assert chosen == expected
     assert why
+
+
+@pytest.mark.parametrize("choice, available, capability, vendor, expected", [
+    ("auto", True, "AVX512", "AuthenticAMD", True),
+    ("auto", True, "AVX2", "AuthenticAMD", True),  # a Zen 3: MKL trains, oneDNN decodes
+    ("auto", True, "AVX2", "", True),
+    ("auto", True, "AVX2", "GenuineIntel", False),
+    ("auto", True, "AVX512", "GenuineIntel", False),
+    ("auto", True, "DEFAULT", "AuthenticAMD", False),
+    ("auto", False, "AVX2", "AuthenticAMD", False),
+    ("onednn", True, "AVX2", "GenuineIntel", True),
+    ("blas", True, "AVX2", "AuthenticAMD", False),  # asked for: no oneDNN at all
+])
+def test_choose_packing(choice, available, capability, vendor, expected):
+    assert gemm.choose_packing(choice, available, capability, vendor) is expected
 
 
 @pytest.mark.parametrize("value", ["mkl", "yes", "one dnn"])
