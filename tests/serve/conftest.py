@@ -114,7 +114,7 @@ class Offline:
     """
 
     def __init__(self, checkpoint: Path, lines: list[str], tmp: Path, nbest: int = 1):
-        self.checkpoint, self.lines, self.nbest = checkpoint, lines, nbest
+        self.checkpoint, self.lines = checkpoint, lines
         flags = ["--nbest", str(nbest)] if nbest > 1 else []
         rows = translate_offline(checkpoint, lines, tmp, *flags)
         if nbest == 1:
