@@ -425,3 +425,64 @@ def test_a_gru_step_in_inference_takes_the_c_kernel(built, monkeypatch):
     with torch.no_grad():
         plain, _ = cells.cell_update("gru", gates, hidden, h, None)
     torch.testing.assert_close(fused, plain, rtol=0, atol=3e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_softmax_over_what_is_not_blocked(built, dtype):
+    x = logits(40, 703, dtype, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    blocked = torch.rand(40, 703, generator=gen) < 0.7
+    blocked[0] = True
+    blocked[0, 5] = False  # one target left: log-probability 0
+    blocked[1] = False
+    x[2, ~blocked[2]] = float("-inf")  # a row of banned targets only: NaN, as in torch
+    want = torch.log_softmax(x.float().masked_fill(blocked, float("-inf")), dim=-1)
+    got = native.log_softmax(x, blocked)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[2]).all()
+    assert got[0, 5] == 0.0
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=2e-6)
+    # rows apart, and what the kernels do not take: the same through torch
+    wide = logits(9, 300, torch.float32)
+    x, mask = wide[::2, 17:217], torch.rand(5, 200, generator=gen) < 0.5
+    want = torch.log_softmax(x.masked_fill(mask, float("-inf")), dim=-1)
+    for args in ((x, mask), (x.double(), mask), (x, mask.t().contiguous().t())):
+        got = native.log_softmax(*args)
+        assert got.dtype == torch.float32 and torch.equal(torch.isinf(got), mask)
+        torch.testing.assert_close(got[~mask], want[~mask], rtol=1e-5, atol=2e-6)
+    for bad in (mask[:, :199], mask.float()):
+        with pytest.raises(ValueError, match="blocked"):
+            native.log_softmax(x, bad)
+
+
+def test_tanh_within_its_tolerance_odd_and_saturated(built):
+    x = torch.cat([torch.linspace(-12, 12, 200_001), torch.tensor(
+        [0.0, -0.0, 1e-30, -1e-8, 44.0, 89.0, 1e30, float("inf"), float("-inf")])])
+    got = native.tanh(x)
+    torch.testing.assert_close(got, torch.tanh(x.double()).float(), rtol=0, atol=1.6e-7)
+    assert torch.equal(native.tanh(-x), -got)  # odd, signed zeros included
+    assert torch.equal(torch.signbit(got[200_001:200_003]), torch.tensor([False, True]))
+    assert got[-4:-1].eq(1.0).all() and got[-1] == -1.0
+    assert torch.isnan(native.tanh(torch.tensor([float("nan")]))).all()
+    # a view's values are its own, whatever its layout, in the tensor's shape
+    grid = torch.randn(6, 8, 3)
+    assert torch.equal(native.tanh(grid.transpose(0, 1).contiguous()),
+                       native.tanh(grid).transpose(0, 1))
+    assert native.tanh(torch.zeros(0, 4)).shape == (0, 4)
+    for bad in (grid.double(), grid.transpose(0, 1), grid.clone().requires_grad_()):
+        assert native.tanh(bad) is None
+
+
+def test_decoding_tanh_takes_the_c_kernel(built, monkeypatch):
+    from seq2seq.models import cells
+
+    x = torch.randn(5, 7)
+    calls = []
+    kernel = native.tanh
+    monkeypatch.setattr(native, "tanh", lambda t: calls.append(1) or kernel(t))
+    fused = cells.tanh(x.t())  # a transposed view: made contiguous for the kernel
+    assert calls == [1] and fused.shape == (7, 5)
+    monkeypatch.setattr(native, "library", lambda: None)
+    torch.testing.assert_close(fused, cells.tanh(x.t()), rtol=0, atol=1.6e-7)
+    torch.testing.assert_close(fused, torch.tanh(x.t()), rtol=0, atol=1.6e-7)

@@ -5,7 +5,8 @@ kernels in a row: a bf16-to-fp32 cast, a maximum, an exponential, a sum, a divis
 walk over tens of megabytes, and torch's bf16 element-wise kernels are no faster than its fp32
 ones. ``rows.c`` does each row in one pass that stays in the L1 cache:
 
-- :func:`log_softmax`: decoding's ``log_softmax(logits.float())``;
+- :func:`log_softmax`: decoding's ``log_softmax(logits.float())``, and beam search's
+  renormalisation over each sentence's own shortlist (the other targets taken as -inf);
 - :func:`cross_entropy_rows`: the training loss's per-row label-smoothed cross-entropy and its
   gradient, written over the logits (:mod:`seq2seq.training.loss`);
 - :func:`additive_scores`: a decoder step's Bahdanau attention scores, without the
@@ -14,7 +15,8 @@ ones. ``rows.c`` does each row in one pass that stays in the L1 cache:
 - :func:`quantize_rows` and :func:`scale_rows`: the passes before and after an int8 product
   (:mod:`seq2seq.quantize`), six and three of torch's in one each;
 - :func:`gru_update`: a GRU step's gate equations in inference (:mod:`seq2seq.models.cells`),
-  nine of torch's kernels in one pass.
+  nine of torch's kernels in one pass;
+- :func:`tanh`: decoding's fp32 ``tanh`` (:func:`seq2seq.models.cells.tanh`), on both threads.
 
 The library is compiled once per source, compiler and CPU (``-march=native``) into
 ``$SEQ2SEQ_CACHE`` (default ``~/.cache/seq2seq``), written under a temporary name and renamed,
@@ -51,7 +53,7 @@ DTYPES = {torch.float32: FP32, torch.bfloat16: BF16}
 
 _voidp, _long, _int = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
 SIGNATURES = {
-    "log_softmax_rows": [_voidp, _int, _long, _long, _long, _voidp, _int],
+    "log_softmax_rows": [_voidp, _int, _long, _long, _long, _voidp, _voidp, _int],
     "cross_entropy_rows": [_voidp, _int, _long, _long, _long, _voidp, ctypes.c_float, _voidp,
                            _voidp, _voidp, _int],
     "additive_scores": [_voidp, _voidp, _voidp, _int, _long, _long, _long, _long, _voidp,
@@ -61,6 +63,7 @@ SIGNATURES = {
     "quantize_rows": [_voidp, _long, _long, _long, ctypes.c_float, _int, _voidp, _voidp, _int],
     "scale_rows": [_voidp, _int, _long, _long, _voidp, _voidp, _voidp, _voidp, _int],
     "gru_update": [_voidp, _long, _voidp, _long, _voidp, _long, _long, _long, _voidp, _int],
+    "tanh_values": [_voidp, _long, _voidp, _int],
 }
 
 
@@ -163,14 +166,24 @@ def usable(x: torch.Tensor) -> bool:
             and available(x))
 
 
-def log_softmax(x: torch.Tensor) -> torch.Tensor:
-    """``torch.log_softmax(x.float(), dim=-1)``: in one pass per row where the kernels can
-    take ``x`` (:func:`usable`), else by torch."""
-    if not usable(x):
-        return torch.log_softmax(x.float(), dim=-1)
+def log_softmax(x: torch.Tensor, blocked: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.log_softmax(x.float(), dim=-1)``, with the elements where ``blocked`` (a bool
+    tensor of ``x``'s shape, or None) is True taken as -inf: in one pass per row where the
+    kernels can take ``x`` (:func:`usable`), else by torch."""
+    mask = None
+    if blocked is not None:
+        if blocked.shape != x.shape or blocked.dtype != torch.bool:
+            raise ValueError(f"blocked: a bool tensor of shape {tuple(x.shape)} expected, "
+                             f"got {blocked.dtype} {tuple(blocked.shape)}")
+        mask = blocked.contiguous()
+    if not usable(x) or (mask is not None and mask.device.type != "cpu"):
+        x = x.float()
+        return torch.log_softmax(x if mask is None else x.masked_fill(mask, float("-inf")),
+                                 dim=-1)
     out = torch.empty(x.shape, dtype=torch.float32)
     library().log_softmax_rows(x.data_ptr(), DTYPES[x.dtype], x.stride(0), x.size(0),
-                               x.size(1), out.data_ptr(), torch.get_num_threads())
+                               x.size(1), None if mask is None else mask.data_ptr(),
+                               out.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -316,4 +329,15 @@ def gru_update(gates: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor
     library().gru_update(gates.data_ptr(), gates.stride(0), hidden.data_ptr(), hidden.stride(0),
                          h.data_ptr(), h.stride(0), h.size(0), h.size(1), out.data_ptr(),
                          torch.get_num_threads())
+    return out
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor | None:
+    """``tanh`` of a contiguous fp32 CPU tensor outside autograd, within 1.6e-7 absolute of
+    the exact one, into a new tensor; None where the kernels cannot take ``x``."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or not available(x):
+        return None
+    out = torch.empty(x.shape, dtype=torch.float32)
+    if x.numel():
+        library().tanh_values(x.data_ptr(), x.numel(), out.data_ptr(), torch.get_num_threads())
     return out

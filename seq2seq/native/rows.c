@@ -81,15 +81,23 @@ static inline float row_max(const float *x, long cols)
 }
 
 /* log_softmax of each row of `x` (`rows` rows `stride` elements apart) into the contiguous
- * fp32 `out`: `x - max - log(sum(exp(x - max)))`, as torch computes it. */
-void log_softmax_rows(const void *x, int dtype, long stride, long rows, long cols, float *out,
-                      int threads)
+ * fp32 `out`: `x - max - log(sum(exp(x - max)))`, as torch computes it. With `blocked`
+ * (`rows` x `cols` bytes, nonzero where blocked; NULL: none), blocked elements are taken as
+ * -inf: each row is normalised over the others (beam search's own shortlists). */
+void log_softmax_rows(const void *x, int dtype, long stride, long rows, long cols,
+                      const uint8_t *blocked, float *out, int threads)
 {
     const long size = dtype == BF16 ? 2 : 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long r = 0; r < rows; r++) {
         float *y = out + r * cols;
         load_row((const char *)x + r * stride * size, dtype, y, cols);
+        if (blocked) {
+            const uint8_t *b = blocked + r * cols;
+#pragma omp simd
+            for (long c = 0; c < cols; c++)
+                y[c] = b[c] ? -INFINITY : y[c];
+        }
         const float peak = row_max(y, cols);
         float norm = 0.0f;
 #pragma omp simd reduction(+ : norm)
@@ -339,5 +347,20 @@ void gru_update(const float *gates, long gates_stride, const float *hidden, long
             const float candidate = 2.0f / (1.0f + expf(-2.0f * pre)) - 1.0f;
             y[c] = candidate + update * (prev[c] - candidate);
         }
+    }
+}
+
+/* tanh of `count` contiguous fp32 values into `out` (which may be `x`), computed as
+ * sign(x) (1 - 2 / (exp(2 |x|) + 1)) with the vector expf: within 1.6e-7 of tanh, odd as
+ * tanh is, and exactly +-1 where exp overflows. */
+void tanh_values(const float *x, long count, float *out, int threads)
+{
+    const long block = 4096;  /* values per share of the threads' work */
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long start = 0; start < count; start += block) {
+        const long end = start + block < count ? start + block : count;
+#pragma omp simd
+        for (long i = start; i < end; i++)
+            out[i] = copysignf(1.0f - 2.0f / (expf(2.0f * fabsf(x[i])) + 1.0f), x[i]);
     }
 }
