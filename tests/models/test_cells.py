@@ -116,7 +116,8 @@ def test_tanh_is_torchs_to_rounding_row_by_row_and_keeps_gradients():
     x[0, :4] = torch.tensor([0.0, -0.0, 1e-30, 40.0])
     with torch.no_grad():
         fast = tanh(x)
-    torch.testing.assert_close(fast, torch.tanh(x), rtol=3e-7, atol=1e-7)
+    # the C kernel's tolerance (numpy's, where the kernels are off, is tighter)
+    torch.testing.assert_close(fast, torch.tanh(x.double()).float(), rtol=0, atol=1.6e-7)
     # element-wise: a row alone, a slice, or a transposed view gives the same bits
     assert torch.equal(tanh(x[7:8]), fast[7:8])
     assert torch.equal(tanh(x[:, 3:9]), fast[:, 3:9])
