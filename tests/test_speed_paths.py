@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from seq2seq.config import ModelConfig
 from seq2seq.models import PAD, build_model
-from seq2seq.quantize import Int8Linear, Int8RNN, quantize_for_cpu
+from seq2seq.quantize import Int8Linear, Int8PackedRNN, Int8RNN, quantize_for_cpu
 from seq2seq.scoring import corpus_bleu
 from seq2seq.search import beam_search, greedy_search
 
@@ -120,7 +120,8 @@ def test_quantised_model_keeps_the_search_interface_and_leaves_the_original():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(quantised.decoder.output, Int8Linear)
     assert isinstance(quantised.decoder.rnn, Int8RNN)
-    assert isinstance(quantised.encoder.rnn, torch.nn.LSTM)  # float: it runs once
+    assert isinstance(quantised.encoder.rnn, Int8PackedRNN)
+    assert isinstance(model.encoder.rnn, torch.nn.LSTM)
     src, src_lens, _, _ = batch([6, 3])
     enc = quantised.encode(src, src_lens)
     log_probs, state, attn = quantised.step(torch.full((2,), 2), quantised.init_state(enc), enc)
@@ -172,6 +173,88 @@ def test_int8_rnn_steps_like_the_float_module(cell, int8_kernel):
     for a, b in zip(got_hx if cell == "lstm" else [got_hx], want_hx if cell == "lstm"
                     else [want_hx]):
         torch.testing.assert_close(a, b, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+def test_int8_rnn_looks_the_embeddings_gates_up_as_the_float_module_multiplies(cell,
+                                                                             int8_kernel):
+    from seq2seq.models.encoder import make_rnn
+
+    torch.manual_seed(6)
+    embedding = torch.nn.Embedding(VOCAB, 8)
+    rnn = make_rnn(cell, 8 + 16, 16, 2, 0.0).eval()  # input rows [embedding; feed]
+    tokens = torch.randint(0, VOCAB, (5, 3))
+    x = torch.cat([embedding(tokens), torch.randn(5, 3, 16)], dim=-1).detach()
+    h = torch.randn(2, 5, 16) * 0.5
+    hx = (h, torch.randn(2, 5, 16) * 0.5) if cell == "lstm" else h
+    want, want_hx = rnn(x, hx)
+    int8 = Int8RNN(rnn, embedding)
+    assert int8.token_gates.shape == (VOCAB, rnn.weight_ih_l0.size(0))
+    assert int8.ih[0].in_features == 16  # only the rest of the row is multiplied
+    got, got_hx = int8(x, hx, tokens)
+    torch.testing.assert_close(got, want, atol=0.03, rtol=0)
+    for a, b in zip(got_hx if cell == "lstm" else [got_hx], want_hx if cell == "lstm"
+                    else [want_hx]):
+        torch.testing.assert_close(a, b, atol=0.03, rtol=0)
+    # without the embedding: the whole row is multiplied in int8
+    plain = Int8RNN(rnn)
+    assert plain.token_gates is None and plain.ih[0].in_features == 24
+    with pytest.raises(ValueError, match="needs their tokens"):
+        int8(x, hx)
+    with pytest.raises(ValueError, match="needs their tokens"):
+        int8(x, hx, tokens[:, :2])
+
+
+def test_the_decoder_gets_its_embedding_table_where_it_is_small_enough(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(tiny("gru", "bahdanau", "bahdanau", True), VOCAB, VOCAB).eval()
+    assert quantize_for_cpu(model).decoder.rnn.token_gates is not None
+    rows = model.decoder.rnn.weight_ih_l0.size(0)
+    monkeypatch.setattr(Int8RNN, "MAX_TABLE", VOCAB * rows - 1)
+    assert quantize_for_cpu(model).decoder.rnn.token_gates is None
+    monkeypatch.setattr(Int8RNN, "MAX_TABLE", VOCAB * rows)
+    assert quantize_for_cpu(model).decoder.rnn.token_gates is not None
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_int8_encoder_rnn_runs_like_the_float_module_over_packed_input(cell, bidirectional,
+                                                                      int8_kernel):
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from seq2seq.models.encoder import make_rnn
+
+    torch.manual_seed(5)
+    rnn = make_rnn(cell, 12, 16, 2, 0.0, bidirectional).eval()
+    x = torch.randn(4, 6, 12)
+    packed = pack_padded_sequence(x, torch.tensor([3, 6, 1, 4]), batch_first=True,
+                                  enforce_sorted=False)
+    int8 = Int8PackedRNN(rnn)
+    assert all(m.kernel == int8_kernel for m in int8.modules() if isinstance(m, Int8Linear))
+    want, want_hx = rnn(packed)
+    got, got_hx = int8(packed)
+    assert torch.equal(got.batch_sizes, want.batch_sizes)
+    torch.testing.assert_close(got.data, want.data, atol=0.03, rtol=0)
+    for a, b in zip(got_hx if cell == "lstm" else [got_hx], want_hx if cell == "lstm"
+                    else [want_hx]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=0.03, rtol=0)
+    with pytest.raises(ValueError, match="packed input from zero states"):
+        int8(x)
+
+
+def test_int8_encoding_of_a_sentence_is_the_same_bits_whatever_its_batch(int8_kernel):
+    torch.manual_seed(0)
+    int8 = quantize_for_cpu(build_model(tiny("gru", "bahdanau", "luong", True), VOCAB,
+                                        VOCAB).eval())
+    src, src_lens, _, _ = batch([7, 3, 5, 1])
+    with torch.inference_mode():
+        together = int8.encode(src, src_lens)
+        for i, n in enumerate(src_lens.tolist()):
+            alone = int8.encode(src[i:i + 1, :n], src_lens[i:i + 1])
+            assert torch.equal(alone.enc_out[0], together.enc_out[i, :n])
+            assert torch.equal(alone.keys[0], together.keys[i, :n])
+            assert torch.equal(alone.final[0], together.final[i])
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn"])

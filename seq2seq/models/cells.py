@@ -23,6 +23,7 @@ each decoder step's attention reads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from torch.nn.utils.rnn import PackedSequence
 from seq2seq import native
 from seq2seq.models.dropout import dropout
 from seq2seq.models.gemm import linear
-from seq2seq.models.step_linear import step_linear
+from seq2seq.models.step_linear import Linear, step_linear
 
 CELLS = {"GRU": "gru", "LSTM": "lstm", "RNN_TANH": "rnn"}
 
@@ -170,7 +171,8 @@ def layer_weights(rnn: nn.RNNBase, layer: int, direction: int,
     return weights if dtype is None else [w if w is None else w.to(dtype) for w in weights]
 
 
-def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | None = None
+def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | None = None,
+               products: Sequence[tuple[Linear, Linear]] | None = None
                ) -> tuple[PackedSequence, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     """``rnn(packed)`` from zero initial states, with the module's parameters.
 
@@ -180,6 +182,12 @@ def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | Non
         packed: the input, as ``pack_padded_sequence`` makes it.
         dtype: compute in this dtype on copies of the weights (bf16 under CPU bf16
             autocast); None: in the weights' dtype.
+        products: for each layer and direction (layer-major, as torch orders them), the
+            input and recurrent products ``x -> x W_ih^T + b_ih`` and ``h -> h W_hh^T +
+            b_hh`` to compute with instead of ``rnn``'s weights (an int8 encoder's,
+            :mod:`seq2seq.quantize`); ``rnn`` then needs only the module's settings
+            (``mode``, ``num_layers``, ``bidirectional``, ``hidden_size``, ``dropout``,
+            ``training``).
 
     Returns:
         the packed outputs of the top layer, and the final states ``(L * D, B, H)`` in the
@@ -188,14 +196,26 @@ def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | Non
     cell = CELLS[rnn.mode]
     sizes = packed.batch_sizes.tolist()
     x = packed.data if dtype is None else packed.data.to(dtype)
+    directions = 2 if rnn.bidirectional else 1
     finals_h, finals_c = [], []
     for layer in range(rnn.num_layers):
         if layer > 0:
             x = dropout(x, rnn.dropout, rnn.training)
         outputs = []
-        for direction in range(2 if rnn.bidirectional else 1):
-            weights = layer_weights(rnn, layer, direction)
-            out, h, c = _layer(cell, x, sizes, *weights, reverse=direction == 1, dtype=dtype)
+        for direction in range(directions):
+            if products is None:
+                w_ih, w_hh, b_ih, b_hh = layer_weights(rnn, layer, direction)
+                if dtype is not None:
+                    w_ih, b_ih = w_ih.to(dtype), None if b_ih is None else b_ih.to(dtype)
+                gates = linear(x, w_ih, b_ih)
+                # Multiplies by w_hh at every step; in bf16, its gradient is one product for
+                # all steps.
+                recurrent = step_linear(w_hh, b_hh, dtype)
+            else:
+                input_product, recurrent = products[layer * directions + direction]
+                gates = input_product(x)
+            out, h, c = _layer(cell, gates, sizes, recurrent, rnn.hidden_size,
+                               reverse=direction == 1)
             outputs.append(out)
             finals_h.append(h)
             finals_c.append(c)
@@ -209,26 +229,20 @@ def packed_rnn(rnn: nn.RNNBase, packed: PackedSequence, dtype: torch.dtype | Non
     return packed._replace(data=x), (h, c if order is None else c.index_select(1, order))
 
 
-def _layer(cell: str, x: torch.Tensor, sizes: list[int], w_ih: torch.Tensor,
-           w_hh: torch.Tensor, b_ih: torch.Tensor | None, b_hh: torch.Tensor | None,
-           reverse: bool, dtype: torch.dtype | None
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One layer and direction over packed data ``x`` ``(N, I)`` with ``sizes`` rows per step
-    (non-increasing: the batch is sorted by length, longest first), computed in ``dtype``
-    (None: the weights').
+def _layer(cell: str, gates: torch.Tensor, sizes: list[int], recurrent: Linear, hidden: int,
+           reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer and direction over packed data, given its input gates ``gates`` ``(N, G)``
+    (every step's at once) with ``sizes`` rows per step (non-increasing: the batch is sorted
+    by length, longest first), multiplying the state of ``hidden`` features by
+    ``recurrent`` at each step.
 
     Returns:
         the outputs ``(N, H)`` in the same packed layout, and the final ``h`` and ``c`` (None
         but for LSTM), ``(B, H)`` in sorted order: each sentence's state after its last real
         step, or (reverse) after its first.
     """
-    if dtype is not None:
-        w_ih, b_ih = w_ih.to(dtype), None if b_ih is None else b_ih.to(dtype)
-    gates = linear(x, w_ih, b_ih).split(sizes)  # backward: one join, not a fill per step
-    # Multiplies by w_hh at every step; in bf16, its gradient is one product for all steps.
-    recurrent = step_linear(w_hh, b_hh, dtype)
-    hidden = w_hh.size(1)
-    h = x.new_zeros(sizes[-1] if reverse else sizes[0], hidden)
+    steps = gates.split(sizes)  # backward: one join, not a fill per step
+    h = gates.new_zeros(sizes[-1] if reverse else sizes[0], hidden)
     c = torch.zeros_like(h) if cell == "lstm" else None
     outputs: list[torch.Tensor] = [h] * len(sizes)
     done_h, done_c = [], []
@@ -241,7 +255,7 @@ def _layer(cell: str, x: torch.Tensor, sizes: list[int], w_ih: torch.Tensor,
             done_h.append(h[rows:])
             done_c.append(None if c is None else c[rows:])
             h, c = h[:rows], None if c is None else c[:rows]
-        h, c = cell_update(cell, gates[t], recurrent(h), h, c)
+        h, c = cell_update(cell, steps[t], recurrent(h), h, c)
         outputs[t] = h
     if not reverse and done_h:  # the longest sentences last: sorted order is the reverse
         h = torch.cat([h] + done_h[::-1])

@@ -235,10 +235,11 @@ class Decoder(nn.Module):
         if self.style == "bahdanau":
             query = hx[0][-1].unsqueeze(1)  # previous top state s_{t-1}: (B, 1, H)
             context, attn = self.attention(query, keys, enc_out, src_mask)
-            out, rnn_hx = self._rnn(torch.cat([emb, context] + feed, dim=-1), rnn_hx)
+            out, rnn_hx = self._rnn(torch.cat([emb, context] + feed, dim=-1), rnn_hx,
+                                    tokens)
             readout = [out, context, emb]
         else:
-            out, rnn_hx = self._rnn(torch.cat([emb] + feed, dim=-1), rnn_hx)
+            out, rnn_hx = self._rnn(torch.cat([emb] + feed, dim=-1), rnn_hx, tokens)
             context, attn = self.attention(out, keys, enc_out, src_mask)
             readout = [context, out]
         att_vec = tanh(apply_linear(self.combine, torch.cat(readout, dim=-1)))  # h~
@@ -250,12 +251,16 @@ class Decoder(nn.Module):
             new_state += (att_vec[:, -1],)
         return logits, new_state, attn
 
-    def _rnn(self, x: torch.Tensor, hx: torch.Tensor | tuple[torch.Tensor, ...]
-             ) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...]]:
+    def _rnn(self, x: torch.Tensor, hx: torch.Tensor | tuple[torch.Tensor, ...],
+             tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...]]:
         """The RNN module in its weights' precision, or in bf16 under CPU bf16 autocast (see
-        :func:`~seq2seq.models.encoder.run_rnn`)."""
+        :func:`~seq2seq.models.encoder.run_rnn`); an int8 RNN that looks its embeddings'
+        gates up (:class:`seq2seq.quantize.Int8RNN`) is also given their ``tokens``."""
         # The embeddings' dtype is the model's (a quantised RNN keeps no float weights).
-        return run_rnn(self.rnn, x.to(self.embedding.weight.dtype), hx)
+        x = x.to(self.embedding.weight.dtype)
+        if getattr(self.rnn, "token_gates", None) is not None:
+            return self.rnn(x, hx, tokens)
+        return run_rnn(self.rnn, x, hx)
 
     def pack_steps(self) -> None:
         """Pack the fused step's bf16 weight blocks (see :mod:`seq2seq.models.packed`)."""
