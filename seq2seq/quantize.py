@@ -197,8 +197,9 @@ class Int8RNN(nn.Module):
     table of every token's, ``E W^T + b``, made once, instead of multiplied at every step: a
     third of that layer's input product for ``de-en.gru``, for a table of ``V`` x ``G``
     fp32 values (43 MB there). It is made only where it holds at most :attr:`MAX_TABLE`
-    values; the rest of the row is multiplied in int8 as before. Lookups depend on the row
-    alone, as the products do.
+    values and the row holds more than the embeddings (context or input feeding); the rest
+    of the row is multiplied in int8 as before. Lookups depend on the row alone, as the
+    products do.
     """
 
     MAX_TABLE = 1 << 24  # values (64 MiB of fp32)
