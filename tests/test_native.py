@@ -236,6 +236,22 @@ def test_additive_scores_equal_the_formula(built, dtype, shape):
         assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
 
 
+def test_additive_scores_hold_over_the_whole_range_of_their_exponential(built):
+    # sigmoid(z) = 1 / (1 + exp(-z)) over z far past exp's range both ways (clamped there),
+    # on sizes with and without a tail after the 8-lane blocks
+    gen = torch.Generator().manual_seed(9)
+    for size in (8, 20, 515):
+        query = torch.randn(3, 2, size, generator=gen) * 40
+        keys = torch.randn(3, 4, size, generator=gen) * 40
+        query[0, 0, :3] = torch.tensor([200.0, -200.0, 0.0])
+        v = torch.randn(1, size, generator=gen) / size**0.5
+        got = native.additive_scores(query, keys, v)
+        torch.testing.assert_close(got.double(), exact_additive_scores(query, keys, v),
+                                   rtol=1e-5, atol=1e-5)
+    query[0, 0, 0] = float("nan")
+    assert native.additive_scores(query, keys, v)[0, 0].isnan().all()
+
+
 def test_additive_scores_of_a_sentence_do_not_depend_on_its_batch(built):
     gen = torch.Generator().manual_seed(8)
     query = torch.randn(5, 4, 64, generator=gen).bfloat16()
