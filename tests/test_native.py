@@ -236,7 +236,8 @@ def test_additive_scores_equal_the_formula(built, dtype, shape):
         assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
 
 
-def test_additive_scores_hold_over_the_whole_range_of_their_exponential(built):
+@pytest.mark.parametrize("grad", [False, True])  # decoding's inline exp, training's expf
+def test_additive_scores_hold_over_the_whole_range_of_their_exponential(built, grad):
     # sigmoid(z) = 1 / (1 + exp(-z)) over z far past exp's range both ways (clamped there),
     # on sizes with and without a tail after the 8-lane blocks
     gen = torch.Generator().manual_seed(9)
@@ -245,9 +246,11 @@ def test_additive_scores_hold_over_the_whole_range_of_their_exponential(built):
         keys = torch.randn(3, 4, size, generator=gen) * 40
         query[0, 0, :3] = torch.tensor([200.0, -200.0, 0.0])
         v = torch.randn(1, size, generator=gen) / size**0.5
-        got = native.additive_scores(query, keys, v)
-        torch.testing.assert_close(got.double(), exact_additive_scores(query, keys, v),
+        got = native.additive_scores(query.requires_grad_(grad), keys, v)
+        torch.testing.assert_close(got.detach().double(),
+                                   exact_additive_scores(query.detach(), keys, v),
                                    rtol=1e-5, atol=1e-5)
+        query = query.detach()
     query[0, 0, 0] = float("nan")
     assert native.additive_scores(query, keys, v)[0, 0].isnan().all()
 

@@ -253,10 +253,9 @@ class Decoder(nn.Module):
 
     def _rnn(self, x: torch.Tensor, hx: torch.Tensor | tuple[torch.Tensor, ...],
              tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, ...]]:
-        """The RNN module in its weights' precision, or in bf16 under CPU bf16 autocast (see
-        :func:`~seq2seq.models.encoder.run_rnn`); an int8 RNN that looks its embeddings'
-        gates up (:class:`seq2seq.quantize.Int8RNN`) is also given their ``tokens``."""
-        # The embeddings' dtype is the model's (a quantised RNN keeps no float weights).
+        """The RNN on ``x`` in the embeddings' dtype (a quantised RNN has no float weights), in
+        bf16 under CPU bf16 autocast (:func:`~seq2seq.models.encoder.run_rnn`); an int8 RNN
+        with an embedding table (:class:`seq2seq.quantize.Int8RNN`) also gets ``tokens``."""
         x = x.to(self.embedding.weight.dtype)
         if getattr(self.rnn, "token_gates", None) is not None:
             return self.rnn(x, hx, tokens)

@@ -57,7 +57,7 @@ SIGNATURES = {
     "cross_entropy_rows": [_voidp, _int, _long, _long, _long, _voidp, ctypes.c_float, _voidp,
                            _voidp, _voidp, _int],
     "additive_scores": [_voidp, _voidp, _voidp, _int, _long, _long, _long, _long, _voidp,
-                        _voidp, _int],
+                        _voidp, _int, _int],
     "additive_scores_backward": [_voidp, _voidp, _voidp, _voidp, _int, _long, _long, _long,
                                  _long, _voidp, _voidp, _voidp, _voidp, _int],
     "quantize_rows": [_voidp, _long, _long, _long, ctypes.c_float, _int, _voidp, _voidp, _int],
@@ -252,9 +252,12 @@ class AdditiveScores(torch.autograd.Function):
         v = energy.detach().to(query.dtype).contiguous()
         out = query.new_empty((n, queries, sources))
         scratch = torch.empty(threads * (sources + 2) * size, dtype=torch.float32)
+        # Decoding (no gradient wanted) takes the faster inline exp; training keeps the one
+        # its backward computes with.
         library().additive_scores(query.data_ptr(), keys.data_ptr(), v.data_ptr(),
                                   DTYPES[query.dtype], n, queries, sources, size,
-                                  out.data_ptr(), scratch.data_ptr(), threads)
+                                  out.data_ptr(), scratch.data_ptr(),
+                                  int(not any(ctx.needs_input_grad)), threads)
         ctx.save_for_backward(query, keys, v)
         ctx.energy_dtype, ctx.energy_shape = energy.dtype, energy.shape
         return out

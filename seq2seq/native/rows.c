@@ -212,10 +212,12 @@ static inline f32x8 exp8(f32x8 x)
  * which is v^T tanh(W q + U h) for query = 2 W q and keys = 2 U h (seq2seq.models.attention).
  * `query` (n, T, A), `keys` (n, S, A) and `energy` (A) are contiguous, in `dtype`; `out`
  * (n, T, S) is written in `dtype`, rounded once. `scratch` holds (S + 1) * A + A fp32 values
- * per thread: a sentence's keys, converted once for its T queries, then a query and v. */
+ * per thread: a sentence's keys, converted once for its T queries, then a query and v. With
+ * `inline_exp` (decoding) the sigmoids' exp is exp8, else glibc's vector expf, as the
+ * backward's (training: its results stay what they were before exp8). */
 void additive_scores(const void *query, const void *keys, const void *energy, int dtype,
                      long n, long queries, long sources, long size, void *out, float *scratch,
-                     int threads)
+                     int inline_exp, int threads)
 {
     const long bytes = dtype == BF16 ? 2 : 4;
 #pragma omp parallel num_threads(threads)
@@ -236,19 +238,23 @@ void additive_scores(const void *query, const void *keys, const void *energy, in
                 load_row((const char *)query + row * size * bytes, dtype, q, size);
                 for (long s = 0; s < sources; s++) {
                     const float *key = k + s * size;
-                    f32x8 lanes = {0};
+                    float acc = 0.0f;
                     long a = 0;
-                    for (; a + 8 <= size; a += 8) {
-                        f32x8 qa, ka, va;
-                        memcpy(&qa, q + a, sizeof qa);
-                        memcpy(&ka, key + a, sizeof ka);
-                        memcpy(&va, v + a, sizeof va);
-                        lanes += va / (1.0f + exp8(-(qa + ka)));
+                    if (inline_exp) {
+                        f32x8 lanes = {0};
+                        for (; a + 8 <= size; a += 8) {
+                            f32x8 qa, ka, va;
+                            memcpy(&qa, q + a, sizeof qa);
+                            memcpy(&ka, key + a, sizeof ka);
+                            memcpy(&va, v + a, sizeof va);
+                            lanes += va / (1.0f + exp8(-(qa + ka)));
+                        }
+                        acc = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+                              + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
                     }
-                    float acc = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-                                + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-                    for (; a < size; a++)
-                        acc += v[a] / (1.0f + expf(-(q[a] + key[a])));
+#pragma omp simd reduction(+ : acc)
+                    for (long b = a; b < size; b++)
+                        acc += v[b] / (1.0f + expf(-(q[b] + key[b])));
                     const float score = 2.0f * acc - v_sum;
                     if (dtype == BF16)
                         ((uint16_t *)out)[row * sources + s] = to_bf16(score);
