@@ -236,7 +236,7 @@ def test_additive_scores_equal_the_formula(built, dtype, shape):
         assert ((got.double() - want).abs() <= want.abs() * 2**-8 + 1e-6).all()
 
 
-@pytest.mark.parametrize("grad", [False, True])  # decoding's inline exp, training's expf
+@pytest.mark.parametrize("grad", [False, True])  # decoding, and training (with a backward)
 def test_additive_scores_hold_over_the_whole_range_of_their_exponential(built, grad):
     # sigmoid(z) = 1 / (1 + exp(-z)) over z far past exp's range both ways (clamped there),
     # on sizes with and without a tail after the 8-lane blocks
@@ -318,6 +318,24 @@ def test_additive_scores_gradients_equal_torch(built, dtype):
         scale = expected.abs().max()
         tolerance = 1e-5 if dtype == torch.float32 else 2**-7  # bf16: one rounding, and v's
         assert (have.double() - expected).abs().max() <= tolerance * scale, (have, expected)
+
+
+def test_additive_scores_add_their_keys_gradient_to_a_given_sum(built):
+    gen = torch.Generator().manual_seed(11)
+    query = torch.randn(3, 2, 20, generator=gen)
+    keys = torch.randn(3, 5, 20, generator=gen).requires_grad_()
+    v = torch.randn(1, 20, generator=gen)
+    grad = torch.randn(3, 2, 5, generator=gen)
+    native.additive_scores(query, keys, v).backward(grad)
+    want = keys.grad.clone()
+    keys.grad = None
+    total = torch.full(keys.shape, 0.5)
+    for _ in range(2):  # two steps over the same keys
+        native.additive_scores(query, keys, v, lambda: total).backward(grad)
+    assert keys.grad is None  # added to the sum, not returned
+    torch.testing.assert_close(total, 0.5 + 2 * want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="keys_grad gave torch.bfloat16"):
+        native.additive_scores(query, keys, v, lambda: total.bfloat16()).backward(grad)
 
 
 @pytest.mark.filterwarnings("ignore:Input #.* is not a double precision")

@@ -7,11 +7,16 @@ decoder step. Padding is masked with ``-inf`` before the softmax, so its weights
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from seq2seq import native
 from seq2seq.models.gemm import apply_linear
+from seq2seq.models.step_sources import StepSources
+
+Attend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # Elements of the additive attention's hidden layer made at once when decoding on a CPU (4 MB
 # in fp32): :meth:`Attention._additive_scores`.
@@ -92,18 +97,49 @@ class Attention(nn.Module):
         context, weights = self._attend(query, keys, enc_out, src_mask)
         return context.reshape(rows, steps, -1), weights.reshape(rows, steps, -1)
 
+    def over_steps(self, keys: torch.Tensor, enc_out: torch.Tensor) -> Attend:
+        """``(query, src_mask) -> (context, weights)``: :meth:`forward` for the steps of one
+        decoder pass over these keys and values.
+
+        In CPU training, with one source row per query row, their gradients are summed over
+        the steps in one place (:class:`~seq2seq.models.step_sources.StepSources`), the same
+        values up to the order of the sums; elsewhere each step attends as :meth:`forward`.
+        """
+        sources = None
+        if (keys.device.type == "cpu" and torch.is_grad_enabled()
+                and (keys.requires_grad or enc_out.requires_grad)):
+            dtype = (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                     else keys.dtype)
+            sources = StepSources(keys, enc_out, dtype)
+            keys, enc_out = sources.keys, sources.values
+
+        def attend(query: torch.Tensor, src_mask: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            if sources is None or query.size(0) != keys.size(0):
+                return self(query, keys, enc_out, src_mask)
+            return self._attend(query, keys, enc_out, src_mask, sources)
+        return attend
+
     def _attend(self, query: torch.Tensor, keys: torch.Tensor, enc_out: torch.Tensor,
-                src_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`forward` with one source row per query row."""
+                src_mask: torch.Tensor, sources: StepSources | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` with one source row per query row; with ``sources``, its products
+        by the keys and values are those of :class:`StepSources`."""
         if self.kind == "bahdanau":
-            scores = self._additive_scores(2 * apply_linear(self.query_layer, query), keys)
+            scores = self._additive_scores(2 * apply_linear(self.query_layer, query), keys,
+                                           None if sources is None else sources.keys_grad)
+        elif sources is not None:
+            scores = sources.product(query, "keys")
         else:
             scores = torch.bmm(query, keys.transpose(1, 2))
         scores = scores.masked_fill(~src_mask.unsqueeze(1), float("-inf"))
         weights = torch.softmax(scores, dim=-1)
+        if sources is not None:
+            return sources.product(weights, "values"), weights
         return torch.bmm(weights, enc_out), weights
 
-    def _additive_scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def _additive_scores(self, query: torch.Tensor, keys: torch.Tensor,
+                         keys_grad: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """Bahdanau's ``(B, T, S)`` scores from the projected ``2 W q`` (``(B, T, A)``) and keys.
 
         The ``(B, T, S, A)`` hidden layer is the one large tensor of a beam-search step. On a
@@ -121,7 +157,7 @@ class Attention(nn.Module):
         code below is then left to int8 layers, GPUs and machines without a C compiler.
         """
         if isinstance(self.energy_layer, nn.Linear):  # not an int8 layer
-            fused = native.additive_scores(query, keys, self.energy_layer.weight)
+            fused = native.additive_scores(query, keys, self.energy_layer.weight, keys_grad)
             if fused is not None:
                 return fused
         # v^T 1 through the layer itself, whatever it stores (an int8 one packs v)

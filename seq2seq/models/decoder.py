@@ -295,10 +295,11 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
     hs = list(state[0].unbind(1))  # each (B, H)
     cs = list(state[1].unbind(1)) if decoder.cell == "lstm" else None
     feed = state[-1]  # read only with input feeding
+    attend = decoder.attention.over_steps(keys, enc_out)
     att_vecs = []
     for t in range(emb.size(1)):
         if decoder.style == "bahdanau":
-            context, attn = decoder.attention(hs[-1].unsqueeze(1), keys, enc_out, src_mask)
+            context, attn = attend(hs[-1].unsqueeze(1), src_mask)
             context = context.squeeze(1)
             extra = [context]
         else:
@@ -313,7 +314,7 @@ def recur(decoder: Decoder, emb: torch.Tensor, state: State, enc_out: torch.Tens
         if decoder.style == "bahdanau":
             att_vec = tanh(emb_comb[t] + lin.comb_rest(torch.cat([out, context], -1)))
         else:
-            context, attn = decoder.attention(out.unsqueeze(1), keys, enc_out, src_mask)
+            context, attn = attend(out.unsqueeze(1), src_mask)
             att_vec = tanh(apply_linear(decoder.combine,
                                         torch.cat([context.squeeze(1), out], -1)))
         att_vecs.append(att_vec)

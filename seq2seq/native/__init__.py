@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,9 +58,9 @@ SIGNATURES = {
     "cross_entropy_rows": [_voidp, _int, _long, _long, _long, _voidp, ctypes.c_float, _voidp,
                            _voidp, _voidp, _int],
     "additive_scores": [_voidp, _voidp, _voidp, _int, _long, _long, _long, _long, _voidp,
-                        _voidp, _int, _int],
+                        _voidp, _int],
     "additive_scores_backward": [_voidp, _voidp, _voidp, _voidp, _int, _long, _long, _long,
-                                 _long, _voidp, _voidp, _voidp, _voidp, _int],
+                                 _long, _voidp, _voidp, _int, _voidp, _voidp, _int],
     "quantize_rows": [_voidp, _long, _long, _long, ctypes.c_float, _int, _voidp, _voidp, _int],
     "scale_rows": [_voidp, _int, _long, _long, _voidp, _voidp, _voidp, _voidp, _int],
     "gru_update": [_voidp, _long, _voidp, _long, _voidp, _long, _long, _long, _voidp, _int],
@@ -217,7 +218,8 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return loss
 
 
-def additive_scores(query: torch.Tensor, keys: torch.Tensor, energy: torch.Tensor
+def additive_scores(query: torch.Tensor, keys: torch.Tensor, energy: torch.Tensor,
+                    keys_grad: Callable[[], torch.Tensor] | None = None
                     ) -> torch.Tensor | None:
     """``2 v^T sigmoid(query + keys) - sum(v)`` for every query against every key:
     ``(n, T, A)`` queries and ``(n, S, A)`` keys -> ``(n, T, S)`` scores in their dtype, with
@@ -228,6 +230,10 @@ def additive_scores(query: torch.Tensor, keys: torch.Tensor, energy: torch.Tenso
         energy: ``(1, A)`` the energy layer's weight ``v``, in any float dtype (an fp32 master
             weight under autocast): cast to the queries' dtype, its gradient returned in its
             own.
+        keys_grad: called in backward for a contiguous fp32 ``(n, S, A)`` tensor, to which
+            the keys' gradient is then added and none returned (the steps of a decoder share
+            their keys: :class:`seq2seq.models.step_sources.StepSources`); None: the
+            gradient is returned as usual.
     """
     if (query.dim() != 3 or keys.dim() != 3 or keys.size(0) != query.size(0)
             or keys.size(2) != query.size(2)  # torch's code says what is wrong with them
@@ -235,7 +241,7 @@ def additive_scores(query: torch.Tensor, keys: torch.Tensor, energy: torch.Tenso
             or keys.numel() == 0 or not available(query, keys, grad=True)
             or energy.device.type != "cpu"):
         return None
-    return AdditiveScores.apply(query, keys, energy)
+    return AdditiveScores.apply(query, keys, energy, keys_grad)
 
 
 class AdditiveScores(torch.autograd.Function):
@@ -243,8 +249,8 @@ class AdditiveScores(torch.autograd.Function):
     rather than kept (a training step's ``(B, 1, S, A)`` tensor)."""
 
     @staticmethod
-    def forward(ctx, query: torch.Tensor, keys: torch.Tensor, energy: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(ctx, query: torch.Tensor, keys: torch.Tensor, energy: torch.Tensor,
+                keys_grad: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         n, queries, size = query.shape
         sources = keys.size(1)
         threads = torch.get_num_threads()
@@ -252,14 +258,12 @@ class AdditiveScores(torch.autograd.Function):
         v = energy.detach().to(query.dtype).contiguous()
         out = query.new_empty((n, queries, sources))
         scratch = torch.empty(threads * (sources + 2) * size, dtype=torch.float32)
-        # Decoding (no gradient wanted) takes the faster inline exp; training keeps the one
-        # its backward computes with.
         library().additive_scores(query.data_ptr(), keys.data_ptr(), v.data_ptr(),
                                   DTYPES[query.dtype], n, queries, sources, size,
-                                  out.data_ptr(), scratch.data_ptr(),
-                                  int(not any(ctx.needs_input_grad)), threads)
+                                  out.data_ptr(), scratch.data_ptr(), threads)
         ctx.save_for_backward(query, keys, v)
         ctx.energy_dtype, ctx.energy_shape = energy.dtype, energy.shape
+        ctx.keys_grad = keys_grad
         return out
 
     @staticmethod
@@ -269,15 +273,25 @@ class AdditiveScores(torch.autograd.Function):
         sources = keys.size(1)
         threads = torch.get_num_threads()
         grad = grad.to(query.dtype).contiguous()
-        grad_query, grad_keys = torch.empty_like(query), torch.empty_like(keys)
+        grad_query = torch.empty_like(query)
+        if ctx.keys_grad is None:
+            grad_keys = torch.empty_like(keys)
+        else:
+            grad_keys = ctx.keys_grad()
+            if grad_keys.shape != keys.shape or grad_keys.dtype != torch.float32 \
+                    or not grad_keys.is_contiguous():
+                raise ValueError(f"additive_scores: keys_grad gave {grad_keys.dtype} "
+                                 f"{tuple(grad_keys.shape)}, not contiguous fp32 "
+                                 f"{tuple(keys.shape)}")
         grad_energy = torch.zeros((threads, size), dtype=torch.float32)
         scratch = torch.empty(threads * (2 * sources + 3) * size, dtype=torch.float32)
         library().additive_scores_backward(
             query.data_ptr(), keys.data_ptr(), v.data_ptr(), grad.data_ptr(),
             DTYPES[query.dtype], n, queries, sources, size, grad_query.data_ptr(),
-            grad_keys.data_ptr(), grad_energy.data_ptr(), scratch.data_ptr(), threads)
+            grad_keys.data_ptr(), int(ctx.keys_grad is not None), grad_energy.data_ptr(),
+            scratch.data_ptr(), threads)
         grad_energy = grad_energy.sum(dim=0).view(ctx.energy_shape).to(ctx.energy_dtype)
-        return grad_query, grad_keys, grad_energy
+        return (grad_query, grad_keys if ctx.keys_grad is None else None, grad_energy, None)
 
 
 def quantize_rows(x: torch.Tensor, qmax: float, dtype: torch.dtype

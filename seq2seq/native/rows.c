@@ -212,12 +212,12 @@ static inline f32x8 exp8(f32x8 x)
  * which is v^T tanh(W q + U h) for query = 2 W q and keys = 2 U h (seq2seq.models.attention).
  * `query` (n, T, A), `keys` (n, S, A) and `energy` (A) are contiguous, in `dtype`; `out`
  * (n, T, S) is written in `dtype`, rounded once. `scratch` holds (S + 1) * A + A fp32 values
- * per thread: a sentence's keys, converted once for its T queries, then a query and v. With
- * `inline_exp` (decoding) the sigmoids' exp is exp8, else glibc's vector expf, as the
- * backward's (training: its results stay what they were before exp8). */
+ * per thread: a sentence's keys, converted once for its T queries, then a query and v. The
+ * sigmoids' exp is exp8 on whole blocks of 8 and glibc's expf on the tail, as in the backward,
+ * so that training differentiates the function it computed. */
 void additive_scores(const void *query, const void *keys, const void *energy, int dtype,
                      long n, long queries, long sources, long size, void *out, float *scratch,
-                     int inline_exp, int threads)
+                     int threads)
 {
     const long bytes = dtype == BF16 ? 2 : 4;
 #pragma omp parallel num_threads(threads)
@@ -238,20 +238,17 @@ void additive_scores(const void *query, const void *keys, const void *energy, in
                 load_row((const char *)query + row * size * bytes, dtype, q, size);
                 for (long s = 0; s < sources; s++) {
                     const float *key = k + s * size;
-                    float acc = 0.0f;
+                    f32x8 lanes = {0};
                     long a = 0;
-                    if (inline_exp) {
-                        f32x8 lanes = {0};
-                        for (; a + 8 <= size; a += 8) {
-                            f32x8 qa, ka, va;
-                            memcpy(&qa, q + a, sizeof qa);
-                            memcpy(&ka, key + a, sizeof ka);
-                            memcpy(&va, v + a, sizeof va);
-                            lanes += va / (1.0f + exp8(-(qa + ka)));
-                        }
-                        acc = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-                              + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+                    for (; a + 8 <= size; a += 8) {
+                        f32x8 qa, ka, va;
+                        memcpy(&qa, q + a, sizeof qa);
+                        memcpy(&ka, key + a, sizeof ka);
+                        memcpy(&va, v + a, sizeof va);
+                        lanes += va / (1.0f + exp8(-(qa + ka)));
                     }
+                    float acc = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+                                + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
 #pragma omp simd reduction(+ : acc)
                     for (long b = a; b < size; b++)
                         acc += v[b] / (1.0f + expf(-(q[b] + key[b])));
@@ -272,13 +269,15 @@ void additive_scores(const void *query, const void *keys, const void *energy, in
  *   z = query[i, t] + keys[i, s], h = sigmoid(z), g = grad[i, t, s]:
  *   grad_query[i, t] += 2 g v * h (1 - h)   grad_keys[i, s] += the same
  *   grad_energy += g (2 h - 1)
- * grad_query and grad_keys are written in `dtype`, summed in fp32 and rounded once;
- * grad_energy holds one fp32 row of A per thread, to which each thread adds (the caller sums
- * them). `scratch` holds (2 S + 3) * A fp32 values per thread. */
+ * grad_query is written in `dtype`, summed in fp32 and rounded once; grad_keys likewise, or
+ * with `add_keys` added to: it is then an fp32 (n, S, A) sum over the steps of a decoder (the
+ * keys are the same at every step; seq2seq.models.attention.StepSources). grad_energy holds
+ * one fp32 row of A per thread, to which each thread adds (the caller sums them). `scratch`
+ * holds (2 S + 3) * A fp32 values per thread. exp is computed as the forward computes it. */
 void additive_scores_backward(const void *query, const void *keys, const void *energy,
                               const void *grad, int dtype, long n, long queries, long sources,
-                              long size, void *grad_query, void *grad_keys, float *grad_energy,
-                              float *scratch, int threads)
+                              long size, void *grad_query, void *grad_keys, int add_keys,
+                              float *grad_energy, float *scratch, int threads)
 {
     const long bytes = dtype == BF16 ? 2 : 4;
 #pragma omp parallel num_threads(threads)
@@ -292,7 +291,9 @@ void additive_scores_backward(const void *query, const void *keys, const void *e
         for (long i = 0; i < n; i++) {
             load_row((const char *)keys + i * sources * size * bytes, dtype, k,
                      sources * size);
-            memset(dk, 0, sources * size * sizeof(float));
+            float *dks_all = add_keys ? (float *)grad_keys + i * sources * size : dk;
+            if (!add_keys)
+                memset(dk, 0, sources * size * sizeof(float));
             for (long t = 0; t < queries; t++) {
                 const long row = i * queries + t;
                 load_row((const char *)query + row * size * bytes, dtype, q, size);
@@ -303,21 +304,41 @@ void additive_scores_backward(const void *query, const void *keys, const void *e
                                                   : ((const float *)grad)[at];
                     if (g == 0.0f)
                         continue;
-                    float *dks = dk + s * size;
+                    float *dks = dks_all + s * size;
                     const float *key = k + s * size;
+                    const f32x8 g8 = (f32x8){0} + g, two_g = (f32x8){0} + 2.0f * g;
+                    long a = 0;
+                    for (; a + 8 <= size; a += 8) {
+                        f32x8 qa, ka, va, dqa, dka, dva;
+                        memcpy(&qa, q + a, sizeof qa);
+                        memcpy(&ka, key + a, sizeof ka);
+                        memcpy(&va, v + a, sizeof va);
+                        memcpy(&dqa, dq + a, sizeof dqa);
+                        memcpy(&dka, dks + a, sizeof dka);
+                        memcpy(&dva, dv + a, sizeof dva);
+                        const f32x8 h = 1.0f / (1.0f + exp8(-(qa + ka)));
+                        const f32x8 d = two_g * va * h * (1.0f - h);
+                        dqa += d;
+                        dka += d;
+                        dva += g8 * (2.0f * h - 1.0f);
+                        memcpy(dq + a, &dqa, sizeof dqa);
+                        memcpy(dks + a, &dka, sizeof dka);
+                        memcpy(dv + a, &dva, sizeof dva);
+                    }
 #pragma omp simd
-                    for (long a = 0; a < size; a++) {
-                        const float h = 1.0f / (1.0f + expf(-(q[a] + key[a])));
-                        const float d = 2.0f * g * v[a] * h * (1.0f - h);
-                        dq[a] += d;
-                        dks[a] += d;
-                        dv[a] += g * (2.0f * h - 1.0f);
+                    for (long b = a; b < size; b++) {
+                        const float h = 1.0f / (1.0f + expf(-(q[b] + key[b])));
+                        const float d = 2.0f * g * v[b] * h * (1.0f - h);
+                        dq[b] += d;
+                        dks[b] += d;
+                        dv[b] += g * (2.0f * h - 1.0f);
                     }
                 }
                 store_row(dq, dtype, (char *)grad_query + row * size * bytes, size);
             }
-            store_row(dk, dtype, (char *)grad_keys + i * sources * size * bytes,
-                      sources * size);
+            if (!add_keys)
+                store_row(dk, dtype, (char *)grad_keys + i * sources * size * bytes,
+                          sources * size);
         }
     }
 }
