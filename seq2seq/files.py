@@ -29,10 +29,11 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -182,29 +183,63 @@ def _direct(path: Path, real: Path) -> Iterator[BinaryIO]:
 
 @contextlib.contextmanager
 def _replacing(path: Path, real: Path, info: os.stat_result | None) -> Iterator[BinaryIO]:
-    """Write a temporary file beside ``real``, then rename it over (or copy it into) ``real``."""
+    """Write a temporary file beside ``real``, then rename it over (or copy it into) ``real``
+    (signals held back until the file is in the ``try`` that removes it: :func:`signals_held`).
+    """
+    with signals_held() as release:
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp",
+                                            dir=real.parent)
+        except OSError as error:
+            raise write_error(path, error) from None
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as raw:
+                release()
+                stream = _Checked(raw, path)
+                yield stream
+                stream.flush()
+                _sync(raw, path)
+            if info is not None and info.st_nlink > 1:
+                _copy_into(tmp, real, path)  # every hard link sees the new content
+                tmp.unlink()
+            else:
+                mode = stat.S_IMODE(info.st_mode) if info is not None else new_file_mode()
+                os.chmod(tmp, mode)  # mkstemp's 0600 would hide a new file from other users
+                os.replace(tmp, real)
+                fsync_dir(real.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[Callable[[], None]]:
+    """SIGINT and SIGTERM held back from this thread until the function it gives is called,
+    or the block ends: for the instant between making a temporary file or directory and
+    entering the ``try`` that removes it, where a Ctrl-C would leave it behind. A signal that
+    came meanwhile is delivered at the release, its handler's exception raised there::
+
+        with signals_held() as release:
+            work = tempfile.mkdtemp(...)
+            try:
+                release()
+                ...
+            finally:
+                shutil.rmtree(work)
+    """
+    mask = None
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    def release() -> None:  # again: no harm
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
-    except OSError as error:
-        raise write_error(path, error) from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            stream = _Checked(raw, path)
-            yield stream
-            stream.flush()
-            _sync(raw, path)
-        if info is not None and info.st_nlink > 1:
-            _copy_into(tmp, real, path)  # every hard link sees the new content
-            tmp.unlink()
-        else:
-            mode = stat.S_IMODE(info.st_mode) if info is not None else new_file_mode()
-            os.chmod(tmp, mode)  # mkstemp's 0600 would hide a new file from other users
-            os.replace(tmp, real)
-            fsync_dir(real.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        yield release
+    finally:
+        release()
 
 
 def write_error(path: Path, error: OSError) -> OutputError:

@@ -29,6 +29,7 @@ import sentencepiece as spm
 
 from seq2seq.config import TokenizerConfig
 from seq2seq.errors import Seq2SeqError
+from seq2seq.files import signals_held
 
 if TYPE_CHECKING:  # torch is imported where needed: ``prepare`` and its workers never need it
     import torch
@@ -244,22 +245,30 @@ def train_tokenizer(cfg: TokenizerConfig, pairs: Iterable[tuple[str, str]], out_
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        src_text, trg_text = _write_training_text(pairs, work)
-        if cfg.joint:
-            tokenizer = Tokenizer(_train_model(cfg, [src_text, trg_text]))
-        else:
-            tokenizer = Tokenizer(_train_model(cfg, [src_text]), _train_model(cfg, [trg_text]))
-        model_dir = work / "model"
-        tokenizer.save(model_dir)
-        info = {"hash": data_hash, "type": cfg.type, "joint": cfg.joint,
-                "vocab_size": cfg.vocab_size, "model_fingerprint": tokenizer.fingerprint}
-        (model_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        _replace_dir(model_dir, out_dir)
-        return tokenizer
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with signals_held() as release:
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        try:
+            release()
+            return _train_into(cfg, pairs, data_hash, work, out_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_into(cfg: TokenizerConfig, pairs: Iterable[tuple[str, str]], data_hash: str,
+                work: Path, out_dir: Path) -> Tokenizer:
+    """:func:`train_tokenizer`'s work in the temporary directory ``work``."""
+    src_text, trg_text = _write_training_text(pairs, work)
+    if cfg.joint:
+        tokenizer = Tokenizer(_train_model(cfg, [src_text, trg_text]))
+    else:
+        tokenizer = Tokenizer(_train_model(cfg, [src_text]), _train_model(cfg, [trg_text]))
+    model_dir = work / "model"
+    tokenizer.save(model_dir)
+    info = {"hash": data_hash, "type": cfg.type, "joint": cfg.joint,
+            "vocab_size": cfg.vocab_size, "model_fingerprint": tokenizer.fingerprint}
+    (model_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    _replace_dir(model_dir, out_dir)
+    return tokenizer
 
 
 def load_if_current(cfg: TokenizerConfig, data_fingerprint: str, src_lang: str, trg_lang: str,

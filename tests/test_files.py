@@ -4,9 +4,12 @@ Special files (FIFOs, device nodes, sockets, links) are made in a temporary dire
 taken from /dev.
 """
 
+import contextlib
 import os
+import signal
 import socket
 import stat
+import tempfile
 import threading
 
 import pytest
@@ -35,6 +38,56 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
     with pytest.raises(OutputError, match="does not exist"), \
             open_output(tmp_path / "missing" / "out.txt"):
         pass
+
+
+class Stop(Exception):
+    """What the test's signal handler raises (the CLI raises its own for SIGTERM)."""
+
+
+@contextlib.contextmanager
+def signal_once_made(monkeypatch, maker: str, sig: signal.Signals):
+    """``tempfile.<maker>`` sends ``sig`` to this process the instant after it made its file
+    or directory, as a Ctrl-C might come; the handler raises :class:`Stop`."""
+    real = getattr(tempfile, maker)
+
+    def make(*args, **kwargs):
+        made = real(*args, **kwargs)
+        signal.raise_signal(sig)  # its handler runs at once unless the signal is held back
+        return made
+
+    def stop(signum, frame):
+        raise Stop()
+
+    monkeypatch.setattr(tempfile, maker, make)
+    previous = signal.signal(sig, stop)
+    try:
+        with pytest.raises(Stop):
+            yield
+    finally:
+        signal.signal(sig, previous)
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing left blocked
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_the_temporary_file_is_made_leaves_no_file(sig, tmp_path, monkeypatch):
+    path = tmp_path / "out.txt"
+    path.write_bytes(b"old\n")
+    with signal_once_made(monkeypatch, "mkstemp", sig), open_output(path) as stream:
+        stream.write(b"new\n")
+    assert path.read_bytes() == b"old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_a_signal_as_a_tokenizer_or_the_kernels_start_leaves_nothing(tmp_path, monkeypatch):
+    from seq2seq import native
+    from seq2seq.config import TokenizerConfig
+    from seq2seq.tokenizer import train_tokenizer
+
+    with signal_once_made(monkeypatch, "mkdtemp", signal.SIGINT):
+        train_tokenizer(TokenizerConfig(vocab_size=20), [("a b", "c d")], tmp_path / "tok")
+    with signal_once_made(monkeypatch, "mkstemp", signal.SIGINT):
+        native.build(native.compiler(), tmp_path / "built")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["built"]
 
 
 def test_a_new_file_gets_the_mode_of_any_new_file(tmp_path):

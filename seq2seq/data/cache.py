@@ -60,6 +60,7 @@ from seq2seq.data.fingerprint import (
 from seq2seq.data.preflight import cache_root as _cache_root
 from seq2seq.data.preflight import input_problems
 from seq2seq.data.stats import describe_eval_set, describe_train
+from seq2seq.files import signals_held
 from seq2seq.search.shortlist import MAX_PAIRS, Lexicon, build_lexicon
 from seq2seq.tokenizer import Tokenizer, load_if_current, tokenizer_hash, train_tokenizer
 
@@ -263,38 +264,46 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
     Everything is written under a temporary directory that is renamed into place when
     complete, so an interrupted build leaves nothing that looks finished.
     """
+    cache_root = _cache_root(recipe.data, Path(recipe.output_dir))
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with signals_held() as release:
+        tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=cache_root))
+        try:
+            release()
+            return _build_in(tmp, cache_root, recipe, fingerprint, tokenizer, show_progress)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_in(tmp: Path, cache_root: Path, recipe: Recipe, fingerprint: str,
+              tokenizer: Tokenizer | None, show_progress: bool) -> tuple[Tokenizer, Path]:
+    """:func:`_build`'s work in the temporary directory ``tmp``."""
     data = recipe.data
     out_dir = Path(recipe.output_dir)
-    cache_root = _cache_root(data, out_dir)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=cache_root))
-    try:
-        work = tmp / "work"  # intermediate Arrow files; deleted at the end
-        # The corpus is read once, into Arrow; the tokenizer sample and the encoder read that.
-        raw = read_into_arrow(keyed_pairs("data.train", data.train, data), work, show_progress)
-        check_some_text(raw, data)
-        if tokenizer is None:
-            cfg = recipe.tokenizer
-            if show_progress:  # SentencePiece reports no progress; say what the wait is
-                sample = min(len(raw), cfg.input_sentence_size or len(raw))
-                print(f"training the {cfg.type} tokenizer (vocabulary {cfg.vocab_size:,}) on "
-                      f"{sample:,} sampled pairs", file=sys.stderr, flush=True)
-            wanted = tokenizer_hash(cfg, fingerprint, data.src_lang, data.trg_lang)
-            tokenizer = train_tokenizer(cfg, sample_pairs(raw, cfg.input_sentence_size),
-                                        out_dir / "tokenizer", data_hash=wanted)
-        cache_dir = cache_root / _cache_name(fingerprint, tokenizer, data)
-        if not cache_dir.is_dir():  # a retrained tokenizer may equal the old one
-            _encode_and_filter(raw, tokenizer, data, tmp / "cache")
-            del raw  # release the memory maps before deleting their files
-            shutil.rmtree(work, ignore_errors=True)
-            try:
-                os.replace(tmp / "cache", cache_dir)
-            except OSError:
-                if not cache_dir.is_dir():  # else another process built the same cache first
-                    raise
-        return tokenizer, cache_dir
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    work = tmp / "work"  # intermediate Arrow files; deleted at the end
+    # The corpus is read once, into Arrow; the tokenizer sample and the encoder read that.
+    raw = read_into_arrow(keyed_pairs("data.train", data.train, data), work, show_progress)
+    check_some_text(raw, data)
+    if tokenizer is None:
+        cfg = recipe.tokenizer
+        if show_progress:  # SentencePiece reports no progress; say what the wait is
+            sample = min(len(raw), cfg.input_sentence_size or len(raw))
+            print(f"training the {cfg.type} tokenizer (vocabulary {cfg.vocab_size:,}) on "
+                  f"{sample:,} sampled pairs", file=sys.stderr, flush=True)
+        wanted = tokenizer_hash(cfg, fingerprint, data.src_lang, data.trg_lang)
+        tokenizer = train_tokenizer(cfg, sample_pairs(raw, cfg.input_sentence_size),
+                                    out_dir / "tokenizer", data_hash=wanted)
+    cache_dir = cache_root / _cache_name(fingerprint, tokenizer, data)
+    if not cache_dir.is_dir():  # a retrained tokenizer may equal the old one
+        _encode_and_filter(raw, tokenizer, data, tmp / "cache")
+        del raw  # release the memory maps before deleting their files
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            os.replace(tmp / "cache", cache_dir)
+        except OSError:
+            if not cache_dir.is_dir():  # else another process built the same cache first
+                raise
+    return tokenizer, cache_dir
 
 
 def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataConfig,

@@ -43,6 +43,7 @@ import torch
 
 from seq2seq.cpuinfo import cpu_field
 from seq2seq.errors import Seq2SeqError
+from seq2seq.files import signals_held
 
 ENV = "SEQ2SEQ_NATIVE"
 SOURCE = Path(__file__).with_name("rows.c")
@@ -100,15 +101,17 @@ def build(cc: list[str], directory: Path) -> Path:
     if path.exists():
         return path
     directory.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=path.stem + ".", suffix=".part", dir=directory)
-    os.close(handle)
-    try:
-        subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", partial, "-lm"], capture_output=True,
-                       text=True, check=True, timeout=300)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    with signals_held() as release:
+        handle, partial = tempfile.mkstemp(prefix=path.stem + ".", suffix=".part", dir=directory)
+        try:
+            release()
+            os.close(handle)
+            subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", partial, "-lm"],
+                           capture_output=True, text=True, check=True, timeout=300)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
     return path
 
 
