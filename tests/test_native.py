@@ -1,6 +1,7 @@
 """The C row kernels (seq2seq.native) compute what the torch code they replace computes, on
 every path a user's machine can take: built, built by two processes at once, and off."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from seq2seq import native
+from seq2seq.errors import Seq2SeqError
 
 # Up to rounding: glibc's vector expf against torch's, a division against torch's, and for bf16
 # gradients one rounding step (an ulp of 2^-8 relative).
@@ -139,7 +141,7 @@ def test_two_processes_building_at_once_load_one_whole_library(built, tmp_path):
     last, the name always holds a complete library, and no temporary file is left."""
     script = ("import sys; from seq2seq import native; "
               "lib = native.library(); print(lib is not None and lib._name)")
-    env = {**native.os.environ, "SEQ2SEQ_CACHE": str(tmp_path)}
+    env = {**os.environ, "SEQ2SEQ_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     outputs = [p.communicate(timeout=120) for p in procs]
@@ -175,7 +177,7 @@ def test_a_bad_setting_is_refused_in_one_line(fresh_library, monkeypatch, capsys
     from seq2seq.cli import main
 
     monkeypatch.setenv("SEQ2SEQ_NATIVE", "off")
-    with pytest.raises(native.Seq2SeqError, match="SEQ2SEQ_NATIVE='off': 1 .* or 0"):
+    with pytest.raises(Seq2SeqError, match="SEQ2SEQ_NATIVE='off': 1 .* or 0"):
         native.library()
     assert main(["check", "no-such-recipe.yaml"]) == 2
     err = capsys.readouterr().err
@@ -208,7 +210,7 @@ def test_an_unwritable_cache_turns_the_kernels_off(fresh_library, monkeypatch, t
 
 def test_no_compiler(fresh_library, monkeypatch, capsys):
     monkeypatch.delenv("CC", raising=False)
-    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert native.library() is None
     assert "no C compiler" in capsys.readouterr().err
 

@@ -124,11 +124,22 @@ class _GRUUpdate(torch.autograd.Function):
     :func:`tanh` for the candidate state (numpy's in fp32, fp32's in bf16): given the same
     ``tanh``, its results and gradients are bitwise those of autograd's (checked in fp32, fp64
     and bf16).
+
+    Where the C kernels take the inputs (fp32 or bf16 CPU tensors of one dtype), the forward
+    and the backward are one pass per row each instead (:func:`seq2seq.native.gru_train`):
+    the same equations computed in fp32 and rounded once, ``tanh`` as ``2 sigmoid(2x) - 1``
+    as in decoding's :func:`seq2seq.native.gru_update`.
     """
 
     @staticmethod
     def forward(ctx: Any, gates: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor
                 ) -> torch.Tensor:
+        fused = native.gru_train(gates, hidden, h)  # all of it in one pass per row
+        ctx.fused = fused is not None
+        if fused is not None:
+            out, rz, new = fused
+            ctx.save_for_backward(rz, new, hidden, h)
+            return out
         size = h.size(-1)
         rz = torch.sigmoid(gates[:, :2 * size] + hidden[:, :2 * size])
         hn = hidden[:, 2 * size:]
@@ -140,6 +151,8 @@ class _GRUUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if ctx.fused:
+            return native.gru_train_backward(grad, *ctx.saved_tensors)
         rz, new, hn, h = ctx.saved_tensors
         size = h.size(-1)
         grad_h = grad * rz[:, size:]

@@ -15,10 +15,12 @@ ones. ``rows.c`` does each row in one pass that stays in the L1 cache:
 - :func:`quantize_rows` and :func:`scale_rows`: the passes before and after an int8 product
   (:mod:`seq2seq.quantize`), six and three of torch's in one each;
 - :func:`gru_update`: a GRU step's gate equations in inference (:mod:`seq2seq.models.cells`),
-  nine of torch's kernels in one pass;
+  nine of torch's kernels in one pass; :func:`gru_train` and :func:`gru_train_backward` the
+  same in training, and their gradients;
 - :func:`tanh`: decoding's fp32 ``tanh`` (:func:`seq2seq.models.cells.tanh`), on both threads.
 
-The library is compiled once per source, compiler and CPU (``-march=native``) into
+The library is compiled (:mod:`seq2seq.native.build`) once per source, compiler and CPU
+(``-march=native``) into
 ``$SEQ2SEQ_CACHE`` (default ``~/.cache/seq2seq``), written under a temporary name and renamed,
 so processes that build it at once never load a half-written file. Where no compiler works,
 or with ``SEQ2SEQ_NATIVE=0``, the callers keep their torch code: the same functions up to
@@ -27,131 +29,23 @@ rounding (the tests hold both paths to the same tolerance).
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from seq2seq.cpuinfo import cpu_field
-from seq2seq.errors import Seq2SeqError
-from seq2seq.files import signals_held
+from seq2seq.native.build import (  # noqa: F401  (the package's interface)
+    ENV,
+    FLAGS,
+    SOURCE,
+    build,
+    cache_dir,
+    compiler,
+    library,
+    wanted,
+)
 
-ENV = "SEQ2SEQ_NATIVE"
-SOURCE = Path(__file__).with_name("rows.c")
-# -fno-math-errno lets the compiler call libmvec's vector expf; no -ffast-math, which would
-# also let it assume that no value is infinite.
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 FP32, BF16 = 0, 1  # rows.c's dtype codes
 DTYPES = {torch.float32: FP32, torch.bfloat16: BF16}
-
-_voidp, _long, _int = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-SIGNATURES = {
-    "log_softmax_rows": [_voidp, _int, _long, _long, _long, _voidp, _voidp, _int],
-    "cross_entropy_rows": [_voidp, _int, _long, _long, _long, _voidp, ctypes.c_float, _voidp,
-                           _voidp, _voidp, _int],
-    "additive_scores": [_voidp, _voidp, _voidp, _int, _long, _long, _long, _long, _voidp,
-                        _voidp, _int],
-    "additive_scores_backward": [_voidp, _voidp, _voidp, _voidp, _int, _long, _long, _long,
-                                 _long, _voidp, _voidp, _int, _voidp, _voidp, _int],
-    "quantize_rows": [_voidp, _long, _long, _long, ctypes.c_float, _int, _voidp, _voidp, _int],
-    "scale_rows": [_voidp, _int, _long, _long, _voidp, _voidp, _voidp, _voidp, _int],
-    "gru_update": [_voidp, _long, _voidp, _long, _voidp, _long, _long, _long, _voidp, _int],
-    "tanh_values": [_voidp, _long, _voidp, _int],
-}
-
-
-def cache_dir() -> Path:
-    """Where built libraries are kept: ``$SEQ2SEQ_CACHE``, else ``~/.cache/seq2seq``."""
-    root = os.environ.get("SEQ2SEQ_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seq2seq"
-
-
-def compiler() -> list[str] | None:
-    """The C compiler command to build with: ``$CC`` (which may hold arguments, as
-    ``ccache gcc``), else ``cc`` or ``gcc`` on the PATH."""
-    if os.environ.get("CC", "").strip():
-        return shlex.split(os.environ["CC"])
-    found = shutil.which("cc") or shutil.which("gcc")
-    return [found] if found else None
-
-
-def build(cc: list[str], directory: Path) -> Path:
-    """Compile ``rows.c`` into ``directory`` (unless built already); the library's path.
-
-    Raises:
-        OSError: the directory cannot be written; subprocess.CalledProcessError: the compiler
-            failed.
-    """
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, check=True,
-                             timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(encoding="utf-8"), version, *FLAGS,
-                                    cpu_field("model name"), cpu_field("flags")]).encode())
-    path = directory / f"rows-{key.hexdigest()[:16]}.so"
-    if path.exists():
-        return path
-    directory.mkdir(parents=True, exist_ok=True)
-    with signals_held() as release:
-        handle, partial = tempfile.mkstemp(prefix=path.stem + ".", suffix=".part", dir=directory)
-        try:
-            release()
-            os.close(handle)
-            subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", partial, "-lm"],
-                           capture_output=True, text=True, check=True, timeout=300)
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
-    return path
-
-
-def wanted() -> bool:
-    """Whether ``$SEQ2SEQ_NATIVE`` asks for the kernels: unset, empty or 1 (the default) yes,
-    0 no.
-
-    Raises:
-        Seq2SeqError: another value (the CLI asks before any command runs, so it is said in
-            one line).
-    """
-    value = os.environ.get(ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise Seq2SeqError(f"{ENV}={value!r}: 1 (the C kernels where they build, the default) "
-                           "or 0 (torch's code)")
-    return value != "0"
-
-
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The built library, or None where it is off or cannot be built (said once, on stderr)."""
-    if not wanted():
-        return None
-    cc = compiler()
-    if cc is None:
-        print("note: no C compiler (cc, gcc or $CC): the fused CPU kernels are off",
-              file=sys.stderr)
-        return None
-    try:
-        lib = ctypes.CDLL(str(build(cc, cache_dir())))
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", "") or str(err)
-        last = detail.strip().splitlines()[-1] if detail.strip() else err
-        print(f"note: the fused CPU kernels are off: building {SOURCE.name} with "
-              f"{shlex.join(cc)} failed: {last}", file=sys.stderr)
-        return None
-    for name, argtypes in SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
-    return lib
 
 
 def available(*tensors: torch.Tensor, grad: bool = False) -> bool:
@@ -350,6 +244,52 @@ def gru_update(gates: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor
                          h.data_ptr(), h.stride(0), h.size(0), h.size(1), out.data_ptr(),
                          torch.get_num_threads())
     return out
+
+
+def gru_train(gates: torch.Tensor, hidden: torch.Tensor, h: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """A GRU step's new state from ``(B, 3H)`` gate shares and ``(B, H)`` ``h`` in training
+    (:class:`seq2seq.models.cells._GRUUpdate`), with what its backward needs: ``(out, rz,
+    n)``, the state, the reset and update gates ``(B, 2H)`` and the candidate ``(B, H)``, in
+    the inputs' dtype. None where the kernels cannot take them (all three in one dtype, rows
+    contiguous)."""
+    if not (gates.dim() == hidden.dim() == h.dim() == 2 and gates.shape == hidden.shape
+            and gates.size(0) == h.size(0) and gates.size(1) == 3 * h.size(1) and h.numel()
+            and gates.dtype == hidden.dtype == h.dtype
+            and all(t.stride(1) == 1 for t in (gates, hidden, h))
+            and available(gates, hidden, h, grad=True)):
+        return None
+    rows, size = h.shape
+    threads = torch.get_num_threads()
+    out, candidate = h.new_empty((rows, size)), h.new_empty((rows, size))
+    rz = h.new_empty((rows, 2 * size))
+    scratch = torch.empty(threads * 11 * size if h.dtype == torch.bfloat16 else 0,
+                          dtype=torch.float32)
+    library().gru_train_forward(gates.data_ptr(), gates.stride(0), hidden.data_ptr(),
+                                hidden.stride(0), h.data_ptr(), h.stride(0), DTYPES[h.dtype],
+                                rows, size, out.data_ptr(), rz.data_ptr(), candidate.data_ptr(),
+                                scratch.data_ptr(), threads)
+    return out, rz, candidate
+
+
+def gru_train_backward(grad: torch.Tensor, rz: torch.Tensor, candidate: torch.Tensor,
+                       hidden: torch.Tensor, h: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of the gates, ``hidden`` and ``h`` of :func:`gru_train`, given ``grad``
+    ``(B, H)`` of its output (cast to the inputs' dtype) and what it kept."""
+    rows, size = h.shape
+    threads = torch.get_num_threads()
+    grad = grad.to(h.dtype).contiguous()
+    grad_gates, grad_hidden = h.new_empty((rows, 3 * size)), h.new_empty((rows, 3 * size))
+    grad_h = h.new_empty((rows, size))
+    scratch = torch.empty(threads * 13 * size if h.dtype == torch.bfloat16 else 0,
+                          dtype=torch.float32)
+    library().gru_train_backward(grad.data_ptr(), rz.data_ptr(), candidate.data_ptr(),
+                                 hidden.data_ptr(), hidden.stride(0), h.data_ptr(), h.stride(0),
+                                 DTYPES[h.dtype], rows, size, grad_gates.data_ptr(),
+                                 grad_hidden.data_ptr(), grad_h.data_ptr(), scratch.data_ptr(),
+                                 threads)
+    return grad_gates, grad_hidden, grad_h
 
 
 def tanh(x: torch.Tensor) -> torch.Tensor | None:

@@ -433,6 +433,115 @@ void gru_update(const float *gates, long gates_stride, const float *hidden, long
     }
 }
 
+/* A row of `dtype` as fp32: the row itself when it is fp32, else converted into `buffer`. */
+static inline const float *fp32_row(const void *row, int dtype, float *buffer, long cols)
+{
+    if (dtype == FP32)
+        return row;
+    load_row(row, dtype, buffer, cols);
+    return buffer;
+}
+
+/* A GRU step's update in training (seq2seq.models.cells._GRUUpdate), one pass per row:
+ *   r, z = sigmoid(gates[:, :2H] + hidden[:, :2H])
+ *   n = tanh(gates[:, 2H:] + r hidden[:, 2H:]),   out = n + z (h - n)
+ * keeping `rz` (B, 2H) and `n` (B, H) for the backward. gates, hidden and h are rows of
+ * `dtype` (`*_stride` elements apart), the outputs contiguous in `dtype`: computed in fp32,
+ * each rounded once. tanh is 2 sigmoid(2x) - 1, as gru_update (decoding) computes it.
+ * `scratch` holds 11 H fp32 values per thread (bf16 rows converted). */
+void gru_train_forward(const void *gates, long gates_stride, const void *hidden,
+                       long hidden_stride, const void *h, long h_stride, int dtype, long rows,
+                       long size, void *out, void *rz, void *candidates, float *scratch,
+                       int threads)
+{
+    const long bytes = dtype == BF16 ? 2 : 4;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buffer = scratch + omp_get_thread_num() * 11 * size;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            const float *g = fp32_row((const char *)gates + r * gates_stride * bytes, dtype,
+                                      buffer, 3 * size);
+            const float *u = fp32_row((const char *)hidden + r * hidden_stride * bytes, dtype,
+                                      buffer + 3 * size, 3 * size);
+            const float *prev = fp32_row((const char *)h + r * h_stride * bytes, dtype,
+                                         buffer + 6 * size, size);
+            float *y = dtype == FP32 ? (float *)out + r * size : buffer + 7 * size;
+            float *shares = dtype == FP32 ? (float *)rz + r * 2 * size : buffer + 8 * size;
+            float *n = dtype == FP32 ? (float *)candidates + r * size : buffer + 10 * size;
+#pragma omp simd
+            for (long c = 0; c < size; c++) {
+                const float reset = 1.0f / (1.0f + expf(-(g[c] + u[c])));
+                const float update = 1.0f / (1.0f + expf(-(g[size + c] + u[size + c])));
+                const float pre = g[2 * size + c] + reset * u[2 * size + c];
+                const float candidate = 2.0f / (1.0f + expf(-2.0f * pre)) - 1.0f;
+                shares[c] = reset;
+                shares[size + c] = update;
+                n[c] = candidate;
+                y[c] = candidate + update * (prev[c] - candidate);
+            }
+            if (dtype == BF16) {
+                store_row(y, dtype, (char *)out + r * size * bytes, size);
+                store_row(shares, dtype, (char *)rz + r * 2 * size * bytes, 2 * size);
+                store_row(n, dtype, (char *)candidates + r * size * bytes, size);
+            }
+        }
+    }
+}
+
+/* The gradients of gru_train_forward given `grad` (B, H) of its output, from what it kept
+ * (`rz`, `n`, contiguous) and its inputs `hidden` and `h` (rows `*_stride` apart), all in
+ * `dtype`; into contiguous `grad_gates` (B, 3H), `grad_hidden` (B, 3H) and `grad_h` (B, H):
+ *   grad_h = g z,   d_pre = g (1 - z)(1 - n^2),   d_r = d_pre hidden_n r (1 - r),
+ *   d_z = g (h - n) z (1 - z),   grad_gates = [d_r, d_z, d_pre],
+ *   grad_hidden = [d_r, d_z, d_pre r]
+ * computed in fp32, each rounded once. `scratch` holds 13 H fp32 values per thread. */
+void gru_train_backward(const void *grad, const void *rz, const void *candidates,
+                        const void *hidden, long hidden_stride, const void *h, long h_stride,
+                        int dtype, long rows, long size, void *grad_gates, void *grad_hidden,
+                        void *grad_h, float *scratch, int threads)
+{
+    const long bytes = dtype == BF16 ? 2 : 4;
+#pragma omp parallel num_threads(threads)
+    {
+        float *buffer = scratch + omp_get_thread_num() * 13 * size;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            const float *g = fp32_row((const char *)grad + r * size * bytes, dtype, buffer,
+                                      size);
+            const float *shares = fp32_row((const char *)rz + r * 2 * size * bytes, dtype,
+                                           buffer + size, 2 * size);
+            const float *n = fp32_row((const char *)candidates + r * size * bytes, dtype,
+                                      buffer + 3 * size, size);
+            const float *hn = fp32_row((const char *)hidden
+                                       + (r * hidden_stride + 2 * size) * bytes, dtype,
+                                       buffer + 4 * size, size);
+            const float *prev = fp32_row((const char *)h + r * h_stride * bytes, dtype,
+                                         buffer + 5 * size, size);
+            float *dg = dtype == FP32 ? (float *)grad_gates + r * 3 * size : buffer + 6 * size;
+            float *du = dtype == FP32 ? (float *)grad_hidden + r * 3 * size : buffer + 9 * size;
+            float *dh = dtype == FP32 ? (float *)grad_h + r * size : buffer + 12 * size;
+#pragma omp simd
+            for (long c = 0; c < size; c++) {
+                const float reset = shares[c], update = shares[size + c], cand = n[c];
+                const float d_pre = g[c] * (1.0f - update) * (1.0f - cand * cand);
+                const float d_r = d_pre * hn[c] * reset * (1.0f - reset);
+                const float d_z = g[c] * (prev[c] - cand) * update * (1.0f - update);
+                dh[c] = g[c] * update;
+                dg[c] = du[c] = d_r;
+                dg[size + c] = du[size + c] = d_z;
+                dg[2 * size + c] = d_pre;
+                du[2 * size + c] = d_pre * reset;
+            }
+            if (dtype == BF16) {
+                store_row(dg, dtype, (char *)grad_gates + r * 3 * size * bytes, 3 * size);
+                store_row(du, dtype, (char *)grad_hidden + r * 3 * size * bytes, 3 * size);
+                store_row(dh, dtype, (char *)grad_h + r * size * bytes, size);
+            }
+        }
+    }
+}
+
 /* tanh of `count` contiguous fp32 values into `out` (which may be `x`), computed as
  * sign(x) (1 - 2 / (exp(2 |x|) + 1)) with the vector expf: within 1.6e-7 of tanh, odd as
  * tanh is, and exactly +-1 where exp overflows. */

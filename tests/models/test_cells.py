@@ -173,8 +173,9 @@ class CellsTanh(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gru_update_in_fp32_and_bf16_matches_autograd_given_the_same_tanh(dtype):
-    inputs = gru_inputs(dtype)
+def test_gru_update_in_fp32_and_bf16_matches_autograd_given_the_same_tanh(dtype,
+                                                                          torch_kernels):
+    inputs = gru_inputs(dtype)  # torch's ops (the C kernels below)
     out, _ = cell_update("gru", *inputs, None)
     torch.manual_seed(1)
     weights = torch.randn_like(out)
@@ -186,6 +187,49 @@ def test_gru_update_in_fp32_and_bf16_matches_autograd_given_the_same_tanh(dtype)
     for g, w in zip(got, want):
         assert g.dtype == dtype
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_gru_update_in_c_is_float64s_to_rounding(dtype, strided):
+    from seq2seq import native
+
+    assert native.library() is not None, "the C kernels did not build"
+    rows, size = 9, 37  # a size past the kernels' vector blocks, with a tail
+    inputs = gru_inputs(torch.float64, rows, size)
+    inputs[0].data[:2] *= 30  # saturated gates: sigmoid and tanh at their ends
+    leaves = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    used = leaves
+    if strided:  # rows apart, as a slice of a wider tensor or an unbound state gives them
+        used = [torch.cat([x, x], 1)[:, :x.size(1)] for x in leaves]
+        assert used[0].stride(0) == 2 * used[0].size(1)
+    out, _ = cell_update("gru", *used, None)
+    assert out.dtype == dtype and out.grad_fn.name().endswith("_GRUUpdateBackward")
+    torch.manual_seed(1)
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * weights).sum(), leaves)
+    exact = [x.detach().to(dtype).double().requires_grad_() for x in inputs]
+    want_out = gru_update_by_autograd(*exact)
+    want = torch.autograd.grad((want_out * weights).sum(), exact)
+    for g, w in zip([out, *got], [want_out, *want], strict=True):
+        assert g.dtype == dtype
+        if dtype == torch.float32:  # a few roundings (2 sigmoid(2x) - 1 within 3e-7 of tanh)
+            torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-6)
+        else:  # the output's gradient and the kept gates are bf16 too, so each value is a few
+            # bf16 roundings off (torch's ops: 0.3-0.4% here): held as a whole, below 2^-7
+            assert (g.double() - w).norm() <= 2**-7 * w.norm()
+
+
+def test_gru_update_takes_torchs_ops_where_the_kernels_cannot(monkeypatch):
+    from seq2seq import native
+
+    calls = []
+    real = native.gru_train
+    monkeypatch.setattr(native, "gru_train", lambda *x: calls.append(1) or real(*x))
+    gates, hidden, h = gru_inputs(torch.float32)
+    cell_update("gru", gates, hidden, h.detach().bfloat16(), None)[0].sum().backward()
+    assert calls and gates.grad is not None  # mixed dtypes: torch's ops, promoted
+    assert real(gates, hidden, h.bfloat16()) is None and real(gates, hidden, h) is not None
 
 
 def test_bf16_tanh_is_computed_in_fp32_and_rounded_once():
