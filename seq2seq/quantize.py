@@ -47,7 +47,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from seq2seq import native
 from seq2seq.errors import Seq2SeqError
-from seq2seq.models.cells import CELLS, cell_update, packed_rnn, steps_packed
+from seq2seq.models.cells import CELLS, cell_update, layer_weights, packed_rnn, steps_packed
 from seq2seq.models.decoder import Decoder
 from seq2seq.models.encoder import Encoder
 from seq2seq.models.packed import unpack
@@ -185,6 +185,22 @@ class Int8Linear(nn.Module):
                 f"by {self.kernel}")
 
 
+def int8_projections(rnn: nn.RNNBase, skip: int = 0) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The input and hidden projections of every layer and direction of ``rnn`` (layer-major,
+    as torch orders them) as :class:`Int8Linear`; with ``skip``, the first layer's input
+    projection only of the input features past the first ``skip``, without its bias (both
+    come from :class:`Int8RNN`'s table)."""
+    ih, hh = nn.ModuleList(), nn.ModuleList()
+    for layer in range(rnn.num_layers):
+        for direction in range(2 if rnn.bidirectional else 1):
+            w_ih, w_hh, b_ih, b_hh = layer_weights(rnn, layer, direction)
+            if layer == 0 and skip:
+                w_ih, b_ih = w_ih[:, skip:], None
+            ih.append(Int8Linear.quantize(w_ih, b_ih))
+            hh.append(Int8Linear.quantize(w_hh, b_hh))
+    return ih, hh
+
+
 class Int8RNN(nn.Module):
     """A unidirectional batch-first ``nn.GRU`` / ``nn.LSTM`` / tanh ``nn.RNN`` whose input and
     hidden projections are :class:`Int8Linear` (the decoder's: a step of it is the largest
@@ -207,14 +223,9 @@ class Int8RNN(nn.Module):
     def __init__(self, rnn: nn.RNNBase, embedding: nn.Embedding | None = None):
         super().__init__()
         self.cell, self.layers = CELLS[rnn.mode], rnn.num_layers
-        weights = dict(rnn.named_parameters())
-        self.ih = nn.ModuleList(Int8Linear.quantize(weights[f"weight_ih_l{k}"], weights.get(
-            f"bias_ih_l{k}")) for k in range(self.layers))
-        self.hh = nn.ModuleList(Int8Linear.quantize(weights[f"weight_hh_l{k}"], weights.get(
-            f"bias_hh_l{k}")) for k in range(self.layers))
         self.emb_size = 0
         self.register_buffer("token_gates", None)
-        w_ih, b_ih = weights["weight_ih_l0"], weights.get("bias_ih_l0")
+        w_ih, _, b_ih, _ = layer_weights(rnn, 0, 0)
         if (embedding is not None and w_ih.size(1) > embedding.embedding_dim
                 and embedding.num_embeddings * w_ih.size(0) <= self.MAX_TABLE):
             self.emb_size = size = embedding.embedding_dim
@@ -222,7 +233,7 @@ class Int8RNN(nn.Module):
                 self.token_gates = torch.addmm(
                     b_ih.float() if b_ih is not None else torch.zeros(w_ih.size(0)),
                     embedding.weight.float(), w_ih[:, :size].float().t())
-            self.ih[0] = Int8Linear.quantize(w_ih[:, size:], None)
+        self.ih, self.hh = int8_projections(rnn, skip=self.emb_size)
 
     def forward(self, x: torch.Tensor, hx: Any, tokens: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, Any]:
@@ -264,16 +275,7 @@ class Int8PackedRNN(nn.Module):
         self.mode, self.num_layers = rnn.mode, rnn.num_layers
         self.bidirectional, self.hidden_size = rnn.bidirectional, rnn.hidden_size
         self.dropout = 0.0  # inference only
-        weights = dict(rnn.named_parameters())
-        suffixes = [f"l{layer}" + ("_reverse" if direction else "")
-                    for layer in range(rnn.num_layers)
-                    for direction in range(2 if rnn.bidirectional else 1)]
-        self.ih = nn.ModuleList(Int8Linear.quantize(weights[f"weight_ih_{suffix}"],
-                                                    weights.get(f"bias_ih_{suffix}"))
-                                for suffix in suffixes)
-        self.hh = nn.ModuleList(Int8Linear.quantize(weights[f"weight_hh_{suffix}"],
-                                                    weights.get(f"bias_hh_{suffix}"))
-                                for suffix in suffixes)
+        self.ih, self.hh = int8_projections(rnn)
 
     def forward(self, packed: PackedSequence, hx: Any = None) -> tuple[PackedSequence, Any]:
         if not isinstance(packed, PackedSequence) or hx is not None:
