@@ -407,6 +407,20 @@ void scale_rows(const void *acc, int acc_int32, long rows, long cols, const floa
     }
 }
 
+/* The GRU equations at feature c of a row, from its gate shares `g` and hidden products `u`
+ * (3 H each, torch's r, z, n order) and the previous state: the new state, and the reset and
+ * update gates and the candidate through the pointers. tanh is 2 sigmoid(2x) - 1 with the
+ * vector expf (glibc's vector tanhf is newer than some C libraries this builds against). */
+static inline float gru_cell(const float *g, const float *u, float prev, long c, long size,
+                             float *reset, float *update, float *candidate)
+{
+    *reset = 1.0f / (1.0f + expf(-(g[c] + u[c])));
+    *update = 1.0f / (1.0f + expf(-(g[size + c] + u[size + c])));
+    const float pre = g[2 * size + c] + *reset * u[2 * size + c];
+    *candidate = 2.0f / (1.0f + expf(-2.0f * pre)) - 1.0f;
+    return *candidate + *update * (prev - *candidate);
+}
+
 /* One step of a GRU's update in inference (seq2seq.models.cells.cell_update), in one pass
  * over each row instead of nine whole-tensor kernels: from the gates' input share `gates` and
  * hidden share `hidden` (`rows` rows of 3 x `size`, torch's order r, z, n) and the previous
@@ -424,11 +438,8 @@ void gru_update(const float *gates, long gates_stride, const float *hidden, long
         float *y = out + r * size;
 #pragma omp simd
         for (long c = 0; c < size; c++) {
-            const float reset = 1.0f / (1.0f + expf(-(g[c] + u[c])));
-            const float update = 1.0f / (1.0f + expf(-(g[size + c] + u[size + c])));
-            const float pre = g[2 * size + c] + reset * u[2 * size + c];
-            const float candidate = 2.0f / (1.0f + expf(-2.0f * pre)) - 1.0f;
-            y[c] = candidate + update * (prev[c] - candidate);
+            float reset, update, candidate;
+            y[c] = gru_cell(g, u, prev[c], c, size, &reset, &update, &candidate);
         }
     }
 }
@@ -470,16 +481,8 @@ void gru_train_forward(const void *gates, long gates_stride, const void *hidden,
             float *shares = dtype == FP32 ? (float *)rz + r * 2 * size : buffer + 8 * size;
             float *n = dtype == FP32 ? (float *)candidates + r * size : buffer + 10 * size;
 #pragma omp simd
-            for (long c = 0; c < size; c++) {
-                const float reset = 1.0f / (1.0f + expf(-(g[c] + u[c])));
-                const float update = 1.0f / (1.0f + expf(-(g[size + c] + u[size + c])));
-                const float pre = g[2 * size + c] + reset * u[2 * size + c];
-                const float candidate = 2.0f / (1.0f + expf(-2.0f * pre)) - 1.0f;
-                shares[c] = reset;
-                shares[size + c] = update;
-                n[c] = candidate;
-                y[c] = candidate + update * (prev[c] - candidate);
-            }
+            for (long c = 0; c < size; c++)
+                y[c] = gru_cell(g, u, prev[c], c, size, shares + c, shares + size + c, n + c);
             if (dtype == BF16) {
                 store_row(y, dtype, (char *)out + r * size * bytes, size);
                 store_row(shares, dtype, (char *)rz + r * 2 * size * bytes, 2 * size);
