@@ -271,7 +271,7 @@ void additive_scores(const void *query, const void *keys, const void *energy, in
  *   grad_energy += g (2 h - 1)
  * grad_query is written in `dtype`, summed in fp32 and rounded once; grad_keys likewise, or
  * with `add_keys` added to: it is then an fp32 (n, S, A) sum over the steps of a decoder (the
- * keys are the same at every step; seq2seq.models.attention.StepSources). grad_energy holds
+ * keys are the same at every step: seq2seq.models.step_sources). grad_energy holds
  * one fp32 row of A per thread, to which each thread adds (the caller sums them). `scratch`
  * holds (2 S + 3) * A fp32 values per thread. exp is computed as the forward computes it. */
 void additive_scores_backward(const void *query, const void *keys, const void *energy,
