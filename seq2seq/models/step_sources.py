@@ -39,7 +39,6 @@ class StepSources:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype):
         self.operands: dict[Slot, dict[int, torch.Tensor]] = {"keys": {}, "values": {}}
         self.grads: dict[Slot, dict[int, torch.Tensor]] = {"keys": {}, "values": {}}
-        self.steps = {"keys": 0, "values": 0}
         self.keys_sum: torch.Tensor | None = None  # fp32, from the additive scores' backward
         self.keys, self.values = _Sources.apply(self, dtype, keys, values)
 
@@ -54,8 +53,7 @@ class StepSources:
     def product(self, left: torch.Tensor, slot: Slot) -> torch.Tensor:
         """One step's ``left @ keys^T`` (``(B, t, A)`` queries: scores ``(B, t, S)``) or
         ``left @ values`` (``(B, t, S)`` weights: the context ``(B, t, He)``)."""
-        step = self.steps[slot]
-        self.steps[slot] += 1
+        step = len(self.operands[slot])  # the step's forward adds its operand
         shared = self.keys.transpose(1, 2) if slot == "keys" else self.values
         return _Step.apply(left, shared, self, slot, step)
 
