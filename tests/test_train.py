@@ -165,6 +165,29 @@ def test_a_finished_run_run_again_changes_nothing(tmp_path, capsys):
     assert [r["epoch"] for r in rows if r["split"] == "valid"] == [2, 3]
 
 
+@pytest.mark.parametrize("again, reason", [
+    ([], "reached train.max_steps=3"),
+    (["train.max_steps=2"], "reached train.max_steps=2"),  # a lower limit than the step
+    (["train.max_steps=5", "train.patience=1"],
+     "early stopping: no loss improvement in 1 validations")])
+def test_a_run_at_its_step_limit_or_stopped_early_makes_no_update_when_run_again(
+        tmp_path, capsys, again, reason):
+    """Not one more update per re-run: the limits and early stopping are checked before the
+    first update too."""
+    base = ["train.max_steps=3", "train.valid_every=1", "train.early_stop_metric=loss"]
+    fit(tiny_recipe(tmp_path, *base))
+    out = tmp_path / "run"
+    if "train.patience=1" in again:  # as a run whose last validation did not improve
+        ckpt = load_checkpoint(out / "last.pt")
+        ckpt["progress"]["bad_validations"] = 1
+        save_checkpoint(ckpt, out / "last.pt")
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    fit(tiny_recipe(tmp_path, *base, *again))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+    assert f"nothing to train: {reason} at step 3" in capsys.readouterr().err
+
+
 def test_output_dir_that_is_a_file_is_an_error(tmp_path):
     (tmp_path / "run").write_text("x")
     with pytest.raises(Seq2SeqError, match="not a directory"):

@@ -24,6 +24,18 @@ class Progress:
             return f"after epoch {self.epoch}" if self.epoch else "before epoch 1"
         return f"epoch {self.epoch + 1}, {self.epoch_step} updates into it"
 
+    def limit_reached(self, max_steps: int, max_epochs: int, metric: str,
+                      patience: int) -> str | None:
+        """Why the run is already done (a limit it has reached), or None; checked before
+        each epoch and update, so that a finished run started again makes no update."""
+        if max_epochs and self.epoch >= max_epochs:
+            return f"reached train.max_epochs={max_epochs}"
+        if max_steps and self.step >= max_steps:
+            return f"reached train.max_steps={max_steps}"
+        if patience and self.bad_validations >= patience:
+            return early_stop_reason(metric, patience)
+        return None
+
     def record_validation(self, metric: str, value: float, scheduled: bool,
                           patience: int) -> tuple[bool, str | None]:
         """Note a validation's ``metric``: the best so far, and patience for scheduled ones.
@@ -38,7 +50,7 @@ class Progress:
             return improved, None
         self.bad_validations = 0 if improved else self.bad_validations + 1
         if patience and self.bad_validations >= patience:
-            return improved, f"early stopping: no {metric} improvement in {patience} validations"
+            return improved, early_stop_reason(metric, patience)
         return improved, None
 
     def epoch_label(self) -> int:
@@ -51,3 +63,7 @@ def better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
     return value > best if metric == "bleu" else value < best
+
+
+def early_stop_reason(metric: str, patience: int) -> str:
+    return f"early stopping: no {metric} improvement in {patience} validations"

@@ -177,7 +177,8 @@ class Trainer:
 
     def train_loop(self) -> None:
         cfg, progress = self.recipe.train, self.progress
-        if dist.is_main():
+        limit = (cfg.max_steps, cfg.max_epochs, cfg.early_stop_metric, cfg.patience)
+        if dist.is_main() and progress.limit_reached(*limit) is None:  # else: left as it is
             self.run.write_recipe(self.recipe)
         group = self.world * cfg.accumulate
         bar = tqdm(total=cfg.max_steps or None, initial=progress.step, disable=not dist.is_main(),
@@ -186,8 +187,9 @@ class Trainer:
         self.session.start = window.start
         self.model.train()
         while self.stop_reason is None:
-            if cfg.max_epochs and progress.epoch >= cfg.max_epochs:
-                self.stop_reason = f"reached train.max_epochs={cfg.max_epochs}"
+            reached = progress.limit_reached(*limit)
+            if reached is not None:  # (a signal's stop_reason is never set back to None)
+                self.stop_reason = reached
                 break
             src_lens, trg_lens = epoch_pairs(self.data, self.recipe, progress.epoch, self.step)
             batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,
