@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from seq2seq.errors import Seq2SeqError
+from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.files import OutputError, check_output, write_bytes
 
 
@@ -151,8 +151,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: corrupt checkpoint (its contents do not match the "
                               "checksum stored in it)")
     if not sidecar_agrees:
-        warnings.warn(f"{_sidecar(path)}: stale checksum file (it does not match {path}, whose "
-                      "own checksum verifies); ignoring it", stacklevel=2)
+        warn(f"{_sidecar(path)}: stale checksum file (it does not match {path}, whose own "
+             "checksum verifies); ignoring it")
     return payload
 
 
@@ -190,15 +190,24 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> N
                               f"({detail.rstrip('.')})") from None
 
 
-def load_latest(candidates: list[Path]) -> tuple[Path, dict[str, Any]] | None:
-    """The first candidate that loads; damaged ones are skipped with a warning."""
+def load_latest(candidates: list[Path], skipped: Callable[[str], None],
+                require: tuple[str, ...] = ()) -> tuple[Path, dict[str, Any]] | None:
+    """The first candidate that exists, loads and holds the keys ``require``; each one that
+    exists but does not is said to ``skipped``, in one line."""
     for path in candidates:
         if not path.is_file():
             continue
         try:
-            return path, load_checkpoint(path)
+            ckpt = load_checkpoint(path)
         except CheckpointError as error:
-            warnings.warn(f"{error}; trying the previous checkpoint", stacklevel=2)
+            skipped(str(error))
+            continue
+        missing = [key for key in require if key not in ckpt]
+        if missing:
+            skipped(f"{path}: holds no training state ({', '.join(missing)}): an averaged or "
+                    "exported checkpoint, not one a run can resume from")
+            continue
+        return path, ckpt
     return None
 
 

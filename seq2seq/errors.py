@@ -1,5 +1,14 @@
-"""The project's error for user mistakes: the CLI prints it on one line and exits 2."""
+"""The project's error for user mistakes: the CLI prints it on one line and exits 2; and its
+one-line warnings."""
+
+import sys
 
 
 class Seq2SeqError(Exception):
     """A problem the user can fix (bad file, bad input, bad argument); printed without traceback."""
+
+
+def warn(message: str) -> None:
+    """``warning: message`` as one line on stderr (not Python's warnings, which add the
+    source file and line)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -34,7 +34,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from seq2seq.errors import Seq2SeqError
+from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.files import open_output
 
 DEFAULT_MAX_CHARS = 5000
@@ -45,10 +45,6 @@ T = TypeVar("T")
 
 class InputError(Seq2SeqError):
     """An input or output file that cannot be opened, read or written."""
-
-
-def _warn_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +80,7 @@ def read_lines(
     stream: BinaryIO,
     max_chars: int = DEFAULT_MAX_CHARS,
     name: str = "<stdin>",
-    warn: Callable[[str], None] = _warn_stderr,
+    warn: Callable[[str], None] = warn,
 ) -> Iterator[str]:
     """Yield the lines of a binary stream as text, one per ``"\\n"``-terminated line.
 

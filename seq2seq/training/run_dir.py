@@ -31,11 +31,14 @@ from typing import Any
 from seq2seq import distributed as dist
 from seq2seq.checkpoint import load_latest, save_checkpoint
 from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict, recipe_to_yaml
-from seq2seq.errors import Seq2SeqError
+from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.files import remove_partial_writes, write_bytes
 from seq2seq.training.progress import Progress
 
 LOCK_FILE = ".lock"
+
+# What a checkpoint holds besides the weights for a run to resume from it (Trainer.save).
+TRAINING_STATE = ("optimizer", "scaler", "schedule", "progress", "rng")
 
 # Keys that may change between a run and its resumption without making the resumed run wrong.
 RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
@@ -113,8 +116,22 @@ class RunDirectory:
         if dist.is_main():  # a run killed while writing a checkpoint leaves its temporary file
             remove_partial_writes(self.path)
         dist.barrier()  # no rank reads the directory while the main rank cleans it
-        found = load_latest([self.path / "last.pt"] + self.step_checkpoints()[::-1])
+        skipped: list[str] = []
+
+        def skip(message: str) -> None:
+            skipped.append(message)
+            if dist.is_main():
+                warn(f"{message}; trying the previous checkpoint")
+
+        found = load_latest([self.path / "last.pt"] + self.step_checkpoints()[::-1], skip,
+                            require=TRAINING_STATE)
         if found is None:
+            if skipped or (self.path / "best.pt").is_file():
+                # Starting again from step 0 would write over best.pt and the metrics.
+                why = ("no checkpoint there can be resumed" if skipped
+                       else "it holds best.pt but no last.pt or step checkpoint")
+                raise Seq2SeqError(f"cannot resume {self.path}: {why}; move its checkpoints "
+                                   "away (or use another output_dir) to train from the start")
             return None
         ckpt = found[1]
         check_resumable(ckpt["recipe"], recipe)

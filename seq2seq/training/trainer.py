@@ -187,9 +187,8 @@ class Trainer:
         self.session.start = window.start
         self.model.train()
         while self.stop_reason is None:
-            reached = progress.limit_reached(*limit)
-            if reached is not None:  # (a signal's stop_reason is never set back to None)
-                self.stop_reason = reached
+            if (reached := progress.limit_reached(*limit)) is not None:
+                self.stop_reason = reached  # (a signal's reason is never set back to None)
                 break
             src_lens, trg_lens = epoch_pairs(self.data, self.recipe, progress.epoch, self.step)
             batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,

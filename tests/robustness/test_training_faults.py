@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from seq2seq import checkpoint, files
 from seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from seq2seq.cli import main as cli_main
 from seq2seq.config import apply_override, parse_override, recipe_from_dict
+from seq2seq.errors import Seq2SeqError
 from seq2seq.models.seq2seq import Seq2Seq
 from seq2seq.training.step import TrainingStopped, build_step
 from seq2seq.training.trainer import Trainer, fit
@@ -101,12 +101,56 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
 def test_damaged_checkpoint_is_detected_and_the_previous_one_resumes_exactly(
-        damage, root, reference):
+        damage, root, reference, capsys):
     fit(recipe(root, "run", "train.max_steps=4"))
     run = root / "run"
     DAMAGE[damage](run)
-    with pytest.warns(UserWarning, match="last.pt: .*trying the previous checkpoint"):
-        trainer = fit(recipe(root, "run"))
+    capsys.readouterr()
+    trainer = fit(recipe(root, "run"))
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warned and re.fullmatch(r"warning: .*last.pt: .*; trying the previous checkpoint",
+                                   warned[0])
+    assert trainer.progress.step == STEPS
+    assert_same_weights(run / "last.pt", reference)
+
+
+NOTHING_TO_RESUME = {
+    "every-checkpoint-damaged": lambda run: [truncate(p) for p in (
+        run / "last.pt", *run.glob("step_*.pt"))],
+    "empty-last-and-no-step": lambda run: (
+        [p.unlink() for p in run.glob("step_*.pt*")], (run / "last.pt").write_bytes(b"")),
+    "best-alone": lambda run: [p.unlink() for p in (*run.glob("step_*.pt*"), *run.glob(
+        "last.pt*"))],
+    "averaged-last-alone": lambda run: (
+        [p.unlink() for p in run.glob("step_*.pt*")],
+        checkpoint.average_checkpoints([run / "best.pt"], run / "last.pt")),
+}
+
+
+@pytest.mark.parametrize("damage", NOTHING_TO_RESUME, ids=list(NOTHING_TO_RESUME))
+def test_a_run_with_no_checkpoint_to_resume_is_refused_and_left_as_it_is(damage, root):
+    """Not a silent new start from step 0, which would write over best.pt and add a second
+    set of rows to metrics.jsonl."""
+    fit(recipe(root, "run", "train.max_steps=4"))
+    run = root / "run"
+    NOTHING_TO_RESUME[damage](run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(Seq2SeqError, match=rf"cannot resume {re.escape(str(run))}: .*; move "
+                                           r"its checkpoints away \(or use another output_dir\)"):
+        fit(recipe(root, "run"))
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_an_averaged_last_pt_is_passed_over_for_the_previous_step_checkpoint(
+        root, reference, capsys):
+    fit(recipe(root, "run", "train.max_steps=4"))
+    run = root / "run"
+    checkpoint.average_checkpoints([run / "step_00000002.pt", run / "step_00000004.pt"],
+                                   run / "last.pt")
+    capsys.readouterr()
+    trainer = fit(recipe(root, "run"))
+    assert "last.pt: holds no training state (optimizer, scaler, schedule, progress, rng): " \
+           "an averaged or exported checkpoint" in capsys.readouterr().err
     assert trainer.progress.step == STEPS
     assert_same_weights(run / "last.pt", reference)
 
@@ -121,7 +165,7 @@ class Crash(BaseException):
 @pytest.mark.parametrize("existing", [True, False], ids=["replacing", "new-file"])
 @pytest.mark.parametrize("crash_at", [1, 2, 3], ids=CRASH_POINTS)
 def test_a_crash_at_any_point_of_a_save_leaves_a_loadable_old_or_new_file(
-        crash_at, existing, tmp_path, monkeypatch):
+        crash_at, existing, tmp_path, monkeypatch, capsys):
     path = tmp_path / "last.pt"
     old = {"model": {"w": torch.zeros(64)}, "recipe": {"step": 1}}
     new = {"model": {"w": torch.ones(64)}, "recipe": {"step": 2}}
@@ -143,9 +187,8 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_loadable_old_or_new_file(
     if not path.exists():
         assert not existing and calls[0] == "last.pt"  # crashed while writing the first file
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "corrupt" warning for a good file
-        loaded = load_checkpoint(path)
+    loaded = load_checkpoint(path)
+    assert "warning" not in capsys.readouterr().err  # no "corrupt" warning for a good file
     assert loaded["recipe"]["step"] in ((1, 2) if existing else (2,))
     assert not list(tmp_path.glob(".*.tmp"))
 
