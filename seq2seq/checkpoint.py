@@ -221,9 +221,14 @@ def average_checkpoints(paths: list[Path], output: Path) -> None:
     first = load_checkpoint(paths[0])
     total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
     for path in paths[1:]:
-        state = load_checkpoint(path)["model"]
+        ckpt = load_checkpoint(path)
+        state = ckpt["model"]
         if state.keys() != total.keys() or any(state[k].shape != total[k].shape for k in total):
             raise CheckpointError(f"{path}: different model architecture from {paths[0]}")
+        if not same_tensors(ckpt.get("tokenizer"), first.get("tokenizer")):
+            # The same shapes over other token ids: an average would mean nothing.
+            raise CheckpointError(f"{path}: its tokenizer differs from {paths[0]}'s; average "
+                                  "checkpoints of one run")
         for key, value in state.items():
             if value.is_floating_point():
                 total[key] += value.double()
@@ -234,3 +239,10 @@ def average_checkpoints(paths: list[Path], output: Path) -> None:
                "step": first.get("step", 0), "averaged_from": [str(p) for p in paths]}
     save_checkpoint(payload, Path(output))
 
+
+
+def same_tensors(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> bool:
+    """Whether two dictionaries of tensors (or two Nones) hold the same keys and values."""
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)

@@ -118,3 +118,26 @@ def test_integrity_covers_every_part_of_a_checkpoint(tmp_path):
     digests = {payload_digest(v) for v in variants}
     assert len(digests) == len(variants) and payload_digest(base) not in digests
     assert payload_digest(base) == payload_digest({**base, "model": {"w": torch.ones(3)}})
+
+
+def test_average_refuses_checkpoints_of_another_architecture_or_tokenizer(tmp_path):
+    from seq2seq.checkpoint import average_checkpoints
+
+    def save(name, weight, tokenizer):
+        path = tmp_path / name
+        spm = torch.tensor(list(tokenizer), dtype=torch.uint8)
+        save_checkpoint({"model": {"w": weight}, "recipe": {}, "tokenizer": {"spm_model": spm}},
+                        path)
+        return path
+
+    a = save("a.pt", torch.zeros(3), b"one")
+    b = save("b.pt", torch.ones(3), b"one")
+    average_checkpoints([a, b], tmp_path / "ab.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "ab.pt")["model"]["w"], torch.full((3,), 0.5))
+    other_shape = save("c.pt", torch.ones(4), b"one")
+    other_tokens = save("d.pt", torch.ones(3), b"two")  # same shapes, other token ids
+    with pytest.raises(CheckpointError, match="c.pt: different model architecture from .*a.pt"):
+        average_checkpoints([a, other_shape], tmp_path / "out.pt")
+    with pytest.raises(CheckpointError, match="d.pt: its tokenizer differs from .*a.pt's"):
+        average_checkpoints([a, other_tokens], tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
