@@ -62,11 +62,10 @@ def _load_sized(args: argparse.Namespace) -> Recipe:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     recipe = _load_sized(args)  # before the heavy imports: fails fast
-    from seq2seq.data.cache import prepare_data
     from seq2seq.data.stats import format_stats
+    from seq2seq.training.trainer import prepare_command
 
-    prepared = prepare_data(recipe, show_progress=True)
-    print(format_stats(prepared.stats))
+    print(format_stats(prepare_command(recipe).stats))
     return 0
 
 

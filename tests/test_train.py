@@ -294,3 +294,25 @@ def test_rdrop_without_dropout_gives_the_plain_update(tmp_path):
     plain_dropout = update_gradients("model.dropout=0.3")
     assert any(not torch.allclose(a, b) for a, b in zip(with_dropout, plain_dropout))
 
+
+
+def test_prepare_takes_the_runs_lock_and_never_retrains_a_tokenizer_under_its_weights(
+        tmp_path):
+    from seq2seq.training.run_dir import RunDirectory
+    from seq2seq.training.trainer import prepare_command
+
+    fit(tiny_recipe(tmp_path, "train.max_steps=2"))
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    before = {p: p.read_bytes() for p in [*out.rglob("*"), *cache.rglob("*")] if p.is_file()}
+    with pytest.raises(Seq2SeqError, match="tokenizer.vocab_size"):
+        prepare_command(tiny_recipe(tmp_path, "tokenizer.vocab_size=100"))
+    held = RunDirectory(out)
+    held.lock()  # as a train running on it holds it
+    try:
+        with pytest.raises(Seq2SeqError, match="is in use by another training run"):
+            prepare_command(tiny_recipe(tmp_path))
+    finally:
+        held.close()
+    after = {p: p.read_bytes() for p in [*out.rglob("*"), *cache.rglob("*")] if p.is_file()}
+    assert after == before
+    assert prepare_command(tiny_recipe(tmp_path)).stats  # the run's own settings: its data

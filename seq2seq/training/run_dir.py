@@ -107,11 +107,12 @@ class RunDirectory:
     # ---- resuming ---------------------------------------------------------------------------
 
     def resumable_checkpoint(self, recipe: Recipe,
-                             group_size: int) -> tuple[Path, dict[str, Any]] | None:
+                             group_size: int | None) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint to resume from, if any, once it is known that resuming is right.
 
         Args:
-            group_size: batches per update of this run (processes x ``train.accumulate``).
+            group_size: batches per update of this run (processes x ``train.accumulate``);
+                None: not checked (``prepare``, which makes no update).
         """
         if dist.is_main():  # a run killed while writing a checkpoint leaves its temporary file
             remove_partial_writes(self.path)
@@ -136,7 +137,7 @@ class RunDirectory:
         ckpt = found[1]
         check_resumable(ckpt["recipe"], recipe)
         saved_group = ckpt.get("group_size", group_size)
-        if saved_group != group_size:
+        if group_size is not None and saved_group != group_size:
             # The epoch position counts updates of (world size x accumulate) batches.
             raise Seq2SeqError(
                 f"cannot resume {self.path}: it was trained with {saved_group} batches per "

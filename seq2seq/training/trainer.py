@@ -53,6 +53,18 @@ def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> in
     return exit_code(trainer.stop_signal, under_torchrun="LOCAL_RANK" in os.environ)
 
 
+def prepare_command(recipe: Recipe) -> Any:
+    """``seq2seq prepare``: the tokenizer and encoded cache that ``train`` would build, under
+    the run's lock, and for a run that has checkpoints only the corpus and tokenizer they were
+    trained on (never a tokenizer retrained under trained weights). Returns the data."""
+    run, found = open_run(recipe, group_size=None)
+    try:
+        return prepare_data(recipe, show_progress=True,
+                            expect=found[1].get("fingerprints") if found else None)
+    finally:
+        run.close()
+
+
 def fit(recipe: Recipe) -> Trainer:
     """Train (or resume) the run described by ``recipe``; returns the finished trainer."""
     trainer, finished = None, False
@@ -69,7 +81,7 @@ def fit(recipe: Recipe) -> Trainer:
     return trainer
 
 
-def open_run(recipe: Recipe, group_size: int,
+def open_run(recipe: Recipe, group_size: int | None,
              ) -> tuple[RunDirectory, tuple[Path, dict[str, Any]] | None]:
     """The run directory, locked by the main rank, and the checkpoint to resume from, if any.
 
