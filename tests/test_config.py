@@ -122,6 +122,17 @@ def test_beam_size_zero_is_named_alone_and_an_empty_output_dir_is_refused():
     assert problems_of({}, ["output_dir="]) == ["recipe: output_dir: must not be empty"]
 
 
+def test_home_and_variables_are_expanded_in_the_output_directories(monkeypatch):
+    """As they are in input paths: never a literal "./~" directory beside the real one."""
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("RUNS", "/data/runs")
+    recipe = recipe_from_dict({"output_dir": "~/runs/x", "eval": {"report_dir": "$RUNS/rep"}})
+    assert recipe.output_dir == "/home/someone/runs/x"
+    assert recipe.eval.report_dir == "/data/runs/rep"
+    assert recipe_from_dict({}, ["output_dir=~/y"]).output_dir == "/home/someone/y"
+    assert recipe_from_dict({"output_dir": "runs/z"}).eval.report_dir is None
+
+
 def test_bad_override_syntax():
     assert any("key.path=value" in p for p in problems_of({}, ["train.lr"]))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -241,7 +242,21 @@ def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe
     recipe = _build(Recipe, tree, "", problems)
     if problems or recipe is _INVALID:
         raise RecipeError([f"{source}: {p}" for p in problems])
-    return recipe
+    return _expanded_outputs(recipe)
+
+
+def _expanded_outputs(recipe: Recipe) -> Recipe:
+    """``recipe`` with ``~`` and ``$VARS`` expanded in its output directories, as they are in
+    its input paths (where they are expanded when read), so that no command writes to a
+    literal ``./~`` directory."""
+    def expand(path: str) -> str:
+        return os.path.expandvars(os.path.expanduser(path))
+
+    report_dir = recipe.eval.report_dir
+    return dataclasses.replace(
+        recipe, output_dir=expand(recipe.output_dir),
+        eval=dataclasses.replace(recipe.eval,
+                                 report_dir=None if report_dir is None else expand(report_dir)))
 
 
 MAX_DEPTH = 50  # a recipe is 3 levels deep; a cycle (Python data) or alias bomb is not
