@@ -120,23 +120,30 @@ def check_corpus(corpus: Corpus, data: DataConfig) -> None:
     Raises:
         DataError: a missing key, a missing or unreadable file, a bad generated corpus.
     """
-    if corpus.format == "text":
-        paths = [resolve_path(_required(corpus.src, "src", "text"), data),
-                 resolve_path(_required(corpus.trg, "trg", "text"), data)]
-    elif corpus.format in ("tsv", "jsonl"):
-        paths = [resolve_path(_required(corpus.path, "path", corpus.format), data)]
-    elif corpus.format == "hf":
+    if corpus.format == "hf":
         if corpus.path and not resolve_path(corpus.path, data).is_dir():
             raise DataError(f"{resolve_path(corpus.path, data)}: no such directory (an hf "
                             "corpus path is a save_to_disk directory)")
         if not corpus.path and not corpus.hf_name:
             raise DataError("an hf corpus needs 'path' (a save_to_disk directory) or 'hf_name'")
-        paths = []
-    else:  # generated: the reader's own checks cost nothing
+    elif corpus.format == "generated":  # the reader's own checks cost nothing
         next(read_pairs(corpus, data), None)
-        paths = []
-    for path in paths:
+    for path in corpus_files(corpus, data):
         _open_binary(path).close()
+
+
+def corpus_files(corpus: Corpus, data: DataConfig) -> list[Path]:
+    """The files a text, TSV or JSONL corpus reads (none for the others).
+
+    Raises:
+        DataError: a file key the format needs is missing.
+    """
+    if corpus.format == "text":
+        return [resolve_path(_required(corpus.src, "src", "text"), data),
+                resolve_path(_required(corpus.trg, "trg", "text"), data)]
+    if corpus.format in ("tsv", "jsonl"):
+        return [resolve_path(_required(corpus.path, "path", corpus.format), data)]
+    return []
 
 
 def _required(value: str | None, name: str, fmt: str) -> str:

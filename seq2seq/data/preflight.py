@@ -15,7 +15,13 @@ import os
 from pathlib import Path
 
 from seq2seq.config import Corpus, DataConfig, Recipe
-from seq2seq.data.corpus import DataError, check_corpus, read_pairs, resolve_path
+from seq2seq.data.corpus import (
+    DataError,
+    check_corpus,
+    corpus_files,
+    read_pairs,
+    resolve_path,
+)
 
 
 def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
@@ -44,14 +50,40 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
                ("data.valid", data.valid, read_eval_sets, True)]
     corpora += [(f"data.test.{name}", corpus, read_eval_sets, False)
                 for name, corpus in data.test.items()]
+    out_dir = Path(recipe.output_dir)
     for where, corpus, read_all, needs_text in corpora:
         try:
+            for path in corpus_files(corpus, data):
+                if written_by_the_run(path, out_dir):
+                    raise DataError(f"{path}: a file the run writes in its output_dir "
+                                    f"{out_dir}; keep corpora outside it, or use another "
+                                    "output_dir")
             check_corpus(corpus, data)
             if needs_text or read_all:
                 _check_some_text(corpus, data, read_all, needs_text)
         except DataError as error:
             problems.append(f"{where}: {error}")
     return problems
+
+
+# What a run writes at the top of its output_dir (training/run_dir.py, tokenizer.py,
+# data/cache.py, evaluate.py): a corpus there would be appended to or replaced.
+RUN_DIRECTORIES = ("tokenizer", "cache", "tensorboard")
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", ".lock")
+
+
+def written_by_the_run(path: Path, out_dir: Path) -> bool:
+    """Whether ``path`` is (or is inside) something a run writes in ``out_dir``."""
+    try:
+        parts = path.resolve().relative_to(out_dir.resolve()).parts
+    except (ValueError, OSError):
+        return False
+    if not parts:
+        return False
+    top = parts[0]
+    if len(parts) > 1:
+        return top in RUN_DIRECTORIES or top == "eval" or top.startswith("eval-")
+    return top in RUN_FILES or top.endswith((".pt", ".pt.sha256", ".tmp"))
 
 
 def cache_root(data: DataConfig, out_dir: Path) -> Path:

@@ -153,3 +153,35 @@ def test_empty_training_files_are_rejected_with_one_line(tmp_path):
     assert "Traceback" not in err
     (line,) = error_lines(result.stderr)
     assert "data.train" in line and "train.en" in line and "no sentence pair" in line, line
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "recipe.yaml", "last.pt",
+                                  "tokenizer/spm.vocab", "cache/x.de", "eval/t.hyp"])
+def test_a_corpus_file_the_run_would_write_is_refused_and_left_alone(tmp_path, name):
+    """A corpus kept in the output_dir under a name the run writes would be appended to or
+    replaced (metrics rows in the training data); refused before anything is written."""
+    path, tree = text_recipe(tmp_path)
+    run = tmp_path / "run"
+    (run / name).parent.mkdir(parents=True)
+    (run / name).write_bytes(lines(SRC))
+    tree["data"]["train"]["src"] = str(run / name)
+    write_recipe(path, tree)
+    for command in ("check", "prepare", "train"):
+        result = seq2seq(command, path, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr.decode()[-2000:]
+        (line,) = error_lines(result.stderr)
+        assert f"data.train: {run / name}: a file the run writes in its output_dir" in line \
+            or command != "check" and "cannot resume" in line, line  # (last.pt: not one)
+        assert (run / name).read_bytes() == lines(SRC)
+    written = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
+    assert written == sorted([name, ".lock"])  # the lock train and prepare took, no more
+
+
+def test_a_corpus_beside_the_run_files_under_its_own_name_is_read(tmp_path):
+    path, tree = text_recipe(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train.en").write_bytes(lines(SRC))
+    tree["data"]["train"]["src"] = str(tmp_path / "run" / "train.en")
+    write_recipe(path, tree)
+    result = seq2seq("prepare", path, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
