@@ -44,17 +44,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     from seq2seq.data.preflight import input_problems
 
-    problems = memory_problems(recipe) + input_problems(recipe, read_eval_sets=True)
+    problems = (memory_problems(recipe) + machine_problems(recipe)
+                + input_problems(recipe, read_eval_sets=True))
     if problems:
         raise RecipeError([f"{args.recipe}: {problem}" for problem in problems])
     sys.stdout.write(recipe_to_yaml(recipe))
     return 0
 
 
+def machine_problems(recipe: Recipe) -> list[str]:
+    """What this machine lacks for the recipe's process group."""
+    if recipe.distributed.backend != "nccl":
+        return []  # (nothing to ask torch, which takes a while to import)
+    from seq2seq.distributed import backend_problem
+
+    problem = backend_problem(recipe.distributed.backend, recipe.train.device)
+    return [problem] if problem else []
+
+
 def _load_sized(args: argparse.Namespace) -> Recipe:
     """The recipe, refused when its model or batches would not fit this machine's memory."""
     recipe = load_recipe(args.recipe, args.overrides)
-    problems = memory_problems(recipe)
+    problems = memory_problems(recipe) + machine_problems(recipe)
     if problems:
         raise RecipeError([f"{args.recipe}: {problem}" for problem in problems])
     return recipe

@@ -29,6 +29,18 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def backend_problem(backend: str, device: str) -> str | None:
+    """Why ``distributed.backend`` cannot work on this machine (with ``train.device``), or
+    None: NCCL needs CUDA GPUs, and a CPU run has no use for it."""
+    if backend != "nccl":
+        return None
+    if not torch.cuda.is_available():
+        return "distributed.backend: nccl needs CUDA GPUs and none is available (use gloo)"
+    if device == "cpu":
+        return "distributed.backend: nccl needs train.device on a GPU, not cpu (use gloo)"
+    return None
+
+
 def init_from_env(backend: str = "auto", timeout_s: int = 300) -> torch.device | None:
     """Join the process group described by torchrun's environment variables.
 

@@ -73,6 +73,9 @@ ROWS = [
         ["train.max_steps", "both be 0"]),
     Row("node-rank-outside-nnodes", ["train", GOOD, "distributed.node_rank=2"],
         ["distributed.node_rank"]),
+    *[Row(f"nccl-{command}-on-a-cpu", [command, GOOD, "distributed.backend=nccl",
+                                       "distributed.nproc_per_node=2", "train.device=cpu"],
+          ["distributed.backend: nccl needs"]) for command in ("check", "prepare", "train")],
     Row("same-source-and-target-language", ["prepare", GOOD, "data.trg_lang=en"],
         ["data.trg_lang"]),
     # ---- overrides and recipe files -------------------------------------------------------
