@@ -35,7 +35,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from seq2seq.errors import Seq2SeqError
 
@@ -107,11 +107,12 @@ def _check_writable_dir(path: Path, directory: Path) -> None:
 
 def check_distinct(outputs: Iterable[str | Path | None], inputs: Iterable[str | Path | None],
                    ) -> None:
-    """Refuse an output that is the same file or directory as one of the inputs.
+    """Refuse an output that is the same file or directory as one of the inputs, or as
+    another output.
 
     Files are compared by device and inode, so any spelling of a path (``./a``, a symlink, a
-    hard link) is caught. Devices and FIFOs are not compared: ``--input /dev/stdin --output
-    /dev/stdout`` on one terminal is fine.
+    hard link) is caught; outputs that do not exist yet by their real path. Devices and FIFOs
+    are not compared: ``--input /dev/stdin --output /dev/stdout`` on one terminal is fine.
     """
     seen = {}
     for name in inputs:
@@ -123,6 +124,23 @@ def check_distinct(outputs: Iterable[str | Path | None], inputs: Iterable[str | 
         if key is not None and key in seen:
             raise OutputError(f"{name}: is the same file as the input {seen[key]}; writing it "
                               "would destroy the input")
+    written: dict[Any, str | Path] = {}
+    for name in outputs:
+        key = _identity(name) or _new_file(name)
+        if key is None:
+            continue
+        if key in written:
+            raise OutputError(f"{name}: is the same file as the output {written[key]}; one "
+                              "would overwrite the other")
+        written[key] = name
+
+
+def _new_file(path: str | Path | None) -> str | None:
+    """Where an output that is no existing file or directory would be written (its real path,
+    through symlinks); None for stdout and for devices, FIFOs and the like."""
+    if is_stdout(path) or os.path.exists(path):
+        return None
+    return os.path.realpath(path)
 
 
 def same_file(a: str | Path | None, b: str | Path | None) -> bool:

@@ -328,7 +328,6 @@ def translate_command(args: Any) -> int:
     check_output(args.output)
     check_output(args.attention)
     check_distinct([args.output, args.attention], [args.input, *args.checkpoint])
-    check_distinct([args.attention], [args.output])
     if any(same_file(args.input, checkpoint) for checkpoint in args.checkpoint):
         raise Seq2SeqError(f"--input {args.input}: is the checkpoint, not text to translate")
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device,

@@ -237,3 +237,14 @@ def test_an_output_that_is_an_input_is_refused_however_spelled(spelling, tmp_pat
         check_distinct([output], [data])
     check_distinct([tmp_path / "other.txt"], [data])  # a different (new) file is fine
     check_distinct(["-", None], ["-", None])  # stdin and stdout are not files here
+
+
+def test_two_outputs_that_are_one_file_are_refused_even_before_it_exists(tmp_path):
+    (tmp_path / "link.txt").symlink_to(tmp_path / "new.txt")  # dangling: writes go to new.txt
+    for a, b in [("new.txt", "./new.txt"), ("new.txt", "link.txt"), ("sub/../new.txt",
+                                                                       "new.txt")]:
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with pytest.raises(OutputError, match=f"{b}: is the same file as the output .*{a}"):
+            check_distinct([tmp_path / a, tmp_path / b], [])
+    check_distinct([tmp_path / "new.txt", tmp_path / "other.txt", "-", None, "/dev/null",
+                    "/dev/null"], [])  # distinct files; stdout and devices are not compared

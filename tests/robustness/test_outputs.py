@@ -34,10 +34,13 @@ def workdir(tmp_path, trained):
      "{ckpt}"),
     (["translate", "--checkpoint", "{ckpt}", "--input", "in.txt", "--output", "o.txt",
       "--attention", "o.txt"], "o.txt"),
+    (["translate", "--checkpoint", "{ckpt}", "--input", "in.txt", "--output", "new.txt",
+      "--attention", "./new.txt"], "./new.txt"),
     (["average", "{ckpt}", "{ckpt}", "--output", "{ckpt}"], "{ckpt}"),
     (["evaluate", "--checkpoint", "{ckpt}", "--src", "in.txt", "--ref", "r/in.txt.hyp.txt",
       "--report-dir", "r"], "r/in.txt.hyp.txt"),
 ], ids=["same", "dot", "symlink", "hardlink-attention", "checkpoint", "output-is-attention",
+        "new-output-is-new-attention",
         "average-onto-an-input", "evaluate-report-onto-a-ref"])
 def test_an_output_that_is_an_input_is_refused_before_any_work(argv, named, workdir, trained):
     (workdir / "link.txt").symlink_to(workdir / "in.txt")
@@ -50,8 +53,9 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(argv, named, work
     result = seq2seq(*[a.format(ckpt=trained) for a in argv], cwd=workdir)
     assert result.returncode == 2, result.stderr.decode()
     (line,) = error_lines(result.stderr)
+    other = "output" if named in ("o.txt", "./new.txt") else "input"  # --output, --attention
     assert line.startswith(f"error: {named.format(ckpt=trained)}: is the same file as the "
-                           "input"), line
+                           f"{other}"), line
     assert b"Traceback" not in result.stderr
     assert snapshot(workdir) == before and trained.read_bytes() == ckpt_before
 
