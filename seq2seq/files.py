@@ -12,8 +12,9 @@ data) through :func:`open_output` or :func:`write_bytes`. What happens depends o
   other users of a shared filesystem can read it. A file with other hard links is rewritten in
   place once the output is complete, so that every name sees it (a rename would leave the other
   names on the old content). A read-only file is an error, not replaced.
-- **Anything else that exists** (a character device, a FIFO, ``/dev/stdout``): written
-  directly, streaming.
+- **Anything else that exists** (a character device, a FIFO), and **an open descriptor**
+  (``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``, whatever it is open on: a pipe, a
+  terminal or a file, appended to as the shell opened it): written directly, streaming.
 - **A directory, a socket, a path in a missing directory**: an error before any work.
 
 :func:`check_output` makes those checks before a command does any work, and
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import stat
@@ -73,6 +75,15 @@ def check_output(path: str | Path | None) -> None:
     if is_stdout(path):
         return
     path = Path(path)
+    if is_descriptor(path):
+        try:
+            info = os.stat(path)
+        except OSError as error:
+            raise OutputError(f"{path}: cannot use as output ({error.strerror or error})") \
+                from None
+        if stat.S_ISDIR(info.st_mode):
+            raise OutputError(f"{path}: is a directory, not an output file")
+        return
     real = Path(os.path.realpath(path))  # a symlink's target is what gets written
     try:
         info = real.stat()
@@ -98,6 +109,34 @@ def check_output(path: str | Path | None) -> None:
                               "another output)")
         if info.st_nlink == 1:
             _check_writable_dir(path, real.parent)
+
+
+def is_descriptor(path: str | Path) -> bool:
+    """Whether ``path`` names one of a process's open descriptors (``/dev/stdout``,
+    ``/dev/fd/1``, ``/proc/self/fd/1``, through any symlinks): written where the descriptor
+    points, never replaced. Its link's target is no path to write beside (``pipe:[1234]``)."""
+    return _descriptor_name(path) is not None
+
+
+def _descriptor_name(path: str | Path) -> str | None:
+    name = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on symlinks followed
+        if re.fullmatch(r"/proc/(self|thread-self|\d+)/fd/\d+|/dev/fd/\d+", name):
+            return name
+        if not os.path.islink(name):
+            return None
+        name = os.path.normpath(os.path.join(os.path.dirname(name), os.readlink(name)))
+    return None
+
+
+def _open_descriptor(path: Path) -> BinaryIO:
+    """A stream on a copy of this process's descriptor that ``path`` names, writing at its
+    offset as the shell opened it (``>`` or ``>>``); another process's is opened to append."""
+    name = _descriptor_name(path) or str(path)
+    own = re.fullmatch(rf"/proc/(self|thread-self|{os.getpid()})/fd/(\d+)|/dev/fd/(\d+)", name)
+    if own:
+        return os.fdopen(os.dup(int(own.group(2) or own.group(3))), "wb")
+    return open(path, "ab")  # noqa: SIM115 (closed by the caller)
 
 
 def _check_writable_dir(path: Path, directory: Path) -> None:
@@ -173,6 +212,10 @@ def open_output(path: str | Path | None) -> Iterator[BinaryIO]:
         return
     check_output(path)
     path = Path(path)
+    if is_descriptor(path):
+        with _direct(path, path, _open_descriptor) as stream:
+            yield stream
+        return
     real = Path(os.path.realpath(path))
     info = real.stat() if real.exists() else None
     if info is not None and not stat.S_ISREG(info.st_mode):
@@ -184,10 +227,11 @@ def open_output(path: str | Path | None) -> Iterator[BinaryIO]:
 
 
 @contextlib.contextmanager
-def _direct(path: Path, real: Path) -> Iterator[BinaryIO]:
-    """Write a device or FIFO directly (a FIFO's open waits for a reader)."""
+def _direct(path: Path, real: Path, opener: Any = None) -> Iterator[BinaryIO]:
+    """Write a device or FIFO directly (a FIFO's open waits for a reader), or a descriptor
+    (``opener``: :func:`_open_descriptor`)."""
     try:
-        raw = open(real, "wb")  # noqa: SIM115 (closed below)
+        raw = opener(real) if opener else open(real, "wb")  # noqa: SIM115 (closed below)
     except OSError as error:
         raise OutputError(f"{path}: cannot open for writing ({error.strerror or error})") from None
     stream = _Checked(raw, path)

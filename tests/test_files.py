@@ -248,3 +248,25 @@ def test_two_outputs_that_are_one_file_are_refused_even_before_it_exists(tmp_pat
             check_distinct([tmp_path / a, tmp_path / b], [])
     check_distinct([tmp_path / "new.txt", tmp_path / "other.txt", "-", None, "/dev/null",
                     "/dev/null"], [])  # distinct files; stdout and devices are not compared
+
+
+def test_a_descriptor_is_written_where_it_points_never_replaced(tmp_path):
+    """/dev/stdout and its kin with stdout on a pipe (whose link target, pipe:[N], is no path)
+    or on a file opened to append (as `>>` opens it)."""
+    read, write = os.pipe()
+    with open_output(f"/dev/fd/{write}") as out:
+        out.write(b"through a pipe\n")
+    os.close(write)
+    assert os.read(read, 100) == b"through a pipe\n"
+    os.close(read)
+    log = tmp_path / "log.txt"
+    log.write_bytes(b"previous\n")
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    (tmp_path / "link").symlink_to(f"/proc/self/fd/{fd}")
+    for name in (f"/proc/self/fd/{fd}", tmp_path / "link"):
+        check_output(name)
+        with open_output(name) as out:
+            out.write(b"more\n")
+    os.close(fd)
+    assert log.read_bytes() == b"previous\nmore\nmore\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "log.txt"]  # no .tmp
