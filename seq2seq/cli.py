@@ -19,6 +19,7 @@ from seq2seq import __version__
 from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from seq2seq.config.memory import memory_problems
 from seq2seq.errors import Seq2SeqError
+from seq2seq.files import STOP_SIGNALS
 from seq2seq.heap import keep_freed_memory
 from seq2seq.serve.options import add_serve_arguments
 
@@ -272,11 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Terminated(Exception):
-    """SIGTERM, raised where the program is, so that ``finally`` blocks remove temporary files."""
+    """SIGTERM or SIGHUP, raised where the program is, so that ``finally`` blocks remove
+    temporary files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,10 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     previous = {}
     with contextlib.suppress(ValueError):  # not the main thread: keep the defaults
-        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)
-        # Python keeps a SIGINT that its launcher ignored (a background job of a script): every
-        # command stops on SIGINT all the same, cleaning up, as `train` always has.
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in STOP_SIGNALS:
+            if sig == signal.SIGINT:
+                # Python keeps a SIGINT that its launcher ignored (a background job of a
+                # script): every command stops on SIGINT all the same, cleaning up, as `train`
+                # always has.
+                previous[sig] = signal.signal(sig, signal.default_int_handler)
+            elif sig == signal.SIGTERM or signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, _terminate)  # (nohup's SIGHUP stays ignored)
     try:
         if os.environ.get("SEQ2SEQ_FP32_GEMM"):  # a bad value is said now, before any work
             from seq2seq.models.gemm import fp32_backend
@@ -306,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print("terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as stop:
+        print("terminated" if stop.signum == signal.SIGTERM else "hung up", file=sys.stderr)
+        return 128 + stop.signum
     except BrokenPipeError:
         # `seq2seq translate ... | head` closes the pipe early: not an error.
         sys.stderr.close()

@@ -275,12 +275,19 @@ def _replacing(path: Path, real: Path, info: os.stat_result | None) -> Iterator[
             raise
 
 
+# The signals every command stops on, cleaning up: Ctrl-C, `kill`, and the hang-up of a
+# closed terminal or a dropped SSH session (the CLI turns SIGTERM and SIGHUP into exceptions).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[Callable[[], None]]:
-    """SIGINT and SIGTERM held back from this thread until the function it gives is called,
-    or the block ends: for the instant between making a temporary file or directory and
-    entering the ``try`` that removes it, where a Ctrl-C would leave it behind. A signal that
-    came meanwhile is delivered at the release, its handler's exception raised there::
+    """The stop signals (:data:`STOP_SIGNALS`) held back from this thread until the function
+    it gives is called, or the block ends: for the instant between making a temporary file or
+    directory and entering the ``try`` that removes it, where a Ctrl-C would leave it behind.
+    A signal that came meanwhile is delivered at the release, its handler's exception raised
+    there::
 
         with signals_held() as release:
             work = tempfile.mkdtemp(...)
@@ -292,7 +299,7 @@ def signals_held() -> Iterator[Callable[[], None]]:
     """
     mask = None
     if hasattr(signal, "pthread_sigmask"):  # POSIX
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
 
     def release() -> None:  # again: no harm
         if mask is not None:

@@ -53,7 +53,8 @@ def test_a_signal_stops_training_with_a_saved_checkpoint_and_exit_128_plus_n(tmp
     tree["train"].update(max_steps=100_000, valid_every=2)
     recipe.write_text(yaml.safe_dump(tree))
     run = tmp_path / "run"
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):  # the second one resumes
+    # each one after the first resumes
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)):
         seen = set(run.glob("step_*.pt"))
         process = subprocess.Popen([sys.executable, "-m", "seq2seq", "train", recipe], cwd=REPO,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)

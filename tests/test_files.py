@@ -68,7 +68,7 @@ def signal_once_made(monkeypatch, maker: str, sig: signal.Signals):
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing left blocked
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_as_the_temporary_file_is_made_leaves_no_file(sig, tmp_path, monkeypatch):
     path = tmp_path / "out.txt"
     path.write_bytes(b"old\n")

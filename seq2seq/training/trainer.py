@@ -31,6 +31,7 @@ from seq2seq.config import Recipe, recipe_to_dict
 from seq2seq.data.batching import epoch_batches, rank_steps
 from seq2seq.data.cache import prepare_data
 from seq2seq.data.sampling import sampled_epoch
+from seq2seq.files import STOP_SIGNALS
 from seq2seq.models.seq2seq import build_model
 from seq2seq.training.averaging import average_and_validate
 from seq2seq.training.optim import Schedule, run_done
@@ -364,14 +365,17 @@ def set_rng_state(rngs: list[dict[str, torch.Tensor]], rank: int, device: torch.
 
 @contextlib.contextmanager
 def stop_signals(trainer: Trainer) -> Iterator[None]:
-    """Make SIGINT/SIGTERM stop ``trainer`` after the current update; restore the handlers."""
+    """Make SIGINT, SIGTERM and SIGHUP (unless ignored, as under nohup) stop ``trainer``
+    after the current update; restore the handlers."""
     def handler(signum: int, frame: Any) -> None:
         trainer.interrupted = True
         trainer.stop_signal = signum
         trainer.stop_reason = f"received {signal.Signals(signum).name}"
 
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
+        if sig != signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+            continue
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread (e.g. inside a test runner thread)

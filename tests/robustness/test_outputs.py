@@ -101,8 +101,9 @@ def ignore_sigint() -> None:
 
 
 @pytest.mark.parametrize("sig,launch", [(signal.SIGTERM, None), (signal.SIGINT, None),
-                                        (signal.SIGINT, ignore_sigint)],
-                         ids=["SIGTERM", "SIGINT", "SIGINT-ignored-by-the-launcher"])
+                                        (signal.SIGINT, ignore_sigint), (signal.SIGHUP, None)],
+                         ids=["SIGTERM", "SIGINT", "SIGINT-ignored-by-the-launcher",
+                              "SIGHUP-of-a-closed-terminal"])
 def test_an_interrupted_translation_leaves_the_old_output_and_no_temporary_file(
         sig, launch, workdir, trained):
     # A background job of a script starts with SIGINT ignored, and Python would keep it so:
@@ -133,6 +134,22 @@ def test_an_interrupted_translation_leaves_the_old_output_and_no_temporary_file(
     assert (workdir / "out.txt").read_bytes() == b"previous output\n"
     assert not (workdir / "att.jsonl").exists()
     assert not list(workdir.glob(".*.tmp"))
+
+
+def test_a_hang_up_ignored_by_the_launcher_as_by_nohup_stays_ignored(workdir, trained):
+    (workdir / "some.txt").write_bytes(b"the dog sees the cat\n" * 3000)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "seq2seq", "translate", "--checkpoint",
+                                str(trained), "--input", "some.txt", "--output", "out.txt"],
+                               cwd=workdir, env=env, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(workdir.glob(".*.tmp")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert (workdir / "out.txt").read_bytes().count(b"\n") == 3000
 
 
 def test_the_checkpoint_given_as_input_is_refused_before_it_loads(workdir, trained):
