@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,10 +52,13 @@ class ServeOptions:
                                         ("max_texts", 1), ("queue_size", 1), ("port", 0),
                                         ("threads", 0)]
                     if (value := getattr(self, name)) < least]
-        problems += [f"--{name.replace('_', '-')} must be > 0, got {value}"
-                     for name in ["timeout"] if (value := getattr(self, name)) <= 0]
-        if self.batch_wait_ms < 0:
-            problems.append(f"--batch-wait-ms must be >= 0, got {self.batch_wait_ms}")
+        problems += [f"--{name.replace('_', '-')} must be <= {most}, got {value}"
+                     for name, most in [("port", 65535), ("threads", 1024)]  # as train.threads
+                     if (value := getattr(self, name)) > most]
+        if not 0 < self.timeout < math.inf:
+            problems.append(f"--timeout must be a number of seconds > 0, got {self.timeout}")
+        if not 0 <= self.batch_wait_ms < math.inf:
+            problems.append(f"--batch-wait-ms must be a number >= 0, got {self.batch_wait_ms}")
         if problems:
             raise Seq2SeqError("; ".join(problems))
 

@@ -29,8 +29,14 @@ def test_other_commands_do_not_import_fastapi():
 @pytest.mark.parametrize("flags,message", [
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--queue-size", "-3"], "--queue-size must be >= 1, got -3"),
-    (["--timeout", "0"], "--timeout must be > 0, got 0.0"),
-    (["--batch-wait-ms", "-1"], "--batch-wait-ms must be >= 0, got -1.0"),
+    (["--timeout", "0"], "--timeout must be a number of seconds > 0, got 0.0"),
+    (["--timeout", "nan"], "--timeout must be a number of seconds > 0, got nan"),
+    (["--timeout", "inf"], "--timeout must be a number of seconds > 0, got inf"),
+    (["--batch-wait-ms", "-1"], "--batch-wait-ms must be a number >= 0, got -1.0"),
+    (["--batch-wait-ms", "nan"], "--batch-wait-ms must be a number >= 0, got nan"),
+    (["--port", "65536"], "--port must be <= 65535, got 65536"),
+    (["--port", "70000"], "--port must be <= 65535, got 70000"),
+    (["--threads", "100000"], "--threads must be <= 1024, got 100000"),
     (["--api-keys", "/nonexistent/keys.txt"], "cannot read the API keys"),
 ])
 def test_bad_flags_fail_before_loading(flags, message, tmp_path):
