@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from seq2seq.serve.metrics import Metrics
 from seq2seq.serve.options import ServeOptions
@@ -78,7 +79,7 @@ def build_app(pairs: LanguagePairs, options: ServeOptions, metrics: Metrics) -> 
     @app.post("/translate")
     async def translate(request: Request) -> JSONResponse:
         started = time.monotonic()
-        fields = await request_fields(request, options.body_limit)
+        fields = await request_fields(request, options.body_limit, options.timeout)
         checked = parse_translate(fields, options)
         answer = await translate_request(pairs.get(checked.source, checked.target), checked,
                                          options.timeout)
@@ -148,9 +149,21 @@ class CountAnswers:
                 in_progress.dec()
 
 
-async def request_fields(request: Request, body_limit: int) -> dict[str, Any]:
-    """The fields of a JSON, urlencoded or multipart body of at most ``body_limit`` bytes."""
-    body = await read_body(request.stream(), request.headers.get("content-length"), body_limit)
+async def request_fields(request: Request, body_limit: int, timeout_s: float
+                         ) -> dict[str, Any]:
+    """The fields of a JSON, urlencoded or multipart body of at most ``body_limit`` bytes,
+    received within ``timeout_s`` seconds: a client that stops sending half way holds no
+    connection for ever (408), and one that goes away is no server error (499, nginx's
+    "client closed request", for the metrics: nobody reads the answer)."""
+    try:
+        body = await asyncio.wait_for(read_body(request.stream(),
+                                                request.headers.get("content-length"),
+                                                body_limit), timeout_s)
+    except ClientDisconnect:
+        raise ApiError(499, "Client closed the request before its body was complete") from None
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"Request timeout: the body did not arrive within {timeout_s:g} "
+                       "seconds") from None
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         return parse_fields(body, content_type)

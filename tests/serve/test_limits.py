@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -132,6 +133,32 @@ def test_a_burst_past_the_queue_gets_503_not_a_hang(limited_server, test_sentenc
             assert int(response.headers["Retry-After"]) >= 1
             assert "busy" in response.json()["error"]
     assert httpx.get(limited_server.url + "health").status_code == 200
+
+
+def test_a_body_cut_short_or_held_back_is_a_4xx_not_a_failure_nor_a_held_connection(
+        checkpoint, tmp_path):
+    server = Server(checkpoint, tmp_path / "serve.log", "--timeout", "2")
+    host, port = re.match(r"http://([^:/]+):(\d+)/", server.url).groups()
+    head = (b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{\"q\": \"the d")
+    try:
+        with socket.create_connection((host, int(port))) as gone:
+            gone.sendall(head)  # and goes away
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(head)  # and sends no more
+            started = time.monotonic()
+            answer = slow.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"did not arrive within 2 seconds" in answer
+            assert 1.5 < time.monotonic() - started < 20
+        deadline = time.monotonic() + 10
+        while 'status="499"' not in httpx.get(server.url + "metrics").text:
+            assert time.monotonic() < deadline, "the closed request was not counted"
+            time.sleep(0.1)
+        assert httpx.get(server.url + "health").status_code == 200
+    finally:
+        assert server.stop() == 0, server.output()
+    assert "Traceback" not in server.output() and "Exception" not in server.output()
 
 
 def test_a_slow_translation_times_out_with_503(checkpoint, test_sentences, tmp_path):
