@@ -226,6 +226,21 @@ def open_output(path: str | Path | None) -> Iterator[BinaryIO]:
         yield stream
 
 
+Output = Callable[[Path], BinaryIO]
+
+
+@contextlib.contextmanager
+def output_set() -> Iterator[Output]:
+    """Several outputs written as one: ``output(path)`` is a stream as :func:`open_output`
+    gives, and the files are put in place only when the block ends without an error, all of
+    them with the stop signals held back (one that comes meanwhile is raised after). So an
+    error or a signal leaves every file as it was or all of them new, never a mix."""
+    with contextlib.ExitStack() as stack:
+        yield lambda path: stack.enter_context(open_output(path))
+        with signals_held():
+            stack.close()
+
+
 @contextlib.contextmanager
 def _direct(path: Path, real: Path, opener: Any = None) -> Iterator[BinaryIO]:
     """Write a device or FIFO directly (a FIFO's open waits for a reader), or a descriptor
@@ -297,11 +312,15 @@ def signals_held() -> Iterator[Callable[[], None]]:
             finally:
                 shutil.rmtree(work)
     """
-    mask = None
+    held = [None]
     if hasattr(signal, "pthread_sigmask"):  # POSIX
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+        held[0] = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
 
-    def release() -> None:  # again: no harm
+    def release() -> None:
+        # Once only: the block's end, after an early release, must not set the mask of its
+        # start again, which would undo a later hold still in force (output_set's, which
+        # holds the signals while the outputs made earlier are put in place).
+        mask, held[0] = held[0], None
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 

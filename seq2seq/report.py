@@ -26,7 +26,7 @@ from typing import Any
 
 import sacrebleu
 
-from seq2seq.files import open_output
+from seq2seq.files import Output, output_set
 from seq2seq.scoring import METRIC_NAMES, EvaluationError
 from seq2seq.translate_io import write_lines
 
@@ -63,27 +63,25 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
         raise EvaluationError(f"test set names collide as file names: {stems}")
     written: list[Path] = []
     entries = []
-    for result, stem in zip(results, stems):
-        hyp_path = report_dir / f"{stem}.hyp.txt"
-        with open_output(hyp_path) as stream:
-            write_lines(result["hypotheses"], stream)
-        written.append(hyp_path)
-        entry = {k: v for k, v in result.items() if k not in ("hypotheses", "attention")}
-        entry["hypotheses_file"] = hyp_path.name
-        entry["plots"] = [p.name for p in _draw_plots(report_dir, stem, result)] if plots else []
-        written += [report_dir / p for p in entry["plots"]]
-        entries.append(entry)
-    report = {"sacrebleu_version": sacrebleu.__version__, "test_sets": entries}
-    text = json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"
-    written.append(_write_text(report_dir / "report.json", text))
-    written.append(_write_text(report_dir / "report.md", format_markdown(entries)))
+    # One set: an error or a signal leaves every file of an earlier report as it was, never
+    # new hypotheses beside the old report.json.
+    with output_set() as output:
+        for result, stem in zip(results, stems):
+            hyp_path = report_dir / f"{stem}.hyp.txt"
+            write_lines(result["hypotheses"], output(hyp_path))
+            written.append(hyp_path)
+            entry = {k: v for k, v in result.items() if k not in ("hypotheses", "attention")}
+            entry["hypotheses_file"] = hyp_path.name
+            entry["plots"] = ([p.name for p in _draw_plots(output, report_dir, stem, result)]
+                              if plots else [])
+            written += [report_dir / p for p in entry["plots"]]
+            entries.append(entry)
+        report = {"sacrebleu_version": sacrebleu.__version__, "test_sets": entries}
+        text = json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"
+        for name, content in (("report.json", text), ("report.md", format_markdown(entries))):
+            output(report_dir / name).write(content.encode("utf-8"))
+            written.append(report_dir / name)
     return written
-
-
-def _write_text(path: Path, text: str) -> Path:
-    with open_output(path) as stream:
-        stream.write(text.encode("utf-8"))
-    return path
 
 
 def _ci_text(entry: dict[str, Any]) -> str:
@@ -162,7 +160,8 @@ def format_markdown(entries: Sequence[dict[str, Any]]) -> str:
 _warned_no_matplotlib = False
 
 
-def _draw_plots(report_dir: Path, stem: str, result: dict[str, Any]) -> list[Path]:
+def _draw_plots(output: Output, report_dir: Path, stem: str, result: dict[str, Any]
+                ) -> list[Path]:
     """Draw the BLEU-by-length bars and the attention heatmaps of one test set."""
     global _warned_no_matplotlib
     try:
@@ -177,16 +176,16 @@ def _draw_plots(report_dir: Path, stem: str, result: dict[str, Any]) -> list[Pat
         # Tokens in scripts the default font lacks draw as boxes; one warning each is noise.
         warnings.filterwarnings("ignore", message=".*[Gg]lyph.*missing")
         warnings.filterwarnings("ignore", message=".*tight_layout.*")
-        return _draw_plots_with(Figure, report_dir, stem, result)
+        return _draw_plots_with(Figure, output, report_dir, stem, result)
 
 
-def _draw_plots_with(Figure: Any, report_dir: Path, stem: str,
+def _draw_plots_with(Figure: Any, output: Output, report_dir: Path, stem: str,
                      result: dict[str, Any]) -> list[Path]:
     paths = []
     if result.get("bleu_by_length"):
         fig = Figure(figsize=(6, 3.5))
         _draw_bleu_by_length(fig, result["name"], result["bleu_by_length"])
-        paths.append(_save_png(fig, report_dir / f"bleu_by_length_{stem}.png"))
+        paths.append(_save_png(output, fig, report_dir / f"bleu_by_length_{stem}.png"))
     for i, (src_tokens, hyp_tokens, matrix) in enumerate(result.get("attention", []), start=1):
         rows = [[float(x) for x in row] for row in matrix]
         if len(rows) != len(hyp_tokens) or any(len(row) != len(src_tokens) for row in rows):
@@ -195,7 +194,7 @@ def _draw_plots_with(Figure: Any, report_dir: Path, stem: str,
         fig = Figure(figsize=(min(max(2.5 + 0.3 * len(src_tokens), 4), 30),
                               min(max(2 + 0.3 * len(hyp_tokens), 3), 30)))
         _draw_attention(fig, src_tokens, hyp_tokens, rows)
-        paths.append(_save_png(fig, report_dir / f"attention_{stem}_{i}.png"))
+        paths.append(_save_png(output, fig, report_dir / f"attention_{stem}_{i}.png"))
     return paths
 
 
@@ -226,9 +225,8 @@ def _draw_attention(fig: Any, src_tokens: Sequence[str], hyp_tokens: Sequence[st
     fig.tight_layout()
 
 
-def _save_png(fig: Any, path: Path) -> Path:
+def _save_png(output: Output, fig: Any, path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    with open_output(path) as stream:
-        stream.write(buffer.getvalue())
+    output(path).write(buffer.getvalue())
     return path

@@ -1,9 +1,11 @@
 """Scores, confidence intervals, paired tests (seq2seq/scoring.py) and report files
 (seq2seq/report.py)."""
 
+import contextlib
 import gzip
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +177,47 @@ def test_attention_of_the_wrong_shape_is_refused(tmp_path, refs):
                           attention=[(["a", "b"], ["x"], [[1.0, 0.0, 0.0]])])
     with pytest.raises(ValueError, match=r"not \(T, S\) = \(1, 2\)"):
         write_report(tmp_path, [result])
+
+
+@pytest.mark.parametrize("stop", ["error", "signal-while-writing", "signal-while-committing"])
+def test_a_report_stopped_half_way_leaves_the_earlier_one_whole(tmp_path, refs, monkeypatch,
+                                                               stop):
+    """Each file was atomic but the set was not: a Ctrl-C while writing left new hypotheses
+    beside the old report.json. Now the files stay as they were, or (a signal as they are put
+    in place) all become new before the signal stops the command."""
+    import signal
+
+    from seq2seq import files
+
+    old = build_result("t", refs[:5], refs[:5], [refs[:5]], False, "13a", 0, 1,
+                       {"beam_size": 2}, [])
+    write_report(tmp_path, [old])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    new = build_result("t", refs[:5], degrade(refs[:5]), [refs[:5]], False, "13a", 0, 1,
+                       {"beam_size": 3}, [])
+    if stop == "error":  # the second file fails after the first was written
+        new["attention"] = [(["a", "b"], ["x"], [[1.0, 0.0, 0.0]])]
+        with pytest.raises(ValueError):
+            write_report(tmp_path, [new])
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+        return
+    real = files.open_output
+
+    @contextlib.contextmanager
+    def interrupted(path):  # Ctrl-C as report.md, the last file, is begun or put in place
+        if stop == "signal-while-writing" and Path(path).name == "report.md":
+            signal.raise_signal(signal.SIGINT)
+        with real(path) as stream:
+            yield stream
+            if stop == "signal-while-committing" and Path(path).name == "report.md":
+                signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(files, "open_output", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(tmp_path, [new])
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after.keys() == before.keys()
+    if stop == "signal-while-writing":
+        assert after == before
+    else:
+        assert [name for name in after if after[name] == before[name]] == []
