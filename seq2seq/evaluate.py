@@ -110,6 +110,8 @@ def _test_sets(args: Any, recipe: Any) -> Iterator[tuple[str, list[str], list[li
     """``(name, sources, reference streams)`` of each test set to evaluate."""
     if args.src:
         srcs = _read_text_lines(args.src)
+        if not srcs:
+            raise EvaluationError(f"{args.src}: empty; no sentence to evaluate")
         refs = [_read_text_lines(path) for path in args.ref]
         for path, stream in zip(args.ref, refs):
             if len(stream) != len(srcs):
