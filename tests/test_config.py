@@ -60,6 +60,12 @@ def test_misspelt_key_names_itself_and_the_closest_key():
     assert "train.lrr" in problem and "did you mean train.lr?" in problem
 
 
+def test_a_dotted_key_in_yaml_is_shown_how_to_nest():
+    assert problems_of({"train.lr": 2}) == [
+        "recipe: train.lr: unknown key; a dotted key is for the command line (train.lr=VALUE); "
+        "in YAML, nest it: train: {lr: VALUE}"]
+
+
 def test_misspelt_section_and_nested_corpus_key():
     problems = problems_of({"trian": {}, "data": {"train": {"scr": "a.txt"}}})
     assert any("trian: unknown key; did you mean train?" in p for p in problems)

@@ -148,6 +148,10 @@ def _fail(problems: list[str], path: str, message: str) -> Any:
 
 
 def _suggest(key: str, valid: list[str], prefix: str) -> str:
+    head, dot, rest = key.partition(".")
+    if dot and head in valid:  # "train.lr: 2" in a YAML file: the override syntax
+        return (f"; a dotted key is for the command line ({key}=VALUE); in YAML, nest it: "
+                f"{prefix}{head}: {{{rest}: VALUE}}")
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean {prefix}{close[0]}?" if close else ""
 
