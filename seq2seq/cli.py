@@ -122,8 +122,8 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
 
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
     for split, size in sizes.items():
-        if size < 0:
-            raise Seq2SeqError(f"--{split} must be >= 0, got {size}")
+        if not 0 <= size <= 10_000_000:  # as a recipe's generated corpus (data.*.size)
+            raise Seq2SeqError(f"--{split} must be in [0, 10000000], got {size}")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise Seq2SeqError(f"{args.output}: exists and is not a directory")
     try:

@@ -208,6 +208,8 @@ ROWS = [
     Row("generate-data-into-a-file", ["generate-data", "taken", "--train", "5"], ["taken"],
         {"taken": b"x"}),
     Row("generate-data-negative-size", ["generate-data", "out", "--train", "-5"], ["--train"]),
+    Row("generate-data-endless-size", ["generate-data", "out", "--train", "99999999999999"],
+        ["--train must be in [0, 10000000], got 99999999999999"]),
     Row("unknown-command", ["trian", GOOD], ["trian"]),
     Row("unknown-flag", ["translate", "--checkpoint", "x.pt", "--beem", "3"], ["--beem"]),
 ]
