@@ -125,7 +125,8 @@ def test_rdrop_needs_some_dropout_and_either_kind_will_do(model):
 def test_beam_size_zero_is_named_alone_and_an_empty_output_dir_is_refused():
     assert problems_of({"decode": {"beam_size": 0}}) == [
         "recipe: decode.beam_size: must be in [1, 1000], got 0"]
-    assert problems_of({}, ["output_dir="]) == ["recipe: output_dir: must not be empty"]
+    assert problems_of({}, ["output_dir="]) == [
+        "recipe: output_dir: must not be empty (from the override output_dir=)"]
 
 
 def test_home_and_variables_are_expanded_in_the_output_directories(monkeypatch):

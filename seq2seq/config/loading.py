@@ -236,6 +236,7 @@ def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe
     if not isinstance(tree, dict):
         raise RecipeError([f"{source}: expected a mapping at the top level, got {_show(tree)}"])
     tree = _deepcopy(tree, source)
+    given = {}  # dotted key -> the override that set it, to name where a problem comes from
     for text in overrides:
         try:
             parts, value = parse_override(text)
@@ -243,9 +244,12 @@ def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe
             problems.extend(error.problems)
             continue
         apply_override(tree, parts, value)
+        given[".".join(parts)] = text
     recipe = _build(Recipe, tree, "", problems)
     if problems or recipe is _INVALID:
-        raise RecipeError([f"{source}: {p}" for p in problems])
+        raise RecipeError([f"{source}: {p}" + next(
+            (f" (from the override {text})" for key, text in given.items()
+             if p.startswith(f"{key}:")), "") for p in problems])
     return _expanded_outputs(recipe)
 
 

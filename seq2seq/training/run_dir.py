@@ -68,6 +68,10 @@ class RunDirectory:
         Raises:
             Seq2SeqError: another process holds it, or the directory cannot be written.
         """
+        for directory in (self.path, *self.path.parents):
+            if directory.exists() and not directory.is_dir():  # as prepare's checks say it
+                raise Seq2SeqError(f"output_dir {self.path}: {directory} exists and is not a "
+                                   "directory")
         try:
             for directory in (self.path, *self.path.parents):
                 if directory.exists():

@@ -70,8 +70,10 @@ def test_seeds_are_32_bit():
     assert problems_of([f"seed={SEED_MAX}", f"data.train.seed={SEED_MAX}"]) == []
     problems = problems_of([f"seed={SEED_MAX + 1}", "data.valid.seed=-1"])
     assert problems == [
-        "recipe: data.valid.seed: must be in [0, 4_294_967_295], got -1",
-        "recipe: seed: must be in [0, 4_294_967_295], got 4_294_967_296"]
+        "recipe: data.valid.seed: must be in [0, 4_294_967_295], got -1 (from the override "
+        "data.valid.seed=-1)",
+        "recipe: seed: must be in [0, 4_294_967_295], got 4_294_967_296 (from the override "
+        "seed=4294967296)"]
 
 
 @pytest.mark.parametrize("override", ["decode.alpha=.inf", "train.lr=.nan", "decode.alpha=1e400",
@@ -83,13 +85,15 @@ def test_a_float_in_a_recipe_is_finite(override):
 
 def test_cross_field_rules_that_would_silently_change_a_meaning():
     assert problems_of(["train.min_lr=0.01", "train.lr=0.001"]) == [
-        "recipe: train.min_lr: must not exceed train.lr (0.001), got 0.01"]
+        "recipe: train.min_lr: must not exceed train.lr (0.001), got 0.01 (from the override "
+        "train.min_lr=0.01)"]
     # A ratio filter below 1 would drop every pair.
     assert problems_of(["data.max_length_ratio=0.5"]) == [
-        "recipe: data.max_length_ratio: must be 0 (no ratio filter) or at least 1, got 0.5"]
+        "recipe: data.max_length_ratio: must be 0 (no ratio filter) or at least 1, got 0.5 "
+        "(from the override data.max_length_ratio=0.5)"]
     assert problems_of(["distributed.rdzv_endpoint=host:70000"]) == [
         "recipe: distributed.rdzv_endpoint: expected host:port (port 1 to 65535), "
-        "got 'host:70000'"]
+        "got 'host:70000' (from the override distributed.rdzv_endpoint=host:70000)"]
 
 
 def test_sections_built_from_python_are_checked_for_types_too():
