@@ -240,7 +240,6 @@ def average_checkpoints(paths: list[Path], output: Path) -> None:
     save_checkpoint(payload, Path(output))
 
 
-
 def same_tensors(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> bool:
     """Whether two dictionaries of tensors (or two Nones) hold the same keys and values."""
     if a is None or b is None:

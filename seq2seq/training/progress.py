@@ -27,7 +27,7 @@ class Progress:
     def limit_reached(self, max_steps: int, max_epochs: int, metric: str,
                       patience: int) -> str | None:
         """Why the run is already done (a limit it has reached), or None; checked before
-        each epoch and update, so that a finished run started again makes no update."""
+        each epoch, so that a finished run started again makes no update."""
         if max_epochs and self.epoch >= max_epochs:
             return f"reached train.max_epochs={max_epochs}"
         if max_steps and self.step >= max_steps:
