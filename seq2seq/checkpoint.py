@@ -181,6 +181,9 @@ def _unpickle(path: Path, data: bytes, map_location: str | torch.device) -> dict
 
 def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
     """Load ``state`` into ``model``; weights that do not fit the recipe's model are one line."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: its weights are not a state dict "
+                              f"(a {type(state).__name__})")
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

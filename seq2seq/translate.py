@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from seq2seq.checkpoint import load_checkpoint, load_weights
+from seq2seq.checkpoint import CheckpointError, load_checkpoint, load_weights
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.decoding import bucketed_batches, decode_ids, make_shortlist, search_path
 from seq2seq.errors import Seq2SeqError
@@ -39,6 +39,17 @@ class SettingTypeError(Seq2SeqError, TypeError):
 
 
 _DEVICE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+
+
+def _read_part(path: str | Path, what: str, read: Any, state: Any) -> Any:
+    """``read(state)``, a part of checkpoint ``path``; one that cannot be read (a checkpoint
+    made by hand or by another program: a checkpoint written by seq2seq carries a digest of
+    its contents) is one line naming it."""
+    try:
+        return read(state)
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{path}: its {what} cannot be read ({reason})") from None
 
 
 def resolve_device(name: str, what: str = "--device") -> torch.device:
@@ -156,11 +167,11 @@ class Translator:
         for path in paths:
             ckpt = load_checkpoint(Path(path))
             if not models and ckpt.get("lexicon") is not None:
-                lexicon = Lexicon.from_state(ckpt["lexicon"])
+                lexicon = _read_part(path, "lexicon", Lexicon.from_state, ckpt["lexicon"])
             this_recipe = recipe_from_dict(ckpt["recipe"], source=f"{path} (recipe)")
             if ckpt.get("tokenizer") is None:
                 raise Seq2SeqError(f"{path}: the checkpoint holds no tokenizer")
-            this_tok = Tokenizer.from_state(ckpt["tokenizer"])
+            this_tok = _read_part(path, "tokenizer", Tokenizer.from_state, ckpt["tokenizer"])
             if tokenizer is not None and (this_tok.src_vocab_size, this_tok.trg_vocab_size) != (
                     tokenizer.src_vocab_size, tokenizer.trg_vocab_size):
                 raise Seq2SeqError(f"{path}: its vocabulary differs from {paths[0]}'s; "

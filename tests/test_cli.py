@@ -393,6 +393,30 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr.decode()
 
 
+@pytest.mark.parametrize("part, value, said", [
+    ("tokenizer", {"spm_model": b"not a tensor"}, "its tokenizer cannot be read"),
+    ("tokenizer", {"spm_model": "random"}, "its tokenizer cannot be read"),
+    ("model", ["a", "list"], "its weights are not a state dict (a list)"),
+])
+def test_a_hand_made_checkpoint_with_an_unreadable_part_is_one_line(trained, tmp_path, part,
+                                                                      value, said):
+    """Written without seq2seq's digest of its contents (as another program would), so
+    that nothing but the reading of each part can tell."""
+    import torch
+
+    _, run = trained
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    del ckpt["integrity"]
+    if value == "random":
+        value = {"spm_model": torch.randint(0, 256, (300,), dtype=torch.uint8)}
+    ckpt[part] = value
+    torch.save(ckpt, tmp_path / "made.pt")
+    result = seq2seq("translate", "--checkpoint", tmp_path / "made.pt", stdin=b"the dog\n")
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert err.startswith(f"error: {tmp_path / 'made.pt'}: {said}"), err
+
+
 def test_translate_in_bf16_gives_the_fp32_output_greedily(trained):
     # bf16 weights (cast once) on the tiny trained model: greedy output equals fp32's here;
     # beam search may differ where two hypotheses score within bf16's rounding (~0.4 %).
