@@ -19,9 +19,9 @@ from seq2seq import __version__
 from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from seq2seq.config.memory import memory_problems
 from seq2seq.errors import Seq2SeqError
-from seq2seq.files import STOP_SIGNALS
 from seq2seq.heap import keep_freed_memory
 from seq2seq.serve.options import add_serve_arguments
+from seq2seq.signals import STOP_SIGNALS
 
 EXIT_USAGE = 2
 

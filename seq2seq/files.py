@@ -31,7 +31,6 @@ import io
 import os
 import re
 import shutil
-import signal
 import stat
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from seq2seq.errors import Seq2SeqError
+from seq2seq.signals import signals_held
 
 
 class OutputError(Seq2SeqError):
@@ -288,46 +288,6 @@ def _replacing(path: Path, real: Path, info: os.stat_result | None) -> Iterator[
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-
-
-# The signals every command stops on, cleaning up: Ctrl-C, `kill`, and the hang-up of a
-# closed terminal or a dropped SSH session (the CLI turns SIGTERM and SIGHUP into exceptions).
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
-                     if hasattr(signal, name))
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[Callable[[], None]]:
-    """The stop signals (:data:`STOP_SIGNALS`) held back from this thread until the function
-    it gives is called, or the block ends: for the instant between making a temporary file or
-    directory and entering the ``try`` that removes it, where a Ctrl-C would leave it behind.
-    A signal that came meanwhile is delivered at the release, its handler's exception raised
-    there::
-
-        with signals_held() as release:
-            work = tempfile.mkdtemp(...)
-            try:
-                release()
-                ...
-            finally:
-                shutil.rmtree(work)
-    """
-    held = [None]
-    if hasattr(signal, "pthread_sigmask"):  # POSIX
-        held[0] = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
-
-    def release() -> None:
-        # Once only: the block's end, after an early release, must not set the mask of its
-        # start again, which would undo a later hold still in force (output_set's, which
-        # holds the signals while the outputs made earlier are put in place).
-        mask, held[0] = held[0], None
-        if mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-    try:
-        yield release
-    finally:
-        release()
 
 
 def write_error(path: Path, error: OSError) -> OutputError:

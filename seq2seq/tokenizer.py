@@ -29,7 +29,7 @@ import sentencepiece as spm
 
 from seq2seq.config import TokenizerConfig
 from seq2seq.errors import Seq2SeqError
-from seq2seq.files import signals_held
+from seq2seq.signals import signals_held
 
 if TYPE_CHECKING:  # torch is imported where needed: ``prepare`` and its workers never need it
     import torch

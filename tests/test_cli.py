@@ -56,8 +56,11 @@ def test_a_signal_stops_training_with_a_saved_checkpoint_and_exit_128_plus_n(tmp
     # each one after the first resumes
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)):
         seen = set(run.glob("step_*.pt"))
+        # SIGHUP as from a terminal, whatever the test runner inherited (nohup ignores it)
         process = subprocess.Popen([sys.executable, "-m", "seq2seq", "train", recipe], cwd=REPO,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   preexec_fn=lambda: signal.signal(signal.SIGHUP,
+                                                                    signal.SIG_DFL))
         deadline = time.monotonic() + 300
         while not set(run.glob("step_*.pt")) - seen and process.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint was written"

@@ -60,8 +60,8 @@ from seq2seq.data.fingerprint import (
 from seq2seq.data.preflight import cache_root as _cache_root
 from seq2seq.data.preflight import input_problems
 from seq2seq.data.stats import describe_eval_set, describe_train
-from seq2seq.files import signals_held
 from seq2seq.search.shortlist import MAX_PAIRS, Lexicon, build_lexicon
+from seq2seq.signals import signals_held
 from seq2seq.tokenizer import Tokenizer, load_if_current, tokenizer_hash, train_tokenizer
 
 CACHE_VERSION = 1  # bump when the cached columns or the filter rules change

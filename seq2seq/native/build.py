@@ -16,7 +16,7 @@ from pathlib import Path
 
 from seq2seq.cpuinfo import cpu_field
 from seq2seq.errors import Seq2SeqError
-from seq2seq.files import signals_held
+from seq2seq.signals import signals_held
 
 ENV = "SEQ2SEQ_NATIVE"
 SOURCE = Path(__file__).with_name("rows.c")

@@ -31,8 +31,8 @@ from seq2seq.config import Recipe, recipe_to_dict
 from seq2seq.data.batching import epoch_batches, rank_steps
 from seq2seq.data.cache import prepare_data
 from seq2seq.data.sampling import sampled_epoch
-from seq2seq.files import STOP_SIGNALS
 from seq2seq.models.seq2seq import build_model
+from seq2seq.signals import STOP_SIGNALS
 from seq2seq.training.averaging import average_and_validate
 from seq2seq.training.optim import Schedule, run_done
 from seq2seq.training.progress import Progress

@@ -100,8 +100,15 @@ def ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def hang_up_by_default() -> None:
+    """As a command started from a terminal: the test runner itself may run with SIGHUP
+    ignored (under nohup), which its children inherit and the CLI keeps."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig,launch", [(signal.SIGTERM, None), (signal.SIGINT, None),
-                                        (signal.SIGINT, ignore_sigint), (signal.SIGHUP, None)],
+                                        (signal.SIGINT, ignore_sigint),
+                                        (signal.SIGHUP, hang_up_by_default)],
                          ids=["SIGTERM", "SIGINT", "SIGINT-ignored-by-the-launcher",
                               "SIGHUP-of-a-closed-terminal"])
 def test_an_interrupted_translation_leaves_the_old_output_and_no_temporary_file(
