@@ -41,7 +41,7 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
     if data.cache_dir:
         directories.append(("data.cache_dir", cache_root(data, Path(recipe.output_dir))))
     for key, path in directories:
-        problem = _directory_problem(path)
+        problem = directory_problem(path)
         if problem:
             problems.append(f"{key} {path}: {problem}")
     # (key, corpus, read to its end, must hold a pair): an empty test set is allowed (it
@@ -93,7 +93,7 @@ def cache_root(data: DataConfig, out_dir: Path) -> Path:
     return out_dir / "cache"
 
 
-def _directory_problem(path: Path) -> str | None:
+def directory_problem(path: Path) -> str | None:
     """Why ``path`` cannot be used or created as a directory (a file on its way), if it can't."""
     for ancestor in [path, *path.parents]:
         if ancestor.exists():

@@ -31,6 +31,7 @@ from typing import Any
 from seq2seq import distributed as dist
 from seq2seq.checkpoint import load_latest, save_checkpoint
 from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict, recipe_to_yaml
+from seq2seq.data.preflight import directory_problem
 from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.files import remove_partial_writes, write_bytes
 from seq2seq.training.progress import Progress
@@ -68,10 +69,9 @@ class RunDirectory:
         Raises:
             Seq2SeqError: another process holds it, or the directory cannot be written.
         """
-        for directory in (self.path, *self.path.parents):
-            if directory.exists() and not directory.is_dir():  # as prepare's checks say it
-                raise Seq2SeqError(f"output_dir {self.path}: {directory} exists and is not a "
-                                   "directory")
+        problem = directory_problem(self.path)  # in the words of prepare's checks
+        if problem:
+            raise Seq2SeqError(f"output_dir {self.path}: {problem}")
         try:
             for directory in (self.path, *self.path.parents):
                 if directory.exists():
