@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -525,3 +526,27 @@ def test_decoding_tanh_takes_the_c_kernel(built, monkeypatch):
     monkeypatch.setattr(native, "library", lambda: None)
     torch.testing.assert_close(fused, cells.tanh(x.t()), rtol=0, atol=1.6e-7)
     torch.testing.assert_close(fused, torch.tanh(x.t()), rtol=0, atol=1.6e-7)
+
+
+def test_the_kernels_reuse_one_scratch_buffer_per_thread(built):
+    """A decoder step's scratch is kept for the next step, not allocated and freed at each one:
+    between the small tensors a decoder keeps per step, the freed ones left glibc's heap in
+    holes, and one long sentence's memory grew with its length times its steps."""
+    gen = torch.Generator().manual_seed(0)
+    query, keys = torch.randn(1, 1, 16, generator=gen), torch.randn(1, 900, 16, generator=gen)
+    v = torch.randn(1, 16, generator=gen)
+    first = native.additive_scores(query, keys, v)
+    buffer = native.scratch(0)
+    assert buffer.numel() >= torch.get_num_threads() * 902 * 16
+    for _ in range(3):  # later steps, and a shorter source, write into the same buffer
+        assert torch.equal(native.additive_scores(query, keys, v), first)
+        native.additive_scores(query, keys[:, :500], v)
+        assert native.scratch(0).data_ptr() == buffer.data_ptr()
+    grown = native.scratch(buffer.numel() + 1)  # a larger one grows by a quarter at least
+    assert grown.numel() >= buffer.numel() * 5 // 4
+    assert native.scratch(grown.numel()).data_ptr() == grown.data_ptr()
+    other = []  # another thread (a server's) has its own
+    thread = threading.Thread(target=lambda: other.append(native.scratch(1).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other and other[0] != grown.data_ptr()
