@@ -142,7 +142,7 @@ class BeamSearch:
         if self._targets is not None:
             cand_tokens = self._targets[cand_tokens]
         finish_eos(self._finished, beams, attn, cand_scores, cand_rows, cand_tokens,
-                    self.alpha)
+                    self.alpha, self.n_best)
         beams = advance(beams, state, attn, cand_scores, cand_rows, cand_tokens)
         done = finish_done(self._finished, beams, self.n_best, self.alpha)
         results = []

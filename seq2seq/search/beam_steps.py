@@ -161,8 +161,9 @@ def own_shortlists(log_probs: torch.Tensor, blocked: torch.Tensor) -> torch.Tens
 
 def finish_eos(finished: dict[Hashable, list[Hypothesis]], beams: Beams, attn: torch.Tensor,
                 cand_scores: torch.Tensor, cand_rows: torch.Tensor, cand_tokens: torch.Tensor,
-                alpha: float) -> None:
-    """Turn EOS candidates ranked within the top ``K`` into finished hypotheses.
+                alpha: float, n_best: int) -> None:
+    """Turn EOS candidates ranked within the top ``K`` into finished hypotheses, keeping each
+    sentence's best ``n_best`` (:func:`keep_best`).
 
     EOS ranked below the top ``K`` is ignored, as if the beam had not had room for it.
 
@@ -187,6 +188,22 @@ def finish_eos(finished: dict[Hashable, list[Hypothesis]], beams: Beams, attn: t
             attention = own_copy(steps[:, :beams.src_lens[j]])
         finished[beams.keys[j]].append(
             make_hypothesis(prefixes[i][start:] + [EOS], log_probs[i], alpha, attention))
+    for j in set(where[:, 0].tolist()):
+        keep_best(finished[beams.keys[j]], n_best)
+
+
+def keep_best(hyps: list[Hypothesis], n_best: int) -> None:
+    """Drop all but the best ``n_best`` of ``hyps``, which are then sorted best first.
+
+    Only those can be returned or decide the stopping rule, and keeping every finished
+    hypothesis cost memory with the square of the output length (a sentence can finish
+    ``K`` of them per step: 4,000 steps of beam 5 kept about 250 MB of them). The sort is
+    stable and ``hyps`` lists the older ones first, so equal scores keep the order in which
+    they were found, as the full list sorted at the end does.
+    """
+    if len(hyps) > n_best:
+        hyps.sort(key=lambda h: -h.score)
+        del hyps[n_best:]
 
 
 def advance(beams: Beams, state: Any, attn: torch.Tensor, cand_scores: torch.Tensor,

@@ -21,6 +21,8 @@ from seq2seq.search import (
     length_penalty,
     reorder,
 )
+from seq2seq.search.beam import BeamSearch
+from seq2seq.search.beam_steps import keep_best
 from seq2seq.search.common import max_output_lengths
 from tests.search.toy_models import ToyEncoding, ToyModel, bigram
 
@@ -365,6 +367,42 @@ def test_finished_sentences_stop_costing_compute():
     counter = RowCounter(model)
     greedy_search(counter, src, src_lens, max_len_ratio=1.0, max_len_add=0)
     assert counter.rows == [(2, 2)] + [(1, 1)] * 4
+
+
+@pytest.mark.parametrize("name", ["toy", "gru-bahdanau"])
+def test_a_search_keeps_no_more_finished_hypotheses_than_it_returns(name):
+    """Each sentence keeps its best ``n_best`` finished hypotheses, not every one found: the
+    others cost memory with the square of the output length. Its results are unchanged."""
+    src, src_lens = make_batch(SRC_LENS)
+    settings = dict(beam_size=4, n_best=2, alpha=1.0, max_len_ratio=3.0, max_len_add=10)
+    search = BeamSearch(MODELS[name](), **settings)
+    search.add(src, src_lens, list(range(len(SRC_LENS))))
+    results = {}
+    while len(search):
+        results.update(search.step())
+        assert all(len(hyps) <= 2 for hyps in search._finished.values())
+    alone = [beam_search(MODELS[name](), *one(src, src_lens, i), **settings)[0]
+             for i in range(len(SRC_LENS))]
+    assert [[h.tokens for h in results[i]] for i in range(len(SRC_LENS))] == [
+        [h.tokens for h in hyps] for hyps in alone]
+
+
+def test_keeping_the_best_finished_hypotheses_keeps_the_order_of_a_full_sort():
+    """Trimmed after every step, the kept ones are the first ``n`` of the whole list sorted
+    stably by score: of equal scores, the ones found first."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = 1 + trial % 3
+        kept, found = [], []
+        for _ in range(int(torch.randint(1, 6, (1,), generator=generator))):
+            for _ in range(int(torch.randint(0, 5, (1,), generator=generator))):
+                score = float(torch.randint(-3, 0, (1,), generator=generator))  # many ties
+                hyp = Hypothesis(tokens=[len(found)], score=score, log_prob=score)
+                kept.append(hyp)
+                found.append(hyp)
+            keep_best(kept, n)
+        kept.sort(key=lambda h: -h.score)
+        assert kept == sorted(found, key=lambda h: -h.score)[:n]
 
 
 def test_n_best_larger_than_beam_is_rejected():
