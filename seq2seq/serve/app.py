@@ -62,9 +62,10 @@ def build_app(pairs: LanguagePairs, options: ServeOptions, metrics: Metrics) -> 
     async def languages() -> JSONResponse:
         return JSONResponse(pairs.languages())
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         # 503 once a model's decoding process has died, so that a supervisor restarts us.
+        # HEAD too: uptime monitors and load balancers probe with it (the status, no body).
         models = [{"source": m.source, "target": m.target, "checkpoint": m.checkpoint,
                    "queued": m.worker.queued, "failure": m.worker.failure}
                   for m in pairs.models.values()]

@@ -138,6 +138,8 @@ def test_health_and_metrics(server):
     health = httpx.get(server.url + "health").json()
     assert health["status"] == "ok"
     assert [(m["source"], m["target"]) for m in health["models"]] == [("en", "de")]
+    probe = httpx.head(server.url + "health")  # as uptime monitors probe
+    assert probe.status_code == 200 and probe.content == b""
     metrics = httpx.get(server.url + "metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     for name in ["seq2seq_requests_total", "seq2seq_sentences_total",

@@ -259,5 +259,6 @@ def test_a_killed_decoding_process_fails_requests_and_health(checkpoint, test_se
         health = httpx.get(server.url + "health")
         assert health.status_code == 503 and health.json()["status"] == "error"
         assert "exit code -9" in health.json()["models"][0]["failure"]
+        assert httpx.head(server.url + "health").status_code == 503
     finally:
         assert server.stop() == 0, server.output()
