@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("translate", help="translate lines from stdin or a file")
     p.add_argument("--checkpoint", action="extend", nargs="+", required=True,
                    metavar="CKPT", help="checkpoint file; give several for an ensemble "
-                   "(--checkpoint a.pt b.pt, or --checkpoint repeated)")
+                   "(--checkpoint a.pt b.pt, or --checkpoint repeated) of one tokenizer and "
+                   "language pair")
     p.add_argument("--input", help="input file (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
     p.add_argument("--nbest", type=_bounded("n_best"),

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from seq2seq.checkpoint import CheckpointError, load_checkpoint, load_weights
+from seq2seq.checkpoint import CheckpointError, load_checkpoint, load_weights, same_tensors
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.decoding import bucketed_batches, decode_ids, make_shortlist, search_path
 from seq2seq.errors import Seq2SeqError
@@ -137,6 +137,19 @@ def blank_translation() -> Translation:
                        attention=[None])
 
 
+def check_member(path: str | Path, first: str | Path, recipe: Recipe, first_recipe: Recipe,
+                 tokenizer: Any, first_tokenizer: Any) -> None:
+    """Refuse an ensemble member that would not translate as the first one: its token ids
+    must mean the same pieces (one tokenizer) and it must declare the same language pair."""
+    if not same_tensors(tokenizer, first_tokenizer):
+        raise Seq2SeqError(f"{path}: its tokenizer differs from {first}'s; an ensemble needs "
+                           "one shared tokenizer (the same token ids)")
+    pair, first_pair = ((r.data.src_lang, r.data.trg_lang) for r in (recipe, first_recipe))
+    if pair != first_pair:
+        raise Seq2SeqError(f"{path}: translates {'-'.join(pair)}, {first} "
+                           f"{'-'.join(first_pair)}; an ensemble needs one language pair")
+
+
 class Translator:
     """A model (or an ensemble of checkpoints of one vocabulary) with its tokenizer."""
 
@@ -163,7 +176,7 @@ class Translator:
         if not paths:
             raise Seq2SeqError("at least one checkpoint is needed")
         torch_device = resolve_device(device)
-        models, recipe, tokenizer, lexicon = [], None, None, None
+        models, recipe, tokenizer, lexicon, first_tok = [], None, None, None, None
         for path in paths:
             ckpt = load_checkpoint(Path(path))
             if not models and ckpt.get("lexicon") is not None:
@@ -172,10 +185,10 @@ class Translator:
             if ckpt.get("tokenizer") is None:
                 raise Seq2SeqError(f"{path}: the checkpoint holds no tokenizer")
             this_tok = _read_part(path, "tokenizer", Tokenizer.from_state, ckpt["tokenizer"])
-            if tokenizer is not None and (this_tok.src_vocab_size, this_tok.trg_vocab_size) != (
-                    tokenizer.src_vocab_size, tokenizer.trg_vocab_size):
-                raise Seq2SeqError(f"{path}: its vocabulary differs from {paths[0]}'s; "
-                                   "an ensemble needs one shared vocabulary")
+            if models:
+                check_member(path, paths[0], this_recipe, recipe, ckpt["tokenizer"], first_tok)
+            else:
+                first_tok = ckpt["tokenizer"]
             model = build_model(this_recipe.model, this_tok.src_vocab_size,
                                 this_tok.trg_vocab_size)
             load_weights(model, ckpt["model"], Path(path))

@@ -350,6 +350,36 @@ def test_ensemble_of_two_checkpoints(trained):
     assert listed.stdout == result.stdout
 
 
+def test_an_ensemble_refuses_another_tokenizer_or_language_pair(trained, tmp_path):
+    """Members average their probabilities token id by token id: each must have the first's
+    tokenizer (equal vocabulary sizes are not enough) and translate the same pair."""
+    import torch
+    from sentencepiece import sentencepiece_model_pb2
+
+    from seq2seq.checkpoint import load_checkpoint, save_checkpoint
+
+    _, run = trained
+    ckpt = load_checkpoint(run / "last.pt")
+    proto = sentencepiece_model_pb2.ModelProto()
+    name = "spm_model" if "spm_model" in ckpt["tokenizer"] else "src_model"
+    proto.ParseFromString(ckpt["tokenizer"][name].numpy().tobytes())
+    proto.pieces[-1].score -= 1.0  # the same pieces and size, other segmentations
+    tokenizer = dict(ckpt["tokenizer"])
+    tokenizer[name] = torch.frombuffer(bytearray(proto.SerializeToString()), dtype=torch.uint8)
+    save_checkpoint({**ckpt, "tokenizer": tokenizer}, tmp_path / "other_tok.pt")
+    recipe = {**ckpt["recipe"], "data": {**ckpt["recipe"]["data"], "src_lang": "fr"}}
+    save_checkpoint({**ckpt, "recipe": recipe}, tmp_path / "other_pair.pt")
+    for member, message in [("other_tok.pt", "its tokenizer differs from"),
+                            ("other_pair.pt", "translates fr-de")]:
+        result = seq2seq("translate", "--checkpoint", run / "last.pt", tmp_path / member,
+                         stdin=b"the dog\n")
+        err = result.stderr.decode()
+        assert result.returncode != 0 and message in err and err.count("\n") == 1, err
+        assert result.stdout == b""
+    alone = seq2seq("translate", "--checkpoint", tmp_path / "other_tok.pt", stdin=b"the dog\n")
+    assert alone.returncode == 0, alone.stderr.decode()  # the member itself is sound
+
+
 def test_evaluate_takes_several_checkpoints_after_one_flag():
     from seq2seq.cli import build_parser
 
