@@ -27,10 +27,37 @@ EXIT_USAGE = 2
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors in the project's form: one ``error:`` line, exit code 2."""
+    """argparse with its errors in the project's form: one ``error:`` line, exit code 2, and
+    an option that takes one value refused when given twice (argparse keeps the last one:
+    ``--input a --input b`` read ``b`` without a word)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if hasattr(parsed, _StoreOnce.GIVEN):
+            delattr(parsed, _StoreOnce.GIVEN)
+        return parsed, extras
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _StoreOnce(argparse._StoreAction):
+    """``store``, refusing a second value for the same option."""
+
+    GIVEN = "_options_given"  # on the namespace while it is parsed
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        given = getattr(namespace, self.GIVEN, set())
+        if option_string is not None and self.dest in given:
+            parser.error(f"argument {'/'.join(self.option_strings)}: given more than once")
+        setattr(namespace, self.GIVEN, given | {self.dest})
+        super().__call__(parser, namespace, values, option_string)
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:

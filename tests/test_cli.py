@@ -380,6 +380,34 @@ def test_an_ensemble_refuses_another_tokenizer_or_language_pair(trained, tmp_pat
     assert alone.returncode == 0, alone.stderr.decode()  # the member itself is sound
 
 
+@pytest.mark.parametrize("option,argv", [
+    ("--input", ["translate", "--checkpoint", "a.pt", "--input", "x", "--input", "y"]),
+    ("--beam", ["translate", "--checkpoint", "a.pt", "--beam", "2", "--beam=3"]),
+    ("--src", ["evaluate", "--checkpoint", "a.pt", "--src", "x", "--ref", "r", "--src", "y"]),
+    ("--port", ["serve", "a.pt", "--port", "1", "--port", "2"]),
+    ("--output", ["average", "a.pt", "b.pt", "--output", "x.pt", "--output", "y.pt"]),
+])
+def test_an_option_of_one_value_given_twice_is_refused(option, argv, capsys):
+    """argparse would keep the last value: ``--input x --input y`` read y without a word."""
+    from seq2seq.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: seq2seq {argv[0]}: argument {option}: given more than once "
+                   f"(see seq2seq {argv[0]} --help)\n")
+
+
+def test_options_that_collect_values_still_take_several():
+    from seq2seq.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "--checkpoint", "a.pt", "--checkpoint",
+                                      "b.pt", "--src", "s", "--ref", "r1", "--ref", "r2"])
+    assert args.checkpoint == ["a.pt", "b.pt"] and args.ref == ["r1", "r2"]
+    assert not hasattr(args, "_options_given")
+
+
 def test_evaluate_takes_several_checkpoints_after_one_flag():
     from seq2seq.cli import build_parser
 
