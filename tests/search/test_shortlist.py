@@ -51,6 +51,22 @@ def test_ibm1_recovers_a_word_for_word_mapping():
     assert Lexicon.from_state(lexicon.to_state()).table.equal(lexicon.table)
 
 
+def test_ibm1_in_chunks_equals_ibm1_at_once():
+    """The E-step works on a bounded number of token pairs at a time (its memory grew with the
+    corpus): any chunking gives the same table, empty targets and one-pair chunks included."""
+    generator = torch.Generator().manual_seed(3)
+    src_ids, trg_ids = [], []
+    for _ in range(300):
+        n = int(torch.randint(1, 12, (1,), generator=generator))
+        src_ids.append(torch.randint(4, VOCAB, (n,), generator=generator).tolist())
+        trg_ids.append(torch.randint(4, VOCAB, (max(0, n - 2),), generator=generator).tolist())
+    whole = build_lexicon(src_ids, trg_ids, VOCAB, VOCAB, chunk_pairs=10**9)
+    assert (whole.table >= 0).sum() > VOCAB  # a table worth comparing
+    for chunk_pairs in (1, 37, 500):
+        chunked = build_lexicon(src_ids, trg_ids, VOCAB, VOCAB, chunk_pairs=chunk_pairs)
+        assert chunked.table.equal(whole.table) and chunked.frequent.equal(whole.frequent)
+
+
 def test_sentence_shortlists_hold_each_sentences_own_candidates():
     src_ids, trg_ids, mapping = word_for_word()
     lexicon = build_lexicon(src_ids, trg_ids, VOCAB, VOCAB)
