@@ -6,7 +6,8 @@ order**, whatever the input holds.
 * A line is what ends in ``"\\n"``. A final line without ``"\\n"`` still counts, and every output
   line ends in ``"\\n"``, so ``printf 'a\\n\\n  \\nb' | seq2seq translate ... | wc -l`` prints 4.
 * Input is read as bytes and decoded as UTF-8 line by line; invalid bytes become U+FFFD and are
-  reported once on stderr (count and first line number) when the input ends.
+  reported once on stderr (count and first line number) when the input ends. A UTF-8 byte
+  order mark at the start is dropped, and gzip data is decompressed (:func:`open_input`).
 * One trailing ``"\\r"`` (CRLF input) is removed before translation; any other ``"\\r"`` is
   content, as for ``wc -l``. Output lines end in ``"\\n"`` only.
 * Empty and whitespace-only lines give an empty output line without reaching the model.
@@ -29,6 +30,7 @@ import gzip
 import io
 import json
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -52,20 +54,25 @@ class InputError(Seq2SeqError):
 # --------------------------------------------------------------------------------------------
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+BOM = b"\xef\xbb\xbf"
+
+
 @contextlib.contextmanager
 def open_input(path: str | Path) -> Iterator[BinaryIO]:
-    """Open ``path`` for binary reading; ``"-"`` is stdin and ``*.gz`` is decompressed.
+    """Open ``path`` for binary reading; ``"-"`` is stdin. gzip data is decompressed, known by
+    its magic bytes whatever the name (as the corpus reader does): a ``.gz`` renamed, or piped.
 
     Raises:
         InputError: the file is missing, a directory, or unreadable (one line naming it).
     """
     if str(path) == "-":
-        yield sys.stdin.buffer
+        yield _gunzipped(sys.stdin.buffer)  # stdin itself is left open
         return
-    opener = gzip.open if str(path).endswith(".gz") else open
     try:
         # Closed by the ``with`` below; opening first lets the errors name the file.
-        stream = opener(path, "rb")
+        stream = open(path, "rb")  # noqa: SIM115
+        head = stream.peek(2)[:2]
     except FileNotFoundError:
         raise InputError(f"{path}: no such input file") from None
     except IsADirectoryError:
@@ -73,7 +80,16 @@ def open_input(path: str | Path) -> Iterator[BinaryIO]:
     except OSError as error:
         raise InputError(f"{path}: cannot open input ({error.strerror or error})") from None
     with stream:
-        yield stream
+        yield _gunzipped(stream) if head == GZIP_MAGIC else stream
+
+
+def _gunzipped(stream: BinaryIO) -> BinaryIO:
+    """``stream`` decompressed when it starts with the gzip magic, else itself."""
+    peek = getattr(stream, "peek", None)
+    if peek is None or peek(2)[:2] != GZIP_MAGIC:
+        return stream
+    # A large read buffer keeps the gzip layer out of the per-line cost.
+    return io.BufferedReader(gzip.GzipFile(fileobj=stream, mode="rb"), buffer_size=1 << 20)
 
 
 def read_lines(
@@ -105,11 +121,15 @@ def read_lines(
     while True:
         try:
             raw = stream.readline(max_bytes)
-        except OSError as error:
-            raise InputError(f"{name}: cannot read line {line_no + 1} ({error})") from None
+        except (EOFError, OSError, zlib.error) as error:
+            # also truncated or corrupt gzip data
+            raise InputError(f"{name}: cannot read after line {line_no} "
+                             f"({error.__class__.__name__}: {error})") from None
         if not raw:
             break
         line_no += 1
+        if line_no == 1 and raw.startswith(BOM):  # a byte order mark is not text
+            raw = raw[len(BOM):]
         complete = raw.endswith(b"\n")
         # A line that fills max_bytes has more than max_chars characters (see above), so it
         # is cut in any case: drop its rest unread into memory.

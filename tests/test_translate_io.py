@@ -228,6 +228,40 @@ def test_open_input_errors_name_the_file_and_gz_is_read(tmp_path):
         assert list(read_lines(stream)) == ["a", "b"]
 
 
+def test_gzip_is_known_by_its_magic_bytes_whatever_the_name(tmp_path, monkeypatch):
+    data = gzip.compress(b"a\nb\n")
+    for name in ("renamed.txt", "plain.gz"):  # a .gz renamed, and a .gz that is plain text
+        (tmp_path / name).write_bytes(data if name == "renamed.txt" else b"a\nb\n")
+        with open_input(tmp_path / name) as stream:
+            assert list(read_lines(stream)) == ["a", "b"], name
+    piped = io.BufferedReader(io.BytesIO(data))  # zcat forgotten: gzip on stdin
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(piped))
+    with open_input("-") as stream:
+        assert list(read_lines(stream)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_damaged_gzip_input_is_one_line_naming_the_file(tmp_path, damage):
+    data = gzip.compress("".join(f"line {i}\n" for i in range(5000)).encode(), mtime=0)
+    path = tmp_path / "in.txt.gz"
+    if damage == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    else:
+        path.write_bytes(data[:40] + bytes([data[40] ^ 0xFF]) + data[41:])
+    with pytest.raises(InputError, match=r"in.txt.gz: cannot read after line \d+ \(") as error:
+        with open_input(path) as stream:
+            list(read_lines(stream, name=str(path)))
+    assert "\n" not in str(error.value)
+
+
+def test_a_byte_order_mark_is_not_text():
+    """Editors on Windows start UTF-8 files with one: kept, it became part of the first
+    sentence (a reference's first line scored against the hypotheses with it)."""
+    lines = list(read_lines(io.BytesIO(b"\xef\xbb\xbfab\n\xef\xbb\xbfcd\n")))
+    assert lines == ["ab", "\ufeffcd"]  # at the start only: later, it is content
+    assert list(read_lines(io.BytesIO(b"\xef\xbb\xbf\n"))) == [""]
+
+
 class FakeTranslation:
     def __init__(self, sentence: str, k: int):
         self.hypotheses = [sentence[::-1] + "!" * i for i in range(k)]
