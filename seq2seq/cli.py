@@ -128,6 +128,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise Seq2SeqError("evaluate needs a RECIPE or --checkpoint CKPT --src FILE --ref FILE")
     if args.recipe is None and (not args.src or not args.ref):
         raise Seq2SeqError("evaluate --checkpoint needs --src FILE and at least one --ref FILE")
+    if bool(args.src) != bool(args.ref):  # with a recipe, which would score its test sets
+        raise Seq2SeqError("evaluate --src FILE needs at least one --ref FILE" if args.src else
+                           "evaluate --ref FILE needs --src FILE (the sentences it translates)")
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
     return evaluate_command(args, recipe)
 

@@ -11,8 +11,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from seq2seq.data.preflight import directory_problem
 from seq2seq.files import check_distinct
-from seq2seq.report import file_stem, format_summary, write_report
+from seq2seq.report import format_summary, report_files, write_report
 from seq2seq.scoring import EvaluationError, build_result
 
 # --------------------------------------------------------------------------------------------
@@ -44,15 +45,17 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(
         recipe, checkpoints, args.src, args.quantize, precision)
     # Before the model loads: a bad report directory must not cost a whole evaluation.
-    if report_dir.exists() and not report_dir.is_dir():
-        raise EvaluationError(f"{report_dir}: exists and is not a directory")
+    problem = directory_problem(report_dir)
+    if problem:
+        raise EvaluationError(f"{report_dir}: cannot be the report directory: {problem}")
     names = [Path(args.src).name] if args.src else list(recipe.data.test) if recipe else []
-    outputs = [report_dir / f"{file_stem(name)}.hyp.txt" for name in names]
-    outputs += [report_dir / "report.json", report_dir / "report.md"]
-    check_distinct(outputs, [*checkpoints, args.src, *(args.ref or []), args.compare])
+    inputs = [*checkpoints, args.src, *(args.ref or []), args.compare]
+    check_distinct(report_files(report_dir, names, 0), inputs)
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize, precision=args.precision)
     recipe = recipe or translator.recipe
+    # and with the attention plots, whose number the checkpoint's recipe may give
+    check_distinct(report_files(report_dir, names, recipe.eval.attention_plots), inputs)
     # The decode section of the recipe given here (with its overrides), else the checkpoint's.
     settings = translator.decode_settings(beam=args.beam, nbest=1, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,

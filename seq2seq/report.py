@@ -41,6 +41,16 @@ def file_stem(name: str) -> str:
     return stem or "test"
 
 
+def report_files(report_dir: Path, names: Sequence[str], attention_plots: int) -> list[Path]:
+    """Every file :func:`write_report` may write for test sets ``names``, with at most
+    ``attention_plots`` attention plots each."""
+    files = [report_dir / "report.json", report_dir / "report.md"]
+    for stem in map(file_stem, names):
+        files += [report_dir / f"{stem}.hyp.txt", report_dir / f"bleu_by_length_{stem}.png"]
+        files += [report_dir / f"attention_{stem}_{i}.png" for i in range(1, attention_plots + 1)]
+    return files
+
+
 def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
                  plots: bool = True) -> list[Path]:
     """Write report.json, report.md, ``<name>.hyp.txt`` and the plots; return the paths.
@@ -81,7 +91,20 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
         for name, content in (("report.json", text), ("report.md", format_markdown(entries))):
             output(report_dir / name).write(content.encode("utf-8"))
             written.append(report_dir / name)
+    _remove_old_plots(report_dir, stems, written)
     return written
+
+
+def _remove_old_plots(report_dir: Path, stems: Sequence[str], written: Sequence[Path]) -> None:
+    """Remove the plots of these test sets that an earlier report drew and this one did not
+    (fewer attention plots, or none), so that every plot beside report.json is its own."""
+    kept = {path.name for path in written}
+    for stem in stems:
+        pattern = re.compile(rf"(attention_{re.escape(stem)}_\d+|bleu_by_length_{re.escape(stem)})"
+                             r"\.png")
+        for path in report_dir.iterdir():
+            if pattern.fullmatch(path.name) and path.name not in kept and not path.is_dir():
+                path.unlink(missing_ok=True)
 
 
 def _ci_text(entry: dict[str, Any]) -> str:

@@ -408,6 +408,39 @@ def test_options_that_collect_values_still_take_several():
     assert not hasattr(args, "_options_given")
 
 
+def test_evaluate_refuses_src_without_ref_and_ref_without_src(trained, tmp_path):
+    recipe, run = trained
+    for flags, message in [(["--src", "x.txt"], "--src FILE needs at least one --ref"),
+                           (["--ref", "x.txt"], "--ref FILE needs --src FILE")]:
+        result = seq2seq("evaluate", recipe, *flags)
+        err = result.stderr.decode()
+        assert result.returncode == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_evaluate_refuses_a_bad_report_dir_and_plots_over_inputs_before_decoding(
+        trained, tmp_path):
+    _, run = trained
+    src, ref = tmp_path / "s.txt", tmp_path / "r.txt"
+    src.write_text("the dog\n")
+    ref.write_text("der Hund\n")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    victim = tmp_path / "victim.pt"
+    shutil.copy(run / "best.pt", victim)
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "attention_s.txt_1.png").symlink_to(victim)
+    for report_dir, message in [
+            (tmp_path / "file" / "sub", "exists and is not a directory"),
+            (tmp_path / "dangling", "is a symbolic link to nothing"),
+            (plots, "is the same file as the input")]:
+        result = seq2seq("evaluate", "--checkpoint", victim, "--src", src, "--ref", ref,
+                         "--report-dir", report_dir)
+        err = result.stderr.decode()
+        assert result.returncode == 2 and message in err and err.count("\n") == 1, err
+    assert victim.read_bytes() == (run / "best.pt").read_bytes()
+
+
 def test_evaluate_takes_several_checkpoints_after_one_flag():
     from seq2seq.cli import build_parser
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from seq2seq.report import file_stem, format_summary, write_report
+from seq2seq.report import file_stem, format_summary, report_files, write_report
 from seq2seq.scoring import (
     EvaluationError,
     bleu_by_length,
@@ -170,6 +170,28 @@ def test_report_files(tmp_path, srcs, refs):
     summary = format_summary([first, second])
     assert "flickr/2016" in summary and "BLEU signature: nrefs:1|bs:50|" in summary
     assert "vs other.txt" in summary
+
+
+def test_a_new_report_removes_the_plots_of_its_test_sets_it_did_not_draw(tmp_path, refs):
+    """Fewer attention plots than last time, or none: every plot beside report.json is its
+    own. Other files, and the plots of other test sets, are left alone."""
+    attention = [(["a"], ["x"], [[1.0]])] * 3
+    result = build_result("t", refs[:5], refs[:5], [refs[:5]], False, "13a", 0, 1, {}, [],
+                          attention=attention)
+    write_report(tmp_path, [result])
+    (tmp_path / "attention_other_1.png").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert (tmp_path / "attention_t_3.png").exists()
+    fewer = build_result("t", refs[:5], refs[:5], [refs[:5]], False, "13a", 0, 1, {}, [],
+                         attention=attention[:1])
+    written = write_report(tmp_path, [fewer])
+    assert {p.name for p in tmp_path.iterdir()} == (
+        {p.name for p in written} | {"attention_other_1.png", "notes.txt"})
+    assert "attention_t_1.png" in {p.name for p in written}
+    write_report(tmp_path, [fewer], plots=False)
+    assert not list(tmp_path.glob("*_t*.png"))
+    assert report_files(tmp_path, ["t"], 1) == [tmp_path / name for name in (
+        "report.json", "report.md", "t.hyp.txt", "bleu_by_length_t.png", "attention_t_1.png")]
 
 
 def test_attention_of_the_wrong_shape_is_refused(tmp_path, refs):

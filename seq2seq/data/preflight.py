@@ -96,6 +96,8 @@ def cache_root(data: DataConfig, out_dir: Path) -> Path:
 def directory_problem(path: Path) -> str | None:
     """Why ``path`` cannot be used or created as a directory (a file on its way), if it can't."""
     for ancestor in [path, *path.parents]:
+        if ancestor.is_symlink() and not ancestor.exists():
+            return f"{ancestor} is a symbolic link to nothing ({os.readlink(ancestor)})"
         if ancestor.exists():
             if not ancestor.is_dir():
                 return f"{ancestor} exists and is not a directory"
