@@ -24,6 +24,7 @@ from seq2seq.serve.options import ServeOptions
 from seq2seq.serve.page import PAGE
 from seq2seq.serve.pairs import LanguagePairs, ServedModel, assemble, attention_of, text_lines
 from seq2seq.serve.parsing import (
+    MAX_FORM_FIELDS,
     ApiError,
     TranslateRequest,
     form_fields,
@@ -173,7 +174,8 @@ async def request_fields(request: Request, body_limit: int, timeout_s: float
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(request.scope, receive).form(max_files=0, max_fields=100)
+        form = await Request(request.scope, receive).form(max_files=0,
+                                                          max_fields=MAX_FORM_FIELDS)
     except Exception:  # Starlette's multipart errors have no common public base
         raise ApiError(400, "Invalid request: the multipart form cannot be read") from None
     values: dict[str, list[str]] = {}

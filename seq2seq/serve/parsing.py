@@ -18,6 +18,9 @@ from urllib.parse import parse_qs
 
 from seq2seq.serve.options import MAX_ALTERNATIVES, ServeOptions
 
+MAX_FORM_FIELDS = 100
+"""Fields a form may have (a ``/translate`` request needs seven)."""
+
 
 class ApiError(Exception):
     """A request the service refuses: its HTTP status, message and extra headers."""
@@ -50,7 +53,9 @@ async def read_body(receive_chunks: Any, content_length: str | None, limit: int)
         limit: the most bytes allowed.
     """
     too_large = ApiError(413, f"Request body exceeds the limit of {limit} bytes")
-    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+    declared = (content_length or "").lstrip("0")
+    if declared.isascii() and declared.isdigit() and (len(declared) > len(str(limit))
+                                                      or int(declared) > limit):
         raise too_large
     body = bytearray()
     async for chunk in receive_chunks:
@@ -76,8 +81,12 @@ def parse_fields(body: bytes, content_type: str) -> dict[str, Any]:
             raise ApiError(400, "Invalid request: the JSON body must be an object")
         return fields
     if media_type in ("application/x-www-form-urlencoded", ""):
-        form = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True,
-                        encoding="utf-8", errors="replace", max_num_fields=100)
+        try:
+            form = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True,
+                            encoding="utf-8", errors="replace", max_num_fields=MAX_FORM_FIELDS)
+        except ValueError:  # more fields than that
+            raise ApiError(400, f"Invalid request: the form has more than {MAX_FORM_FIELDS} "
+                           "fields") from None
         return form_fields(form)
     raise ApiError(400, f"Invalid request: content type {media_type!r} is not supported; send "
                    "JSON or a form")
@@ -153,7 +162,7 @@ def language_field(fields: dict[str, Any], name: str) -> str:
 
 def alternatives_field(value: Any) -> int:
     """``alternatives`` as an int in ``[0, MAX_ALTERNATIVES]`` (a form sends it as text)."""
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and _whole_number(value.strip(), 9):
         value = int(value.strip())
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
@@ -163,6 +172,12 @@ def alternatives_field(value: Any) -> int:
         raise ApiError(400, f"Invalid request: alternatives must be between 0 and "
                        f"{MAX_ALTERNATIVES}, got {value}")
     return value
+
+
+def _whole_number(text: str, max_digits: int) -> bool:
+    """Whether ``text`` is 1 to ``max_digits`` ASCII digits: ``int()`` takes it. (``"²"``
+    passes ``str.isdigit``, and ``int()`` refuses it, or 5,000 digits.)"""
+    return 0 < len(text) <= max_digits and text.isascii() and text.isdigit()
 
 
 def flag_field(value: Any, name: str) -> bool:

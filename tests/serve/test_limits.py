@@ -68,6 +68,17 @@ HOSTILE = [
     ("alternatives negative", "POST", "translate", {"json": with_(alternatives=-1)}, 400),
     ("alternatives text", "POST", "translate", {"json": with_(alternatives="two")}, 400),
     ("alternatives true", "POST", "translate", {"json": with_(alternatives=True)}, 400),
+    # digits to str.isdigit, not to int()
+    ("alternatives superscript", "POST", "translate", {"json": with_(alternatives="²")}, 400),
+    ("alternatives of 1,500 digits", "POST", "translate",
+     {"json": with_(alternatives="9" * 1500)}, 400),
+    ("a form with alternatives superscript", "POST", "translate",
+     {"content": "q=a&source=en&target=de&api_key=secret-key&alternatives=²".encode(),
+      "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 400),
+    ("a form of 101 fields", "POST", "translate",
+     {"content": ("q=a&source=en&target=de&api_key=secret-key&"
+                  + "&".join(f"f{i}=1" for i in range(97))).encode(),
+      "headers": {"Content-Type": "application/x-www-form-urlencoded"}}, 400),
     ("alternatives past the limit", "POST", "translate", {"json": with_(alternatives=99)}, 400),
     ("alternatives past the beam", "POST", "translate", {"json": with_(alternatives=5)}, 400),
     ("attention not a boolean", "POST", "translate", {"json": with_(attention="maybe")}, 400),
