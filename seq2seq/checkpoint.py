@@ -20,14 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from seq2seq.errors import Seq2SeqError, warn
-from seq2seq.files import OutputError, check_output, write_bytes
+from seq2seq.files import (
+    OutputError,
+    check_output,
+    first_repeat,
+    is_descriptor,
+    is_stdout,
+    write_bytes,
+)
 
 
 class CheckpointError(Seq2SeqError):
@@ -66,11 +74,11 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
         CheckpointError: when the path cannot be written, the disk is full or the directory is
             not writable; the previous file at ``path`` is then left as it was.
     """
-    path = Path(path)
-    try:
-        check_output(path)  # else a full serialisation is done before the write fails
-    except OutputError as error:
-        raise CheckpointError(str(error)) from None
+    check_checkpoint_output(path)  # else a full serialisation is done before the write fails
+    # Through a symlink, the file written is its target: the side file goes beside that, and
+    # one beside the link would be stale.
+    _sidecar(Path(path)).unlink(missing_ok=True)
+    path = Path(os.path.realpath(path))
     buffer = io.BytesIO()
     torch.save({**payload, "integrity": {"sha256": payload_digest(payload)}}, buffer)
     data = buffer.getvalue()
@@ -86,6 +94,35 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     except OutputError as error:
         raise CheckpointError(f"{sidecar}: cannot write the checksum file "
                               f"({error.strerror or error}); {path} itself is complete") from None
+
+
+def check_no_repeat(paths: Sequence[str | Path], what: str) -> None:
+    """Refuse a checkpoint given twice (by any path) to ``what``, "an average" or "an
+    ensemble": it would count twice, and was surely meant to be another."""
+    repeat = first_repeat(paths)
+    if repeat is not None:
+        earlier, later = repeat
+        again = "again" if str(earlier) == str(later) else f"the same file as {earlier}"
+        raise CheckpointError(f"{later}: given twice to {what} ({again}); each checkpoint "
+                              "counts once")
+
+
+def check_checkpoint_output(path: str | Path) -> None:
+    """Refuse, before any work, a path a checkpoint cannot be written to: what
+    :func:`seq2seq.files.check_output` refuses, and anything but a regular file (stdout, a
+    device, a pipe), which could hold no checksum file beside it.
+
+    Raises:
+        CheckpointError: one line naming the path.
+    """
+    try:
+        check_output(path)
+    except OutputError as error:
+        raise CheckpointError(str(error)) from None
+    if is_stdout(path) or is_descriptor(path) or (
+            os.path.exists(path) and not os.path.isfile(path)):
+        raise CheckpointError(f"{path}: a checkpoint is written to a regular file (its "
+                              "checksum file beside it), not to stdout, a device or a pipe")
 
 
 def _sidecar(path: Path) -> Path:
@@ -221,6 +258,7 @@ def average_checkpoints(paths: list[Path], output: Path) -> None:
     """
     if not paths:
         raise CheckpointError("average needs at least one checkpoint")
+    check_no_repeat(paths, "an average")
     first = load_checkpoint(paths[0])
     total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
     for path in paths[1:]:

@@ -136,10 +136,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_average(args: argparse.Namespace) -> int:
-    from seq2seq.checkpoint import average_checkpoints
-    from seq2seq.files import check_distinct, check_output
+    from seq2seq.checkpoint import average_checkpoints, check_checkpoint_output
+    from seq2seq.files import check_distinct
 
-    check_output(args.output)  # before loading every checkpoint
+    check_checkpoint_output(args.output)  # before loading every checkpoint
     check_distinct([args.output], args.checkpoints)
     average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output))
     count = len(args.checkpoints)

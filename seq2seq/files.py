@@ -187,6 +187,19 @@ def same_file(a: str | Path | None, b: str | Path | None) -> bool:
     return _identity(a) is not None and _identity(a) == _identity(b)
 
 
+def first_repeat(paths: Iterable[str | Path]) -> tuple[str | Path, str | Path] | None:
+    """The first file of ``paths`` named again, as ``(earlier name, later name)``, compared
+    as :func:`check_distinct` compares (any spelling of a path); None when all differ."""
+    seen: dict[Any, str | Path] = {}
+    for name in paths:
+        key = _identity(name)
+        if key is not None and key in seen:
+            return seen[key], name
+        if key is not None:
+            seen[key] = name
+    return None
+
+
 def _identity(path: str | Path | None) -> tuple[int, int] | None:
     if is_stdout(path):
         return None

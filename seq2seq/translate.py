@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-from seq2seq.checkpoint import CheckpointError, load_checkpoint, load_weights, same_tensors
+from seq2seq.checkpoint import (
+    CheckpointError,
+    check_no_repeat,
+    load_checkpoint,
+    load_weights,
+    same_tensors,
+)
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.decoding import bucketed_batches, decode_ids, make_shortlist, search_path
 from seq2seq.errors import Seq2SeqError
@@ -175,6 +181,7 @@ class Translator:
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
             raise Seq2SeqError("at least one checkpoint is needed")
+        check_no_repeat(paths, "an ensemble")
         torch_device = resolve_device(device)
         models, recipe, tokenizer, lexicon, first_tok = [], None, None, None, None
         for path in paths:

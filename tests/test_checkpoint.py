@@ -31,6 +31,30 @@ def test_a_saved_checkpoint_has_the_mode_of_any_new_file(tmp_path, umask):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
+@pytest.mark.parametrize("target", ["-", "/dev/null", "/dev/stdout", "fifo"])
+def test_a_checkpoint_goes_to_a_regular_file_only(tmp_path, target, monkeypatch):
+    """A checkpoint has its checksum file beside it: on stdout it was mixed with the status
+    line and left a file named ``-.sha256``; a device got ``/dev/null.sha256``."""
+    monkeypatch.chdir(tmp_path)
+    if target == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(CheckpointError, match="a checkpoint is written to a regular file"):
+        save_checkpoint({"model": {}, "recipe": {}}, target)
+    assert not os.path.exists(f"{target}.sha256")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["fifo"] if target == "fifo" else [])
+
+
+def test_through_a_symlink_the_checksum_file_is_beside_the_file_written(tmp_path):
+    real, link = tmp_path / "real.pt", tmp_path / "link.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "recipe": {}}, real)
+    link.symlink_to(real)
+    (tmp_path / "link.pt.sha256").write_text("0" * 64 + "  link.pt\n")  # stale
+    save_checkpoint({"model": {"w": torch.zeros(2)}, "recipe": {}}, link)
+    assert link.is_symlink() and not (tmp_path / "link.pt.sha256").exists()
+    assert torch.equal(load_checkpoint(real)["model"]["w"], torch.zeros(2))  # checked: no error
+    assert (tmp_path / "real.pt.sha256").read_text().endswith("  real.pt\n")
+
+
 def test_saving_onto_a_directory_is_one_line_and_writes_nothing(tmp_path):
     target = tmp_path / "avg.pt"
     target.mkdir()

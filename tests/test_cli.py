@@ -441,6 +441,20 @@ def test_evaluate_refuses_a_bad_report_dir_and_plots_over_inputs_before_decoding
     assert victim.read_bytes() == (run / "best.pt").read_bytes()
 
 
+def test_a_checkpoint_given_twice_is_refused_by_average_and_ensembles(trained, tmp_path):
+    _, run = trained
+    (tmp_path / "link.pt").symlink_to(run / "best.pt")
+    for argv in (["average", run / "best.pt", tmp_path / "link.pt", "--output",
+                  tmp_path / "avg.pt"],
+                 ["translate", "--checkpoint", run / "best.pt", run / "last.pt",
+                  run / "best.pt"]):
+        result = seq2seq(*argv, stdin=b"the dog\n")
+        err = result.stderr.decode()
+        assert result.returncode == 2 and "given twice to an" in err, err
+        assert err.count("\n") == 1 and result.stdout == b""
+    assert not (tmp_path / "avg.pt").exists()
+
+
 def test_evaluate_takes_several_checkpoints_after_one_flag():
     from seq2seq.cli import build_parser
 
