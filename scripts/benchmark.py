@@ -52,32 +52,54 @@ from seq2seq.cpuinfo import CPUINFO, cpu_field
 REPO = Path(__file__).resolve().parent.parent
 
 
+def whole(low: int) -> Any:
+    """An argparse type: a whole number of at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def beam_sizes(text: str) -> list[int]:
+    """``--beams``: comma-separated beam sizes, each at least 1."""
+    try:
+        return [whole(1)(part.strip()) for part in text.split(",")]
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=whole(0), default=0,
                         help="torch CPU threads (0: one per physical core)")
     parser.add_argument("--work-dir", help="output_dir for the tokenizer and cache "
                         "(default: a directory under the temp dir named after the recipe)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed training steps")
-    parser.add_argument("--steps", type=int, default=30, help="timed training steps (0: skip)")
+    parser.add_argument("--warmup", type=whole(0), default=5, help="untimed training steps")
+    parser.add_argument("--steps", type=whole(0), default=30, help="timed training steps (0: skip)")
     parser.add_argument("--checkpoint", help="trained checkpoint to decode with (BLEU is "
                         "meaningful only then)")
     parser.add_argument("--test", help="test set of the recipe to decode (default: the first)")
-    parser.add_argument("--repeat", type=int, help="decode at least this many sentences, "
+    parser.add_argument("--repeat", type=whole(1), help="decode at least this many sentences, "
                         "repeating the test set (default: 10000 on GPU, 1000 on CPU); fewer "
                         "than the test set holds decodes its first N")
-    parser.add_argument("--decode-batch", type=int, help="sentences per decoding batch "
+    parser.add_argument("--decode-batch", type=whole(1), help="sentences per decoding batch "
                         "(default: 100 on CPU, 500 on GPU)")
-    parser.add_argument("--beams", default="1,5", help="beam sizes to time (1: greedy)")
+    parser.add_argument("--beams", type=beam_sizes, default="1,5",
+                        help="beam sizes to time (1: greedy)")
     parser.add_argument("--quantize", action="store_true",
                         help="also decode with the int8 model (CPU, seq2seq.quantize)")
     parser.add_argument("--bf16", action="store_true",
                         help="also decode with the weights cast to bf16 once (fast on a CPU "
                         "with native bf16: amx_bf16, avx512_bf16)")
-    parser.add_argument("--shortlist", type=int, default=0, metavar="N",
+    parser.add_argument("--shortlist", type=whole(0), default=0, metavar="N",
                         help="also time each beam search with decode.shortlist=N (the "
                         "lexicon of the work dir's data, or of --checkpoint)")
     parser.add_argument("--no-decode", action="store_true", help="time training only")
@@ -432,10 +454,18 @@ def main(argv: list[str] | None = None) -> int:
     decode_batch = args.decode_batch or (500 if device.type == "cuda" else 100)
 
     from seq2seq import native
+    from seq2seq.files import check_output
     from seq2seq.models.gemm import fp32_backend
     from seq2seq.quantize import int8_kernel
 
+    # What can be checked before the timed training is checked before it.
+    check_output(args.json)
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file")
     trainer = build_trainer(args)
+    if args.test is not None and args.test not in trainer.data.tests:
+        raise SystemExit(f"error: --test {args.test}: the recipe's test sets are "
+                         f"{', '.join(trainer.data.tests) or 'none'}")
     trainer.model.decoder.fused = not args.plain_decoder
     result: dict[str, Any] = {
         "recipe": args.recipe, "overrides": args.overrides, "device": args.device,
@@ -491,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(("int8", quantize_for_cpu(model)))
     if args.bf16:
         variants.append(("bf16", decoding_model(model, "bf16", device)[0]))
-    searches = [(int(b), decode) for b in args.beams.split(",")]
+    searches = [(beam, decode) for beam in args.beams]
     if args.shortlist:  # each beam search again, restricted to the shortlist
         import dataclasses
 
@@ -526,4 +556,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from seq2seq.config import RecipeError
+    from seq2seq.errors import Seq2SeqError
+
+    try:
+        raise SystemExit(main())
+    except RecipeError as error:  # one line per problem, as seq2seq's commands print them
+        raise SystemExit("\n".join(f"error: {problem}" for problem in error.problems)) from None
+    except Seq2SeqError as error:
+        raise SystemExit(f"error: {error}") from None

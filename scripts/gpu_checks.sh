@@ -53,6 +53,12 @@ if [[ ${2:-} == quick* ]]; then
     checks=",${2#quick:},"
     [[ $2 == quick ]] && checks=",1,2,3,4,"
 fi
+# A name that is no check would run nothing and say "done": refuse it before any work.
+if [[ ! $checks =~ ^,([1-7],)+$ ]]; then
+    echo "error: gpu_checks.sh: '${2:-}' is not a list of checks: give numbers 1-7, comma-separated" \
+         "without spaces, or quick, or quick:N,M" >&2
+    exit 2
+fi
 nccl_steps=${NCCL_STEPS:-$([[ $quick == true ]] && echo 50 || echo 300)}
 # A warm-up of a whole epoch (de-en.gru: about 110 updates) captures every bucket shape before
 # the timed steps.

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, load_script, tiny_tree
@@ -55,6 +56,23 @@ def test_benchmark_refuses_a_work_dir_holding_a_training_run(tmp_path):
         f"error: --work-dir {run} holds checkpoints of a training run (last.pt); give the "
         "benchmark a directory of its own"]
     assert (run / "last.pt").read_bytes() == b"a checkpoint"  # nothing deleted
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["recipes/quickstart.yaml", "--beams", "1,x"], "argument --beams: '1,x': 'x' is not"),
+    (["recipes/quickstart.yaml", "--steps", "-3"], "argument --steps: must be at least 0"),
+    (["recipes/quickstart.yaml", "--json", "missing/x.json"], "missing/x.json: directory"),
+    (["recipes/quickstart.yaml", "--checkpoint", "nope.pt"], "--checkpoint nope.pt: no such"),
+    (["recipes/quickstart.yaml", "train.lrr=1"], "train.lrr: unknown key"),
+    (["nope.yaml"], "nope.yaml: no such recipe file"),
+])
+def test_benchmark_refuses_bad_arguments_in_one_line_before_any_work(flags, message):
+    """Each of these was a traceback, some only after the timed training had run."""
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), *flags],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "training:" not in result.stderr
 
 
 def run_benchmark_decoding(tmp_path, name, overrides):

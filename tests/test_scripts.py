@@ -1,10 +1,13 @@
-"""scripts/prepare_multi30k.py, run as a user would, against the shared Multi30k mirror."""
+"""scripts/prepare_multi30k.py, run as a user would, against the shared Multi30k mirror; and
+scripts/gpu_checks.sh's refusal of a list of checks it does not have."""
 
 import gzip
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from seq2seq.config import Corpus, DataConfig
 from seq2seq.data.corpus import read_pairs
@@ -55,3 +58,13 @@ def test_prepare_multi30k_missing_mirror_file(tmp_path, data_root):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "val.de.gz" in result.stderr
     assert (tmp_path / "out" / "train.de.gz").read_bytes() == (mirror / "train.de.gz").read_bytes()
+
+
+@pytest.mark.parametrize("checks", ["9", "1, 2", "quick:8", "1,,2", "quick:"])
+def test_gpu_checks_refuse_a_list_that_names_no_check(tmp_path, checks):
+    """On a machine lent for minutes, a name that is no check ran nothing and said "done"."""
+    result = subprocess.run(["bash", str(SCRIPT.parent / "gpu_checks.sh"),
+                             str(tmp_path / "out"), checks], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "is not a list of checks" in result.stderr
+    assert not (tmp_path / "out").exists()
