@@ -26,7 +26,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from seq2seq.files import write_bytes
+from seq2seq.files import OutputError, write_bytes
 
 BASE_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw"
 SPLITS = {"train": 29000, "val": 1014, "test_2016_flickr": 1000}
@@ -62,6 +62,9 @@ def fetch(name: str, mirror: Path | None, base_url: str, timeout: float) -> byte
             return response.read()
     except urllib.error.HTTPError as error:
         raise PrepareError(f"{url}: HTTP {error.code} {error.reason}") from None
+    except ValueError as error:  # not a URL: "unknown url type" (a directory meant?)
+        raise PrepareError(f"--base-url {base_url}: {error}; a local copy is --mirror DIR") \
+            from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise PrepareError(f"{url}: download failed ({reason}); use --mirror DIR "
@@ -88,7 +91,10 @@ def prepare(output: Path, mirror: Path | None, langs: list[str], base_url: str,
             if lines != expected:
                 raise PrepareError(f"{name}: {lines:,} lines, expected {expected:,}; "
                                    "the file is incomplete or not the published one")
-            write_bytes(target, data)
+            try:
+                write_bytes(target, data)
+            except OutputError as error:
+                raise PrepareError(str(error)) from None
             report.append(f"{name}: {lines:,} lines")
     return report
 

@@ -60,6 +60,19 @@ def test_prepare_multi30k_missing_mirror_file(tmp_path, data_root):
     assert (tmp_path / "out" / "train.de.gz").read_bytes() == (mirror / "train.de.gz").read_bytes()
 
 
+def test_prepare_multi30k_a_path_for_a_url_or_a_directory_in_the_way(tmp_path, data_root):
+    not_url = prepare("--output", str(tmp_path / "a"), "--langs", "de", "--base-url", "mirror")
+    assert not_url.returncode == 2 and "Traceback" not in not_url.stderr
+    assert not_url.stderr.strip().splitlines() == [
+        "error: --base-url mirror: unknown url type: 'mirror/train.de.gz'; a local copy is "
+        "--mirror DIR"]
+    (tmp_path / "b" / "train.de.gz").mkdir(parents=True)
+    in_the_way = prepare("--mirror", str(data_root / "multi30k"), "--output",
+                         str(tmp_path / "b"), "--langs", "de")
+    assert in_the_way.returncode == 2 and in_the_way.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'b' / 'train.de.gz'}: is a directory, not an output file"]
+
+
 @pytest.mark.parametrize("checks", ["9", "1, 2", "quick:8", "1,,2", "quick:"])
 def test_gpu_checks_refuse_a_list_that_names_no_check(tmp_path, checks):
     """On a machine lent for minutes, a name that is no check ran nothing and said "done"."""
