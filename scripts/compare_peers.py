@@ -97,6 +97,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error(f"--rounds: {args.rounds}: at least 1")
+    # The parts run in the repository: paths the user gave are from where they run this.
+    if args.recipe != RECIPE:
+        args.recipe = os.path.abspath(args.recipe)
+    for name in ("work_dir", "json"):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    if args.work_dir and os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+        parser.error(f"--work-dir {args.work_dir}: exists and is not a directory")
+    from seq2seq.errors import Seq2SeqError
+    from seq2seq.files import check_output
+
+    try:
+        check_output(args.json)
+    except Seq2SeqError as error:
+        parser.error(f"--json {error}")
     return args
 
 

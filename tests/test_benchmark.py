@@ -248,6 +248,20 @@ def test_compare_peers_refuses_zero_rounds():
     assert result.stderr.strip().splitlines()[-1].endswith("--rounds: 0: at least 1")
 
 
+def test_compare_peers_takes_relative_paths_from_where_it_runs(tmp_path, monkeypatch):
+    """Its parts run in the repository: a relative --recipe, --work-dir or --json named a
+    path there, not where the user ran it."""
+    compare = load_script("compare_peers")
+    monkeypatch.chdir(tmp_path)
+    args = compare.parse_args(["--recipe", "mine.yaml", "--work-dir", "w", "--json", "c.json"])
+    assert (args.recipe, args.work_dir, args.json) == (
+        str(tmp_path / "mine.yaml"), str(tmp_path / "w"), str(tmp_path / "c.json"))
+    assert compare.parse_args([]).recipe == compare.RECIPE  # the repository's own
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--work-dir", "afile"])
+
+
 def test_compare_peers_stops_with_one_line_when_a_part_fails(tmp_path):
     kit = tmp_path / "bench.sh"
     kit.write_text("exit 3\n")
