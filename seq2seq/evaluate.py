@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from seq2seq.data.preflight import directory_problem
-from seq2seq.files import check_distinct
+from seq2seq.errors import warn
+from seq2seq.files import check_distinct, first_repeat
 from seq2seq.report import format_summary, report_files, write_report
 from seq2seq.scoring import EvaluationError, build_result
 
@@ -115,6 +116,10 @@ def _test_sets(args: Any, recipe: Any) -> Iterator[tuple[str, list[str], list[li
         srcs = _read_text_lines(args.src)
         if not srcs:
             raise EvaluationError(f"{args.src}: empty; no sentence to evaluate")
+        for path in args.ref:
+            if first_repeat([args.src, path]):
+                warn(f"{path}: is the --src file itself: the scores compare the sources with "
+                     "themselves")
         refs = [_read_text_lines(path) for path in args.ref]
         for path, stream in zip(args.ref, refs):
             if len(stream) != len(srcs):

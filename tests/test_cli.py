@@ -281,6 +281,8 @@ def test_evaluate_a_reference_against_itself_scores_100(trained, tmp_path):
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     entry = report["test_sets"][0]
     assert entry["compare"]["bleu"]["b"] == pytest.approx(100.0)
+    # allowed, but surely not meant: said in one line
+    assert result.stderr.decode().count(f"warning: {ref}: is the --src file itself") == 1
 
 
 def test_evaluate_files_and_int8_have_default_report_dirs_of_their_own(trained, tmp_path):
