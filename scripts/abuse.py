@@ -209,7 +209,13 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=60, help="training updates")
     parser.add_argument("--only", nargs="*", help="run only the cases with these names")
     args = parser.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="seq2seq-abuse-"))
+    names = {case.name for case in cases("run")}
+    unknown = sorted(set(args.only or []) - names)
+    if unknown:  # else nothing runs, and "failed 0" reads as a pass
+        parser.error(f"--only: no case named {unknown[0]!r}; the cases are: "
+                     + "; ".join(sorted(names)))
+    # absolute: the commands run in it, from where the case needs
+    work = (args.work or Path(tempfile.mkdtemp(prefix="seq2seq-abuse-"))).absolute()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     recipe = work / "recipe.yaml"

@@ -23,28 +23,43 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from seq2seq import distributed as dist
-from seq2seq.config import Recipe, load_recipe
+from seq2seq.config import Recipe, RecipeError, load_recipe
 from seq2seq.models.seq2seq import build_model
 
 MIB = 1 << 20
+
+
+def at_least(low: int) -> Any:
+    """An argparse type: a whole number of at least ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="YAML recipe whose model is measured")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides")
-    parser.add_argument("--nproc", type=int, default=2, help="local processes (GPUs)")
-    parser.add_argument("--iters", type=int, default=20, help="timed all-reduces per size")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed all-reduces per size")
+    parser.add_argument("--nproc", type=at_least(1), default=2, help="local processes (GPUs)")
+    parser.add_argument("--iters", type=at_least(1), default=20, help="timed all-reduces per size")
+    parser.add_argument("--warmup", type=at_least(0), default=3,
+                        help="untimed all-reduces per size")
     parser.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"])
-    parser.add_argument("--compute-steps", type=int, default=0,
+    parser.add_argument("--compute-steps", type=at_least(0), default=0,
                         help="also time this many forward+backward passes (0: skip)")
-    parser.add_argument("--length", type=int, default=14,
+    parser.add_argument("--length", type=at_least(1), default=14,
                         help="subwords per synthetic sentence (Multi30k: about 14)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -158,4 +173,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    try:
+        raise SystemExit(main(sys.argv[1:]))
+    except RecipeError as error:
+        raise SystemExit("\n".join(f"error: {problem}" for problem in error.problems)) from None

@@ -130,6 +130,10 @@ def main() -> int:
                         str(Path(__file__).resolve().parents[1].parent / "shared" / "data"),
                         help="directory holding multi30k/ (default: $SEQ2SEQ_DATA)")
     args = parser.parse_args()
+    if min(args.pairs, args.num_proc, args.sample) < 1:
+        parser.error("--pairs, --num-proc and --sample must be at least 1")
+    if not (Path(args.data) / "multi30k").is_dir():
+        parser.error(f"--data {args.data}: holds no multi30k/ directory")
 
     with tempfile.TemporaryDirectory(prefix="benchmark-prepare-") as tmp:
         root = Path(tmp)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gzip
 import ipaddress
 import json
 import os
@@ -40,10 +39,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def read_sentences(path: Path, count: int) -> list[str]:
-    """The first ``count`` non-blank lines of a text file (``.gz`` allowed)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        sentences = [line.strip() for line in lines if line.strip()]
+    """The first ``count`` non-blank lines of a text file (gzip allowed), read as
+    ``seq2seq translate`` reads its input."""
+    from seq2seq.errors import Seq2SeqError
+    from seq2seq.translate_io import open_input, read_lines
+
+    try:
+        with open_input(path) as stream:
+            sentences = [line.strip() for line in read_lines(stream, name=str(path))
+                         if line.strip()]
+    except Seq2SeqError as error:
+        raise SystemExit(f"error: {error}") from None
     if not sentences:
         raise SystemExit(f"error: {path}: holds no sentence")
     return sentences[:count]
@@ -279,8 +285,12 @@ def mean_batch(url: str) -> float:
 
 def languages(url: str) -> tuple[str, str]:
     """The one language pair a server translates."""
-    pairs = [(lang["code"], target) for lang in httpx.get(url + "languages").json()
-             for target in lang["targets"]]
+    try:
+        answer = httpx.get(url + "languages")
+    except httpx.HTTPError as error:
+        raise SystemExit(f"error: {url}: no answer ({error}); is the server running?") \
+            from None
+    pairs = [(lang["code"], target) for lang in answer.json() for target in lang["targets"]]
     if len(pairs) != 1:
         raise SystemExit(f"error: {url} serves {len(pairs)} pairs; name --source and --target")
     return pairs[0]
@@ -321,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clients must be between 1 and 256")
     if not 1 <= args.repeat <= 100:
         parser.error("--repeat must be between 1 and 100")
+    if args.sentences < 1:
+        parser.error("--sentences must be at least 1")
     sentences = read_sentences(args.input, args.sentences)
     if args.url:
         url = args.url if args.url.endswith("/") else args.url + "/"
