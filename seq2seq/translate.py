@@ -32,7 +32,7 @@ from seq2seq.files import check_distinct, check_output, same_file
 from seq2seq.search import BeamSearch, Ensemble, Hypothesis
 from seq2seq.search.shortlist import Lexicon
 from seq2seq.tokenizer import Tokenizer
-from seq2seq.translate_io import translate_file
+from seq2seq.translate_io import clean_text, translate_file
 
 
 class SettingError(Seq2SeqError, ValueError):
@@ -117,7 +117,7 @@ def sentence_list(sentences: Any) -> list[str]:
         if not isinstance(sentence, str):
             raise TypeError(f"sentences[{index}] must be a string, got "
                             f"{type(sentence).__name__}")
-    return sentences
+    return [clean_text(sentence) for sentence in sentences]  # as the server takes them
 
 
 @dataclasses.dataclass
@@ -141,6 +141,22 @@ def blank_translation() -> Translation:
     """The translation of a blank sentence (not decoded): one empty hypothesis, score 0.0."""
     return Translation(hypotheses=[""], scores=[0.0], src_pieces=[], hyp_pieces=[[]],
                        attention=[None])
+
+
+def checkpoint_paths(paths: Any, quantize: Any, precision: Any) -> list[str | Path]:
+    """:meth:`Translator.from_checkpoint`'s arguments checked: its checkpoints as a list."""
+    paths = [paths] if isinstance(paths, (str, Path)) else paths
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (str, Path)) for p in paths):
+        raise SettingTypeError("paths must be a checkpoint path (str or Path) or a list of them, "
+                               f"got {type(paths).__name__}")
+    if not paths:
+        raise Seq2SeqError("at least one checkpoint is needed")
+    if not isinstance(quantize, bool):
+        raise SettingTypeError(f"quantize must be True or False, got {quantize!r}")
+    if precision not in ("fp32", "bf16", "auto"):
+        raise SettingError(f"precision {precision!r}: fp32, bf16 or auto")
+    check_no_repeat(paths, "an ensemble")
+    return list(paths)
 
 
 def check_member(path: str | Path, first: str | Path, recipe: Recipe, first_recipe: Recipe,
@@ -178,10 +194,7 @@ class Translator:
         """
         from seq2seq.models.seq2seq import build_model
 
-        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        if not paths:
-            raise Seq2SeqError("at least one checkpoint is needed")
-        check_no_repeat(paths, "an ensemble")
+        paths = checkpoint_paths(paths, quantize, precision)
         torch_device = resolve_device(device)
         models, recipe, tokenizer, lexicon, first_tok = [], None, None, None, None
         for path in paths:

@@ -180,6 +180,20 @@ def _decode(raw: bytes, final: bool) -> tuple[str, bool]:
         return codecs.getincrementaldecoder("utf-8")("replace").decode(raw), False
 
 
+def clean_text(text: str) -> str:
+    """``text`` with lone surrogates (JSON and Python strings allow ``"\\ud800"``) replaced by
+    U+FFFD, which no tokenizer can take as they are.
+
+    They are what invalid UTF-8 becomes in a file read by ``seq2seq translate``: the same bytes,
+    decoded with replacement, give the same text.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")
+
+
 # --------------------------------------------------------------------------------------------
 # Translating chunk by chunk
 # --------------------------------------------------------------------------------------------

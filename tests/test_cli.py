@@ -176,6 +176,25 @@ def test_translator_refuses_a_single_string(trained):
         translator.translate_full("the dog", translator.decode_settings())
 
 
+def test_translator_refuses_settings_it_does_not_know_and_takes_lone_surrogates(trained):
+    from seq2seq.translate import SettingError, SettingTypeError, Translator
+
+    _, run = trained
+    best = run / "best.pt"
+    for kwargs, error, words in [
+            (dict(precision="fp8"), SettingError, "fp32, bf16 or auto"),
+            (dict(precision=None), SettingError, "fp32, bf16 or auto"),
+            (dict(quantize="no"), SettingTypeError, "True or False"),
+            (dict(paths=None), SettingTypeError, "got NoneType"),
+            (dict(paths=str(best).encode()), SettingTypeError, "got bytes")]:
+        with pytest.raises(error, match=words):  # "fp8" became fp32, "no" int8
+            Translator.from_checkpoint(**{"paths": best, "device": "cpu", **kwargs})
+    translator = Translator.from_checkpoint((best,), device="cpu")
+    # as the server takes them (JSON allows "\ud800"): replaced, not a tokenizer's error
+    (odd,) = translator.translate(["the \ud800 dog"])
+    assert odd == translator.translate(["the \ufffd dog"])[0]
+
+
 def test_translator_gives_blank_sentences_an_empty_translation_without_decoding(
         trained, monkeypatch):
     import seq2seq.translate as translate_module

@@ -280,6 +280,11 @@ def _field_text(value: Any, where: str, field: str) -> str:
                         f"{type(value).__name__}")
     if "\0" in value:
         raise DataError(f"{where}: field {field!r} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON's "\ud800": as invalid UTF-8 in a text file
+        raise DataError(f"{where}: field {field!r} holds a lone surrogate at character "
+                        f"{error.start + 1}, not text") from None
     return value.strip(_SPACES)
 
 
@@ -292,6 +297,8 @@ def _read_jsonl(path: Path, src_names: tuple[str, ...], trg_names: tuple[str, ..
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})"
                             ) from None
+        except (ValueError, RecursionError) as error:  # a 5,000-digit number, deep nesting
+            raise DataError(f"{where}: unreadable JSON ({str(error)[:80]})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         yield (_sentence(_lookup(record, src_names), where, src_names),

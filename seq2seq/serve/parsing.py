@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from seq2seq.serve.options import MAX_ALTERNATIVES, ServeOptions
+from seq2seq.translate_io import clean_text
 
 MAX_FORM_FIELDS = 100
 """Fields a form may have (a ``/translate`` request needs seven)."""
@@ -187,16 +188,3 @@ def flag_field(value: Any, name: str) -> bool:
     if isinstance(value, str) and value.lower() in ("true", "1", "false", "0", ""):
         return value.lower() in ("true", "1")
     raise ApiError(400, f"Invalid request: {name} must be true or false")
-
-
-def clean_text(text: str) -> str:
-    """``text`` with lone surrogates (JSON allows ``"\\ud800"``) replaced by U+FFFD.
-
-    They are what invalid UTF-8 becomes in a file read by ``seq2seq translate``: the same bytes,
-    decoded with replacement, give the same text.
-    """
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", errors="surrogatepass").decode("utf-8", errors="replace")

@@ -248,6 +248,19 @@ def test_jsonl_field_not_a_string_or_record_not_an_object(tmp_path):
     assert "line 2" in message and "object" in message
 
 
+@pytest.mark.parametrize("record,words", [
+    ('{"en": "a", "de": "b", "n": ' + "9" * 5000 + "}", ["line 2", "unreadable JSON"]),
+    ("[" * 100_000 + "]" * 100_000, ["line 2", "unreadable JSON"]),
+    ('{"en": "bad \\ud800 here", "de": "b"}', ["line 2", "'en'", "lone surrogate at "
+                                                  "character 5"]),
+])
+def test_jsonl_that_json_or_a_tokenizer_cannot_take(tmp_path, record, words):
+    """A number past Python's 4,300 digits, nesting past its recursion limit, and JSON's
+    lone surrogate escape (no UTF-8 text: SentencePiece failed on it) are one line each."""
+    message = one_line_error(lambda: read_jsonl(tmp_path, [{"en": "a", "de": "b"}, record]))
+    assert "c.jsonl" in message and all(word in message for word in words), message
+
+
 # -------------------------------------------------------------------------------- hf
 
 
