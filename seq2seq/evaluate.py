@@ -52,6 +52,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     names = [Path(args.src).name] if args.src else list(recipe.data.test) if recipe else []
     inputs = [*checkpoints, args.src, *(args.ref or []), args.compare]
     check_distinct(report_files(report_dir, names, 0), inputs)
+    test_sets = list(_test_sets(args, recipe))  # all read, and checked, before the model loads
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize, precision=args.precision)
     recipe = recipe or translator.recipe
@@ -66,7 +67,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     cfg = recipe.eval
     compare = _read_text_lines(args.compare) if args.compare else None
     results = []
-    for name, srcs, refs in _test_sets(args, recipe):
+    for name, srcs, refs in test_sets:
         hyps, attention = _translate_all(translator, settings, srcs, cfg.attention_plots)
         results.append(build_result(
             name, srcs, hyps, refs, cfg.lowercase, cfg.tokenize, cfg.bootstrap, recipe.seed,
@@ -133,6 +134,8 @@ def _test_sets(args: Any, recipe: Any) -> Iterator[tuple[str, list[str], list[li
         raise EvaluationError("the recipe has no data.test corpora; give --src and --ref")
     for name, corpus in recipe.data.test.items():
         pairs = list(read_pairs(corpus, recipe.data))
+        if not pairs:
+            raise EvaluationError(f"data.test.{name}: empty; no sentence to evaluate")
         yield name, [src for src, _ in pairs], [[trg for _, trg in pairs]]
 
 

@@ -2,9 +2,9 @@
 
 :func:`input_problems` finds every problem with the directories and corpora a recipe names:
 an ``output_dir`` or ``data.cache_dir`` that a file stands in the way of, a corpus file that is
-missing or unreadable, a training or validation corpus without a sentence pair with text on
-both sides (an empty validation set would give a run that scores BLEU 0; an empty test set is
-allowed: it scores as an empty test set). It reads nothing it does not have to (the first
+missing or unreadable, a corpus without a sentence pair with text on both sides (an empty
+validation set would give a run that scores BLEU 0, an empty test set nothing to score), test
+set names that would share a report file. It reads nothing it does not have to (the first
 useful pair of each corpus) and writes nothing. ``prepare`` raises the first problem; ``check``
 prints all.
 """
@@ -44,11 +44,12 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
         problem = directory_problem(path)
         if problem:
             problems.append(f"{key} {path}: {problem}")
-    # (key, corpus, read to its end, must hold a pair): an empty test set is allowed (it
-    # scores as an empty test set); an empty training or validation set is not.
+    problems += _test_name_problems(list(data.test))
+    # (key, corpus, read to its end, must hold a pair): no set may be empty (a test set with
+    # nothing to score would fail evaluate after the other sets were decoded).
     corpora = [("data.train", data.train, False, True),
                ("data.valid", data.valid, read_eval_sets, True)]
-    corpora += [(f"data.test.{name}", corpus, read_eval_sets, False)
+    corpora += [(f"data.test.{name}", corpus, read_eval_sets, True)
                 for name, corpus in data.test.items()]
     out_dir = Path(recipe.output_dir)
     for where, corpus, read_all, needs_text in corpora:
@@ -63,6 +64,21 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
                 _check_some_text(corpus, data, read_all, needs_text)
         except DataError as error:
             problems.append(f"{where}: {error}")
+    return problems
+
+
+def _test_name_problems(names: list[str]) -> list[str]:
+    """Test set names whose report files would be one file (``a/b`` and ``a_b``)."""
+    from seq2seq.report import file_stem
+
+    first: dict[str, str] = {}
+    problems = []
+    for name in names:
+        stem = file_stem(name)
+        if stem in first:
+            problems.append(f"data.test: the names {first[stem]!r} and {name!r} would share "
+                            f"the report file {stem}.hyp.txt; rename one")
+        first.setdefault(stem, name)
     return problems
 
 

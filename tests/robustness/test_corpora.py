@@ -107,10 +107,8 @@ def prepared(tmp_path_factory):
     path, tree = text_recipe(
         root, **{"train.en": lines(special[:-1] + SRC + special[-1:], False),
                  "train.de": lines(other[:-1] + TRG + other[-1:], False),
-                 "valid.en": lines(special, False), "valid.de": lines(other, False),
-                 "empty.en": b"", "empty.de": b""})
+                 "valid.en": lines(special, False), "valid.de": lines(other, False)})
     tree["data"]["valid"] = {"format": "text", "src": "valid.en", "trg": "valid.de"}
-    tree["data"]["test"] = {"empty": {"format": "text", "src": "empty.en", "trg": "empty.de"}}
     write_recipe(path, tree)
     result = seq2seq("prepare", path, cwd=root)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
@@ -140,9 +138,29 @@ def test_training_pairs_are_counted_and_filtered_per_reason(prepared):
     assert len(data.train) == 300 + len(HANDLED) - sum(dropped.values())
 
 
-def test_an_empty_test_corpus_is_an_empty_test_set(prepared):
-    data, _ = prepared
-    assert len(data.tests["empty"]) == 0
+@pytest.mark.parametrize("command", ["check", "prepare"])
+def test_an_empty_test_corpus_is_refused_before_any_work(tmp_path, command):
+    """It passed, and evaluate then failed on it after decoding the other test sets."""
+    path, tree = text_recipe(tmp_path, **{"empty.en": b"\n", "empty.de": b"\n"})  # blank
+    tree["data"]["test"] = {"empty": {"format": "text", "src": "empty.en", "trg": "empty.de"}}
+    write_recipe(path, tree)
+    result = seq2seq(command, path, cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert "data.test.empty: " in line and "an empty corpus" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_test_set_names_that_would_share_a_report_file_are_refused(tmp_path):
+    path, tree = text_recipe(tmp_path)
+    corpus = {"format": "text", "src": "train.en", "trg": "train.de"}
+    tree["data"]["test"] = {"a/b": corpus, "a_b": corpus}
+    write_recipe(path, tree)
+    result = seq2seq("check", path, cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.endswith("data.test: the names 'a/b' and 'a_b' would share the report file "
+                         "a_b.hyp.txt; rename one"), line
 
 
 def test_empty_training_files_are_rejected_with_one_line(tmp_path):
