@@ -9,10 +9,11 @@ record and never holds a whole corpus in memory. Formats (``Corpus.format``):
 - ``jsonl``: one file ``Corpus.path``, one JSON object per line; the sentences are the fields
   ``src_field`` / ``trg_field`` (default ``data.src_lang`` / ``data.trg_lang``, falling back to
   ``translation.<lang>``). A dotted field name walks into nested objects.
-- ``hf``: a Hugging Face ``datasets`` dataset, either a ``save_to_disk`` directory ``Corpus.path``
-  (a DatasetDict picks ``Corpus.split``) or the hub dataset ``Corpus.hf_name`` / ``hf_config`` /
-  ``split``; sentences come from a ``translation`` column of ``{lang: sentence}`` dicts or from
-  plain columns named by the languages (or by ``src_field`` / ``trg_field``).
+- ``hf`` (:mod:`.hub`): a Hugging Face ``datasets`` dataset, either a ``save_to_disk``
+  directory ``Corpus.path`` (a DatasetDict picks ``Corpus.split``) or the hub dataset
+  ``Corpus.hf_name`` / ``hf_config`` / ``split``; sentences come from a ``translation`` column
+  of ``{lang: sentence}`` dicts or from plain columns named by the languages (or by
+  ``src_field`` / ``trg_field``).
 - ``generated``: ``Corpus.size`` pairs of the built-in synthetic task (:mod:`.synthetic`).
 
 Relative paths are resolved against :func:`seq2seq.config.data_root`.
@@ -41,35 +42,18 @@ import gzip
 import io
 import json
 import os
+import stat
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from seq2seq.config import Corpus, DataConfig, data_root
-from seq2seq.errors import Seq2SeqError
+from seq2seq.config import Corpus, DataConfig
+from seq2seq.data.fields import SPACES as _SPACES
+from seq2seq.data.fields import DataError, field_text, resolve_path
 
-
-class DataError(Seq2SeqError):
-    """A corpus that cannot be read: missing file, misaligned lines, bad encoding or record."""
-
-
-# str.strip() without arguments would also strip the ASCII separators \x1c-\x1f, which are
-# control characters we promise to keep; so the whitespace set is spelled out.
-_SPACES = (
-    " \t\n\r\x0b\x0c\x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
-    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-)
 _BOM = b"\xef\xbb\xbf"
 _GZIP_MAGIC = b"\x1f\x8b"
-
-
-def resolve_path(path: str, data: DataConfig) -> Path:
-    """Expand ``~`` and ``$VARS``; resolve a relative path against the data root."""
-    expanded = Path(os.path.expandvars(os.path.expanduser(path)))
-    if expanded.is_absolute():
-        return expanded
-    return data_root(data) / expanded
 
 
 def read_pairs(corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
@@ -96,7 +80,9 @@ def read_pairs(corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
         yield from _read_jsonl(path, _field_names(corpus.src_field, data.src_lang),
                                _field_names(corpus.trg_field, data.trg_lang))
     elif corpus.format == "hf":
-        yield from _read_hf(corpus, data)
+        from seq2seq.data.hub import read_hf
+
+        yield from read_hf(corpus, data)
     elif corpus.format == "generated":
         from seq2seq.data.synthetic import generate_pairs
 
@@ -158,8 +144,12 @@ def _required(value: str | None, name: str, fmt: str) -> str:
 
 
 def _open_binary(path: Path) -> BinaryIO:
-    """Open ``path`` for binary reading, through gzip when it starts with the gzip magic."""
+    """Open ``path`` for binary reading, through gzip when it starts with the gzip magic.
+    A pipe or device is refused: a corpus is read more than once (and opening a FIFO blocks)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+            raise DataError(f"{path}: not a regular file (a pipe or a device); a corpus is "
+                            "read more than once, so write it to a file first")
         raw = open(path, "rb")  # noqa: SIM115 - closed by the caller's ``with``
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
@@ -270,22 +260,7 @@ _MISSING = object()
 def _sentence(value: Any, where: str, names: tuple[str, ...]) -> str:
     if value is _MISSING:
         raise DataError(f"{where}: missing field {names[0]!r}")
-    return _field_text(value, where, names[0])
-
-
-def _field_text(value: Any, where: str, field: str) -> str:
-    """A record field's sentence: a string without NUL, whitespace stripped."""
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string, got "
-                        f"{type(value).__name__}")
-    if "\0" in value:
-        raise DataError(f"{where}: field {field!r} contains a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:  # JSON's "\ud800": as invalid UTF-8 in a text file
-        raise DataError(f"{where}: field {field!r} holds a lone surrogate at character "
-                        f"{error.start + 1}, not text") from None
-    return value.strip(_SPACES)
+    return field_text(value, where, names[0])
 
 
 def _read_jsonl(path: Path, src_names: tuple[str, ...], trg_names: tuple[str, ...]
@@ -303,98 +278,3 @@ def _read_jsonl(path: Path, src_names: tuple[str, ...], trg_names: tuple[str, ..
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         yield (_sentence(_lookup(record, src_names), where, src_names),
                _sentence(_lookup(record, trg_names), where, trg_names))
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face datasets
-# --------------------------------------------------------------------------------------------
-
-
-def _read_hf(corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
-    dataset, name = _load_hf(corpus, data)
-    columns = dataset.column_names
-    src_col, src_key = _hf_column(corpus.src_field, data.src_lang, dataset, name)
-    trg_col, trg_key = _hf_column(corpus.trg_field, data.trg_lang, dataset, name)
-    dataset = dataset.select_columns(sorted({src_col, trg_col}))
-    row = 0
-    # Batched iteration reads Arrow record batches: constant memory, far faster than rows.
-    for batch in dataset.iter(batch_size=1000):
-        for src_value, trg_value in zip(batch[src_col], batch[trg_col]):
-            row += 1
-            where = f"{name}: row {row}"
-            yield (_hf_sentence(src_value, src_key, src_col, where, columns),
-                   _hf_sentence(trg_value, trg_key, trg_col, where, columns))
-
-
-def _load_hf(corpus: Corpus, data: DataConfig) -> tuple[Any, str]:
-    """The dataset split to read and a name for messages."""
-    import datasets
-
-    if corpus.path:
-        path = resolve_path(corpus.path, data)
-        if not path.is_dir():
-            raise DataError(f"{path}: no such directory (an hf corpus path is a "
-                            "save_to_disk directory)")
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError, OSError) as error:
-            raise DataError(f"{path}: not a dataset saved with save_to_disk ({error})") from None
-        name = str(path)
-    elif corpus.hf_name:
-        name = corpus.hf_name + (f"/{corpus.hf_config}" if corpus.hf_config else "")
-        try:
-            loaded = datasets.load_dataset(corpus.hf_name, corpus.hf_config, split=corpus.split)
-        except Exception as error:  # noqa: BLE001 - the hub raises many types, all "cannot load"
-            first_line = (str(error).splitlines() or [""])[0]
-            raise DataError(f"hf dataset {name} (split {corpus.split!r}): cannot load "
-                            f"({error.__class__.__name__}: {first_line})") from None
-        return loaded, f"{name}[{corpus.split}]"
-    else:
-        raise DataError("an hf corpus needs 'path' (a save_to_disk directory) or 'hf_name'")
-    if isinstance(loaded, datasets.DatasetDict):
-        if corpus.split not in loaded:
-            raise DataError(f"{name}: no split {corpus.split!r}; it has "
-                            f"{', '.join(loaded)}")
-        return loaded[corpus.split], f"{name}[{corpus.split}]"
-    return loaded, name
-
-
-def _hf_column(field: str | None, lang: str, dataset: Any, name: str) -> tuple[str, str | None]:
-    """(column, key inside the column's dicts or None) holding the sentences of ``lang``."""
-    columns = dataset.column_names
-    if field:
-        column, _, key = field.partition(".")
-        if column in columns:
-            return column, key or None
-    elif lang in columns:
-        return lang, None
-    elif "translation" in columns and lang in _dict_keys(dataset.features["translation"]):
-        return "translation", lang
-    wanted = field or f"{lang!r} or translation.{lang}"
-    raise DataError(f"{name}: no field {wanted}; its columns are {_describe(dataset)}")
-
-
-def _dict_keys(feature: Any) -> list[str]:
-    """Keys of a dict-valued feature: Translation languages or a dict of Values."""
-    languages = getattr(feature, "languages", None)
-    if languages is not None:
-        return list(languages)
-    return list(feature) if isinstance(feature, dict) else []
-
-
-def _describe(dataset: Any) -> str:
-    parts = []
-    for column in dataset.column_names:
-        keys = _dict_keys(dataset.features[column])
-        parts.append(f"{column} ({', '.join(keys)})" if keys else column)
-    return ", ".join(parts)
-
-
-def _hf_sentence(value: Any, key: str | None, column: str, where: str, columns: list[str]
-                 ) -> str:
-    field = f"{column}.{key}" if key else column
-    if key is not None:
-        if not isinstance(value, dict) or key not in value:
-            raise DataError(f"{where}: missing field {field!r}")
-        value = value[key]
-    return _field_text(value, where, field)

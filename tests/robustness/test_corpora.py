@@ -151,6 +151,20 @@ def test_an_empty_test_corpus_is_refused_before_any_work(tmp_path, command):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_corpus_that_is_a_pipe_is_refused_and_check_does_not_block(tmp_path):
+    """A FIFO (or bash's <(...)) lost what the first read took, and opening one blocked."""
+    import os
+
+    path, tree = text_recipe(tmp_path)
+    os.mkfifo(tmp_path / "pipe.en")
+    tree["data"]["test"] = {"t": {"format": "text", "src": "pipe.en", "trg": "train.de"}}
+    write_recipe(path, tree)
+    result = seq2seq("check", path, cwd=tmp_path)  # its timeout fails the test if it blocks
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert "data.test.t: " in line and "pipe.en: not a regular file" in line, line
+
+
 def test_test_set_names_that_would_share_a_report_file_are_refused(tmp_path):
     path, tree = text_recipe(tmp_path)
     corpus = {"format": "text", "src": "train.en", "trg": "train.de"}
