@@ -151,10 +151,16 @@ class Tokenizer:
     def load(cls, model_dir: Path) -> Tokenizer:
         """Read the model(s) written by :meth:`save` from ``model_dir``."""
         model_dir = Path(model_dir)
-        if (model_dir / JOINT_MODEL).is_file():
-            return cls(_read_model(model_dir / JOINT_MODEL))
-        if (model_dir / SRC_MODEL).is_file() and (model_dir / TRG_MODEL).is_file():
-            return cls(_read_model(model_dir / SRC_MODEL), _read_model(model_dir / TRG_MODEL))
+        try:
+            if (model_dir / JOINT_MODEL).is_file():
+                return cls(_read_model(model_dir / JOINT_MODEL))
+            if (model_dir / SRC_MODEL).is_file() and (model_dir / TRG_MODEL).is_file():
+                return cls(_read_model(model_dir / SRC_MODEL),
+                           _read_model(model_dir / TRG_MODEL))
+        except (RuntimeError, OSError) as error:  # SentencePiece's: a damaged model file
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise Seq2SeqError(f"{model_dir}: a SentencePiece model cannot be read "
+                               f"({reason})") from None
         raise Seq2SeqError(f"{model_dir}: no SentencePiece model ({JOINT_MODEL}, or "
                            f"{SRC_MODEL} and {TRG_MODEL})")
 
@@ -284,7 +290,7 @@ def load_if_current(cfg: TokenizerConfig, data_fingerprint: str, src_lang: str, 
     try:
         return Tokenizer.load(out_dir)
     except Seq2SeqError:
-        return None  # a model file went missing: train again
+        return None  # a model file went missing or was damaged: train again
 
 
 def load_or_train(cfg: TokenizerConfig, pairs: Callable[[], Iterable[tuple[str, str]]],

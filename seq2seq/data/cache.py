@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -60,6 +61,7 @@ from seq2seq.data.fingerprint import (
 from seq2seq.data.preflight import cache_root as _cache_root
 from seq2seq.data.preflight import input_problems
 from seq2seq.data.stats import describe_eval_set, describe_train
+from seq2seq.errors import warn
 from seq2seq.search.shortlist import MAX_PAIRS, Lexicon, build_lexicon
 from seq2seq.signals import signals_held
 from seq2seq.tokenizer import Tokenizer, load_if_current, tokenizer_hash, train_tokenizer
@@ -171,13 +173,16 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> Prepar
         cache_dir = None
         if tokenizer is not None:
             cache_dir = _cache_root(data, out_dir) / _cache_name(fingerprint, tokenizer, data)
-        cache_reused = cache_dir is not None and cache_dir.is_dir()
-        if not cache_reused:
+        loaded = _load_cache(cache_dir) if cache_dir is not None else None
+        cache_reused = loaded is not None
+        if loaded is None:
             tokenizer, cache_dir = _build(recipe, fingerprint, tokenizer, show_progress)
             if not data.cache_dir:
                 _remove_stale_caches(cache_dir, show_progress)
-        train = datasets.load_from_disk(str(cache_dir / "train"))
-        train_stats = json.loads((cache_dir / "stats.json").read_text())
+            loaded = _load_cache(cache_dir)
+            if loaded is None:
+                raise DataError(f"{cache_dir}: the training cache just built cannot be read")
+        train, train_stats = loaded
         valid = _eval_set("valid", *eval_texts.pop("valid"), tokenizer)
         tests = {name: _eval_set(name, *texts, tokenizer) for name, texts in eval_texts.items()}
     stats = {
@@ -194,6 +199,25 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> Prepar
                     "train_files": corpus_files(data.train, data),
                     "tokenizer": tokenizer.fingerprint}
     return PreparedData(tokenizer, train, valid, tests, stats, cache_dir, fingerprints)
+
+
+def _load_cache(cache_dir: Path) -> tuple[Any, dict] | None:
+    """The training cache's Arrow table and statistics; None where it is missing or cannot be
+    read (a damaged file): it is rebuilt then, the same inputs giving the same cache."""
+    if not cache_dir.is_dir():
+        return None
+    try:
+        train = datasets.load_from_disk(str(cache_dir / "train"))
+        train_stats = json.loads((cache_dir / "stats.json").read_text())
+        if not isinstance(train_stats, dict):
+            raise ValueError("stats.json holds no object")
+        len(train)  # the Arrow files are read here, not by load_from_disk
+    except Exception as error:  # noqa: BLE001 - datasets, pyarrow and json raise many types
+        warn(f"{cache_dir}: the training cache cannot be read ({type(error).__name__}); "
+             "building it again")
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        return None
+    return train, train_stats
 
 
 @contextmanager

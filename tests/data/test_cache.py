@@ -134,6 +134,31 @@ def test_cache_reused_when_unchanged_rebuilt_when_inputs_change(corpus):
     assert not [p for p in cache_root.iterdir() if p.name.startswith(".")]  # no temp dirs
 
 
+@pytest.mark.parametrize("damage", ["stats.json", "train/state.json", "arrow", "gone stats",
+                                    "tokenizer"])
+def test_a_damaged_cache_or_tokenizer_is_built_again(corpus, damage, capsys):
+    """Each was a traceback (JSONDecodeError, ArrowInvalid, SentencePiece's RuntimeError) or a
+    dead end: the cache counted as reusable because its directory existed."""
+    first = prepare_data(make_recipe(corpus), show_progress=False)
+    if damage == "tokenizer":
+        (corpus / "run" / "tokenizer" / "spm.model").write_bytes(b"garbage")
+    elif damage == "arrow":
+        (arrow,) = (first.cache_dir / "train").glob("*.arrow")
+        with open(arrow, "r+b") as f:
+            f.truncate(1000)
+    elif damage == "gone stats":
+        (first.cache_dir / "stats.json").unlink()
+    else:
+        (first.cache_dir / damage).write_text("x{")
+    again = prepare_data(make_recipe(corpus), show_progress=False)
+    assert not again.stats["cache"]["reused"]
+    assert again.stats["tokenizer"]["reused"] == (damage != "tokenizer")
+    assert again.stats["train"] == first.stats["train"] and len(again.train) == len(first.train)
+    if damage != "tokenizer":
+        assert "the training cache cannot be read" in capsys.readouterr().err
+    assert prepare_data(make_recipe(corpus), show_progress=False).stats["cache"]["reused"]
+
+
 def test_cache_dir_setting_and_generated_corpus_content_fingerprint(tmp_path):
     recipe = recipe_from_dict({
         "output_dir": str(tmp_path / "run"),
