@@ -303,6 +303,23 @@ def test_check_reports_every_corpus_problem_at_once_and_writes_nothing(tmp_path)
     assert snapshot(tmp_path) == before
 
 
+def test_check_refuses_an_output_dir_below_a_directory_it_cannot_write(tmp_path, monkeypatch):
+    """check passed it and prepare then failed ("cannot write there"). Mode bits do not stop
+    root, who runs the tests, so the permission is what ``os.access`` says here."""
+    import os
+    from pathlib import Path
+
+    from seq2seq.data import preflight
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(preflight.os, "access", lambda path, mode: (
+        Path(path) != locked and real_access(path, mode)))
+    assert preflight.directory_problem(locked / "run" / "x") == f"{locked} is not writable"
+    assert preflight.directory_problem(tmp_path / "elsewhere") is None
+
+
 def test_check_passes_a_recipe_whose_corpora_are_fine(tmp_path):
     for name in ("train.en", "train.de", "valid.en", "valid.de"):
         (tmp_path / name).write_text("\nsome text\n")  # a blank line is allowed, not only those

@@ -117,6 +117,8 @@ def directory_problem(path: Path) -> str | None:
         if ancestor.exists():
             if not ancestor.is_dir():
                 return f"{ancestor} exists and is not a directory"
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                return f"{ancestor} is not writable"  # what prepare would then fail on
             return None
     return None
 
