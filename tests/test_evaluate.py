@@ -235,8 +235,13 @@ def test_a_report_stopped_half_way_leaves_the_earlier_one_whole(tmp_path, refs, 
                 signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(files, "open_output", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        write_report(tmp_path, [new])
+    # As from a terminal: a test run started in the background has SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_report(tmp_path, [new])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert after.keys() == before.keys()
     if stop == "signal-while-writing":
