@@ -23,29 +23,16 @@ import os
 import statistics
 import sys
 import time
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from seq2seq import distributed as dist
+from seq2seq.cli import at_least
 from seq2seq.config import Recipe, RecipeError, load_recipe
 from seq2seq.models.seq2seq import build_model
 
 MIB = 1 << 20
-
-
-def at_least(low: int) -> Any:
-    """An argparse type: a whole number of at least ``low``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -47,28 +47,16 @@ from typing import Any
 
 import torch
 
+from seq2seq.cli import at_least
 from seq2seq.cpuinfo import CPUINFO, cpu_field
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def whole(low: int) -> Any:
-    """An argparse type: a whole number of at least ``low``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
 def beam_sizes(text: str) -> list[int]:
     """``--beams``: comma-separated beam sizes, each at least 1."""
     try:
-        return [whole(1)(part.strip()) for part in text.split(",")]
+        return [at_least(1)(part.strip()) for part in text.split(",")]
     except argparse.ArgumentTypeError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
@@ -78,19 +66,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("recipe", help="YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=whole(0), default=0,
+    parser.add_argument("--threads", type=at_least(0), default=0,
                         help="torch CPU threads (0: one per physical core)")
     parser.add_argument("--work-dir", help="output_dir for the tokenizer and cache "
                         "(default: a directory under the temp dir named after the recipe)")
-    parser.add_argument("--warmup", type=whole(0), default=5, help="untimed training steps")
-    parser.add_argument("--steps", type=whole(0), default=30, help="timed training steps (0: skip)")
+    parser.add_argument("--warmup", type=at_least(0), default=5, help="untimed training steps")
+    parser.add_argument("--steps", type=at_least(0), default=30,
+                        help="timed training steps (0: skip)")
     parser.add_argument("--checkpoint", help="trained checkpoint to decode with (BLEU is "
                         "meaningful only then)")
     parser.add_argument("--test", help="test set of the recipe to decode (default: the first)")
-    parser.add_argument("--repeat", type=whole(1), help="decode at least this many sentences, "
+    parser.add_argument("--repeat", type=at_least(1), help="decode at least this many sentences, "
                         "repeating the test set (default: 10000 on GPU, 1000 on CPU); fewer "
                         "than the test set holds decodes its first N")
-    parser.add_argument("--decode-batch", type=whole(1), help="sentences per decoding batch "
+    parser.add_argument("--decode-batch", type=at_least(1), help="sentences per decoding batch "
                         "(default: 100 on CPU, 500 on GPU)")
     parser.add_argument("--beams", type=beam_sizes, default="1,5",
                         help="beam sizes to time (1: greedy)")
@@ -99,7 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true",
                         help="also decode with the weights cast to bf16 once (fast on a CPU "
                         "with native bf16: amx_bf16, avx512_bf16)")
-    parser.add_argument("--shortlist", type=whole(0), default=0, metavar="N",
+    parser.add_argument("--shortlist", type=at_least(0), default=0, metavar="N",
                         help="also time each beam search with decode.shortlist=N (the "
                         "lexicon of the work dir's data, or of --checkpoint)")
     parser.add_argument("--no-decode", action="store_true", help="time training only")

@@ -172,6 +172,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_command(args)
 
 
+def at_least(low: int) -> Any:
+    """An argparse type: a whole number of at least ``low`` (the scripts' counts)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
 def _bounded(key: str) -> Any:
     """An argparse type for a search flag: a number in the range of ``decode.<key>``, finite.
 
