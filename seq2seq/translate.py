@@ -11,7 +11,9 @@ search settings) and the SentencePiece model(s) saved with the run.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import sys
 from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 from typing import Any
@@ -366,12 +368,26 @@ class Translator:
         return [r.hypotheses for r in results]
 
 
+def writes_to_stdout(path: str | None) -> bool:
+    """Whether output ``path`` ends up on this process's stdout: none, ``-``, or a name of
+    the same open file (``/dev/stdout``, ``/dev/fd/1``)."""
+    if path is None or path == "-":
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such path; stdout closed or replaced
+        return False
+
+
 def translate_command(args: Any) -> int:
     """``seq2seq translate``: stream stdin (or --input) to stdout (or --output), line for line."""
     # Before the model loads: a bad output path must not cost a whole translation run.
     check_output(args.output)
     check_output(args.attention)
     check_distinct([args.output, args.attention], [args.input, *args.checkpoint])
+    if args.attention and writes_to_stdout(args.output) and writes_to_stdout(args.attention):
+        raise Seq2SeqError(f"--attention {args.attention}: stdout already receives the "
+                           "translations; write the attention to a file")
     if any(same_file(args.input, checkpoint) for checkpoint in args.checkpoint):
         raise Seq2SeqError(f"--input {args.input}: is the checkpoint, not text to translate")
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device,

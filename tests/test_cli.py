@@ -476,6 +476,17 @@ def test_a_checkpoint_given_twice_is_refused_by_average_and_ensembles(trained, t
     assert not (tmp_path / "avg.pt").exists()
 
 
+@pytest.mark.parametrize("attention", ["-", "/dev/stdout", "/dev/fd/1"])
+def test_translate_refuses_attention_on_the_stdout_of_the_translations(trained, attention):
+    """The JSON lines landed between the translations: one output line per input no more."""
+    _, run = trained
+    result = seq2seq("translate", "--checkpoint", run / "best.pt", "--attention", attention,
+                     stdin=b"the dog\nthe cat\n")
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "stdout already receives the translations" in err, err
+    assert result.stdout == b""
+
+
 def test_evaluate_takes_several_checkpoints_after_one_flag():
     from seq2seq.cli import build_parser
 
