@@ -57,6 +57,29 @@ def test_stop_at_k_and_resume_equals_uninterrupted_bitwise(tmp_path, overrides):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A run killed after its checkpoint had logged more steps, and the resumed run logged
+    them again: metrics.jsonl held those rows twice. The rows after the checkpoint go, and
+    a half-written last row with them."""
+    fit(tiny_recipe(tmp_path, "train.max_steps=4", "train.log_every=1", "train.valid_every=2"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    clean = metrics.read_text()
+    with open(metrics, "a") as handle:  # what the killed run had written after step 4
+        handle.write('{"step": 5, "split": "train", "loss": 1.0}\n{"step": 6, "spl')
+    fit(tiny_recipe(tmp_path, "train.max_steps=6", "train.log_every=1", "train.valid_every=2"))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert metrics.read_text().startswith(clean)
+    steps = [(row["step"], row["split"]) for row in rows]
+    assert len(steps) == len(set(steps)) and (5, "train") in steps and (6, "valid") in steps
+
+
+def test_resume_takes_processes_for_accumulation_steps_when_their_product_stays():
+    """The refusal of another process count says "keep the product equal": a run of 2
+    processes resumes as 1 process accumulating 2 batches (the same updates)."""
+    saved = recipe_to_dict(recipe_from_dict(tiny_tree("run")))
+    check_resumable(saved, recipe_from_dict(tiny_tree("run"), ["train.accumulate=2"]))
+
+
 def test_linear_schedule_resumes_bitwise_when_max_steps_stops_the_run_early(tmp_path):
     # The run's length is max_epochs, so a stop at max_steps=4 does not change the schedule.
     linear = ("train.schedule=linear", "train.decay_last=0.8", "train.max_epochs=2")

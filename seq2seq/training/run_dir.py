@@ -43,6 +43,7 @@ TRAINING_STATE = ("optimizer", "scaler", "schedule", "progress", "rng")
 
 # Keys that may change between a run and its resumption without making the resumed run wrong.
 RESUMABLE_CHANGES = ("name", "output_dir", "train.max_steps", "train.max_epochs",
+                     "train.accumulate",  # with the processes: their product is checked
                      "train.valid_every", "train.log_every", "train.patience", "train.keep_last",
                      "train.tensorboard", "train.device", "train.threads", "train.max_bad_steps",
                      "train.cuda_graphs", "train.average_last",
@@ -192,6 +193,27 @@ class RunDirectory:
                 if key not in ("step", "split", "epoch") and isinstance(value, (int, float)):
                     self.tensorboard.add_scalar(f"{row['split']}/{key}", value, row["step"])
             self.tensorboard.flush()
+
+    def drop_rows_after(self, step: int) -> int:
+        """Remove the metrics rows of steps after ``step``, and any half-written row: a run
+        resumed from ``step`` logs those steps again (a run killed after its checkpoint had
+        them twice). Returns how many rows went."""
+        path = self.path / "metrics.jsonl"
+        try:
+            lines = path.read_bytes().splitlines(keepends=True)
+        except FileNotFoundError:
+            return 0
+
+        def kept(line: bytes) -> bool:
+            try:
+                row = json.loads(line)
+                return line.endswith(b"\n") and int(row["step"]) <= step
+            except (ValueError, TypeError, KeyError):
+                return False
+        keep = [line for line in lines if kept(line)]
+        if len(keep) < len(lines):
+            write_bytes(path, b"".join(keep))
+        return len(lines) - len(keep)
 
     def log_validation(self, step: int, epoch: int, metrics: dict[str, Any]) -> None:
         """Log a validation's metrics, and show them on stderr (main rank only)."""

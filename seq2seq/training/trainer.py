@@ -93,7 +93,10 @@ def open_run(recipe: Recipe, group_size: int | None,
     if dist.is_main():
         run.lock()
     try:
-        return run, run.resumable_checkpoint(recipe, group_size)
+        found = run.resumable_checkpoint(recipe, group_size)
+        if found is not None and group_size is not None and dist.is_main():  # train's
+            run.drop_rows_after(found[1]["progress"]["step"])
+        return run, found
     except BaseException:
         run.close()
         raise
