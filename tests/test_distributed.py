@@ -363,6 +363,22 @@ def test_a_rank_that_fails_for_good_ends_the_job_with_a_clear_error(tmp_path, ca
     assert time.monotonic() - started < TIMEOUT_S
 
 
+def test_a_resume_with_another_process_count_is_one_line_before_any_worker_starts(
+        tmp_path, cache_dir):
+    """It was refused by every worker, each line amid torchrun's messages."""
+    recipe = write_recipe(tmp_path, cache_dir, "one")
+    check(run(seq2seq_train(recipe, "train.max_steps=2")))
+    result = run(seq2seq_train(recipe, "train.max_steps=4", "distributed.nproc_per_node=2"))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: cannot resume {tmp_path / 'one'}: it was trained with 1 batches per update "
+        "(processes x train.accumulate), this run uses 2 x 1; keep the product equal"]
+    # and the way it names is taken: 1 process accumulating 2 batches resumes a 2-process run
+    two = write_recipe(tmp_path, cache_dir, "two")
+    check(run(seq2seq_train(two, "train.max_steps=2", "distributed.nproc_per_node=2")))
+    check(run(seq2seq_train(two, "train.max_steps=4", "train.accumulate=2")))
+
+
 def test_only_distributed_py_mentions_torch_distributed():
     """`grep -rl torch.distributed seq2seq/` lists one file: distributed code lives in one place."""
     sources = sorted(PACKAGE.rglob("*.py"))

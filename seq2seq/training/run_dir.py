@@ -146,8 +146,9 @@ class RunDirectory:
             # The epoch position counts updates of (world size x accumulate) batches.
             raise Seq2SeqError(
                 f"cannot resume {self.path}: it was trained with {saved_group} batches per "
-                f"update (processes x train.accumulate), this run uses {dist.world_size()} x "
-                f"{recipe.train.accumulate}; keep the product equal")
+                f"update (processes x train.accumulate), this run uses "
+                f"{group_size // recipe.train.accumulate} x {recipe.train.accumulate}; keep the "
+                "product equal")
         return found
 
     # ---- checkpoints ------------------------------------------------------------------------

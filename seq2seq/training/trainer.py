@@ -49,6 +49,10 @@ def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> in
     if cfg.nproc_per_node * cfg.nnodes > 1 and "LOCAL_RANK" not in os.environ:
         from seq2seq.launch import launch_workers
 
+        if cfg.nnodes == 1:  # a run that cannot resume is one line from here, not one per
+            # worker amid torchrun's messages (another process count, a held lock, ...)
+            run, _ = open_run(recipe, cfg.nproc_per_node * recipe.train.accumulate)
+            run.close()
         return launch_workers(recipe, recipe_path, overrides)
     trainer = fit(recipe)
     return exit_code(trainer.stop_signal, under_torchrun="LOCAL_RANK" in os.environ)
