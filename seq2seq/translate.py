@@ -385,6 +385,9 @@ def translate_command(args: Any) -> int:
     check_output(args.output)
     check_output(args.attention)
     check_distinct([args.output, args.attention], [args.input, *args.checkpoint])
+    if args.scores and args.nbest:  # it would be ignored without a word
+        raise Seq2SeqError("--scores and --nbest: the n-best rows carry their scores already "
+                           "(index, score, text); drop --scores")
     if args.attention and writes_to_stdout(args.output) and writes_to_stdout(args.attention):
         raise Seq2SeqError(f"--attention {args.attention}: stdout already receives the "
                            "translations; write the attention to a file")

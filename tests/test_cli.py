@@ -487,6 +487,14 @@ def test_translate_refuses_attention_on_the_stdout_of_the_translations(trained, 
     assert result.stdout == b""
 
 
+def test_translate_refuses_scores_with_nbest_which_would_ignore_it(trained):
+    _, run = trained
+    result = seq2seq("translate", "--checkpoint", run / "best.pt", "--nbest", "2", "--scores",
+                     stdin=b"the dog\n")
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "drop --scores" in err and err.count("\n") == 1, err
+
+
 def test_evaluate_takes_several_checkpoints_after_one_flag():
     from seq2seq.cli import build_parser
 
