@@ -187,6 +187,17 @@ def same_file(a: str | Path | None, b: str | Path | None) -> bool:
     return _identity(a) is not None and _identity(a) == _identity(b)
 
 
+def writes_to_stdout(path: str | None) -> bool:
+    """Whether output ``path`` ends up on this process's stdout: none, ``-``, or a name of
+    the same open file (``/dev/stdout``, ``/dev/fd/1``)."""
+    if path is None or path == "-":
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no such path; stdout closed or replaced
+        return False
+
+
 def first_repeat(paths: Iterable[str | Path]) -> tuple[str | Path, str | Path] | None:
     """The first file of ``paths`` named again, as ``(earlier name, later name)``, compared
     as :func:`check_distinct` compares (any spelling of a path); None when all differ."""

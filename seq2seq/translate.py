@@ -11,9 +11,7 @@ search settings) and the SentencePiece model(s) saved with the run.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
-import sys
 from collections.abc import Iterable, Mapping, Set
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from seq2seq.checkpoint import (
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.decoding import bucketed_batches, decode_ids, make_shortlist, search_path
 from seq2seq.errors import Seq2SeqError
-from seq2seq.files import check_distinct, check_output, same_file
+from seq2seq.files import check_distinct, check_output, same_file, writes_to_stdout
 from seq2seq.search import BeamSearch, Ensemble, Hypothesis
 from seq2seq.search.shortlist import Lexicon
 from seq2seq.tokenizer import Tokenizer
@@ -366,17 +364,6 @@ class Translator:
         if nbest is None:
             return [r.hypotheses[0] for r in results]
         return [r.hypotheses for r in results]
-
-
-def writes_to_stdout(path: str | None) -> bool:
-    """Whether output ``path`` ends up on this process's stdout: none, ``-``, or a name of
-    the same open file (``/dev/stdout``, ``/dev/fd/1``)."""
-    if path is None or path == "-":
-        return True
-    try:
-        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
-    except (OSError, ValueError, AttributeError):  # no such path; stdout closed or replaced
-        return False
 
 
 def translate_command(args: Any) -> int:
