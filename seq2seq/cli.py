@@ -367,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
         # `seq2seq translate ... | head` closes the pipe early: not an error.
         sys.stderr.close()
         return 0
+    except RuntimeError as error:
+        from seq2seq.distributed import peer_lost
+
+        line = peer_lost(error)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     except OSError as error:  # the machine, not the user: a full disk, a vanished directory
         where = f"{error.filename}: " if error.filename else ""
         print(f"error: {where}{error.strerror or error}", file=sys.stderr)

@@ -180,6 +180,24 @@ def no_sync(model: torch.nn.Module, skip: bool) -> Iterator[None]:
         yield
 
 
+# How gloo says that the other end of a collective went away (a worker killed or crashed).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_lost(error: BaseException) -> str | None:
+    """One line for a torchrun worker whose collective failed because another worker went
+    away, else None. torchrun restarts the group or ends the job, naming the worker that
+    failed; this one's traceback (gloo's ``RuntimeError``) would only bury that."""
+    if "LOCAL_RANK" not in os.environ or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if not any(marker in text for marker in PEER_LOST):
+        return None
+    reason = text.strip().splitlines()[0][:200]
+    return (f"rank {os.environ.get('RANK', '?')}: another worker went away during a collective "
+            f"({reason})")
+
+
 def launch(torchrun_argv: list[str]) -> int:
     """Run torchrun with ``torchrun_argv`` (its own command line) in this process.
 
@@ -199,6 +217,10 @@ def launch(torchrun_argv: list[str]) -> int:
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(torchrun_argv)
+    if str(args.nproc_per_node).isdigit() and int(args.nproc_per_node) > 1:
+        # What torchrun sets itself where it is unset, with a 4-line warning on every run;
+        # the workers' threads come from train.threads.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         run(args)
     except ChildFailedError as error:

@@ -379,6 +379,24 @@ def test_a_resume_with_another_process_count_is_one_line_before_any_worker_start
     check(run(seq2seq_train(two, "train.max_steps=4", "train.accumulate=2")))
 
 
+def test_a_worker_whose_peer_went_away_says_so_in_one_line(monkeypatch):
+    """gloo's RuntimeError in the surviving worker was a 35-line traceback before torchrun's
+    own one-line account of the worker that failed."""
+    from seq2seq.distributed import peer_lost
+
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:42396. This is typically caused by a remote worker crashing.")
+    assert peer_lost(gone) is None  # outside torchrun: not this case
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    assert peer_lost(gone) == (
+        "rank 0: another worker went away during a collective ([../gloo/transport/tcp/pair.cc"
+        ":553] Connection closed by peer [127.0.0.1]:42396. This is typically caused by a "
+        "remote worker crashing.)")
+    assert peer_lost(RuntimeError("CUDA out of memory")) is None  # any other error: its traceback
+    assert peer_lost(ValueError("Connection closed by peer")) is None
+
+
 def test_only_distributed_py_mentions_torch_distributed():
     """`grep -rl torch.distributed seq2seq/` lists one file: distributed code lives in one place."""
     sources = sorted(PACKAGE.rglob("*.py"))
