@@ -195,8 +195,16 @@ def _encode(processor: spm.SentencePieceProcessor, sentences: list[str]) -> list
 def _decode(processor: spm.SentencePieceProcessor, ids: list[list[int]]) -> list[str]:
     kept = [[int(i) for i in row if int(i) not in SPECIAL_IDS] for row in ids]
     if len(kept) >= THREADED_BATCH:
-        return processor.decode(kept)
-    return [processor.decode(row) for row in kept]
+        texts = processor.decode(kept)
+    else:
+        texts = [processor.decode(row) for row in kept]
+    # Text that SentencePiece encodes never has a space at either end or two in a row (it
+    # removes them), but a model may emit the lone word-start piece anywhere: at the end of
+    # an output cut at the length limit, or twice in a row. Its decoded spaces are dropped.
+    return [_EXTRA_SPACES.sub("", text) for text in texts]
+
+
+_EXTRA_SPACES = re.compile(r"^ +| +$|(?<= ) +")
 
 
 def _read_model(path: Path) -> bytes:

@@ -87,6 +87,17 @@ def test_decode_ignores_pad_bos_eos(trained):
     assert trained.decode_src([[BOS] + trained.encode_src([text])[0] + [EOS]]) == [text]
 
 
+def test_decoded_output_has_no_extra_spaces(trained):
+    # A model may emit the lone word-start piece at either end or twice in a row (an output
+    # cut at the length limit ends in it); the text never has spaces SentencePiece removes.
+    space = trained._trg.piece_to_id("▁")
+    assert trained.trg_pieces([space]) == ["▁"]
+    ids = trained.encode_trg(["KALO MINE"])[0]
+    assert trained.decode_trg([[space] + ids + [space, space] + ids + [space],
+                               ids + [space], [space, space]]) == [
+        "KALO MINE KALO MINE", "KALO MINE", ""]
+
+
 def test_joint_and_vocab_sizes(trained):
     assert trained.src_vocab_size == 64 and trained.trg_vocab_size == 64
     if trained.joint:
