@@ -203,7 +203,8 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> Prepar
 
 def _load_cache(cache_dir: Path) -> tuple[Any, dict] | None:
     """The training cache's Arrow table and statistics; None where it is missing or cannot be
-    read (a damaged file): it is rebuilt then, the same inputs giving the same cache."""
+    read (a damaged file: ``load_from_disk`` reads each Arrow file's record batches): it is
+    rebuilt then, the same inputs giving the same cache."""
     if not cache_dir.is_dir():
         return None
     try:
@@ -211,7 +212,6 @@ def _load_cache(cache_dir: Path) -> tuple[Any, dict] | None:
         train_stats = json.loads((cache_dir / "stats.json").read_text())
         if not isinstance(train_stats, dict):
             raise ValueError("stats.json holds no object")
-        len(train)  # the Arrow files are read here, not by load_from_disk
     except Exception as error:  # noqa: BLE001 - datasets, pyarrow and json raise many types
         warn(f"{cache_dir}: the training cache cannot be read ({type(error).__name__}); "
              "building it again")
