@@ -88,8 +88,41 @@ def _gunzipped(stream: BinaryIO) -> BinaryIO:
     peek = getattr(stream, "peek", None)
     if peek is None or peek(2)[:2] != GZIP_MAGIC:
         return stream
-    # A large read buffer keeps the gzip layer out of the per-line cost.
-    return io.BufferedReader(gzip.GzipFile(fileobj=stream, mode="rb"), buffer_size=1 << 20)
+    return gunzip(stream, close_stream=False)
+
+
+def gunzip(stream: BinaryIO, close_stream: bool) -> BinaryIO:
+    """The gzip data of ``stream``, decompressed, for reading by lines.
+
+    Every line decompressed before a truncated or corrupt end is read before the error
+    (``EOFError``, ``zlib.error``, ``gzip.BadGzipFile``) is raised: ``GzipFile.read(n)`` would
+    drop what it had gathered towards ``n`` bytes. A large buffer keeps the gzip layer out of
+    the per-line cost. Closing the result closes ``stream`` if ``close_stream``.
+    """
+    return io.BufferedReader(_GzipChunks(stream, close_stream), buffer_size=1 << 20)
+
+
+class _GzipChunks(io.RawIOBase):
+    """A gzip stream read one decompressed chunk at a time (``read1``)."""
+
+    def __init__(self, stream: BinaryIO, close_stream: bool) -> None:
+        self._stream, self._close_stream = stream, close_stream
+        self._gzip = gzip.GzipFile(fileobj=stream, mode="rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._gzip.read1(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._gzip.close()  # leaves the stream it was given open
+            if self._close_stream:
+                self._stream.close()
+        super().close()
 
 
 def read_lines(

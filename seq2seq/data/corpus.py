@@ -38,8 +38,6 @@ and, where it applies, the field.
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
 import stat
@@ -51,9 +49,9 @@ from typing import Any, BinaryIO
 from seq2seq.config import Corpus, DataConfig
 from seq2seq.data.fields import SPACES as _SPACES
 from seq2seq.data.fields import DataError, field_text, resolve_path
-
-_BOM = b"\xef\xbb\xbf"
-_GZIP_MAGIC = b"\x1f\x8b"
+from seq2seq.translate_io import BOM as _BOM
+from seq2seq.translate_io import GZIP_MAGIC as _GZIP_MAGIC
+from seq2seq.translate_io import gunzip
 
 
 def read_pairs(corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
@@ -158,8 +156,7 @@ def _open_binary(path: Path) -> BinaryIO:
     except OSError as error:
         raise DataError(f"{path}: cannot open ({error.strerror or error})") from None
     if raw.peek(2)[:2] == _GZIP_MAGIC:
-        # A large read buffer keeps the gzip layer out of the per-line cost.
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)
+        return gunzip(raw, close_stream=True)
     return raw
 
 

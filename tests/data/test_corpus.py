@@ -3,6 +3,7 @@
 import gzip
 import json
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,9 @@ def test_truncated_gzip(tmp_path):
     data = gzip.compress("".join(f"line {i} of a file\n" for i in range(5000)).encode())
     (tmp_path / "s.de.gz").write_bytes(data[: len(data) // 2])
     message = one_line_error(lambda: read_text(tmp_path, "s.en", "s.de.gz"))
-    assert "s.de.gz" in message
+    # The error names the last whole line the damaged file holds, as zcat would print it.
+    whole = zlib.decompressobj(wbits=31).decompress(data[: len(data) // 2]).count(b"\n")
+    assert whole > 2000 and f"s.de.gz: cannot read after line {whole} (" in message
 
 
 def test_text_corpus_without_files_is_an_error(tmp_path):
