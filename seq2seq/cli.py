@@ -71,9 +71,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     nothing is written."""
     recipe = load_recipe(args.recipe, args.overrides)
     from seq2seq.data.preflight import input_problems
+    from seq2seq.training.run_dir import train_problems
 
     problems = (memory_problems(recipe) + machine_problems(recipe)
                 + input_problems(recipe, read_eval_sets=True))
+    # (the run directory's checkpoints name corpora only once the corpora are there)
+    problems += [] if problems else train_problems(recipe)
     if problems:
         raise RecipeError([f"{args.recipe}: {problem}" for problem in problems])
     sys.stdout.write(recipe_to_yaml(recipe))

@@ -170,3 +170,63 @@ def test_weights_that_do_not_fit_the_recipe_are_one_line(tmp_path):
         Translator.from_checkpoint(tmp_path / "bad.pt")
     assert main(["translate", "--checkpoint", str(tmp_path / "bad.pt"), "--input",
                  str(path)]) == 2
+
+
+def test_check_refuses_what_train_would_refuse_in_the_run_directory_and_writes_nothing(
+        tmp_path, monkeypatch):
+    """``check`` said OK (exit 0) to each of these, and ``train`` then refused them."""
+    import yaml
+
+    from tests.robustness.conftest import snapshot
+
+    data = tmp_path / "data"
+    write_corpus(data)
+    fit(text_recipe(tmp_path, data, "train.max_steps=2"))
+    run = tmp_path / "run"
+    path = tmp_path / "r.yaml"
+    tree = tiny_tree(str(run))
+    tree["data"]["root"] = str(data)
+    tree["data"]["train"] = {"format": "text", "src": "train.en", "trg": "train.de"}
+    path.write_text(yaml.safe_dump(tree))
+
+    def check(*overrides: str) -> list[str]:
+        before = snapshot(tmp_path)
+        result = subprocess.run([sys.executable, "-m", "seq2seq", "check", str(path),
+                                 "train.max_steps=4", *overrides], capture_output=True,
+                                text=True, cwd=REPO, timeout=300)
+        assert snapshot(tmp_path) == before and "Traceback" not in result.stderr
+        assert result.returncode == (2 if result.stdout == "" else 0), result.stderr
+        return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+    assert check() == []  # a resume with more steps is fine
+    holder = hold_lock(run)
+    try:
+        assert check() == [f"error: {path}: output_dir {run} is in use by another training run "
+                           f"(process {holder.pid}); wait for it to end, or use another "
+                           "output_dir"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert check("model.emb_size=32") == [
+        f"error: {path}: cannot resume {run}: the recipe changed in model.emb_size (use a new "
+        "output_dir, or restore those values)"]
+    with open(data / "train.en", "a", encoding="utf-8") as handle:
+        handle.write("one more sentence\n")
+    with open(data / "train.de", "a", encoding="utf-8") as handle:
+        handle.write("noch ein Satz\n")
+    (refused,) = check()
+    assert f"cannot resume {run}: the training corpus is not the one its checkpoint" in refused
+    for name in ("last.pt", *[p.name for p in run.glob("step_*.pt")]):
+        (run / name).write_bytes(b"not a checkpoint")
+    (refused,) = check()
+    assert f"cannot resume {run}: no checkpoint there can be resumed" in refused
+
+    # A GPU this machine lacks: train refuses it (prepare does not need it).
+    from seq2seq.config import recipe_from_dict as load
+    from seq2seq.training.run_dir import train_problems
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fresh = dict(tree, output_dir=str(tmp_path / "fresh"))
+    assert train_problems(load(fresh, ["train.device=cuda"])) == [
+        "train.device cuda: no CUDA GPU is available"]
+    assert train_problems(load(fresh, ["train.device=cpu"])) == []

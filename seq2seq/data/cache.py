@@ -55,7 +55,7 @@ from seq2seq.data.encoding import (
 from seq2seq.data.fingerprint import (
     check_same_inputs,
     corpus_files,
-    corpus_fingerprint,
+    current_inputs,
     keyed_pairs,
 )
 from seq2seq.data.preflight import cache_root as _cache_root
@@ -64,7 +64,7 @@ from seq2seq.data.stats import describe_eval_set, describe_train
 from seq2seq.errors import warn
 from seq2seq.search.shortlist import MAX_PAIRS, Lexicon, build_lexicon
 from seq2seq.signals import signals_held
-from seq2seq.tokenizer import Tokenizer, load_if_current, tokenizer_hash, train_tokenizer
+from seq2seq.tokenizer import Tokenizer, tokenizer_hash, train_tokenizer
 
 CACHE_VERSION = 1  # bump when the cached columns or the filter rules change
 
@@ -162,13 +162,9 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> Prepar
         eval_texts = {"valid": _read_eval_set("valid", data.valid, data)}
         eval_texts.update({name: _read_eval_set(name, corpus, data)
                            for name, corpus in data.test.items()})
-        fingerprint = corpus_fingerprint(data.train, data, show_progress)
-        tokenizer_dir = out_dir / "tokenizer"
-        tokenizer = load_if_current(recipe.tokenizer, fingerprint, data.src_lang,
-                                    data.trg_lang, tokenizer_dir)
+        fingerprint, tokenizer = current_inputs(recipe, show_progress)
         if expect:
-            check_same_inputs(expect, fingerprint, corpus_files(data.train, data), tokenizer,
-                              out_dir)
+            check_same_inputs(expect, recipe, fingerprint, tokenizer)
         tokenizer_reused = tokenizer is not None
         cache_dir = None
         if tokenizer is not None:
@@ -188,7 +184,7 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> Prepar
     stats = {
         "tokenizer": {"joint": tokenizer.joint, "src_vocab": tokenizer.src_vocab_size,
                       "trg_vocab": tokenizer.trg_vocab_size, "reused": tokenizer_reused,
-                      "path": str(tokenizer_dir)},
+                      "path": str(out_dir / "tokenizer")},
         "cache": {"reused": cache_reused, "path": str(cache_dir)},
         "train": train_stats,
         "valid": describe_eval_set(valid.src_ids, valid.trg_ids),

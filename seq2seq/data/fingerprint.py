@@ -13,10 +13,10 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from seq2seq.config import Corpus, DataConfig
+from seq2seq.config import Corpus, DataConfig, Recipe
 from seq2seq.data.corpus import DataError, read_pairs, resolve_path
 from seq2seq.data.encoding import ENCODE_BATCH
-from seq2seq.tokenizer import Tokenizer
+from seq2seq.tokenizer import Tokenizer, load_if_current
 
 
 def keyed_pairs(where: str, corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
@@ -65,16 +65,31 @@ def corpus_files(corpus: Corpus, data: DataConfig) -> list:
     return described
 
 
-def check_same_inputs(expect: dict, fingerprint: str, files: list, tokenizer: Tokenizer | None,
-                      out_dir: Path) -> None:
+def current_inputs(recipe: Recipe, show_progress: bool) -> tuple[str, Tokenizer | None]:
+    """The training corpus's fingerprint, and the run's tokenizer (``<output_dir>/tokenizer``)
+    if it was trained on that corpus with the recipe's settings, else None. Writes nothing."""
+    data = recipe.data
+    fingerprint = corpus_fingerprint(data.train, data, show_progress)
+    tokenizer = load_if_current(recipe.tokenizer, fingerprint, data.src_lang, data.trg_lang,
+                                Path(recipe.output_dir) / "tokenizer")
+    return fingerprint, tokenizer
+
+
+def check_same_inputs(expect: dict, recipe: Recipe, fingerprint: str,
+                      tokenizer: Tokenizer | None) -> None:
     """Refuse to resume on a training corpus or tokenizer other than the checkpoint's.
+
+    Args:
+        expect: the checkpoint's ``fingerprints``.
+        fingerprint, tokenizer: :func:`current_inputs` of the resumed run.
 
     Raises:
         DataError: naming what changed and what to do, before anything is written.
     """
+    out_dir = Path(recipe.output_dir)
     if expect.get("train_corpus") not in (None, fingerprint):
         was = {f[0]: f[1:] for f in expect.get("train_files") or [] if f}
-        now = {f[0]: f[1:] for f in files if f}
+        now = {f[0]: f[1:] for f in corpus_files(recipe.data.train, recipe.data) if f}
         changed = sorted(set(was) ^ set(now)) + sorted(p for p in set(was) & set(now)
                                                        if was[p] != now[p])
         what = (f"changed or moved: {', '.join(changed)}" if changed

@@ -86,11 +86,9 @@ class RunDirectory:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = lock_holder(os.fstat(handle.fileno()).st_ino)
+            holder = lock_holder(os.fstat(handle.fileno()).st_ino) or "another process"
             handle.close()
-            raise Seq2SeqError(f"output_dir {self.path} is in use by another training run "
-                               f"({holder}); wait for it to end, or use another "
-                               "output_dir") from None
+            raise Seq2SeqError(in_use(self.path, holder)) from None
         except OSError as error:  # a filesystem without locks
             handle.close()
             raise Seq2SeqError(f"output_dir {self.path}: cannot lock {LOCK_FILE} there "
@@ -122,39 +120,12 @@ class RunDirectory:
         if dist.is_main():  # a run killed while writing a checkpoint leaves its temporary file
             remove_partial_writes(self.path)
         dist.barrier()  # no rank reads the directory while the main rank cleans it
-        skipped: list[str] = []
-
-        def skip(message: str) -> None:
-            skipped.append(message)
-            if dist.is_main():
-                warn(f"{message}; trying the previous checkpoint")
-
-        found = load_latest([self.path / "last.pt"] + self.step_checkpoints()[::-1], skip,
-                            require=TRAINING_STATE)
-        if found is None:
-            if skipped or (self.path / "best.pt").is_file():
-                # Starting again from step 0 would write over best.pt and the metrics.
-                why = ("no checkpoint there can be resumed" if skipped
-                       else "it holds best.pt but no last.pt or step checkpoint")
-                raise Seq2SeqError(f"cannot resume {self.path}: {why}; move its checkpoints "
-                                   "away (or use another output_dir) to train from the start")
-            return None
-        ckpt = found[1]
-        check_resumable(ckpt["recipe"], recipe)
-        saved_group = ckpt.get("group_size", group_size)
-        if group_size is not None and saved_group != group_size:
-            # The epoch position counts updates of (world size x accumulate) batches.
-            raise Seq2SeqError(
-                f"cannot resume {self.path}: it was trained with {saved_group} batches per "
-                f"update (processes x train.accumulate), this run uses "
-                f"{group_size // recipe.train.accumulate} x {recipe.train.accumulate}; keep the "
-                "product equal")
-        return found
+        return find_resumable(self.path, recipe, group_size, warn_skips=dist.is_main())
 
     # ---- checkpoints ------------------------------------------------------------------------
 
     def step_checkpoints(self) -> list[Path]:
-        return sorted(self.path.glob("step_*.pt"))
+        return _step_checkpoints(self.path)
 
     def save(self, name: str, payload: dict[str, Any]) -> None:
         """Write checkpoint ``name`` atomically (main rank only)."""
@@ -229,17 +200,106 @@ class RunDirectory:
         self.unlock()
 
 
-def lock_holder(inode: int) -> str:
-    """``process N`` holding a lock on the file with ``inode``, from Linux's /proc/locks."""
+def _step_checkpoints(path: Path) -> list[Path]:
+    return sorted(path.glob("step_*.pt"))
+
+
+def in_use(path: Path, holder: str) -> str:
+    return (f"output_dir {path} is in use by another training run ({holder}); wait for it to "
+            "end, or use another output_dir")
+
+
+def lock_holder(inode: int) -> str | None:
+    """``process N`` holding a lock on the file with ``inode``, from Linux's /proc/locks;
+    None when no process is listed there (or there is no /proc/locks)."""
     try:
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
-        return "another process"
+        return None
     for line in lines:  # e.g. "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234567 0 EOF"
         fields = line.split()
         if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
             return f"process {fields[4]}"
-    return "another process"
+    return None
+
+
+def find_resumable(path: Path, recipe: Recipe, group_size: int | None,
+                   warn_skips: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint in run directory ``path`` that a run of ``recipe`` resumes from (the
+    newest that loads), None for a fresh start; reads only.
+
+    Args:
+        group_size: batches per update of this run (processes x ``train.accumulate``);
+            None: not checked (``prepare``, which makes no update).
+        warn_skips: say on stderr which checkpoints cannot be loaded.
+
+    Raises:
+        Seq2SeqError: the run cannot resume (its checkpoints do not load, or the recipe or
+            the batches per update changed) and may not start again either.
+    """
+    skipped: list[str] = []
+
+    def skip(message: str) -> None:
+        skipped.append(message)
+        if warn_skips:
+            warn(f"{message}; trying the previous checkpoint")
+
+    found = load_latest([path / "last.pt"] + _step_checkpoints(path)[::-1], skip,
+                        require=TRAINING_STATE)
+    if found is None:
+        if skipped or (path / "best.pt").is_file():
+            # Starting again from step 0 would write over best.pt and the metrics.
+            why = ("no checkpoint there can be resumed" if skipped
+                   else "it holds best.pt but no last.pt or step checkpoint")
+            raise Seq2SeqError(f"cannot resume {path}: {why}; move its checkpoints away (or "
+                               "use another output_dir) to train from the start")
+        return None
+    ckpt = found[1]
+    check_resumable(ckpt["recipe"], recipe)
+    saved_group = ckpt.get("group_size", group_size)
+    if group_size is not None and saved_group != group_size:
+        # The epoch position counts updates of (world size x accumulate) batches.
+        raise Seq2SeqError(
+            f"cannot resume {path}: it was trained with {saved_group} batches per update "
+            f"(processes x train.accumulate), this run uses {group_size // recipe.train.accumulate}"
+            f" x {recipe.train.accumulate}; keep the product equal")
+    return found
+
+
+def train_problems(recipe: Recipe) -> list[str]:
+    """What ``train`` would refuse before its work beyond ``prepare``'s checks, found without
+    writing anything (``seq2seq check``): ``train.device`` naming a GPU this machine lacks, a
+    training run holding ``output_dir``, a checkpoint there that cannot be resumed, or a resume
+    on another training corpus or tokenizer."""
+    from seq2seq.data.fingerprint import check_same_inputs, current_inputs
+    from seq2seq.translate import resolve_device
+
+    problems = []
+    cfg = recipe.distributed
+    processes = cfg.nproc_per_node * cfg.nnodes
+    if processes == 1 and recipe.train.device not in ("auto", "cpu"):
+        try:  # (a process group's workers take the device its backend gives them)
+            resolve_device(recipe.train.device, what="train.device")
+        except Seq2SeqError as error:
+            problems.append(str(error))
+    path = Path(recipe.output_dir)
+    if not path.is_dir():
+        return problems
+    try:
+        holder = lock_holder((path / LOCK_FILE).stat().st_ino)
+    except OSError:  # no lock file: no run has held the directory
+        holder = None
+    if holder:
+        problems.append(in_use(path, holder))
+    try:
+        found = find_resumable(path, recipe, processes * recipe.train.accumulate,
+                               warn_skips=True)
+        if found is not None:
+            check_same_inputs(found[1].get("fingerprints") or {}, recipe,
+                              *current_inputs(recipe, show_progress=False))
+    except Seq2SeqError as error:
+        problems.append(str(error))
+    return problems
 
 
 def exit_code(stop_signal: int | None, under_torchrun: bool) -> int:
