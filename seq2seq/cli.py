@@ -319,9 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(Exception):
+class Terminated(BaseException):
     """SIGTERM or SIGHUP, raised where the program is, so that ``finally`` blocks remove
-    temporary files."""
+    temporary files. Like ``KeyboardInterrupt``, not an ``Exception``: code that handles
+    failures (a damaged checkpoint skipped, a library's optional import) must not take it."""
 
     def __init__(self, signum: int):
         super().__init__(signum)

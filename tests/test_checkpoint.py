@@ -165,3 +165,27 @@ def test_average_refuses_checkpoints_of_another_architecture_or_tokenizer(tmp_pa
     with pytest.raises(CheckpointError, match="d.pt: its tokenizer differs from .*a.pt's"):
         average_checkpoints([a, other_tokens], tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.mark.parametrize("signal_exception", ["Terminated", "KeyboardInterrupt"])
+def test_a_stop_signal_while_a_checkpoint_loads_stops_the_command(tmp_path, monkeypatch,
+                                                                   signal_exception):
+    """A SIGTERM during torch.load was read as a damaged checkpoint: a resume skipped last.pt
+    for an older one and trained on, the signal lost; average blamed a good file."""
+    from seq2seq.checkpoint import load_latest
+    from seq2seq.cli import Terminated
+
+    save_checkpoint({"model": {"w": torch.zeros(2)}, "recipe": {}}, tmp_path / "last.pt")
+    save_checkpoint({"model": {"w": torch.ones(2)}, "recipe": {}}, tmp_path / "older.pt")
+    stop = Terminated(15) if signal_exception == "Terminated" else KeyboardInterrupt()
+
+    def interrupted(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(torch, "load", interrupted)
+    skipped = []
+    with pytest.raises(type(stop)):
+        load_latest([tmp_path / "last.pt", tmp_path / "older.pt"], skipped.append)
+    assert skipped == []
+    with pytest.raises(type(stop)):
+        load_checkpoint(tmp_path / "older.pt")
