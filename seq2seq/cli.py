@@ -157,6 +157,8 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
     for split, size in sizes.items():
         if not 0 <= size <= 10_000_000:  # as a recipe's generated corpus (data.*.size)
             raise Seq2SeqError(f"--{split} must be in [0, 10000000], got {size}")
+    if args.output in ("", "-"):  # "" would be the current directory; "-" is no directory
+        raise Seq2SeqError(f"generate-data {args.output!r}: name a directory to write into")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise Seq2SeqError(f"{args.output}: exists and is not a directory")
     try:
@@ -312,9 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate-data",
                        help="write the built-in synthetic en->de task as text files")
     p.add_argument("output", help="directory to write train/valid/test .en/.de files into")
-    p.add_argument("--train", type=int, default=24000, help="training pairs")
-    p.add_argument("--valid", type=int, default=500, help="validation pairs")
-    p.add_argument("--test", type=int, default=500, help="test pairs")
+    p.add_argument("--train", type=int, default=24000,
+                   help="training pairs (0: no train files written, any there left alone)")
+    p.add_argument("--valid", type=int, default=500, help="validation pairs (likewise)")
+    p.add_argument("--test", type=int, default=500, help="test pairs (likewise)")
     p.set_defaults(func=cmd_generate_data)
     return parser
 

@@ -53,7 +53,7 @@ from seq2seq.data.lexicon import (
     TRANSITIVE,
     Verb,
 )
-from seq2seq.files import write_bytes
+from seq2seq.files import output_set
 
 SPLITS = ("train", "valid", "test")
 MIN_WORDS, MAX_WORDS = 4, 25
@@ -354,9 +354,13 @@ def write_synthetic(out_dir: Path, sizes: dict[str, int] | None = None, src_lang
                     trg_lang: str = "de", seed: int = 0) -> list[Path]:
     """Write ``{split}.{src_lang}`` and ``{split}.{trg_lang}`` UTF-8 files for each split.
 
+    The files are put in place together once all are written (:func:`seq2seq.files.output_set`),
+    so an error or a signal never leaves a split's two sides out of line.
+
     Args:
         out_dir: directory to write into (created if missing).
-        sizes: pairs per split; default ``{"train": 24000, "valid": 500, "test": 500}``.
+        sizes: pairs per split; default ``{"train": 24000, "valid": 500, "test": 500}``. A split
+            of size 0 is not written: files of it already there are left as they are.
         src_lang: suffix of the English files.
         trg_lang: suffix of the German files.
         seed: seed of :func:`generate_pairs`.
@@ -368,10 +372,13 @@ def write_synthetic(out_dir: Path, sizes: dict[str, int] | None = None, src_lang
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for split, size in sizes.items():
-        pairs = list(generate_pairs(split, size, seed))
-        for lang, side in ((src_lang, 0), (trg_lang, 1)):
-            path = out_dir / f"{split}.{lang}"
-            write_bytes(path, "".join(pair[side] + "\n" for pair in pairs).encode())
-            written.append(path)
+    with output_set() as output:
+        for split, size in sizes.items():
+            if size == 0:
+                continue
+            pairs = list(generate_pairs(split, size, seed))
+            for lang, side in ((src_lang, 0), (trg_lang, 1)):
+                path = out_dir / f"{split}.{lang}"
+                output(path).write("".join(pair[side] + "\n" for pair in pairs).encode())
+                written.append(path)
     return written

@@ -160,3 +160,42 @@ def test_write_synthetic_files_read_back(tmp_path):
     for split, size in sizes.items():
         pairs = list(read_pairs(Corpus(src=f"{split}.en", trg=f"{split}.de"), data))
         assert pairs == list(generate_pairs(split, size))
+
+
+def test_a_split_of_size_0_leaves_its_files_alone(tmp_path):
+    """quickstart.sh writes only the test split (--train 0 --valid 0): it emptied the train and
+    valid files of a directory that held them."""
+    write_synthetic(tmp_path, {"train": 30, "valid": 5, "test": 5})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    paths = write_synthetic(tmp_path, {"train": 0, "valid": 0, "test": 7})
+    assert [p.name for p in paths] == ["test.en", "test.de"]
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert {k: v for k, v in after.items() if not k.startswith("test.")} == {
+        k: v for k, v in before.items() if not k.startswith("test.")}
+    assert after["test.en"].count(b"\n") == after["test.de"].count(b"\n") == 7
+
+
+def test_a_failed_write_leaves_every_file_as_it_was(tmp_path):
+    """Each file was replaced on its own: a refused test.de (read-only) came after five new
+    files, leaving test.en with 20 lines beside test.de with 10."""
+    from seq2seq.errors import Seq2SeqError
+
+    write_synthetic(tmp_path, {"train": 10, "valid": 10, "test": 10})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    os.chmod(tmp_path / "test.de", 0o444)
+    with pytest.raises(Seq2SeqError, match="test.de: is read-only"):
+        write_synthetic(tmp_path, {"train": 20, "valid": 20, "test": 20})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("name", ["", "-"])
+def test_generate_data_needs_a_directory_name(tmp_path, name):
+    from seq2seq.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["generate-data", name, "--train", "3"]) == 2
+    finally:
+        os.chdir(cwd)
+    assert list(tmp_path.iterdir()) == []
