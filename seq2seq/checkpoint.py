@@ -123,6 +123,10 @@ def check_checkpoint_output(path: str | Path) -> None:
             os.path.exists(path) and not os.path.isfile(path)):
         raise CheckpointError(f"{path}: a checkpoint is written to a regular file (its "
                               "checksum file beside it), not to stdout, a device or a pipe")
+    for sidecar in (_sidecar(Path(path)), _sidecar(Path(os.path.realpath(path)))):
+        if os.path.isdir(sidecar) and not os.path.islink(sidecar):
+            raise CheckpointError(f"{sidecar}: is a directory, where the checksum file of "
+                                  f"{path} goes")
 
 
 def _sidecar(path: Path) -> Path:
@@ -251,18 +255,23 @@ def load_latest(candidates: list[Path], skipped: Callable[[str], None],
     return None
 
 
-def average_checkpoints(paths: list[Path], output: Path) -> None:
+def average_checkpoints(paths: list[Path], output: Path,
+                        run_changes: Callable[[dict, dict], list[str]] | None = None) -> None:
     """Average the model weights of several checkpoints of one run into ``output``.
 
     The recipe and tokenizer are taken from the first checkpoint; training state is dropped.
+
+    Args:
+        run_changes: the recipe keys in which two checkpoints' recipes differ as two runs'
+            do (:func:`seq2seq.training.run_dir.run_changes`); None: not compared.
     """
     if not paths:
         raise CheckpointError("average needs at least one checkpoint")
     check_no_repeat(paths, "an average")
-    first = load_checkpoint(paths[0])
+    first = _averageable(load_checkpoint(paths[0]), paths[0])
     total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
     for path in paths[1:]:
-        ckpt = load_checkpoint(path)
+        ckpt = _averageable(load_checkpoint(path), path)
         state = ckpt["model"]
         if state.keys() != total.keys() or any(state[k].shape != total[k].shape for k in total):
             raise CheckpointError(f"{path}: different model architecture from {paths[0]}")
@@ -270,6 +279,10 @@ def average_checkpoints(paths: list[Path], output: Path) -> None:
             # The same shapes over other token ids: an average would mean nothing.
             raise CheckpointError(f"{path}: its tokenizer differs from {paths[0]}'s; average "
                                   "checkpoints of one run")
+        changed = run_changes(first["recipe"], ckpt["recipe"]) if run_changes else []
+        if changed:  # (weights of two runs do not average into a model)
+            raise CheckpointError(f"{path}: not of the run of {paths[0]} (the recipe differs "
+                                  f"in {', '.join(changed)}); average checkpoints of one run")
         for key, value in state.items():
             if value.is_floating_point():
                 total[key] += value.double()
@@ -279,6 +292,18 @@ def average_checkpoints(paths: list[Path], output: Path) -> None:
                "lexicon": first.get("lexicon"),
                "step": first.get("step", 0), "averaged_from": [str(p) for p in paths]}
     save_checkpoint(payload, Path(output))
+
+
+def _averageable(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``ckpt`` if it holds what an averaged checkpoint is made of: weights, a recipe and a
+    tokenizer (a ``.pt`` of another program need not)."""
+    weights, recipe, tokenizer = ckpt["model"], ckpt["recipe"], ckpt.get("tokenizer")
+    if not (isinstance(weights, dict) and weights
+            and all(isinstance(v, torch.Tensor) for v in weights.values())
+            and isinstance(recipe, dict) and recipe and isinstance(tokenizer, dict)):
+        raise CheckpointError(f"{path}: not a seq2seq checkpoint (it lacks the weights, recipe "
+                              "or tokenizer one holds)")
+    return ckpt
 
 
 def same_tensors(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> bool:

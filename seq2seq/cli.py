@@ -141,10 +141,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_average(args: argparse.Namespace) -> int:
     from seq2seq.checkpoint import average_checkpoints, check_checkpoint_output
     from seq2seq.files import check_distinct
+    from seq2seq.training.run_dir import run_changes
 
     check_checkpoint_output(args.output)  # before loading every checkpoint
     check_distinct([args.output], args.checkpoints)
-    average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output))
+    average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output), run_changes)
     count = len(args.checkpoints)
     print(f"wrote {args.output} (average of {count} checkpoint{'s' if count > 1 else ''})")
     return 0

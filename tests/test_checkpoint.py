@@ -147,11 +147,11 @@ def test_integrity_covers_every_part_of_a_checkpoint(tmp_path):
 def test_average_refuses_checkpoints_of_another_architecture_or_tokenizer(tmp_path):
     from seq2seq.checkpoint import average_checkpoints
 
-    def save(name, weight, tokenizer):
+    def save(name, weight, tokenizer, recipe=None):
         path = tmp_path / name
         spm = torch.tensor(list(tokenizer), dtype=torch.uint8)
-        save_checkpoint({"model": {"w": weight}, "recipe": {}, "tokenizer": {"spm_model": spm}},
-                        path)
+        save_checkpoint({"model": {"w": weight}, "recipe": recipe or {"seed": 1},
+                         "tokenizer": {"spm_model": spm}}, path)
         return path
 
     a = save("a.pt", torch.zeros(3), b"one")
@@ -165,6 +165,52 @@ def test_average_refuses_checkpoints_of_another_architecture_or_tokenizer(tmp_pa
     with pytest.raises(CheckpointError, match="d.pt: its tokenizer differs from .*a.pt's"):
         average_checkpoints([a, other_tokens], tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_average_refuses_checkpoints_of_two_runs_and_files_of_other_programs(tmp_path):
+    """Both were averaged (exit 0), or were a traceback ('int' object has no attribute
+    'keys')."""
+    from seq2seq.checkpoint import average_checkpoints
+    from seq2seq.training.run_dir import run_changes
+
+    spm = {"spm_model": torch.tensor(list(b"one"), dtype=torch.uint8)}
+
+    def save(name, recipe, changes=None):
+        path = tmp_path / name
+        save_checkpoint({"model": {"w": torch.ones(3)}, "recipe": recipe, "tokenizer": spm,
+                         **(changes or {})}, path)
+        return path
+
+    a = save("a.pt", {"seed": 1, "train": {"lr": 0.001, "max_steps": 10}})
+    resumed = save("b.pt", {"seed": 1, "train": {"lr": 0.001, "max_steps": 20}})
+    average_checkpoints([a, resumed], tmp_path / "ab.pt", run_changes)  # one run, resumed
+    for name, recipe in (("seed.pt", {"seed": 2, "train": {"lr": 0.001, "max_steps": 10}}),
+                         ("lr.pt", {"seed": 1, "train": {"lr": 0.01, "max_steps": 10}})):
+        other = save(name, recipe)
+        with pytest.raises(CheckpointError, match=rf"{name}: not of the run of .*a.pt \(the "
+                           r"recipe differs in (seed|train.lr)\); average checkpoints of one run"):
+            average_checkpoints([a, other], tmp_path / "out.pt", run_changes)
+    for name, changes in (("int.pt", {"model": 5}), ("empty.pt", {"model": {}}),
+                          ("norecipe.pt", {"recipe": {}}), ("notok.pt", {"tokenizer": None}),
+                          ("strings.pt", {"model": {"w": "x"}})):
+        odd = save(name, {"seed": 1}, changes)
+        for order in ([odd], [a, odd]):
+            with pytest.raises(CheckpointError, match=rf"{name}: not a seq2seq checkpoint"):
+                average_checkpoints(order, tmp_path / "out.pt", run_changes)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_a_directory_where_the_checksum_file_goes_is_refused_before_any_work(tmp_path):
+    from seq2seq.checkpoint import check_checkpoint_output
+
+    (tmp_path / "x.pt.sha256").mkdir()
+    with pytest.raises(CheckpointError, match=r"x.pt.sha256: is a directory, where the "
+                       "checksum file of .*x.pt goes"):
+        check_checkpoint_output(tmp_path / "x.pt")
+    (tmp_path / "real.pt.sha256").mkdir()
+    (tmp_path / "link.pt").symlink_to(tmp_path / "real.pt")  # the side file goes beside real.pt
+    with pytest.raises(CheckpointError, match="real.pt.sha256: is a directory"):
+        check_checkpoint_output(tmp_path / "link.pt")
 
 
 @pytest.mark.parametrize("signal_exception", ["Terminated", "KeyboardInterrupt"])

@@ -356,6 +356,20 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
     return keys
 
 
+def run_changes(saved: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """The keys outside :data:`RESUMABLE_CHANGES` in which two recipes (plain data, as in a
+    checkpoint) differ: no run changes them, so their checkpoints are of two runs."""
+    def completed(tree: dict[str, Any]) -> dict[str, Any]:
+        try:  # a key added to the recipe since the checkpoint was written takes its default
+            return recipe_to_dict(recipe_from_dict(tree))
+        except RecipeError:
+            return tree  # a key since removed: compare as saved, and name it
+
+    return [k for k in recipe_changes(completed(saved), completed(other))
+            if not any(k == allowed or (allowed.endswith(".") and k.startswith(allowed))
+                       for allowed in RESUMABLE_CHANGES)]
+
+
 def check_resumable(saved: dict[str, Any], recipe: Recipe) -> None:
     """Refuse to resume a run whose recipe changed in a way that would make it wrong.
 
@@ -366,13 +380,7 @@ def check_resumable(saved: dict[str, Any], recipe: Recipe) -> None:
     Raises:
         Seq2SeqError: naming every changed key outside :data:`RESUMABLE_CHANGES`.
     """
-    try:  # a key added to the recipe since the checkpoint was written takes its default
-        saved = recipe_to_dict(recipe_from_dict(saved))
-    except RecipeError:
-        pass  # a key since removed: compare as saved, and name it
-    changed = [k for k in recipe_changes(saved, recipe_to_dict(recipe))
-               if not any(k == allowed or (allowed.endswith(".") and k.startswith(allowed))
-                          for allowed in RESUMABLE_CHANGES)]
+    changed = run_changes(saved, recipe_to_dict(recipe))
     if changed:
         raise Seq2SeqError(
             f"cannot resume {recipe.output_dir}: the recipe changed in {', '.join(changed)} "
