@@ -352,3 +352,26 @@ def test_prepare_refuses_an_empty_validation_set_before_writing(tmp_path):
 def test_every_recipe_passes_check(path, data_root):
     result = run_cli("check", str(path.relative_to(REPO)))
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("where", ["cache", "tokenizer", "dangling cache"])
+def test_check_and_prepare_refuse_a_file_where_prepare_makes_a_directory(tmp_path, where):
+    """check said OK; prepare trained the tokenizer, then failed: "cache: File exists"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    name = where.split()[-1]
+    if where.startswith("dangling"):
+        (run / name).symlink_to(tmp_path / "nothing")
+    else:
+        (run / name).write_text("x\n")
+    args = ["recipes/quickstart.yaml", f"output_dir={run}", "data.train.size=300",
+            "data.valid.size=10", "data.test.synthetic.size=10"]
+    problem = (f"{run / name} is a symbolic link to nothing ({tmp_path / 'nothing'})"
+               if where.startswith("dangling") else f"{run / name} exists and is not a directory")
+    for command in ("check", "prepare"):
+        result = run_cli(command, *args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines()[-1].endswith(
+            f"output_dir {run / name}: {problem}"), result.stderr
+        # (prepare holds the run's lock while it checks)
+        assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == [name]

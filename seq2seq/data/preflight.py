@@ -37,12 +37,17 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
     """
     data = recipe.data
     problems = []
-    directories = [("output_dir", Path(recipe.output_dir))]
-    if data.cache_dir:
-        directories.append(("data.cache_dir", cache_root(data, Path(recipe.output_dir))))
+    out_dir = Path(recipe.output_dir)
+    # The directories prepare makes: a file (or a link to nothing) where one goes failed it
+    # after the tokenizer's training ("File exists").
+    directories = [("output_dir", out_dir), ("output_dir", out_dir / "tokenizer"),
+                   ("data.cache_dir" if data.cache_dir else "output_dir",
+                    cache_root(data, out_dir))]
+    seen = set()
     for key, path in directories:
         problem = directory_problem(path)
-        if problem:
+        if problem and problem not in seen:  # (a file for output_dir is in the way of all)
+            seen.add(problem)
             problems.append(f"{key} {path}: {problem}")
     problems += _test_name_problems(list(data.test))
     # (key, corpus, read to its end, must hold a pair): no set may be empty (a test set with
@@ -51,7 +56,6 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
                ("data.valid", data.valid, read_eval_sets, True)]
     corpora += [(f"data.test.{name}", corpus, read_eval_sets, True)
                 for name, corpus in data.test.items()]
-    out_dir = Path(recipe.output_dir)
     for where, corpus, read_all, needs_text in corpora:
         try:
             for path in corpus_files(corpus, data):
