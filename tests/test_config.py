@@ -144,6 +144,43 @@ def test_bad_override_syntax():
     assert any("key.path=value" in p for p in problems_of({}, ["train.lr"]))
 
 
+def test_an_override_given_twice_is_said(capsys):
+    """The last one held in silence. Scripts layer overrides (a base list, then the user's),
+    so it is said, not refused."""
+    assert recipe_from_dict({}, ["train.lr=3e-4", "train.lr=1"]).train.lr == 1
+    assert capsys.readouterr().err == ("warning: train.lr is overridden twice (train.lr=3e-4, "
+                                       "then train.lr=1); the last one holds\n")
+    assert recipe_from_dict({}, ["train.lr=3e-4", "train.max_steps=5"]).train.lr == 3e-4
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("special", ["big", "deep"])
+def test_a_recipe_file_that_is_too_big_or_too_deep_is_one_line(tmp_path, special):
+    """1,000 '[' were a RecursionError traceback from the YAML parser."""
+    path = tmp_path / "r.yaml"
+    path.write_text("#" * 2**20 + "\n" if special == "big" else "[" * 1000 + "\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert error.value.problems == [f"{path}: larger than 1 MiB, which no recipe is"
+                                    if special == "big"
+                                    else f"{path}: invalid YAML (nested deeper than 50 levels)"]
+    assert problems_of({}, ["train.lr=" + "[" * 1000])  # an override's value likewise
+
+
+def test_an_endless_recipe_file_is_one_line():
+    """/dev/zero was read until memory ran out: a MemoryError traceback (memory capped here)."""
+    import resource
+
+    def capped():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    result = subprocess.run([sys.executable, "-m", "seq2seq", "check", "/dev/zero"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120,
+                            preexec_fn=capped)
+    assert (result.returncode, result.stderr) == (
+        2, "error: /dev/zero: larger than 1 MiB, which no recipe is\n")
+
+
 def test_missing_and_invalid_files(tmp_path):
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "nope.yaml")

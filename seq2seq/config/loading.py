@@ -20,6 +20,7 @@ import yaml
 
 from seq2seq.config.errors import RecipeError
 from seq2seq.config.schema import DataConfig, Recipe
+from seq2seq.errors import warn
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -199,6 +200,8 @@ def read_yaml(text: str) -> Any:
     loader = RecipeLoader(text)
     try:
         return loader.get_single_data()
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels") from None
     finally:
         loader.dispose()
 
@@ -243,8 +246,11 @@ def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe
         except RecipeError as error:
             problems.extend(error.problems)
             continue
+        key = ".".join(parts)
+        if key in given:  # scripts layer overrides (a base list, then a user's): said, not refused
+            warn(f"{key} is overridden twice ({given[key]}, then {text}); the last one holds")
         apply_override(tree, parts, value)
-        given[".".join(parts)] = text
+        given[key] = text
     recipe = _build(Recipe, tree, "", problems)
     if problems or recipe is _INVALID:
         raise RecipeError([f"{source}: {p}" + next(
@@ -268,6 +274,7 @@ def _expanded_outputs(recipe: Recipe) -> Recipe:
 
 
 MAX_DEPTH = 50  # a recipe is 3 levels deep; a cycle (Python data) or alias bomb is not
+MAX_RECIPE_BYTES = 2**20
 MAX_VALUES = 100_000  # aliases inside aliases can expand a short file exponentially
 
 
@@ -289,7 +296,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe file and apply overrides; raise :class:`RecipeError` on any problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:  # at most this much of /dev/zero, say
+            data = handle.read(MAX_RECIPE_BYTES + 1)
+        if len(data) > MAX_RECIPE_BYTES:
+            raise RecipeError([f"{path}: larger than {MAX_RECIPE_BYTES // 2**20} MiB, which no "
+                               "recipe is"])
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise RecipeError([f"{path}: no such recipe file"]) from None
     except IsADirectoryError:
