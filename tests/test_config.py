@@ -144,6 +144,17 @@ def test_bad_override_syntax():
     assert any("key.path=value" in p for p in problems_of({}, ["train.lr"]))
 
 
+def test_cross_field_rules_of_valid_fields_run_beside_range_problems():
+    """A range problem in a section hid its cross-field problems until the next run."""
+    found = problems_of({}, ["decode.n_best=6", "decode.alpha=11", "train.min_lr=0.5",
+                             "train.log_every=0"])
+    assert sorted(p.split(":")[1].strip() for p in found) == [
+        "decode.alpha", "decode.n_best", "train.log_every", "train.min_lr"]
+    # A rule over a field out of range does not run: it would compare a value already refused.
+    assert [p.split(":")[1].strip() for p in problems_of({}, ["train.lr=-1",
+                                                             "train.min_lr=0.5"])] == ["train.lr"]
+
+
 def test_an_override_given_twice_is_said(capsys):
     """The last one held in silence. Scripts layer overrides (a base list, then the user's),
     so it is said, not refused."""

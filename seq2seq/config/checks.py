@@ -7,6 +7,7 @@ order and raises one :class:`RecipeError` naming each by its dotted path.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from seq2seq.config.errors import RecipeError
@@ -53,24 +54,27 @@ def range_problems(section: Any, prefix: str) -> list[str]:
     return problems
 
 
-def _in_range(problems: list[str], section: Any, prefix: str) -> bool:
-    """Add the range problems of ``section``; True when there were none (the cross-field rules
-    below compare values, which is safe only then)."""
+def _in_range(problems: list[str], section: Any, prefix: str) -> Callable[..., bool]:
+    """Add the range problems of ``section``; return a test of whether the fields it names all
+    passed (a cross-field rule compares values, which is safe only then; the rules of the
+    fields that passed still run, so every problem is said at once)."""
     found = range_problems(section, prefix)
     problems.extend(found)
-    return not found
+    bad = {problem.split(":")[0].split("[")[0].removeprefix(prefix) for problem in found}
+    return lambda *names: bad.isdisjoint(names)
 
 
 def check_data(data: DataConfig) -> None:
     problems: list[str] = []
-    _in_range(problems, data, "data.")
+    valid = _in_range(problems, data, "data.")
     corpora = [("data.train.", data.train), ("data.valid.", data.valid)]
     corpora += [(f"data.test.{name}.", corpus) for name, corpus in data.test.items()]
     for prefix, corpus in corpora:
         _in_range(problems, corpus, prefix)
     # A ratio below 1 would drop every pair: the longer side is always >= 1 x the shorter.
-    _check(problems, not 0 < data.max_length_ratio < 1, "data.max_length_ratio",
-           f"must be 0 (no ratio filter) or at least 1, got {data.max_length_ratio}")
+    if valid("max_length_ratio"):
+        _check(problems, not 0 < data.max_length_ratio < 1, "data.max_length_ratio",
+               f"must be 0 (no ratio filter) or at least 1, got {data.max_length_ratio}")
     _check(problems, data.src_lang != data.trg_lang, "data.trg_lang",
            "must differ from data.src_lang")
     _raise_any(problems)
@@ -84,16 +88,15 @@ def check_tokenizer(tokenizer: TokenizerConfig) -> None:
 
 def check_model(model: ModelConfig) -> None:
     problems: list[str] = []
-    if not _in_range(problems, model, "model."):
-        _raise_any(problems)
+    valid = _in_range(problems, model, "model.")
     _check(problems, model.forget_bias is None or model.cell == "lstm", "model.forget_bias",
            f"is an LSTM-only option, but model.cell is {model.cell!r}")
-    if model.attention == "dot":
+    if model.attention == "dot" and valid("enc_hidden", "dec_hidden"):
         enc_out = model.enc_hidden * (2 if model.bidirectional else 1)
         _check(problems, enc_out == model.dec_hidden, "model.attention",
                f"dot attention needs dec_hidden ({model.dec_hidden}) equal to the encoder "
                f"output size ({enc_out}); use general")
-    if model.tie_embeddings != "none":
+    if model.tie_embeddings != "none" and valid("emb_size", "dec_hidden"):
         # The output layer reads the attentional vector of size dec_hidden.
         _check(problems, model.emb_size == model.dec_hidden, "model.tie_embeddings",
                f"tied embeddings need emb_size ({model.emb_size}) == dec_hidden "
@@ -103,26 +106,30 @@ def check_model(model: ModelConfig) -> None:
 
 def check_train(train: TrainConfig) -> None:
     problems: list[str] = []
-    if not _in_range(problems, train, "train."):
-        _raise_any(problems)
+    valid = _in_range(problems, train, "train.")
     _check(problems, not (train.cuda_graphs and train.precision == "fp16"), "train.cuda_graphs",
            "needs train.precision fp32 or bf16 (fp16's grad scaler works on the host)")
-    # The schedule floors the rate at min_lr: above lr, it would silently replace it.
-    _check(problems, train.min_lr <= train.lr, "train.min_lr",
-           f"must not exceed train.lr ({train.lr}), got {train.min_lr}")
-    _check(problems, train.sample_nbest not in (0, 1), "train.sample_nbest",
-           f"must be -1 (all) or at least 2 (1 would sample nothing), got {train.sample_nbest}")
-    _check(problems, train.average_last <= train.keep_last, "train.average_last",
-           f"averages step checkpoints, so it needs train.keep_last >= {train.average_last}; "
-           f"got keep_last {train.keep_last}")
-    _check(problems, train.max_steps > 0 or train.max_epochs > 0, "train.max_steps",
-           "train.max_steps and train.max_epochs cannot both be 0 (the run would not stop)")
+    if valid("min_lr", "lr"):
+        # The schedule floors the rate at min_lr: above lr, it would silently replace it.
+        _check(problems, train.min_lr <= train.lr, "train.min_lr",
+               f"must not exceed train.lr ({train.lr}), got {train.min_lr}")
+    if valid("sample_nbest"):
+        _check(problems, train.sample_nbest not in (0, 1), "train.sample_nbest",
+               f"must be -1 (all) or at least 2 (1 would sample nothing), got "
+               f"{train.sample_nbest}")
+    if valid("average_last", "keep_last"):
+        _check(problems, train.average_last <= train.keep_last, "train.average_last",
+               f"averages step checkpoints, so it needs train.keep_last >= "
+               f"{train.average_last}; got keep_last {train.keep_last}")
+    if valid("max_steps", "max_epochs"):
+        _check(problems, train.max_steps > 0 or train.max_epochs > 0, "train.max_steps",
+               "train.max_steps and train.max_epochs cannot both be 0 (the run would not stop)")
     _raise_any(problems)
 
 
 def check_decode(decode: DecodeConfig) -> None:
     problems: list[str] = []
-    if _in_range(problems, decode, "decode."):
+    if _in_range(problems, decode, "decode.")("n_best", "beam_size"):
         _check(problems, decode.n_best <= decode.beam_size, "decode.n_best",
                f"must be between 1 and decode.beam_size ({decode.beam_size}); "
                f"got {decode.n_best}")
@@ -137,7 +144,7 @@ def check_eval(eval_cfg: EvalConfig) -> None:
 
 def check_distributed(dist: DistributedConfig) -> None:
     problems: list[str] = []
-    if _in_range(problems, dist, "distributed."):
+    if _in_range(problems, dist, "distributed.")("node_rank", "nnodes"):
         _check(problems, dist.node_rank < dist.nnodes, "distributed.node_rank",
                f"must be below distributed.nnodes ({dist.nnodes}), got {dist.node_rank}")
     host, _, port = dist.rdzv_endpoint.rpartition(":")

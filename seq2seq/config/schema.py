@@ -72,7 +72,8 @@ class DataConfig:
     max_trg_tokens: int = option(100, "drop training pairs whose target has more subword tokens",
                                  ints(1, 10_000))
     max_length_ratio: float = option(
-        0.0, "drop training pairs whose token length ratio exceeds this (0: no ratio filter)",
+        0.0, "drop training pairs whose token length ratio exceeds this (0: no ratio filter; "
+        "else at least 1)",
         floats(0, 1000))
     num_proc: int = option(2, "worker processes for encoding the corpus", ints(1, 256))
     cache_dir: Optional[str] = option(
@@ -175,7 +176,8 @@ class TrainConfig:
         "each epoch with this smoothing (unigram) or merge dropout (bpe); 0: off",
         floats(0, 1))
     sample_nbest: int = option(
-        -1, "subword regularisation: sample from the best N segmentations (-1: all; unigram)",
+        -1, "subword regularisation: sample from the best N segmentations (-1: all; else at "
+        "least 2; unigram)",
         ints(-1, 1000))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "auto: bf16 on a GPU or a CPU with native bf16 (amx_bf16, avx512_bf16), else "
