@@ -152,12 +152,14 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_data(args: argparse.Namespace) -> int:
+    from seq2seq.config.checks import MAX_GENERATED_EVAL
     from seq2seq.data.synthetic import write_synthetic
 
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
-    for split, size in sizes.items():
-        if not 0 <= size <= 10_000_000:  # as a recipe's generated corpus (data.*.size)
-            raise Seq2SeqError(f"--{split} must be in [0, 10000000], got {size}")
+    for split, size in sizes.items():  # as a recipe's generated corpus (data.*.size)
+        most = 10_000_000 if split == "train" else MAX_GENERATED_EVAL
+        if not 0 <= size <= most:
+            raise Seq2SeqError(f"--{split} must be in [0, {most}], got {size}")
     if args.output in ("", "-"):  # "" would be the current directory; "-" is no directory
         raise Seq2SeqError(f"generate-data {args.output!r}: name a directory to write into")
     if Path(args.output).exists() and not Path(args.output).is_dir():

@@ -155,6 +155,15 @@ def test_cross_field_rules_of_valid_fields_run_beside_range_problems():
                                                              "train.min_lr=0.5"])] == ["train.lr"]
 
 
+def test_a_generated_validation_or_test_set_has_a_bounded_size():
+    """One drawn sentence in 40 is a validation one: 10,000,000 took hours to generate."""
+    generated = {"data": {"valid": {"format": "generated", "split": "valid"}}}
+    assert problems_of(generated, ["data.valid.size=100001"]) == [
+        "recipe: data.valid.size: at most 100,000 pairs for a generated validation or test set, "
+        "got 100,001 (from the override data.valid.size=100001)"]
+    assert recipe_from_dict({}, ["data.train.size=1000000"]).data.train.size == 1_000_000
+
+
 def test_an_override_given_twice_is_said(capsys):
     """The last one held in silence. Scripts layer overrides (a base list, then the user's),
     so it is said, not refused."""

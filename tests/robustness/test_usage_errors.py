@@ -210,6 +210,9 @@ ROWS = [
     Row("generate-data-negative-size", ["generate-data", "out", "--train", "-5"], ["--train"]),
     Row("generate-data-endless-size", ["generate-data", "out", "--train", "99999999999999"],
         ["--train must be in [0, 10000000], got 99999999999999"]),
+    # one drawn sentence in 40 is a validation one: 10M took hours
+    Row("generate-data-hours-of-validation", ["generate-data", "out", "--valid", "100001"],
+        ["--valid must be in [0, 100000], got 100001"]),
     Row("unknown-command", ["trian", GOOD], ["trian"]),
     Row("unknown-flag", ["translate", "--checkpoint", "x.pt", "--beem", "3"], ["--beem"]),
 ]
