@@ -62,7 +62,7 @@ class _StoreOnce(argparse._StoreAction):
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="YAML recipe file")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],  # optional
                         help="dotted overrides, e.g. train.lr=3e-4 model.cell=lstm")
 
 

@@ -213,6 +213,7 @@ ROWS = [
     # one drawn sentence in 40 is a validation one: 10M took hours
     Row("generate-data-hours-of-validation", ["generate-data", "out", "--valid", "100001"],
         ["--valid must be in [0, 100000], got 100001"]),
+    Row("check-without-a-recipe", ["check"], ["required: recipe (see"]),  # not KEY=VALUE
     Row("unknown-command", ["trian", GOOD], ["trian"]),
     Row("unknown-flag", ["translate", "--checkpoint", "x.pt", "--beem", "3"], ["--beem"]),
 ]
