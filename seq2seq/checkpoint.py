@@ -90,7 +90,7 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error}); "
                               "the previous checkpoint is unchanged") from None
     try:
-        write_bytes(sidecar, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode())
+        write_bytes(sidecar, _sidecar_line(hashlib.sha256(data).hexdigest(), path.name).encode())
     except OutputError as error:
         raise CheckpointError(f"{sidecar}: cannot write the checksum file "
                               f"({error.strerror or error}); {path} itself is complete") from None
@@ -143,7 +143,18 @@ def _sidecar_digests(path: Path) -> list[str] | None:
         return None
     except OSError as error:
         raise CheckpointError(f"{sidecar}: cannot read ({error.strerror})") from None
-    return [line.split()[0].lower() for line in text.splitlines() if line.split()]
+    # (a line of an escaped name starts with a backslash: see _sidecar_line)
+    return [line.split()[0].removeprefix("\\").lower() for line in text.splitlines()
+            if line.split()]
+
+
+def _sidecar_line(digest: str, name: str) -> str:
+    """``sha256sum``'s line for ``name``: one holding a backslash or a line break is escaped,
+    and the line then starts with a backslash, so that ``sha256sum -c`` reads it."""
+    if not any(c in name for c in "\\\n\r"):
+        return f"{digest}  {name}\n"
+    escaped = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    return f"\\{digest}  {escaped}\n"
 
 
 # How torch.save files begin: a zip archive (the format since torch 1.6), or a pickle.

@@ -235,3 +235,22 @@ def test_a_stop_signal_while_a_checkpoint_loads_stops_the_command(tmp_path, monk
     assert skipped == []
     with pytest.raises(type(stop)):
         load_checkpoint(tmp_path / "older.pt")
+
+
+@pytest.mark.parametrize("name", ["a\nb.pt", "c\\d.pt", "e\rf.pt"])
+def test_a_checksum_file_of_an_odd_name_is_read_by_sha256sum(tmp_path, name, capsys):
+    """A line break in the name split the side file's line: 'sha256sum -c' said it was
+    improperly formatted. Such names are escaped as sha256sum escapes them."""
+    import subprocess
+
+    path = tmp_path / name
+    save_checkpoint({"model": {"w": torch.ones(2)}, "recipe": {"seed": 1}}, path)
+    checked = subprocess.run(["sha256sum", "-c", path.name + ".sha256"], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0 and checked.stdout.endswith(": OK\n"), checked
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert capsys.readouterr().err == ""  # read as matching, not as a stale side file
+    sidecar = tmp_path / (name + ".sha256")
+    sidecar.write_text(sidecar.read_text().replace(sidecar.read_text()[1:65], "0" * 64))
+    load_checkpoint(path)
+    assert "stale checksum file" in capsys.readouterr().err
