@@ -291,6 +291,11 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
         try:
             release()
             return _build_in(tmp, cache_root, recipe, fingerprint, tokenizer, show_progress)
+        except OSError as error:
+            if error.filename:
+                raise
+            # pyarrow's and SentencePiece's errors (a full disk) name no file: name the place
+            raise OSError(error.errno, error.strerror or str(error), str(cache_root)) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

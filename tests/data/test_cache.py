@@ -261,3 +261,17 @@ def test_multi30k_train_prepares_in_worker_processes(tmp_path):
     assert batch.trg_out.shape[0] == len(batches[0])
     assert int((batch.src == EOS).sum()) == len(batches[0])
     assert np.array_equal(batch.src_lens.numpy() - 1, src_lens[batches[0]])
+
+
+def test_a_full_disk_while_building_names_the_cache_and_leaves_nothing(corpus, monkeypatch):
+    """pyarrow's 'No space left on device' named no file: 'error: No space left on device'."""
+    def full(*args, **kwargs):
+        raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left")
+
+    monkeypatch.setattr(encoding, "encode_rows", full)
+    monkeypatch.setattr(cache, "encode_rows", full)
+    with pytest.raises(OSError) as error:
+        prepare_data(make_recipe(corpus), show_progress=False)
+    assert error.value.filename == str(corpus / "run" / "cache")
+    assert "No space left" in error.value.strerror
+    assert not (corpus / "run").exists() or not list((corpus / "run").rglob(".train-*"))
