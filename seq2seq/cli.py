@@ -152,7 +152,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_data(args: argparse.Namespace) -> int:
-    from seq2seq.config.checks import MAX_GENERATED_EVAL
+    from seq2seq.data.preflight import MAX_GENERATED_EVAL
     from seq2seq.data.synthetic import write_synthetic
 
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}

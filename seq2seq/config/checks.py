@@ -25,9 +25,6 @@ if TYPE_CHECKING:  # the schema calls these checks; importing it here would clos
     )
 
 
-MAX_GENERATED_EVAL = 100_000
-
-
 def _check(problems: list[str], ok: bool, path: str, message: str) -> None:
     if not ok:
         problems.append(f"{path}: {message}")
@@ -74,12 +71,6 @@ def check_data(data: DataConfig) -> None:
     corpora += [(f"data.test.{name}.", corpus) for name, corpus in data.test.items()]
     for prefix, corpus in corpora:
         _in_range(problems, corpus, prefix)
-        # One in 40 generated sentences is a validation one (one in 40 a test one): 10M of them
-        # would take hours to draw, for a validation nobody waits for.
-        if (corpus.format == "generated" and prefix != "data.train."
-                and corpus.size > MAX_GENERATED_EVAL):
-            problems.append(f"{prefix}size: at most {MAX_GENERATED_EVAL:,} pairs for a "
-                            f"generated validation or test set, got {corpus.size:,}")
     # A ratio below 1 would drop every pair: the longer side is always >= 1 x the shorter.
     if valid("max_length_ratio"):
         _check(problems, not 0 < data.max_length_ratio < 1, "data.max_length_ratio",

@@ -247,7 +247,9 @@ def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe
             problems.extend(error.problems)
             continue
         key = ".".join(parts)
-        if key in given:  # scripts layer overrides (a base list, then a user's): said, not refused
+        # Scripts layer overrides (a base list, then a user's): said, not refused; once, not
+        # by every worker of a process group, which reads the same command line.
+        if key in given and os.environ.get("RANK", "0") == "0":
             warn(f"{key} is overridden twice ({given[key]}, then {text}); the last one holds")
         apply_override(tree, parts, value)
         given[key] = text

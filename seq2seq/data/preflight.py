@@ -23,6 +23,8 @@ from seq2seq.data.corpus import (
     resolve_path,
 )
 
+MAX_GENERATED_EVAL = 100_000
+
 
 def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
     """Every problem ``prepare`` would meet with the recipe's directories and corpora.
@@ -40,12 +42,13 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
     out_dir = Path(recipe.output_dir)
     # The directories prepare makes: a file (or a link to nothing) where one goes failed it
     # after the tokenizer's training ("File exists").
-    directories = [("output_dir", out_dir), ("output_dir", out_dir / "tokenizer"),
+    # (a current tokenizer is only read: its directory need not be writable)
+    directories = [("output_dir", out_dir, True), ("output_dir", out_dir / "tokenizer", False),
                    ("data.cache_dir" if data.cache_dir else "output_dir",
-                    cache_root(data, out_dir))]
+                    cache_root(data, out_dir), True)]
     seen = set()
-    for key, path in directories:
-        problem = directory_problem(path)
+    for key, path, written in directories:
+        problem = directory_problem(path, written)
         if problem and problem not in seen:  # (a file for output_dir is in the way of all)
             seen.add(problem)
             problems.append(f"{key} {path}: {problem}")
@@ -57,6 +60,13 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
     corpora += [(f"data.test.{name}", corpus, read_eval_sets, True)
                 for name, corpus in data.test.items()]
     for where, corpus, read_all, needs_text in corpora:
+        # One drawn sentence in 40 is a validation one (one in 40 a test one): ten million of
+        # them took hours to draw. (Here, not in the schema: a checkpoint's recipe may hold more.)
+        if (corpus.format == "generated" and corpus.split != "train"
+                and corpus.size > MAX_GENERATED_EVAL):
+            problems.append(f"{where}.size: at most {MAX_GENERATED_EVAL:,} pairs of a generated "
+                            f"{corpus.split} split, got {corpus.size:,}")
+            continue
         try:
             for path in corpus_files(corpus, data):
                 if written_by_the_run(path, out_dir):
@@ -113,15 +123,16 @@ def cache_root(data: DataConfig, out_dir: Path) -> Path:
     return out_dir / "cache"
 
 
-def directory_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be used or created as a directory (a file on its way), if it can't."""
+def directory_problem(path: Path, written: bool = True) -> str | None:
+    """Why ``path`` cannot be used or created as a directory (a file on its way), if it can't;
+    with ``written=False`` an existing directory that is only read passes unwritable."""
     for ancestor in [path, *path.parents]:
         if ancestor.is_symlink() and not ancestor.exists():
             return f"{ancestor} is a symbolic link to nothing ({os.readlink(ancestor)})"
         if ancestor.exists():
             if not ancestor.is_dir():
                 return f"{ancestor} exists and is not a directory"
-            if not os.access(ancestor, os.W_OK | os.X_OK):
+            if (written or ancestor != path) and not os.access(ancestor, os.W_OK | os.X_OK):
                 return f"{ancestor} is not writable"  # what prepare would then fail on
             return None
     return None

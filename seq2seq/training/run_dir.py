@@ -86,7 +86,7 @@ class RunDirectory:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = lock_holder(os.fstat(handle.fileno()).st_ino) or "another process"
+            holder = lock_holder(os.fstat(handle.fileno())) or "another process"
             handle.close()
             raise Seq2SeqError(in_use(self.path, holder)) from None
         except OSError as error:  # a filesystem without locks
@@ -209,16 +209,17 @@ def in_use(path: Path, holder: str) -> str:
             "end, or use another output_dir")
 
 
-def lock_holder(inode: int) -> str | None:
-    """``process N`` holding a lock on the file with ``inode``, from Linux's /proc/locks;
-    None when no process is listed there (or there is no /proc/locks)."""
+def lock_holder(info: os.stat_result) -> str | None:
+    """``process N`` holding a lock on the file of ``info`` (its device and inode), from
+    Linux's /proc/locks; None when no process is listed there (or there is no /proc/locks)."""
     try:
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
         return None
+    file = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
     for line in lines:  # e.g. "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234567 0 EOF"
         fields = line.split()
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].endswith(f":{inode}"):
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == file:
             return f"process {fields[4]}"
     return None
 
@@ -270,8 +271,8 @@ def train_problems(recipe: Recipe) -> list[str]:
     """What ``train`` would refuse before its work beyond ``prepare``'s checks, found without
     writing anything (``seq2seq check``): ``train.device`` naming a GPU this machine lacks, a
     training run holding ``output_dir``, a checkpoint there that cannot be resumed, or a resume
-    on another training corpus or tokenizer."""
-    from seq2seq.data.fingerprint import check_same_inputs, current_inputs
+    on another training corpus (of files) or tokenizer."""
+    from seq2seq.data.fingerprint import check_same_inputs, corpus_files, current_inputs
     from seq2seq.translate import resolve_device
 
     problems = []
@@ -286,7 +287,7 @@ def train_problems(recipe: Recipe) -> list[str]:
     if not path.is_dir():
         return problems
     try:
-        holder = lock_holder((path / LOCK_FILE).stat().st_ino)
+        holder = lock_holder((path / LOCK_FILE).stat())
     except OSError:  # no lock file: no run has held the directory
         holder = None
     if holder:
@@ -294,7 +295,10 @@ def train_problems(recipe: Recipe) -> list[str]:
     try:
         found = find_resumable(path, recipe, processes * recipe.train.accumulate,
                                warn_skips=True)
-        if found is not None:
+        files = corpus_files(recipe.data.train, recipe.data)
+        # Only a corpus of files is compared here (by their sizes and times): a hub dataset's
+        # or the generated task's fingerprint hashes every pair (and downloads the dataset).
+        if found is not None and files and None not in files:
             check_same_inputs(found[1].get("fingerprints") or {}, recipe,
                               *current_inputs(recipe, show_progress=False))
     except Seq2SeqError as error:
