@@ -75,8 +75,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     problems = (memory_problems(recipe) + machine_problems(recipe)
                 + input_problems(recipe, read_eval_sets=True))
-    # (the run directory's checkpoints name corpora only once the corpora are there)
-    problems += [] if problems else train_problems(recipe)
+    if not problems:  # (the run directory's checkpoints name corpora that must be there)
+        problems = train_problems(recipe)
     if problems:
         raise RecipeError([f"{args.recipe}: {problem}" for problem in problems])
     sys.stdout.write(recipe_to_yaml(recipe))

@@ -40,9 +40,8 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
     data = recipe.data
     problems = []
     out_dir = Path(recipe.output_dir)
-    # The directories prepare makes: a file (or a link to nothing) where one goes failed it
-    # after the tokenizer's training ("File exists").
-    # (a current tokenizer is only read: its directory need not be writable)
+    # The directories prepare makes (a file or a link to nothing where one goes failed it after
+    # the tokenizer's training); a current tokenizer's is only read, so need not be writable.
     directories = [("output_dir", out_dir, True), ("output_dir", out_dir / "tokenizer", False),
                    ("data.cache_dir" if data.cache_dir else "output_dir",
                     cache_root(data, out_dir), True)]
