@@ -1,5 +1,7 @@
 """The run directory: one owner at a time, and a resume that continues the same run or refuses."""
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -146,11 +148,57 @@ def test_a_checkpoint_records_what_its_weights_depend_on(tmp_path):
     trainer = fit(text_recipe(tmp_path, data, "train.max_steps=2"))
     saved = load_checkpoint(tmp_path / "run" / "last.pt")["fingerprints"]
     assert saved["tokenizer"] == trainer.data.tokenizer.fingerprint
-    assert saved["train_corpus"].startswith("stat:")
-    assert [f[0] for f in saved["train_files"]] == [str(data / "train.en"),
-                                                    str(data / "train.de")]
+    assert saved["train_corpus"].startswith("files:")
+    assert saved["train_files"] == [
+        [str(data / name), (data / name).stat().st_size,
+         hashlib.sha256((data / name).read_bytes()).hexdigest()]
+        for name in ("train.en", "train.de")]
     # And the same data resumes.
     assert fit(text_recipe(tmp_path, data, "train.max_steps=4")).progress.step == 4
+
+
+def test_a_copy_of_the_data_elsewhere_resumes_with_the_runs_tokenizer_and_cache(tmp_path):
+    """A cluster job copies the corpus to its node's disk and points data.root there: the
+    same bytes under another path, written later, are the same corpus."""
+    data = tmp_path / "data"
+    write_corpus(data)
+    first = fit(text_recipe(tmp_path, data, "train.max_steps=2"))
+    copy = tmp_path / "node-disk"
+    shutil.copytree(data, copy)  # (copytree keeps the times: a plain copy does not)
+    for path in copy.iterdir():
+        os.utime(path, (1e9, 1e9))
+    resumed = fit(text_recipe(tmp_path, copy, "train.max_steps=4"))
+    assert resumed.progress.step == 4
+    assert resumed.data.stats["tokenizer"]["reused"] and resumed.data.stats["cache"]["reused"]
+    assert resumed.data.fingerprints["train_corpus"] == first.data.fingerprints["train_corpus"]
+
+
+def test_a_run_with_the_earlier_stat_fingerprint_resumes_and_refuses_as_before(tmp_path):
+    """Checkpoints written before the corpus was identified by its bytes record the paths,
+    sizes and times of its files: such a run resumes while those hold, and refuses after."""
+    from seq2seq.checkpoint import save_checkpoint
+    from seq2seq.data.fingerprint import _stat_fingerprint
+    from seq2seq.tokenizer import INFO_FILE, tokenizer_hash
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_corpus(data)
+    recipe = text_recipe(tmp_path, data, "train.max_steps=2")
+    fit(recipe)
+    stat, files = _stat_fingerprint(recipe.data.train, recipe.data)
+    assert stat.startswith("stat:") and [f[0] for f in files] == [str(data / "train.en"),
+                                                                  str(data / "train.de")]
+    info = json.loads((run / "tokenizer" / INFO_FILE).read_text())
+    info["hash"] = tokenizer_hash(recipe.tokenizer, stat, recipe.data.src_lang,
+                                  recipe.data.trg_lang)
+    (run / "tokenizer" / INFO_FILE).write_text(json.dumps(info))
+    for path in [run / "last.pt", *run.glob("step_*.pt")]:
+        ckpt = load_checkpoint(path)
+        ckpt["fingerprints"].update(train_corpus=stat, train_files=files)
+        save_checkpoint(ckpt, path)
+    assert fit(text_recipe(tmp_path, data, "train.max_steps=3")).progress.step == 3
+    os.utime(data / "train.de", (1e9, 1e9))
+    with pytest.raises(Seq2SeqError, match=rf"trained on \(changed: {data / 'train.de'}\)"):
+        fit(text_recipe(tmp_path, data, "train.max_steps=4"))
 
 
 def test_weights_that_do_not_fit_the_recipe_are_one_line(tmp_path):

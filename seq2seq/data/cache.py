@@ -2,10 +2,10 @@
 
 :func:`prepare_data` runs in four steps:
 
-1. Fingerprint the training corpus: sizes and mtimes of its files (a hash of its content for
-   hub datasets and the generated task).
+1. Fingerprint the training corpus: the sha256 of its files (a hash of its pairs for hub
+   datasets and the generated task).
 2. Reuse the tokenizer in ``<output_dir>/tokenizer`` and the training cache when both were built
-   from the same inputs; then nothing is read.
+   from the same inputs; then the corpus is hashed, not parsed.
 3. Otherwise stream the corpus once into an Arrow file, train the SentencePiece tokenizer on a
    uniform sample of ``tokenizer.input_sentence_size`` pairs of it (if it must be retrained),
    encode it with a batched multi-process ``datasets.map``, and drop the pairs that are empty,
@@ -54,9 +54,9 @@ from seq2seq.data.encoding import (
 )
 from seq2seq.data.fingerprint import (
     check_same_inputs,
-    corpus_files,
     current_inputs,
     keyed_pairs,
+    recorded_files,
 )
 from seq2seq.data.preflight import cache_root as _cache_root
 from seq2seq.data.preflight import input_problems
@@ -96,7 +96,7 @@ class PreparedData:
         stats: counts and length statistics (see :func:`seq2seq.data.stats.format_stats`).
         cache_dir: the directory holding the training cache.
         fingerprints: what the weights trained on this data depend on: ``train_corpus`` (the
-            corpus fingerprint), ``train_files`` (its files: path, size, mtime) and
+            corpus fingerprint), ``train_files`` (its files: path, size, sha256) and
             ``tokenizer`` (the SentencePiece models' hash). Checkpoints record them; a resume
             passes them back as ``expect`` to :func:`prepare_data`.
     """
@@ -162,7 +162,7 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> Prepar
         eval_texts = {"valid": _read_eval_set("valid", data.valid, data)}
         eval_texts.update({name: _read_eval_set(name, corpus, data)
                            for name, corpus in data.test.items()})
-        fingerprint, tokenizer = current_inputs(recipe, show_progress)
+        fingerprint, tokenizer = current_inputs(recipe, show_progress, expect)
         if expect:
             check_same_inputs(expect, recipe, fingerprint, tokenizer)
         tokenizer_reused = tokenizer is not None
@@ -192,7 +192,7 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> Prepar
                   for name, test in tests.items()},
     }
     fingerprints = {"train_corpus": fingerprint,
-                    "train_files": corpus_files(data.train, data),
+                    "train_files": recorded_files(fingerprint, data.train, data),
                     "tokenizer": tokenizer.fingerprint}
     return PreparedData(tokenizer, train, valid, tests, stats, cache_dir, fingerprints)
 

@@ -296,11 +296,11 @@ def train_problems(recipe: Recipe) -> list[str]:
         found = find_resumable(path, recipe, processes * recipe.train.accumulate,
                                warn_skips=True)
         files = corpus_files(recipe.data.train, recipe.data)
-        # Only a corpus of files is compared here (by their sizes and times): a hub dataset's
-        # or the generated task's fingerprint hashes every pair (and downloads the dataset).
+        # Only a corpus of files is compared here (by their digests): a hub dataset's or the
+        # generated task's fingerprint hashes every pair (and downloads the dataset).
         if found is not None and files and None not in files:
-            check_same_inputs(found[1].get("fingerprints") or {}, recipe,
-                              *current_inputs(recipe, show_progress=False))
+            expect = found[1].get("fingerprints") or {}
+            check_same_inputs(expect, recipe, *current_inputs(recipe, False, expect))
     except Seq2SeqError as error:
         problems.append(str(error))
     return problems
