@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
@@ -52,7 +53,9 @@ def corpus_files(corpus: Corpus, data: DataConfig) -> list:
     for path in _files(corpus, data):
         try:
             info = path.stat()
-            described.append([str(path.resolve()), info.st_size, file_digest(path, info)])
+            # (A pipe or a device is never read here: the corpus reader refuses it.)
+            described.append([str(path.resolve()), info.st_size, file_digest(path, info)]
+                             if stat.S_ISREG(info.st_mode) else None)
         except OSError:
             described.append(None)
     return described

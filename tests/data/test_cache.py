@@ -2,6 +2,7 @@
 
 import os
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,28 @@ def test_a_full_disk_while_building_names_the_cache_and_leaves_nothing(corpus, m
     assert error.value.filename == str(corpus / "run" / "cache")
     assert "No space left" in error.value.strerror
     assert not (corpus / "run").exists() or not list((corpus / "run").rglob(".train-*"))
+
+
+def test_the_fingerprint_reads_regular_files_only(corpus):
+    """It hashes the training files: a pipe among them is left to the reader, which refuses
+    it by name, rather than opened (which blocks until a writer comes)."""
+    from seq2seq.data.fingerprint import corpus_files
+
+    recipe = make_recipe(corpus)
+    assert [f[0] for f in corpus_files(recipe.data.train, recipe.data)] == [
+        str(corpus / "train.src"), str(corpus / "train.trg")]
+    (corpus / "train.trg").unlink()
+    os.mkfifo(corpus / "train.trg")
+    found = []
+    worker = threading.Thread(target=lambda: found.extend(
+        corpus_files(recipe.data.train, recipe.data)), daemon=True)
+    worker.start()
+    worker.join(30)
+    if worker.is_alive():
+        with open(corpus / "train.trg", "w"):  # a writer lets the blocked open return
+            pass
+        worker.join()
+        pytest.fail("the fingerprint opened the pipe")
+    assert found[1] is None
+    with pytest.raises(DataError, match="train.trg: not a regular file"):
+        prepare_data(recipe, show_progress=False)

@@ -151,18 +151,27 @@ def test_an_empty_test_corpus_is_refused_before_any_work(tmp_path, command):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_corpus_that_is_a_pipe_is_refused_and_check_does_not_block(tmp_path):
-    """A FIFO (or bash's <(...)) lost what the first read took, and opening one blocked."""
+@pytest.mark.parametrize(("split", "command"), [("test", "check"), ("train", "check"),
+                                               ("train", "train")])
+def test_a_corpus_that_is_a_pipe_is_refused_and_check_does_not_block(tmp_path, split, command):
+    """A FIFO (or bash's <(...)) lost what the first read took, and opening one blocked; the
+    training corpus's fingerprint, which hashes its files, must not open one either."""
     import os
 
     path, tree = text_recipe(tmp_path)
     os.mkfifo(tmp_path / "pipe.en")
-    tree["data"]["test"] = {"t": {"format": "text", "src": "pipe.en", "trg": "train.de"}}
+    corpus = {"format": "text", "src": "pipe.en", "trg": "train.de"}
+    if split == "test":
+        tree["data"]["test"] = {"t": corpus}
+    else:
+        tree["data"]["train"] = corpus
     write_recipe(path, tree)
-    result = seq2seq("check", path, cwd=tmp_path)  # its timeout fails the test if it blocks
+    # Its timeout fails the test if it blocks.
+    result = seq2seq(command, path, "train.max_steps=1", cwd=tmp_path, timeout=120)
     assert result.returncode == 2
     (line,) = error_lines(result.stderr)
-    assert "data.test.t: " in line and "pipe.en: not a regular file" in line, line
+    where = "data.test.t: " if split == "test" else "data.train: "
+    assert where in line and "pipe.en: not a regular file" in line, line
 
 
 def test_test_set_names_that_would_share_a_report_file_are_refused(tmp_path):
