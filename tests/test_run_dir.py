@@ -173,20 +173,29 @@ def test_a_copy_of_the_data_elsewhere_resumes_with_the_runs_tokenizer_and_cache(
     assert resumed.data.fingerprints["train_corpus"] == first.data.fingerprints["train_corpus"]
 
 
+def earlier_stat_fingerprint(recipe) -> tuple[str, list]:
+    """The fingerprint checkpoints recorded before 2026-12-07, as that code computed it, and
+    its ``train_files``."""
+    train, root = recipe.data.train, Path(recipe.data.root)
+    files = [[str((root / name).resolve()), (root / name).stat().st_size,
+              (root / name).stat().st_mtime_ns] for name in (train.src, train.trg)]
+    key = {"format": train.format, "split": train.split, "files": files,
+           "src_field": train.src_field, "trg_field": train.trg_field,
+           "languages": [recipe.data.src_lang, recipe.data.trg_lang]}
+    return "stat:" + hashlib.sha256(json.dumps(key).encode()).hexdigest(), files
+
+
 def test_a_run_with_the_earlier_stat_fingerprint_resumes_and_refuses_as_before(tmp_path):
     """Checkpoints written before the corpus was identified by its bytes record the paths,
     sizes and times of its files: such a run resumes while those hold, and refuses after."""
     from seq2seq.checkpoint import save_checkpoint
-    from seq2seq.data.fingerprint import _stat_fingerprint
     from seq2seq.tokenizer import INFO_FILE, tokenizer_hash
 
     data, run = tmp_path / "data", tmp_path / "run"
     write_corpus(data)
     recipe = text_recipe(tmp_path, data, "train.max_steps=2")
     fit(recipe)
-    stat, files = _stat_fingerprint(recipe.data.train, recipe.data)
-    assert stat.startswith("stat:") and [f[0] for f in files] == [str(data / "train.en"),
-                                                                  str(data / "train.de")]
+    stat, files = earlier_stat_fingerprint(recipe)
     info = json.loads((run / "tokenizer" / INFO_FILE).read_text())
     info["hash"] = tokenizer_hash(recipe.tokenizer, stat, recipe.data.src_lang,
                                   recipe.data.trg_lang)
@@ -195,10 +204,36 @@ def test_a_run_with_the_earlier_stat_fingerprint_resumes_and_refuses_as_before(t
         ckpt = load_checkpoint(path)
         ckpt["fingerprints"].update(train_corpus=stat, train_files=files)
         save_checkpoint(ckpt, path)
-    assert fit(text_recipe(tmp_path, data, "train.max_steps=3")).progress.step == 3
+    resumed = fit(text_recipe(tmp_path, data, "train.max_steps=3"))
+    assert resumed.progress.step == 3 and resumed.data.stats["tokenizer"]["reused"]
+    assert load_checkpoint(run / "last.pt")["fingerprints"]["train_corpus"] == stat
     os.utime(data / "train.de", (1e9, 1e9))
-    with pytest.raises(Seq2SeqError, match=rf"trained on \(changed: {data / 'train.de'}\)"):
+    with pytest.raises(Seq2SeqError, match=(
+            rf"its checkpoints know their training corpus by the paths, sizes and modification "
+            rf"times of its files, and {data / 'train.de'} changed or moved; restore them")):
         fit(text_recipe(tmp_path, data, "train.max_steps=4"))
+
+
+def test_check_reads_the_corpus_only_to_compare_it_with_a_checkpoint(tmp_path, monkeypatch):
+    """Its fingerprint hashes every byte of the corpus: a run directory without checkpoints
+    (after prepare) has nothing to compare it with."""
+    from seq2seq.data import fingerprint
+    from seq2seq.data.cache import prepare_data
+    from seq2seq.training.run_dir import train_problems
+
+    data = tmp_path / "data"
+    write_corpus(data)
+    recipe = text_recipe(tmp_path, data, "train.max_steps=2")
+    prepare_data(recipe, show_progress=False)
+    hashed = []
+    monkeypatch.setattr(fingerprint, "_DIGESTS", {})
+    real = fingerprint.file_digest
+    monkeypatch.setattr(fingerprint, "file_digest", lambda *a: hashed.append(a) or real(*a))
+    assert train_problems(recipe) == [] and hashed == []
+    fit(recipe)
+    hashed.clear()
+    assert train_problems(text_recipe(tmp_path, data, "train.max_steps=4")) == []
+    assert [path.name for path, _ in hashed] == ["train.en", "train.de"]
 
 
 def test_weights_that_do_not_fit_the_recipe_are_one_line(tmp_path):

@@ -5,7 +5,7 @@
 1. Fingerprint the training corpus: the sha256 of its files (a hash of its pairs for hub
    datasets and the generated task).
 2. Reuse the tokenizer in ``<output_dir>/tokenizer`` and the training cache when both were built
-   from the same inputs; then the corpus is hashed, not parsed.
+   from the same inputs; then a corpus of files is hashed, not parsed.
 3. Otherwise stream the corpus once into an Arrow file, train the SentencePiece tokenizer on a
    uniform sample of ``tokenizer.input_sentence_size`` pairs of it (if it must be retrained),
    encode it with a batched multi-process ``datasets.map``, and drop the pairs that are empty,
@@ -96,7 +96,7 @@ class PreparedData:
         stats: counts and length statistics (see :func:`seq2seq.data.stats.format_stats`).
         cache_dir: the directory holding the training cache.
         fingerprints: what the weights trained on this data depend on: ``train_corpus`` (the
-            corpus fingerprint), ``train_files`` (its files: path, size, sha256) and
+            corpus fingerprint), ``train_files`` (its files: path, size, sha256 or mtime) and
             ``tokenizer`` (the SentencePiece models' hash). Checkpoints record them; a resume
             passes them back as ``expect`` to :func:`prepare_data`.
     """
@@ -130,8 +130,8 @@ class PreparedData:
                 table.column("trg_len").to_numpy().astype(np.int64))
 
 
-def prepare_data(recipe: Recipe, show_progress: bool = True,
-                 expect: dict | None = None) -> PreparedData:
+def prepare_data(recipe: Recipe, show_progress: bool = True, expect: dict | None = None,
+                 known: dict | None = None) -> PreparedData:
     """Train or reuse the tokenizer and build or reuse the encoded training cache.
 
     Args:
@@ -139,6 +139,7 @@ def prepare_data(recipe: Recipe, show_progress: bool = True,
         show_progress: tqdm bars on stderr.
         expect: a resumed checkpoint's ``fingerprints``: the corpus and tokenizer must be the
             ones its weights were trained on, and the tokenizer is never retrained under them.
+        known: the ``fingerprints`` another process has just prepared (the corpus is not read).
 
     Returns:
         The prepared data; ``stats`` tells what was read, kept and dropped.
@@ -150,10 +151,11 @@ def prepare_data(recipe: Recipe, show_progress: bool = True,
     _check_before_writing(recipe)
     with _removed_if_left_empty([Path(recipe.output_dir), _cache_root(
             recipe.data, Path(recipe.output_dir))]):
-        return _prepare(recipe, show_progress, expect)
+        return _prepare(recipe, show_progress, expect, known)
 
 
-def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> PreparedData:
+def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None, known: dict | None
+             ) -> PreparedData:
     data = recipe.data
     out_dir = Path(recipe.output_dir)
     with _progress_bars(show_progress):
@@ -162,7 +164,8 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> Prepar
         eval_texts = {"valid": _read_eval_set("valid", data.valid, data)}
         eval_texts.update({name: _read_eval_set(name, corpus, data)
                            for name, corpus in data.test.items()})
-        fingerprint, tokenizer = current_inputs(recipe, show_progress, expect)
+        fingerprint, tokenizer = current_inputs(recipe, show_progress, expect,
+                                                (known or {}).get("train_corpus"))
         if expect:
             check_same_inputs(expect, recipe, fingerprint, tokenizer)
         tokenizer_reused = tokenizer is not None
@@ -191,9 +194,9 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None) -> Prepar
         "tests": {name: describe_eval_set(test.src_ids, test.trg_ids)
                   for name, test in tests.items()},
     }
-    fingerprints = {"train_corpus": fingerprint,
-                    "train_files": recorded_files(fingerprint, data.train, data),
-                    "tokenizer": tokenizer.fingerprint}
+    fingerprints = known or {"train_corpus": fingerprint,
+                             "train_files": recorded_files(fingerprint, data.train, data),
+                             "tokenizer": tokenizer.fingerprint}
     return PreparedData(tokenizer, train, valid, tests, stats, cache_dir, fingerprints)
 
 

@@ -4,7 +4,8 @@ A corpus of files is identified by the sha256 of each file's bytes (not by where
 or when they were written, so a copy of the data under another ``data.root``, as a cluster job
 makes on its node's disk, resumes a run); a hub dataset or the generated task by a hash of its
 pairs. A checkpoint records that fingerprint with the tokenizer's, and a resume on other data,
-or with another tokenizer, is refused before anything is written.
+or with another tokenizer, is refused before anything is written. Runs whose checkpoints came
+before this (2026-12-07) keep their fingerprint of the files' paths, sizes and times.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import zip_longest
 from pathlib import Path
 
@@ -35,48 +36,93 @@ def corpus_fingerprint(corpus: Corpus, data: DataConfig, show_progress: bool) ->
     """A fingerprint of the corpus: the sha256 of each of its files, else a hash of its pairs.
 
     By the files' bytes for corpora of files (text, tsv, jsonl, hf save_to_disk directories):
-    one pass at hashing speed (about a second a GB), where hashing the pairs would decode and
-    parse them; by the pairs for hub datasets and the generated task.
+    one pass at the speed of the disk or of sha256, whichever is slower, where hashing the
+    pairs would decode and parse them; by the pairs for hub datasets and the generated task.
+
+    Raises:
+        DataError: a file is missing, not a regular file, or cannot be read.
     """
-    described = corpus_files(corpus, data)
-    if described and None not in described:
-        root = resolve_path(corpus.path, data) if corpus.format == "hf" else None
-        files = [[_relative(path, root), digest] for path, _, digest in described]
-        return "files:" + _key_hash(corpus, data, files)
-    return "content:" + content_hash(keyed_pairs("data.train", corpus, data), show_progress)
+    paths = _files(corpus, data)
+    if not paths:
+        return "content:" + content_hash(keyed_pairs("data.train", corpus, data),
+                                         show_progress)
+    from tqdm import tqdm
+
+    with tqdm(desc="hashing train", unit="B", unit_scale=True, disable=not show_progress,
+              leave=False, delay=2) as bar:
+        try:
+            described = corpus_files(corpus, data, bar.update)
+        except DataError as error:
+            raise DataError(f"data.train: {error}") from None
+    if None in described:
+        next(keyed_pairs("data.train", corpus, data), None)  # the reader says what is wrong
+        raise DataError(f"data.train: {paths[described.index(None)]}: cannot be read")
+    names = _names(corpus, data, paths)
+    return "files:" + _key_hash(corpus, data, [[name, f[2]] for name, f in zip(names, described)])
 
 
-def corpus_files(corpus: Corpus, data: DataConfig) -> list:
-    """``[path, size, sha256]`` of each file of a file-based corpus (None for one that cannot
-    be read); empty for hub datasets and the generated task."""
+def file_corpus(corpus: Corpus, data: DataConfig) -> bool:
+    """Whether the corpus is one of files that are all there and regular (by stat alone)."""
+    paths = _files(corpus, data)
+    try:
+        return bool(paths) and all(stat.S_ISREG(path.stat().st_mode) for path in paths)
+    except OSError:
+        return False
+
+
+def corpus_files(corpus: Corpus, data: DataConfig,
+                 progress: Callable[[int], object] | None = None) -> list:
+    """``[path, size, sha256]`` of each file of a file-based corpus (None for one that is
+    missing or not a regular file); empty for hub datasets and the generated task.
+    ``progress`` is called with the bytes hashed as they are.
+
+    Raises:
+        DataError: a regular file cannot be read, or changed while it was read.
+    """
     described = []
     for path in _files(corpus, data):
         try:
-            info = path.stat()
-            # (A pipe or a device is never read here: the corpus reader refuses it.)
-            described.append([str(path.resolve()), info.st_size, file_digest(path, info)]
-                             if stat.S_ISREG(info.st_mode) else None)
+            # (A pipe or a device is never opened here: the corpus reader refuses it.)
+            regular = stat.S_ISREG(path.stat().st_mode)
         except OSError:
-            described.append(None)
+            regular = False
+        described.append([str(path.resolve()), *file_digest(path, progress)] if regular
+                         else None)
     return described
 
 
-# A file's digest by what stat says of it, for this process: `check` and a run's start look at
-# the same files more than once.
+# A file's digest by what fstat says of it, for this process: `check` and a run's start look
+# at the same files more than once.
 _DIGESTS: dict[tuple, str] = {}
 
 
-def file_digest(path: Path, info: os.stat_result) -> str:
-    """The sha256 of the file at ``path`` (``info``: its stat)."""
-    key = (str(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
-           info.st_ctime_ns)  # (a write sets the ctime, which utime cannot set back)
-    if key not in _DIGESTS:
-        digest, buffer = hashlib.sha256(), bytearray(1 << 20)
+def file_digest(path: Path, progress: Callable[[int], object] | None = None
+                ) -> tuple[int, str]:
+    """The size and sha256 of the regular file at ``path``.
+
+    Raises:
+        DataError: it cannot be read, or it changed while it was read (being written).
+    """
+    def identity(info: os.stat_result) -> tuple:
+        # (A write sets the ctime, which utime cannot set back.)
+        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    try:
         with open(path, "rb") as handle:
-            while size := handle.readinto(buffer):
-                digest.update(memoryview(buffer)[:size])
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
+            key = (str(path), *identity(os.fstat(handle.fileno())))
+            if key not in _DIGESTS:
+                digest, buffer = hashlib.sha256(), bytearray(1 << 20)
+                while size := handle.readinto(buffer):
+                    digest.update(memoryview(buffer)[:size])
+                    if progress is not None:
+                        progress(size)
+                if (str(path), *identity(os.fstat(handle.fileno()))) != key:
+                    raise DataError(f"{path}: changed while it was read; start again once it "
+                                    "is written")
+                _DIGESTS[key] = digest.hexdigest()
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
+    return key[3], _DIGESTS[key]
 
 
 def _files(corpus: Corpus, data: DataConfig) -> list[Path]:
@@ -90,12 +136,13 @@ def _files(corpus: Corpus, data: DataConfig) -> list[Path]:
     return []
 
 
-def _relative(path: str, root: Path | None) -> str:
-    """A file of an hf directory by its place in it; the other formats' files by position."""
-    try:
-        return Path(path).relative_to(root.resolve()).as_posix() if root else ""
-    except ValueError:  # the directory itself is a file
-        return ""
+def _names(corpus: Corpus, data: DataConfig, paths: list[Path]) -> list[str]:
+    """The files of an hf directory by their place in it (as listed, links not followed);
+    the other formats' files by their position."""
+    if corpus.format != "hf":
+        return [""] * len(paths)
+    root = resolve_path(corpus.path, data)
+    return [path.relative_to(root).as_posix() if path != root else "" for path in paths]
 
 
 def _key_hash(corpus: Corpus, data: DataConfig, files: list) -> str:
@@ -120,14 +167,17 @@ def _stat_fingerprint(corpus: Corpus, data: DataConfig) -> tuple[str | None, lis
     return "stat:" + _key_hash(corpus, data, described), described
 
 
-def current_inputs(recipe: Recipe, show_progress: bool, expect: dict | None = None
-                   ) -> tuple[str, Tokenizer | None]:
+def current_inputs(recipe: Recipe, show_progress: bool, expect: dict | None = None,
+                   fingerprint: str | None = None) -> tuple[str, Tokenizer | None]:
     """The training corpus's fingerprint, and the run's tokenizer (``<output_dir>/tokenizer``)
     if it was trained on that corpus with the recipe's settings, else None. Writes nothing.
-    ``expect``: a resumed checkpoint's ``fingerprints``, whose kind of fingerprint is used."""
+
+    Args:
+        expect: a resumed checkpoint's ``fingerprints``, whose kind of fingerprint is used.
+        fingerprint: the fingerprint, where another process has just computed it.
+    """
     data = recipe.data
-    fingerprint = None
-    if str((expect or {}).get("train_corpus")).startswith("stat:"):
+    if fingerprint is None and str((expect or {}).get("train_corpus")).startswith("stat:"):
         fingerprint = _stat_fingerprint(data.train, data)[0]
     if fingerprint is None:
         fingerprint = corpus_fingerprint(data.train, data, show_progress)
@@ -157,14 +207,23 @@ def check_same_inputs(expect: dict, recipe: Recipe, fingerprint: str,
     """
     out_dir = Path(recipe.output_dir)
     if expect.get("train_corpus") not in (None, fingerprint):
-        was = expect.get("train_files") or []
-        now = recorded_files(fingerprint, recipe.data.train, recipe.data)
-        # File by file, in order: by size and digest (a path may change), or by all three
-        # fields for a stat fingerprint.
-        first = 0 if fingerprint.startswith("stat:") else 1
-        changed = [(n or w)[0] for w, n in zip_longest(was, now)
-                   if (w or n) and (w is None or n is None or w[first:] != n[first:])]
-        what = f"changed: {', '.join(changed)}" if changed else "its content differs"
+        was = [f for f in expect.get("train_files") or [] if f]
+        if fingerprint.startswith("stat:"):  # by path, size and time
+            now = [f for f in _stat_fingerprint(recipe.data.train, recipe.data)[1] if f]
+            changed = [w[0] for w in was if w not in now]
+            raise DataError(
+                f"cannot resume {out_dir}: its checkpoints know their training corpus by the "
+                "paths, sizes and modification times of its files, and "
+                f"{', '.join(changed) or 'one of them'} changed or moved; restore them (and "
+                "data.root), or use a new output_dir")
+        # By size and digest (paths may differ); the files of an hf directory in any order.
+        now = corpus_files(recipe.data.train, recipe.data)
+        if recipe.data.train.format == "hf":
+            changed = [n[0] for n in now if n[1:] not in [w[1:] for w in was]]
+        else:
+            changed = [n[0] for w, n in zip_longest(was, now) if n and (w is None or
+                                                                       w[1:] != n[1:])]
+        what = f"changed: {', '.join(changed)}" if changed else "its files differ"
         raise DataError(
             f"cannot resume {out_dir}: the training corpus is not the one its checkpoint was "
             f"trained on ({what}); the tokenizer and the encoded corpus would differ from what "

@@ -272,7 +272,7 @@ def train_problems(recipe: Recipe) -> list[str]:
     writing anything (``seq2seq check``): ``train.device`` naming a GPU this machine lacks, a
     training run holding ``output_dir``, a checkpoint there that cannot be resumed, or a resume
     on another training corpus (of files) or tokenizer."""
-    from seq2seq.data.fingerprint import check_same_inputs, corpus_files, current_inputs
+    from seq2seq.data.fingerprint import check_same_inputs, current_inputs, file_corpus
     from seq2seq.translate import resolve_device
 
     problems = []
@@ -295,10 +295,9 @@ def train_problems(recipe: Recipe) -> list[str]:
     try:
         found = find_resumable(path, recipe, processes * recipe.train.accumulate,
                                warn_skips=True)
-        files = corpus_files(recipe.data.train, recipe.data)
         # Only a corpus of files is compared here (by their digests): a hub dataset's or the
         # generated task's fingerprint hashes every pair (and downloads the dataset).
-        if found is not None and files and None not in files:
+        if found is not None and file_corpus(recipe.data.train, recipe.data):
             expect = found[1].get("fingerprints") or {}
             check_same_inputs(expect, recipe, *current_inputs(recipe, False, expect))
     except Seq2SeqError as error:

@@ -116,9 +116,11 @@ def prepare_on_main_first(recipe: Recipe, run: RunDirectory,
     if dist.is_main():
         # prepare_data first: it reports bad corpora before anything is written.
         data = prepare_data(recipe, show_progress=True, expect=expect)
-    dist.barrier()  # other ranks reuse the cache the main rank built
+    # The other ranks reuse the cache the main rank built, and its fingerprints (which hash
+    # the corpus).
+    known = dist.broadcast_object(data.fingerprints if dist.is_main() else None)
     if not dist.is_main():
-        data = prepare_data(recipe, show_progress=False, expect=expect)
+        data = prepare_data(recipe, show_progress=False, expect=expect, known=known)
     return data
 
 

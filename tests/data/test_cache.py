@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import threading
 from pathlib import Path
 
@@ -303,3 +304,47 @@ def test_the_fingerprint_reads_regular_files_only(corpus):
     assert found[1] is None
     with pytest.raises(DataError, match="train.trg: not a regular file"):
         prepare_data(recipe, show_progress=False)
+
+
+def hf_recipe(root: Path, directory: str):
+    tree = recipe_to_dict(make_recipe(root))
+    tree["data"]["train"] = {"format": "hf", "path": directory, "split": "train",
+                             "src_field": "src", "trg_field": "trg"}
+    return recipe_from_dict(tree)
+
+
+def test_an_hf_directory_of_links_and_its_copy_are_the_same_corpus(tmp_path):
+    """Its files are named by their place in the directory, not by where links lead (a
+    dataset whose files link into a store outside it, copied with the links followed)."""
+    from seq2seq.data.fingerprint import corpus_fingerprint
+
+    store, linked = tmp_path / "store", tmp_path / "linked" / "train"
+    store.mkdir()
+    linked.mkdir(parents=True)
+    for name, content in (("data-00000-of-00001.arrow", b"rows"), ("state.json", b"{}")):
+        (store / name).write_bytes(content)
+        (linked / name).symlink_to(store / name)
+    shutil.copytree(tmp_path / "linked", tmp_path / "copy")  # (links followed)
+    assert not (tmp_path / "copy" / "train" / "state.json").is_symlink()
+    original = hf_recipe(tmp_path, "linked")
+    fingerprint = corpus_fingerprint(original.data.train, original.data, False)
+    copied = hf_recipe(tmp_path, "copy")
+    assert corpus_fingerprint(copied.data.train, copied.data, False) == fingerprint
+    (tmp_path / "copy" / "train" / "state.json").rename(tmp_path / "copy" / "train" / "s.json")
+    assert corpus_fingerprint(copied.data.train, copied.data, False) != fingerprint
+
+
+def test_a_training_file_that_changes_while_it_is_hashed_is_refused(corpus):
+    from seq2seq.data.fingerprint import corpus_files
+
+    recipe = make_recipe(corpus)
+
+    def grow(_: int) -> None:  # another process still writing the file, once
+        if (corpus / "train.src").stat().st_size == size:
+            with open(corpus / "train.src", "a", encoding="utf-8") as handle:
+                handle.write("ka lo\n")
+
+    size = (corpus / "train.src").stat().st_size
+
+    with pytest.raises(DataError, match=f"{corpus / 'train.src'}: changed while it was read"):
+        corpus_files(recipe.data.train, recipe.data, grow)
