@@ -217,7 +217,7 @@ def check_same_inputs(expect: dict, recipe: Recipe, fingerprint: str,
                 f"{', '.join(changed) or 'one of them'} changed or moved; restore them (and "
                 "data.root), or use a new output_dir")
         # By size and digest (paths may differ); the files of an hf directory in any order.
-        now = corpus_files(recipe.data.train, recipe.data)
+        now = [f for f in corpus_files(recipe.data.train, recipe.data) if f]
         if recipe.data.train.format == "hf":
             changed = [n[0] for n in now if n[1:] not in [w[1:] for w in was]]
         else:

@@ -348,3 +348,20 @@ def test_a_training_file_that_changes_while_it_is_hashed_is_refused(corpus):
 
     with pytest.raises(DataError, match=f"{corpus / 'train.src'}: changed while it was read"):
         corpus_files(recipe.data.train, recipe.data, grow)
+
+
+def test_a_resume_on_an_hf_directory_names_the_file_that_changed(tmp_path):
+    from seq2seq.data.fingerprint import check_same_inputs, corpus_files, corpus_fingerprint
+
+    train = tmp_path / "ds" / "train"
+    train.mkdir(parents=True)
+    (train / "data-00000-of-00002.arrow").write_bytes(b"rows")
+    (train / "state.json").write_bytes(b"{}")
+    recipe = hf_recipe(tmp_path, "ds")
+    expect = {"train_corpus": corpus_fingerprint(recipe.data.train, recipe.data, False),
+              "train_files": corpus_files(recipe.data.train, recipe.data)}
+    (train / "data-00001-of-00002.arrow").write_bytes(b"more rows")  # sorts before the state
+    now = corpus_fingerprint(recipe.data.train, recipe.data, False)
+    with pytest.raises(DataError, match=rf"trained on \(changed: {train}/data-00001-of-00002"
+                                        r"\.arrow\)"):
+        check_same_inputs(expect, recipe, now, None)
