@@ -17,6 +17,7 @@ import stat
 from collections.abc import Callable, Iterator
 from itertools import zip_longest
 from pathlib import Path
+from typing import Any
 
 from seq2seq.config import Corpus, DataConfig, Recipe
 from seq2seq.data.corpus import DataError, read_pairs, resolve_path
@@ -91,9 +92,9 @@ def corpus_files(corpus: Corpus, data: DataConfig,
     return described
 
 
-# A file's digest by what fstat says of it, for this process: `check` and a run's start look
-# at the same files more than once.
-_DIGESTS: dict[tuple, str] = {}
+# A file's size and digest by what fstat says of it, for this process: `check` and a run's
+# start look at the same files more than once.
+_DIGESTS: dict[tuple, tuple[int, str]] = {}
 
 
 def file_digest(path: Path, progress: Callable[[int], object] | None = None
@@ -103,26 +104,28 @@ def file_digest(path: Path, progress: Callable[[int], object] | None = None
     Raises:
         DataError: it cannot be read, or it changed while it was read (being written).
     """
-    def identity(info: os.stat_result) -> tuple:
-        # (A write sets the ctime, which utime cannot set back.)
-        return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    def identity(handle: Any) -> tuple:
+        info = os.fstat(handle.fileno())  # (a write sets the ctime, which utime cannot undo)
+        return (str(path), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns,
+                info.st_ctime_ns)
 
     try:
         with open(path, "rb") as handle:
-            key = (str(path), *identity(os.fstat(handle.fileno())))
+            key = identity(handle)
             if key not in _DIGESTS:
-                digest, buffer = hashlib.sha256(), bytearray(1 << 20)
+                digest, buffer, total = hashlib.sha256(), bytearray(1 << 20), 0
                 while size := handle.readinto(buffer):
                     digest.update(memoryview(buffer)[:size])
+                    total += size
                     if progress is not None:
                         progress(size)
-                if (str(path), *identity(os.fstat(handle.fileno()))) != key:
+                if identity(handle) != key:
                     raise DataError(f"{path}: changed while it was read; start again once it "
                                     "is written")
-                _DIGESTS[key] = digest.hexdigest()
+                _DIGESTS[key] = total, digest.hexdigest()
     except OSError as error:
         raise DataError(f"{path}: cannot be read ({error.strerror or error})") from None
-    return key[3], _DIGESTS[key]
+    return _DIGESTS[key]
 
 
 def _files(corpus: Corpus, data: DataConfig) -> list[Path]:
