@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq import distributed as dist
-from seq2seq.cli import at_least
+from seq2seq.arguments import at_least
 from seq2seq.config import Recipe, RecipeError, load_recipe
 from seq2seq.models.seq2seq import build_model
 

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from seq2seq.cli import at_least
+from seq2seq.arguments import at_least
 from seq2seq.cpuinfo import CPUINFO, cpu_field
 
 REPO = Path(__file__).resolve().parent.parent

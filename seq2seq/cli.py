@@ -13,51 +13,23 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
 from seq2seq import __version__
+from seq2seq.arguments import (
+    EXIT_USAGE,
+    ArgumentParser,
+    bounded,
+    decode_flags,
+    precision_flag,
+)
 from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from seq2seq.config.memory import memory_problems
 from seq2seq.errors import Seq2SeqError
 from seq2seq.heap import keep_freed_memory
 from seq2seq.serve.options import add_serve_arguments
 from seq2seq.signals import STOP_SIGNALS
-
-EXIT_USAGE = 2
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors in the project's form: one ``error:`` line, exit code 2, and
-    an option that takes one value refused when given twice (argparse keeps the last one:
-    ``--input a --input b`` read ``b`` without a word)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.register("action", None, _StoreOnce)
-        self.register("action", "store", _StoreOnce)
-
-    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-        parsed, extras = super().parse_known_args(args, namespace)
-        if hasattr(parsed, _StoreOnce.GIVEN):
-            delattr(parsed, _StoreOnce.GIVEN)
-        return parsed, extras
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
-
-
-class _StoreOnce(argparse._StoreAction):
-    """``store``, refusing a second value for the same option."""
-
-    GIVEN = "_options_given"  # on the namespace while it is parsed
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        given = getattr(namespace, self.GIVEN, set())
-        if option_string is not None and self.dest in given:
-            parser.error(f"argument {'/'.join(self.option_strings)}: given more than once")
-        setattr(namespace, self.GIVEN, given | {self.dest})
-        super().__call__(parser, namespace, values, option_string)
+from seq2seq.stdout import NAME as STDOUT
+from seq2seq.stdout import drop_unwritten, named_stdout
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -180,70 +152,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_command(args)
 
 
-def at_least(low: int) -> Any:
-    """An argparse type: a whole number of at least ``low`` (the scripts' counts)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
-def _bounded(key: str) -> Any:
-    """An argparse type for a search flag: a number in the range of ``decode.<key>``, finite.
-
-    The same :class:`~seq2seq.config.ranges.Range` checks the recipe, so ``translate`` and
-    ``evaluate`` (which share these flags) and the recipe accept the same values.
-    """
-    from seq2seq.config import DECODE_RANGES
-
-    bounds = DECODE_RANGES[key]
-
-    def parse(text: str) -> int | float:
-        try:
-            value = int(text) if bounds.integer else float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {bounds.expected()}, got {text!r}") from None
-        problem = bounds.problem(value)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    return parse
-
-
-def _decode_flags(parser: argparse.ArgumentParser) -> None:
-    """Search flags; each overrides the recipe's decode section when given."""
-    parser.add_argument("--beam", type=_bounded("beam_size"), help="beam size (1: greedy)")
-    parser.add_argument("--alpha", type=_bounded("alpha"), help="GNMT length penalty alpha")
-    parser.add_argument("--max-len-ratio", type=_bounded("max_len_ratio"),
-                        help="max output length / source length")
-    parser.add_argument("--batch-tokens", type=_bounded("batch_tokens"),
-                        help="source tokens per decoding batch")
-    parser.add_argument("--shortlist", type=_bounded("shortlist"), metavar="N",
-                        help="beam search scores only the best N target tokens the "
-                        "checkpoint's lexicon aligns to each source token, plus the most "
-                        "frequent (decode.shortlist_frequent); 0: all")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    parser.add_argument("--quantize", action="store_true",
-                        help="int8 Linear layers and decoder RNN, activations scaled per row so "
-                        "that a sentence's output never depends on its batch (CPU decoding: "
-                        "faster, slightly lower BLEU)")
-
-
-def _precision_flag(parser: argparse.ArgumentParser) -> None:
-    """--precision of translate and evaluate (weights cast once, beside --quantize)."""
-    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32",
-                        help="weights to decode with, cast once: bf16 is faster on a GPU or a "
-                        "CPU with native bf16 and may change a few outputs, also with the "
-                        "batch a sentence is decoded in (its products round differently at "
-                        "other batch sizes); auto: bf16 there, else fp32")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
@@ -273,13 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "language pair")
     p.add_argument("--input", help="input file (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
-    p.add_argument("--nbest", type=_bounded("n_best"),
+    p.add_argument("--nbest", type=bounded("n_best"),
                    help="write K hypotheses per line as TSV: index, score, text")
     p.add_argument("--scores", action="store_true",
                    help="prefix each line with its score and a tab")
     p.add_argument("--attention", help="write attention matrices to this file (JSON lines)")
-    _decode_flags(p)
-    _precision_flag(p)
+    decode_flags(p)
+    precision_flag(p)
     p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("evaluate", help="translate test sets and write BLEU/chrF/TER reports")
@@ -295,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the report (default: the recipe's eval.report_dir, "
                    "else <output_dir>/eval; with --src FILE: eval-<FILE name> beside the "
                    "checkpoint; --quantize adds -int8 to either default)")
-    _decode_flags(p)
-    _precision_flag(p)
+    decode_flags(p)
+    precision_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("average", help="average the weights of several checkpoints")
@@ -310,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file, one per language pair (its recipe's "
                    "data.src_lang -> data.trg_lang)")
     add_serve_arguments(p)
-    _decode_flags(p)
-    _precision_flag(p)
+    decode_flags(p)
+    precision_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate-data",
@@ -359,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SEQ2SEQ_NATIVE"):
             from seq2seq.native import wanted
             wanted()
-        return args.func(args)
+        with named_stdout():
+            code = args.func(args)
+            sys.stdout.flush()  # a failure to write the output is this command's, said below
+        return code
     except RecipeError as error:
         for problem in error.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -387,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as error:  # the machine, not the user: a full disk, a vanished directory
         where = f"{error.filename}: " if error.filename else ""
+        if error.filename == STDOUT:
+            drop_unwritten(sys.stdout)
         print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         return 1
     finally:

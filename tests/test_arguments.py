@@ -1,0 +1,95 @@
+"""The command line's own answers: unknown options, and help, version and output that cannot
+be written."""
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seq2seq.cli import main
+from seq2seq.stdout import Named
+from tests.conftest import REPO
+
+FULL = Path("/dev/full")  # every write fails with ENOSPC (Linux)
+
+
+def seq2seq(*args, stdout=subprocess.PIPE):
+    return subprocess.run([sys.executable, "-m", "seq2seq", *map(str, args)], cwd=REPO,
+                          stdout=stdout, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("argv, unknown", [
+    (["--bogus"], "--bogus"),
+    (["-x", "--bogus=1"], "-x --bogus=1"),
+    (["translate", "--bogus", "--checkpoint", "x.pt"], "--bogus"),
+    (["translate", "--no-such=3"], "--no-such=3"),
+    (["evaluate", "--src", "a", "--colour"], "--colour"),
+])
+def test_an_unknown_option_is_named_before_what_is_missing(argv, unknown, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"unrecognized arguments: {unknown} (see" in err, err
+
+
+@pytest.mark.parametrize("argv, missing", [
+    ([], "COMMAND"),
+    (["translate", "--scores"], "--checkpoint"),
+    (["translate", "--check"], None),  # a prefix of --checkpoint, so known: its value is missing
+])
+def test_a_missing_argument_alone_is_still_said(argv, missing, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized" not in err, err
+    assert missing is None or f"required: {missing}" in err, err
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["translate", "--help"]])
+def test_help_and_version_into_a_full_disk_fail_with_one_line(argv):
+    with FULL.open("w") as full:
+        result = seq2seq(*argv, stdout=full)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "error: <stdout>: No space left on device\n"
+
+
+def test_a_command_whose_output_cannot_be_written_names_stdout(tmp_path):
+    recipe = REPO / "recipes" / "quickstart.yaml"
+    with FULL.open("w") as full:
+        result = seq2seq("check", recipe, f"output_dir={tmp_path / 'run'}", stdout=full)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines()[-1:] == [
+        "error: <stdout>: No space left on device"], result.stderr.decode()
+
+
+def test_help_into_a_closed_pipe_is_not_an_error():
+    process = subprocess.Popen([sys.executable, "-m", "seq2seq", "translate", "--help"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before anything is written
+    assert process.wait(timeout=300) == 0
+    assert process.stderr.read() == b""
+
+
+def test_named_streams_name_their_failed_writes_and_pass_the_rest_through():
+    class Failing(io.BytesIO):
+        def __init__(self, error):
+            super().__init__()
+            self.error = error
+
+        def write(self, data):
+            raise self.error
+
+    for error in (OSError(28, "No space left on device"), BrokenPipeError(32, "Broken pipe")):
+        stream = io.TextIOWrapper(Failing(error), write_through=True)
+        for write in (Named(stream).write, Named(stream).buffer.write):
+            with pytest.raises(OSError) as failed:
+                write("text" if write.__self__._stream is stream else b"text")
+            assert failed.value is error and failed.value.filename == "<stdout>"
+            error.filename = None
+    named = Named(io.StringIO("read me"))
+    assert named.read() == "read me" and named.write("x") == 1
