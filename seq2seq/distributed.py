@@ -41,17 +41,23 @@ def backend_problem(backend: str, device: str) -> str | None:
     return None
 
 
-def init_from_env(backend: str = "auto", timeout_s: int = 300) -> torch.device | None:
+def init_from_env(backend: str = "auto", timeout_s: int = 300,
+                  device: str = "auto") -> torch.device | None:
     """Join the process group described by torchrun's environment variables.
 
     Returns the device this rank should use, or None when not launched by torchrun (no RANK
     and WORLD_SIZE in the environment: nothing to join). A torchrun group of one process is
-    joined too, so that the distributed code path can be checked on a single GPU.
+    joined too, so that the distributed code path can be checked on a single GPU. Each rank
+    takes the GPU of its LOCAL_RANK where ``device`` (``train.device``) is cuda, or auto on a
+    machine with GPUs and a backend other than gloo; else the CPU.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or is_initialized():
         return None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise Seq2SeqError("train.device cuda: no CUDA GPU is available")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available()
+                                     and backend != "gloo")
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

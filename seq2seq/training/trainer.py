@@ -147,8 +147,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        cfg = recipe.train
-        dist_device = dist.init_from_env(recipe.distributed.backend, recipe.distributed.timeout_s)
+        cfg, group = recipe.train, recipe.distributed
+        dist_device = dist.init_from_env(group.backend, group.timeout_s, cfg.device)
         self.device = dist_device or resolve_device(cfg.device, what="train.device")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
