@@ -9,11 +9,13 @@ only builds torchrun's command line; :func:`seq2seq.distributed.launch` runs it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 from seq2seq import distributed as dist
 from seq2seq.config import Recipe
+from seq2seq.config.loading import RECIPE_SAID
 
 
 def torchrun_args(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> list[str]:
@@ -40,6 +42,8 @@ def launch_workers(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> i
     Raises:
         seq2seq.distributed.DistributedError: the job failed for good (the CLI prints it).
     """
+    # The workers read the same command line; this process has said its warnings already.
+    os.environ[RECIPE_SAID] = "1"
     code = dist.launch(torchrun_args(recipe, recipe_path, overrides))
     print("distributed training finished", file=sys.stderr)
     return code

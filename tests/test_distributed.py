@@ -215,7 +215,10 @@ def kill_rank_after(command: list[str], marker: Path, rank: int,
 def test_two_processes_equal_one_process_accumulating_two(tmp_path, cache_dir):
     """Split independence: the same global batches give the same updates and losses."""
     recipe = write_recipe(tmp_path, cache_dir, "two")
-    check(run(seq2seq_train(recipe, "distributed.nproc_per_node=2")))
+    launched = check(run(seq2seq_train(recipe, "distributed.nproc_per_node=1",
+                                       "distributed.nproc_per_node=2")))
+    # Said by the launching process only: not again by the workers, which read the same line.
+    assert launched.stderr.count("is overridden twice") == 1, launched.stderr
     check(run(seq2seq_train(recipe, "train.accumulate=2", f"output_dir={tmp_path / 'one'}")))
     two = load_checkpoint(tmp_path / "two" / "last.pt")
     one = load_checkpoint(tmp_path / "one" / "last.pt")
@@ -395,6 +398,36 @@ def test_a_worker_whose_peer_went_away_says_so_in_one_line(monkeypatch):
         "remote worker crashing.)")
     assert peer_lost(RuntimeError("CUDA out of memory")) is None  # any other error: its traceback
     assert peer_lost(ValueError("Connection closed by peer")) is None
+
+
+@pytest.mark.parametrize("device, backend, cuda, expected", [
+    ("cpu", "auto", True, ("cpu", "gloo")),    # was the GPUs: train.device went unread
+    ("auto", "auto", True, ("cuda:1", "nccl")),
+    ("auto", "gloo", True, ("cpu", "gloo")),
+    ("cuda", "gloo", True, ("cuda:1", "gloo")),
+    ("auto", "auto", False, ("cpu", "gloo")),
+    ("cuda", "auto", False, "train.device cuda: no CUDA GPU is available"),
+])
+def test_each_rank_takes_the_device_of_train_device(device, backend, cuda, expected,
+                                                    monkeypatch):
+    from seq2seq import distributed
+    from seq2seq.errors import Seq2SeqError
+
+    joined = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(distributed, "attempt_store", lambda timeout: None)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kwargs: joined.update(backend=backend))
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    if isinstance(expected, str):
+        with pytest.raises(Seq2SeqError, match=expected):
+            distributed.init_from_env(backend, 60, device)
+        assert not joined
+        return
+    rank_device = distributed.init_from_env(backend, 60, device)
+    assert (str(rank_device), joined["backend"]) == expected
 
 
 def test_only_distributed_py_mentions_torch_distributed():

@@ -22,6 +22,10 @@ from seq2seq.config.errors import RecipeError
 from seq2seq.config.schema import DataConfig, Recipe
 from seq2seq.errors import warn
 
+RECIPE_SAID = "SEQ2SEQ_RECIPE_WARNED"
+"""Set for the workers that ``seq2seq train`` starts through torchrun: the launching process
+has said the command line's warnings, so its workers' rank 0 does not say them again."""
+
 
 class RecipeLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing what it would accept with another meaning: a duplicate key
@@ -60,6 +64,7 @@ class RecipeLoader(yaml.SafeLoader):
                     key_node.start_mark)
             lines[key] = line
         return super().construct_mapping(node, deep)
+
 
 
 def _type_name(tp: Any) -> str:
@@ -249,7 +254,7 @@ def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe
         key = ".".join(parts)
         # Scripts layer overrides (a base list, then a user's): said, not refused; once, not
         # by every worker of a process group, which reads the same command line.
-        if key in given and os.environ.get("RANK", "0") == "0":
+        if key in given and os.environ.get("RANK", "0") == "0" and RECIPE_SAID not in os.environ:
             warn(f"{key} is overridden twice ({given[key]}, then {text}); the last one holds")
         apply_override(tree, parts, value)
         given[key] = text
