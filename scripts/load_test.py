@@ -219,7 +219,7 @@ def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
     flags, values = decode_flags(args)
     modes = {"batching on": str(args.batch_size), "batching off": "1"}
     runs: dict[str, list[dict]] = {name: [] for name in [*modes, "offline translate"]}
-    differ = {name: 0 for name in modes}
+    differ: dict[str, list[dict]] = {name: [] for name in modes}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         servers = {}
         for name, batch_size in modes.items():
@@ -240,12 +240,16 @@ def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
             figures, expected = offline.run(sentences)
             runs["offline translate"].append(figures)
             for name, served in answers.items():
-                # The served translations must be translate's, batched or not.
-                differ[name] += sum(a != e for a, e in zip(served, expected))
+                # The served translations must be translate's, batched or not (up to the
+                # rounding of other batch shapes: README, "Serving"): each one that is not is
+                # kept for the reader to judge.
+                differ[name] += [{"line": line, "served": a, "offline": e}
+                                 for line, (a, e) in enumerate(zip(served, expected)) if a != e]
         batches = {name: mean_batch(server.url) for name, server in servers.items()}
     report = {name: median_run(found) for name, found in runs.items()}
     for name in modes:
-        report[name] |= {"mean_batch": batches[name], "differ_from_offline": differ[name]}
+        report[name] |= {"mean_batch": batches[name], "differ_from_offline": len(differ[name]),
+                         "differing": differ[name]}
     rates = {name: [run["sentences_per_s"] for run in found] for name, found in runs.items()}
     report["ratios"] = {}
     for name, other in [("on/off", "batching off"), ("on/offline", "offline translate")]:

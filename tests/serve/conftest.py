@@ -98,6 +98,21 @@ class Noisy(nn.Module):
         return log_probs + noise.to(log_probs.dtype), state, attn
 
 
+def translates_with_noise(translator, settings, line: str, answer: list[str]) -> bool:
+    """Whether ``translator`` gives ``answer`` (n-best texts) for ``line`` with ``settings``
+    and rounding-level noise added to its log-probabilities, for one of :data:`TRIES` seeds."""
+    text = line[:DEFAULT_MAX_CHARS].strip()
+    model = translator.model
+    try:
+        for seed in range(TRIES):
+            translator.model = Noisy(model, seed)
+            if translator.translate_full([text], settings)[0].hypotheses == answer:
+                return True
+    finally:
+        translator.model = model
+    return False
+
+
 class Offline:
     """What ``seq2seq translate`` writes for ``lines`` (the ``nbest`` best of each,
     :attr:`best`), and :meth:`check`, which holds served answers to it.
@@ -135,18 +150,8 @@ class Offline:
     def with_noise(self, line: int, answer: list[str]) -> bool:
         """Whether ``translate`` gives ``answer`` (n-best texts) for ``line`` with
         rounding-level noise, for one of :data:`TRIES` seeds."""
-        translator = self.translator
-        settings = translator.decode_settings(nbest=len(answer))
-        text = self.lines[line][:DEFAULT_MAX_CHARS].strip()
-        model = translator.model
-        try:
-            for seed in range(TRIES):
-                translator.model = Noisy(model, seed)
-                if translator.translate_full([text], settings)[0].hypotheses == answer:
-                    return True
-        finally:
-            translator.model = model
-        return False
+        settings = self.translator.decode_settings(nbest=len(answer))
+        return translates_with_noise(self.translator, settings, self.lines[line], answer)
 
     def check(self, answers: list[str] | list[list[str]], strip: bool = False) -> None:
         """Assert that each answer (a text, or with ``nbest`` a list of them) is translate's,

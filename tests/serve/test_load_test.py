@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from tests.conftest import REPO
-from tests.serve.conftest import ENV
+from tests.serve.conftest import ENV, translates_with_noise
 
 
 def test_load_test_compares_on_off_and_offline_with_the_same_flags(checkpoint, test_sentences,
@@ -26,10 +26,21 @@ def test_load_test_compares_on_off_and_offline_with_the_same_flags(checkpoint, t
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["setup"]["precision"] == "bf16" and report["setup"]["batch_wait_ms"] == 20
+    from seq2seq.translate import Translator
+
+    offline = Translator.from_checkpoint(checkpoint, device="cpu", precision="bf16")
+    settings = offline.decode_settings(beam=3)
     for mode in ("batching on", "batching off"):
         assert report[mode]["sentences"] == 24 and report[mode]["failures"] == {}
-        # served bf16 beam-3 outputs equal offline translate's with the same flags
-        assert report[mode]["differ_from_offline"] == 0
+        # Served bf16 beam-3 outputs are offline translate's with the same flags, up to ties
+        # that the rounding of other batch shapes breaks otherwise (tests/serve/conftest.py,
+        # Offline): 2% of the 48 answers at most, each one translate gives with noise.
+        differing = report[mode]["differing"]
+        assert report[mode]["differ_from_offline"] == len(differing) <= 1, differing
+        for answer in differing:
+            assert answer["offline"] != answer["served"]
+            assert translates_with_noise(offline, settings, test_sentences[answer["line"]],
+                                         [answer["served"]]), answer
     assert report["batching off"]["mean_batch"] == 1.0
     assert report["batching on"]["mean_batch"] >= 1.0
     assert report["offline translate"]["sentences"] == 24
