@@ -109,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from seq2seq.files import check_output
 
     try:
-        check_output(args.json)
+        if args.json:
+            check_output(args.json)
     except Seq2SeqError as error:
         parser.error(f"--json {error}")
     return args

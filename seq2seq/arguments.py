@@ -86,6 +86,14 @@ class _StoreOnce(argparse._StoreAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+def path(text: str) -> str:
+    """An argparse type for a file or directory: any text but the empty one, which one call
+    takes for the current directory and another for stdin (``--input ""`` read stdin)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def at_least(low: int) -> Any:
     """An argparse type: a whole number of at least ``low`` (the scripts' counts)."""
     def parse(text: str) -> int:

@@ -20,6 +20,7 @@ from seq2seq.arguments import (
     ArgumentParser,
     bounded,
     decode_flags,
+    path,
     precision_flag,
 )
 from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
@@ -33,7 +34,7 @@ from seq2seq.stdout import drop_unwritten, named_stdout
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="YAML recipe file")
+    parser.add_argument("recipe", type=path, help="YAML recipe file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", default=[],  # optional
                         help="dotted overrides, e.g. train.lr=3e-4 model.cell=lstm")
 
@@ -51,7 +52,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         problems = train_problems(recipe)
     if problems:
         raise RecipeError([f"{args.recipe}: {problem}" for problem in problems])
-    sys.stdout.write(recipe_to_yaml(recipe))
+    print(recipe_to_yaml(recipe), end="")
     return 0
 
 
@@ -136,13 +137,16 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
         raise Seq2SeqError(f"generate-data {args.output!r}: name a directory to write into")
     if Path(args.output).exists() and not Path(args.output).is_dir():
         raise Seq2SeqError(f"{args.output}: exists and is not a directory")
+    if Path(args.output).is_symlink() and not Path(args.output).exists():
+        raise Seq2SeqError(f"{args.output}: is a symlink to {os.readlink(args.output)}, "
+                           "which does not exist")
     try:
         written = write_synthetic(Path(args.output), sizes)
     except OSError as error:
         raise Seq2SeqError(f"{args.output}: cannot write the data there "
                            f"({error.strerror or error})") from None
-    for path in written:
-        print(path)
+    for name in written:
+        print(name)
     return 0
 
 
@@ -175,31 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("translate", help="translate lines from stdin or a file")
-    p.add_argument("--checkpoint", action="extend", nargs="+", required=True,
+    p.add_argument("--checkpoint", action="extend", nargs="+", required=True, type=path,
                    metavar="CKPT", help="checkpoint file; give several for an ensemble "
                    "(--checkpoint a.pt b.pt, or --checkpoint repeated) of one tokenizer and "
                    "language pair")
-    p.add_argument("--input", help="input file (default: stdin)")
-    p.add_argument("--output", help="output file (default: stdout)")
+    p.add_argument("--input", type=path, help="input file (default: stdin)")
+    p.add_argument("--output", type=path, help="output file (default: stdout)")
     p.add_argument("--nbest", type=bounded("n_best"),
                    help="write K hypotheses per line as TSV: index, score, text")
     p.add_argument("--scores", action="store_true",
                    help="prefix each line with its score and a tab")
-    p.add_argument("--attention", help="write attention matrices to this file (JSON lines)")
+    p.add_argument("--attention", type=path,
+                   help="write attention matrices to this file (JSON lines)")
     decode_flags(p)
     precision_flag(p)
     p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("evaluate", help="translate test sets and write BLEU/chrF/TER reports")
-    p.add_argument("recipe", nargs="?", help="recipe of a trained run (evaluates every test set)")
+    p.add_argument("recipe", nargs="?", type=path,
+                   help="recipe of a trained run (evaluates every test set)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted recipe overrides")
-    p.add_argument("--checkpoint", action="extend", nargs="+", metavar="CKPT",
+    p.add_argument("--checkpoint", action="extend", nargs="+", metavar="CKPT", type=path,
                    help="checkpoint file; several (--checkpoint a.pt b.pt, or --checkpoint "
                    "repeated) are an ensemble; default: the run's eval.checkpoint (best.pt)")
-    p.add_argument("--src", help="source file to translate and score")
-    p.add_argument("--ref", action="append", help="reference file (repeat for several)")
-    p.add_argument("--compare", help="another system's output on the same source: paired test")
-    p.add_argument("--report-dir",
+    p.add_argument("--src", type=path, help="source file to translate and score")
+    p.add_argument("--ref", action="append", type=path, help="reference file (repeat for several)")
+    p.add_argument("--compare", type=path,
+                   help="another system's output on the same source: paired test")
+    p.add_argument("--report-dir", type=path,
                    help="where to write the report (default: the recipe's eval.report_dir, "
                    "else <output_dir>/eval; with --src FILE: eval-<FILE name> beside the "
                    "checkpoint; --quantize adds -int8 to either default)")
@@ -208,13 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("average", help="average the weights of several checkpoints")
-    p.add_argument("checkpoints", nargs="+", help="checkpoint files of one run")
-    p.add_argument("--output", required=True, help="where to write the averaged checkpoint")
+    p.add_argument("checkpoints", nargs="+", type=path, help="checkpoint files of one run")
+    p.add_argument("--output", required=True, type=path,
+                   help="where to write the averaged checkpoint")
     p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("serve", help="serve checkpoints over HTTP: LibreTranslate's API, "
                        "dynamic batching, a page to try them")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", type=path,
                    help="checkpoint file, one per language pair (its recipe's "
                    "data.src_lang -> data.trg_lang)")
     add_serve_arguments(p)
@@ -269,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             wanted()
         with named_stdout():
             code = args.func(args)
-            sys.stdout.flush()  # a failure to write the output is this command's, said below
+            if sys.stdout is not None:  # a failure to write the output is this command's
+                sys.stdout.flush()
         return code
     except RecipeError as error:
         for problem in error.problems:
@@ -288,10 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         # `seq2seq translate ... | head` closes the pipe early: not an error.
         sys.stderr.close()
         return 0
-    except RuntimeError as error:
+    except (RuntimeError, MemoryError) as error:
+        from seq2seq.config.memory import out_of_memory
         from seq2seq.distributed import peer_lost
 
-        line = peer_lost(error)
+        line = out_of_memory(error, args.command) or (
+            peer_lost(error) if isinstance(error, RuntimeError) else None)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)

@@ -67,12 +67,14 @@ def is_stdout(path: str | Path | None) -> bool:
 def check_output(path: str | Path | None) -> None:
     """Refuse, before any work, an output path that cannot be written as this module writes.
 
-    ``None`` and ``"-"`` (stdout) always pass.
+    ``None`` and ``"-"`` (stdout) pass where this process has a stdout.
 
     Raises:
         OutputError: one line naming the path and the reason.
     """
     if is_stdout(path):
+        if sys.stdout is None:  # started with descriptor 1 closed (`>&-`)
+            raise OutputError("<stdout>: is closed; name an output file")
         return
     path = Path(path)
     if is_descriptor(path):
@@ -231,6 +233,7 @@ def open_output(path: str | Path | None) -> Iterator[BinaryIO]:
     file is left as it was.
     """
     if is_stdout(path):
+        check_output(path)
         yield sys.stdout.buffer
         sys.stdout.buffer.flush()
         return

@@ -55,9 +55,11 @@ class Named:
 
 @contextlib.contextmanager
 def named_stdout() -> Iterator[None]:
-    """``sys.stdout`` wrapped in :class:`Named` within the block."""
+    """``sys.stdout`` wrapped in :class:`Named` within the block (where there is one: Python
+    sets None for a descriptor closed at start, and ``print`` then writes nothing)."""
     stdout = sys.stdout
-    sys.stdout = Named(stdout)
+    if stdout is not None:
+        sys.stdout = Named(stdout)
     try:
         yield
     finally:

@@ -32,7 +32,7 @@ from seq2seq.files import check_distinct, check_output, same_file, writes_to_std
 from seq2seq.search import BeamSearch, Ensemble, Hypothesis
 from seq2seq.search.shortlist import Lexicon
 from seq2seq.tokenizer import Tokenizer
-from seq2seq.translate_io import clean_text, translate_file
+from seq2seq.translate_io import check_stdin, clean_text, translate_file
 
 
 class SettingError(Seq2SeqError, ValueError):
@@ -370,7 +370,10 @@ def translate_command(args: Any) -> int:
     """``seq2seq translate``: stream stdin (or --input) to stdout (or --output), line for line."""
     # Before the model loads: a bad output path must not cost a whole translation run.
     check_output(args.output)
-    check_output(args.attention)
+    if args.attention:
+        check_output(args.attention)
+    if args.input in (None, "-"):
+        check_stdin()
     check_distinct([args.output, args.attention], [args.input, *args.checkpoint])
     if args.scores and args.nbest:  # it would be ignored without a word
         raise Seq2SeqError("--scores and --nbest: the n-best rows carry their scores already "

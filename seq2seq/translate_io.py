@@ -58,6 +58,13 @@ GZIP_MAGIC = b"\x1f\x8b"
 BOM = b"\xef\xbb\xbf"
 
 
+def check_stdin() -> None:
+    """Refuse stdin as input where this process has none: Python sets None for a descriptor
+    closed at start (`<&-`)."""
+    if sys.stdin is None:
+        raise InputError("<stdin>: is closed; name an input file")
+
+
 @contextlib.contextmanager
 def open_input(path: str | Path) -> Iterator[BinaryIO]:
     """Open ``path`` for binary reading; ``"-"`` is stdin. gzip data is decompressed, known by
@@ -67,6 +74,7 @@ def open_input(path: str | Path) -> Iterator[BinaryIO]:
         InputError: the file is missing, a directory, or unreadable (one line naming it).
     """
     if str(path) == "-":
+        check_stdin()
         yield _gunzipped(sys.stdin.buffer)  # stdin itself is left open
         return
     try:
@@ -352,7 +360,7 @@ def translate_file(translator: Any, settings: Any, args: Any) -> int:
         The exit code, 0.
     """
     source = args.input or "-"
-    interactive = source == "-" and sys.stdin.isatty()
+    interactive = source == "-" and sys.stdin is not None and sys.stdin.isatty()
     with contextlib.ExitStack() as stack:
         stream = stack.enter_context(open_input(source))
         out = stack.enter_context(open_output(args.output))

@@ -93,3 +93,48 @@ def test_named_streams_name_their_failed_writes_and_pass_the_rest_through():
             error.filename = None
     named = Named(io.StringIO("read me"))
     assert named.read() == "read me" and named.write("x") == 1
+
+
+@pytest.mark.parametrize("command, error, line", [
+    ("translate", RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+        "you tried to allocate 1024000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "error: out of memory (allocating 0.95 GiB failed); try a smaller --batch-tokens or "
+     "--beam"),
+    ("train", MemoryError(), "error: out of memory; try a smaller train.batch_tokens (or model "
+     "sizes)"),
+    ("evaluate", RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB "
+                              "total capacity)"),
+     "error: out of memory (allocating 20.00 GiB failed); try a smaller --batch-tokens or "
+     "--beam"),
+])
+def test_memory_that_runs_out_is_one_line_naming_what_sizes_it(command, error, line,
+                                                               monkeypatch, capsys):
+    """A search's memory grows with the beam and the batch, and the flags' ranges allow more
+    than a machine holds: this was torch's traceback."""
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(f"seq2seq.cli.cmd_{command}", fail)
+    argv = {"translate": ["translate", "--checkpoint", "x.pt"],
+            "train": ["train", "recipe.yaml"],
+            "evaluate": ["evaluate", "recipe.yaml"]}[command]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_any_other_runtime_error_keeps_its_traceback(monkeypatch):
+    def fail(args):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr("seq2seq.cli.cmd_translate", fail)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        main(["translate", "--checkpoint", "x.pt"])
+
+
+def test_a_dangling_symlink_as_the_data_directory_is_named(tmp_path, capsys):
+    link = tmp_path / "data"
+    link.symlink_to(tmp_path / "missing" / "dir")
+    assert main(["generate-data", str(link), "--train", "1", "--valid", "1", "--test", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: {link}: is a symlink to {tmp_path}/missing/dir, "
+                                       "which does not exist\n")

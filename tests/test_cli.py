@@ -3,6 +3,7 @@
 import gzip
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -598,3 +599,46 @@ def test_evaluate_in_bf16_reports_its_precision_in_a_dir_of_its_own(trained, tmp
     assert both.stderr.decode().strip().splitlines() == [
         "error: --quantize and --precision bf16 exclude each other: int8 weights compute in "
         "int8 and fp32"]
+
+
+def closed(descriptor, *args, tmp_path):
+    """``seq2seq *args`` started with ``descriptor`` (0 or 1) closed, as ``<&-`` / ``>&-``."""
+    return subprocess.run([sys.executable, "-m", "seq2seq", *map(str, args)], cwd=tmp_path,
+                          stdin=subprocess.DEVNULL if descriptor else None,
+                          stdout=subprocess.DEVNULL if not descriptor else None,
+                          stderr=subprocess.PIPE, preexec_fn=lambda: os.close(descriptor),
+                          timeout=600)
+
+
+def test_a_closed_stdin_or_stdout_is_refused_only_where_it_is_needed(trained, tmp_path):
+    recipe, run = trained
+    checkpoint = run / "best.pt"
+    (tmp_path / "in.txt").write_text("a b c\n", encoding="utf-8")
+    refusals = [
+        (1, ["translate", "--checkpoint", checkpoint, "--input", "in.txt"],
+         "error: <stdout>: is closed; name an output file"),
+        (0, ["translate", "--checkpoint", checkpoint, "--output", "out.txt"],
+         "error: <stdin>: is closed; name an input file"),
+    ]
+    for descriptor, argv, line in refusals:
+        result = closed(descriptor, *argv, tmp_path=tmp_path)
+        assert (result.returncode, result.stderr.decode()) == (2, line + "\n")
+        assert not (tmp_path / "out.txt").exists()
+    # Where the output goes to a file, or stdout only shows what was done, stdout is not needed.
+    done = closed(1, "translate", "--checkpoint", checkpoint, "--input", "in.txt", "--output",
+                  "out.txt", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8").count("\n") == 1
+    for argv in (["check", recipe], ["average", checkpoint, "--output", "averaged.pt"]):
+        done = closed(1, *argv, tmp_path=tmp_path)
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode()
+    assert (tmp_path / "averaged.pt").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--input", "--output", "--attention", "--checkpoint"])
+def test_an_empty_path_is_refused_not_taken_for_stdin_or_here(flag, trained):
+    _, run = trained
+    argv = ["translate", "--checkpoint", run / "best.pt", flag, ""]
+    result = seq2seq(*argv, stdin=b"a b c\n")
+    assert result.returncode == 2 and result.stdout == b""
+    assert f"argument {flag}: an empty path" in result.stderr.decode()

@@ -20,6 +20,7 @@ Both are compared with the machine's RAM; the activations only when training run
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,3 +116,32 @@ def _trains_on_cpu(recipe: Recipe) -> bool:
 
 def _gib(size: int) -> str:
     return f"{size / GIB:,.1f}"
+
+
+SMALLER = {
+    "train": "train.batch_tokens (or model sizes)",
+    "translate": "--batch-tokens or --beam",
+    "evaluate": "--batch-tokens or --beam",
+    "serve": "--batch-size, --batch-tokens or --beam",
+}
+"""What sizes a command's allocations, by command: named when one fails."""
+
+
+def out_of_memory(error: BaseException, command: str) -> str | None:
+    """One line for an allocation that failed (torch's CPU or CUDA allocator, or Python's
+    ``MemoryError``), naming the settings that size it; None for any other error.
+
+    The estimate above covers training on the CPU; a search's memory grows with the beam and
+    the batch, and the flags' ranges allow more than a machine holds.
+    """
+    text = str(error)
+    if not (isinstance(error, MemoryError) or "can't allocate memory" in text
+            or "out of memory" in text):
+        return None
+    size = ""
+    if match := re.search(r"[Tt]ried to allocate (\d+) bytes", text):  # CPU
+        size = f" (allocating {int(match[1]) / GIB:.2f} GiB failed)"
+    elif match := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB)", text):  # CUDA
+        size = f" (allocating {match[1]} failed)"
+    hint = SMALLER.get(command)
+    return f"out of memory{size}" + (f"; try a smaller {hint}" if hint else "")
