@@ -132,7 +132,8 @@ def bounded(key: str) -> Any:
 
 
 def decode_flags(parser: argparse.ArgumentParser) -> None:
-    """Search flags; each overrides the recipe's decode section when given."""
+    """Search flags, each overriding the recipe's decode section when given, and
+    :func:`precision_flag`."""
     parser.add_argument("--beam", type=bounded("beam_size"), help="beam size (1: greedy)")
     parser.add_argument("--alpha", type=bounded("alpha"), help="GNMT length penalty alpha")
     parser.add_argument("--max-len-ratio", type=bounded("max_len_ratio"),
@@ -148,6 +149,7 @@ def decode_flags(parser: argparse.ArgumentParser) -> None:
                         help="int8 Linear layers and decoder RNN, activations scaled per row so "
                         "that a sentence's output never depends on its batch (CPU decoding: "
                         "faster, slightly lower BLEU)")
+    precision_flag(parser)
 
 
 def precision_flag(parser: argparse.ArgumentParser) -> None:

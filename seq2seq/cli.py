@@ -21,7 +21,6 @@ from seq2seq.arguments import (
     bounded,
     decode_flags,
     path,
-    precision_flag,
 )
 from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from seq2seq.config.memory import memory_problems
@@ -189,10 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write K hypotheses per line as TSV: index, score, text")
     p.add_argument("--scores", action="store_true",
                    help="prefix each line with its score and a tab")
-    p.add_argument("--attention", type=path,
-                   help="write attention matrices to this file (JSON lines)")
+    p.add_argument("--attention", type=path, help="write attention matrices here (JSON lines)")
     decode_flags(p)
-    precision_flag(p)
     p.set_defaults(func=cmd_translate)
 
     p = sub.add_parser("evaluate", help="translate test sets and write BLEU/chrF/TER reports")
@@ -211,13 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "else <output_dir>/eval; with --src FILE: eval-<FILE name> beside the "
                    "checkpoint; --quantize adds -int8 to either default)")
     decode_flags(p)
-    precision_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("average", help="average the weights of several checkpoints")
     p.add_argument("checkpoints", nargs="+", type=path, help="checkpoint files of one run")
-    p.add_argument("--output", required=True, type=path,
-                   help="where to write the averaged checkpoint")
+    p.add_argument("--output", required=True, type=path, help="the averaged checkpoint file")
     p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("serve", help="serve checkpoints over HTTP: LibreTranslate's API, "
@@ -227,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "data.src_lang -> data.trg_lang)")
     add_serve_arguments(p)
     decode_flags(p)
-    precision_flag(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate-data",
