@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     from seq2seq.quantize import int8_kernel
 
     # What can be checked before the timed training is checked before it.
-    if args.json:
+    if args.json is not None:
         check_output(args.json)
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file")

@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from seq2seq.files import check_output
 
     try:
-        if args.json:
+        if args.json is not None:
             check_output(args.json)
     except Seq2SeqError as error:
         parser.error(f"--json {error}")

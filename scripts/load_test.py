@@ -243,8 +243,8 @@ def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
                 # The served translations must be translate's, batched or not (up to the
                 # rounding of other batch shapes: README, "Serving"): each one that is not is
                 # kept for the reader to judge.
-                differ[name] += [{"line": line, "served": a, "offline": e}
-                                 for line, (a, e) in enumerate(zip(served, expected)) if a != e]
+                differ[name] += [{"index": index, "served": a, "offline": e}  # in sentences
+                                 for index, (a, e) in enumerate(zip(served, expected)) if a != e]
         batches = {name: mean_batch(server.url) for name, server in servers.items()}
     report = {name: median_run(found) for name, found in runs.items()}
     for name in modes:

@@ -4,7 +4,9 @@ value types that several commands (and the scripts) share."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from seq2seq.stdout import drop_unwritten
@@ -18,7 +20,8 @@ class ArgumentParser(argparse.ArgumentParser):
     ``--input a --input b`` read ``b`` without a word).
 
     Two more of argparse's answers are mended: an unknown option was reported only after any
-    argument missing (``seq2seq --bogus`` said that a command is required), and ``--help`` or
+    argument missing (``seq2seq --bogus`` said that a command is required, ``seq2seq --bogus
+    translate`` that --checkpoint is), and ``--help`` or
     ``--version`` into a full disk exited 0 with nothing written (argparse ignores a failed
     write)."""
 
@@ -29,34 +32,43 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._arguments = list(sys.argv[1:] if args is None else args)
+        commands = {name for action in self._actions
+                    if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+        if commands:  # the options before the command are this parser's, else unknown
+            ahead = itertools.takewhile(lambda argument: argument not in commands,
+                                        self._arguments)
+            if unknown := self._unknown_options(ahead):
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
         parsed, extras = super().parse_known_args(args, namespace)
         if hasattr(parsed, _StoreOnce.GIVEN):
             delattr(parsed, _StoreOnce.GIVEN)
         return parsed, extras
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        unknown = self._unknown_options() if "arguments are required" in message else []
-        if unknown:  # argparse checks what is missing before what it does not know
-            message = f"unrecognized arguments: {' '.join(unknown)}"
+        if "arguments are required" in message:  # said by argparse before what it does not know
+            if unknown := self._unknown_options(getattr(self, "_arguments", [])):
+                message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
-
-    def _unknown_options(self) -> list[str]:
-        """The options of the arguments last parsed that this parser has no name for, nor a
-        name that they begin (argparse takes ``--check`` for ``--checkpoint``)."""
+    def _unknown_options(self, arguments: Iterable[str]) -> list[str]:
+        """The options among ``arguments`` that this parser has no name for, nor a name that
+        they begin (argparse takes ``--check`` for ``--checkpoint``); a negative number is a
+        value."""
         known = self._option_string_actions
         unknown = []
-        for argument in getattr(self, "_arguments", []):
+        for argument in arguments:
             if argument == "--":
                 break
             name = argument.split("=", 1)[0]
-            if (name.startswith("-") and name != "-" and not name[1:2].isdigit()
+            if (name.startswith("-") and name != "-" and not _number(name)
                     and not any(option.startswith(name) for option in known)):
                 unknown.append(argument)
         return unknown
 
     def _print_message(self, message: str, file: Any = None) -> None:
-        """Help, usage and version text: written and flushed, a failure said and exit 1."""
+        """Help, usage and version text written and flushed; a failure to write stdout is said,
+        with exit 1 (argparse ignores it). Where stderr fails there is no one to tell, and the
+        exit status stays the caller's, as argparse has it."""
         if not message:
             return
         file = file or sys.stderr
@@ -65,11 +77,20 @@ class ArgumentParser(argparse.ArgumentParser):
             file.flush()
         except OSError as error:
             drop_unwritten(file)
+            if file is not sys.stdout:
+                return
             if isinstance(error, BrokenPipeError):  # `seq2seq --help | head -1`
                 raise SystemExit(0) from None
-            name = getattr(file, "name", None) or "output"
-            sys.stderr.write(f"error: {name}: {error.strerror or error}\n")
+            sys.stderr.write(f"error: <stdout>: {error.strerror or error}\n")
             raise SystemExit(1) from None
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class _StoreOnce(argparse._StoreAction):

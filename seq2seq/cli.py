@@ -23,7 +23,7 @@ from seq2seq.arguments import (
     path,
 )
 from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
-from seq2seq.config.memory import memory_problems
+from seq2seq.config.memory import memory_problems, out_of_memory
 from seq2seq.errors import Seq2SeqError
 from seq2seq.heap import keep_freed_memory
 from seq2seq.serve.options import add_serve_arguments
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             wanted()
         with named_stdout():
             code = args.func(args)
-            if sys.stdout is not None:  # a failure to write the output is this command's
-                sys.stdout.flush()
+            if sys.stdout is not None and not sys.stdout.closed:
+                sys.stdout.flush()  # a failure to write the output is this command's
         return code
     except RecipeError as error:
         for problem in error.problems:
@@ -292,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except (RuntimeError, MemoryError) as error:
-        from seq2seq.config.memory import out_of_memory
-        from seq2seq.distributed import peer_lost
+        line = out_of_memory(error, args.command)  # (imports nothing: memory may be short)
+        if line is None and isinstance(error, RuntimeError):
+            from seq2seq.distributed import peer_lost
 
-        line = out_of_memory(error, args.command) or (
-            peer_lost(error) if isinstance(error, RuntimeError) else None)
+            line = peer_lost(error)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)

@@ -58,12 +58,15 @@ def named_stdout() -> Iterator[None]:
     """``sys.stdout`` wrapped in :class:`Named` within the block (where there is one: Python
     sets None for a descriptor closed at start, and ``print`` then writes nothing)."""
     stdout = sys.stdout
-    if stdout is not None:
-        sys.stdout = Named(stdout)
+    if stdout is None or isinstance(stdout, Named):  # none, or wrapped by a call in progress
+        yield
+        return
+    sys.stdout = wrapper = Named(stdout)
     try:
         yield
     finally:
-        sys.stdout = stdout
+        if sys.stdout is wrapper:  # (another thread's call may have replaced it meanwhile)
+            sys.stdout = stdout
 
 
 def drop_unwritten(stream: Any) -> None:

@@ -368,7 +368,9 @@ def translate_file(translator: Any, settings: Any, args: Any) -> int:
         if args.attention:
             attention = io.TextIOWrapper(stack.enter_context(open_output(args.attention)),
                                          encoding="utf-8", newline="\n")
-            stack.callback(attention.flush)
+            # Flushed and let go of: collected, the wrapper would close the stream under it,
+            # stdout's own with --attention -.
+            stack.callback(attention.detach)
 
         def translate_batch(sentences: list[str]) -> list[Any]:
             return translator.translate_full(sentences, settings, attention is not None)

@@ -24,6 +24,7 @@ def seq2seq(*args, stdout=subprocess.PIPE):
 @pytest.mark.parametrize("argv, unknown", [
     (["--bogus"], "--bogus"),
     (["-x", "--bogus=1"], "-x --bogus=1"),
+    (["--bogus", "translate", "--scores"], "--bogus"),  # before the command, --checkpoint missing
     (["translate", "--bogus", "--checkpoint", "x.pt"], "--bogus"),
     (["translate", "--no-such=3"], "--no-such=3"),
     (["evaluate", "--src", "a", "--colour"], "--colour"),
@@ -40,6 +41,7 @@ def test_an_unknown_option_is_named_before_what_is_missing(argv, unknown, capsys
     ([], "COMMAND"),
     (["translate", "--scores"], "--checkpoint"),
     (["translate", "--check"], None),  # a prefix of --checkpoint, so known: its value is missing
+    (["translate", "--input", "-.5"], "--checkpoint"),  # a negative number is a value
 ])
 def test_a_missing_argument_alone_is_still_said(argv, missing, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -99,14 +101,14 @@ def test_named_streams_name_their_failed_writes_and_pass_the_rest_through():
     ("translate", RuntimeError(
         "[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
         "you tried to allocate 1024000000 bytes. Error code 12 (Cannot allocate memory)"),
-     "error: out of memory (allocating 0.95 GiB failed); try a smaller --batch-tokens or "
-     "--beam"),
-    ("train", MemoryError(), "error: out of memory; try a smaller train.batch_tokens (or model "
-     "sizes)"),
+     "error: out of memory (allocating 0.95 GiB failed); a search needs less with a smaller "
+     "--batch-tokens or --beam"),
+    ("train", MemoryError(), "error: out of memory; a training batch needs less with a smaller "
+     "train.batch_tokens"),
     ("evaluate", RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB "
                               "total capacity)"),
-     "error: out of memory (allocating 20.00 GiB failed); try a smaller --batch-tokens or "
-     "--beam"),
+     "error: out of memory (allocating 20.00 GiB failed); a search needs less with a smaller "
+     "--batch-tokens or --beam"),
 ])
 def test_memory_that_runs_out_is_one_line_naming_what_sizes_it(command, error, line,
                                                                monkeypatch, capsys):
@@ -138,3 +140,34 @@ def test_a_dangling_symlink_as_the_data_directory_is_named(tmp_path, capsys):
     assert main(["generate-data", str(link), "--train", "1", "--valid", "1", "--test", "1"]) == 2
     assert capsys.readouterr().err == (f"error: {link}: is a symlink to {tmp_path}/missing/dir, "
                                        "which does not exist\n")
+
+
+def test_a_usage_error_keeps_exit_code_2_where_stderr_cannot_be_written():
+    with FULL.open("w") as full:
+        result = subprocess.run([sys.executable, "-m", "seq2seq", "--bogus"], cwd=REPO,
+                                stderr=full, stdout=subprocess.PIPE, timeout=300)
+    assert result.returncode == 2 and result.stdout == b""
+
+
+def test_serve_refuses_an_empty_api_keys_path_rather_than_serving_without_keys(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "best.pt", "--api-keys", ""])
+    assert stop.value.code == 2
+    assert "argument --api-keys: an empty path" in capsys.readouterr().err
+
+
+def test_named_stdout_wraps_once_and_restores_what_it_replaced(monkeypatch):
+    from seq2seq.stdout import named_stdout
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", stream)
+    with named_stdout():
+        outer = sys.stdout
+        assert isinstance(outer, Named)
+        with named_stdout():  # a call within a call (or another thread's, meanwhile)
+            assert sys.stdout is outer
+        assert sys.stdout is outer
+    assert sys.stdout is stream
+    monkeypatch.setattr(sys, "stdout", None)  # a descriptor closed at start
+    with named_stdout():
+        assert sys.stdout is None

@@ -642,3 +642,14 @@ def test_an_empty_path_is_refused_not_taken_for_stdin_or_here(flag, trained):
     result = seq2seq(*argv, stdin=b"a b c\n")
     assert result.returncode == 2 and result.stdout == b""
     assert f"argument {flag}: an empty path" in result.stderr.decode()
+
+
+def test_attention_on_stdout_beside_an_output_file_leaves_stdout_open(trained, tmp_path):
+    """The attention's text wrapper closed stdout when collected, and the command's last
+    flush of stdout then ended in a traceback."""
+    _, run = trained
+    result = seq2seq("translate", "--checkpoint", run / "best.pt", "--attention", "-",
+                     "--output", tmp_path / "out.txt", stdin=b"a b c\nd e\n")
+    assert result.returncode == 0 and result.stderr == b"", result.stderr.decode()
+    assert [json.loads(row)["index"] for row in result.stdout.decode().splitlines()] == [0, 1]
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8").count("\n") == 2

@@ -119,12 +119,13 @@ def _gib(size: int) -> str:
 
 
 SMALLER = {
-    "train": "train.batch_tokens (or model sizes)",
-    "translate": "--batch-tokens or --beam",
-    "evaluate": "--batch-tokens or --beam",
-    "serve": "--batch-size, --batch-tokens or --beam",
+    "train": "a training batch needs less with a smaller train.batch_tokens",
+    "translate": "a search needs less with a smaller --batch-tokens or --beam",
+    "evaluate": "a search needs less with a smaller --batch-tokens or --beam",
+    "serve": "a search needs less with a smaller --batch-size, --batch-tokens or --beam",
 }
-"""What sizes a command's allocations, by command: named when one fails."""
+"""What sizes a command's largest allocations, by command: said when one fails (which may
+also be while the model loads)."""
 
 
 def out_of_memory(error: BaseException, command: str) -> str | None:
@@ -144,4 +145,4 @@ def out_of_memory(error: BaseException, command: str) -> str | None:
     elif match := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]iB)", text):  # CUDA
         size = f" (allocating {match[1]} failed)"
     hint = SMALLER.get(command)
-    return f"out of memory{size}" + (f"; try a smaller {hint}" if hint else "")
+    return f"out of memory{size}" + (f"; {hint}" if hint else "")

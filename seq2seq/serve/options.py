@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from seq2seq.arguments import path
 from seq2seq.errors import Seq2SeqError
 
 # Most alternatives (n-best beyond the first) one request may ask for.
@@ -67,7 +68,7 @@ class ServeOptions:
         """The options of parsed ``seq2seq serve`` arguments."""
         values = {field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
                   if field.name != "api_keys"}
-        keys = load_api_keys(Path(args.api_keys)) if args.api_keys else None
+        keys = load_api_keys(Path(args.api_keys)) if args.api_keys is not None else None
         return cls(**values, api_keys=keys)
 
 
@@ -79,7 +80,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind,
                                 default=field.default,
                                 help=f"{field.metadata['help']} (default: {field.default})")
-    parser.add_argument("--api-keys", metavar="FILE",
+    # An empty path is refused: `--api-keys "$UNSET"` must not serve without keys.
+    parser.add_argument("--api-keys", metavar="FILE", type=path,
                         help="require an api_key from this file (one key per line; 403 without)")
 
 

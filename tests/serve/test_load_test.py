@@ -34,12 +34,11 @@ def test_load_test_compares_on_off_and_offline_with_the_same_flags(checkpoint, t
         assert report[mode]["sentences"] == 24 and report[mode]["failures"] == {}
         # Served bf16 beam-3 outputs are offline translate's with the same flags, up to ties
         # that the rounding of other batch shapes breaks otherwise (tests/serve/conftest.py,
-        # Offline): 2% of the 48 answers at most, each one translate gives with noise.
+        # Offline): one of the 48 answers at most, which translate gives with noise.
         differing = report[mode]["differing"]
         assert report[mode]["differ_from_offline"] == len(differing) <= 1, differing
-        for answer in differing:
-            assert answer["offline"] != answer["served"]
-            assert translates_with_noise(offline, settings, test_sentences[answer["line"]],
+        for answer in differing:  # (the sentences have no blank line: index = line)
+            assert translates_with_noise(offline, settings, test_sentences[answer["index"]],
                                          [answer["served"]]), answer
     assert report["batching off"]["mean_batch"] == 1.0
     assert report["batching on"]["mean_batch"] >= 1.0
