@@ -30,7 +30,7 @@ from seq2seq.checkpoint import load_weights
 from seq2seq.config import Recipe, recipe_to_dict
 from seq2seq.data.batching import epoch_batches, rank_steps
 from seq2seq.data.cache import prepare_data
-from seq2seq.data.sampling import sampled_epoch
+from seq2seq.data.sampling import shared_epoch
 from seq2seq.models.seq2seq import build_model
 from seq2seq.signals import STOP_SIGNALS
 from seq2seq.training.averaging import average_and_validate
@@ -212,7 +212,7 @@ class Trainer:
             if (reached := progress.limit_reached(*limit)) is not None:
                 self.stop_reason = reached  # (a signal's reason is never set back to None)
                 break
-            src_lens, trg_lens = epoch_pairs(self.data, self.recipe, progress.epoch, self.step)
+            src_lens, trg_lens = epoch_pairs(self, progress.epoch)
             batches = epoch_batches(trg_lens, src_lens, cfg.batch_tokens, cfg.batch_sentences,
                                     self.recipe.seed, progress.epoch, group)
             steps = rank_steps(batches, self.rank, self.world, cfg.accumulate)
@@ -339,18 +339,21 @@ class Trainer:
         self.run.close()
 
 
-def epoch_pairs(data: Any, recipe: Recipe, epoch: int, step: Any) -> tuple[Any, Any]:
+def epoch_pairs(trainer: Trainer, epoch: int) -> tuple[Any, Any]:
     """The (N,) source and target lengths of ``epoch``'s training pairs.
 
     With subword regularisation (``train.sample_alpha``) the pairs are re-tokenised for the
-    epoch (:mod:`seq2seq.data.sampling`) and ``step`` trains on them.
+    epoch (:mod:`seq2seq.data.sampling`, kept in the run directory's ``sampled/``) and the
+    trainer's step trains on them.
     """
+    data, recipe = trainer.data, trainer.recipe
     cfg = recipe.train
     if not cfg.sample_alpha:
         return data.train_lengths()
-    table, src_lens, trg_lens = sampled_epoch(data.train, data.tokenizer, cfg.sample_alpha,
-                                              cfg.sample_nbest, recipe.seed, epoch)
-    step.use_pairs(table, trg_lens)
+    table, src_lens, trg_lens = shared_epoch(trainer.run.path / "sampled", data.train,
+                                             data.tokenizer, cfg.sample_alpha,
+                                             cfg.sample_nbest, recipe.seed, epoch)
+    trainer.step.use_pairs(table, trg_lens)
     return src_lens, trg_lens
 
 

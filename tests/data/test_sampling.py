@@ -64,3 +64,38 @@ def test_a_run_with_sampling_resumes_bitwise_and_validates_deterministically(tmp
 def test_sample_nbest_of_one_is_refused():
     with pytest.raises(RecipeError, match="train.sample_nbest: must be -1 .* got 1"):
         recipe_from_dict(tiny_tree("run"), ["train.sample_nbest=1"])
+
+
+def test_a_resume_in_another_process_trains_on_the_segmentations_it_had(tmp_path):
+    """sentencepiece draws other segmentations for the same seed in another process: each
+    epoch's draw is kept in the run directory, and a resume (or another rank) reads it."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+
+    from seq2seq.checkpoint import load_checkpoint
+    from tests.conftest import REPO
+
+    tree = tiny_tree(str(tmp_path / "a"), train={"max_steps": 2, "valid_every": 100,
+                                                 "sample_alpha": 0.3})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree), encoding="utf-8")
+
+    def train(*overrides):
+        result = subprocess.run([sys.executable, "-m", "seq2seq", "train", str(recipe),
+                                 *overrides], capture_output=True, cwd=REPO, timeout=600)
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+    train()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name in "ab":  # each resumed in a process of its own, to step 5 of the same epoch
+        train(f"output_dir={tmp_path / name}", "train.max_steps=5")
+    assert [p.name for p in (tmp_path / "a" / "sampled").iterdir()] == [
+        "epoch-0-seed-3-alpha-0.3-nbest--1.arrow"]
+    a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in "ab")
+    assert a["step"] == b["step"] == 5
+    for key, weight in a["model"].items():
+        assert torch.equal(weight, b["model"][key]), key
