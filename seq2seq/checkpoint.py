@@ -270,7 +270,8 @@ def average_checkpoints(paths: list[Path], output: Path,
                         run_changes: Callable[[dict, dict], list[str]] | None = None) -> None:
     """Average the model weights of several checkpoints of one run into ``output``.
 
-    The recipe and tokenizer are taken from the first checkpoint; training state is dropped.
+    The recipe and tokenizer are taken from the first checkpoint, the step from the newest;
+    training state is dropped.
 
     Args:
         run_changes: the recipe keys in which two checkpoints' recipes differ as two runs'
@@ -281,8 +282,10 @@ def average_checkpoints(paths: list[Path], output: Path,
     check_no_repeat(paths, "an average")
     first = _averageable(load_checkpoint(paths[0]), paths[0])
     total = {k: v.double() if v.is_floating_point() else v for k, v in first["model"].items()}
+    steps = [first.get("step", 0)]
     for path in paths[1:]:
         ckpt = _averageable(load_checkpoint(path), path)
+        steps.append(ckpt.get("step", 0))
         state = ckpt["model"]
         if state.keys() != total.keys() or any(state[k].shape != total[k].shape for k in total):
             raise CheckpointError(f"{path}: different model architecture from {paths[0]}")
@@ -301,7 +304,7 @@ def average_checkpoints(paths: list[Path], output: Path,
              for k, v in total.items()}
     payload = {"model": model, "recipe": first["recipe"], "tokenizer": first.get("tokenizer"),
                "lexicon": first.get("lexicon"),
-               "step": first.get("step", 0), "averaged_from": [str(p) for p in paths]}
+               "step": max(steps), "averaged_from": [str(p) for p in paths]}  # the newest
     save_checkpoint(payload, Path(output))
 
 

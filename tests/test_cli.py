@@ -353,6 +353,12 @@ def test_average_two_checkpoints(trained, tmp_path):
     result = seq2seq("average", *steps[-2:], "--output", tmp_path / "avg.pt")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().endswith("(average of 2 checkpoints)\n")
+    from seq2seq.checkpoint import load_checkpoint
+
+    newest = load_checkpoint(steps[-1])["step"]  # the step of the newest, in either order
+    assert load_checkpoint(tmp_path / "avg.pt")["step"] == newest
+    seq2seq("average", steps[-1], steps[-2], "--output", tmp_path / "reversed.pt")
+    assert load_checkpoint(tmp_path / "reversed.pt")["step"] == newest
     one = seq2seq("average", steps[-1], "--output", tmp_path / "one.pt")
     assert one.stdout.decode().endswith("(average of 1 checkpoint)\n")
     again = seq2seq("translate", "--checkpoint", tmp_path / "avg.pt", stdin=b"the dog\n")
