@@ -430,6 +430,40 @@ def test_each_rank_takes_the_device_of_train_device(device, backend, cuda, expec
     assert (str(rank_device), joined["backend"]) == expected
 
 
+SAMPLING_SCRIPT = '''
+import hashlib
+import sys
+from pathlib import Path
+
+from seq2seq import distributed as dist
+from seq2seq.config import load_recipe
+from seq2seq.data.cache import prepare_data
+from seq2seq.data.sampling import shared_epoch
+
+dist.init_from_env("gloo", 120)
+data = prepare_data(load_recipe(sys.argv[1]), show_progress=False)  # the cache is there
+table = shared_epoch(Path(sys.argv[2]), data.train, data.tokenizer, 0.3, -1, 3, 0)[0]
+digest = hashlib.sha256(str(table.to_pydict()).encode()).hexdigest()
+Path(sys.argv[3], f"rank{dist.rank()}").write_text(digest)
+'''
+
+
+def test_every_rank_trains_on_the_main_rank_s_draw_of_subword_sampling(tmp_path, cache_dir):
+    """sentencepiece draws other segmentations for the same seed in another process: each
+    rank drew its own and built its own partition of the batches from it, so some pairs were
+    trained by both ranks and others by neither."""
+    recipe = write_recipe(tmp_path, cache_dir, "sampling")
+    check(run(seq2seq_train(recipe, "train.max_steps=1")))  # tokenizer and cache, once
+    script = tmp_path / "sampling.py"
+    script.write_text(SAMPLING_SCRIPT, encoding="utf-8")
+    check(run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(script), str(recipe),
+               str(tmp_path / "sampled"), str(tmp_path)]))
+    digests = {(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)}
+    assert len(digests) == 1
+    assert len(list((tmp_path / "sampled").glob("epoch-0-*.arrow"))) == 1
+
+
 def test_only_distributed_py_mentions_torch_distributed():
     """`grep -rl torch.distributed seq2seq/` lists one file: distributed code lives in one place."""
     sources = sorted(PACKAGE.rglob("*.py"))

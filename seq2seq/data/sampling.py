@@ -9,8 +9,8 @@ sampling. Validation, test sets and ``translate`` keep the deterministic segment
 
 The draw is seeded by (run seed, epoch) and made on one thread, which repeats it within one
 process; but sentencepiece 0.2 draws other segmentations for the same seed in another process.
-So :func:`shared_epoch` has the main rank draw each epoch once and write it into the run
-directory, and every rank reads that file: the ranks of a process group train on one partition
+So :func:`shared_epoch` has the main rank draw each epoch once, write it into the run
+directory and send it to the other ranks: the ranks of a process group train on one partition
 of one draw, and a run resumed mid-epoch in the same directory on the segmentations it had.
 Two fresh runs with the same seed draw differently (sentencepiece offers no seed that holds
 across processes).
@@ -66,20 +66,24 @@ def sampled_epoch(train: Any, tokenizer: Tokenizer, alpha: float, nbest: int, se
 def shared_epoch(directory: Path, train: Any, tokenizer: Tokenizer, alpha: float, nbest: int,
                  seed: int, epoch: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """:func:`sampled_epoch`, drawn by the main rank into ``directory`` (unless there already)
-    and read from there by every rank. The main rank keeps only this epoch's draw there."""
+    and sent from there to every rank (a rank on another node need not see the run
+    directory). The main rank keeps only this epoch's draw there."""
     path = directory / f"epoch-{epoch}-seed-{seed}-alpha-{alpha}-nbest-{nbest}.arrow"
-    if dist.is_main() and not path.is_file():
-        table = sampled_epoch(train, tokenizer, alpha, nbest, seed, epoch)[0]
-        directory.mkdir(exist_ok=True)
-        for old in directory.glob("epoch-*"):  # earlier epochs, an interrupted write
-            old.unlink()
-        partial = path.with_name(path.name + ".partial")
-        with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
-            out.write_table(table)
-        os.replace(partial, path)
-    dist.barrier()
-    with pa.memory_map(str(path)) as source:
-        table = pa.ipc.open_file(source).read_all()
+    payload = None
+    if dist.is_main():
+        if not path.is_file():
+            table = sampled_epoch(train, tokenizer, alpha, nbest, seed, epoch)[0]
+            directory.mkdir(exist_ok=True)
+            for old in directory.glob("epoch-*"):  # earlier epochs, an interrupted write
+                old.unlink()
+            partial = path.with_name(path.name + ".partial")
+            with pa.OSFile(str(partial), "wb") as sink, \
+                    pa.ipc.new_file(sink, table.schema) as out:
+                out.write_table(table)
+            os.replace(partial, path)
+        payload = path.read_bytes()
+    payload = dist.broadcast_object(payload)
+    table = pa.ipc.open_file(pa.BufferReader(payload)).read_all()
     lengths = [np.asarray(table.column(f"{side}_ids").combine_chunks().value_lengths(),
                           dtype=np.int64) for side in ("src", "trg")]
     return table, lengths[0], lengths[1]
