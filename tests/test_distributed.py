@@ -442,7 +442,7 @@ from seq2seq.data.sampling import shared_epoch
 
 dist.init_from_env("gloo", 120)
 data = prepare_data(load_recipe(sys.argv[1]), show_progress=False)  # the cache is there
-table = shared_epoch(Path(sys.argv[2]), data.train, data.tokenizer, 0.3, -1, 3, 0)[0]
+table = shared_epoch(Path(sys.argv[2]), data, 0.3, -1, 3, 0)[0]
 digest = hashlib.sha256(str(table.to_pydict()).encode()).hexdigest()
 Path(sys.argv[3], f"rank{dist.rank()}").write_text(digest)
 '''
@@ -461,7 +461,7 @@ def test_every_rank_trains_on_the_main_rank_s_draw_of_subword_sampling(tmp_path,
                str(tmp_path / "sampled"), str(tmp_path)]))
     digests = {(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)}
     assert len(digests) == 1
-    assert len(list((tmp_path / "sampled").glob("epoch-0-*.arrow"))) == 1
+    assert [path.name for path in (tmp_path / "sampled").iterdir()] == ["epoch-0.arrow"]
 
 
 def test_only_distributed_py_mentions_torch_distributed():

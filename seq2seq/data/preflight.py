@@ -97,7 +97,7 @@ def _test_name_problems(names: list[str]) -> list[str]:
 
 # What a run writes at the top of its output_dir (training/run_dir.py, tokenizer.py,
 # data/cache.py, evaluate.py): a corpus there would be appended to or replaced.
-RUN_DIRECTORIES = ("tokenizer", "cache", "tensorboard")
+RUN_DIRECTORIES = ("tokenizer", "cache", "tensorboard", "sampled")
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", ".lock")
 
 

@@ -9,16 +9,17 @@ sampling. Validation, test sets and ``translate`` keep the deterministic segment
 
 The draw is seeded by (run seed, epoch) and made on one thread, which repeats it within one
 process; but sentencepiece 0.2 draws other segmentations for the same seed in another process.
-So :func:`shared_epoch` has the main rank draw each epoch once, write it into the run
+So :func:`shared_epoch` has the main rank draw each epoch once, keep it in the run
 directory and send it to the other ranks: the ranks of a process group train on one partition
-of one draw, and a run resumed mid-epoch in the same directory on the segmentations it had.
-Two fresh runs with the same seed draw differently (sentencepiece offers no seed that holds
-across processes).
+of one draw, and a run resumed in the same directory on the segmentations it had. Runs in two
+directories draw differently (sentencepiece offers no seed that holds across processes), and so
+does a resume from a checkpoint copied elsewhere.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ import pyarrow as pa
 import sentencepiece as spm
 
 from seq2seq import distributed as dist
+from seq2seq.errors import warn
+from seq2seq.files import write_bytes
 from seq2seq.tokenizer import Tokenizer
 
 ENCODE_CHUNK = 10_000
@@ -63,30 +66,64 @@ def sampled_epoch(train: Any, tokenizer: Tokenizer, alpha: float, nbest: int, se
     return pa.table(columns), lengths[0], lengths[1]
 
 
-def shared_epoch(directory: Path, train: Any, tokenizer: Tokenizer, alpha: float, nbest: int,
-                 seed: int, epoch: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """:func:`sampled_epoch`, drawn by the main rank into ``directory`` (unless there already)
-    and sent from there to every rank (a rank on another node need not see the run
-    directory). The main rank keeps only this epoch's draw there."""
-    path = directory / f"epoch-{epoch}-seed-{seed}-alpha-{alpha}-nbest-{nbest}.arrow"
+def shared_epoch(directory: Path, data: Any, alpha: float, nbest: int, seed: int,
+                 epoch: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """:func:`sampled_epoch` of ``data`` (:class:`~seq2seq.data.cache.PreparedData`), drawn
+    by the main rank and sent to every rank (a rank on another node need not see the run
+    directory).
+
+    The main rank keeps each draw in ``directory`` as ``epoch-<e>.arrow``, with a key of what
+    it was drawn from (corpus, tokenizer, cache, pair count and the sampling settings): a run
+    resumed from a checkpoint of this epoch or the one before reads its draw back; a file of
+    other data or settings, or one that cannot be read, is drawn again. Older epochs' files
+    are removed once the next epoch's is written.
+    """
+    key = _draw_key(data, alpha, nbest, seed, epoch)
+    path = directory / f"epoch-{epoch}.arrow"
     payload = None
     if dist.is_main():
-        if not path.is_file():
-            table = sampled_epoch(train, tokenizer, alpha, nbest, seed, epoch)[0]
-            directory.mkdir(exist_ok=True)
-            for old in directory.glob("epoch-*"):  # earlier epochs, an interrupted write
-                old.unlink()
-            partial = path.with_name(path.name + ".partial")
-            with pa.OSFile(str(partial), "wb") as sink, \
-                    pa.ipc.new_file(sink, table.schema) as out:
+        payload = _stored(path, key)
+        if payload is None:
+            table = sampled_epoch(data.train, data.tokenizer, alpha, nbest, seed, epoch)[0]
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_file(sink, table.schema.with_metadata({KEY: key})) as out:
                 out.write_table(table)
-            os.replace(partial, path)
-        payload = path.read_bytes()
+            payload = sink.getvalue().to_pybytes()
+            directory.mkdir(exist_ok=True)
+            write_bytes(path, payload)  # atomically, synced
+        for old in directory.glob("epoch-*.arrow"):
+            if old.stem.removeprefix("epoch-").isdigit() and int(old.stem[6:]) < epoch - 1:
+                old.unlink()
     payload = dist.broadcast_object(payload)
     table = pa.ipc.open_file(pa.BufferReader(payload)).read_all()
     lengths = [np.asarray(table.column(f"{side}_ids").combine_chunks().value_lengths(),
                           dtype=np.int64) for side in ("src", "trg")]
     return table, lengths[0], lengths[1]
+
+
+KEY = b"seq2seq.draw"  # the schema metadata of a stored draw: :func:`_draw_key`
+
+
+def _draw_key(data: Any, alpha: float, nbest: int, seed: int, epoch: int) -> bytes:
+    what = {"corpus": data.fingerprints.get("train_corpus"),
+            "tokenizer": data.fingerprints.get("tokenizer"), "cache": Path(data.cache_dir).name,
+            "pairs": len(data.train), "alpha": alpha, "nbest": nbest, "seed": seed,
+            "epoch": epoch}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest(
+        ).encode()
+
+
+def _stored(path: Path, key: bytes) -> bytes | None:
+    """The bytes of the draw at ``path`` if it was drawn with ``key``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        payload = path.read_bytes()
+        stored = pa.ipc.open_file(pa.BufferReader(payload)).schema.metadata or {}
+    except (OSError, pa.ArrowException) as error:
+        warn(f"{path}: cannot be read ({error}); drawing its epoch again")
+        return None
+    return payload if stored.get(KEY) == key else None
 
 
 def _seed(seed: int, epoch: int, side: str) -> int:

@@ -350,9 +350,9 @@ def epoch_pairs(trainer: Trainer, epoch: int) -> tuple[Any, Any]:
     cfg = recipe.train
     if not cfg.sample_alpha:
         return data.train_lengths()
-    table, src_lens, trg_lens = shared_epoch(trainer.run.path / "sampled", data.train,
-                                             data.tokenizer, cfg.sample_alpha,
-                                             cfg.sample_nbest, recipe.seed, epoch)
+    table, src_lens, trg_lens = shared_epoch(trainer.run.path / "sampled", data,
+                                             cfg.sample_alpha, cfg.sample_nbest, recipe.seed,
+                                             epoch)
     trainer.step.use_pairs(table, trg_lens)
     return src_lens, trg_lens
 

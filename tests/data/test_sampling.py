@@ -93,9 +93,33 @@ def test_a_resume_in_another_process_trains_on_the_segmentations_it_had(tmp_path
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for name in "ab":  # each resumed in a process of its own, to step 5 of the same epoch
         train(f"output_dir={tmp_path / name}", "train.max_steps=5")
-    assert [p.name for p in (tmp_path / "a" / "sampled").iterdir()] == [
-        "epoch-0-seed-3-alpha-0.3-nbest--1.arrow"]
+    assert [p.name for p in (tmp_path / "a" / "sampled").iterdir()] == ["epoch-0.arrow"]
     a, b = (load_checkpoint(tmp_path / name / "last.pt") for name in "ab")
     assert a["step"] == b["step"] == 5
     for key, weight in a["model"].items():
         assert torch.equal(weight, b["model"][key]), key
+
+
+def test_a_stored_draw_is_read_back_only_for_the_data_and_settings_it_was_drawn_from(
+        prepared, tmp_path, capsys):
+    """A run directory can keep a draw after a run that made no checkpoint; the next run may
+    use other data (a filter, a corpus, a tokenizer) or settings."""
+    import dataclasses
+
+    from seq2seq.data.sampling import shared_epoch
+
+    folder = tmp_path / "sampled"
+    first = shared_epoch(folder, prepared, 0.3, -1, 1, 0)[0]
+    stored = (folder / "epoch-0.arrow").read_bytes()
+    assert shared_epoch(folder, prepared, 0.3, -1, 1, 0)[0].equals(first)  # read back
+    assert (folder / "epoch-0.arrow").read_bytes() == stored  # not drawn again
+    fewer = dataclasses.replace(prepared, train=prepared.train.select(range(10)))
+    assert shared_epoch(folder, fewer, 0.3, -1, 1, 0)[0].num_rows == 10
+    other = shared_epoch(folder, prepared, 0.3, 8, 1, 0)[0]  # another setting: drawn again
+    assert other.num_rows == first.num_rows
+    (folder / "epoch-0.arrow").write_bytes(stored[:100])  # a damaged file: drawn again, said
+    assert shared_epoch(folder, prepared, 0.3, -1, 1, 0)[0].num_rows == first.num_rows
+    assert "epoch-0.arrow: cannot be read" in capsys.readouterr().err
+    for epoch in (1, 2, 3):  # this epoch's draw and the one before are kept
+        shared_epoch(folder, prepared, 0.3, -1, 1, epoch)
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-2.arrow", "epoch-3.arrow"]

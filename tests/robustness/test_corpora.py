@@ -197,7 +197,8 @@ def test_empty_training_files_are_rejected_with_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "recipe.yaml", "last.pt",
-                                  "tokenizer/spm.vocab", "cache/x.de", "eval/t.hyp"])
+                                  "tokenizer/spm.vocab", "cache/x.de", "eval/t.hyp",
+                                  "sampled/epoch-notes.en"])
 def test_a_corpus_file_the_run_would_write_is_refused_and_left_alone(tmp_path, name):
     """A corpus kept in the output_dir under a name the run writes would be appended to or
     replaced (metrics rows in the training data); refused before anything is written."""
