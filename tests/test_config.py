@@ -447,3 +447,14 @@ def test_check_and_prepare_refuse_a_file_where_prepare_makes_a_directory(tmp_pat
             f"output_dir {run / name}: {problem}"), result.stderr
         # (prepare holds the run's lock while it checks)
         assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == [name]
+
+
+def test_inverse_sqrt_without_warmup_is_refused_rather_than_held_constant():
+    """Its rate falls as sqrt(warmup_steps / step) after warm-up: with no warm-up it was the
+    constant schedule, without a word."""
+    from tests.conftest import tiny_tree
+
+    with pytest.raises(RecipeError, match=r"train.warmup_steps: must be at least 1 with "
+                                          r"train.schedule inverse_sqrt"):
+        recipe_from_dict(tiny_tree("run"), ["train.schedule=inverse_sqrt"])
+    recipe_from_dict(tiny_tree("run"), ["train.schedule=inverse_sqrt", "train.warmup_steps=10"])

@@ -121,6 +121,10 @@ def check_train(train: TrainConfig) -> None:
         _check(problems, train.average_last <= train.keep_last, "train.average_last",
                f"averages step checkpoints, so it needs train.keep_last >= "
                f"{train.average_last}; got keep_last {train.keep_last}")
+    if valid("warmup_steps"):  # lr * sqrt(warmup / step) after warm-up: none, no decay
+        _check(problems, train.schedule != "inverse_sqrt" or train.warmup_steps > 0,
+               "train.warmup_steps", "must be at least 1 with train.schedule inverse_sqrt (the "
+               "rate falls as sqrt(warmup_steps / step) after warm-up; with 0 it would not fall)")
     if valid("max_steps", "max_epochs"):
         _check(problems, train.max_steps > 0 or train.max_epochs > 0, "train.max_steps",
                "train.max_steps and train.max_epochs cannot both be 0 (the run would not stop)")

@@ -150,8 +150,8 @@ class TrainConfig:
     betas: tuple[float, float] = option((0.9, 0.999), "Adam betas", floats(0, 1, hi_open=True))
     weight_decay: float = option(0.0, "weight decay", floats(0, 10))
     schedule: Literal["constant", "plateau", "inverse_sqrt", "linear"] = option(
-        "constant", "learning-rate schedule (linear: constant, then down to min_lr in a "
-        "straight line over the run's last train.decay_last)")
+        "constant", "learning-rate schedule (linear: constant, then down in a straight line "
+        "toward 0 over the run's last train.decay_last, held at min_lr once it gets there)")
     warmup_steps: int = option(0, "linear warmup steps (inverse_sqrt; also before constant)",
                                ints(0, STEPS_MAX))
     plateau_factor: float = option(0.5, "plateau: multiply the lr by this when stuck",
@@ -160,7 +160,8 @@ class TrainConfig:
                                    ints(0, 1_000_000))
     decay_last: float = option(
         1.0, "linear schedule: the final share of the run (of train.max_epochs; of "
-        "train.max_steps when max_epochs is 0) over which the rate falls to min_lr",
+        "train.max_steps when max_epochs is 0) over which the rate falls toward 0 (held at "
+        "min_lr)",
         floats(0, 1, lo_open=True))
     min_lr: float = option(1e-6, "lower bound of the learning rate", floats(0, 10))
     clip_norm: float = option(1.0, "gradient-norm clipping (0: off)", floats(0, 1_000_000))
