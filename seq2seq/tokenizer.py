@@ -373,7 +373,8 @@ def _train_model(cfg: TokenizerConfig, inputs: list[Path]) -> bytes:
 
 def _lines(paths: list[Path]) -> Iterator[str]:
     for path in paths:
-        with open(path, encoding="utf-8") as handle:
+        # newline="\n": a lone \r is content, as the corpus reader has it, not a line break.
+        with open(path, encoding="utf-8", newline="\n") as handle:
             for line in handle:
                 yield line.rstrip("\n")
 

@@ -167,3 +167,13 @@ def test_training_sample_is_deterministic(pairs, tmp_path):
     one = train_tokenizer(cfg, pairs, tmp_path / "a")
     two = train_tokenizer(cfg, pairs, tmp_path / "b")
     assert one.fingerprint == two.fingerprint
+
+
+def test_the_tokenizer_s_training_text_keeps_a_lone_carriage_return_inside_its_sentence(
+        tmp_path):
+    """The corpus reader takes a lone \\r for content; reading the training text back in
+    Python's text mode split the sentence there."""
+    from seq2seq.tokenizer import _lines, _write_training_text
+
+    paths = _write_training_text([("left\rright", "x"), ("a\r\nb", "y")], tmp_path)
+    assert list(_lines(list(paths))) == ["left\rright", "a\r b", "x", "y"]
