@@ -98,8 +98,8 @@ def open_run(recipe: Recipe, group_size: int | None,
         run.lock()
     try:
         found = run.resumable_checkpoint(recipe, group_size)
-        if group_size is not None and dist.is_main():  # train's; from the start: rows of a
-            run.drop_rows_after(found[1]["progress"]["step"] if found else 0)  # killed try go
+        if found is not None and group_size is not None and dist.is_main():  # train's
+            run.drop_rows_after(found[1]["progress"]["step"])
         return run, found
     except BaseException:
         run.close()
