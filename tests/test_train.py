@@ -73,6 +73,20 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     assert len(steps) == len(set(steps)) and (5, "train") in steps and (6, "valid") in steps
 
 
+def test_a_run_that_starts_over_drops_the_rows_of_a_try_that_made_no_checkpoint(tmp_path):
+    """A run killed before its first checkpoint left its rows, and the next start (from
+    step 0) logged its own after them: steps repeated, with two runs' losses."""
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text('{"step": 1, "split": "train", "loss": 9.0}\n'
+                       '{"step": 2, "split": "train", "loss": 8.0}\n')
+    fit(tiny_recipe(tmp_path, "train.max_steps=2", "train.log_every=1", "train.valid_every=2"))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(row["step"], row["split"]) for row in rows] == [
+        (1, "train"), (2, "train"), (2, "valid")]
+    assert all(row["loss"] < 8.0 for row in rows), rows
+
+
 def test_resume_takes_processes_for_accumulation_steps_when_their_product_stays():
     """The refusal of another process count says "keep the product equal": a run of 2
     processes resumes as 1 process accumulating 2 batches (the same updates)."""

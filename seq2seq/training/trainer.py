@@ -116,6 +116,8 @@ def prepare_on_main_first(recipe: Recipe, run: RunDirectory,
     if dist.is_main():
         # prepare_data first: it reports bad corpora before anything is written.
         data = prepare_data(recipe, show_progress=True, expect=expect)
+        if checkpoint is None:  # from step 0: the rows of a try that made no checkpoint go
+            run.drop_rows_after(0)
     # The other ranks reuse the cache the main rank built, and its fingerprints (which hash
     # the corpus).
     known = dist.broadcast_object(data.fingerprints if dist.is_main() else None)
@@ -346,8 +348,7 @@ def epoch_pairs(trainer: Trainer, epoch: int) -> tuple[Any, Any]:
     epoch (:mod:`seq2seq.data.sampling`, kept in the run directory's ``sampled/``) and the
     trainer's step trains on them.
     """
-    data, recipe = trainer.data, trainer.recipe
-    cfg = recipe.train
+    data, recipe, cfg = trainer.data, trainer.recipe, trainer.recipe.train
     if not cfg.sample_alpha:
         return data.train_lengths()
     table, src_lens, trg_lens = shared_epoch(trainer.run.path / "sampled", data,
