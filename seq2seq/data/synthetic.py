@@ -80,15 +80,17 @@ class NounPhrase(Phrase):
 
 
 def _adjective(stem: str, article: str, case: str, gender: str) -> str:
-    """German adjective ending after a definite article, an ein-word, or none (plural)."""
+    """German adjective ending after a definite article, an ein-word, or none (plural); a stem
+    that ends in "e" (müde) does not double it: müde, müden, müder, müdes."""
     if case == "dat" or (gender == "pl" and article != "none"):
-        return stem + "en"
-    if article == "definite":
-        return stem + ("en" if case == "acc" and gender == "m" else "e")
-    if article == "ein":
+        ending = "en"
+    elif article == "definite":
+        ending = "en" if case == "acc" and gender == "m" else "e"
+    elif article == "ein":
         ending = {"m": "er" if case == "nom" else "en", "f": "e", "n": "es"}[gender]
-        return stem + ending
-    return stem + "e"  # no article: strong plural, nominative or accusative
+    else:
+        ending = "e"  # no article: strong plural, nominative or accusative
+    return (stem[:-1] if stem.endswith("e") else stem) + ending
 
 
 def _noun_phrase(rng: random.Random, case: str, animate: bool) -> NounPhrase:

@@ -136,6 +136,27 @@ def test_grammar_examples():
     assert render(synthetic._german_main(picked_us)) == "Der Mann hat uns am Montag aufgehoben."
 
 
+@pytest.mark.parametrize("article, case, gender, klein, muede", [
+    ("definite", "nom", "m", "kleine", "müde"),
+    ("definite", "acc", "m", "kleinen", "müden"),
+    ("ein", "nom", "m", "kleiner", "müder"),
+    ("ein", "nom", "n", "kleines", "müdes"),
+    ("ein", "dat", "f", "kleinen", "müden"),
+    ("none", "nom", "pl", "kleine", "müde"),
+])
+def test_adjective_endings(article, case, gender, klein, muede):
+    assert synthetic._adjective("klein", article, case, gender) == klein
+    assert synthetic._adjective("müde", article, case, gender) == muede
+
+
+def test_no_adjective_doubles_its_stem_final_e(train):
+    stems = [de for de in lexicon.ADJECTIVES.values() if de.endswith("e")]
+    assert stems
+    forms = {w for _, t in train for w in words(t)}
+    assert {w for w in forms for stem in stems if w.startswith(stem + "e")} == set()
+    assert {stem[:-1] + ending for stem in stems for ending in ("e", "en")} <= forms
+
+
 def test_dates_reorder_day_and_month(train):
     dates = [(s, t) for s, t in train if re.search(r"on [A-Z][a-z]+ \d+\b", s)]
     assert dates
