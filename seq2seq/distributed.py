@@ -166,6 +166,15 @@ def gather_objects(obj: Any) -> list[Any] | None:
     return out
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` on every rank, in rank order; ``[obj]`` on one process."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel around ``model`` when running distributed, else ``model``."""
     if not is_initialized():

@@ -437,21 +437,28 @@ from pathlib import Path
 
 from seq2seq import distributed as dist
 from seq2seq.config import load_recipe
+from seq2seq.data import sampling
 from seq2seq.data.cache import prepare_data
-from seq2seq.data.sampling import shared_epoch
 
+drawn = []
+draw = sampling.sampled_epoch
+sampling.sampled_epoch = lambda *args: drawn.append(args[-1]) or draw(*args)
 dist.init_from_env("gloo", 120)
 data = prepare_data(load_recipe(sys.argv[1]), show_progress=False)  # the cache is there
-table = shared_epoch(Path(sys.argv[2]), data, 0.3, -1, 3, 0)[0]
+table = sampling.shared_epoch(Path(sys.argv[2]), data, 0.3, -1, 3, 0)[0]
+texts = data.tokenizer.decode_trg(table.column("trg_ids").to_pylist())
+assert texts == data.tokenizer.decode_trg(data.train.data.table.column("trg_ids").to_pylist())
+assert drawn == [(dist.rank(), 2)], drawn  # each rank drew its own share, once
 digest = hashlib.sha256(str(table.to_pydict()).encode()).hexdigest()
 Path(sys.argv[3], f"rank{dist.rank()}").write_text(digest)
 '''
 
 
-def test_every_rank_trains_on_the_main_rank_s_draw_of_subword_sampling(tmp_path, cache_dir):
+def test_every_rank_trains_on_one_draw_of_subword_sampling(tmp_path, cache_dir):
     """sentencepiece draws other segmentations for the same seed in another process: each
     rank drew its own and built its own partition of the batches from it, so some pairs were
-    trained by both ranks and others by neither."""
+    trained by both ranks and others by neither. Now each rank draws one share, and all
+    receive the whole draw, in the corpus's order."""
     recipe = write_recipe(tmp_path, cache_dir, "sampling")
     check(run(seq2seq_train(recipe, "train.max_steps=1")))  # tokenizer and cache, once
     script = tmp_path / "sampling.py"

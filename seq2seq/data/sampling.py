@@ -7,13 +7,13 @@ The encoded cache keeps the deterministic segmentation, which decides which pair
 filters keep; each epoch decodes those pairs back to text and encodes them again with
 sampling. Validation, test sets and ``translate`` keep the deterministic segmentation.
 
-The draw is seeded by (run seed, epoch) and made on one thread, which repeats it within one
-process; but sentencepiece 0.2 draws other segmentations for the same seed in another process.
-So :func:`shared_epoch` has the main rank draw each epoch once, keep it in the run
-directory and send it to the other ranks: the ranks of a process group train on one partition
-of one draw, and a run resumed in the same directory on the segmentations it had. Runs in two
-directories draw differently (sentencepiece offers no seed that holds across processes), and so
-does a resume from a checkpoint copied elsewhere.
+The draw is seeded by (run seed, epoch, rank) and made on one thread, which repeats it within
+one process; but sentencepiece 0.2 draws other segmentations for the same seed in another
+process. So :func:`shared_epoch` has each rank draw an equal share of the pairs, every rank
+receive all shares, and the main rank keep the epoch in the run directory: the ranks of a
+process group train on one partition of one draw, and a run resumed in the same directory on
+the segmentations it had. Runs in two directories draw differently (sentencepiece offers no
+seed that holds across processes), and so does a resume from a checkpoint copied elsewhere.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ ENCODE_CHUNK = 10_000
 
 
 def sampled_epoch(train: Any, tokenizer: Tokenizer, alpha: float, nbest: int, seed: int,
-                  epoch: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+                  epoch: int, share: tuple[int, int] = (0, 1)
+                  ) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     """The training pairs of ``epoch``, each side segmented by sampling.
 
     Args:
@@ -44,61 +45,84 @@ def sampled_epoch(train: Any, tokenizer: Tokenizer, alpha: float, nbest: int, se
             ``trg_ids``), in their deterministic segmentation.
         alpha: smoothing of the sampling distribution (unigram) or merge dropout (BPE).
         nbest: sample from the best ``nbest`` segmentations (-1: all of them).
+        share: ``(k, n)``: only the ``k``-th of ``n`` consecutive equal shares of the pairs
+            (:func:`share_bounds`), drawn with a seed of its own.
 
     Returns:
         A table with ``src_ids`` and ``trg_ids`` (what :func:`seq2seq.data.batching.collate`
         reads) and the (N,) source and target lengths without EOS.
     """
     table = train.data.table
+    start, stop = share_bounds(table.num_rows, *share)
+    table = table.slice(start, stop - start)
     columns = {}
     for side, encode, decode in (("src", tokenizer.encode_src_sampled, tokenizer.decode_src),
                                  ("trg", tokenizer.encode_trg_sampled, tokenizer.decode_trg)):
-        # One seed per (run, epoch, side); the C++ generator is global, so draw on one thread.
-        spm.set_random_generator_seed(_seed(seed, epoch, side))
+        # One seed per (run, epoch, side, share); the C++ generator is global: one thread.
+        spm.set_random_generator_seed(_seed(seed, epoch, side, share[0]))
         ids = table.column(f"{side}_ids").to_pylist()
         rows = []
-        for start in range(0, len(ids), ENCODE_CHUNK):
-            texts = decode(ids[start:start + ENCODE_CHUNK])
+        for first in range(0, len(ids), ENCODE_CHUNK):
+            texts = decode(ids[first:first + ENCODE_CHUNK])
             rows += encode(texts, alpha, nbest)
         columns[f"{side}_ids"] = pa.array(rows, type=pa.list_(pa.int32()))
-    lengths = [np.asarray(columns[f"{side}_ids"].value_lengths(), dtype=np.int64)
-               for side in ("src", "trg")]
-    return pa.table(columns), lengths[0], lengths[1]
+    table = pa.table(columns)
+    return (table, *_lengths(table))
+
+
+def share_bounds(n: int, k: int, shares: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of the ``k``-th of ``shares`` consecutive shares of ``n``."""
+    return k * n // shares, (k + 1) * n // shares
 
 
 def shared_epoch(directory: Path, data: Any, alpha: float, nbest: int, seed: int,
                  epoch: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
-    """:func:`sampled_epoch` of ``data`` (:class:`~seq2seq.data.cache.PreparedData`), drawn
-    by the main rank and sent to every rank (a rank on another node need not see the run
-    directory).
+    """:func:`sampled_epoch` of ``data`` (:class:`~seq2seq.data.cache.PreparedData`), the
+    same on every rank (a rank on another node need not see the run directory).
 
-    The main rank keeps each draw in ``directory`` as ``epoch-<e>.arrow``, with a key of what
-    it was drawn from (corpus, tokenizer, cache, pair count and the sampling settings): a run
-    resumed from a checkpoint of this epoch or the one before reads its draw back; a file of
-    other data or settings, or one that cannot be read, is drawn again. Older epochs' files
+    Each rank draws an equal share of the pairs and every rank receives all shares, so the
+    ranks wait for each other about as long as one share takes. The main rank keeps each draw
+    in ``directory`` as ``epoch-<e>.arrow``, with a key of what it was drawn from (corpus,
+    tokenizer, cache, pair count and the sampling settings): a run resumed from a checkpoint
+    of this epoch or the one before reads its draw back, whatever its number of ranks; a file
+    of other data or settings, or one that cannot be read, is drawn again. Older epochs' files
     are removed once the next epoch's is written.
     """
     key = _draw_key(data, alpha, nbest, seed, epoch)
     path = directory / f"epoch-{epoch}.arrow"
-    payload = None
+    payload = dist.broadcast_object(_stored(path, key) if dist.is_main() else None)
+    if payload is not None:
+        table = pa.ipc.open_file(pa.BufferReader(payload)).read_all()
+        return (table, *_lengths(table))
+    share = sampled_epoch(data.train, data.tokenizer, alpha, nbest, seed, epoch,
+                          (dist.rank(), dist.world_size()))[0]
+    shares = dist.all_gather_objects(_bytes(share))
+    table = pa.concat_tables([_read(part) for part in shares]).combine_chunks()
     if dist.is_main():
-        payload = _stored(path, key)
-        if payload is None:
-            table = sampled_epoch(data.train, data.tokenizer, alpha, nbest, seed, epoch)[0]
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_file(sink, table.schema.with_metadata({KEY: key})) as out:
-                out.write_table(table)
-            payload = sink.getvalue().to_pybytes()
-            directory.mkdir(exist_ok=True)
-            write_bytes(path, payload)  # atomically, synced
+        directory.mkdir(exist_ok=True)
+        write_bytes(path, _bytes(table, {KEY: key}))  # atomically, synced
         for old in directory.glob("epoch-*.arrow"):
             if old.stem.removeprefix("epoch-").isdigit() and int(old.stem[6:]) < epoch - 1:
                 old.unlink()
-    payload = dist.broadcast_object(payload)
-    table = pa.ipc.open_file(pa.BufferReader(payload)).read_all()
-    lengths = [np.asarray(table.column(f"{side}_ids").combine_chunks().value_lengths(),
-                          dtype=np.int64) for side in ("src", "trg")]
-    return table, lengths[0], lengths[1]
+    return (table, *_lengths(table))
+
+
+def _bytes(table: pa.Table, metadata: dict[bytes, bytes] | None = None) -> bytes:
+    """``table`` in Arrow's IPC file format, with ``metadata`` in its schema."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema.with_metadata(metadata or {})) as out:
+        out.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _read(payload: bytes) -> pa.Table:
+    return pa.ipc.open_file(pa.BufferReader(payload)).read_all()
+
+
+def _lengths(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The (N,) source and target lengths of a table of ``src_ids`` and ``trg_ids``."""
+    return tuple(np.asarray(table.column(f"{side}_ids").combine_chunks().value_lengths(),
+                            dtype=np.int64) for side in ("src", "trg"))
 
 
 KEY = b"seq2seq.draw"  # the schema metadata of a stored draw: :func:`_draw_key`
@@ -126,6 +150,7 @@ def _stored(path: Path, key: bytes) -> bytes | None:
     return payload if stored.get(KEY) == key else None
 
 
-def _seed(seed: int, epoch: int, side: str) -> int:
-    """A 32-bit seed for one (run seed, epoch, side): different epochs draw differently."""
-    return (seed * 1_000_003 + epoch * 2 + (side == "trg")) % 2**32
+def _seed(seed: int, epoch: int, side: str, share: int = 0) -> int:
+    """A 32-bit seed for one (run seed, epoch, side, share): different epochs draw
+    differently."""
+    return (seed * 1_000_003 + epoch * 2 + (side == "trg") + share * 7_919) % 2**32

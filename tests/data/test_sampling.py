@@ -33,6 +33,27 @@ def test_each_epoch_samples_other_segmentations_of_the_same_text(prepared):
     assert np.array_equal(trg_lens, lengths)
 
 
+def test_the_shares_of_an_epoch_hold_its_pairs_in_order(prepared):
+    """Each rank draws one share of an epoch (seq2seq.data.sampling.shared_epoch)."""
+    import pyarrow as pa
+
+    from seq2seq.data.sampling import share_bounds
+
+    tok, n = prepared.tokenizer, len(prepared.train)
+    assert [share_bounds(10, k, 3) for k in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert [share_bounds(2, k, 3) for k in range(3)] == [(0, 0), (0, 1), (1, 2)]
+    shares = [sampled_epoch(prepared.train, tok, 0.3, -1, 1, 0, (k, 3)) for k in range(3)]
+    assert [len(share[0]) for share in shares] == [b - a for a, b in
+                                                   (share_bounds(n, k, 3) for k in range(3))]
+    whole = pa.concat_tables([share[0] for share in shares])
+    plain = prepared.train.data.table
+    for side, decode in (("src", tok.decode_src), ("trg", tok.decode_trg)):
+        assert decode(whole.column(f"{side}_ids").to_pylist()) == decode(
+            plain.column(f"{side}_ids").to_pylist())
+    assert np.array_equal(np.concatenate([share[2] for share in shares]),
+                          whole.column("trg_ids").combine_chunks().value_lengths().to_numpy())
+
+
 def test_the_same_seed_and_epoch_draw_the_same_segmentations(prepared):
     tok = prepared.tokenizer
     a = sampled_epoch(prepared.train, tok, 0.3, 8, seed=5, epoch=2)[0]
