@@ -106,9 +106,10 @@ def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(Exception)
     async def failure(request: Request, error: Exception) -> JSONResponse:
-        # Logged by uvicorn with its traceback; the client gets one line.
+        # Logged by uvicorn with its traceback; the client gets one line. This handler runs
+        # outside the CORS middleware: without the header a browser could not read the answer.
         return JSONResponse({"error": f"Translation error: {type(error).__name__}"},
-                            status_code=500)
+                            status_code=500, headers={"Access-Control-Allow-Origin": "*"})
 
     app.add_middleware(CountAnswers, metrics=metrics)
 
@@ -246,3 +247,5 @@ async def decode(model: ServedModel, job: Job, timeout_s: float) -> list[Any]:
         model.worker.cancel(job)
         raise ApiError(503, f"Translation took longer than {timeout_s:g} s; retry later",
                        retry) from None
+    except Exception as error:  # decoding failed (out of memory, a bug): said in one line
+        raise ApiError(500, f"Translation failed: {type(error).__name__}: {error}") from None

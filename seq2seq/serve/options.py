@@ -92,7 +92,7 @@ def load_api_keys(path: Path) -> frozenset[str]:
         Seq2SeqError: the file cannot be read or holds no key.
     """
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is no part of the first key
     except (OSError, UnicodeDecodeError) as error:
         raise Seq2SeqError(f"{path}: cannot read the API keys ({error})") from None
     keys = frozenset(line.strip() for line in text.splitlines()

@@ -45,9 +45,10 @@ def serve_command(args: Any) -> int:
             print("note: bf16 products round differently at different batch sizes, so an "
                   "answer can differ from translate's where two hypotheses score within that "
                   "rounding (fp32 and --quantize answer exactly)", file=sys.stderr)
-    print(f"listening on http://{host}:{port} (batches of up to {options.batch_size} "
+    print(f"listening on http://{url_host(host)}:{port} (batches of up to {options.batch_size} "
           f"sentences, {options.batch_wait_ms:g} ms wait)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False,
+                            http=header_deadline(options.timeout),
                             timeout_graceful_shutdown=int(options.timeout) + 5)
     # uvicorn turns SIGTERM into a graceful shutdown and afterwards re-raises it to the handler
     # that was there before; an empty handler makes that last step a no-op, so exit code is 0.
@@ -65,10 +66,62 @@ def bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        # Listening now, not once the models are loaded: a second server on this port is
+        # refused here (two sockets may bind one address with SO_REUSEADDR until one listens).
+        sock.listen(2048)
     except OSError as error:
         raise Seq2SeqError(f"cannot listen on {host}:{port} ({error.strerror or error})") from None
     sock.set_inheritable(True)
     return sock
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+def header_deadline(timeout_s: float) -> type:
+    """uvicorn's HTTP protocol, closing a connection whose request headers are not complete
+    within ``timeout_s`` of its opening or of the request's first byte: uvicorn times out
+    neither, so a client that sends nothing, or stops half way through its headers, held a
+    connection for ever. (Idle keep-alive connections close after uvicorn's 5 s.)"""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderDeadline(HttpToolsProtocol):
+        deadline: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self.deadline is None:
+                self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.deadline = self.loop.call_later(timeout_s, self._late)
+
+        def _disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def _late(self) -> None:
+            self.deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderDeadline
 
 
 def load_model(path: str, args: Any, options: ServeOptions, metrics: Metrics) -> ServedModel:

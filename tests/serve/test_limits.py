@@ -159,7 +159,7 @@ def read_response(sock: socket.socket) -> bytes:
     return data
 
 
-def test_a_body_cut_short_or_held_back_is_a_4xx_not_a_failure_nor_a_held_connection(
+def test_a_request_cut_short_or_held_back_is_a_4xx_or_closed_not_a_held_connection(
         checkpoint, tmp_path):
     server = Server(checkpoint, tmp_path / "serve.log", "--timeout", "2")
     host, port = re.match(r"http://([^:/]+):(\d+)/", server.url).groups()
@@ -175,6 +175,18 @@ def test_a_body_cut_short_or_held_back_is_a_4xx_not_a_failure_nor_a_held_connect
             assert answer.startswith(b"HTTP/1.1 408"), answer
             assert b"did not arrive within 2 seconds" in answer
             assert 1.5 < time.monotonic() - started < 20
+        # Nor does a connection that sends nothing, or stops half way through its headers,
+        # on its own or as the second request of a kept-alive connection.
+        for first, sent in ((b"", b""), (b"", b"POST /translate HTTP/1.1\r\nHost: x\r\n"),
+                            (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /hea")):
+            with socket.create_connection((host, int(port)), timeout=30) as stalled:
+                stalled.sendall(first)
+                if first:
+                    assert read_response(stalled).startswith(b"HTTP/1.1 200")
+                stalled.sendall(sent)
+                started = time.monotonic()
+                assert stalled.recv(4096) == b"", (first, sent)  # closed by the server
+                assert 1.5 < time.monotonic() - started < 20, (first, sent)
         deadline = time.monotonic() + 10
         while 'status="499"' not in httpx.get(server.url + "metrics").text:
             assert time.monotonic() < deadline, "the closed request was not counted"

@@ -65,3 +65,49 @@ def test_a_request_is_in_progress_until_its_answer_starts():
     client = TestClient(app)
     assert client.get("/health").status_code == 200
     assert seen == [1] and metrics.in_progress.labels(path="/health")._value.get() == 0
+
+
+def test_a_decoding_failure_is_a_500_that_names_it_and_that_a_browser_can_read():
+    """Starlette answers an unexpected error outside the CORS middleware: a web page could
+    not read the 500. A worker's failure (out of memory, say) is now an ApiError naming it."""
+    from seq2seq.serve.app import build_app
+    from seq2seq.serve.options import ServeOptions
+    from seq2seq.serve.pairs import LanguagePairs, ServedModel
+
+    class Failing:  # delivers what a worker delivers when decoding fails
+        queued, failure = 0, None
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def cancel(self, job):
+            pass
+
+        def submit(self, job):
+            job.deliver(RuntimeError("out of memory"))
+
+    model = ServedModel("en", "de", "x.pt", None, None, Failing())
+    metrics = Metrics()
+    with TestClient(build_app(LanguagePairs([model]), ServeOptions(), metrics),
+                    raise_server_exceptions=False) as client:
+        failed = client.post("/translate", json={"q": "a dog", "source": "en", "target": "de"},
+                             headers={"Origin": "https://example.org"})
+    assert failed.status_code == 500
+    assert failed.json() == {"error": "Translation failed: RuntimeError: out of memory"}
+    assert failed.headers["access-control-allow-origin"] == "*"
+    assert counts(metrics)[("/translate", "500")] == 1
+
+    app = FastAPI()  # and an error that nothing expected: the catch-all answer has it too
+    add_error_handlers(app, Metrics())
+
+    @app.get("/bug")
+    async def bug() -> JSONResponse:
+        raise RuntimeError("a bug")
+
+    answer = TestClient(app, raise_server_exceptions=False).get(
+        "/bug", headers={"Origin": "https://example.org"})
+    assert answer.status_code == 500 and answer.headers["access-control-allow-origin"] == "*"
+

@@ -67,3 +67,30 @@ def test_two_checkpoints_of_one_pair_are_refused(checkpoint, tmp_path):
     result = seq2seq("serve", checkpoint, checkpoint, "--port", "0", cwd=tmp_path)
     assert result.returncode == 2
     assert "both translate en to de" in result.stderr, result.stderr
+
+
+def test_a_second_server_on_a_port_is_refused_while_the_first_loads_its_models():
+    """bind() ran before the models load; two sockets with SO_REUSEADDR may both bind one
+    port until one listens, and the server that lost the race then served nothing, silently."""
+    from seq2seq.errors import Seq2SeqError
+    from seq2seq.serve.server import bind
+
+    first = bind("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(Seq2SeqError, match=f"cannot listen on 127.0.0.1:{port} "
+                                               r"\(Address already in use\)"):
+            bind("127.0.0.1", port).close()
+    finally:
+        first.close()
+
+
+def test_a_key_file_saved_with_a_byte_order_mark_keeps_its_first_key(tmp_path):
+    from seq2seq.serve.options import load_api_keys
+    from seq2seq.serve.server import url_host
+
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes(b"\xef\xbb\xbfsecret1\r\nsecret2\r\n")
+    assert load_api_keys(keys) == {"secret1", "secret2"}
+    assert (url_host("::1"), url_host("127.0.0.1")) == ("[::1]", "127.0.0.1")
+
