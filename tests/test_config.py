@@ -328,6 +328,52 @@ def test_recursive_aliases_and_alias_bombs_are_one_line_errors(tmp_path, text, m
     assert problem.startswith(f"{path}: ") and message in problem
 
 
+@pytest.mark.parametrize("text, message", [
+    ("name: 2026-02-30\n", "a value YAML cannot build: day is out of range for month"),
+    ("seed: 1" + "0" * 5000 + "\n", "a value YAML cannot build: Exceeds the limit"),
+])
+def test_values_yaml_cannot_build_are_one_line_errors(tmp_path, text, message):
+    """PyYAML raises ValueError for an impossible date or an int too long to convert."""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}: invalid YAML (") and message in problem
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=1" + "0" * 400, "train.lr: expected a number, got 1000"),
+    ("seed=1" + "0" * 5000, "seed: expected an integer, got '1000"),
+])
+def test_huge_numbers_in_overrides_are_recipe_errors(override, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(REPO / "recipes" / "quickstart.yaml", [override])
+    assert any(message in problem for problem in info.value.problems), info.value.problems
+
+
+def test_an_override_yaml_cannot_build_is_its_text():
+    """As an override that is no YAML at all is: a date of month 13 is a name."""
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", ["name=2026-13-01"])
+    assert recipe.name == "2026-13-01"
+
+
+def test_a_symlink_loop_as_a_corpus_or_output_dir_is_named(tmp_path):
+    """Path.resolve() raises RuntimeError for a loop (Python < 3.13): a traceback."""
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    base = ["recipes/quickstart.yaml", "data.train.size=300", "data.valid.size=10",
+            "data.test.synthetic.size=10"]
+    for overrides, problem in (
+            ([f"data.valid.src={tmp_path / 'loop1'}", "data.valid.format=text",
+              f"data.valid.trg={tmp_path / 'loop1'}", f"output_dir={tmp_path / 'run'}"],
+             "cannot open (Too many levels of symbolic links)"),
+            ([f"output_dir={tmp_path / 'loop1'}"], "is a symbolic link to nothing")):
+        result = run_cli("check", *base, *overrides)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert problem in result.stderr.splitlines()[-1], result.stderr
+
+
 def test_version():
     from seq2seq import __version__
 

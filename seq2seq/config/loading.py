@@ -136,8 +136,13 @@ def _convert(value: Any, tp: Any, path: str, problems: list[str]) -> Any:
     if tp is float:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                value = float(value)  # an int of 400 digits is no float
+            except OverflowError:
+                return _fail(problems, path, bad)
+            if math.isfinite(value):
+                return value
         return _fail(problems, path, bad)
     if tp is str:
         return value if isinstance(value, str) else _fail(problems, path, bad)
@@ -207,6 +212,8 @@ def read_yaml(text: str) -> Any:
         return loader.get_single_data()
     except RecursionError:  # PyYAML composes nested collections recursively
         raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, OverflowError) as error:  # a date such as 2026-02-30, a 5,000-digit int
+        raise yaml.YAMLError(f"a value YAML cannot build: {error}") from None
     finally:
         loader.dispose()
 

@@ -105,7 +105,7 @@ def written_by_the_run(path: Path, out_dir: Path) -> bool:
     """Whether ``path`` is (or is inside) something a run writes in ``out_dir``."""
     try:
         parts = path.resolve().relative_to(out_dir.resolve()).parts
-    except (ValueError, OSError):
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
         return False
     if not parts:
         return False
