@@ -260,7 +260,7 @@ def train_tokenizer(cfg: TokenizerConfig, pairs: Iterable[tuple[str, str]], out_
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with signals_held() as release:
-        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-{os.getpid()}-", dir=out_dir.parent))
         try:
             release()
             return _train_into(cfg, pairs, data_hash, work, out_dir)

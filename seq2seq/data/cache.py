@@ -59,7 +59,7 @@ from seq2seq.data.fingerprint import (
     recorded_files,
 )
 from seq2seq.data.preflight import cache_root as _cache_root
-from seq2seq.data.preflight import input_problems
+from seq2seq.data.preflight import input_problems, remove_stale_caches
 from seq2seq.data.stats import describe_eval_set, describe_train
 from seq2seq.errors import warn
 from seq2seq.search.shortlist import MAX_PAIRS, Lexicon, build_lexicon
@@ -177,7 +177,7 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None, known: di
         if loaded is None:
             tokenizer, cache_dir = _build(recipe, fingerprint, tokenizer, show_progress)
             if not data.cache_dir:
-                _remove_stale_caches(cache_dir, show_progress)
+                remove_stale_caches(cache_dir, out_dir, show_progress)
             loaded = _load_cache(cache_dir)
             if loaded is None:
                 raise DataError(f"{cache_dir}: the training cache just built cannot be read")
@@ -259,22 +259,6 @@ def _cache_name(fingerprint: str, tokenizer: Tokenizer, data: DataConfig) -> str
     return "train-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _remove_stale_caches(current: Path, show_progress: bool) -> None:
-    """Delete the other training caches in the run's own cache directory.
-
-    Only this run reads ``<output_dir>/cache``, and a cache there that is not the current one
-    was built from inputs the run no longer has (an older corpus, other filter settings), so
-    it is dead weight: for a large corpus, gigabytes per change. A shared ``data.cache_dir``
-    is never pruned, since other runs may use its caches. Temporary ``.train-*`` directories
-    are left alone: one may be another process's build in progress.
-    """
-    for stale in sorted(current.parent.glob("train-*")):
-        if stale != current and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-            if show_progress:
-                print(f"removed the stale training cache {stale}", file=sys.stderr)
-
-
 # --------------------------------------------------------------------------------------------
 # Building: one read into Arrow, tokenizer from a sample of it, encode, filter, save
 # --------------------------------------------------------------------------------------------
@@ -290,7 +274,7 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
     cache_root = _cache_root(recipe.data, Path(recipe.output_dir))
     cache_root.mkdir(parents=True, exist_ok=True)
     with signals_held() as release:
-        tmp = Path(tempfile.mkdtemp(prefix=".train-", dir=cache_root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".train-{os.getpid()}-", dir=cache_root))
         try:
             release()
             return _build_in(tmp, cache_root, recipe, fingerprint, tokenizer, show_progress)
@@ -309,8 +293,10 @@ def _build_in(tmp: Path, cache_root: Path, recipe: Recipe, fingerprint: str,
     data = recipe.data
     out_dir = Path(recipe.output_dir)
     work = tmp / "work"  # intermediate Arrow files; deleted at the end
-    # The corpus is read once, into Arrow; the tokenizer sample and the encoder read that.
-    raw = read_into_arrow(keyed_pairs("data.train", data.train, data), work, show_progress)
+    # The corpus is read once, into Arrow; the tokenizer sample and the encoder read that. A
+    # file changed since it was fingerprinted is refused: the cache would not be what it's named.
+    pairs = keyed_pairs("data.train", data.train, data, fingerprint)
+    raw = read_into_arrow(pairs, work, show_progress)
     check_some_text(raw, data)
     if tokenizer is None:
         cfg = recipe.tokenizer

@@ -25,12 +25,32 @@ from seq2seq.data.encoding import ENCODE_BATCH
 from seq2seq.tokenizer import Tokenizer, load_if_current
 
 
-def keyed_pairs(where: str, corpus: Corpus, data: DataConfig) -> Iterator[tuple[str, str]]:
-    """``read_pairs`` with errors prefixed by the recipe key of the corpus."""
+def keyed_pairs(where: str, corpus: Corpus, data: DataConfig, fingerprint: str | None = None
+                ) -> Iterator[tuple[str, str]]:
+    """``read_pairs`` with errors prefixed by the recipe key of the corpus; with the corpus's
+    ``fingerprint``, the read ends by checking that its files are still what was fingerprinted
+    (a file being appended to gave a cache of other pairs than its name said)."""
     try:
         yield from read_pairs(corpus, data)
+        if fingerprint is not None:
+            check_unchanged(fingerprint, corpus, data)
     except DataError as error:
         raise DataError(f"{where}: {error}") from None
+
+
+def check_unchanged(fingerprint: str, corpus: Corpus, data: DataConfig) -> None:
+    """Refuse a corpus of files that changed since ``fingerprint`` was taken of them (by
+    what ``fstat`` says of them: one stat each where nothing changed)."""
+    if fingerprint.startswith("stat:"):
+        now = _stat_fingerprint(corpus, data)[0]
+    elif fingerprint.startswith("files:"):
+        now = corpus_fingerprint(corpus, data, show_progress=False)
+    else:
+        return  # a hub dataset or the generated task: hashed by its pairs
+    if now != fingerprint:
+        names = ", ".join(str(path) for path in _files(corpus, data))
+        raise DataError(f"{names}: changed while they were read; start again once they are "
+                        "written")
 
 
 def corpus_fingerprint(corpus: Corpus, data: DataConfig, show_progress: bool) -> str:

@@ -12,6 +12,8 @@ prints all.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 from seq2seq.config import Corpus, DataConfig, Recipe
@@ -152,3 +154,38 @@ def _check_some_text(corpus: Corpus, data: DataConfig, read_all: bool,
         files = [f for f in (corpus.src, corpus.trg, corpus.path) if f]
         where = ", ".join(str(resolve_path(f, data)) for f in files) or corpus.format
         raise DataError(f"{where}: no sentence pair has text on both sides (an empty corpus)")
+
+
+def remove_stale_caches(current: Path, out_dir: Path, show_progress: bool) -> None:
+    """Delete the other training caches in the run's own cache directory, and what builds
+    killed before their end left there (``.train-<pid>-*``) and in ``out_dir`` (a tokenizer
+    in training, ``.tokenizer-<pid>-*``), once their process is gone.
+
+    Only this run reads ``<output_dir>/cache``, and a cache there that is not the current one
+    was built from inputs the run no longer has (an older corpus, other filter settings), so
+    it is dead weight: for a large corpus, gigabytes per change. A shared ``data.cache_dir``
+    is never pruned, since other runs may use its caches.
+    """
+    left = [*current.parent.glob(".train-*"), *out_dir.glob(".tokenizer-*")]
+    for stale in sorted([*current.parent.glob("train-*"), *filter(_orphaned, left)]):
+        if stale != current and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+            if show_progress:
+                what = "the stale training cache" if stale.name[0] != "." else "what a build " \
+                       "that did not end left:"
+                print(f"removed {what} {stale}", file=sys.stderr)
+
+
+def _orphaned(path: Path) -> bool:
+    """Whether the temporary directory ``path`` (``.<what>-<pid>-<random>``) is of a process
+    of this machine that is gone."""
+    parts = path.name.split("-")
+    if len(parts) < 3 or not parts[1].isdigit():
+        return False  # not named by this version: it may be a build in progress
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, and another user's
+        return False
+    return False

@@ -281,6 +281,47 @@ def test_a_full_disk_while_building_names_the_cache_and_leaves_nothing(corpus, m
     assert not (corpus / "run").exists() or not list((corpus / "run").rglob(".train-*"))
 
 
+def test_a_training_file_appended_to_while_it_is_read_is_refused(corpus, monkeypatch):
+    """The cache was named after the fingerprint of the files before the append and held the
+    pairs after it, and the checkpoint recorded the new files: the run could never resume."""
+    from seq2seq.data import fingerprint
+
+    read_pairs = fingerprint.read_pairs
+
+    def appended_to(corpus_, data):
+        for number, pair in enumerate(read_pairs(corpus_, data)):
+            if number == 10:
+                for name in ("train.src", "train.trg"):
+                    with open(corpus / name, "a", encoding="utf-8") as handle:
+                        handle.write("ka lo mi\n")
+            yield pair
+
+    monkeypatch.setattr(fingerprint, "read_pairs", appended_to)
+    with pytest.raises(DataError, match=r"^data.train: .*train.src, .*train.trg: changed while "
+                                        r"they were read; start again once they are written$"):
+        prepare_data(make_recipe(corpus), show_progress=False)
+    assert not list((corpus / "run").rglob("train-*")) and not list(
+        (corpus / "run").rglob(".train-*"))
+    monkeypatch.setattr(fingerprint, "read_pairs", read_pairs)
+    assert len(prepare_data(make_recipe(corpus), show_progress=False).train) > 0  # then it's fine
+
+
+def test_what_killed_builds_left_is_removed_by_the_next_build(corpus, tmp_path):
+    """A SIGKILL during prepare left its temporary cache and tokenizer directories for good."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    run = corpus / "run"
+    left = [run / "cache" / f".train-{dead}-abc", run / f".tokenizer-{dead}-abc"]
+    alive = [run / "cache" / f".train-{os.getpid()}-abc", run / "cache" / ".train-old_name"]
+    for path in left + alive:
+        (path / "part").mkdir(parents=True)
+    prepare_data(make_recipe(corpus), show_progress=False)
+    assert [path.exists() for path in left + alive] == [False, False, True, True]
+
+
 def test_the_fingerprint_reads_regular_files_only(corpus):
     """It hashes the training files: a pipe among them is left to the reader, which refuses
     it by name, rather than opened (which blocks until a writer comes)."""
