@@ -169,7 +169,7 @@ def read_lines(
         if not raw:
             break
         line_no += 1
-        if line_no == 1 and raw.startswith(BOM):  # a byte order mark is not text
+        if raw.startswith(BOM):  # a byte order mark is not text (files joined: on any line)
             raw = raw[len(BOM):]
         complete = raw.endswith(b"\n")
         # A line that fills max_bytes has more than max_chars characters (see above), so it

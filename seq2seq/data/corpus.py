@@ -21,7 +21,8 @@ Relative paths are resolved against :func:`seq2seq.config.data_root`.
 Text rules, the same for every format:
 
 - Files are UTF-8. Invalid UTF-8 is an error naming the file and the 1-based line.
-- A byte-order mark at the start of a file is dropped.
+- A byte-order mark at the start of a file is dropped, and so is one at the start of any line
+  (files joined with ``cat``, multi-member gzip: each part may start with one).
 - Lines end at ``\\n``; a ``\\r\\n`` line end reads as ``\\n``. A lone ``\\r`` inside a line is
   content, never a line break (nor are U+2028, U+0085 and the other Unicode line separators).
 - Leading and trailing whitespace (ASCII and Unicode spaces, tabs, line ends) is stripped from
@@ -170,7 +171,7 @@ def _lines(path: Path, strip: bool = True) -> Iterator[str]:
         number = 0
         try:
             for number, raw in enumerate(stream, start=1):
-                if number == 1 and raw.startswith(_BOM):
+                if raw.startswith(_BOM):
                     raw = raw[len(_BOM):]
                 if b"\0" in raw:
                     raise DataError(f"{path}: line {number} contains a NUL byte "

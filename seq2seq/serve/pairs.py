@@ -94,8 +94,9 @@ class LanguagePairs:
 
 
 def text_lines(text: str) -> list[str]:
-    """The stripped lines ``seq2seq translate`` would translate for a file holding ``text``."""
-    return [line[:DEFAULT_MAX_CHARS].strip() for line in text.split("\n")]
+    """The stripped lines ``seq2seq translate`` would translate for a file holding ``text``
+    (a byte order mark starting a line dropped)."""
+    return [line.removeprefix("\ufeff")[:DEFAULT_MAX_CHARS].strip() for line in text.split("\n")]
 
 
 def assemble(lines: list[str], translations: list[Any], alternatives: int

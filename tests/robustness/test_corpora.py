@@ -89,7 +89,8 @@ HANDLED = {
     "control-characters-kept": (b"\x01a\x1fb\x1b[0m", "\x01a\x1fb\x1b[0m"),
     "unicode-line-separators-are-not-line-ends": ("a\u2028b\u0085c".encode(), "a\u2028b\u0085c"),
     "surrounding-whitespace-stripped": (" \t\u3000word\u00a0 ".encode(), "word"),
-    "byte-order-mark-mid-file-is-content": (b"\xef\xbb\xbfmid", "\ufeffmid"),
+    "byte-order-mark-starting-a-later-line": (b"\xef\xbb\xbfmid", "mid"),  # files joined
+    "byte-order-mark-inside-a-line-is-content": (b"in\xef\xbb\xbfside", "in\ufeffside"),
     "empty-line-kept": (b"", ""),
     "whitespace-only-line": (b" \t ", ""),
     "hundred-thousand-characters": (b"ab " * 33_333 + b"a", "ab " * 33_333 + "a"),
