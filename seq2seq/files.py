@@ -153,10 +153,12 @@ def check_distinct(outputs: Iterable[str | Path | None], inputs: Iterable[str | 
 
     Files are compared by device and inode, so any spelling of a path (``./a``, a symlink, a
     hard link) is caught; outputs that do not exist yet by their real path. Devices and FIFOs
-    are not compared: ``--input /dev/stdin --output /dev/stdout`` on one terminal is fine.
+    are not compared: ``--input /dev/stdin --output /dev/stdout`` on one terminal is fine. An
+    input's ``<input>.sha256`` (a checkpoint's checksum file) counts as an input.
     """
     seen = {}
-    for name in inputs:
+    inputs = [*inputs]
+    for name in [*inputs, *(f"{name}.sha256" for name in inputs if name is not None)]:
         key = _identity(name)
         if key is not None:
             seen[key] = name

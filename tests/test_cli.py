@@ -469,6 +469,23 @@ def test_evaluate_refuses_a_bad_report_dir_and_plots_over_inputs_before_decoding
     assert victim.read_bytes() == (run / "best.pt").read_bytes()
 
 
+def test_an_output_onto_a_checkpoint_s_checksum_file_is_refused(trained, tmp_path):
+    """A tab-completion slip replaced best.pt.sha256 with a checkpoint: every later load of
+    best.pt then warned that its checksum file was stale."""
+    _, run = trained
+    for name in ("best.pt", "last.pt", "best.pt.sha256"):
+        shutil.copy(run / name, tmp_path / name)
+    sidecar = tmp_path / "best.pt.sha256"
+    before = sidecar.read_bytes()
+    for argv in (["average", tmp_path / "best.pt", tmp_path / "last.pt", "--output", sidecar],
+                 ["translate", "--checkpoint", tmp_path / "best.pt", "--output", sidecar]):
+        result = seq2seq(*argv, stdin=b"the dog\n")
+        err = result.stderr.decode()
+        assert result.returncode == 2 and err.count("\n") == 1, err
+        assert f"{sidecar}: is the same file as the input {sidecar}" in err
+    assert sidecar.read_bytes() == before
+
+
 def test_a_checkpoint_given_twice_is_refused_by_average_and_ensembles(trained, tmp_path):
     _, run = trained
     (tmp_path / "link.pt").symlink_to(run / "best.pt")
