@@ -148,7 +148,7 @@ def prepare_data(recipe: Recipe, show_progress: bool = True, expect: dict | None
         DataError: a corpus cannot be read.
         Seq2SeqError: the tokenizer cannot be trained (e.g. vocabulary too large).
     """
-    _check_before_writing(recipe)
+    _check_before_writing(recipe, say=known is None)  # (known: another rank has said it)
     with _removed_if_left_empty([Path(recipe.output_dir), _cache_root(
             recipe.data, Path(recipe.output_dir))]):
         return _prepare(recipe, show_progress, expect, known)
@@ -238,10 +238,10 @@ def _removed_if_left_empty(directories: list[Path]) -> Iterator[None]:
         raise
 
 
-def _check_before_writing(recipe: Recipe) -> None:
+def _check_before_writing(recipe: Recipe, say: bool) -> None:
     """Report a missing or empty corpus or an unusable output directory before anything is
     written (the first problem; ``seq2seq check`` lists them all)."""
-    problems = input_problems(recipe)
+    problems = input_problems(recipe, say=say)
     if problems:
         raise DataError(problems[0])
 

@@ -24,17 +24,22 @@ from seq2seq.data.corpus import (
     read_pairs,
     resolve_path,
 )
+from seq2seq.errors import warn
+from seq2seq.files import same_file
 
 MAX_GENERATED_EVAL = 100_000
 
 
-def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
+def input_problems(recipe: Recipe, read_eval_sets: bool = False, say: bool = True
+                   ) -> list[str]:
     """Every problem ``prepare`` would meet with the recipe's directories and corpora.
 
     Args:
         recipe: the whole recipe (``output_dir`` and ``data`` are read).
         read_eval_sets: read the validation and test sets to their end, as ``prepare`` does
             right after this check (a misaligned or badly encoded line anywhere is reported).
+        say: warn about what is likely a mistake but may be meant (a corpus whose source and
+            target are one file: the model learns to copy).
 
     Returns:
         One line per problem, each starting with the recipe key it is about.
@@ -69,7 +74,11 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False) -> list[str]:
                             f"{corpus.split} split, got {corpus.size:,}")
             continue
         try:
-            for path in corpus_files(corpus, data):
+            paths = corpus_files(corpus, data)
+            if say and corpus.format == "text" and len(paths) == 2 and same_file(*paths):
+                warn(f"{where}: src and trg are one file ({paths[0]}): the model learns to "
+                     "copy its input")
+            for path in paths:
                 if written_by_the_run(path, out_dir):
                     raise DataError(f"{path}: a file the run writes in its output_dir "
                                     f"{out_dir}; keep corpora outside it, or use another "

@@ -306,6 +306,18 @@ def test_a_training_file_appended_to_while_it_is_read_is_refused(corpus, monkeyp
     assert len(prepare_data(make_recipe(corpus), show_progress=False).train) > 0  # then it's fine
 
 
+def test_a_corpus_whose_src_and_trg_are_one_file_is_warned_about(corpus, capsys):
+    (corpus / "link.src").symlink_to(corpus / "valid.src")
+    recipe = make_recipe(corpus, "data.valid.trg=link.src")
+    prepared = prepare_data(recipe, show_progress=False)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1, err
+    assert (f"warning: data.valid: src and trg are one file ({corpus / 'valid.src'}): the "
+            "model learns to copy its input") in err
+    prepare_data(recipe, show_progress=False, known=prepared.fingerprints)  # another rank
+    assert "warning:" not in capsys.readouterr().err
+
+
 def test_what_killed_builds_left_is_removed_by_the_next_build(corpus, tmp_path):
     """A SIGKILL during prepare left its temporary cache and tokenizer directories for good."""
     import subprocess
