@@ -51,6 +51,8 @@ def fetch(name: str, mirror: Path | None, base_url: str, timeout: float) -> byte
     if mirror is not None:
         path = mirror / name
         try:
+            if path.exists() and not path.is_file():  # a FIFO would block for ever
+                raise PrepareError(f"{path}: not a regular file in the mirror")
             return path.read_bytes()
         except FileNotFoundError:
             raise PrepareError(f"{path}: no such file in the mirror") from None
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrepareError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the files written so far are whole (written atomically)
+        print("error: interrupted; the files written so far are complete", file=sys.stderr)
+        return 130
     for line in report:
         print(line)
     print(f"Multi30k task 1 ready in {args.output}")

@@ -60,6 +60,36 @@ def test_prepare_multi30k_missing_mirror_file(tmp_path, data_root):
     assert (tmp_path / "out" / "train.de.gz").read_bytes() == (mirror / "train.de.gz").read_bytes()
 
 
+def test_prepare_multi30k_a_fifo_in_the_mirror_and_ctrl_c(tmp_path, data_root):
+    """A FIFO in the mirror blocked it for ever; Ctrl-C then printed a traceback."""
+    import os
+    import signal
+    import socket
+    import time
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copy(data_root / "multi30k" / "train.de.gz", mirror)
+    os.mkfifo(mirror / "val.de.gz")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--mirror", str(mirror), "--output",
+                             str(tmp_path / "out"), "--langs", "de"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: {mirror / 'val.de.gz'}: not a regular file in the mirror\n"
+    with socket.socket() as silent:  # a server that never answers: Ctrl-C during a download
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = "http://127.0.0.1:%d" % silent.getsockname()[1]
+        process = subprocess.Popen([sys.executable, str(SCRIPT), "--output", str(tmp_path / "o"),
+                                    "--langs", "de", "--base-url", url],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert err == "error: interrupted; the files written so far are complete\n"
+
+
 def test_prepare_multi30k_a_path_for_a_url_or_a_directory_in_the_way(tmp_path, data_root):
     not_url = prepare("--output", str(tmp_path / "a"), "--langs", "de", "--base-url", "mirror")
     assert not_url.returncode == 2 and "Traceback" not in not_url.stderr
