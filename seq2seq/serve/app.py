@@ -83,8 +83,8 @@ def build_app(pairs: LanguagePairs, options: ServeOptions, metrics: Metrics) -> 
         started = time.monotonic()
         fields = await request_fields(request, options.body_limit, options.timeout)
         checked = parse_translate(fields, options)
-        answer = await translate_request(pairs.get(checked.source, checked.target), checked,
-                                         options.timeout)
+        answer = await unless_gone(request, translate_request(
+            pairs.get(checked.source, checked.target), checked, options.timeout))
         metrics.latency.observe(time.monotonic() - started)
         return JSONResponse(answer)
 
@@ -185,6 +185,33 @@ async def request_fields(request: Request, body_limit: int, timeout_s: float
             raise ApiError(400, "Invalid request: files are not accepted")
         values.setdefault(name, []).append(value)
     return form_fields(values)
+
+
+async def unless_gone(request: Request, work: Any) -> Any:
+    """``await work``, unless the client disconnects first: then the work is cancelled (the
+    worker skips the sentences it has not started) and the answer, which nobody reads, is a
+    499 for the metrics. A client that gave up and retries costs no second decoding."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request is cancelled itself (a forced shutdown)
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ApiError(499, "Client closed the request before its answer")
+    return task.result()
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client has gone (its body is read: uvicorn's next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def translate_request(model: ServedModel, checked: TranslateRequest,

@@ -197,6 +197,45 @@ def test_a_request_cut_short_or_held_back_is_a_4xx_or_closed_not_a_held_connecti
     assert "Traceback" not in server.output() and "Exception" not in server.output()
 
 
+def test_a_request_whose_client_has_gone_is_not_decoded(checkpoint, test_sentences, tmp_path):
+    """Requests whose clients gave up were all decoded, and counted as answered (200): a
+    client that retries after a timeout doubled the work."""
+    server = Server(checkpoint, tmp_path / "serve.log", "--batch-size", "1",
+                    "--batch-wait-ms", "0")
+    host, port = re.match(r"http://([^:/]+):(\d+)/", server.url).groups()
+
+    def metric(name: str) -> float:
+        found = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(server.url + "metrics").text,
+                          re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    try:
+        clients = []
+        for start in range(0, 90, 3):  # 30 requests of 3 sentences
+            body = json.dumps({"q": "\n".join(test_sentences[start:start + 3]), "source": "en",
+                               "target": "de"}).encode()
+            client = socket.create_connection((host, int(port)))
+            client.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                           b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            clients.append(client)
+        time.sleep(0.05)  # the requests are read and queued, then every client goes away
+        for client in clients:
+            client.close()
+        answered, gone = (f'seq2seq_requests_total{{path="/translate",status="{status}"}}'
+                          for status in (200, 499))
+        deadline = time.monotonic() + 60
+        while (metric(answered) + metric(gone) < 30
+               or metric('seq2seq_queue_sentences{pair="en-de"}') > 0):
+            assert time.monotonic() < deadline, httpx.get(server.url + "metrics").text
+            time.sleep(0.2)
+        time.sleep(1)  # a request in decoding when its client left is still decoded
+        assert metric(answered) <= 10, httpx.get(server.url + "metrics").text
+        assert metric('seq2seq_sentences_total{pair="en-de"}') <= 3 * (metric(answered) + 2)
+    finally:
+        assert server.stop() == 0, server.output()
+    assert "Traceback" not in server.output()
+
+
 def test_a_slow_translation_times_out_with_503(checkpoint, test_sentences, tmp_path):
     server = Server(checkpoint, tmp_path / "serve.log", "--timeout", "0.01",
                     "--batch-size", "1")
