@@ -169,14 +169,14 @@ def read_lines(
         if not raw:
             break
         line_no += 1
-        if raw.startswith(BOM):  # a byte order mark is not text (files joined: on any line)
-            raw = raw[len(BOM):]
         complete = raw.endswith(b"\n")
         # A line that fills max_bytes has more than max_chars characters (see above), so it
         # is cut in any case: drop its rest unread into memory.
         cut = not complete and len(raw) == max_bytes
         if cut:
             _skip_rest_of_line(stream, max_bytes)
+        if raw.startswith(BOM):  # a byte order mark is not text (files joined: on any line)
+            raw = raw[len(BOM):]
         if complete:
             raw = raw[:-1]
             if raw.endswith(b"\r"):

@@ -345,6 +345,7 @@ def test_values_yaml_cannot_build_are_one_line_errors(tmp_path, text, message):
 @pytest.mark.parametrize("override, message", [
     ("train.lr=1" + "0" * 400, "train.lr: expected a number, got 1000"),
     ("seed=1" + "0" * 5000, "seed: expected an integer, got '1000"),
+    ("seed=1" + "0" * 400, "seed: must be in [0, 4_294_967_295], got 10_000"),
 ])
 def test_huge_numbers_in_overrides_are_recipe_errors(override, message):
     with pytest.raises(RecipeError) as info:

@@ -269,6 +269,14 @@ def test_a_byte_order_mark_is_not_text():
     lines = list(read_lines(io.BytesIO(b"\xef\xbb\xbfab\n\xef\xbb\xbfcd\nc\xef\xbb\xbfd\n")))
     assert lines == ["ab", "cd", "c\ufeffd"]  # starting any line (files joined); inside: content
     assert list(read_lines(io.BytesIO(b"\xef\xbb\xbf\n"))) == [""]
+    # A line that fills the read buffer is cut whatever it starts with: its rest was read as
+    # the next line, and every later output was one line off.
+    warnings = []
+    long = b"\xef\xbb\xbf" + "\u00e4".encode() * 60
+    lines = list(read_lines(io.BytesIO(b"a\n" + long + b"\nb\n"), max_chars=10,
+                            warn=warnings.append))
+    assert lines == ["a", "\u00e4" * 10, "b"]
+    assert len(warnings) == 1 and "cut to 10" in warnings[0], warnings
 
 
 class FakeTranslation:

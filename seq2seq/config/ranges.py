@@ -46,7 +46,7 @@ class Range:
         wrong_type = self.type_problem(value)
         if wrong_type:
             return wrong_type
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # (an int of 400 digits is)
             return f"expected {self.expected()}, got {value}"
         above_lo = value > self.lo if self.lo_open else value >= self.lo
         below_hi = value < self.hi if self.hi_open else value <= self.hi
