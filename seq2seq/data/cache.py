@@ -66,7 +66,8 @@ from seq2seq.search.shortlist import MAX_PAIRS, Lexicon, build_lexicon
 from seq2seq.signals import signals_held
 from seq2seq.tokenizer import Tokenizer, tokenizer_hash, train_tokenizer
 
-CACHE_VERSION = 1  # bump when the cached columns or the filter rules change
+CACHE_VERSION = 2  # bump when the cached columns, the filter or the reading rules change
+# (2: a byte order mark starting any line is dropped, 2026-12-07)
 
 
 @dataclass
@@ -176,11 +177,11 @@ def _prepare(recipe: Recipe, show_progress: bool, expect: dict | None, known: di
         cache_reused = loaded is not None
         if loaded is None:
             tokenizer, cache_dir = _build(recipe, fingerprint, tokenizer, show_progress)
-            if not data.cache_dir:
-                remove_stale_caches(cache_dir, out_dir, show_progress)
             loaded = _load_cache(cache_dir)
             if loaded is None:
                 raise DataError(f"{cache_dir}: the training cache just built cannot be read")
+        if known is None:  # (not on the other ranks: the main rank has prepared the data)
+            remove_stale_caches(cache_dir, out_dir, bool(data.cache_dir), show_progress)
         train, train_stats = loaded
         valid = _eval_set("valid", *eval_texts.pop("valid"), tokenizer)
         tests = {name: _eval_set(name, *texts, tokenizer) for name, texts in eval_texts.items()}

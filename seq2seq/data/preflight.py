@@ -165,32 +165,39 @@ def _check_some_text(corpus: Corpus, data: DataConfig, read_all: bool,
         raise DataError(f"{where}: no sentence pair has text on both sides (an empty corpus)")
 
 
-def remove_stale_caches(current: Path, out_dir: Path, show_progress: bool) -> None:
-    """Delete the other training caches in the run's own cache directory, and what builds
-    killed before their end left there (``.train-<pid>-*``) and in ``out_dir`` (a tokenizer
-    in training, ``.tokenizer-<pid>-*``), once their process is gone.
+def remove_stale_caches(current: Path, out_dir: Path, shared: bool, show_progress: bool
+                        ) -> None:
+    """Delete what killed builds left (a tokenizer in training, ``.tokenizer-<pid>-*`` in
+    ``out_dir``; a cache, ``.train-<pid>-*``) once their process is gone, and the training
+    caches other than ``current`` in the run's own cache directory.
 
     Only this run reads ``<output_dir>/cache``, and a cache there that is not the current one
     was built from inputs the run no longer has (an older corpus, other filter settings), so
-    it is dead weight: for a large corpus, gigabytes per change. A shared ``data.cache_dir``
-    is never pruned, since other runs may use its caches.
+    it is dead weight: for a large corpus, gigabytes per change. A ``shared`` cache directory
+    (``data.cache_dir``) keeps every cache and every build in progress: other runs use it.
     """
-    left = [*current.parent.glob(".train-*"), *out_dir.glob(".tokenizer-*")]
-    for stale in sorted([*current.parent.glob("train-*"), *filter(_orphaned, left)]):
-        if stale != current and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
+    left = [*out_dir.glob(".tokenizer-*")]
+    stale = []
+    if not shared:
+        left += current.parent.glob(".train-*")
+        stale = [path for path in current.parent.glob("train-*") if path != current]
+    for path in sorted([*stale, *filter(_orphaned, left)]):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
             if show_progress:
-                what = "the stale training cache" if stale.name[0] != "." else "what a build " \
+                what = "the stale training cache" if path.name[0] != "." else "what a build " \
                        "that did not end left:"
-                print(f"removed {what} {stale}", file=sys.stderr)
+                print(f"removed {what} {path}", file=sys.stderr)
 
 
 def _orphaned(path: Path) -> bool:
     """Whether the temporary directory ``path`` (``.<what>-<pid>-<random>``) is of a process
-    of this machine that is gone."""
+    of this machine that is gone, or of this one (whose builds have ended when this runs)."""
     parts = path.name.split("-")
     if len(parts) < 3 or not parts[1].isdigit():
         return False  # not named by this version: it may be a build in progress
+    if int(parts[1]) == os.getpid():
+        return True
     try:
         os.kill(int(parts[1]), 0)
     except ProcessLookupError:

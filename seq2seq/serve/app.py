@@ -32,7 +32,7 @@ from seq2seq.serve.parsing import (
     parse_translate,
     read_body,
 )
-from seq2seq.serve.worker import Job, QueueFull, WorkerGone
+from seq2seq.serve.worker import DecodeFailed, Job, QueueFull, WorkerGone
 
 ROUTES = ("/", "/translate", "/languages", "/health", "/metrics")
 RETRY_AFTER_S = "1"
@@ -265,7 +265,7 @@ async def decode(model: ServedModel, job: Job, timeout_s: float) -> list[Any]:
         raise ApiError(503, f"Server busy ({error}); retry later", retry) from None
     try:
         return await asyncio.wait_for(done, timeout_s)
-    except WorkerGone as error:
+    except (WorkerGone, DecodeFailed) as error:
         raise ApiError(500, f"Translation failed: {error}") from None
     except asyncio.CancelledError:  # the server stopped waiting (a forced shutdown)
         model.worker.cancel(job)

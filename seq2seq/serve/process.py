@@ -32,7 +32,7 @@ import torch
 from seq2seq.config import DecodeConfig
 from seq2seq.errors import Seq2SeqError
 from seq2seq.heap import keep_freed_memory
-from seq2seq.serve.worker import BatchWorker, Job, QueueFull, WorkerGone
+from seq2seq.serve.worker import BatchWorker, DecodeFailed, Job, QueueFull, WorkerGone
 
 METRICS_EVERY_S = 0.05
 """The worker process sends the batch sizes it decoded at least this often (and with every
@@ -188,7 +188,7 @@ class WorkerProcess:
                 with self._lock:
                     job = self._jobs.pop(key, None)
                 if job is not None:
-                    job.deliver(RuntimeError(result["error"]) if isinstance(result, dict)
+                    job.deliver(DecodeFailed(result["error"]) if isinstance(result, dict)
                                 else [translation_from(item) for item in result])
             elif kind == "batches":
                 for size in message[1]:

@@ -12,7 +12,7 @@ import socket
 import sys
 from typing import Any
 
-from seq2seq.errors import Seq2SeqError
+from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.heap import release_freed_memory
 from seq2seq.serve.metrics import Metrics
 from seq2seq.serve.options import ServeOptions
@@ -25,6 +25,8 @@ def serve_command(args: Any) -> int:
     options = ServeOptions.from_args(args)  # before the models load: bad flags fail at once
     sock = bind(options.host, options.port)
     import uvicorn
+
+    protocol = header_deadline(options.timeout)  # before the models load: it may warn
 
     from seq2seq.serve.app import build_app
 
@@ -48,7 +50,7 @@ def serve_command(args: Any) -> int:
     print(f"listening on http://{url_host(host)}:{port} (batches of up to {options.batch_size} "
           f"sentences, {options.batch_wait_ms:g} ms wait)", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            http=header_deadline(options.timeout),
+                            http=protocol,
                             timeout_graceful_shutdown=int(options.timeout) + 5)
     # uvicorn turns SIGTERM into a graceful shutdown and afterwards re-raises it to the handler
     # that was there before; an empty handler makes that last step a no-op, so exit code is 0.
@@ -80,12 +82,18 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def header_deadline(timeout_s: float) -> type:
+def header_deadline(timeout_s: float) -> Any:
     """uvicorn's HTTP protocol, closing a connection whose request headers are not complete
     within ``timeout_s`` of its opening or of the request's first byte: uvicorn times out
     neither, so a client that sends nothing, or stops half way through its headers, held a
-    connection for ever. (Idle keep-alive connections close after uvicorn's 5 s.)"""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    connection for ever. (Idle keep-alive connections close after uvicorn's 5 s.) Where
+    httptools is missing, uvicorn's own choice, with a warning."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        warn("httptools is not installed (pip install 'seq2seq[serve]'): a connection that "
+             "stalls before its request headers are complete is not closed")
+        return "auto"
 
     class HeaderDeadline(HttpToolsProtocol):
         deadline: Any = None

@@ -42,6 +42,11 @@ class WorkerGone(RuntimeError):
     """Delivered to the jobs of a worker that died (its process was killed)."""
 
 
+class DecodeFailed(RuntimeError):
+    """Delivered to a job whose search failed in a worker process; the message names the
+    error's type and says what it said (``OutOfMemoryError: CUDA out of memory ...``)."""
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """The sentences of one request and where their results go."""

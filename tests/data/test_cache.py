@@ -318,20 +318,32 @@ def test_a_corpus_whose_src_and_trg_are_one_file_is_warned_about(corpus, capsys)
     assert "warning:" not in capsys.readouterr().err
 
 
-def test_what_killed_builds_left_is_removed_by_the_next_build(corpus, tmp_path):
+def test_what_killed_builds_left_is_removed_by_the_next_prepare(corpus, tmp_path):
     """A SIGKILL during prepare left its temporary cache and tokenizer directories for good."""
     import subprocess
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    run = corpus / "run"
-    left = [run / "cache" / f".train-{dead}-abc", run / f".tokenizer-{dead}-abc"]
-    alive = [run / "cache" / f".train-{os.getpid()}-abc", run / "cache" / ".train-old_name"]
-    for path in left + alive:
-        (path / "part").mkdir(parents=True)
-    prepare_data(make_recipe(corpus), show_progress=False)
-    assert [path.exists() for path in left + alive] == [False, False, True, True]
+    run, shared = corpus / "run", tmp_path / "shared"
+
+    def leftovers(cache: Path) -> tuple[list[Path], list[Path]]:
+        gone = [cache / f".train-{dead}-abc", run / f".tokenizer-{dead}-abc",
+                run / f".tokenizer-{os.getpid()}-abc"]  # (a restarted container: same pid)
+        kept = [cache / f".train-{os.getppid()}-abc", cache / ".train-old_name"]  # (alive)
+        for path in gone + kept:
+            (path / "part").mkdir(parents=True, exist_ok=True)
+        return gone, kept
+
+    gone, kept = leftovers(run / "cache")
+    prepare_data(make_recipe(corpus), show_progress=False)  # built
+    assert [path.exists() for path in gone + kept] == [False] * 3 + [True] * 2
+    gone, kept = leftovers(run / "cache")
+    prepare_data(make_recipe(corpus), show_progress=False)  # reused
+    assert [path.exists() for path in gone + kept] == [False] * 3 + [True] * 2
+    gone, kept = leftovers(shared)  # a shared cache directory: its builds may be others'
+    prepare_data(make_recipe(corpus, f"data.cache_dir={shared}"), show_progress=False)
+    assert [path.exists() for path in gone + kept] == [True, False, False, True, True]
 
 
 def test_the_fingerprint_reads_regular_files_only(corpus):

@@ -218,7 +218,13 @@ def test_a_request_whose_client_has_gone_is_not_decoded(checkpoint, test_sentenc
             client.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: "
                            b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
             clients.append(client)
-        time.sleep(0.05)  # the requests are read and queued, then every client goes away
+        # Every request read and queued (else it ends as 499 before it is queued), all but the
+        # one or two in decoding; then every client goes away.
+        deadline = time.monotonic() + 60
+        while (metric('seq2seq_queue_sentences{pair="en-de"}')
+               + metric('seq2seq_sentences_total{pair="en-de"}') < 90 - 2 * 3):
+            assert time.monotonic() < deadline, httpx.get(server.url + "metrics").text
+            time.sleep(0.01)
         for client in clients:
             client.close()
         answered, gone = (f'seq2seq_requests_total{{path="/translate",status="{status}"}}'

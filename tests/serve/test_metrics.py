@@ -73,9 +73,11 @@ def test_a_decoding_failure_is_a_500_that_names_it_and_that_a_browser_can_read()
     from seq2seq.serve.app import build_app
     from seq2seq.serve.options import ServeOptions
     from seq2seq.serve.pairs import LanguagePairs, ServedModel
+    from seq2seq.serve.worker import DecodeFailed
 
     class Failing:  # delivers what a worker delivers when decoding fails
         queued, failure = 0, None
+        error: Exception = RuntimeError("out of memory")  # an in-process BatchWorker's
 
         def start(self):
             pass
@@ -87,18 +89,25 @@ def test_a_decoding_failure_is_a_500_that_names_it_and_that_a_browser_can_read()
             pass
 
         def submit(self, job):
-            job.deliver(RuntimeError("out of memory"))
+            job.deliver(self.error)
 
-    model = ServedModel("en", "de", "x.pt", None, None, Failing())
+    worker = Failing()
+    model = ServedModel("en", "de", "x.pt", None, None, worker)
     metrics = Metrics()
     with TestClient(build_app(LanguagePairs([model]), ServeOptions(), metrics),
                     raise_server_exceptions=False) as client:
         failed = client.post("/translate", json={"q": "a dog", "source": "en", "target": "de"},
                              headers={"Origin": "https://example.org"})
+        # a worker process sends the type and text of its error (WorkerProcess delivers them)
+        worker.error = DecodeFailed("OutOfMemoryError: CUDA out of memory")
+        from_process = client.post("/translate", json={"q": "a dog", "source": "en",
+                                                     "target": "de"})
     assert failed.status_code == 500
     assert failed.json() == {"error": "Translation failed: RuntimeError: out of memory"}
     assert failed.headers["access-control-allow-origin"] == "*"
-    assert counts(metrics)[("/translate", "500")] == 1
+    assert from_process.json() == {"error": "Translation failed: OutOfMemoryError: CUDA out of "
+                                          "memory"}
+    assert counts(metrics)[("/translate", "500")] == 2
 
     app = FastAPI()  # and an error that nothing expected: the catch-all answer has it too
     add_error_handlers(app, Metrics())
