@@ -120,7 +120,7 @@ def write_recipe(tmp_path: Path, cache: Path, name: str, **sections) -> Path:
     tree["data"].update(cache_dir=str(cache))
     tree["data"]["valid"]["size"] = 21
     for section, values in sections.items():
-        tree[section].update(values)
+        tree.setdefault(section, {}).update(values)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree), encoding="utf-8")
     return path
@@ -290,6 +290,53 @@ def test_validation_over_two_ranks_scores_the_same_sentences_in_order(tmp_path, 
         assert t["metrics"]["n_sentences"] == one["metrics"]["n_sentences"] == 21
         assert t["metrics"]["bleu"] == one["metrics"]["bleu"] > 0
         assert t["metrics"]["loss"] == pytest.approx(one["metrics"]["loss"], rel=1e-5)
+
+
+# A stop signal that reaches one rank only (kill -INT of one worker, or the ranks signalled
+# at different steps): that rank skipped the vote of the others and saved, while they waited
+# in the vote until distributed.timeout_s, then died in gloo's tracebacks.
+ONE_RANK_SIGNAL_SCRIPT = '''
+import json, os, signal, sys
+from seq2seq import distributed as dist
+from seq2seq.config import load_recipe
+from seq2seq.training import step
+from seq2seq.training.trainer import fit
+
+apply = step.EagerStep.apply
+
+def apply_then_signal(self, lr):  # rank 1 alone gets a SIGINT during its second update
+    ok = apply(self, lr)
+    self.updates = getattr(self, "updates", 0) + 1
+    if dist.rank() == 1 and self.updates == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+    return ok
+
+step.EagerStep.apply = apply_then_signal
+trainer = fit(load_recipe(sys.argv[1]))
+with open(f"{sys.argv[2]}.rank{trainer.rank}.json", "w") as handle:
+    json.dump({"step": trainer.progress.step, "interrupted": trainer.interrupted,
+               "reason": trainer.stop_reason}, handle)
+'''
+
+
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_update(tmp_path,
+                                                                          cache_dir):
+    from seq2seq.checkpoint import load_checkpoint
+
+    recipe = write_recipe(tmp_path, cache_dir, "one_signal", train={"max_steps": 50},
+                          distributed={"timeout_s": 30})
+    script = tmp_path / "one_signal.py"
+    script.write_text(ONE_RANK_SIGNAL_SCRIPT, encoding="utf-8")
+    started = time.monotonic()
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                  "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(script),
+                  str(recipe), str(tmp_path / "out")])
+    check(result)
+    assert time.monotonic() - started < 30 + 60, "a rank waited for the timeout"
+    states = [json.loads((tmp_path / f"out.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert states[0] == states[1] == {"step": 2, "interrupted": True,
+                                      "reason": "a rank received a stop signal"}
+    assert load_checkpoint(tmp_path / "one_signal" / "last.pt")["step"] == 2
 
 
 def test_fit_lets_go_of_the_process_group_before_the_worker_exits(tmp_path, cache_dir):

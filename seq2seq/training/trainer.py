@@ -383,7 +383,8 @@ def stop_signals(trainer: Trainer) -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:
         trainer.interrupted = True
         trainer.stop_signal = signum
-        trainer.stop_reason = f"received {signal.Signals(signum).name}"
+        if trainer.world == 1:  # else the ranks agree after the update; alone, this one
+            trainer.stop_reason = f"received {signal.Signals(signum).name}"  # skipped it
 
     previous = {}
     for sig in STOP_SIGNALS:
