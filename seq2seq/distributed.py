@@ -157,6 +157,35 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+# How long the other ranks wait for the main rank's long work alone (preparing a corpus of
+# millions of pairs: hashing, a tokenizer, the encoded cache), where distributed.timeout_s is
+# for collectives that every rank reaches together. torchrun ends the group if a rank dies.
+LONG_WAIT_S = 24 * 3600
+
+
+@contextlib.contextmanager
+def long_wait(timeout_s: float = LONG_WAIT_S) -> Iterator[Any]:
+    """A gloo group of every rank whose collectives wait up to ``timeout_s`` (None on one
+    process): every rank enters it before the main rank starts its long work."""
+    if not is_initialized():
+        yield None
+        return
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield group
+    finally:
+        dist.destroy_process_group(group)
+
+
+def broadcast_in(group: Any, obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank of ``group`` (from :func:`long_wait`)."""
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
 def gather_objects(obj: Any) -> list[Any] | None:
     """Every rank's ``obj`` on the main rank (None elsewhere); ``[obj]`` on one process."""
     if not is_initialized():
@@ -195,8 +224,10 @@ def no_sync(model: torch.nn.Module, skip: bool) -> Iterator[None]:
         yield
 
 
-# How gloo says that the other end of a collective went away (a worker killed or crashed).
+# How gloo says that the other end of a collective went away (a worker killed or crashed),
+# and how gloo and NCCL say that a collective waited past the group's timeout.
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+TIMED_OUT = ("Timed out waiting", "Watchdog caught collective operation timeout")
 
 
 def peer_lost(error: BaseException) -> str | None:
@@ -206,9 +237,13 @@ def peer_lost(error: BaseException) -> str | None:
     if "LOCAL_RANK" not in os.environ or not isinstance(error, RuntimeError):
         return None
     text = str(error)
+    reason = text.strip().splitlines()[0][:200] if text.strip() else ""
+    if any(marker in text for marker in TIMED_OUT):
+        return (f"rank {os.environ.get('RANK', '?')}: a collective waited longer than "
+                f"distributed.timeout_s for another worker ({reason}); raise it if a rank has "
+                "long work of its own between collectives, else a worker is stuck")
     if not any(marker in text for marker in PEER_LOST):
         return None
-    reason = text.strip().splitlines()[0][:200]
     return (f"rank {os.environ.get('RANK', '?')}: another worker went away during a collective "
             f"({reason})")
 

@@ -339,6 +339,41 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_update(tmp_pa
     assert load_checkpoint(tmp_path / "one_signal" / "last.pt")["step"] == 2
 
 
+# The main rank prepares the data alone (a large corpus: a tokenizer, an encoded cache) while
+# the others wait: they waited within distributed.timeout_s and died of a gloo timeout.
+SLOW_PREPARE_SCRIPT = '''
+import json, sys, time
+from seq2seq import distributed as dist
+from seq2seq.config import load_recipe
+from seq2seq.training import trainer as module
+
+prepare = module.prepare_data
+
+def slowly(*args, **kwargs):
+    if dist.is_main():
+        time.sleep(8)
+    return prepare(*args, **kwargs)
+
+module.prepare_data = slowly
+trainer = module.fit(load_recipe(sys.argv[1]))
+with open(f"{sys.argv[2]}.rank{trainer.rank}.json", "w") as handle:
+    json.dump({"step": trainer.progress.step}, handle)
+'''
+
+
+def test_the_other_ranks_wait_for_the_main_rank_s_prepare_past_the_timeout(tmp_path,
+                                                                            cache_dir):
+    recipe = write_recipe(tmp_path, cache_dir, "slow_prepare", train={"max_steps": 1},
+                          distributed={"timeout_s": 3})
+    script = tmp_path / "slow_prepare.py"
+    script.write_text(SLOW_PREPARE_SCRIPT, encoding="utf-8")
+    check(run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(script),
+               str(recipe), str(tmp_path / "out")]))
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"out.rank{rank}.json").read_text()) == {"step": 1}
+
+
 def test_fit_lets_go_of_the_process_group_before_the_worker_exits(tmp_path, cache_dir):
     recipe = write_recipe(tmp_path, cache_dir, "teardown", train={"max_steps": 2})
     script = tmp_path / "teardown.py"
@@ -443,6 +478,13 @@ def test_a_worker_whose_peer_went_away_says_so_in_one_line(monkeypatch):
         "rank 0: another worker went away during a collective ([../gloo/transport/tcp/pair.cc"
         ":553] Connection closed by peer [127.0.0.1]:42396. This is typically caused by a "
         "remote worker crashing.)")
+    late = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed "
+                        "out waiting 1000ms for recv operation to complete")
+    assert peer_lost(late) == (
+        "rank 0: a collective waited longer than distributed.timeout_s for another worker "
+        "([../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting "
+        "1000ms for recv operation to complete); raise it if a rank has long work of its own "
+        "between collectives, else a worker is stuck")
     assert peer_lost(RuntimeError("CUDA out of memory")) is None  # any other error: its traceback
     assert peer_lost(ValueError("Connection closed by peer")) is None
 

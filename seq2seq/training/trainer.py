@@ -113,14 +113,13 @@ def prepare_on_main_first(recipe: Recipe, run: RunDirectory,
     Resuming ``checkpoint``, the corpus and tokenizer must be those its weights were trained on.
     """
     expect = checkpoint.get("fingerprints") if checkpoint else None
-    if dist.is_main():
-        # prepare_data first: it reports bad corpora before anything is written.
-        data = prepare_data(recipe, show_progress=True, expect=expect)
-        if checkpoint is None:  # from step 0: the rows of a try that made no checkpoint go
-            run.drop_rows_after(0)
-    # The other ranks reuse the cache the main rank built, and its fingerprints (which hash
-    # the corpus).
-    known = dist.broadcast_object(data.fingerprints if dist.is_main() else None)
+    with dist.long_wait() as group:  # (a first prepare can outlast distributed.timeout_s)
+        if dist.is_main():  # (prepare_data first: it reports bad corpora before any write)
+            data = prepare_data(recipe, show_progress=True, expect=expect)
+            if checkpoint is None:  # from step 0: the rows of a try that made no checkpoint
+                run.drop_rows_after(0)
+        # The other ranks reuse the main rank's cache and fingerprints (which hash the corpus)
+        known = dist.broadcast_in(group, data.fingerprints if dist.is_main() else None)
     if not dist.is_main():
         data = prepare_data(recipe, show_progress=False, expect=expect, known=known)
     return data
