@@ -51,9 +51,11 @@ def init_from_env(backend: str = "auto", timeout_s: int = 300,
     takes the GPU of its LOCAL_RANK where ``device`` (``train.device``) is cuda, or auto on a
     machine with GPUs and a backend other than gloo; else the CPU.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or is_initialized():
+    if is_initialized():
         return None
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = environment()
+    if world is None:
+        return None
     if device == "cuda" and not torch.cuda.is_available():
         raise Seq2SeqError("train.device cuda: no CUDA GPU is available")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available()
@@ -64,10 +66,38 @@ def init_from_env(backend: str = "auto", timeout_s: int = 300,
     if use_cuda:
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend=backend, timeout=timeout, store=attempt_store(timeout),
-                            rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout, store=attempt_store(timeout),
+                                rank=rank, world_size=world)
+    except (ValueError, RuntimeError) as error:  # no MASTER_ADDR, an address nobody answers at
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise DistributedError(f"rank {rank}: cannot join the process group of {world} "
+                               f"({reason})") from None
     return device
+
+
+def environment() -> tuple[int, int | None, int]:
+    """RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them (WORLD_SIZE None: no group).
+
+    Raises:
+        DistributedError: one that is no number or out of range, or LOCAL_RANK without RANK
+            and WORLD_SIZE (left in a shell, it made ``seq2seq train`` skip its launcher).
+    """
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        text = os.environ.get(name)
+        if text is not None and not text.strip().isdigit():
+            raise DistributedError(f"the environment variable {name}={text!r} is no process "
+                                   "number; torchrun sets it (unset it to train here)")
+        values[name] = None if text is None else int(text)
+    rank, world, local = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if (rank is None) != (world is None) or (local is not None and world is None):
+        given = ", ".join(f"{name}={os.environ[name]}" for name in values if name in os.environ)
+        raise DistributedError(f"the environment sets {given} but not all of RANK and "
+                               "WORLD_SIZE: a torchrun worker has both (unset it to train here)")
+    if world is not None and not rank < world:
+        raise DistributedError(f"the environment sets RANK={rank} for WORLD_SIZE={world}")
+    return rank or 0, world, local or 0
 
 
 def attempt_store(timeout: datetime.timedelta) -> dist.Store | None:

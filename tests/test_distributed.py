@@ -464,6 +464,33 @@ def test_a_resume_with_another_process_count_is_one_line_before_any_worker_start
     check(run(seq2seq_train(two, "train.max_steps=4", "train.accumulate=2")))
 
 
+@pytest.mark.parametrize("variables, message", [
+    ({"LOCAL_RANK": "abc"}, "the environment variable LOCAL_RANK='abc' is no process number"),
+    ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is no process number"),
+    ({"LOCAL_RANK": "0"}, "the environment sets LOCAL_RANK=0 but not all of RANK and WORLD_SIZE"),
+    ({"RANK": "1"}, "the environment sets RANK=1 but not all of RANK and WORLD_SIZE"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "the environment sets RANK=2 for WORLD_SIZE=2"),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, "rank 0: cannot join the process group of 1 ("),
+])
+def test_a_torchrun_environment_that_is_not_one_is_one_line(tmp_path, cache_dir, variables,
+                                                            message):
+    """LOCAL_RANK left in a shell made `train` skip its launcher and train one process, and
+    a malformed or incomplete environment was a traceback."""
+    recipe = write_recipe(tmp_path, cache_dir, "environment")
+    environment = {name: value for name, value in env().items()
+                   if name not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                   "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")}
+    # (with LOCAL_RANK set, `train` takes itself for a torchrun worker and starts no launcher)
+    launcher = ["distributed.nproc_per_node=2"] if "LOCAL_RANK" in variables else []
+    result = subprocess.run(seq2seq_train(recipe, *launcher), env={**environment, **variables},
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "environment" / "last.pt").exists()
+
+
 def test_a_worker_whose_peer_went_away_says_so_in_one_line(monkeypatch):
     """gloo's RuntimeError in the surviving worker was a 35-line traceback before torchrun's
     own one-line account of the worker that failed."""
