@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import gc
 import os
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -285,11 +286,12 @@ def launch(torchrun_argv: list[str]) -> int:
     ``--max-restarts`` times when one fails, and stops the others when one fails for good.
 
     Returns:
-        0 when every worker of the last group exited 0.
+        0 when every worker of the last group exited 0; 128 + the signal's number when the
+        launcher was stopped by SIGINT or SIGTERM (130, 143), as one process exits.
 
     Raises:
-        DistributedError: a worker failed after the last restart, the rendezvous failed, or
-            the launcher was stopped by a signal; one line that names the first failure.
+        DistributedError: a worker failed after the last restart, or the rendezvous failed;
+            one line that names the first failure.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -318,7 +320,9 @@ def launch(torchrun_argv: list[str]) -> int:
             f"distributed training failed: rendezvous at {args.rdzv_endpoint} "
             f"({type(error).__name__}: {error})") from None
     except SignalException as error:
-        raise DistributedError(
-            f"distributed training failed: the launcher received {error.sigval.name}; "
-            "the workers were stopped") from None
+        # As a run in one process does (seq2seq.training.run_dir.exit_code): a stop, not a
+        # failure; torchrun sent the workers SIGTERM, on which each saves after its update.
+        print(f"stopped: the launcher received {error.sigval.name}; the workers were stopped "
+              "(each saves last.pt after its update; run again to resume)", file=sys.stderr)
+        return 128 + int(error.sigval)
     return 0

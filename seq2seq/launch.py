@@ -37,7 +37,8 @@ def torchrun_args(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> li
 
 
 def launch_workers(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> int:
-    """Train ``recipe`` in torchrun workers; 0 on success.
+    """Train ``recipe`` in torchrun workers; 0 on success, 130 or 143 when stopped by SIGINT
+    or SIGTERM (the workers save their last update).
 
     Raises:
         seq2seq.distributed.DistributedError: the job failed for good (the CLI prints it).
@@ -45,5 +46,6 @@ def launch_workers(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> i
     # The workers read the same command line; this process has said its warnings already.
     os.environ[RECIPE_SAID] = "1"
     code = dist.launch(torchrun_args(recipe, recipe_path, overrides))
-    print("distributed training finished", file=sys.stderr)
+    if code == 0:
+        print("distributed training finished", file=sys.stderr)
     return code

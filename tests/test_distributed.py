@@ -464,6 +464,30 @@ def test_a_resume_with_another_process_count_is_one_line_before_any_worker_start
     check(run(seq2seq_train(two, "train.max_steps=4", "train.accumulate=2")))
 
 
+def test_ctrl_c_to_the_launcher_stops_the_workers_and_exits_130(tmp_path, cache_dir):
+    """It exited 2 with "error: distributed training failed", as a bad recipe does, after the
+    workers had stopped cleanly."""
+    import signal
+
+    from seq2seq.checkpoint import load_checkpoint
+
+    recipe = write_recipe(tmp_path, cache_dir, "ctrl_c", train={"max_steps": 10_000,
+                                                                "log_every": 1})
+    launcher = subprocess.Popen(seq2seq_train(recipe, "distributed.nproc_per_node=2"),
+                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    metrics = tmp_path / "ctrl_c" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and '"split": "train"' in metrics.read_text()):
+        assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGINT)
+    _, err = launcher.communicate(timeout=TIMEOUT_S)
+    assert launcher.returncode == 130, err
+    assert "stopped: the launcher received SIGINT" in err and "error:" not in err, err
+    assert 0 < load_checkpoint(tmp_path / "ctrl_c" / "last.pt")["step"] < 10_000
+
+
 @pytest.mark.parametrize("variables, message", [
     ({"LOCAL_RANK": "abc"}, "the environment variable LOCAL_RANK='abc' is no process number"),
     ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is no process number"),

@@ -309,7 +309,7 @@ def exit_code(stop_signal: int | None, under_torchrun: bool) -> int:
     """The exit code of ``seq2seq train`` for a run that ended without an error."""
     if stop_signal is None or under_torchrun:
         # torchrun reads a worker's non-zero exit as a failure and restarts the group; its
-        # launcher exits 2 itself when signalled (seq2seq.distributed.launch).
+        # launcher exits 128 + the signal itself (seq2seq.distributed.launch).
         return 0
     # The shell's convention for a signalled process (130 for SIGINT, 143 for SIGTERM), after
     # the clean save: `seq2seq train R && seq2seq evaluate R` stops after Ctrl-C.
