@@ -319,12 +319,17 @@ with open(f"{sys.argv[2]}.rank{trainer.rank}.json", "w") as handle:
 '''
 
 
-def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_update(tmp_path,
-                                                                          cache_dir):
+@pytest.mark.parametrize("max_steps, reason", [
+    (50, "a rank received a stop signal"),
+    # in the last update: the signalled rank skipped the final validation, the other ran it
+    (2, "reached train.max_steps=2"),
+])
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_update(
+        tmp_path, cache_dir, max_steps, reason):
     from seq2seq.checkpoint import load_checkpoint
 
-    recipe = write_recipe(tmp_path, cache_dir, "one_signal", train={"max_steps": 50},
-                          distributed={"timeout_s": 30})
+    recipe = write_recipe(tmp_path, cache_dir, "one_signal", distributed={"timeout_s": 30},
+                          train={"max_steps": max_steps, "valid_every": 100})
     script = tmp_path / "one_signal.py"
     script.write_text(ONE_RANK_SIGNAL_SCRIPT, encoding="utf-8")
     started = time.monotonic()
@@ -334,8 +339,7 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_update(tmp_pa
     check(result)
     assert time.monotonic() - started < 30 + 60, "a rank waited for the timeout"
     states = [json.loads((tmp_path / f"out.rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert states[0] == states[1] == {"step": 2, "interrupted": True,
-                                      "reason": "a rank received a stop signal"}
+    assert states[0] == states[1] == {"step": 2, "interrupted": True, "reason": reason}
     assert load_checkpoint(tmp_path / "one_signal" / "last.pt")["step"] == 2
 
 

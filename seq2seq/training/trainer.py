@@ -247,6 +247,8 @@ class Trainer:
                 progress.epoch += 1
                 progress.epoch_step = 0
         bar.close()
+        if self.world > 1:  # a signal during the last update may have reached one rank only
+            self.interrupted = dist.any_rank(self.interrupted, self.device)
         self.finish()
 
     def log_window(self, window: Window, lr: float, bar: Any) -> None:
@@ -309,11 +311,8 @@ class Trainer:
         })
 
     def finish(self) -> None:
-        """Validate once more if the last update was not validated, then write last.pt.
-
-        A run resumed from its ``last.pt`` that made no update (it had already finished, or
-        was stopped at once) leaves its files as they are: nothing changed to validate or save.
-        """
+        """Validate once more if the last update was not validated, then write last.pt; a
+        run resumed from its ``last.pt`` that made no update leaves its files as they are."""
         progress, metric = self.progress, self.recipe.train.early_stop_metric
         unchanged = self.resumed_from == (self.run.path / "last.pt", progress.step)
         validated = progress.step % self.recipe.train.valid_every == 0
