@@ -13,8 +13,10 @@ import contextlib
 import datetime
 import gc
 import os
+import pickle
 import sys
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -87,7 +89,7 @@ def environment() -> tuple[int, int | None, int]:
     values = {}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         text = os.environ.get(name)
-        if text is not None and not text.strip().isdigit():
+        if text is not None and not (text.strip().isascii() and text.strip().isdigit()):
             raise DistributedError(f"the environment variable {name}={text!r} is no process "
                                    "number; torchrun sets it (unset it to train here)")
         values[name] = None if text is None else int(text)
@@ -192,29 +194,46 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 # millions of pairs: hashing, a tokenizer, the encoded cache), where distributed.timeout_s is
 # for collectives that every rank reaches together. torchrun ends the group if a rank dies.
 LONG_WAIT_S = 24 * 3600
+POLL_S = 5.0  # the waiting ranks return to Python this often (signals are handled there)
 
 
-@contextlib.contextmanager
-def long_wait(timeout_s: float = LONG_WAIT_S) -> Iterator[Any]:
-    """A gloo group of every rank whose collectives wait up to ``timeout_s`` (None on one
-    process): every rank enters it before the main rank starts its long work."""
+class MainRankFailed(Seq2SeqError):
+    """What the main rank did alone failed (it says why itself)."""
+
+
+def from_main(key: str, work: Callable[[], Any], timeout_s: float = LONG_WAIT_S) -> Any:
+    """``work()`` on the main rank; its result, pickled through the group's store, on every
+    rank. The others wait on the store up to ``timeout_s``, not in a collective (whose
+    timeout is ``distributed.timeout_s``), and need no second backend.
+
+    Raises:
+        MainRankFailed: on the other ranks, when ``work`` raised on the main rank.
+    """
     if not is_initialized():
-        yield None
-        return
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    try:
-        yield group
-    finally:
-        dist.destroy_process_group(group)
-
-
-def broadcast_in(group: Any, obj: Any, src: int = 0) -> Any:
-    """``obj`` from rank ``src`` on every rank of ``group`` (from :func:`long_wait`)."""
-    if group is None:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+        return work()
+    store = dist.distributed_c10d._get_default_store()
+    if is_main():
+        try:
+            result = work()
+        except BaseException:
+            store.set(key, pickle.dumps(("failed", None)))
+            raise
+        store.set(key, pickle.dumps(("done", result)))
+        return result
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            store.wait([key], datetime.timedelta(seconds=POLL_S))
+            break
+        except RuntimeError:  # not there yet (DistStoreError): wait on, up to the deadline
+            if time.monotonic() > deadline:
+                raise MainRankFailed(f"rank {rank()}: waited {timeout_s:g} s for the main "
+                                     f"rank's {key}") from None
+    status, result = pickle.loads(store.get(key))
+    if status != "done":
+        raise MainRankFailed(f"rank {rank()}: the main rank failed in its {key} (its "
+                             "output says why)")
+    return result
 
 
 def gather_objects(obj: Any) -> list[Any] | None:
@@ -322,7 +341,8 @@ def launch(torchrun_argv: list[str]) -> int:
     except SignalException as error:
         # As a run in one process does (seq2seq.training.run_dir.exit_code): a stop, not a
         # failure; torchrun sent the workers SIGTERM, on which each saves after its update.
-        print(f"stopped: the launcher received {error.sigval.name}; the workers were stopped "
-              "(each saves last.pt after its update; run again to resume)", file=sys.stderr)
+        print(f"stopped: the launcher received {error.sigval.name} and sent the workers "
+              "SIGTERM, on which each saves last.pt after its update; run again to resume",
+              file=sys.stderr)
         return 128 + int(error.sigval)
     return 0

@@ -21,9 +21,11 @@ from seq2seq.config.loading import RECIPE_SAID
 def torchrun_args(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> list[str]:
     """torchrun's command line for this recipe (the workers re-run ``seq2seq train``)."""
     cfg = recipe.distributed
+    # On Ctrl-C or SIGTERM torchrun sends its workers SIGTERM, waits, then kills them: each
+    # needs to end its update and write last.pt (torchrun's own wait is 30 s).
     args = [f"--nproc-per-node={cfg.nproc_per_node}", f"--nnodes={cfg.nnodes}",
             f"--max-restarts={cfg.max_restarts}", "--rdzv-backend=c10d",
-            f"--rdzv-id={cfg.rdzv_id}"]
+            f"--rdzv-id={cfg.rdzv_id}", f"--shutdown-timeout={cfg.timeout_s}"]
     if cfg.nnodes > 1:
         # Node 0 hosts the rendezvous store at the endpoint, the others connect to it (an
         # explicit is_host, so a busy port on node 0 is an error rather than a silent client).

@@ -378,6 +378,39 @@ def test_the_other_ranks_wait_for_the_main_rank_s_prepare_past_the_timeout(tmp_p
         assert json.loads((tmp_path / f"out.rank{rank}.json").read_text()) == {"step": 1}
 
 
+FROM_MAIN_SCRIPT = '''
+import sys, time
+from pathlib import Path
+from seq2seq import distributed as dist
+
+dist.init_from_env("gloo", 30)
+
+def work():
+    time.sleep(1)
+    raise ValueError("a bad corpus")
+
+try:
+    outcome = dist.from_main("data preparation", work)
+except ValueError as error:
+    outcome = f"raised {error}"
+except dist.MainRankFailed as error:
+    outcome = str(error)
+Path(sys.argv[1], f"rank{dist.rank()}").write_text(outcome)
+dist.shutdown()
+'''
+
+
+def test_the_other_ranks_learn_that_the_main_rank_s_work_failed(tmp_path):
+    script = tmp_path / "from_main.py"
+    script.write_text(FROM_MAIN_SCRIPT, encoding="utf-8")
+    check(run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+               "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(script),
+               str(tmp_path)]))
+    assert (tmp_path / "rank0").read_text() == "raised a bad corpus"
+    assert (tmp_path / "rank1").read_text() == (
+        "rank 1: the main rank failed in its data preparation (its output says why)")
+
+
 def test_fit_lets_go_of_the_process_group_before_the_worker_exits(tmp_path, cache_dir):
     recipe = write_recipe(tmp_path, cache_dir, "teardown", train={"max_steps": 2})
     script = tmp_path / "teardown.py"

@@ -112,17 +112,17 @@ def prepare_on_main_first(recipe: Recipe, run: RunDirectory,
 
     Resuming ``checkpoint``, the corpus and tokenizer must be those its weights were trained on.
     """
-    expect = checkpoint.get("fingerprints") if checkpoint else None
-    with dist.long_wait() as group:  # (a first prepare can outlast distributed.timeout_s)
-        if dist.is_main():  # (prepare_data first: it reports bad corpora before any write)
-            data = prepare_data(recipe, show_progress=True, expect=expect)
-            if checkpoint is None:  # from step 0: the rows of a try that made no checkpoint
-                run.drop_rows_after(0)
-        # The other ranks reuse the main rank's cache and fingerprints (which hash the corpus)
-        known = dist.broadcast_in(group, data.fingerprints if dist.is_main() else None)
-    if not dist.is_main():
-        data = prepare_data(recipe, show_progress=False, expect=expect, known=known)
-    return data
+    expect, prepared = (checkpoint.get("fingerprints") if checkpoint else None), []
+
+    def prepare() -> dict[str, Any]:  # (prepare_data first: it reports bad corpora at once)
+        prepared.append(prepare_data(recipe, show_progress=True, expect=expect))
+        if checkpoint is None:  # from step 0: the rows of a try that made no checkpoint go
+            run.drop_rows_after(0)
+        return prepared[0].fingerprints
+
+    known = dist.from_main("data preparation", prepare)  # (may outlast distributed.timeout_s)
+    # The other ranks reuse the main rank's cache and fingerprints (which hash the corpus).
+    return prepared[0] if prepared else prepare_data(recipe, False, expect, known)
 
 
 def build_seeded_model(recipe: Recipe, tokenizer: Any, device: torch.device) -> Any:
@@ -313,20 +313,21 @@ class Trainer:
     def finish(self) -> None:
         """Validate once more if the last update was not validated, then write last.pt; a
         run resumed from its ``last.pt`` that made no update leaves its files as they are."""
-        progress, metric = self.progress, self.recipe.train.early_stop_metric
+        progress, metric, interrupted = self.progress, self.recipe.train.early_stop_metric, \
+            self.interrupted  # (as the ranks agreed: a signal in the saves below is too late)
         unchanged = self.resumed_from == (self.run.path / "last.pt", progress.step)
         validated = progress.step % self.recipe.train.valid_every == 0
         if not unchanged:
-            if not validated and progress.step > 0 and not self.interrupted:
+            if not validated and progress.step > 0 and not interrupted:
                 self.validate_and_save(scheduled=False)
             else:
                 self.save("last.pt")
-            if self.recipe.train.average_last and not self.interrupted and progress.step > 0:
+            if self.recipe.train.average_last and not interrupted and progress.step > 0:
                 average_and_validate(self.run, self.model, self.data, self.recipe, self.device,
                                      progress.step, progress.epoch_label())
         if dist.is_main():
             print_summary(self.stop_reason, progress, metric, self.run.path,
-                          idle=unchanged and not self.interrupted)
+                          idle=unchanged and not interrupted)
             self.session.report(self.device)
 
     def close(self) -> None:
