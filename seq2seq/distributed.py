@@ -222,10 +222,15 @@ def from_main(key: str, work: Callable[[], Any], timeout_s: float = LONG_WAIT_S)
         return result
     deadline = time.monotonic() + timeout_s
     while True:
+        started = time.monotonic()
         try:
             store.wait([key], datetime.timedelta(seconds=POLL_S))
             break
-        except RuntimeError:  # not there yet (DistStoreError): wait on, up to the deadline
+        except RuntimeError as error:  # not there yet (DistStoreError): wait on, to the deadline
+            if time.monotonic() - started < POLL_S / 2:  # no wait: the store itself is gone
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                raise MainRankFailed(f"rank {rank()}: lost the group's store while waiting "
+                                     f"for the main rank's {key} ({reason})") from None
             if time.monotonic() > deadline:
                 raise MainRankFailed(f"rank {rank()}: waited {timeout_s:g} s for the main "
                                      f"rank's {key}") from None
