@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import json
 import os
-import pickle
 import sys
 import time
 from typing import Any, Callable, Iterator
@@ -202,9 +202,10 @@ class MainRankFailed(Seq2SeqError):
 
 
 def from_main(key: str, work: Callable[[], Any], timeout_s: float = LONG_WAIT_S) -> Any:
-    """``work()`` on the main rank; its result, pickled through the group's store, on every
-    rank. The others wait on the store up to ``timeout_s``, not in a collective (whose
-    timeout is ``distributed.timeout_s``), and need no second backend.
+    """``work()`` on the main rank; its result (JSON: nothing in the store is executed),
+    through the group's store, on every rank. The others wait on the store up to
+    ``timeout_s``, not in a collective (whose timeout is ``distributed.timeout_s``), and need
+    no second backend.
 
     Raises:
         MainRankFailed: on the other ranks, when ``work`` raised on the main rank.
@@ -216,9 +217,9 @@ def from_main(key: str, work: Callable[[], Any], timeout_s: float = LONG_WAIT_S)
         try:
             result = work()
         except BaseException:
-            store.set(key, pickle.dumps(("failed", None)))
+            store.set(key, json.dumps(["failed", None]))
             raise
-        store.set(key, pickle.dumps(("done", result)))
+        store.set(key, json.dumps(["done", result]))
         return result
     deadline = time.monotonic() + timeout_s
     while True:
@@ -234,7 +235,7 @@ def from_main(key: str, work: Callable[[], Any], timeout_s: float = LONG_WAIT_S)
             if time.monotonic() > deadline:
                 raise MainRankFailed(f"rank {rank()}: waited {timeout_s:g} s for the main "
                                      f"rank's {key}") from None
-    status, result = pickle.loads(store.get(key))
+    status, result = json.loads(store.get(key))
     if status != "done":
         raise MainRankFailed(f"rank {rank()}: the main rank failed in its {key} (its "
                              "output says why)")
