@@ -73,10 +73,15 @@ def init_from_env(backend: str = "auto", timeout_s: int = 300,
         dist.init_process_group(backend=backend, timeout=timeout, store=attempt_store(timeout),
                                 rank=rank, world_size=world)
     except (ValueError, RuntimeError) as error:  # no MASTER_ADDR, an address nobody answers at
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise DistributedError(f"rank {rank}: cannot join the process group of {world} "
-                               f"({reason})") from None
+                               f"({first_line(error)})") from None
     return device
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name if it has none), at most 200
+    characters: torch's errors run to many lines."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def environment() -> tuple[int, int | None, int]:
@@ -229,9 +234,8 @@ def from_main(key: str, work: Callable[[], Any], timeout_s: float = LONG_WAIT_S)
             break
         except RuntimeError as error:  # not there yet (DistStoreError): wait on, to the deadline
             if time.monotonic() - started < POLL_S / 2:  # no wait: the store itself is gone
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
                 raise MainRankFailed(f"rank {rank()}: lost the group's store while waiting "
-                                     f"for the main rank's {key} ({reason})") from None
+                                     f"for the main rank's {key} ({first_line(error)})") from None
             if time.monotonic() > deadline:
                 raise MainRankFailed(f"rank {rank()}: waited {timeout_s:g} s for the main "
                                      f"rank's {key}") from None
@@ -293,7 +297,7 @@ def peer_lost(error: BaseException) -> str | None:
     if "LOCAL_RANK" not in os.environ or not isinstance(error, RuntimeError):
         return None
     text = str(error)
-    reason = text.strip().splitlines()[0][:200] if text.strip() else ""
+    reason = first_line(error)
     if any(marker in text for marker in TIMED_OUT):
         return (f"rank {os.environ.get('RANK', '?')}: a collective waited longer than "
                 f"distributed.timeout_s for another worker ({reason}); raise it if a rank has "
