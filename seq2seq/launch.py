@@ -10,12 +10,18 @@ only builds torchrun's command line; :func:`seq2seq.distributed.launch` runs it.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import tempfile
 from pathlib import Path
 
 from seq2seq import distributed as dist
 from seq2seq.config import Recipe
 from seq2seq.config.loading import RECIPE_SAID
+
+# Where a worker that stopped on a signal says so to its launcher: torchrun reads a worker's
+# non-zero exit as a failure (and restarts the group), so the workers of a stopped run exit 0.
+STOP_RECORD = "SEQ2SEQ_STOP_RECORD"
 
 
 def torchrun_args(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> list[str]:
@@ -47,7 +53,28 @@ def launch_workers(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> i
     """
     # The workers read the same command line; this process has said its warnings already.
     os.environ[RECIPE_SAID] = "1"
-    code = dist.launch(torchrun_args(recipe, recipe_path, overrides))
-    if code == 0:
-        print("distributed training finished", file=sys.stderr)
-    return code
+    with tempfile.TemporaryDirectory(prefix="seq2seq-launch-") as records:
+        os.environ[STOP_RECORD] = records
+        code = dist.launch(torchrun_args(recipe, recipe_path, overrides))
+        stops = sorted(Path(records).iterdir()) if code == 0 else []
+        signals = [int(path.read_text() or 0) for path in stops]
+    if not stops:
+        if code == 0:
+            print("distributed training finished", file=sys.stderr)
+        return code
+    # A worker (not this launcher) got the signal: every rank stopped after the same update
+    # and saved. Exit as a stopped single process does, so `train && evaluate` stops here.
+    signum = max(signals)  # 0: a worker on another node got it
+    what = signal.Signals(signum).name if signum else "a stop signal"
+    print(f"stopped: a worker received {what}; every worker saved last.pt after the same "
+          "update; run again to resume", file=sys.stderr)
+    return 128 + (signum or signal.SIGTERM)
+
+
+def record_stop(signum: int | None) -> None:
+    """In a worker started by :func:`launch_workers`: tell the launcher that this run stopped
+    on a signal (``signum``; None: another rank's)."""
+    records = os.environ.get(STOP_RECORD)
+    if records and Path(records).is_dir():  # (the launcher's own node only)
+        name = f"rank{os.environ.get('RANK', '0')}"
+        (Path(records) / name).write_text(str(signum or 0), encoding="ascii")

@@ -525,6 +525,31 @@ def test_ctrl_c_to_the_launcher_stops_the_workers_and_exits_130(tmp_path, cache_
     assert 0 < load_checkpoint(tmp_path / "ctrl_c" / "last.pt")["step"] < 10_000
 
 
+def test_a_signal_to_one_worker_exits_as_a_stopped_run(tmp_path, cache_dir):
+    """The workers stopped and saved, then the launcher said "distributed training finished"
+    and exited 0: `train && evaluate` went on to evaluate a half-trained model."""
+    from seq2seq.checkpoint import load_checkpoint
+
+    recipe = write_recipe(tmp_path, cache_dir, "worker_signal", train={"max_steps": 10_000,
+                                                                       "log_every": 1})
+    launcher = subprocess.Popen(seq2seq_train(recipe, "distributed.nproc_per_node=2"),
+                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    metrics = tmp_path / "worker_signal" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (metrics.exists() and '"split": "train"' in metrics.read_text()):
+        assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()
+        time.sleep(0.2)
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    assert len(children) == 2, children  # torchrun starts the workers itself
+    os.kill(int(children[1]), signal.SIGTERM)
+    _, err = launcher.communicate(timeout=TIMEOUT_S)
+    assert launcher.returncode == 143, err
+    assert "stopped: a worker received SIGTERM" in err, err
+    assert "finished" not in err and "error:" not in err, err
+    assert 0 < load_checkpoint(tmp_path / "worker_signal" / "last.pt")["step"] < 10_000
+
+
 @pytest.mark.parametrize("variables, message", [
     ({"LOCAL_RANK": "abc"}, "the environment variable LOCAL_RANK='abc' is no process number"),
     ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is no process number"),

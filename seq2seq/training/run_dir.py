@@ -305,11 +305,17 @@ def train_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def exit_code(stop_signal: int | None, under_torchrun: bool) -> int:
-    """The exit code of ``seq2seq train`` for a run that ended without an error."""
-    if stop_signal is None or under_torchrun:
+def exit_code(stop_signal: int | None, interrupted: bool, under_torchrun: bool) -> int:
+    """The exit code of ``seq2seq train`` for a run that ended without an error;
+    ``interrupted``: by a signal to this process or (torchrun) to another rank."""
+    if under_torchrun:
         # torchrun reads a worker's non-zero exit as a failure and restarts the group; its
-        # launcher exits 128 + the signal itself (seq2seq.distributed.launch).
+        # launcher exits 128 + the signal (seq2seq.distributed.launch, seq2seq.launch).
+        if interrupted:
+            from seq2seq.launch import record_stop
+            record_stop(stop_signal)
+        return 0
+    if stop_signal is None:
         return 0
     # The shell's convention for a signalled process (130 for SIGINT, 143 for SIGTERM), after
     # the clean save: `seq2seq train R && seq2seq evaluate R` stops after Ctrl-C.

@@ -55,7 +55,7 @@ def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> in
             run.close()
         return launch_workers(recipe, recipe_path, overrides)
     trainer = fit(recipe)
-    return exit_code(trainer.stop_signal, under_torchrun="LOCAL_RANK" in os.environ)
+    return exit_code(trainer.stop_signal, trainer.interrupted, "LOCAL_RANK" in os.environ)
 
 
 def prepare_command(recipe: Recipe) -> Any:
