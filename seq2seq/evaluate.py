@@ -15,7 +15,7 @@ from seq2seq.data.preflight import directory_problem
 from seq2seq.errors import warn
 from seq2seq.files import check_distinct, first_repeat
 from seq2seq.report import format_summary, report_files, write_report
-from seq2seq.scoring import EvaluationError, build_result
+from seq2seq.scoring import EvaluationError, build_result, check_bleu_tokenizer
 
 # --------------------------------------------------------------------------------------------
 # ``seq2seq evaluate``
@@ -53,9 +53,15 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     inputs = [*checkpoints, args.src, *(args.ref or []), args.compare]
     check_distinct(report_files(report_dir, names, 0), inputs)
     test_sets = list(_test_sets(args, recipe))  # all read, and checked, before the model loads
+    compare = _read_text_lines(args.compare) if args.compare else None
+    for name, srcs, _ in test_sets if compare is not None else []:
+        if len(compare) != len(srcs):
+            raise EvaluationError(f"{args.compare}: {len(compare)} lines but test set {name} "
+                                  f"has {len(srcs)} (--compare applies to every test set)")
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize, precision=args.precision)
     recipe = recipe or translator.recipe
+    tokenize = check_bleu_tokenizer(recipe.eval.tokenize, recipe.data.trg_lang)
     # and with the attention plots, whose number the checkpoint's recipe may give
     check_distinct(report_files(report_dir, names, recipe.eval.attention_plots), inputs)
     # The decode section of the recipe given here (with its overrides), else the checkpoint's.
@@ -65,12 +71,11 @@ def evaluate_command(args: Any, recipe: Any) -> int:
                                           shortlist=args.shortlist, base=recipe.decode,
                                           names=CLI_NAMES)
     cfg = recipe.eval
-    compare = _read_text_lines(args.compare) if args.compare else None
     results = []
     for name, srcs, refs in test_sets:
         hyps, attention = _translate_all(translator, settings, srcs, cfg.attention_plots)
         results.append(build_result(
-            name, srcs, hyps, refs, cfg.lowercase, cfg.tokenize, cfg.bootstrap, recipe.seed,
+            name, srcs, hyps, refs, cfg.lowercase, tokenize, cfg.bootstrap, recipe.seed,
             decoding={**dataclasses.asdict(settings), "quantized": args.quantize,
                       **({"int8_kernel": int8_kernel()} if args.quantize else {}),
                       "precision": translator.precision},

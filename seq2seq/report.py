@@ -71,6 +71,7 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
     stems = [file_stem(r["name"]) for r in results]
     if len(set(stems)) != len(stems):
         raise EvaluationError(f"test set names collide as file names: {stems}")
+    earlier = _files_of_report(report_dir)
     written: list[Path] = []
     entries = []
     # One set: an error or a signal leaves every file of an earlier report as it was, never
@@ -92,7 +93,24 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
             output(report_dir / name).write(content.encode("utf-8"))
             written.append(report_dir / name)
     _remove_old_plots(report_dir, stems, written)
+    for name in earlier - {path.name for path in written}:
+        if not (report_dir / name).is_dir():  # a test set the report no longer has
+            (report_dir / name).unlink(missing_ok=True)
     return written
+
+
+def _files_of_report(report_dir: Path) -> set[str]:
+    """The hypotheses and plots that the report.json in ``report_dir`` lists (none if it
+    has none or cannot be read): files this module wrote, so they may be replaced."""
+    try:
+        report = json.loads((report_dir / "report.json").read_text(encoding="utf-8"))
+        entries = report["test_sets"]
+        names = {e["hypotheses_file"] for e in entries} | {p for e in entries for p in e["plots"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    # Only names of this module's pattern, in the directory itself.
+    return {n for n in names if isinstance(n, str) and n == Path(n).name
+            and re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.(hyp\.txt|png)", n)}
 
 
 def _remove_old_plots(report_dir: Path, stems: Sequence[str], written: Sequence[Path]) -> None:
@@ -142,7 +160,8 @@ def format_markdown(entries: Sequence[dict[str, Any]]) -> str:
              "| test set | sentences | BLEU | chrF | TER |", "|---|---:|---:|---:|---:|"]
     for e in entries:
         cells = " | ".join(f"{e[k]['score']:.2f} {_ci_text(e[k])}" for k in METRIC_NAMES)
-        lines.append(f"| {e['name']} | {e['n_sentences']} | {cells} |")
+        name = e["name"].replace("|", "\\|")  # (a bare | would start another cell)
+        lines.append(f"| {name} | {e['n_sentences']} | {cells} |")
     for e in entries:
         lines += ["", f"## {e['name']}", ""]
         if e.get("checkpoints"):

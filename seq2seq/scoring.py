@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,10 +21,14 @@ from sacrebleu.metrics import BLEU, CHRF, TER
 from sacrebleu.metrics.base import Metric
 from sacrebleu.significance import PairedTest, _bootstrap_resample, estimate_ci
 
-from seq2seq.errors import Seq2SeqError
+from seq2seq.errors import Seq2SeqError, warn
 
 METRIC_NAMES = {"bleu": "BLEU", "chrf": "chrF", "ter": "TER"}
 DEFAULT_BUCKETS = (5, 10, 15, 20, 30, 40)
+# ``eval.tokenize: auto``: sacreBLEU's own choice for a target language (its command line's
+# ``-l``): these scripts put no spaces between words, where 13a would see one word a sentence.
+LANGUAGE_TOKENIZERS = {"zh": "zh", "ja": "ja-mecab", "ko": "ko-mecab"}
+_EXTRAS = {"ja-mecab": "sacrebleu[ja]", "ko-mecab": "sacrebleu[ko]"}
 
 
 class EvaluationError(Seq2SeqError):
@@ -44,13 +49,44 @@ def build_metrics(lowercase: bool, tokenize: str) -> dict[str, Metric]:
     return {"bleu": _bleu(lowercase, tokenize), "chrf": CHRF(lowercase=lowercase), "ter": TER()}
 
 
+def bleu_tokenizer(tokenize: str, trg_lang: str) -> str:
+    """``eval.tokenize`` with ``auto`` resolved for the target language: zh, ja-mecab or
+    ko-mecab for Chinese, Japanese and Korean (``zh``, ``ZH``, ``zh-CN``, ``ja_JP`` ...), else
+    13a."""
+    if tokenize != "auto":
+        return tokenize
+    primary = re.split(r"[-_]", trg_lang.strip().lower())[0]
+    return LANGUAGE_TOKENIZERS.get(primary, "13a")
+
+
+def check_bleu_tokenizer(tokenize: str, trg_lang: str) -> str:
+    """The tokenizer :func:`bleu_tokenizer` resolves, checked before any work is done.
+
+    Raises:
+        EvaluationError: (one line) sacreBLEU cannot tokenize so: ja-mecab or ko-mecab
+            without their extra dependencies, a flores model that cannot be downloaded.
+    """
+    name = bleu_tokenizer(tokenize, trg_lang)
+    try:
+        _bleu(False, name)
+    except EvaluationError as error:
+        if name == tokenize:
+            raise
+        raise EvaluationError(str(error).replace(
+            f"eval.tokenize={name}", f"eval.tokenize={tokenize} ({name} for data.trg_lang "
+            f"{trg_lang})", 1)) from None
+    return name
+
+
 def _bleu(lowercase: bool, tokenize: str) -> BLEU:
     try:
         return BLEU(lowercase=lowercase, tokenize=tokenize)
-    except RuntimeError as error:  # e.g. ja-mecab without its extra dependencies
-        reason = next((line for line in str(error).splitlines() if line.strip()), str(error))
-        raise EvaluationError(f"eval.tokenize={tokenize}: {reason.strip()} "
-                              f"(pip install 'sacrebleu[ja]' / 'sacrebleu[ko]')") from None
+    except Exception as error:  # noqa: BLE001 (sacreBLEU raises RuntimeError, URLError, ...)
+        reason = next((line for line in str(error).splitlines() if line.strip()),
+                      type(error).__name__).strip()
+        hint = f" (pip install '{_EXTRAS[tokenize]}')" if tokenize in _EXTRAS else ""
+        raise EvaluationError(f"eval.tokenize={tokenize}: sacreBLEU cannot tokenize: "
+                              f"{reason}{hint}") from None
 
 
 def corpus_bleu(hyps: Sequence[str], refs: Sequence[Sequence[str]], lowercase: bool = False,
@@ -119,7 +155,8 @@ def score_corpus(
         ``{"n_sentences": n, "bleu": m, "chrf": m, "ter": m}`` where each ``m`` is
         ``{"score", "signature", "ci"}``; ``ci`` is None or ``{"mean", "half_width", "low",
         "high"}`` — sacreBLEU's bootstrap mean ± half the width of the 2.5–97.5 percentile
-        range. BLEU also has ``"details"`` (n-gram precisions, brevity penalty, lengths).
+        range, and that range's bounds. BLEU also has ``"details"`` (n-gram precisions,
+        brevity penalty, lengths).
         With a bootstrap the signatures include ``bs:<n>|seed:<seed>``.
 
     Raises:
@@ -137,9 +174,13 @@ def score_corpus(
         if bootstrap >= 2:
             with _sacrebleu_seed(seed):
                 _, resampled = _bootstrap_resample(stats, metric, bootstrap)
-            mean, half = estimate_ci(np.array([float(s.score) for s in resampled]))
+            scores = np.sort([float(s.score) for s in resampled])
+            mean, half = estimate_ci(scores)
+            # The bounds whose half distance sacreBLEU reports (its estimate_ci): mean ± half
+            # may pass 100 or 0 where the resamples are skewed.
+            edge = len(scores) // 40
             ci = {"mean": _round(mean), "half_width": _round(half),
-                  "low": _round(mean - half), "high": _round(mean + half)}
+                  "low": _round(scores[edge]), "high": _round(scores[-1 - edge])}
             signature.update("bs", bootstrap)
             signature.update("seed", str(seed))
         entry: dict[str, Any] = {"score": _round(score.score), "signature": str(signature),
@@ -169,7 +210,8 @@ def compare_systems(
         hyps_b: hypotheses of the system compared with (``--compare HYP_FILE``).
         refs: reference streams.
         n_bootstrap: resamples (0: sacreBLEU's default of 1000).
-        seed: resampling seed. sacreBLEU treats 0 as "unseeded", so 0 is not reproducible.
+        seed: resampling seed. sacreBLEU's paired test treats 0 as "unseeded", so 0 is not
+            reproducible (a warning says so).
 
     Returns:
         ``{"n_bootstrap", "seed", "bleu": c, "chrf": c, "ter": c}`` with each ``c`` =
@@ -180,6 +222,9 @@ def compare_systems(
     _check_inputs(hyps_a, refs, "compare_systems (system A)")
     _check_inputs(hyps_b, refs, "compare_systems (system B)")
     metrics = build_metrics(lowercase, tokenize)
+    if seed == 0:
+        warn("seed 0: sacreBLEU's paired bootstrap test does not fix its draw for seed 0, so "
+             "its p-values vary from run to run (the signature says seed:0); use another seed")
     with _sacrebleu_seed(seed):
         test = PairedTest([("b", list(hyps_b)), ("a", list(hyps_a))], metrics,
                           [list(stream) for stream in refs], test_type="bs",

@@ -305,6 +305,20 @@ def test_evaluate_a_reference_against_itself_scores_100(trained, tmp_path):
     assert result.stderr.decode().count(f"warning: {ref}: is the --src file itself") == 1
 
 
+def test_a_compare_file_of_another_length_is_refused_before_the_model_loads(tmp_path):
+    """It was refused after the whole test set had been decoded."""
+    src, ref, other = tmp_path / "src.txt", tmp_path / "ref.txt", tmp_path / "other.txt"
+    src.write_text("ein Hund\nzwei Katzen\n")
+    ref.write_text("a dog\ntwo cats\n")
+    other.write_text("a dog\n")
+    result = seq2seq("evaluate", "--checkpoint", tmp_path / "none.pt", "--src", src, "--ref",
+                     ref, "--compare", other, "--report-dir", tmp_path / "rep")
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().splitlines() == [
+        f"error: {other}: 1 lines but test set src.txt has 2 (--compare applies to every test "
+        "set)"]
+
+
 def test_evaluate_files_and_int8_have_default_report_dirs_of_their_own(trained, tmp_path):
     from seq2seq.quantize import int8_kernel as this_cpus_kernel
 

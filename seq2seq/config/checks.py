@@ -7,6 +7,7 @@ order and raises one :class:`RecipeError` naming each by its dotted path.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,12 @@ def check_data(data: DataConfig) -> None:
     if valid("max_length_ratio"):
         _check(problems, not 0 < data.max_length_ratio < 1, "data.max_length_ratio",
                f"must be 0 (no ratio filter) or at least 1, got {data.max_length_ratio}")
-    _check(problems, data.src_lang != data.trg_lang, "data.trg_lang",
+    for key in ("src_lang", "trg_lang"):
+        code = getattr(data, key)
+        _check(problems, bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", code)), f"data.{key}",
+               f"must be a language code such as de or pt-BR (letters, digits, - and _), got "
+               f"{code!r}")
+    _check(problems, data.src_lang.lower() != data.trg_lang.lower(), "data.trg_lang",
            "must differ from data.src_lang")
     _raise_any(problems)
 

@@ -257,8 +257,10 @@ class EvalConfig:
     checkpoint: Literal["best", "last", "averaged"] = option(
         "best", "which checkpoint of the run to evaluate (averaged: train.average_last's)")
     lowercase: bool = option(False, "case-insensitive BLEU and chrF")
-    tokenize: Literal["13a", "intl", "zh", "ja-mecab", "char", "none"] = option(
-        "13a", "sacreBLEU tokenizer for BLEU")
+    tokenize: Literal["auto", "13a", "intl", "zh", "ja-mecab", "ko-mecab", "char", "none",
+                      "flores101", "flores200"] = option(
+        "auto", "sacreBLEU tokenizer for BLEU; auto: as sacreBLEU picks for data.trg_lang (zh, "
+        "ja-mecab, ko-mecab for Chinese, Japanese, Korean; else 13a)")
     bootstrap: int = option(1000, "bootstrap resamples for 95% confidence intervals (0: off)",
                             ints(0, 100_000))
     report_dir: Optional[str] = option(

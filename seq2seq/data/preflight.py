@@ -1,10 +1,11 @@
 """What ``prepare`` checks before it writes anything, as one function that ``check`` calls too.
 
 :func:`input_problems` finds every problem with the directories and corpora a recipe names:
-an ``output_dir`` or ``data.cache_dir`` that a file stands in the way of, a corpus file that is
-missing or unreadable, a corpus without a sentence pair with text on both sides (an empty
-validation set would give a run that scores BLEU 0, an empty test set nothing to score), test
-set names that would share a report file. It reads nothing it does not have to (the first
+an ``output_dir`` or ``data.cache_dir`` that a file stands in the way of, a BLEU tokenizer
+sacreBLEU cannot run (``eval.tokenize``), a corpus file that is missing or unreadable, a
+corpus without a sentence pair with text on both sides (an empty validation set would give a
+run that scores BLEU 0, an empty test set nothing to score), test set names that would share a
+report file. It reads nothing it does not have to (the first
 useful pair of each corpus) and writes nothing. ``prepare`` raises the first problem; ``check``
 prints all.
 """
@@ -26,6 +27,7 @@ from seq2seq.data.corpus import (
 )
 from seq2seq.errors import warn
 from seq2seq.files import same_file
+from seq2seq.scoring import EvaluationError, check_bleu_tokenizer
 
 MAX_GENERATED_EVAL = 100_000
 
@@ -59,6 +61,10 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False, say: bool = Tru
             seen.add(problem)
             problems.append(f"{key} {path}: {problem}")
     problems += _test_name_problems(list(data.test))
+    try:  # validation scores BLEU too: a missing extra must not cost the first updates
+        check_bleu_tokenizer(recipe.eval.tokenize, data.trg_lang)
+    except EvaluationError as error:
+        problems.append(str(error))
     # (key, corpus, read to its end, must hold a pair): no set may be empty (a test set with
     # nothing to score would fail evaluate after the other sets were decoded).
     corpora = [("data.train", data.train, False, True),

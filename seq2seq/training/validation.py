@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from seq2seq import distributed as dist
 from seq2seq.config import Recipe
 from seq2seq.decoding import decode_ids, length_batches, pad_sources
-from seq2seq.scoring import corpus_bleu
+from seq2seq.scoring import bleu_tokenizer, corpus_bleu
 from seq2seq.tokenizer import PAD
 
 
@@ -75,7 +75,8 @@ def validate(model: Any, valid: Any, tokenizer: Any, recipe: Recipe,
         metrics = {"loss": loss, "ppl": math.exp(min(loss, 100.0)),
                    "bleu": corpus_bleu(ordered, [valid.trg_text],
                                        lowercase=recipe.eval.lowercase,
-                                       tokenize=recipe.eval.tokenize),
+                                       tokenize=bleu_tokenizer(recipe.eval.tokenize,
+                                                               recipe.data.trg_lang)),
                    "n_sentences": len(ordered)}
     metrics = dist.broadcast_object(metrics)
     model.train(was_training)
