@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -73,8 +74,6 @@ class Tokenizer:
                 raise Seq2SeqError(f"the {side} SentencePiece model has special ids "
                                    f"pad/unk/bos/eos = {ids}; expected 0/1/2/3")
 
-    # -- properties -----------------------------------------------------------------------
-
     @property
     def joint(self) -> bool:
         """True when source and target share one model (and one vocabulary)."""
@@ -95,8 +94,6 @@ class Tokenizer:
         if self._trg_proto is not None:
             digest.update(b"\0trg\0" + self._trg_proto)
         return digest.hexdigest()
-
-    # -- encode / decode ------------------------------------------------------------------
 
     def encode_src(self, sentences: list[str]) -> list[list[int]]:
         """Source sentences -> subword ids (no BOS/EOS)."""
@@ -134,8 +131,6 @@ class Tokenizer:
     def trg_pieces(self, ids: list[int]) -> list[str]:
         """One target sentence's ids -> its subword pieces (for attention plots)."""
         return [self._trg.id_to_piece(int(i)) for i in ids]
-
-    # -- persistence ----------------------------------------------------------------------
 
     def save(self, out_dir: Path) -> None:
         """Write ``spm.model`` (joint) or ``src.model`` + ``trg.model`` into ``out_dir``."""
@@ -231,10 +226,17 @@ def _tensor_to_bytes(tensor: torch.Tensor) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
+# Tokenizer keys added after tokenizers were saved, with the value they all had: in the hash only
+# when set otherwise, so those tokenizers stay current.
+_ADDED_KEYS = {"byte_fallback": False, "normalization": "nmt_nfkc"}
+
+
 def tokenizer_hash(cfg: TokenizerConfig, data_fingerprint: str, src_lang: str,
                    trg_lang: str) -> str:
     """The hash that decides whether a saved tokenizer can be reused."""
-    key = {"data": data_fingerprint, "settings": dataclasses.asdict(cfg),
+    settings = {key: value for key, value in dataclasses.asdict(cfg).items()
+                if _ADDED_KEYS.get(key, ...) != value}
+    key = {"data": data_fingerprint, "settings": settings,
            "languages": [src_lang, trg_lang], "ids": [PAD, UNK, BOS, EOS],
            "sentencepiece": spm.__version__}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -275,7 +277,8 @@ def _train_into(cfg: TokenizerConfig, pairs: Iterable[tuple[str, str]], data_has
     if cfg.joint:
         tokenizer = Tokenizer(_train_model(cfg, [src_text, trg_text]))
     else:
-        tokenizer = Tokenizer(_train_model(cfg, [src_text]), _train_model(cfg, [trg_text]))
+        tokenizer = Tokenizer(_train_model(cfg, [src_text], "source"),
+                              _train_model(cfg, [trg_text], "target"))
     model_dir = work / "model"
     tokenizer.save(model_dir)
     info = {"hash": data_hash, "type": cfg.type, "joint": cfg.joint,
@@ -340,9 +343,10 @@ _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a
 _TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
-def _train_model(cfg: TokenizerConfig, inputs: list[Path]) -> bytes:
-    """Train one SentencePiece model on the text files ``inputs``; return its proto."""
-    model = _BytesSink()
+def _train_model(cfg: TokenizerConfig, inputs: list[Path], side: str = "") -> bytes:
+    """Train one SentencePiece model on the text files ``inputs`` (of the ``side`` of
+    separate vocabularies); return its proto."""
+    model = io.BytesIO()
     # SentencePiece samples input_sentence_size sentences; a fixed seed makes that repeatable.
     spm.set_random_generator_seed(SAMPLING_SEED)
     try:
@@ -352,23 +356,27 @@ def _train_model(cfg: TokenizerConfig, inputs: list[Path]) -> bytes:
             sentence_iterator=_lines(inputs), model_writer=model, model_type=cfg.type,
             vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
             input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
-            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS,
+            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, byte_fallback=cfg.byte_fallback,
+            normalization_rule_name=cfg.normalization,
             # Lines longer than this are skipped by SentencePiece, not truncated.
             max_sentence_length=16384, num_threads=max(1, os.cpu_count() or 1),
             minloglevel=2)
     except RuntimeError as error:
-        message = str(error)
+        message, data = str(error), f"{side} training data".lstrip()
         if match := _TOO_HIGH.search(message):
             raise Seq2SeqError(
-                f"tokenizer.vocab_size = {match.group(1)} is too large for the training data; "
+                f"tokenizer.vocab_size = {match.group(1)} is too large for the {data}; "
                 f"SentencePiece allows at most {match.group(2)}") from None
         if match := _TOO_LOW.search(message):
             raise Seq2SeqError(
                 f"tokenizer.vocab_size = {match.group(1)} is smaller than the {match.group(2)} "
-                f"characters and special tokens it must hold; raise it or lower "
+                f"characters and special tokens of the {data}; raise it or lower "
                 f"tokenizer.character_coverage") from None
+        if "sentences_.empty()" in message:
+            raise Seq2SeqError(f"the {data} has no sentence shorter than 16,384 bytes, the "
+                               "longest SentencePiece trains on") from None
         raise Seq2SeqError(f"SentencePiece training failed: {message.splitlines()[0]}") from None
-    return model.data
+    return model.getvalue()
 
 
 def _lines(paths: list[Path]) -> Iterator[str]:
@@ -377,16 +385,6 @@ def _lines(paths: list[Path]) -> Iterator[str]:
         with open(path, encoding="utf-8", newline="\n") as handle:
             for line in handle:
                 yield line.rstrip("\n")
-
-
-class _BytesSink:
-    """The ``model_writer`` SentencePiece writes the trained proto to."""
-
-    def __init__(self) -> None:
-        self.data = b""
-
-    def write(self, data: bytes) -> None:
-        self.data += data
 
 
 def _replace_dir(new: Path, target: Path) -> None:

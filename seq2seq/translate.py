@@ -307,10 +307,14 @@ class Translator:
     def encode_sources(self, sentences: list[str]) -> tuple[list[int], list[list[int]]]:
         """The indices of the sentences that are not blank, and their source token ids.
 
-        Blank sentences are not decoded: their translation is :func:`blank_translation`.
+        Blank sentences are not decoded: their translation is :func:`blank_translation`. So
+        are sentences of only what SentencePiece deletes (zero-width spaces, control
+        characters): they encode to no token, from which a model makes something up.
         """
         todo = [i for i, sentence in enumerate(sentences) if sentence.strip()]
-        return todo, self.tokenizer.encode_src([sentences[i] for i in todo])
+        ids = self.tokenizer.encode_src([sentences[i] for i in todo])
+        kept = [k for k, row in enumerate(ids) if row]
+        return [todo[k] for k in kept], [ids[k] for k in kept]
 
     def translation(self, src_ids: list[int], nbest: list[Hypothesis], return_attention: bool,
                     texts: list[str] | None = None) -> Translation:

@@ -210,10 +210,12 @@ def test_translator_gives_blank_sentences_an_empty_translation_without_decoding(
         return decode_ids(model, src_ids, *args)
 
     monkeypatch.setattr(translate_module, "decode_ids", recording_decode_ids)
-    sentences = ["", "the dog", "  ", "\t", "a house"]
+    # and lines of only what SentencePiece deletes (a zero-width space, a control character):
+    # they encoded to no token, from which the model made a sentence up
+    sentences = ["", "the dog", "  ", "\t", "a house", "\u200b", "\x01\u200b"]
     hyps = translator.translate(sentences, beam=2)
     assert len(searched) == 2 and all(searched)  # the blank ones never reached the search
-    assert hyps[0] == hyps[2] == hyps[3] == ""
+    assert hyps[0] == hyps[2] == hyps[3] == hyps[5] == hyps[6] == ""
     assert hyps[1] == translator.translate(["the dog"], beam=2)[0]
     assert translator.translate(["", "a house"], beam=3, nbest=2)[0] == [""]
     # The API agrees with the command line, which writes an empty line for a blank one.

@@ -17,6 +17,7 @@ from seq2seq.tokenizer import (
     UNK,
     Tokenizer,
     load_or_train,
+    tokenizer_hash,
     train_tokenizer,
 )
 
@@ -160,6 +161,62 @@ def test_vocabulary_too_large_names_the_key_and_the_limit(pairs, tmp_path):
         train_tokenizer(config(vocab_size=10), pairs, tmp_path / "tok")
     assert not (tmp_path / "tok").exists()  # nothing half-written
     assert not list(tmp_path.iterdir())
+
+
+def test_separate_vocabularies_name_the_side_that_does_not_fit(pairs, tmp_path):
+    """With tokenizer.joint=false the message gave the source's limit, then the target's."""
+    uneven = [(s, t + " " + "".join(chr(0x4E00 + i) for i in range(30))) for s, t in pairs]
+    with pytest.raises(Seq2SeqError, match=r"= 40 is smaller than the \d+ characters and special "
+                                           r"tokens of the target training data"):
+        train_tokenizer(config(joint=False, vocab_size=40), uneven, tmp_path / "tok")
+    with pytest.raises(Seq2SeqError, match=r"too large for the source training data"):
+        train_tokenizer(config(joint=False, vocab_size=5000), pairs, tmp_path / "tok")
+
+
+def test_a_corpus_of_only_over_long_lines_says_so(tmp_path):
+    """SentencePiece skips lines over 16,384 bytes: its own message was an internal check."""
+    long = [("ka " * 6000, "lo " * 6000)] * 3
+    with pytest.raises(Seq2SeqError, match=r"^the training data has no sentence shorter than "
+                                           r"16,384 bytes"):
+        train_tokenizer(config(), long, tmp_path / "tok")
+
+
+def test_byte_fallback_spells_unseen_characters_and_gives_them_back(pairs, tmp_path):
+    """Without it a character outside the vocabulary is the unknown piece (a ⁇ in output)."""
+    unseen = "ka Āā ☃ €"
+    plain = train_tokenizer(config(vocab_size=64), pairs, tmp_path / "plain")
+    assert UNK in plain.encode_src([unseen])[0]
+    assert plain.decode_src(plain.encode_src([unseen])) == ["ka ⁇ ⁇ ⁇"]
+    byte = train_tokenizer(config(vocab_size=330, byte_fallback=True), pairs, tmp_path / "b")
+    ids = byte.encode_src([unseen])[0]
+    assert UNK not in ids and byte.decode_src([ids]) == [unseen]
+
+
+def test_the_normalization_rule_is_the_recipe_s(pairs, tmp_path):
+    """nmt_nfkc (the default) writes ² as 2 and ﬁ as fi; identity keeps the text."""
+    text = pairs + [("m² ﬁ Ｔ", "m² ﬁ Ｔ")] * 20
+    nfkc = train_tokenizer(config(vocab_size=70), text, tmp_path / "nfkc")
+    assert nfkc.decode_src(nfkc.encode_src(["m² ﬁ Ｔ"])) == ["m2 fi T"]
+    same = train_tokenizer(config(vocab_size=70, normalization="identity"), text, tmp_path / "i")
+    assert same.decode_src(same.encode_src(["m² ﬁ Ｔ"])) == ["m² ﬁ Ｔ"]
+
+
+def test_tokenizers_saved_before_the_new_keys_stay_current():
+    """byte_fallback and normalization at their defaults leave the hash as it was."""
+    import dataclasses
+    import hashlib
+    import json
+
+    import sentencepiece as spm
+
+    settings = dataclasses.asdict(config())
+    del settings["byte_fallback"], settings["normalization"]
+    key = {"data": "d", "settings": settings, "languages": ["de", "en"],
+           "ids": [PAD, UNK, BOS, EOS], "sentencepiece": spm.__version__}
+    before = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    assert tokenizer_hash(config(), "d", "de", "en") == before
+    assert tokenizer_hash(config(byte_fallback=True), "d", "de", "en") != before
+    assert tokenizer_hash(config(normalization="identity"), "d", "de", "en") != before
 
 
 def test_training_sample_is_deterministic(pairs, tmp_path):

@@ -95,6 +95,13 @@ class TokenizerConfig:
     input_sentence_size: int = option(
         500_000, "sentences sampled from the corpus to train the model (0: all)",
         ints(0, 100_000_000))
+    byte_fallback: bool = option(
+        False, "a character outside the vocabulary becomes its UTF-8 bytes (256 pieces of the "
+        "vocabulary), which decode back to it, instead of the unknown piece (⁇ in output)")
+    normalization: Literal["nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"] = option(
+        "nmt_nfkc", "SentencePiece's normalization of the text: nmt_nfkc (NFKC: ² becomes 2, "
+        "full-width letters ASCII, ﬁ fi; control characters removed), _cf also case-folds; "
+        "identity keeps the text as written")
 
     def __post_init__(self) -> None:
         check_tokenizer(self)

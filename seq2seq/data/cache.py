@@ -39,6 +39,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 
 from seq2seq.config import Corpus, DataConfig, Recipe
 from seq2seq.data.corpus import DataError
@@ -64,7 +65,7 @@ from seq2seq.data.stats import describe_eval_set, describe_train
 from seq2seq.errors import warn
 from seq2seq.search.shortlist import MAX_PAIRS, Lexicon, build_lexicon
 from seq2seq.signals import signals_held
-from seq2seq.tokenizer import Tokenizer, tokenizer_hash, train_tokenizer
+from seq2seq.tokenizer import UNK, Tokenizer, tokenizer_hash, train_tokenizer
 
 CACHE_VERSION = 2  # bump when the cached columns, the filter or the reading rules change
 # (2: a byte order mark starting any line is dropped, 2026-12-07)
@@ -335,8 +336,11 @@ def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataCo
     columns = encoded.data.table
     drop = columns.column("drop").to_numpy()
     kept = np.flatnonzero(drop == KEEP)
+    unknown = [pc.sum(pc.equal(pc.list_flatten(columns.column(side).take(kept)), UNK)).as_py()
+               for side in ("src_ids", "trg_ids")]
     stats = describe_train(drop, columns.column("src_len").to_numpy()[kept],
-                         columns.column("trg_len").to_numpy()[kept])
+                           columns.column("trg_len").to_numpy()[kept],
+                           (int(unknown[0] or 0), int(unknown[1] or 0)))
     if len(kept) == 0:
         dropped = {name: count for name, count in stats["dropped"].items() if count}
         reasons = ", ".join(f"{count:,} {name}" for name, count in dropped.items())

@@ -10,21 +10,25 @@ from __future__ import annotations
 import numpy as np
 
 from seq2seq.data.encoding import DROP_REASONS, KEEP
+from seq2seq.tokenizer import UNK
 
 
-def describe_train(drop: np.ndarray, src_len: np.ndarray, trg_len: np.ndarray) -> dict:
-    """Counts per drop reason and length statistics of the kept pairs."""
+def describe_train(drop: np.ndarray, src_len: np.ndarray, trg_len: np.ndarray,
+                   unknown: tuple[int, int]) -> dict:
+    """Counts per drop reason and length statistics of the kept pairs; ``unknown``: how many
+    of their source and target tokens are the unknown piece."""
     counts = np.bincount(drop, minlength=len(DROP_REASONS) + 1)
     return {"read": len(drop), "kept": int(counts[KEEP]),
             "dropped": {name: int(counts[code]) for code, name in DROP_REASONS.items()},
-            **describe_lengths(src_len, trg_len)}
+            **describe_lengths(src_len, trg_len), "unknown": list(unknown)}
 
 
 def describe_eval_set(src_ids: list[list[int]], trg_ids: list[list[int]]) -> dict:
-    """Pair count and length statistics of a validation or test set, from its ids."""
+    """Pair count, length statistics and unknown pieces of a validation or test set."""
     src_len = np.array([len(ids) for ids in src_ids], dtype=np.int64)
     trg_len = np.array([len(ids) for ids in trg_ids], dtype=np.int64)
-    return {"pairs": len(src_ids), **describe_lengths(src_len, trg_len)}
+    unknown = [sum(row.count(UNK) for row in side) for side in (src_ids, trg_ids)]
+    return {"pairs": len(src_ids), **describe_lengths(src_len, trg_len), "unknown": unknown}
 
 
 def describe_lengths(src_len: np.ndarray, trg_len: np.ndarray) -> dict:
@@ -64,6 +68,15 @@ def format_stats(stats: dict) -> str:
         lines.append(f"{name:{width}}  {pairs:>11,}  {row['src_tokens']:>12,}  "
                      f"{row['trg_tokens']:>12,}  {_quartet(row['src_len']):>23}  "
                      f"{_quartet(row['trg_len']):>23}")
+    # Characters outside the vocabulary: each a ⁇ in a translation, or a reference word the
+    # model cannot write. (A cache made before these counts has none.)
+    unknown = [f"{name} {row['unknown'][0]:,} / {row['unknown'][1]:,}" for name, row in rows
+               if any(row.get("unknown") or ())]
+    if unknown:
+        lines.append("unknown pieces, source / target tokens (characters outside the "
+                     "vocabulary, ⁇ in translations): "
+                     + ", ".join(unknown) + "; tokenizer.byte_fallback: true spells such "
+                     "characters in bytes")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from seq2seq.data.batching import collate, epoch_batches
 from seq2seq.data.cache import prepare_data
 from seq2seq.data.corpus import DataError
 from seq2seq.data.stats import format_stats
-from seq2seq.tokenizer import EOS
+from seq2seq.tokenizer import EOS, UNK
 from tests.conftest import shared_data_root
 
 SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "de", "ba", "gu", "fe"]
@@ -239,6 +239,27 @@ def test_format_stats_reports_counts_reasons_and_percentiles(corpus):
     assert "p50/p90/p99/max" in text and "test t1" in text and "valid" in text
     p = train["src_len"]
     assert p["p50"] <= p["p90"] <= p["p99"] <= p["max"] <= MAX_TOKENS
+
+
+def test_prepare_counts_the_unknown_pieces_of_every_set(corpus):
+    """A character outside the vocabulary is a ⁇ in translations: prepare said nothing."""
+    stats = prepare_data(make_recipe(corpus), show_progress=False).stats
+    assert "unknown pieces" not in format_stats(stats)  # every character of this corpus fits
+    with open(corpus / "train.src", "a", encoding="utf-8") as handle:
+        handle.write("".join(chr(0x4E00 + i) for i in range(20)) + " ab\n")
+    with open(corpus / "train.trg", "a", encoding="utf-8") as handle:
+        handle.write("ab\n")
+    (corpus / "test.src").write_text("ab \u4e00 cd \u4e01\n", encoding="utf-8")
+    (corpus / "test.trg").write_text("ab\n", encoding="utf-8")
+    prepared = prepare_data(make_recipe(corpus, "tokenizer.character_coverage=0.99",
+                                        "data.max_src_tokens=10000", "data.max_length_ratio=0"),
+                            show_progress=False)
+    tok, stats = prepared.tokenizer, prepared.stats
+    train_ids = tok.encode_src(read(corpus / "train.src"))
+    assert stats["train"]["unknown"][0] == sum(ids.count(UNK) for ids in train_ids) > 0
+    test_unknown = tok.encode_src(["ab \u4e00 cd \u4e01"])[0].count(UNK)
+    assert stats["tests"]["t1"]["unknown"] == [test_unknown, 0] and test_unknown >= 2
+    assert f", test t1 {test_unknown} / 0;" in format_stats(stats)
 
 
 def test_multi30k_train_prepares_in_worker_processes(tmp_path):
