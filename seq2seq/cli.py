@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", type=path,
                    help="where to write the report (default: the recipe's eval.report_dir, "
                    "else <output_dir>/eval; with --src FILE: eval-<FILE name> beside the "
-                   "checkpoint; --quantize adds -int8 to either default)")
+                   "checkpoint; --quantize adds -int8, --precision bf16 -bf16 to either "
+                   "default)")
     decode_flags(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -272,7 +272,7 @@ class EvalConfig:
                             ints(0, 100_000))
     report_dir: Optional[str] = option(
         None, "report directory of the recipe's test sets (default: <output_dir>/eval; "
-        "--quantize adds -int8)")
+        "--quantize adds -int8, --precision bf16 -bf16)")
     attention_plots: int = option(3, "attention heatmaps drawn per test set", ints(0, 1000))
 
     def __post_init__(self) -> None:
@@ -285,8 +285,12 @@ class DistributedConfig:
 
     nproc_per_node: int = option(1, "worker processes per node (GPUs per node)", ints(1, 1024))
     nnodes: int = option(1, "number of nodes", ints(1, 10_000))
-    node_rank: int = option(0, "this node's rank (static rendezvous)", ints(0, 9_999))
-    rdzv_endpoint: str = option("127.0.0.1:29500", "host:port of the rendezvous")
+    node_rank: int = option(
+        0, "0 on the node that hosts the rendezvous (at rdzv_endpoint), 1.. on the others; the "
+        "c10d rendezvous numbers the workers in the order the nodes join", ints(0, 9_999))
+    rdzv_endpoint: str = option(
+        "127.0.0.1:29500", "host:port of the rendezvous of several nodes (one node takes a free "
+        "local port)")
     rdzv_id: str = option("seq2seq", "rendezvous id shared by all nodes of one job")
     backend: Literal["auto", "nccl", "gloo"] = option("auto", "auto: nccl on GPU, gloo on CPU")
     max_restarts: int = option(0, "restarts of the worker group after a failure", ints(0, 1000))
