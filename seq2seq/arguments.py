@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 from seq2seq.stdout import drop_unwritten
 
 EXIT_USAGE = 2
+_OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)*=")  # a dotted recipe override, KEY=VALUE
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -42,6 +44,14 @@ class ArgumentParser(argparse.ArgumentParser):
         parsed, extras = super().parse_known_args(args, namespace)
         if hasattr(parsed, _StoreOnce.GIVEN):
             delattr(parsed, _StoreOnce.GIVEN)
+        if not commands and extras:  # a command's parser: its own words, said by its name
+            if isinstance(getattr(parsed, "overrides", None), list):
+                # argparse takes positionals in one run: `evaluate R --beam 3 eval.x=1` left
+                # the override after the option unknown
+                parsed.overrides += [e for e in extras if _OVERRIDE.match(e)]
+                extras = [e for e in extras if not _OVERRIDE.match(e)]
+            if extras:
+                self.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed, extras
 
     def error(self, message: str) -> None:  # type: ignore[override]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,10 @@ def _unpickle(path: Path, data: bytes, map_location: str | torch.device) -> dict
                 else "it is not the zip archive torch.save writes")
         raise CheckpointError(f"{path}: not a PyTorch checkpoint file ({what})")
     try:
-        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # (a foreign pickle: said below, in one line)
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(io.BytesIO(data), map_location=map_location,
+                                 weights_only=True)
     except Exception as error:  # torch raises many types for damaged or unsafe files
         text = str(error)
         if "Unsupported global" in text:

@@ -124,7 +124,7 @@ def cmd_average(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_data(args: argparse.Namespace) -> int:
-    from seq2seq.data.preflight import MAX_GENERATED_EVAL
+    from seq2seq.data.preflight import MAX_GENERATED_EVAL, directory_problem
     from seq2seq.data.synthetic import write_synthetic
 
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
@@ -134,11 +134,8 @@ def cmd_generate_data(args: argparse.Namespace) -> int:
             raise Seq2SeqError(f"--{split} must be in [0, {most}], got {size}")
     if args.output in ("", "-"):  # "" would be the current directory; "-" is no directory
         raise Seq2SeqError(f"generate-data {args.output!r}: name a directory to write into")
-    if Path(args.output).exists() and not Path(args.output).is_dir():
-        raise Seq2SeqError(f"{args.output}: exists and is not a directory")
-    if Path(args.output).is_symlink() and not Path(args.output).exists():
-        raise Seq2SeqError(f"{args.output}: is a symlink to {os.readlink(args.output)}, "
-                           "which does not exist")
+    if problem := directory_problem(Path(args.output)):
+        raise Seq2SeqError(f"{args.output}: {problem}")
     try:
         written = write_synthetic(Path(args.output), sizes)
     except OSError as error:
@@ -250,7 +247,24 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+def _hold_closed_outputs() -> None:
+    """Point a closed stdout or stderr (``2>&-``) at /dev/null. Else the next file opened takes
+    its number, and what C code writes to it lands in that file; and Python's ``print`` to a
+    closed stderr (None) writes to stdout: warnings and errors went into translations."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 (for the process's life)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _hold_closed_outputs()
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     previous = {}

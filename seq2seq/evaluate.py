@@ -46,6 +46,8 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     report_dir = Path(args.report_dir) if args.report_dir else default_report_dir(
         recipe, checkpoints, args.src, args.quantize, precision)
     # Before the model loads: a bad report directory must not cost a whole evaluation.
+    if str(report_dir) == "-":  # (every output path takes - for stdout; a report is files)
+        raise EvaluationError("--report-dir -: a report is several files; name a directory")
     problem = directory_problem(report_dir)
     if problem:
         raise EvaluationError(f"{report_dir}: cannot be the report directory: {problem}")
@@ -54,10 +56,13 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     check_distinct(report_files(report_dir, names, 0), inputs)
     test_sets = list(_test_sets(args, recipe))  # all read, and checked, before the model loads
     compare = _read_text_lines(args.compare) if args.compare else None
+    if compare is not None and len(test_sets) > 1:  # one system's output of one test set
+        raise EvaluationError(f"--compare {args.compare}: the recipe has {len(test_sets)} test "
+                              "sets; compare on one with --src FILE --ref FILE")
     for name, srcs, _ in test_sets if compare is not None else []:
         if len(compare) != len(srcs):
             raise EvaluationError(f"{args.compare}: {len(compare)} lines but test set {name} "
-                                  f"has {len(srcs)} (--compare applies to every test set)")
+                                  f"has {len(srcs)}")
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize, precision=args.precision)
     recipe = recipe or translator.recipe

@@ -134,12 +134,48 @@ def test_any_other_runtime_error_keeps_its_traceback(monkeypatch):
         main(["translate", "--checkpoint", "x.pt"])
 
 
-def test_a_dangling_symlink_as_the_data_directory_is_named(tmp_path, capsys):
+def test_a_dangling_symlink_or_a_loop_as_the_data_directory_is_named(tmp_path, capsys):
     link = tmp_path / "data"
     link.symlink_to(tmp_path / "missing" / "dir")
     assert main(["generate-data", str(link), "--train", "1", "--valid", "1", "--test", "1"]) == 2
-    assert capsys.readouterr().err == (f"error: {link}: is a symlink to {tmp_path}/missing/dir, "
-                                       "which does not exist\n")
+    assert capsys.readouterr().err == (f"error: {link}: {link} is a symbolic link to nothing "
+                                       f"({tmp_path}/missing/dir)\n")
+    (tmp_path / "a").symlink_to("b")  # a loop was "a symlink to b, which does not exist"
+    (tmp_path / "b").symlink_to("a")
+    assert main(["generate-data", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path}/a: {tmp_path}/a is a symbolic link "
+                                       "in a loop (b)\n")
+
+
+def test_overrides_may_follow_a_command_s_options(capsys):
+    """`evaluate R --beam 3 eval.bootstrap=0` was 'unrecognized arguments', said by the top
+    parser's name; an unknown word is now said by the command's."""
+    from seq2seq.cli import build_parser
+
+    args = build_parser().parse_args(["evaluate", "r.yaml", "train.lr=1", "--beam", "3",
+                                      "eval.bootstrap=0", "--quantize", "seed=2"])
+    assert args.overrides == ["train.lr=1", "eval.bootstrap=0", "seed=2"] and args.beam == 3
+    with pytest.raises(SystemExit) as stop:
+        main(["evaluate", "r.yaml", "--beam", "3", "stray"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("error: seq2seq evaluate: unrecognized arguments: stray "
+                                       "(see seq2seq evaluate --help)\n")
+
+
+def test_an_override_given_as_the_recipe_says_where_overrides_go(capsys):
+    assert main(["check", "train.lr=1"]) == 2
+    assert capsys.readouterr().err == ("error: train.lr=1: no such recipe file (overrides come "
+                                       "after the recipe file)\n")
+
+
+def test_warnings_and_errors_never_go_into_the_output_when_stderr_is_closed(tmp_path):
+    """With fd 2 closed Python's sys.stderr is None, and print(file=None) writes to stdout:
+    a warning became the first line of the translations, an error the whole output."""
+    out = tmp_path / "out.txt"
+    result = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m seq2seq translate --checkpoint nowhere.pt "
+                       f"2>&- > {out}"], capture_output=True, text=True)
+    assert result.returncode == 2 and out.read_text() == ""
 
 
 def test_a_usage_error_keeps_exit_code_2_where_stderr_cannot_be_written():

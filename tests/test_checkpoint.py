@@ -254,3 +254,14 @@ def test_a_checksum_file_of_an_odd_name_is_read_by_sha256sum(tmp_path, name, cap
     sidecar.write_text(sidecar.read_text().replace(sidecar.read_text()[1:65], "0" * 64))
     load_checkpoint(path)
     assert "stale checksum file" in capsys.readouterr().err
+
+
+def test_a_pickle_file_as_a_checkpoint_is_one_line_without_torch_s_warning(tmp_path, recwarn):
+    """torch warned in two lines about the pickle protocol before the one-line refusal."""
+    import pickle
+
+    path = tmp_path / "p.pt"
+    path.write_bytes(pickle.dumps({"model": 1, "recipe": 2}, protocol=4))
+    with pytest.raises(CheckpointError, match="not a loadable seq2seq checkpoint"):
+        load_checkpoint(path)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]

@@ -317,8 +317,24 @@ def test_a_compare_file_of_another_length_is_refused_before_the_model_loads(tmp_
                      ref, "--compare", other, "--report-dir", tmp_path / "rep")
     assert result.returncode == 2
     assert result.stderr.decode().strip().splitlines() == [
-        f"error: {other}: 1 lines but test set src.txt has 2 (--compare applies to every test "
-        "set)"]
+        f"error: {other}: 1 lines but test set src.txt has 2"]
+
+
+def test_one_compare_file_is_not_paired_with_several_test_sets_nor_a_report_dir_dash(tmp_path):
+    """--compare FILE was paired with every test set of the recipe (a 'significant' test
+    between outputs of other sentences); --report-dir - made a directory named '-'."""
+    other = tmp_path / "other.txt"
+    other.write_text("a\n" * 20)
+    two = ["recipes/quickstart.yaml", f"output_dir={tmp_path / 'run'}",
+           "data.test.synthetic.size=20", "data.test.more.format=generated",
+           "data.test.more.split=valid", "data.test.more.size=20"]
+    result = seq2seq("evaluate", *two, "--checkpoint", tmp_path / "none.pt", "--compare", other)
+    assert result.returncode == 2 and result.stderr.decode().strip().splitlines() == [
+        f"error: --compare {other}: the recipe has 2 test sets; compare on one with --src FILE "
+        "--ref FILE"]
+    result = seq2seq("evaluate", *two, "--report-dir", "-")
+    assert result.returncode == 2 and not (REPO / "-").exists()
+    assert "--report-dir -: a report is several files" in result.stderr.decode()
 
 
 def test_evaluate_files_and_int8_have_default_report_dirs_of_their_own(trained, tmp_path):

@@ -317,7 +317,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
                                "recipe is"])
         text = data.decode("utf-8")
     except FileNotFoundError:
-        raise RecipeError([f"{path}: no such recipe file"]) from None
+        hint = " (overrides come after the recipe file)" if "=" in str(path) else ""
+        raise RecipeError([f"{path}: no such recipe file{hint}"]) from None
     except IsADirectoryError:
         raise RecipeError([f"{path}: is a directory, not a recipe file"]) from None
     except (OSError, UnicodeDecodeError) as error:

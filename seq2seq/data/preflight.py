@@ -12,6 +12,7 @@ prints all.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -144,6 +145,11 @@ def directory_problem(path: Path, written: bool = True) -> str | None:
     with ``written=False`` an existing directory that is only read passes unwritable."""
     for ancestor in [path, *path.parents]:
         if ancestor.is_symlink() and not ancestor.exists():
+            try:
+                os.stat(ancestor)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    return f"{ancestor} is a symbolic link in a loop ({os.readlink(ancestor)})"
             return f"{ancestor} is a symbolic link to nothing ({os.readlink(ancestor)})"
         if ancestor.exists():
             if not ancestor.is_dir():
