@@ -18,11 +18,13 @@ What a resume may change is decided by the run directory (:mod:`seq2seq.training
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +86,38 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     torch.save({**payload, "integrity": {"sha256": payload_digest(payload)}}, buffer)
     data = buffer.getvalue()
     sidecar = _sidecar(path)
-    sidecar.unlink(missing_ok=True)  # no moment where an old side file meets the new file
+    with _directory_held(path.parent):  # two saves to one path: each leaves its pair whole
+        sidecar.unlink(missing_ok=True)  # no moment where an old side file meets the new file
+        try:
+            write_bytes(path, data)
+        except OutputError as error:
+            raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error})"
+                                  "; the previous checkpoint is unchanged") from None
+        line = _sidecar_line(hashlib.sha256(data).hexdigest(), path.name)
+        try:
+            write_bytes(sidecar, line.encode())
+        except OutputError as error:
+            reason = error.strerror or error
+            raise CheckpointError(f"{sidecar}: cannot write the checksum file ({reason}); "
+                                  f"{path} itself is complete") from None
+
+
+@contextlib.contextmanager
+def _directory_held(directory: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory`` (no lock file left behind) while the block runs;
+    where the file system has no such locks, none."""
     try:
-        write_bytes(path, data)
-    except OutputError as error:
-        raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error}); "
-                              "the previous checkpoint is unchanged") from None
+        handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        handle = None  # (the write that follows says what is wrong with the directory)
     try:
-        write_bytes(sidecar, _sidecar_line(hashlib.sha256(data).hexdigest(), path.name).encode())
-    except OutputError as error:
-        raise CheckpointError(f"{sidecar}: cannot write the checksum file "
-                              f"({error.strerror or error}); {path} itself is complete") from None
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        if handle is not None:
+            os.close(handle)  # (releases the lock)
 
 
 def check_no_repeat(paths: Sequence[str | Path], what: str) -> None:

@@ -265,3 +265,31 @@ def test_a_pickle_file_as_a_checkpoint_is_one_line_without_torch_s_warning(tmp_p
     with pytest.raises(CheckpointError, match="not a loadable seq2seq checkpoint"):
         load_checkpoint(path)
     assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+
+
+def test_two_saves_to_one_path_leave_a_checkpoint_and_its_own_checksum(tmp_path, monkeypatch):
+    """Two `average --output X.pt` at once could leave X.pt of one and X.pt.sha256 of the
+    other (sha256sum -c failed, every load warned): the two files were renamed apart."""
+    import hashlib
+    import threading
+    import time
+
+    import seq2seq.checkpoint as module
+
+    write = module.write_bytes
+
+    def slow_write(path, data):  # the first save dawdles between its two files
+        write(path, data)
+        if threading.current_thread().name == "first" and str(path).endswith(".pt"):
+            time.sleep(0.5)
+
+    monkeypatch.setattr(module, "write_bytes", slow_write)
+    path = tmp_path / "avg.pt"
+    first = threading.Thread(target=save_checkpoint, name="first",
+                             args=({"model": {"w": torch.ones(3)}, "recipe": {}}, path))
+    first.start()
+    time.sleep(0.1)
+    save_checkpoint({"model": {"w": torch.zeros(3)}, "recipe": {}}, path)
+    first.join()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (tmp_path / "avg.pt.sha256").read_text().split()[0] == digest
