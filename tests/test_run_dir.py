@@ -299,7 +299,7 @@ def test_check_refuses_what_train_would_refuse_in_the_run_directory_and_writes_n
         handle.write("noch ein Satz\n")
     (refused,) = check()
     assert f"cannot resume {run}: the training corpus is not the one its checkpoint" in refused
-    for name in ("last.pt", *[p.name for p in run.glob("step_*.pt")]):
+    for name in ("last.pt", "best.pt", *[p.name for p in run.glob("step_*.pt")]):
         (run / name).write_bytes(b"not a checkpoint")
     (refused,) = check()
     assert f"cannot resume {run}: no checkpoint there can be resumed" in refused

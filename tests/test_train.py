@@ -353,3 +353,94 @@ def test_prepare_takes_the_runs_lock_and_never_retrains_a_tokenizer_under_its_we
     after = {p: p.read_bytes() for p in [*out.rglob("*"), *cache.rglob("*")] if p.is_file()}
     assert after == before
     assert prepare_command(tiny_recipe(tmp_path)).stats  # the run's own settings: its data
+
+
+def test_a_signal_in_the_last_update_leaves_the_run_s_end_to_the_next_run(tmp_path,
+                                                                         monkeypatch):
+    """The last validation and the averaging were skipped for the signal, and the rerun said
+    'nothing to train': averaged.pt never came, eval.checkpoint=averaged had nothing."""
+    import os
+    import signal
+
+    from seq2seq.training import step
+
+    base = ["train.max_steps=5", "train.valid_every=3", "train.average_last=2"]
+    apply = step.EagerStep.apply
+
+    def apply_then_signal(self, lr):
+        ok = apply(self, lr)
+        self.updates = getattr(self, "updates", 0) + 1
+        if self.updates == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # (the trainer's handler takes it)
+        return ok
+
+    monkeypatch.setattr(step.EagerStep, "apply", apply_then_signal)
+    assert fit(tiny_recipe(tmp_path, *base)).interrupted
+    monkeypatch.setattr(step.EagerStep, "apply", apply)
+    out = tmp_path / "run"
+
+    def rows():
+        return [(r["step"], r["split"]) for r in map(json.loads, (out / "metrics.jsonl")
+                                                      .read_text().splitlines())
+                if r["split"] != "train"]
+
+    assert rows() == [(3, "valid")] and not (out / "averaged.pt").exists()
+    fit(tiny_recipe(tmp_path, *base))
+    assert rows() == [(3, "valid"), (5, "valid"), (5, "averaged")]
+    assert (out / "averaged.pt").is_file() and (out / "step_00000005.pt").is_file()
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    fit(tiny_recipe(tmp_path, *base))  # done now: a rerun changes nothing
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == files
+
+
+def test_training_on_after_a_finished_run_decides_as_one_longer_run(tmp_path, monkeypatch):
+    """The validation a run adds at its end counted as the best for the plateau schedule and
+    patience of a later, longer run: its learning rate halved where one run's did not."""
+    from seq2seq.training import trainer as module
+
+    losses = []  # what each validation of the next fit() reports, in order
+
+    def scripted(*args):
+        loss = losses.pop(0)
+        return {"loss": loss, "ppl": 2.0 ** loss, "bleu": 0.0, "n_sentences": 20}
+
+    monkeypatch.setattr(module, "validate", scripted)
+    base = ["train.valid_every=2", "train.schedule=plateau", "train.plateau_patience=0",
+            "train.early_stop_metric=loss", "train.keep_last=0"]
+    losses[:] = [5.0, 4.0, 3.0, 2.5]  # steps 2, 4, 6, 8
+    fit(tiny_recipe(tmp_path, *base, "train.max_steps=8", name="one"))
+    losses[:] = [5.0, 4.0, 1.0]  # steps 2, 4, and the run's end at 5: its best
+    fit(tiny_recipe(tmp_path, *base, "train.max_steps=5", name="two"))
+    losses[:] = [3.0, 2.5]  # steps 6 and 8: better than every scheduled one before
+    fit(tiny_recipe(tmp_path, *base, "train.max_steps=8", name="two"))
+    one, two = (load_checkpoint(tmp_path / name / "last.pt") for name in ("one", "two"))
+    assert one["schedule"] == two["schedule"] == {"scale": 1.0, "bad_validations": 0}
+    for key in one["model"]:
+        assert torch.equal(one["model"][key], two["model"][key]), key
+    # best.pt is the best of every validation, the one at the end of the first run included
+    assert load_checkpoint(tmp_path / "two" / "best.pt")["step"] == 5
+
+
+def test_a_run_killed_after_its_first_best_pt_resumes_from_it(tmp_path):
+    """Saves go best.pt, step checkpoint, last.pt: a kill between left best.pt alone, and
+    every rerun refused ('it holds best.pt but no last.pt or step checkpoint')."""
+    fit(tiny_recipe(tmp_path, "train.max_steps=6", name="whole"))
+    fit(tiny_recipe(tmp_path, "train.max_steps=3"))
+    out = tmp_path / "run"
+    assert load_checkpoint(out / "best.pt")["step"] == 3
+    for path in [out / "last.pt", *out.glob("step_*.pt")]:
+        path.unlink()
+    fit(tiny_recipe(tmp_path, "train.max_steps=6"))
+    a, b = weights(tmp_path / "whole" / "last.pt"), weights(out / "last.pt")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_checkpoint_from_before_scheduled_best_and_closed_resumes_as_it_did():
+    from seq2seq.training.progress import Progress
+
+    old = {"step": 9, "epoch": 1, "epoch_step": 2, "best_value": 3.5, "best_step": 6,
+           "bad_validations": 1, "bad_updates": 0, "skipped_updates": 0}
+    progress = Progress.from_state(old)
+    assert progress.scheduled_best == 3.5 and progress.closed
+    assert Progress.from_state({**old, "scheduled_best": None, "closed": False}) == Progress(
+        **{**old, "scheduled_best": None, "closed": False})

@@ -17,6 +17,16 @@ class Progress:
     bad_validations: int = 0  # for early stopping
     bad_updates: int = 0  # non-finite updates in a row
     skipped_updates: int = 0
+    # The best of the scheduled validations alone, which the schedule and patience compare
+    # with: the validation a run adds at its end must not change what a longer run decides.
+    scheduled_best: float | None = None
+    closed: bool = False  # the end of the run (its last validation, averaging) is done
+
+    @classmethod
+    def from_state(cls, state: dict) -> Progress:
+        """The progress a checkpoint holds. One written before ``scheduled_best`` compared
+        with the best of all validations; one before ``closed`` had ended its run, if any."""
+        return cls(**{"scheduled_best": state.get("best_value"), "closed": True, **state})
 
     def position(self) -> str:
         """Where in the epochs the run is, in words (for the resume message)."""
@@ -37,21 +47,26 @@ class Progress:
         return None
 
     def record_validation(self, metric: str, value: float, scheduled: bool,
-                          patience: int) -> tuple[bool, str | None]:
+                          patience: int) -> tuple[bool, bool, str | None]:
         """Note a validation's ``metric``: the best so far, and patience for scheduled ones.
 
         Returns:
-            Whether it improved on the best, and a reason to stop early (or None).
+            Whether it improved on the best (a new best.pt), whether it improved on the best
+            scheduled one (for the schedule; False when not ``scheduled``), and a reason to
+            stop early (or None).
         """
         improved = better(metric, value, self.best_value)
         if improved:
             self.best_value, self.best_step = value, self.step
         if not scheduled:
-            return improved, None
-        self.bad_validations = 0 if improved else self.bad_validations + 1
+            return improved, False, None
+        progressed = better(metric, value, self.scheduled_best)
+        if progressed:
+            self.scheduled_best = value
+        self.bad_validations = 0 if progressed else self.bad_validations + 1
         if patience and self.bad_validations >= patience:
-            return improved, early_stop_reason(metric, patience)
-        return improved, None
+            return improved, progressed, early_stop_reason(metric, patience)
+        return improved, progressed, None
 
     def epoch_label(self) -> int:
         """The epoch the latest update belongs to (1-based) for logged rows."""

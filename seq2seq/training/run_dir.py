@@ -245,15 +245,15 @@ def find_resumable(path: Path, recipe: Recipe, group_size: int | None,
         if warn_skips:
             warn(f"{message}; trying the previous checkpoint")
 
-    found = load_latest([path / "last.pt"] + _step_checkpoints(path)[::-1], skip,
-                        require=TRAINING_STATE)
+    # best.pt last: a run killed between its first best.pt and its last.pt has only that one,
+    # a whole training checkpoint of its step.
+    candidates = [path / "last.pt", *_step_checkpoints(path)[::-1], path / "best.pt"]
+    found = load_latest(candidates, skip, require=TRAINING_STATE)
     if found is None:
-        if skipped or (path / "best.pt").is_file():
-            # Starting again from step 0 would write over best.pt and the metrics.
-            why = ("no checkpoint there can be resumed" if skipped
-                   else "it holds best.pt but no last.pt or step checkpoint")
-            raise Seq2SeqError(f"cannot resume {path}: {why}; move its checkpoints away (or "
-                               "use another output_dir) to train from the start")
+        if skipped:  # starting again from step 0 would write over best.pt and the metrics
+            raise Seq2SeqError(f"cannot resume {path}: no checkpoint there can be resumed; move "
+                               "its checkpoints away (or use another output_dir) to train from "
+                               "the start")
         return None
     ckpt = found[1]
     check_resumable(ckpt["recipe"], recipe)

@@ -184,14 +184,12 @@ class Trainer:
         load_weights(self.model, ckpt["model"], path)
         self.step.load_state_dict(ckpt)
         self.schedule.load_state_dict(ckpt["schedule"])
-        self.progress = Progress(**ckpt["progress"])
+        self.progress = Progress.from_state(ckpt["progress"])
         set_rng_state(ckpt["rng"], self.rank, self.device)
         self.resumed_from = (path, self.progress.step)
         if dist.is_main():
             print(f"resuming from {path} at step {self.progress.step} "
                   f"({self.progress.position()})", file=sys.stderr)
-
-    # ---- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> None:
         """Train until a stop condition, then write ``last.pt``; SIGINT/SIGTERM stop it cleanly."""
@@ -261,8 +259,6 @@ class Trainer:
                       "tokens_per_s": rate})
         window.reset()
 
-    # ---- validation, checkpoints, the end ---------------------------------------------------
-
     def validate_and_save(self, scheduled: bool) -> None:
         """Validate; keep best.pt, the schedule and early stopping; write the checkpoints.
 
@@ -276,10 +272,10 @@ class Trainer:
         self.session.validation_s += time.perf_counter() - start
         self.model.train()
         self.run.log_validation(progress.step, progress.epoch_label(), metrics)
-        improved, early_stop = progress.record_validation(
+        improved, progressed, early_stop = progress.record_validation(
             cfg.early_stop_metric, metrics[cfg.early_stop_metric], scheduled, cfg.patience)
         if scheduled:
-            self.schedule.validated(improved)
+            self.schedule.validated(progressed)
         if early_stop is not None:
             self.stop_reason = early_stop
         if improved:
@@ -311,11 +307,12 @@ class Trainer:
         })
 
     def finish(self) -> None:
-        """Validate once more if the last update was not validated, then write last.pt; a
-        run resumed from its ``last.pt`` that made no update leaves its files as they are."""
+        """Validate if the last update was not, average, write last.pt; a rerun of a run whose
+        end this did (no signal cut it) that made no update leaves its files as they are."""
         progress, metric, interrupted = self.progress, self.recipe.train.early_stop_metric, \
             self.interrupted  # (as the ranks agreed: a signal in the saves below is too late)
-        unchanged = self.resumed_from == (self.run.path / "last.pt", progress.step)
+        unchanged = self.resumed_from == (self.run.path / "last.pt", progress.step) and \
+            progress.closed
         validated = progress.step % self.recipe.train.valid_every == 0
         if not unchanged:
             if not validated and progress.step > 0 and not interrupted:
@@ -325,6 +322,9 @@ class Trainer:
             if self.recipe.train.average_last and not interrupted and progress.step > 0:
                 average_and_validate(self.run, self.model, self.data, self.recipe, self.device,
                                      progress.step, progress.epoch_label())
+            if not interrupted:  # (last: a kill before this one is done again by a rerun)
+                progress.closed = True
+                self.save("last.pt")
         if dist.is_main():
             print_summary(self.stop_reason, progress, metric, self.run.path,
                           idle=unchanged and not interrupted)

@@ -116,15 +116,34 @@ def test_damaged_checkpoint_is_detected_and_the_previous_one_resumes_exactly(
 
 NOTHING_TO_RESUME = {
     "every-checkpoint-damaged": lambda run: [truncate(p) for p in (
-        run / "last.pt", *run.glob("step_*.pt"))],
-    "empty-last-and-no-step": lambda run: (
-        [p.unlink() for p in run.glob("step_*.pt*")], (run / "last.pt").write_bytes(b"")),
-    "best-alone": lambda run: [p.unlink() for p in (*run.glob("step_*.pt*"), *run.glob(
-        "last.pt*"))],
+        run / "last.pt", run / "best.pt", *run.glob("step_*.pt"))],
+    "empty-last-and-no-step-nor-best": lambda run: (
+        [p.unlink() for p in (*run.glob("step_*.pt*"), *run.glob("best.pt*"))],
+        (run / "last.pt").write_bytes(b"")),
     "averaged-last-alone": lambda run: (
         [p.unlink() for p in run.glob("step_*.pt*")],
-        checkpoint.average_checkpoints([run / "best.pt"], run / "last.pt")),
+        checkpoint.average_checkpoints([run / "best.pt"], run / "best.pt.avg"),
+        (run / "best.pt").unlink(), (run / "best.pt.avg").rename(run / "last.pt")),
 }
+
+BEST_TO_RESUME = {
+    # a kill between the first best.pt and the first last.pt leaves that one alone
+    "best-alone": lambda run: [p.unlink() for p in (*run.glob("step_*.pt*"), *run.glob(
+        "last.pt*"))],
+    "empty-last-and-no-step": lambda run: (
+        [p.unlink() for p in run.glob("step_*.pt*")], (run / "last.pt").write_bytes(b"")),
+}
+
+
+@pytest.mark.parametrize("damage", BEST_TO_RESUME, ids=list(BEST_TO_RESUME))
+def test_a_run_with_best_pt_alone_resumes_from_it(damage, root, reference):
+    """best.pt is a whole training checkpoint of its step: the run was refused for good."""
+    fit(recipe(root, "run", "train.max_steps=4"))
+    run = root / "run"
+    BEST_TO_RESUME[damage](run)
+    trainer = fit(recipe(root, "run"))
+    assert trainer.resumed_from[0] == run / "best.pt" and trainer.progress.step == STEPS
+    assert_same_weights(run / "last.pt", reference)
 
 
 @pytest.mark.parametrize("damage", NOTHING_TO_RESUME, ids=list(NOTHING_TO_RESUME))
