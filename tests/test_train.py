@@ -444,3 +444,15 @@ def test_a_checkpoint_from_before_scheduled_best_and_closed_resumes_as_it_did():
     assert progress.scheduled_best == 3.5 and progress.closed
     assert Progress.from_state({**old, "scheduled_best": None, "closed": False}) == Progress(
         **{**old, "scheduled_best": None, "closed": False})
+
+
+def test_perplexity_keeps_the_order_of_losses_of_a_diverged_run():
+    """ppl was exp(min(loss, 100)): validations at losses 1701 and 1378 had equal ppl, so
+    train.early_stop_metric=ppl never saw the recovery."""
+    import math
+
+    from seq2seq.training.validation import perplexity
+
+    assert perplexity(150.0) < perplexity(160.0) < perplexity(700.0) == perplexity(1e6)
+    assert math.isfinite(perplexity(1e6)) and perplexity(0.0) == 1.0
+    assert perplexity(2.0) == math.exp(2.0)

@@ -72,7 +72,7 @@ def validate(model: Any, valid: Any, tokenizer: Any, recipe: Recipe,
         by_index = dict(pair for part in gathered for pair in part)
         ordered = [by_index[i] for i in range(len(valid.src_ids))]
         loss = float(totals[0] / max(totals[1], 1))
-        metrics = {"loss": loss, "ppl": math.exp(min(loss, 100.0)),
+        metrics = {"loss": loss, "ppl": perplexity(loss),
                    "bleu": corpus_bleu(ordered, [valid.trg_text],
                                        lowercase=recipe.eval.lowercase,
                                        tokenize=bleu_tokenizer(recipe.eval.tokenize,
@@ -81,3 +81,10 @@ def validate(model: Any, valid: Any, tokenizer: Any, recipe: Recipe,
     metrics = dist.broadcast_object(metrics)
     model.train(was_training)
     return metrics
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, held at ``exp(700)`` (a float64 overflows past 709): finite, and in the
+    order of the losses up to 700 nats a token for ``train.early_stop_metric: ppl`` (a cap at
+    ``exp(100)`` made the validations of a diverging run equal, so a recovery was no best)."""
+    return math.exp(min(loss, 700.0))
