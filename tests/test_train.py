@@ -456,3 +456,13 @@ def test_perplexity_keeps_the_order_of_losses_of_a_diverged_run():
     assert perplexity(150.0) < perplexity(160.0) < perplexity(700.0) == perplexity(1e6)
     assert math.isfinite(perplexity(1e6)) and perplexity(0.0) == 1.0
     assert perplexity(2.0) == math.exp(2.0)
+
+
+def test_a_run_whose_best_pt_went_missing_says_so_when_it_resumes(tmp_path, capsys):
+    """Neither train nor check said anything; evaluate's default checkpoint then failed."""
+    fit(tiny_recipe(tmp_path, "train.max_steps=3"))
+    (tmp_path / "run" / "best.pt").unlink()
+    capsys.readouterr()
+    fit(tiny_recipe(tmp_path, "train.max_steps=4"))
+    assert (f"warning: {tmp_path / 'run' / 'best.pt'}: missing; the best validation so far "
+            "(step 3) has no checkpoint until a later one beats it") in capsys.readouterr().err

@@ -257,6 +257,10 @@ def find_resumable(path: Path, recipe: Recipe, group_size: int | None,
         return None
     ckpt = found[1]
     check_resumable(ckpt["recipe"], recipe)
+    best_step = ckpt["progress"].get("best_step", 0)
+    if warn_skips and best_step and not (path / "best.pt").is_file():
+        warn(f"{path / 'best.pt'}: missing; the best validation so far (step {best_step}) has "
+             "no checkpoint until a later one beats it (eval.checkpoint: best needs one)")
     saved_group = ckpt.get("group_size", group_size)
     if group_size is not None and saved_group != group_size:
         # The epoch position counts updates of (world size x accumulate) batches.
