@@ -18,13 +18,11 @@ What a resume may change is decided by the run directory (:mod:`seq2seq.training
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from seq2seq.files import (
     is_stdout,
     write_bytes,
 )
+from seq2seq.locks import directory_held
 
 
 class CheckpointError(Seq2SeqError):
@@ -86,7 +85,7 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     torch.save({**payload, "integrity": {"sha256": payload_digest(payload)}}, buffer)
     data = buffer.getvalue()
     sidecar = _sidecar(path)
-    with _directory_held(path.parent):  # two saves to one path: each leaves its pair whole
+    with directory_held(path.parent):  # two saves to one path: each leaves its pair whole
         sidecar.unlink(missing_ok=True)  # no moment where an old side file meets the new file
         try:
             write_bytes(path, data)
@@ -102,22 +101,6 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
                                   f"{path} itself is complete") from None
 
 
-@contextlib.contextmanager
-def _directory_held(directory: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``directory`` (no lock file left behind) while the block runs;
-    where the file system has no such locks, none."""
-    try:
-        handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        handle = None  # (the write that follows says what is wrong with the directory)
-    try:
-        if handle is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        if handle is not None:
-            os.close(handle)  # (releases the lock)
 
 
 def check_no_repeat(paths: Sequence[str | Path], what: str) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import sacrebleu
 
 from seq2seq.files import Output, output_set
+from seq2seq.locks import directory_held
 from seq2seq.scoring import METRIC_NAMES, EvaluationError
 from seq2seq.translate_io import write_lines
 
@@ -71,31 +72,33 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
     stems = [file_stem(r["name"]) for r in results]
     if len(set(stems)) != len(stems):
         raise EvaluationError(f"test set names collide as file names: {stems}")
-    earlier = _files_of_report(report_dir)
     written: list[Path] = []
     entries = []
     # One set: an error or a signal leaves every file of an earlier report as it was, never
-    # new hypotheses beside the old report.json.
-    with output_set() as output:
-        for result, stem in zip(results, stems):
-            hyp_path = report_dir / f"{stem}.hyp.txt"
-            write_lines(result["hypotheses"], output(hyp_path))
-            written.append(hyp_path)
-            entry = {k: v for k, v in result.items() if k not in ("hypotheses", "attention")}
-            entry["hypotheses_file"] = hyp_path.name
-            entry["plots"] = ([p.name for p in _draw_plots(output, report_dir, stem, result)]
-                              if plots else [])
-            written += [report_dir / p for p in entry["plots"]]
-            entries.append(entry)
-        report = {"sacrebleu_version": sacrebleu.__version__, "test_sets": entries}
-        text = json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"
-        for name, content in (("report.json", text), ("report.md", format_markdown(entries))):
-            output(report_dir / name).write(content.encode("utf-8"))
-            written.append(report_dir / name)
-    _remove_old_plots(report_dir, stems, written)
-    for name in earlier - {path.name for path in written}:
-        if not (report_dir / name).is_dir():  # a test set the report no longer has
-            (report_dir / name).unlink(missing_ok=True)
+    # new hypotheses beside the old report.json; and two evaluations into one directory each
+    # leave their whole report.
+    with directory_held(report_dir):
+        earlier = _files_of_report(report_dir)
+        with output_set() as output:
+            for result, stem in zip(results, stems):
+                hyp_path = report_dir / f"{stem}.hyp.txt"
+                write_lines(result["hypotheses"], output(hyp_path))
+                written.append(hyp_path)
+                entry = {k: v for k, v in result.items() if k not in ("hypotheses", "attention")}
+                entry["hypotheses_file"] = hyp_path.name
+                entry["plots"] = ([p.name for p in _draw_plots(output, report_dir, stem, result)]
+                                  if plots else [])
+                written += [report_dir / p for p in entry["plots"]]
+                entries.append(entry)
+            report = {"sacrebleu_version": sacrebleu.__version__, "test_sets": entries}
+            text = json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"
+            for name, content in (("report.json", text), ("report.md", format_markdown(entries))):
+                output(report_dir / name).write(content.encode("utf-8"))
+                written.append(report_dir / name)
+        _remove_old_plots(report_dir, stems, written)
+        for name in earlier - {path.name for path in written}:
+            if not (report_dir / name).is_dir():  # a test set the report no longer has
+                (report_dir / name).unlink(missing_ok=True)
     return written
 
 

@@ -318,3 +318,36 @@ def test_a_report_stopped_half_way_leaves_the_earlier_one_whole(tmp_path, refs, 
         assert after == before
     else:
         assert [name for name in after if after[name] == before[name]] == []
+
+
+def test_two_reports_written_at_once_into_one_directory_leave_one_whole(tmp_path, refs,
+                                                                          monkeypatch):
+    """The second evaluation read the directory before the first put its files in place:
+    the first's hypotheses of a test set the second lacks stayed beside its report.json."""
+    import threading
+    import time
+
+    import seq2seq.report as module
+
+    markdown = module.format_markdown
+
+    def slow_markdown(entries):  # before the set is put in place; the second dawdles longer
+        time.sleep(0.6 if threading.current_thread().name == "second" else 0.3)
+        return markdown(entries)
+
+    monkeypatch.setattr(module, "format_markdown", slow_markdown)
+    result = {name: build_result(name, refs[:3], refs[:3], [refs[:3]], False, "13a", 0, 1, {},
+                                 []) for name in ("a", "b")}
+    first = threading.Thread(target=write_report, args=(tmp_path, [result["a"], result["b"]]),
+                             kwargs={"plots": False}, name="first")
+    second = threading.Thread(target=write_report, args=(tmp_path, [result["a"]]),
+                              kwargs={"plots": False}, name="second")
+    first.start()
+    time.sleep(0.1)
+    second.start()
+    first.join()
+    second.join()
+    listed = json.loads((tmp_path / "report.json").read_text())["test_sets"]
+    assert [entry["name"] for entry in listed] == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.hyp.txt", "report.json",
+                                                          "report.md"]
