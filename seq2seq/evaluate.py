@@ -86,7 +86,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
                       "precision": translator.precision},
             checkpoints=checkpoints,
             compare_hyps=compare, compare_name=args.compare, attention=attention))
-    write_report(report_dir, results)
+    write_report(report_dir, results, inputs=inputs)
     print(format_summary(results))
     print(f"report: {report_dir / 'report.md'}")
     return 0

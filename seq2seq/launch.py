@@ -9,6 +9,7 @@ only builds torchrun's command line; :func:`seq2seq.distributed.launch` runs it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -55,10 +56,17 @@ def launch_workers(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> i
     os.environ[RECIPE_SAID] = "1"
     with tempfile.TemporaryDirectory(prefix="seq2seq-launch-") as records:
         os.environ[STOP_RECORD] = records
-        code = dist.launch(torchrun_args(recipe, recipe_path, overrides))
-        stops = sorted(Path(records).iterdir()) if code == 0 else []
-        signals = [int(path.read_text() or 0) for path in stops]
-    if not stops:
+        try:
+            code = dist.launch(torchrun_args(recipe, recipe_path, overrides))
+        finally:
+            del os.environ[STOP_RECORD]
+        # What the workers of the last group said (torchrun counts its restarts): -1 ended,
+        # else the signal that stopped them (0: a rank's on another node).
+        ends = {tuple(map(int, path.name.split("-rank"))): int(path.read_text() or -1)
+                for path in Path(records).iterdir()}
+    last = max((attempt for attempt, _ in ends), default=None)
+    signals = [value for (attempt, _), value in ends.items() if attempt == last and value >= 0]
+    if code != 0 or not signals:
         if code == 0:
             print("distributed training finished", file=sys.stderr)
         return code
@@ -71,10 +79,13 @@ def launch_workers(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> i
     return 128 + (signum or signal.SIGTERM)
 
 
-def record_stop(signum: int | None) -> None:
-    """In a worker started by :func:`launch_workers`: tell the launcher that this run stopped
-    on a signal (``signum``; None: another rank's)."""
+def record_end(stopped: bool, signum: int | None) -> None:
+    """In a worker started by :func:`launch_workers`: tell the launcher how this run ended,
+    ``stopped`` by a signal (``signum``; None: another rank's) or not."""
     records = os.environ.get(STOP_RECORD)
     if records and Path(records).is_dir():  # (the launcher's own node only)
-        name = f"rank{os.environ.get('RANK', '0')}"
-        (Path(records) / name).write_text(str(signum or 0), encoding="ascii")
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        name = f"{int(attempt) if attempt.isdigit() else 0}-rank{os.environ.get('RANK', '0')}"
+        with contextlib.suppress(OSError):  # (a worker that failed here would be restarted)
+            (Path(records) / name).write_text(str(signum or 0) if stopped else "-1",
+                                              encoding="ascii")

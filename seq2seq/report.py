@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 import warnings
@@ -53,7 +54,7 @@ def report_files(report_dir: Path, names: Sequence[str], attention_plots: int) -
 
 
 def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
-                 plots: bool = True) -> list[Path]:
+                 plots: bool = True, inputs: Sequence[str | Path | None] = ()) -> list[Path]:
     """Write report.json, report.md, ``<name>.hyp.txt`` and the plots; return the paths.
 
     Args:
@@ -62,6 +63,8 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
             Needed keys: name, n_sentences, bleu, chrf, ter, hypotheses; the others are
             optional.
         plots: draw the PNG plots (skipped with a warning if matplotlib is missing).
+        inputs: files this evaluation read (``--compare``, ``--src``, ...): never removed as
+            files of the earlier report.
     """
     report_dir = Path(report_dir)
     try:
@@ -96,9 +99,11 @@ def write_report(report_dir: str | Path, results: Sequence[dict[str, Any]],
                 output(report_dir / name).write(content.encode("utf-8"))
                 written.append(report_dir / name)
         _remove_old_plots(report_dir, stems, written)
-        for name in earlier - {path.name for path in written}:
-            if not (report_dir / name).is_dir():  # a test set the report no longer has
-                (report_dir / name).unlink(missing_ok=True)
+        read = {os.path.realpath(path) for path in inputs if path}
+        for name in earlier - {path.name for path in written}:  # test sets it no longer has
+            old = report_dir / name
+            if not old.is_dir() and os.path.realpath(old) not in read:
+                old.unlink(missing_ok=True)
     return written
 
 

@@ -176,6 +176,11 @@ def test_warnings_and_errors_never_go_into_the_output_when_stderr_is_closed(tmp_
         ["bash", "-c", f"{sys.executable} -m seq2seq translate --checkpoint nowhere.pt "
                        f"2>&- > {out}"], capture_output=True, text=True)
     assert result.returncode == 2 and out.read_text() == ""
+    # a path that is not UTF-8, said on the closed stderr, is not a crash (exit 1)
+    result = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m seq2seq translate --checkpoint $'\\xff.pt' "
+                       f"2>&- > {out}"], capture_output=True, text=True)
+    assert result.returncode == 2 and out.read_text() == ""
 
 
 def test_a_usage_error_keeps_exit_code_2_where_stderr_cannot_be_written():

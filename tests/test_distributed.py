@@ -550,6 +550,36 @@ def test_a_signal_to_one_worker_exits_as_a_stopped_run(tmp_path, cache_dir):
     assert 0 < load_checkpoint(tmp_path / "worker_signal" / "last.pt")["step"] < 10_000
 
 
+@pytest.mark.parametrize("ends, code, said", [
+    ({(0, 0): ("stopped", signal.SIGINT), (0, 1): ("stopped", None)}, 130,
+     "stopped: a worker received SIGINT"),
+    ({(0, 0): ("stopped", None), (0, 1): ("stopped", None)}, 143,
+     "stopped: a worker received a stop signal"),  # (a rank's on another node)
+    # a group restarted after one worker had stopped, then ended: finished, not stopped
+    ({(0, 1): ("stopped", signal.SIGTERM), (1, 0): ("ended", None), (1, 1): ("ended", None)},
+     0, "distributed training finished"),
+    ({(0, 0): ("ended", None), (0, 1): ("ended", None)}, 0, "distributed training finished"),
+])
+def test_the_launcher_exits_as_the_last_group_of_workers_ended(ends, code, said, monkeypatch,
+                                                                 tmp_path, capsys):
+    """A stop recorded by a group that torchrun then restarted made a finished job exit 143."""
+    from seq2seq import launch
+    from seq2seq.config import recipe_from_dict
+
+    def workers(argv):  # as torchrun's workers would record their ends
+        for (attempt, rank), (how, signum) in ends.items():
+            monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+            monkeypatch.setenv("RANK", str(rank))
+            launch.record_end(how == "stopped", signum)
+        return 0
+
+    monkeypatch.setattr(launch.dist, "launch", workers)
+    recipe = recipe_from_dict(tiny_tree(str(tmp_path / "run")))
+    assert launch.launch_workers(recipe, tmp_path / "r.yaml", []) == code
+    assert said in capsys.readouterr().err
+    assert launch.STOP_RECORD not in os.environ
+
+
 @pytest.mark.parametrize("variables, message", [
     ({"LOCAL_RANK": "abc"}, "the environment variable LOCAL_RANK='abc' is no process number"),
     ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two' is no process number"),

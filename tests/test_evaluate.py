@@ -351,3 +351,12 @@ def test_two_reports_written_at_once_into_one_directory_leave_one_whole(tmp_path
     assert [entry["name"] for entry in listed] == ["a"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.hyp.txt", "report.json",
                                                           "report.md"]
+
+
+def test_a_new_report_keeps_a_file_of_the_earlier_one_that_this_evaluation_read(tmp_path, refs):
+    """evaluate --compare eval/a.hyp.txt into that directory deleted its own --compare file."""
+    write_report(tmp_path, [build_result(name, refs[:3], refs[:3], [refs[:3]], False, "13a", 0,
+                                         1, {}, []) for name in ("a", "b")])
+    write_report(tmp_path, [build_result("c", refs[:3], refs[:3], [refs[:3]], False, "13a", 0, 1,
+                                         {}, [])], inputs=[None, str(tmp_path / "a.hyp.txt")])
+    assert (tmp_path / "a.hyp.txt").exists() and not (tmp_path / "b.hyp.txt").exists()

@@ -435,15 +435,15 @@ def test_a_run_killed_after_its_first_best_pt_resumes_from_it(tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_a_checkpoint_from_before_scheduled_best_and_closed_resumes_as_it_did():
+def test_a_checkpoint_from_before_scheduled_best_and_closed_step_resumes_as_it_did():
     from seq2seq.training.progress import Progress
 
     old = {"step": 9, "epoch": 1, "epoch_step": 2, "best_value": 3.5, "best_step": 6,
            "bad_validations": 1, "bad_updates": 0, "skipped_updates": 0}
     progress = Progress.from_state(old)
-    assert progress.scheduled_best == 3.5 and progress.closed
-    assert Progress.from_state({**old, "scheduled_best": None, "closed": False}) == Progress(
-        **{**old, "scheduled_best": None, "closed": False})
+    assert progress.scheduled_best == 3.5 and progress.closed_step == 9
+    new = {**old, "scheduled_best": None, "validated_step": 8, "closed_step": -1}
+    assert Progress.from_state(new) == Progress(**new)
 
 
 def test_perplexity_keeps_the_order_of_losses_of_a_diverged_run():
@@ -466,3 +466,58 @@ def test_a_run_whose_best_pt_went_missing_says_so_when_it_resumes(tmp_path, caps
     fit(tiny_recipe(tmp_path, "train.max_steps=4"))
     assert (f"warning: {tmp_path / 'run' / 'best.pt'}: missing; the best validation so far "
             "(step 3) has no checkpoint until a later one beats it") in capsys.readouterr().err
+
+
+def test_a_signal_at_the_end_of_training_on_after_a_finished_run_also_leaves_it_to_a_rerun(
+        tmp_path, monkeypatch):
+    """The first run's 'end done' stayed true through the later updates: the rerun said
+    'nothing to train' and kept the first run's averaged.pt."""
+    import os
+    import signal
+
+    from seq2seq.training import step
+
+    base = ["train.valid_every=3", "train.average_last=2"]
+    fit(tiny_recipe(tmp_path, *base, "train.max_steps=4"))
+    apply = step.EagerStep.apply
+
+    def apply_then_signal(self, lr):
+        ok = apply(self, lr)
+        self.updates = getattr(self, "updates", 0) + 1
+        if self.updates == 3:  # update 7, the last
+            os.kill(os.getpid(), signal.SIGINT)
+        return ok
+
+    monkeypatch.setattr(step.EagerStep, "apply", apply_then_signal)
+    assert fit(tiny_recipe(tmp_path, *base, "train.max_steps=7")).interrupted
+    monkeypatch.setattr(step.EagerStep, "apply", apply)
+    fit(tiny_recipe(tmp_path, *base, "train.max_steps=7"))
+    rows = [(r["step"], r["split"]) for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
+                                                  .read_text().splitlines())
+            if r["split"] != "train"]
+    assert rows == [(3, "valid"), (4, "valid"), (4, "averaged"), (6, "valid"), (7, "valid"),
+                    (7, "averaged")]
+    assert load_checkpoint(tmp_path / "run" / "averaged.pt")["step"] == 7
+
+
+def test_a_run_killed_in_its_end_does_the_rest_once(tmp_path, monkeypatch):
+    """Killed after the averaging's row, before the last save: the rerun validated and
+    averaged again, and metrics.jsonl had the step's rows twice."""
+    from seq2seq.training import trainer as module
+
+    average = module.average_and_validate
+
+    def average_then_die(*args, **kwargs):
+        average(*args, **kwargs)
+        raise KeyboardInterrupt  # as a kill: no save after it
+
+    base = ["train.max_steps=5", "train.valid_every=3", "train.average_last=2"]
+    monkeypatch.setattr(module, "average_and_validate", average_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_recipe(tmp_path, *base))
+    monkeypatch.setattr(module, "average_and_validate", average)
+    fit(tiny_recipe(tmp_path, *base))
+    rows = [(r["step"], r["split"]) for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl")
+                                                  .read_text().splitlines())
+            if r["split"] != "train"]
+    assert rows == [(3, "valid"), (5, "valid"), (5, "averaged")]

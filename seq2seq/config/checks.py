@@ -78,9 +78,8 @@ def check_data(data: DataConfig) -> None:
                f"must be 0 (no ratio filter) or at least 1, got {data.max_length_ratio}")
     for key in ("src_lang", "trg_lang"):
         code = getattr(data, key)
-        _check(problems, bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", code)), f"data.{key}",
-               f"must be a language code such as de or pt-BR (letters, digits, - and _), got "
-               f"{code!r}")
+        _check(problems, bool(re.fullmatch(r"\S+", code)), f"data.{key}",
+               f"must be a language code such as de or pt-BR (no spaces), got {code!r}")
     _check(problems, data.src_lang.lower() != data.trg_lang.lower(), "data.trg_lang",
            "must differ from data.src_lang")
     _raise_any(problems)

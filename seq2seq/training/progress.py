@@ -20,13 +20,16 @@ class Progress:
     # The best of the scheduled validations alone, which the schedule and patience compare
     # with: the validation a run adds at its end must not change what a longer run decides.
     scheduled_best: float | None = None
-    closed: bool = False  # the end of the run (its last validation, averaging) is done
+    validated_step: int = -1  # the step of the latest validation
+    closed_step: int = -1  # the step at which the run's end (last validation, averaging) was done
 
     @classmethod
     def from_state(cls, state: dict) -> Progress:
         """The progress a checkpoint holds. One written before ``scheduled_best`` compared
-        with the best of all validations; one before ``closed`` had ended its run, if any."""
-        return cls(**{"scheduled_best": state.get("best_value"), "closed": True, **state})
+        with the best of all validations; one before ``closed_step`` had ended its run, if
+        it was at its end."""
+        defaults = {"scheduled_best": state.get("best_value"), "closed_step": state.get("step")}
+        return cls(**{**defaults, **state})
 
     def position(self) -> str:
         """Where in the epochs the run is, in words (for the resume message)."""
@@ -55,6 +58,7 @@ class Progress:
             scheduled one (for the schedule; False when not ``scheduled``), and a reason to
             stop early (or None).
         """
+        self.validated_step = self.step
         improved = better(metric, value, self.best_value)
         if improved:
             self.best_value, self.best_step = value, self.step

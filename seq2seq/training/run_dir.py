@@ -6,10 +6,9 @@ checkpoints: ``last.pt`` (after every validation and at the end), ``best.pt`` (b
 metric) and the last ``train.keep_last`` ``step_XXXXXXXX.pt``. Every process may read; only the
 main rank writes.
 
-A run directory has one owner: ``train`` (on the main rank) holds an exclusive ``fcntl`` lock on
-``<output_dir>/.lock`` for the whole run, released by the kernel if the process dies; a second
-``train`` on the same directory is refused at once, naming the process that holds it. Reading
-its checkpoints (``translate``, ``evaluate``) needs no lock.
+A run directory has one owner: ``train`` (main rank) holds an ``fcntl`` lock on ``.lock`` for the
+whole run (the kernel releases it if the process dies); a second ``train`` there is refused at
+once, naming the holder. Reading its checkpoints (``translate``, ``evaluate``) needs no lock.
 
 Resuming checks the checkpoint's recipe against the run's: only the keys of
 ``RESUMABLE_CHANGES`` (more steps or epochs, logging, devices, decoding) may differ. It also
@@ -166,10 +165,11 @@ class RunDirectory:
                     self.tensorboard.add_scalar(f"{row['split']}/{key}", value, row["step"])
             self.tensorboard.flush()
 
-    def drop_rows_after(self, step: int) -> int:
-        """Remove the metrics rows of steps after ``step``, and any half-written row: a run
-        resumed from ``step`` logs those steps again (a run killed after its checkpoint had
-        them twice). Returns how many rows went."""
+    def drop_rows_after(self, progress: Progress) -> int:
+        """Remove the metrics rows after ``progress.step`` and half-written ones (a resumed run
+        logs those steps again), and that step's averaging row when the run's end is done
+        again. Returns how many rows went."""
+        step, closed = progress.step, progress.closed_step == progress.step
         path = self.path / "metrics.jsonl"
         try:
             lines = path.read_bytes().splitlines(keepends=True)
@@ -179,7 +179,8 @@ class RunDirectory:
         def kept(line: bytes) -> bool:
             try:
                 row = json.loads(line)
-                return line.endswith(b"\n") and int(row["step"]) <= step
+                return line.endswith(b"\n") and (int(row["step"]) < step or int(
+                    row["step"]) == step and (closed or row["split"] != "averaged"))
             except (ValueError, TypeError, KeyError):
                 return False
         keep = [line for line in lines if kept(line)]
@@ -245,8 +246,7 @@ def find_resumable(path: Path, recipe: Recipe, group_size: int | None,
         if warn_skips:
             warn(f"{message}; trying the previous checkpoint")
 
-    # best.pt last: a run killed between its first best.pt and its last.pt has only that one,
-    # a whole training checkpoint of its step.
+    # best.pt last: a run killed right after its first best.pt has only that whole checkpoint
     candidates = [path / "last.pt", *_step_checkpoints(path)[::-1], path / "best.pt"]
     found = load_latest(candidates, skip, require=TRAINING_STATE)
     if found is None:
@@ -315,9 +315,8 @@ def exit_code(stop_signal: int | None, interrupted: bool, under_torchrun: bool) 
     if under_torchrun:
         # torchrun reads a worker's non-zero exit as a failure and restarts the group; its
         # launcher exits 128 + the signal (seq2seq.distributed.launch, seq2seq.launch).
-        if interrupted:
-            from seq2seq.launch import record_stop
-            record_stop(stop_signal)
+        from seq2seq.launch import record_end
+        record_end(interrupted, stop_signal)
         return 0
     if stop_signal is None:
         return 0

@@ -99,7 +99,7 @@ def open_run(recipe: Recipe, group_size: int | None,
     try:
         found = run.resumable_checkpoint(recipe, group_size)
         if found is not None and group_size is not None and dist.is_main():  # train's
-            run.drop_rows_after(found[1]["progress"]["step"])
+            run.drop_rows_after(Progress.from_state(found[1]["progress"]))
         return run, found
     except BaseException:
         run.close()
@@ -117,7 +117,7 @@ def prepare_on_main_first(recipe: Recipe, run: RunDirectory,
     def prepare() -> dict[str, Any]:  # (prepare_data first: it reports bad corpora at once)
         prepared.append(prepare_data(recipe, show_progress=True, expect=expect))
         if checkpoint is None:  # from step 0: the rows of a try that made no checkpoint go
-            run.drop_rows_after(0)
+            run.drop_rows_after(Progress())
         return prepared[0].fingerprints
 
     known = dist.from_main("data preparation", prepare)  # (may outlast distributed.timeout_s)
@@ -312,8 +312,8 @@ class Trainer:
         progress, metric, interrupted = self.progress, self.recipe.train.early_stop_metric, \
             self.interrupted  # (as the ranks agreed: a signal in the saves below is too late)
         unchanged = self.resumed_from == (self.run.path / "last.pt", progress.step) and \
-            progress.closed
-        validated = progress.step % self.recipe.train.valid_every == 0
+            progress.closed_step == progress.step
+        validated = progress.validated_step == progress.step  # (a rerun's too)
         if not unchanged:
             if not validated and progress.step > 0 and not interrupted:
                 self.validate_and_save(scheduled=False)
@@ -323,7 +323,7 @@ class Trainer:
                 average_and_validate(self.run, self.model, self.data, self.recipe, self.device,
                                      progress.step, progress.epoch_label())
             if not interrupted:  # (last: a kill before this one is done again by a rerun)
-                progress.closed = True
+                progress.closed_step = progress.step
                 self.save("last.pt")
         if dist.is_main():
             print_summary(self.stop_reason, progress, metric, self.run.path,
