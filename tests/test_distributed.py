@@ -501,53 +501,36 @@ def test_a_resume_with_another_process_count_is_one_line_before_any_worker_start
     check(run(seq2seq_train(two, "train.max_steps=4", "train.accumulate=2")))
 
 
-def test_ctrl_c_to_the_launcher_stops_the_workers_and_exits_130(tmp_path, cache_dir):
-    """It exited 2 with "error: distributed training failed", as a bad recipe does, after the
-    workers had stopped cleanly."""
-    import signal
-
+@pytest.mark.parametrize("target, code, said", [
+    ("launcher", 130, "stopped: the launcher received SIGINT"),
+    ("worker", 143, "stopped: a worker received SIGTERM")])
+def test_a_signal_to_the_launcher_or_one_worker_exits_with_128_plus_it(tmp_path, cache_dir,
+                                                                      target, code, said):
+    """Ctrl-C to the launcher exited 2 with "error: distributed training failed", as a bad
+    recipe does, after the workers had stopped cleanly; a signal to one worker exited 0 with
+    "distributed training finished": `train && evaluate` evaluated a half-trained model."""
     from seq2seq.checkpoint import load_checkpoint
 
-    recipe = write_recipe(tmp_path, cache_dir, "ctrl_c", train={"max_steps": 10_000,
-                                                                "log_every": 1})
+    recipe = write_recipe(tmp_path, cache_dir, target, train={"max_steps": 10_000,
+                                                              "log_every": 1})
     launcher = subprocess.Popen(seq2seq_train(recipe, "distributed.nproc_per_node=2"),
                                 env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-    metrics = tmp_path / "ctrl_c" / "metrics.jsonl"
+    metrics = tmp_path / target / "metrics.jsonl"
     deadline = time.monotonic() + TIMEOUT_S
     while not (metrics.exists() and '"split": "train"' in metrics.read_text()):
         assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()
         time.sleep(0.2)
-    launcher.send_signal(signal.SIGINT)
+    if target == "launcher":
+        launcher.send_signal(signal.SIGINT)
+    else:
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text()
+        assert len(children.split()) == 2, children  # torchrun starts the workers itself
+        os.kill(int(children.split()[1]), signal.SIGTERM)
     _, err = launcher.communicate(timeout=TIMEOUT_S)
-    assert launcher.returncode == 130, err
-    assert "stopped: the launcher received SIGINT" in err and "error:" not in err, err
-    assert 0 < load_checkpoint(tmp_path / "ctrl_c" / "last.pt")["step"] < 10_000
-
-
-def test_a_signal_to_one_worker_exits_as_a_stopped_run(tmp_path, cache_dir):
-    """The workers stopped and saved, then the launcher said "distributed training finished"
-    and exited 0: `train && evaluate` went on to evaluate a half-trained model."""
-    from seq2seq.checkpoint import load_checkpoint
-
-    recipe = write_recipe(tmp_path, cache_dir, "worker_signal", train={"max_steps": 10_000,
-                                                                       "log_every": 1})
-    launcher = subprocess.Popen(seq2seq_train(recipe, "distributed.nproc_per_node=2"),
-                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    metrics = tmp_path / "worker_signal" / "metrics.jsonl"
-    deadline = time.monotonic() + TIMEOUT_S
-    while not (metrics.exists() and '"split": "train"' in metrics.read_text()):
-        assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()
-        time.sleep(0.2)
-    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-    assert len(children) == 2, children  # torchrun starts the workers itself
-    os.kill(int(children[1]), signal.SIGTERM)
-    _, err = launcher.communicate(timeout=TIMEOUT_S)
-    assert launcher.returncode == 143, err
-    assert "stopped: a worker received SIGTERM" in err, err
-    assert "finished" not in err and "error:" not in err, err
-    assert 0 < load_checkpoint(tmp_path / "worker_signal" / "last.pt")["step"] < 10_000
+    assert launcher.returncode == code, err
+    assert said in err and "training finished" not in err and "error:" not in err, err
+    assert 0 < load_checkpoint(tmp_path / target / "last.pt")["step"] < 10_000
 
 
 @pytest.mark.parametrize("ends, code, said", [
