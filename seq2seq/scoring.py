@@ -67,25 +67,20 @@ def check_bleu_tokenizer(tokenize: str, trg_lang: str) -> str:
             without their extra dependencies, a flores model that cannot be downloaded.
     """
     name = bleu_tokenizer(tokenize, trg_lang)
-    try:
-        _bleu(False, name)
-    except EvaluationError as error:
-        if name == tokenize:
-            raise
-        raise EvaluationError(str(error).replace(
-            f"eval.tokenize={name}", f"eval.tokenize={tokenize} ({name} for data.trg_lang "
-            f"{trg_lang})", 1)) from None
+    said = tokenize if name == tokenize else f"{tokenize} ({name} for data.trg_lang {trg_lang})"
+    _bleu(False, name, said)
     return name
 
 
-def _bleu(lowercase: bool, tokenize: str) -> BLEU:
+def _bleu(lowercase: bool, tokenize: str, said: str | None = None) -> BLEU:
+    """sacreBLEU's BLEU; ``said``: how an error names ``eval.tokenize`` (default: as given)."""
     try:
         return BLEU(lowercase=lowercase, tokenize=tokenize)
     except Exception as error:  # noqa: BLE001 (sacreBLEU raises RuntimeError, URLError, ...)
         reason = next((line for line in str(error).splitlines() if line.strip()),
                       type(error).__name__).strip()
         hint = f" (pip install '{_EXTRAS[tokenize]}')" if tokenize in _EXTRAS else ""
-        raise EvaluationError(f"eval.tokenize={tokenize}: sacreBLEU cannot tokenize: "
+        raise EvaluationError(f"eval.tokenize={said or tokenize}: sacreBLEU cannot tokenize: "
                               f"{reason}{hint}") from None
 
 

@@ -336,11 +336,11 @@ def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataCo
     columns = encoded.data.table
     drop = columns.column("drop").to_numpy()
     kept = np.flatnonzero(drop == KEEP)
-    unknown = [pc.sum(pc.equal(pc.list_flatten(columns.column(side).take(kept)), UNK)).as_py()
-               for side in ("src_ids", "trg_ids")]
+    src_unk, trg_unk = (
+        pc.sum(pc.equal(pc.list_flatten(columns.column(side).take(kept)), UNK)).as_py() or 0
+        for side in ("src_ids", "trg_ids"))
     stats = describe_train(drop, columns.column("src_len").to_numpy()[kept],
-                           columns.column("trg_len").to_numpy()[kept],
-                           (int(unknown[0] or 0), int(unknown[1] or 0)))
+                           columns.column("trg_len").to_numpy()[kept], (src_unk, trg_unk))
     if len(kept) == 0:
         dropped = {name: count for name, count in stats["dropped"].items() if count}
         reasons = ", ".join(f"{count:,} {name}" for name, count in dropped.items())
