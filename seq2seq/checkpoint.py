@@ -29,14 +29,8 @@ from typing import Any
 import torch
 
 from seq2seq.errors import Seq2SeqError, warn
-from seq2seq.files import (
-    OutputError,
-    check_output,
-    first_repeat,
-    is_descriptor,
-    is_stdout,
-    write_bytes,
-)
+from seq2seq.files import write_bytes
+from seq2seq.paths import OutputError, check_output, first_repeat, is_descriptor, is_stdout
 from seq2seq.locks import directory_held
 
 
@@ -116,7 +110,7 @@ def check_no_repeat(paths: Sequence[str | Path], what: str) -> None:
 
 def check_checkpoint_output(path: str | Path) -> None:
     """Refuse, before any work, a path a checkpoint cannot be written to: what
-    :func:`seq2seq.files.check_output` refuses, and anything but a regular file (stdout, a
+    :func:`seq2seq.paths.check_output` refuses, and anything but a regular file (stdout, a
     device, a pipe), which could hold no checksum file beside it.
 
     Raises:

@@ -112,7 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_average(args: argparse.Namespace) -> int:
     from seq2seq.checkpoint import average_checkpoints, check_checkpoint_output
-    from seq2seq.files import check_distinct
+    from seq2seq.paths import check_distinct
     from seq2seq.training.run_dir import run_changes
 
     check_checkpoint_output(args.output)  # before loading every checkpoint

@@ -13,7 +13,7 @@ from typing import Any
 
 from seq2seq.data.preflight import directory_problem
 from seq2seq.errors import warn
-from seq2seq.files import check_distinct, first_repeat
+from seq2seq.paths import check_distinct, first_repeat
 from seq2seq.report import format_summary, report_files, write_report
 from seq2seq.scoring import EvaluationError, build_result, check_bleu_tokenizer
 

@@ -28,7 +28,7 @@ from seq2seq.checkpoint import (
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.decoding import bucketed_batches, decode_ids, make_shortlist, search_path
 from seq2seq.errors import Seq2SeqError
-from seq2seq.files import check_distinct, check_output, same_file, writes_to_stdout
+from seq2seq.paths import check_distinct, check_output, same_file, writes_to_stdout
 from seq2seq.search import BeamSearch, Ensemble, Hypothesis
 from seq2seq.search.shortlist import Lexicon
 from seq2seq.tokenizer import Tokenizer

@@ -14,13 +14,8 @@ import threading
 
 import pytest
 
-from seq2seq.files import (
-    OutputError,
-    check_distinct,
-    check_output,
-    open_output,
-    write_bytes,
-)
+from seq2seq.files import open_output, write_bytes
+from seq2seq.paths import OutputError, check_distinct, check_output
 from seq2seq.translate_io import write_lines
 
 

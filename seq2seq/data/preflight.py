@@ -27,7 +27,7 @@ from seq2seq.data.corpus import (
     resolve_path,
 )
 from seq2seq.errors import warn
-from seq2seq.files import same_file
+from seq2seq.paths import same_file
 from seq2seq.scoring import EvaluationError, check_bleu_tokenizer
 
 MAX_GENERATED_EVAL = 100_000
