@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from seq2seq.errors import one_line
 from seq2seq.stdout import drop_unwritten
 
 EXIT_USAGE = 2
@@ -58,7 +59,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if "arguments are required" in message:  # said by argparse before what it does not know
             if unknown := self._unknown_options(getattr(self, "_arguments", [])):
                 message = f"unrecognized arguments: {' '.join(unknown)}"
-        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)\n")
 
     def _unknown_options(self, arguments: Iterable[str]) -> list[str]:
         """The options among ``arguments`` that this parser has no name for, nor a name that

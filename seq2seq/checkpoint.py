@@ -9,8 +9,9 @@ Every checkpoint carries ``integrity``: the sha256 of everything else in it (eac
 shape and bytes, each other value's text, in order), so a damaged file is detected wherever it
 travels, with or without anything beside it. Beside it, ``<file>.sha256`` holds the file's own
 sha256 in ``sha256sum -c`` format. A save removes the old side file, writes the checkpoint
-atomically (:mod:`seq2seq.files`), then writes the new side file, so a crash at any point leaves
-the old or the new checkpoint and either no side file or the right one. A side file that does not
+atomically (:mod:`seq2seq.files`), then writes the new side file (or, when the write failed,
+puts the old one back), so a crash at any point leaves the old or the new checkpoint and either
+no side file or the right one. A side file that does not
 match a checkpoint whose own checksum verifies is reported as stale, not as damage.
 
 What a resume may change is decided by the run directory (:mod:`seq2seq.training.run_dir`).
@@ -18,6 +19,7 @@ What a resume may change is decided by the run directory (:mod:`seq2seq.training
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -30,8 +32,15 @@ import torch
 
 from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.files import write_bytes
-from seq2seq.paths import OutputError, check_output, first_repeat, is_descriptor, is_stdout
 from seq2seq.locks import directory_held
+from seq2seq.paths import (
+    OutputError,
+    check_output,
+    first_repeat,
+    is_descriptor,
+    is_stdout,
+    same_file,
+)
 
 
 class CheckpointError(Seq2SeqError):
@@ -73,17 +82,24 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     check_checkpoint_output(path)  # else a full serialisation is done before the write fails
     # Through a symlink, the file written is its target: the side file goes beside that, and
     # one beside the link would be stale.
-    _sidecar(Path(path)).unlink(missing_ok=True)
+    beside_link = _sidecar(Path(path))
     path = Path(os.path.realpath(path))
     buffer = io.BytesIO()
     torch.save({**payload, "integrity": {"sha256": payload_digest(payload)}}, buffer)
     data = buffer.getvalue()
     sidecar = _sidecar(path)
     with directory_held(path.parent):  # two saves to one path: each leaves its pair whole
+        try:
+            old_line = sidecar.read_bytes()
+        except OSError:
+            old_line = None
         sidecar.unlink(missing_ok=True)  # no moment where an old side file meets the new file
         try:
             write_bytes(path, data)
         except OutputError as error:
+            if old_line is not None:  # the old checkpoint stays, and its side file with it
+                with contextlib.suppress(OutputError):
+                    write_bytes(sidecar, old_line)
             raise CheckpointError(f"{path}: cannot write checkpoint ({error.strerror or error})"
                                   "; the previous checkpoint is unchanged") from None
         line = _sidecar_line(hashlib.sha256(data).hexdigest(), path.name)
@@ -93,8 +109,8 @@ def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
             reason = error.strerror or error
             raise CheckpointError(f"{sidecar}: cannot write the checksum file ({reason}); "
                                   f"{path} itself is complete") from None
-
-
+    if not same_file(beside_link, sidecar):
+        beside_link.unlink(missing_ok=True)
 
 
 def check_no_repeat(paths: Sequence[str | Path], what: str) -> None:
@@ -106,6 +122,19 @@ def check_no_repeat(paths: Sequence[str | Path], what: str) -> None:
         again = "again" if str(earlier) == str(later) else f"the same file as {earlier}"
         raise CheckpointError(f"{later}: given twice to {what} ({again}); each checkpoint "
                               "counts once")
+
+
+def check_member(path: str | Path, first: str | Path, recipe: Any, first_recipe: Any,
+                 tokenizer: Any, first_tokenizer: Any) -> None:
+    """Refuse an ensemble member that would not translate as the first one: its token ids
+    must mean the same pieces (one tokenizer) and it must declare the same language pair."""
+    if not same_tensors(tokenizer, first_tokenizer):
+        raise Seq2SeqError(f"{path}: its tokenizer differs from {first}'s; an ensemble needs "
+                           "one shared tokenizer (the same token ids)")
+    pair, first_pair = ((r.data.src_lang, r.data.trg_lang) for r in (recipe, first_recipe))
+    if pair != first_pair:
+        raise Seq2SeqError(f"{path}: translates {'-'.join(pair)}, {first} "
+                           f"{'-'.join(first_pair)}; an ensemble needs one language pair")
 
 
 def check_checkpoint_output(path: str | Path) -> None:

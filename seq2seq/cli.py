@@ -24,7 +24,7 @@ from seq2seq.arguments import (
 )
 from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from seq2seq.config.memory import memory_problems, out_of_memory
-from seq2seq.errors import Seq2SeqError
+from seq2seq.errors import Seq2SeqError, one_line
 from seq2seq.heap import keep_freed_memory
 from seq2seq.serve.options import add_serve_arguments
 from seq2seq.signals import STOP_SIGNALS
@@ -291,10 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except RecipeError as error:
         for problem in error.problems:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {one_line(problem)}", file=sys.stderr)
         return EXIT_USAGE
     except Seq2SeqError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -314,13 +314,13 @@ def main(argv: list[str] | None = None) -> int:
             line = peer_lost(error)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {one_line(line)}", file=sys.stderr)
         return 1
     except OSError as error:  # the machine, not the user: a full disk, a vanished directory
         where = f"{error.filename}: " if error.filename else ""
         if error.filename == STDOUT:
             drop_unwritten(sys.stdout)
-        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
+        print(f"error: {one_line(where)}{error.strerror or error}", file=sys.stderr)
         return 1
     finally:
         for sig, handler in previous.items():

@@ -11,4 +11,10 @@ class Seq2SeqError(Exception):
 def warn(message: str) -> None:
     """``warning: message`` as one line on stderr (not Python's warnings, which add the
     source file and line)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def one_line(message: object) -> str:
+    """``message`` kept on one line: a newline or carriage return in it (a path may hold
+    them) is written ``\\n`` or ``\\r``."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")

@@ -13,7 +13,7 @@ from typing import Any
 
 from seq2seq.data.preflight import directory_problem
 from seq2seq.errors import warn
-from seq2seq.paths import check_distinct, first_repeat
+from seq2seq.paths import check_distinct, check_output, first_repeat
 from seq2seq.report import format_summary, report_files, write_report
 from seq2seq.scoring import EvaluationError, build_result, check_bleu_tokenizer
 
@@ -52,8 +52,9 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     if problem:
         raise EvaluationError(f"{report_dir}: cannot be the report directory: {problem}")
     names = [Path(args.src).name] if args.src else list(recipe.data.test) if recipe else []
-    inputs = [*checkpoints, args.src, *(args.ref or []), args.compare]
-    check_distinct(report_files(report_dir, names, 0), inputs)
+    inputs = [*checkpoints, args.src, *(args.ref or []), args.compare,
+              *(test_files(recipe) if recipe and not args.src else [])]
+    _check_outputs(report_files(report_dir, names, 0), inputs)
     test_sets = list(_test_sets(args, recipe))  # all read, and checked, before the model loads
     compare = _read_text_lines(args.compare) if args.compare else None
     if compare is not None and len(test_sets) > 1:  # one system's output of one test set
@@ -64,11 +65,12 @@ def evaluate_command(args: Any, recipe: Any) -> int:
             raise EvaluationError(f"{args.compare}: {len(compare)} lines but test set {name} "
                                   f"has {len(srcs)}")
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
-                                            quantize=args.quantize, precision=args.precision)
+                                            quantize=args.quantize, precision=args.precision,
+                                            names=CLI_NAMES)
     recipe = recipe or translator.recipe
     tokenize = check_bleu_tokenizer(recipe.eval.tokenize, recipe.data.trg_lang)
     # and with the attention plots, whose number the checkpoint's recipe may give
-    check_distinct(report_files(report_dir, names, recipe.eval.attention_plots), inputs)
+    _check_outputs(report_files(report_dir, names, recipe.eval.attention_plots), inputs)
     # The decode section of the recipe given here (with its overrides), else the checkpoint's.
     settings = translator.decode_settings(beam=args.beam, nbest=1, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
@@ -90,6 +92,21 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     print(format_summary(results))
     print(f"report: {report_dir / 'report.md'}")
     return 0
+
+
+def _check_outputs(outputs: list[Path], inputs: list) -> None:
+    """Refuse report files that cannot be written, or that are inputs of this evaluation."""
+    for path in outputs:  # (each checked for a read-only file, a directory, a long name)
+        check_output(path, missing_dir_ok=True)
+    check_distinct(outputs, inputs)
+
+
+def test_files(recipe: Any) -> list[Path]:
+    """The files the recipe's test sets read (none for hub datasets and the generated task)."""
+    from seq2seq.data.corpus import corpus_files
+
+    return [path for corpus in recipe.data.test.values()
+            for path in corpus_files(corpus, recipe.data)]
 
 
 def default_report_dir(recipe: Any, checkpoints: Sequence[str], src: str | None,

@@ -7,7 +7,8 @@ data) through :func:`open_output` or :func:`write_bytes`. What happens depends o
 - **A regular file, or a new name in an existing directory**: the output goes to a temporary
   file beside it, is fsynced, then renamed over it, so a crash (even SIGKILL) leaves the old
   file or the new one, never a torn one. A symlink is followed first: the link stays and its
-  target gets the output. An existing file keeps its permission bits; a new one gets the mode
+  target gets the output. An existing file keeps its permission bits (and owner, where
+  this process may give it); a new one gets the mode
   ``open()`` would give it (``0o666`` less the umask), not mkstemp's owner-only ``0o600``, so
   other users of a shared filesystem can read it. A file with other hard links is rewritten in
   place once the output is complete, so that every name sees it (a rename would leave the other
@@ -125,30 +126,42 @@ def _replacing(path: Path, real: Path, info: os.stat_result | None) -> Iterator[
     (signals held back until the file is in the ``try`` that removes it: :func:`signals_held`).
     """
     with signals_held() as release:
+        # The temporary name stays within NAME_MAX for any name that is within it.
+        prefix = "." + os.fsdecode(os.fsencode(real.name)[:200]) + "."
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp",
-                                            dir=real.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=real.parent)
         except OSError as error:
             raise write_error(path, error) from None
         tmp = Path(tmp_name)
+        raw = os.fdopen(fd, "wb")
         try:
-            with os.fdopen(fd, "wb") as raw:
-                release()
-                stream = _Checked(raw, path)
-                yield stream
-                stream.flush()
-                _sync(raw, path)
+            release()
+            stream = _Checked(raw, path)
+            yield stream
+            stream.flush()
+            _sync(raw, path)
+            raw.close()
             if info is not None and info.st_nlink > 1:
                 _copy_into(tmp, real, path)  # every hard link sees the new content
                 tmp.unlink()
             else:
-                mode = stat.S_IMODE(info.st_mode) if info is not None else new_file_mode()
-                os.chmod(tmp, mode)  # mkstemp's 0600 would hide a new file from other users
+                _keep_mode_and_owner(tmp, info)
                 os.replace(tmp, real)
                 fsync_dir(real.parent)
         except BaseException:
+            with contextlib.suppress(OSError):  # (a full disk fails the close's flush again)
+                raw.close()
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _keep_mode_and_owner(tmp: Path, info: os.stat_result | None) -> None:
+    """Give the temporary file the mode and owner of the file it replaces, or the mode
+    ``open()`` would give a new one (mkstemp's 0600 would hide it from other users)."""
+    if info is not None and (info.st_uid, info.st_gid) != (os.getuid(), os.getgid()):
+        with contextlib.suppress(OSError):  # (only root may give a file away)
+            os.chown(tmp, info.st_uid, info.st_gid)
+    os.chmod(tmp, stat.S_IMODE(info.st_mode) if info is not None else new_file_mode())
 
 
 def write_error(path: Path, error: OSError) -> OutputError:

@@ -35,10 +35,10 @@ def is_stdout(path: str | Path | None) -> bool:
     return path is None or str(path) == "-"
 
 
-def check_output(path: str | Path | None) -> None:
-    """Refuse, before any work, an output path that cannot be written as this module writes.
-
-    ``None`` and ``"-"`` (stdout) pass where this process has a stdout.
+def check_output(path: str | Path | None, missing_dir_ok: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot be written as
+    :mod:`seq2seq.files` writes. ``None`` and ``"-"`` (stdout) pass where this process has a
+    stdout; ``missing_dir_ok``: a path in a directory the command will create passes too.
 
     Raises:
         OutputError: one line naming the path and the reason.
@@ -58,6 +58,7 @@ def check_output(path: str | Path | None) -> None:
             raise OutputError(f"{path}: is a directory, not an output file")
         return
     real = Path(os.path.realpath(path))  # a symlink's target is what gets written
+    _check_name_length(path, real)
     try:
         info = real.stat()
     except FileNotFoundError:
@@ -66,6 +67,8 @@ def check_output(path: str | Path | None) -> None:
         raise OutputError(f"{path}: cannot use as output ({error.strerror or error})") from None
     if info is None:
         parent = real.parent
+        if missing_dir_ok and not parent.exists():
+            return
         if not parent.exists():
             raise OutputError(f"{path}: directory {parent} does not exist")
         if not parent.is_dir():
@@ -82,6 +85,21 @@ def check_output(path: str | Path | None) -> None:
                               "another output)")
         if info.st_nlink == 1:
             _check_writable_dir(path, real.parent)
+
+
+def _check_name_length(path: Path, real: Path) -> None:
+    """Refuse a new file's name longer than its filesystem allows (so that the command
+    does not fail at its end)."""
+    directory = real.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        limit = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(os.fsencode(real.name)) > limit:
+        raise OutputError(f"{path}: file name too long ({len(os.fsencode(real.name))} bytes; "
+                          f"at most {limit} there)")
 
 
 def is_descriptor(path: str | Path) -> bool:
@@ -113,30 +131,38 @@ def check_distinct(outputs: Iterable[str | Path | None], inputs: Iterable[str | 
     another output.
 
     Files are compared by device and inode, so any spelling of a path (``./a``, a symlink, a
-    hard link) is caught; outputs that do not exist yet by their real path. Devices and FIFOs
-    are not compared: ``--input /dev/stdin --output /dev/stdout`` on one terminal is fine. An
-    input's ``<input>.sha256`` (a checkpoint's checksum file) counts as an input.
+    hard link) is caught; outputs that do not exist yet by their real path. ``-`` is stdin
+    among the inputs and stdout among the outputs, compared by the file the shell opened on it
+    (``translate < a >> a``, ``translate --input a >> a``). Devices, FIFOs and terminals are
+    not compared: ``--input /dev/stdin --output /dev/stdout`` on one terminal is fine. An
+    input's ``<input>.sha256`` (a checkpoint's checksum file) counts as an input. None (an
+    output or input not given) is left out.
     """
+    inputs = [name for name in inputs if name is not None]
+    outputs = [name for name in outputs if name is not None]
     seen = {}
-    inputs = [*inputs]
-    for name in [*inputs, *(f"{name}.sha256" for name in inputs if name is not None)]:
-        key = _identity(name)
+    for name in [*inputs, *(f"{name}.sha256" for name in inputs if name != "-")]:
+        key = _identity(name, sys.stdin)
         if key is not None:
-            seen[key] = name
+            seen[key] = "<stdin>" if name == "-" else name
     for name in outputs:
-        key = _identity(name)
+        key = _identity(name, sys.stdout)
         if key is not None and key in seen:
-            raise OutputError(f"{name}: is the same file as the input {seen[key]}; writing it "
-                              "would destroy the input")
+            raise OutputError(f"{_said(name)}: is the same file as the input {seen[key]}; "
+                              "writing it would destroy the input")
     written: dict[Any, str | Path] = {}
     for name in outputs:
-        key = _identity(name) or _new_file(name)
+        key = _identity(name, sys.stdout) or _new_file(name)
         if key is None:
             continue
         if key in written:
-            raise OutputError(f"{name}: is the same file as the output {written[key]}; one "
-                              "would overwrite the other")
+            raise OutputError(f"{_said(name)}: is the same file as the output "
+                              f"{_said(written[key])}; one would overwrite the other")
         written[key] = name
+
+
+def _said(output: str | Path) -> str | Path:
+    return "<stdout>" if output == "-" else output
 
 
 def _new_file(path: str | Path | None) -> str | None:
@@ -176,9 +202,15 @@ def first_repeat(paths: Iterable[str | Path]) -> tuple[str | Path, str | Path] |
     return None
 
 
-def _identity(path: str | Path | None) -> tuple[int, int] | None:
+def _identity(path: str | Path | None, stream: Any = None) -> tuple[int, int] | None:
+    """The device and inode of the regular file or directory ``path`` names; for ``-``, of
+    the regular file ``stream`` (stdin or stdout) is open on, if given; else None."""
     if is_stdout(path):
-        return None
+        try:
+            info = os.fstat(stream.fileno()) if path == "-" and stream is not None else None
+        except (OSError, ValueError, AttributeError):  # closed, or not a file's stream
+            info = None
+        return (info.st_dev, info.st_ino) if info and stat.S_ISREG(info.st_mode) else None
     try:
         info = os.stat(path)
     except OSError:

@@ -20,10 +20,10 @@ import torch
 
 from seq2seq.checkpoint import (
     CheckpointError,
+    check_member,
     check_no_repeat,
     load_checkpoint,
     load_weights,
-    same_tensors,
 )
 from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
 from seq2seq.decoding import bucketed_batches, decode_ids, make_shortlist, search_path
@@ -82,11 +82,13 @@ def resolve_device(name: str, what: str = "--device") -> torch.device:
 
 API_NAMES = {"beam_size": "beam", "n_best": "nbest", "alpha": "alpha",
              "max_len_ratio": "max_len_ratio", "batch_tokens": "batch_tokens",
-             "shortlist": "shortlist"}
+             "shortlist": "shortlist", "device": "device", "quantize": "quantize=True",
+             "precision": "precision="}
 """How each search setting is called in :meth:`Translator.translate`'s messages."""
 CLI_NAMES = {"beam_size": "--beam", "n_best": "--nbest", "alpha": "--alpha",
              "max_len_ratio": "--max-len-ratio", "batch_tokens": "--batch-tokens",
-             "shortlist": "--shortlist"}
+             "shortlist": "--shortlist", "device": "--device", "quantize": "--quantize",
+             "precision": "--precision "}
 """... and on the command line (``translate`` and ``evaluate`` share the flags)."""
 
 
@@ -143,7 +145,8 @@ def blank_translation() -> Translation:
                        attention=[None])
 
 
-def checkpoint_paths(paths: Any, quantize: Any, precision: Any) -> list[str | Path]:
+def checkpoint_paths(paths: Any, quantize: Any, precision: Any,
+                     names: Mapping[str, str] = API_NAMES) -> list[str | Path]:
     """:meth:`Translator.from_checkpoint`'s arguments checked: its checkpoints as a list."""
     paths = [paths] if isinstance(paths, (str, Path)) else paths
     if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (str, Path)) for p in paths):
@@ -155,21 +158,11 @@ def checkpoint_paths(paths: Any, quantize: Any, precision: Any) -> list[str | Pa
         raise SettingTypeError(f"quantize must be True or False, got {quantize!r}")
     if precision not in ("fp32", "bf16", "auto"):
         raise SettingError(f"precision {precision!r}: fp32, bf16 or auto")
+    if quantize and precision == "bf16":
+        raise Seq2SeqError(f"{names['quantize']} and {names['precision']}bf16 exclude each "
+                           "other: int8 weights compute in int8 and fp32")
     check_no_repeat(paths, "an ensemble")
     return list(paths)
-
-
-def check_member(path: str | Path, first: str | Path, recipe: Recipe, first_recipe: Recipe,
-                 tokenizer: Any, first_tokenizer: Any) -> None:
-    """Refuse an ensemble member that would not translate as the first one: its token ids
-    must mean the same pieces (one tokenizer) and it must declare the same language pair."""
-    if not same_tensors(tokenizer, first_tokenizer):
-        raise Seq2SeqError(f"{path}: its tokenizer differs from {first}'s; an ensemble needs "
-                           "one shared tokenizer (the same token ids)")
-    pair, first_pair = ((r.data.src_lang, r.data.trg_lang) for r in (recipe, first_recipe))
-    if pair != first_pair:
-        raise Seq2SeqError(f"{path}: translates {'-'.join(pair)}, {first} "
-                           f"{'-'.join(first_pair)}; an ensemble needs one language pair")
 
 
 class Translator:
@@ -183,19 +176,24 @@ class Translator:
         self.lexicon: Lexicon | None = None  # the first checkpoint's, for decode.shortlist
 
     @classmethod
-    def from_checkpoint(cls, paths: str | Path | list[str | Path], device: str = "auto",
-                        quantize: bool = False, precision: str = "fp32") -> "Translator":
+    def from_checkpoint(cls, paths: str | Path | list[str | Path],
+                        device: str | torch.device = "auto", quantize: bool = False,
+                        precision: str = "fp32", names: Mapping[str, str] = API_NAMES,
+                        ) -> "Translator":
         """Load one checkpoint, or several (an ensemble) sharing one tokenizer.
 
         ``quantize`` decodes with an int8 copy (CPU only, see
         :mod:`seq2seq.quantize`). ``precision`` "bf16" decodes with the weights cast to bf16
         once; "auto" picks bf16 where the device computes it natively, else fp32 (see
         :func:`seq2seq.precision.decoding_model`); :attr:`precision` says which it became.
+        ``names``: how the arguments are called in errors (:data:`CLI_NAMES` for the commands).
         """
         from seq2seq.models.seq2seq import build_model
 
-        paths = checkpoint_paths(paths, quantize, precision)
-        torch_device = resolve_device(device)
+        paths = checkpoint_paths(paths, quantize, precision, names)
+        if isinstance(device, torch.device):
+            device = str(device)
+        torch_device = resolve_device(device, names["device"])
         models, recipe, tokenizer, lexicon, first_tok = [], None, None, None, None
         for path in paths:
             ckpt = load_checkpoint(Path(path))
@@ -216,9 +214,6 @@ class Translator:
             recipe = recipe or this_recipe
             tokenizer = tokenizer or this_tok
         model = models[0] if len(models) == 1 else Ensemble(models)
-        if quantize and precision == "bf16":
-            raise Seq2SeqError("--quantize and --precision bf16 exclude each other: int8 "
-                               "weights compute in int8 and fp32")
         chosen = "fp32"
         if quantize:
             from seq2seq.quantize import quantize_for_cpu
@@ -378,7 +373,7 @@ def translate_command(args: Any) -> int:
         check_output(args.attention)
     if args.input in (None, "-"):
         check_stdin()
-    check_distinct([args.output, args.attention], [args.input, *args.checkpoint])
+    check_distinct([args.output or "-", args.attention], [args.input or "-", *args.checkpoint])
     if args.scores and args.nbest:  # it would be ignored without a word
         raise Seq2SeqError("--scores and --nbest: the n-best rows carry their scores already "
                            "(index, score, text); drop --scores")
@@ -388,7 +383,8 @@ def translate_command(args: Any) -> int:
     if any(same_file(args.input, checkpoint) for checkpoint in args.checkpoint):
         raise Seq2SeqError(f"--input {args.input}: is the checkpoint, not text to translate")
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device,
-                                            quantize=args.quantize, precision=args.precision)
+                                            quantize=args.quantize, precision=args.precision,
+                                            names=CLI_NAMES)
     settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,
                                           max_len_ratio=args.max_len_ratio,
                                           batch_tokens=args.batch_tokens,

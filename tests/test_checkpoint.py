@@ -293,3 +293,33 @@ def test_two_saves_to_one_path_leave_a_checkpoint_and_its_own_checksum(tmp_path,
     first.join()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert (tmp_path / "avg.pt.sha256").read_text().split()[0] == digest
+
+
+@pytest.mark.parametrize("through", ["path", "symlink"])
+def test_a_failed_save_keeps_the_old_checkpoint_and_its_checksum_file(tmp_path, monkeypatch,
+                                                                     through):
+    """A full disk left last.pt without last.pt.sha256 while the error said "the previous
+    checkpoint is unchanged": the side file was removed before the write."""
+    import seq2seq.checkpoint as module
+    from seq2seq.paths import OutputError
+
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "recipe": {}}, path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "last.pt.sha256")}
+    target = path
+    if through == "symlink":
+        target = tmp_path / "link.pt"
+        target.symlink_to(path)
+    write = module.write_bytes
+
+    def full_disk(out, data):
+        if str(out).endswith(".pt"):
+            raise OutputError(f"{out}: cannot write (No space left on device)",
+                              "No space left on device")
+        write(out, data)
+
+    monkeypatch.setattr(module, "write_bytes", full_disk)
+    with pytest.raises(CheckpointError, match="the previous checkpoint is unchanged"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "recipe": {}}, target)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    load_checkpoint(path)  # whole, and its side file agrees

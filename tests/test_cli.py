@@ -501,6 +501,61 @@ def test_evaluate_refuses_a_bad_report_dir_and_plots_over_inputs_before_decoding
     assert victim.read_bytes() == (run / "best.pt").read_bytes()
 
 
+def test_evaluate_refuses_report_files_it_cannot_write_or_that_it_reads_before_decoding(
+        trained, tmp_path):
+    """A read-only report.md (or a report.json that is a directory) was found after the whole
+    decoding; a recipe's test corpus named like a report file was overwritten by the report."""
+    recipe, run = trained
+    src, ref = tmp_path / "s.txt", tmp_path / "r.txt"
+    src.write_text("the dog\n")
+    ref.write_text("der Hund\n")
+    locked, odd = tmp_path / "locked", tmp_path / "odd"
+    (locked).mkdir()
+    (locked / "report.md").write_text("keep\n")
+    (locked / "report.md").chmod(0o444)
+    (odd / "report.json").mkdir(parents=True)
+    for report_dir, message in [(locked, "report.md: is read-only; not replaced"),
+                                (odd, "report.json: is a directory, not an output file")]:
+        result = seq2seq("evaluate", "--checkpoint", run / "best.pt", "--src", src, "--ref",
+                         ref, "--report-dir", report_dir)
+        err = result.stderr.decode()
+        assert result.returncode == 2 and message in err and err.count("\n") == 1, err
+        assert not (report_dir / "s.txt.hyp.txt").exists()  # refused before decoding
+    corpus = tmp_path / "report.json"
+    corpus.write_text('{"en": "the dog", "de": "der Hund"}\n')
+    before = corpus.read_bytes()
+    result = seq2seq("evaluate", recipe,
+                     f"data.test={{t: {{format: jsonl, path: {corpus}}}}}",
+                     f"eval.report_dir={tmp_path}")
+    err = result.stderr.decode()
+    assert result.returncode == 2 and err.count("\n") == 1, err
+    assert f"{tmp_path / 'report.json'}: is the same file as the input {corpus}" in err
+    assert corpus.read_bytes() == before
+
+
+def test_translate_refuses_a_stdout_appended_to_its_own_input(trained, tmp_path):
+    """`translate --input a >> a` read its own translations and grew a without end."""
+    _, run = trained
+    data = tmp_path / "in.txt"
+    data.write_text("the dog\n")
+    with open(data, "ab") as out:
+        result = subprocess.run([sys.executable, "-m", "seq2seq", "translate", "--checkpoint",
+                                 str(run / "best.pt"), "--input", str(data)], stdout=out,
+                                stderr=subprocess.PIPE, cwd=REPO, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.decode() == (f"error: <stdout>: is the same file as the input {data}; "
+                                      "writing it would destroy the input\n")
+    assert data.read_text() == "the dog\n"
+
+
+def test_a_path_with_a_newline_is_said_on_one_line(trained, tmp_path):
+    _, run = trained
+    result = seq2seq("translate", "--checkpoint", run / "best.pt", "--input",
+                     tmp_path / "no\nsuch.txt")
+    assert result.returncode == 2
+    assert result.stderr.decode() == f"error: {tmp_path}/no\\nsuch.txt: no such input file\n"
+
+
 def test_an_output_onto_a_checkpoint_s_checksum_file_is_refused(trained, tmp_path):
     """A tab-completion slip replaced best.pt.sha256 with a checkpoint: every later load of
     best.pt then warned that its checksum file was stale."""

@@ -9,6 +9,8 @@ import os
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 
@@ -265,3 +267,76 @@ def test_a_descriptor_is_written_where_it_points_never_replaced(tmp_path):
     os.close(fd)
     assert log.read_bytes() == b"previous\nmore\nmore\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "log.txt"]  # no .tmp
+
+
+def _in_child(code: str, **streams) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python with the given stdin/stdout (open files)."""
+    return subprocess.run([sys.executable, "-c", code], stderr=subprocess.PIPE, timeout=120,
+                          **streams)
+
+
+def test_stdout_on_an_input_file_is_refused(tmp_path):
+    """`translate --input a >> a` (or `< a >> a`) read its own output and grew a without end."""
+    data = tmp_path / "in.txt"
+    data.write_bytes(b"input\n")
+    code = ("import sys\nfrom seq2seq.paths import check_distinct, OutputError\n"
+            "try:\n    check_distinct(['-'], sys.argv[1:] or ['-'])\n"
+            "except OutputError as error:\n    sys.exit(str(error))\n")
+    with open(data, "ab") as out:
+        named = _in_child(code.replace("sys.argv[1:]", repr([str(data)])), stdout=out)
+    with open(data, "rb") as inp, open(data, "ab") as out:
+        piped = _in_child(code, stdin=inp, stdout=out)
+    with open(tmp_path / "other.txt", "ab") as out, open(data, "rb") as inp:
+        apart = _in_child(code, stdin=inp, stdout=out)
+    assert named.stderr.decode() == f"<stdout>: is the same file as the input {data}; " \
+        "writing it would destroy the input\n"
+    assert piped.stderr.decode().startswith("<stdout>: is the same file as the input <stdin>")
+    assert apart.returncode == 0, apart.stderr.decode()
+    assert data.read_bytes() == b"input\n"
+
+
+def test_a_write_error_names_the_path_and_leaves_nothing(tmp_path):
+    """A full disk said only "No space left on device": closing the temporary file flushed
+    its buffer again, and that error, naming no file, replaced the one naming the path."""
+    code = ("import resource, signal, sys\nfrom seq2seq.files import open_output\n"
+            "from seq2seq.paths import OutputError\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "try:\n    with open_output(sys.argv[1]) as out:\n"
+            "        for _ in range(1000):\n            out.write(b'x' * 1000)\n"
+            "except OutputError as error:\n    sys.exit(str(error))\n")
+    path = tmp_path / "out.txt"
+    path.write_bytes(b"old\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], stderr=subprocess.PIPE,
+                            timeout=120)
+    assert result.stderr.decode() == f"{path}: cannot write (File too large)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+    assert path.read_bytes() == b"old\n"
+
+
+def test_a_name_as_long_as_the_filesystem_allows_is_written_and_a_longer_refused(tmp_path):
+    """The temporary name (.NAME.XXXXXXXX.tmp) made names of 242-255 bytes fail at the end."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    longest = tmp_path / ("é" * ((limit - 4) // 2) + "y" * ((limit - 4) % 2) + ".txt")
+    assert len(os.fsencode(longest.name)) == limit
+    write_bytes(longest, b"new\n")
+    assert longest.read_bytes() == b"new\n"
+    write_bytes(longest, b"again\n")  # replacing it too
+    assert longest.read_bytes() == b"again\n"
+    too_long = tmp_path / ("y" * (limit + 1))
+    with pytest.raises(OutputError, match=f"file name too long \\({limit + 1} bytes; at most"):
+        check_output(too_long)
+    with pytest.raises(OutputError, match="file name too long"):
+        check_output(tmp_path / "new-dir" / too_long.name, missing_dir_ok=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [longest.name]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root may give a file to another user")
+def test_a_replaced_file_keeps_its_owner(tmp_path):
+    """Replacing a file of another user (as root) gave it to root, where `>` keeps it."""
+    path = tmp_path / "owned.txt"
+    path.write_bytes(b"old\n")
+    os.chown(path, 65534, 65534)
+    write_bytes(path, b"new\n")
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, path.read_bytes()) == (65534, 65534, b"new\n")

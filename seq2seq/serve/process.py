@@ -234,13 +234,14 @@ def run_worker(conn: Any, spec: LoadSpec, max_sentences: int, wait_s: float,
 
     keep_freed_memory()  # as every seq2seq command does at start (a spawned process does not)
     try:
-        from seq2seq.translate import Translator
+        from seq2seq.translate import CLI_NAMES, Translator
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
         translator = Translator.from_checkpoint(spec.checkpoint, device=spec.device,
                                                 quantize=spec.quantize,
-                                                precision=spec.precision)
+                                                precision=spec.precision,
+                                                names=CLI_NAMES)
     except Exception as error:  # noqa: BLE001 - the server reports it and exits
         send(("failed", str(error).splitlines()[0] if str(error) else type(error).__name__))
         return

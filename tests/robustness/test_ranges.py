@@ -18,6 +18,7 @@ from seq2seq.config import (
     recipe_from_dict,
 )
 from seq2seq.config.ranges import SEED_MAX
+from seq2seq.errors import Seq2SeqError
 from seq2seq.translate import SettingError, Translator, resolve_device
 from tests.robustness.conftest import error_lines, seq2seq, snapshot
 
@@ -209,6 +210,17 @@ def test_translate_refuses_a_missing_gpu_in_one_line(trained, tmp_path):
 @pytest.fixture(scope="module")
 def translator(trained):
     return Translator.from_checkpoint(trained, device="cpu")
+
+
+def test_from_checkpoint_names_its_own_arguments_and_takes_a_torch_device(trained):
+    """The Python API's errors said `--device cuda`, `--quantize and --precision bf16` (the
+    command line's flags), and torch.device("cpu") was "not a device name"."""
+    assert Translator.from_checkpoint(trained, device=torch.device("cpu")).device.type == "cpu"
+    with pytest.raises(SettingError, match="^device cpu:1: the CPU is one device"):
+        Translator.from_checkpoint(trained, device="cpu:1")
+    with pytest.raises(Seq2SeqError, match="^quantize=True and precision=bf16 exclude each "
+                                           "other"):
+        Translator.from_checkpoint([trained, "not/loaded.pt"], quantize=True, precision="bf16")
 
 
 @pytest.mark.parametrize("sentences, message", [
