@@ -199,6 +199,31 @@ def test_a_generated_validation_or_test_split_has_a_bounded_size(tmp_path):
         "data.valid.size: at most 100,000 pairs of a generated valid split, got 200,000"]
 
 
+def test_a_report_dir_that_cannot_be_one_is_found_by_the_preflight(tmp_path):
+    """`check` passed eval.report_dir naming a file; evaluate refused it after training."""
+    from seq2seq.data.preflight import input_problems
+
+    (tmp_path / "notes.txt").write_text("x\n")
+    tree = {"output_dir": str(tmp_path / "run"),
+            "eval": {"report_dir": str(tmp_path / "notes.txt")},
+            "data": {"train": {"format": "generated", "size": 100},
+                     "valid": {"format": "generated", "split": "valid", "size": 10}}}
+    assert f"eval.report_dir {tmp_path / 'notes.txt'}: {tmp_path / 'notes.txt'} exists and is " \
+        "not a directory" in input_problems(recipe_from_dict(tree))
+
+
+def test_the_data_root_variable_expands_home_and_variables_as_data_root_does(monkeypatch):
+    from seq2seq.config.loading import data_root
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("CORPORA", "/srv/corpora")
+    for value, root in [("~/data", "/home/someone/data"), ("$CORPORA/nmt", "/srv/corpora/nmt")]:
+        monkeypatch.setenv("SEQ2SEQ_DATA", value)
+        assert str(data_root(recipe_from_dict({}).data)) == root
+        monkeypatch.delenv("SEQ2SEQ_DATA")
+        assert str(data_root(recipe_from_dict({"data": {"root": value}}).data)) == root
+
+
 def test_an_override_given_twice_is_said(capsys):
     """The last one held in silence. Scripts layer overrides (a base list, then the user's),
     so it is said, not refused."""

@@ -353,6 +353,5 @@ def data_root(cfg: DataConfig) -> Path:
     """The directory relative corpus paths are resolved against."""
     import os
 
-    if cfg.root:
-        return Path(os.path.expandvars(os.path.expanduser(cfg.root)))
-    return Path(os.environ.get("SEQ2SEQ_DATA") or "data")
+    root = cfg.root or os.environ.get("SEQ2SEQ_DATA") or "data"
+    return Path(os.path.expandvars(os.path.expanduser(root)))

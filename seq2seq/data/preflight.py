@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -29,8 +30,12 @@ from seq2seq.data.corpus import (
 from seq2seq.errors import warn
 from seq2seq.paths import same_file
 from seq2seq.scoring import EvaluationError, check_bleu_tokenizer
+from seq2seq.tokenizer import INFO_FILE, JOINT_MODEL, SRC_MODEL, TRG_MODEL
 
 MAX_GENERATED_EVAL = 100_000
+# What a run writes in <output_dir>/tokenizer and in a training cache: nothing else is replaced.
+TOKENIZER_FILES = {JOINT_MODEL, SRC_MODEL, TRG_MODEL, INFO_FILE}
+CACHE_FILES = {"stats.json", "train"}
 
 
 def input_problems(recipe: Recipe, read_eval_sets: bool = False, say: bool = True
@@ -54,13 +59,20 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False, say: bool = Tru
     # the tokenizer's training); a current tokenizer's is only read, so need not be writable.
     directories = [("output_dir", out_dir, True), ("output_dir", out_dir / "tokenizer", False),
                    ("data.cache_dir" if data.cache_dir else "output_dir",
-                    cache_root(data, out_dir), True)]
+                    cache_root(data, out_dir), True),
+                   ("eval.report_dir" if recipe.eval.report_dir else "output_dir",
+                    Path(recipe.eval.report_dir or out_dir / "eval"), True)]
     seen = set()
     for key, path, written in directories:
         problem = directory_problem(path, written)
         if problem and problem not in seen:  # (a file for output_dir is in the way of all)
             seen.add(problem)
             problems.append(f"{key} {path}: {problem}")
+    foreign = _foreign_entries(out_dir / "tokenizer", TOKENIZER_FILES)
+    if foreign:
+        problems.append(f"output_dir {out_dir}: {out_dir / 'tokenizer'} holds what seq2seq "
+                        f"does not write there ({', '.join(foreign[:3])}); a new tokenizer "
+                        "replaces that directory: move them, or use another output_dir")
     problems += _test_name_problems(list(data.test))
     try:  # validation scores BLEU too: a missing extra must not cost the first updates
         check_bleu_tokenizer(recipe.eval.tokenize, data.trg_lang)
@@ -192,7 +204,8 @@ def remove_stale_caches(current: Path, out_dir: Path, shared: bool, show_progres
     stale = []
     if not shared:
         left += current.parent.glob(".train-*")
-        stale = [path for path in current.parent.glob("train-*") if path != current]
+        stale = [path for path in current.parent.glob("train-*")
+                 if path != current and _is_cache(path)]
     for path in sorted([*stale, *filter(_orphaned, left)]):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -200,6 +213,21 @@ def remove_stale_caches(current: Path, out_dir: Path, shared: bool, show_progres
                 what = "the stale training cache" if path.name[0] != "." else "what a build " \
                        "that did not end left:"
                 print(f"removed {what} {path}", file=sys.stderr)
+
+
+def _foreign_entries(directory: Path, ours: set[str]) -> list[str]:
+    """The names in ``directory`` (if it is one) that are not among ``ours``."""
+    try:
+        return sorted(entry.name for entry in directory.iterdir() if entry.name not in ours)
+    except OSError:  # missing, or not a directory (reported as such)
+        return []
+
+
+def _is_cache(path: Path) -> bool:
+    """Whether ``path`` is a training cache as :mod:`seq2seq.data.cache` names and fills them
+    (never a directory of the user's that happens to be called ``train-...``)."""
+    return (re.fullmatch(r"train-[0-9a-f]{24}", path.name) is not None and path.is_dir()
+            and not _foreign_entries(path, CACHE_FILES))
 
 
 def _orphaned(path: Path) -> bool:

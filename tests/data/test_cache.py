@@ -451,3 +451,21 @@ def test_a_resume_on_an_hf_directory_names_the_file_that_changed(tmp_path):
     with pytest.raises(DataError, match=rf"trained on \(changed: {train}/data-00001-of-00002"
                                         r"\.arrow\)"):
         check_same_inputs(expect, recipe, now, None)
+
+
+def test_what_the_user_keeps_in_output_dir_is_never_deleted(corpus):
+    """An output_dir that was a project folder lost its tokenizer/ folder (replaced by a new
+    tokenizer without a word) and any cache/train-* folder (removed as a stale cache)."""
+    run = corpus / "run"
+    notes, mine = run / "tokenizer" / "notes.txt", run / "cache" / "train-mine" / "data.txt"
+    for path in (notes, mine):
+        path.parent.mkdir(parents=True)
+        path.write_text("keep\n")
+    with pytest.raises(DataError, match=r"tokenizer holds what seq2seq does not write there "
+                                        r"\(notes.txt\); a new tokenizer replaces"):
+        prepare_data(make_recipe(corpus), show_progress=False)
+    notes.unlink()
+    first = prepare_data(make_recipe(corpus), show_progress=False)
+    prepare_data(make_recipe(corpus, "data.max_src_tokens=200"), show_progress=False)
+    assert mine.read_text() == "keep\n"  # while the first cache, now stale, is gone
+    assert not first.cache_dir.exists()
