@@ -1,8 +1,12 @@
-"""A lock on a directory while several files in it are replaced together.
+"""Locks: on a directory while several files in it are replaced together, and kept from
+forked children.
 
 :func:`directory_held` takes an exclusive ``flock`` on the directory itself, so no lock file is
 left behind: two processes that write the same set of files (a checkpoint and its checksum
 file, an evaluation report) one after the other each leave their whole set, never a mix.
+:func:`own` keeps a held lock file this process's own: a ``flock`` belongs to the open file,
+which a forked child (a worker of the corpus encoding's process pool) shares, so a child that
+outlived a killed parent held the run's lock for good.
 """
 
 from __future__ import annotations
@@ -12,6 +16,27 @@ import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
+
+_OWN: list[IO] = []  # lock files this process holds, closed in its forked children
+
+
+def own(handle: IO) -> IO:
+    """``handle`` (a file this process holds a ``flock`` on), closed in every child forked
+    from now on, so that only this process holds the lock."""
+    _OWN[:] = [held for held in _OWN if not held.closed]
+    _OWN.append(handle)
+    return handle
+
+
+def _close_in_child() -> None:
+    for handle in _OWN:
+        with contextlib.suppress(OSError):
+            handle.close()  # (the parent's copy keeps the lock)
+    _OWN.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 @contextlib.contextmanager

@@ -50,3 +50,35 @@ def signals_held() -> Iterator[Callable[[], None]]:
         yield release
     finally:
         release()
+
+
+@contextlib.contextmanager
+def stops_kept() -> Iterator[None]:
+    """Raise a stop signal's exception at the end of the block, whatever the block made of
+    it: for a library that can lose it (one raised in a fork hook while ``datasets`` forks
+    its workers is discarded) or replace it (its pool's clean-up raises a TimeoutError;
+    SentencePiece reports it as a failed training). A no-op outside the main thread."""
+    seen: list[int] = []
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def keep(signum: int, frame: object) -> None:
+        seen.append(signum)
+        handlers[signum](signum, frame)
+
+    try:
+        for sig, handler in handlers.items():
+            if callable(handler):
+                signal.signal(sig, keep)
+    except ValueError:  # not the main thread
+        handlers = {}
+    try:
+        yield
+    except BaseException:
+        if not seen:
+            raise
+    finally:
+        with contextlib.suppress(ValueError):
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    if seen:  # the block's error (or none) was the signal's doing: raise the signal's own
+        handlers[seen[-1]](seen[-1], None)

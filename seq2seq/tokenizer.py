@@ -30,7 +30,7 @@ import sentencepiece as spm
 
 from seq2seq.config import TokenizerConfig
 from seq2seq.errors import Seq2SeqError
-from seq2seq.signals import signals_held
+from seq2seq.signals import signals_held, stops_kept
 
 if TYPE_CHECKING:  # torch is imported where needed: ``prepare`` and its workers never need it
     import torch
@@ -349,33 +349,35 @@ def _train_model(cfg: TokenizerConfig, inputs: list[Path], side: str = "") -> by
     model = io.BytesIO()
     # SentencePiece samples input_sentence_size sentences; a fixed seed makes that repeatable.
     spm.set_random_generator_seed(SAMPLING_SEED)
-    try:
-        spm.SentencePieceTrainer.train(
-            # An iterator rather than input=paths: the paths would be stored in the model,
-            # making two trainings on the same data differ.
-            sentence_iterator=_lines(inputs), model_writer=model, model_type=cfg.type,
-            vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
-            input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
-            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, byte_fallback=cfg.byte_fallback,
-            normalization_rule_name=cfg.normalization,
-            # Lines longer than this are skipped by SentencePiece, not truncated.
-            max_sentence_length=16384, num_threads=max(1, os.cpu_count() or 1),
-            minloglevel=2)
-    except RuntimeError as error:
-        message, data = str(error), f"{side} training data".lstrip()
-        if match := _TOO_HIGH.search(message):
-            raise Seq2SeqError(
-                f"tokenizer.vocab_size = {match.group(1)} is too large for the {data}; "
-                f"SentencePiece allows at most {match.group(2)}") from None
-        if match := _TOO_LOW.search(message):
-            raise Seq2SeqError(
-                f"tokenizer.vocab_size = {match.group(1)} is smaller than the {match.group(2)} "
-                f"characters and special tokens of the {data}; raise it or lower "
-                f"tokenizer.character_coverage") from None
-        if "sentences_.empty()" in message:
-            raise Seq2SeqError(f"the {data} has no sentence shorter than 16,384 bytes, the "
-                               "longest SentencePiece trains on") from None
-        raise Seq2SeqError(f"SentencePiece training failed: {message.splitlines()[0]}") from None
+    with stops_kept():  # (SentencePiece reports a Ctrl-C as a failed training)
+        try:
+            spm.SentencePieceTrainer.train(
+                # An iterator rather than input=paths: the paths would be stored in the model,
+                # making two trainings on the same data differ.
+                sentence_iterator=_lines(inputs), model_writer=model, model_type=cfg.type,
+                vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage,
+                input_sentence_size=cfg.input_sentence_size, shuffle_input_sentence=True,
+                pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, byte_fallback=cfg.byte_fallback,
+                normalization_rule_name=cfg.normalization,
+                # Lines longer than this are skipped by SentencePiece, not truncated.
+                max_sentence_length=16384, num_threads=max(1, os.cpu_count() or 1),
+                minloglevel=2)
+        except RuntimeError as error:
+            message, data = str(error), f"{side} training data".lstrip()
+            if match := _TOO_HIGH.search(message):
+                raise Seq2SeqError(
+                    f"tokenizer.vocab_size = {match.group(1)} is too large for the {data}; "
+                    f"SentencePiece allows at most {match.group(2)}") from None
+            if match := _TOO_LOW.search(message):
+                raise Seq2SeqError(
+                    f"tokenizer.vocab_size = {match.group(1)} is smaller than the {match.group(2)} "
+                    f"characters and special tokens of the {data}; raise it or lower "
+                    f"tokenizer.character_coverage") from None
+            if "sentences_.empty()" in message:
+                raise Seq2SeqError(f"the {data} has no sentence shorter than 16,384 bytes, the "
+                                   "longest SentencePiece trains on") from None
+            raise Seq2SeqError(f"SentencePiece training failed: {message.splitlines()[0]}"
+                               ) from None
     return model.getvalue()
 
 

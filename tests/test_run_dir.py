@@ -70,6 +70,38 @@ def test_a_second_train_on_a_locked_run_is_refused_at_once_naming_the_holder(tmp
     assert trainer.progress.step == 2  # the kernel released the dead holder's lock
 
 
+def test_a_forked_worker_that_outlives_a_killed_run_does_not_hold_its_lock(tmp_path):
+    """After a kill -9 during the corpus encoding, the pool's workers (forked, so sharing the
+    lock file) lived on and every rerun was refused as "in use by process N" (the dead one)."""
+    import signal
+
+    from seq2seq.training.run_dir import RunDirectory
+
+    code = ("import multiprocessing, os, signal, sys, time\n"
+            "from pathlib import Path\n"
+            "from seq2seq.training.run_dir import RunDirectory\n"
+            "run = RunDirectory(Path(sys.argv[1]))\n"
+            "run.lock()\n"
+            "worker = multiprocessing.get_context('fork').Process(target=time.sleep, "
+            "args=(60,))\n"
+            "worker.start()\n"
+            "Path(sys.argv[2]).write_text(str(worker.pid))\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    # (no pipes: the orphan would hold them open, and the run would wait for it)
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"),
+                          str(tmp_path / "pid")], cwd=REPO, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    assert run.returncode == -signal.SIGKILL
+    orphan = int((tmp_path / "pid").read_text())
+    try:
+        os.kill(orphan, 0)  # alive, as a pool worker is
+        again = RunDirectory(tmp_path / "run")
+        again.lock()
+        again.unlock()
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+
+
 def test_the_cli_refuses_a_locked_run_with_exit_2_and_translate_still_works(tmp_path):
     import yaml
 

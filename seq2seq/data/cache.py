@@ -64,7 +64,7 @@ from seq2seq.data.preflight import input_problems, remove_stale_caches
 from seq2seq.data.stats import describe_eval_set, describe_train
 from seq2seq.errors import warn
 from seq2seq.search.shortlist import MAX_PAIRS, Lexicon, build_lexicon
-from seq2seq.signals import signals_held
+from seq2seq.signals import signals_held, stops_kept
 from seq2seq.tokenizer import UNK, Tokenizer, tokenizer_hash, train_tokenizer
 
 CACHE_VERSION = 2  # bump when the cached columns, the filter or the reading rules change
@@ -327,12 +327,13 @@ def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataCo
     """Encode every pair, drop what the training filter rejects, save to ``out``."""
     # Worker processes only pay off beyond a batch or two (each costs ~1 s to start).
     num_proc = data.num_proc if data.num_proc > 1 and len(raw) > ENCODE_BATCH else None
-    encoded = raw.map(
-        encode_rows, batched=True, batch_size=ENCODE_BATCH, num_proc=num_proc,
-        remove_columns=["src", "trg"], features=ENCODED_FEATURES, desc="encoding train",
-        fn_kwargs={"tokenizer": tokenizer, "max_src_tokens": data.max_src_tokens,
-                   "max_trg_tokens": data.max_trg_tokens,
-                   "max_length_ratio": data.max_length_ratio})
+    with stops_kept():  # (a Ctrl-C while the pool forks was lost, one later a traceback)
+        encoded = raw.map(
+            encode_rows, batched=True, batch_size=ENCODE_BATCH, num_proc=num_proc,
+            remove_columns=["src", "trg"], features=ENCODED_FEATURES, desc="encoding train",
+            fn_kwargs={"tokenizer": tokenizer, "max_src_tokens": data.max_src_tokens,
+                       "max_trg_tokens": data.max_trg_tokens,
+                       "max_length_ratio": data.max_length_ratio})
     columns = encoded.data.table
     drop = columns.column("drop").to_numpy()
     kept = np.flatnonzero(drop == KEEP)

@@ -68,11 +68,6 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False, say: bool = Tru
         if problem and problem not in seen:  # (a file for output_dir is in the way of all)
             seen.add(problem)
             problems.append(f"{key} {path}: {problem}")
-    foreign = _foreign_entries(out_dir / "tokenizer", TOKENIZER_FILES)
-    if foreign:
-        problems.append(f"output_dir {out_dir}: {out_dir / 'tokenizer'} holds what seq2seq "
-                        f"does not write there ({', '.join(foreign[:3])}); a new tokenizer "
-                        "replaces that directory: move them, or use another output_dir")
     problems += _test_name_problems(list(data.test))
     try:  # validation scores BLEU too: a missing extra must not cost the first updates
         check_bleu_tokenizer(recipe.eval.tokenize, data.trg_lang)
@@ -84,6 +79,7 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False, say: bool = Tru
                ("data.valid", data.valid, read_eval_sets, True)]
     corpora += [(f"data.test.{name}", corpus, read_eval_sets, True)
                 for name, corpus in data.test.items()]
+    read: list[Path] = []  # the corpus files
     for where, corpus, read_all, needs_text in corpora:
         # One drawn sentence in 40 is a validation one (one in 40 a test one): ten million of
         # them took hours to draw. (Here, not in the schema: a checkpoint's recipe may hold more.)
@@ -94,6 +90,7 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False, say: bool = Tru
             continue
         try:
             paths = corpus_files(corpus, data)
+            read += paths
             if say and corpus.format == "text" and len(paths) == 2 and same_file(*paths):
                 warn(f"{where}: src and trg are one file ({paths[0]}): the model learns to "
                      "copy its input")
@@ -107,6 +104,13 @@ def input_problems(recipe: Recipe, read_eval_sets: bool = False, say: bool = Tru
                 _check_some_text(corpus, data, read_all, needs_text)
         except DataError as error:
             problems.append(f"{where}: {error}")
+    tokenizer_dir = out_dir / "tokenizer"  # (a corpus in it is refused above, by its key)
+    foreign = [name for name in _foreign_entries(tokenizer_dir, TOKENIZER_FILES)
+               if not any(same_file(tokenizer_dir / name, path) for path in read)]
+    if foreign:
+        problems.append(f"output_dir {out_dir}: {tokenizer_dir} holds what seq2seq does not "
+                        f"write there ({', '.join(foreign[:3])}); a new tokenizer replaces "
+                        "that directory: move them, or use another output_dir")
     return problems
 
 

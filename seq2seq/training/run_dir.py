@@ -33,6 +33,7 @@ from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from seq2seq.data.preflight import directory_problem
 from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.files import remove_partial_writes, write_bytes
+from seq2seq.locks import own
 from seq2seq.training.progress import Progress
 
 LOCK_FILE = ".lock"
@@ -92,7 +93,7 @@ class RunDirectory:
             handle.close()
             raise Seq2SeqError(f"output_dir {self.path}: cannot lock {LOCK_FILE} there "
                                f"({error.strerror or error})") from None
-        self.lock_file = handle
+        self.lock_file = own(handle)  # (not a forked worker's too)
 
     def unlock(self) -> None:
         """Release the lock; remove the directory if this run made it and wrote nothing."""

@@ -262,10 +262,7 @@ class DiskFullOs:
                 handle.flush()
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
+            def close(self):
                 handle.close()
 
         return Full()
