@@ -548,3 +548,20 @@ def test_inverse_sqrt_without_warmup_is_refused_rather_than_held_constant():
                                           r"train.schedule inverse_sqrt"):
         recipe_from_dict(tiny_tree("run"), ["train.schedule=inverse_sqrt"])
     recipe_from_dict(tiny_tree("run"), ["train.schedule=inverse_sqrt", "train.warmup_steps=10"])
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("train.sample_nbest=513", "train.sample_nbest: must be in [-1, 512]"),
+    ("tokenizer.character_coverage=0.97", "tokenizer.character_coverage: must be in [0.98, 1"),
+    ("tokenizer.input_sentence_size=100",
+     "tokenizer.input_sentence_size: must be 0 (all) or more than 100, got 100"),
+])
+def test_values_sentencepiece_refuses_are_refused_by_the_recipe(override, problem):
+    """They passed `check`, then failed prepare or the first epoch inside SentencePiece (a
+    traceback for sample_nbest, a message naming no key for the others)."""
+    assert [p for p in problems_of({}, [override]) if p.startswith(f"recipe: {problem}")], \
+        problems_of({}, [override])
+    key, value = override.split("=")
+    edge = {"train.sample_nbest": "512", "tokenizer.character_coverage": "0.98",
+            "tokenizer.input_sentence_size": "101"}[key]
+    recipe_from_dict({}, [f"{key}={edge}"])  # SentencePiece's own bound is allowed

@@ -521,3 +521,15 @@ def test_a_run_killed_in_its_end_does_the_rest_once(tmp_path, monkeypatch):
                                                   .read_text().splitlines())
             if r["split"] != "train"]
     assert rows == [(3, "valid"), (5, "valid"), (5, "averaged")]
+
+
+@pytest.mark.parametrize("search", ["beam", "greedy"])
+def test_a_recipe_with_a_shortlist_validates_without_it(tmp_path, search):
+    """decode.shortlist (for translate, evaluate and serve) made the first validation of a
+    beam-validated run crash: the lexicon is made at the run's end, and nothing was saved."""
+    recipe = tiny_recipe(tmp_path, "train.max_steps=3", "train.valid_every=3",
+                         f"train.valid_search={search}", "decode.shortlist=5")
+    fit(recipe)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [row["step"] for row in rows if "bleu" in row] == [3]
+    assert (tmp_path / "run" / "best.pt").is_file()

@@ -87,7 +87,11 @@ def check_data(data: DataConfig) -> None:
 
 def check_tokenizer(tokenizer: TokenizerConfig) -> None:
     problems: list[str] = []
-    _in_range(problems, tokenizer, "tokenizer.")
+    valid = _in_range(problems, tokenizer, "tokenizer.")
+    if valid("input_sentence_size"):  # (SentencePiece's own bound)
+        _check(problems, tokenizer.input_sentence_size == 0
+               or tokenizer.input_sentence_size > 100, "tokenizer.input_sentence_size",
+               f"must be 0 (all) or more than 100, got {tokenizer.input_sentence_size}")
     _raise_any(problems)
 
 

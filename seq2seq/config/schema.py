@@ -91,9 +91,10 @@ class TokenizerConfig:
     joint: bool = option(True, "one model shared by source and target")
     vocab_size: int = option(8000, "vocabulary size of each model", ints(8, 1_000_000))
     character_coverage: float = option(1.0, "share of characters covered by the vocabulary",
-                                       floats(0.9, 1.0))
+                                       floats(0.98, 1.0))
     input_sentence_size: int = option(
-        500_000, "sentences sampled from the corpus to train the model (0: all)",
+        500_000, "sentences sampled from the corpus to train the model (0: all; else more "
+        "than 100, SentencePiece's least)",
         ints(0, 100_000_000))
     byte_fallback: bool = option(
         False, "a character outside the vocabulary becomes its UTF-8 bytes (256 pieces of the "
@@ -185,8 +186,8 @@ class TrainConfig:
         floats(0, 1))
     sample_nbest: int = option(
         -1, "subword regularisation: sample from the best N segmentations (-1: all; else at "
-        "least 2; unigram)",
-        ints(-1, 1000))
+        "least 2, at most 512, SentencePiece's limit; unigram)",
+        ints(-1, 512))
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto", "auto: bf16 on a GPU or a CPU with native bf16 (amx_bf16, avx512_bf16), else "
         "fp32; bf16: autocast, fp32 weights (on a CPU the RNNs too); fp16: autocast with a "

@@ -60,10 +60,11 @@ def validate(model: Any, valid: Any, tokenizer: Any, recipe: Recipe,
                                      recipe.decode.batch_tokens, device)
     totals = dist.all_reduce_sum(torch.tensor([nll, float(tokens)], dtype=torch.float64))
     decode = recipe.decode
+    # (a shortlist is for decoding a trained model: the lexicon is made at the run's end)
     if recipe.train.valid_search == "greedy":
-        decode = dataclasses.replace(decode, beam_size=1, n_best=1, alpha=0.0)
+        decode = dataclasses.replace(decode, beam_size=1, n_best=1, alpha=0.0, shortlist=0)
     else:
-        decode = dataclasses.replace(decode, n_best=1)
+        decode = dataclasses.replace(decode, n_best=1, shortlist=0)
     hyps = decode_ids(model, src_ids, decode, device)
     texts = tokenizer.decode_trg([h[0].tokens for h in hyps])
     gathered = dist.gather_objects(list(zip(mine, texts)))
