@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from seq2seq.locks import directory_held
 from seq2seq.paths import OutputError, check_output, descriptor_name, is_descriptor, is_stdout
 from seq2seq.signals import signals_held
 
@@ -203,14 +204,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_partial_writes(directory: Path) -> list[Path]:
-    """Delete the temporary files of writes that a killed process left in ``directory``.
-
-    Only call this where no other process is writing into ``directory``.
-    """
-    stale = [p for p in Path(directory).glob(".*.tmp") if p.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
+def remove_partial_writes(directory: Path, ours: Callable[[str], bool]) -> list[Path]:
+    """Delete the temporary files that a killed process left in ``directory`` while writing a
+    file whose name ``ours`` accepts: only files no other process writes there, such as a
+    run's own (another command's output there, in progress, is left alone). The directory is
+    held meanwhile (:func:`seq2seq.locks.directory_held`), as checkpoint saves hold it."""
+    with directory_held(Path(directory)):
+        stale = [path for path in Path(directory).glob(".*.tmp") if path.is_file()
+                 and ours(path.name[1:].removesuffix(".tmp").rpartition(".")[0])]
+        for path in stale:
+            path.unlink(missing_ok=True)
     return stale
 
 

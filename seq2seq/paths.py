@@ -47,6 +47,8 @@ def check_output(path: str | Path | None, missing_dir_ok: bool = False) -> None:
         if sys.stdout is None:  # started with descriptor 1 closed (`>&-`)
             raise OutputError("<stdout>: is closed; name an output file")
         return
+    if str(path).endswith(os.sep):  # (Path() would drop the slash and write a file)
+        raise OutputError(f"{path}: names a directory (ends in {os.sep}), not an output file")
     path = Path(path)
     if is_descriptor(path):
         try:

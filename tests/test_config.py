@@ -565,3 +565,20 @@ def test_values_sentencepiece_refuses_are_refused_by_the_recipe(override, proble
     edge = {"train.sample_nbest": "512", "tokenizer.character_coverage": "0.98",
             "tokenizer.input_sentence_size": "101"}[key]
     recipe_from_dict({}, [f"{key}={edge}"])  # SentencePiece's own bound is allowed
+
+
+def test_integers_that_yaml_1_1_reads_in_another_base_are_refused(tmp_path):
+    """`vocab_size: 010000` loaded as 4096 (octal) and `seed: 1:00` as 60 (base 60), silently."""
+    path = tmp_path / "r.yaml"
+    for text, line in [("tokenizer:\n  vocab_size: 010000\n", 2), ("seed: 1:00\n", 1)]:
+        path.write_text(text)
+        with pytest.raises(RecipeError) as info:
+            load_recipe(path)
+        assert info.value.problems == [
+            f"{path}: line {line} invalid YAML ({text.split(': ')[-1].strip()}: YAML 1.1 reads "
+            "this integer as octal or base 60; write it in decimal without a leading 0)"]
+    assert problems_of({}, ["seed=017"]) == [
+        "recipe: seed: expected an integer, got '017' (from the override seed=017)"]
+    path.write_text("seed: 0\ntokenizer:\n  vocab_size: 10_000\ntrain:\n  lr: 0.001\n")
+    recipe = load_recipe(path)
+    assert (recipe.seed, recipe.tokenizer.vocab_size) == (0, 10_000)

@@ -340,3 +340,11 @@ def test_a_replaced_file_keeps_its_owner(tmp_path):
     write_bytes(path, b"new\n")
     info = path.stat()
     assert (info.st_uid, info.st_gid, path.read_bytes()) == (65534, 65534, b"new\n")
+
+
+def test_an_output_path_ending_in_a_slash_is_refused(tmp_path):
+    """`translate --output out/` wrote a file named out; `average --output x/` one named x."""
+    for path in (tmp_path / "new", tmp_path / "new" / "sub"):
+        with pytest.raises(OutputError, match="names a directory .ends in /., not an output"):
+            check_output(f"{path}/")
+    assert list(tmp_path.iterdir()) == []

@@ -345,3 +345,18 @@ def test_check_refuses_what_train_would_refuse_in_the_run_directory_and_writes_n
     assert train_problems(load(fresh, ["train.device=cuda"])) == [
         "train.device cuda: no CUDA GPU is available"]
     assert train_problems(load(fresh, ["train.device=cpu"])) == []
+
+
+def test_a_run_removes_its_own_partial_writes_only(tmp_path):
+    """train (or a resume) deleted every .*.tmp in output_dir: a `translate --output
+    RUN/hyp.txt` writing there at that moment failed at its end, its output gone."""
+    recipe = recipe_from_dict(tiny_tree(str(tmp_path / "run")), ["train.max_steps=2"])
+    fit(recipe)
+    run = tmp_path / "run"
+    killed = [run / ".last.pt.k1ll3d00.tmp", run / ".last.pt.sha256.k1ll3d01.tmp",
+              run / ".metrics.jsonl.k1ll3d02.tmp"]
+    others = [run / ".hyp.txt.w0rk1ng0.tmp", run / ".notes.k1ll3d03.tmp"]
+    for path in killed + others:
+        path.write_text("partial")
+    fit(recipe_from_dict(tiny_tree(str(tmp_path / "run")), ["train.max_steps=3"]))
+    assert [path.exists() for path in killed + others] == [False] * 3 + [True] * 2

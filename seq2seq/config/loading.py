@@ -65,6 +65,18 @@ class RecipeLoader(yaml.SafeLoader):
             lines[key] = line
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node: Any) -> int:
+        """An integer as written, refusing YAML 1.1's other bases that read like decimals:
+        ``010000`` is octal 4096 there, ``1:00`` base 60 (so 60)."""
+        text = str(self.construct_scalar(node)).replace("_", "")
+        if re.fullmatch(r"[-+]?0[0-7]+|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+", text):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text}: YAML 1.1 reads this integer as octal or base 60; write it "
+                "in decimal without a leading 0", node.start_mark)
+        return super().construct_yaml_int(node)
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
 
 
 def _type_name(tp: Any) -> str:

@@ -146,7 +146,12 @@ def written_by_the_run(path: Path, out_dir: Path) -> bool:
     top = parts[0]
     if len(parts) > 1:
         return top in RUN_DIRECTORIES or top == "eval" or top.startswith("eval-")
-    return top in RUN_FILES or top.endswith((".pt", ".pt.sha256", ".tmp"))
+    return is_run_file(top) or top.endswith(".tmp")
+
+
+def is_run_file(name: str) -> bool:
+    """Whether a run writes files of this name in its output_dir (checkpoints among them)."""
+    return name in RUN_FILES or name.endswith((".pt", ".pt.sha256"))
 
 
 def cache_root(data: DataConfig, out_dir: Path) -> Path:

@@ -54,6 +54,7 @@ from seq2seq.data.lexicon import (
     Verb,
 )
 from seq2seq.files import output_set
+from seq2seq.locks import directory_held
 
 SPLITS = ("train", "valid", "test")
 MIN_WORDS, MAX_WORDS = 4, 25
@@ -374,7 +375,8 @@ def write_synthetic(out_dir: Path, sizes: dict[str, int] | None = None, src_lang
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    with output_set() as output:
+    # (held: two calls into one directory each leave their whole set, never one side of each)
+    with directory_held(out_dir), output_set() as output:
         for split, size in sizes.items():
             if size == 0:
                 continue

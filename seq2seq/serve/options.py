@@ -60,6 +60,9 @@ class ServeOptions:
             problems.append(f"--timeout must be a number of seconds > 0, got {self.timeout}")
         if not 0 <= self.batch_wait_ms < math.inf:
             problems.append(f"--batch-wait-ms must be a number >= 0, got {self.batch_wait_ms}")
+        elif self.batch_wait_ms > self.timeout * 1000:  # every request would time out waiting
+            problems.append(f"--batch-wait-ms must not exceed --timeout ({self.timeout:g} s), "
+                            f"got {self.batch_wait_ms:g} ms")
         if problems:
             raise Seq2SeqError("; ".join(problems))
 

@@ -233,7 +233,7 @@ class BatchWorker:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping:
                     break
-                self._changed.wait(remaining)
+                self._changed.wait(min(remaining, threading.TIMEOUT_MAX))  # (else Overflow)
             self._queued -= count
             return batch
 

@@ -30,7 +30,7 @@ from typing import Any
 from seq2seq import distributed as dist
 from seq2seq.checkpoint import load_latest, save_checkpoint
 from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict, recipe_to_yaml
-from seq2seq.data.preflight import directory_problem
+from seq2seq.data.preflight import directory_problem, is_run_file
 from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.files import remove_partial_writes, write_bytes
 from seq2seq.locks import own
@@ -118,7 +118,7 @@ class RunDirectory:
                 None: not checked (``prepare``, which makes no update).
         """
         if dist.is_main():  # a run killed while writing a checkpoint leaves its temporary file
-            remove_partial_writes(self.path)
+            remove_partial_writes(self.path, is_run_file)
         dist.barrier()  # no rank reads the directory while the main rank cleans it
         return find_resumable(self.path, recipe, group_size, warn_skips=dist.is_main())
 

@@ -220,3 +220,35 @@ def test_generate_data_needs_a_directory_name(tmp_path, name):
     finally:
         os.chdir(cwd)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_calls_into_one_directory_never_leave_the_sides_of_a_split_out_of_line(
+        tmp_path, monkeypatch):
+    """Two `generate-data DIR` at once put their files in place interleaved: test.en of one
+    (101 lines) beside test.de of the other (100)."""
+    import threading
+
+    replace, together, renames = os.replace, threading.Barrier(2), []
+
+    def slow_replace(src, dst, *args, **kwargs):  # the calls renaming at once, crosswise
+        if str(tmp_path) in str(dst):
+            try:
+                together.wait(timeout=1)  # (a call held back by the other waits in vain)
+            except threading.BrokenBarrierError:
+                pass
+            me = threading.current_thread().name
+            first = renames.count(me) == 0
+            renames.append(me)
+            time.sleep(0.1 if (me == "101") == first else 0)
+        replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", slow_replace)
+    calls = [threading.Thread(target=write_synthetic, name=str(size),
+                              args=(tmp_path, {"train": 0, "valid": 0, "test": size}))
+             for size in (100, 101)]
+    for call in calls:
+        call.start()
+    for call in calls:
+        call.join()
+    counts = {path.name: len(path.read_text().splitlines()) for path in tmp_path.iterdir()}
+    assert counts["test.en"] == counts["test.de"], counts

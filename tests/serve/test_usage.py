@@ -34,6 +34,9 @@ def test_other_commands_do_not_import_fastapi():
     (["--timeout", "inf"], "--timeout must be a number of seconds > 0, got inf"),
     (["--batch-wait-ms", "-1"], "--batch-wait-ms must be a number >= 0, got -1.0"),
     (["--batch-wait-ms", "nan"], "--batch-wait-ms must be a number >= 0, got nan"),
+    # (1e13 ms overflowed the worker's wait: it died, and every request was answered 503)
+    (["--batch-wait-ms", "1e13"], "--batch-wait-ms must not exceed --timeout (60 s), got "
+                                  "1e+13 ms"),
     (["--port", "65536"], "--port must be <= 65535, got 65536"),
     (["--port", "70000"], "--port must be <= 65535, got 70000"),
     (["--threads", "100000"], "--threads must be <= 1024, got 100000"),
