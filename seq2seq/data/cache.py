@@ -7,7 +7,7 @@
 2. Reuse the tokenizer in ``<output_dir>/tokenizer`` and the training cache when both were built
    from the same inputs; then a corpus of files is hashed, not parsed.
 3. Otherwise stream the corpus once into an Arrow file, train the SentencePiece tokenizer on a
-   uniform sample of ``tokenizer.input_sentence_size`` pairs of it (if it must be retrained),
+   uniform sample of ``tokenizer.input_sentence_size`` sentences of it (if it must be retrained),
    encode it with a batched multi-process ``datasets.map``, and drop the pairs that are empty,
    too long or too unbalanced (training only), counted per reason. The result is saved under
    ``data.cache_dir`` (default ``<output_dir>/cache``) in a directory named after the hash of
@@ -302,13 +302,16 @@ def _build_in(tmp: Path, cache_root: Path, recipe: Recipe, fingerprint: str,
     check_some_text(raw, data)
     if tokenizer is None:
         cfg = recipe.tokenizer
+        # Sampled here, from a seed, to at most input_sentence_size sentences: SentencePiece's
+        # own sampling (of the two sides of a joint model) differed from process to process.
+        size = cfg.input_sentence_size // 2 if cfg.joint else cfg.input_sentence_size
         if show_progress:  # SentencePiece reports no progress; say what the wait is
-            sample = min(len(raw), cfg.input_sentence_size or len(raw))
             print(f"training the {cfg.type} tokenizer (vocabulary {cfg.vocab_size:,}) on "
-                  f"{sample:,} sampled pairs", file=sys.stderr, flush=True)
+                  f"{min(len(raw), size or len(raw)):,} sampled pairs", file=sys.stderr,
+                  flush=True)
         wanted = tokenizer_hash(cfg, fingerprint, data.src_lang, data.trg_lang)
-        tokenizer = train_tokenizer(cfg, sample_pairs(raw, cfg.input_sentence_size),
-                                    out_dir / "tokenizer", data_hash=wanted)
+        tokenizer = train_tokenizer(cfg, sample_pairs(raw, size), out_dir / "tokenizer",
+                                    data_hash=wanted)
     cache_dir = cache_root / _cache_name(fingerprint, tokenizer, data)
     if not cache_dir.is_dir():  # a retrained tokenizer may equal the old one
         _encode_and_filter(raw, tokenizer, data, tmp / "cache")

@@ -469,3 +469,22 @@ def test_what_the_user_keeps_in_output_dir_is_never_deleted(corpus):
     prepare_data(make_recipe(corpus, "data.max_src_tokens=200"), show_progress=False)
     assert mine.read_text() == "keep\n"  # while the first cache, now stale, is gone
     assert not first.cache_dir.exists()
+
+
+def test_a_sampled_tokenizer_is_the_same_in_every_process(corpus, tmp_path):
+    """SentencePiece's own sampling of a joint model's sentences (source and target count
+    twice against input_sentence_size) differed from process to process: a rerun of an
+    interrupted prepare got another tokenizer, and another cache."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom seq2seq.data.cache import prepare_data\n"
+            "from tests.data.test_cache import make_recipe\nfrom pathlib import Path\n"
+            "prepare_data(make_recipe(Path(sys.argv[1]), 'tokenizer.input_sentence_size=101',"
+            " f'output_dir={sys.argv[2]}'), show_progress=False)\n")
+    models = []
+    for run in ("a", "b"):
+        subprocess.run([sys.executable, "-c", code, str(corpus), str(tmp_path / run)],
+                       check=True, cwd=Path(__file__).parents[2], timeout=300)
+        models.append((tmp_path / run / "tokenizer" / "spm.model").read_bytes())
+    assert models[0] == models[1]
