@@ -360,3 +360,12 @@ def test_a_run_removes_its_own_partial_writes_only(tmp_path):
         path.write_text("partial")
     fit(recipe_from_dict(tiny_tree(str(tmp_path / "run")), ["train.max_steps=3"]))
     assert [path.exists() for path in killed + others] == [False] * 3 + [True] * 2
+
+
+def test_a_diverged_run_s_perplexity_is_logged_short():
+    """A run at lr 10 logged `ppl 10142320547350044927...`, a 305-digit number."""
+    from seq2seq.training.run_dir import format_metrics
+
+    assert format_metrics({"loss": 700.0, "ppl": 1.0142320547350045e304, "n_sentences": 5}) \
+        == "loss 700.000  ppl 1.014e+304  n_sentences 5"
+    assert format_metrics({"ppl": 122.3981}) == "ppl 122.398"

@@ -93,7 +93,9 @@ def _split_to_multiple(batches: list[np.ndarray], group_size: int,
         raise Seq2SeqError(
             f"cannot cut {n_pairs} training pairs into a multiple of {group_size} batches "
             f"(world size x train.accumulate): the batch bounds need {len(batches)} and no "
-            f"batch may be empty; raise train.batch_sentences or use fewer ranks")
+            "batch may be empty; " + ("lower train.accumulate or use fewer ranks"
+                                      if group_size > n_pairs else
+                                      "raise train.batch_sentences or use fewer ranks"))
     while len(batches) < target:
         i = max(range(len(batches)), key=lambda j: len(batches[j]))
         # Halves of a length-sorted batch: each is no wider and no larger than the whole.

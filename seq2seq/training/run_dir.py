@@ -328,8 +328,8 @@ def exit_code(stop_signal: int | None, interrupted: bool, under_torchrun: bool) 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """``loss 4.807  ppl 122.398  bleu 0.000  n_sentences 500`` for the log on stderr."""
-    return "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in metrics.items())
+    return "  ".join(f"{k} {v:{'.3f' if abs(v) < 1e9 else '.3e'}}" if isinstance(v, float)
+                     else f"{k} {v}" for k, v in metrics.items())  # (ppl: e^700 at most)
 
 
 def print_validation(step: int, metrics: dict[str, Any]) -> None:

@@ -94,8 +94,12 @@ def test_splitting_reaches_a_multiple_even_for_tiny_corpora():
     trg_lens, src_lens = lengths(7)
     batches = epoch_batches(trg_lens, src_lens, 10_000, 0, 0, 0, group_size=6)
     check_epoch(batches, trg_lens, 10_000, group_size=6)
-    with pytest.raises(Seq2SeqError, match="multiple of 4 batches"):
+    # More batches per update than pairs: no batch bound helps (the advice said "raise
+    # train.batch_sentences"), fewer batches per update does.
+    with pytest.raises(Seq2SeqError, match="multiple of 4 batches .* lower train.accumulate"):
         epoch_batches(trg_lens[:3], src_lens[:3], 10_000, 0, 0, 0, group_size=4)
+    with pytest.raises(Seq2SeqError, match="raise train.batch_sentences"):  # (bounds: 5 of 1)
+        epoch_batches(trg_lens[:5], src_lens[:5], 10_000, 1, 0, 0, group_size=3)
 
 
 def test_a_pair_longer_than_the_bound_gets_its_own_batch():
