@@ -356,7 +356,7 @@ def test_prepare_takes_the_runs_lock_and_never_retrains_a_tokenizer_under_its_we
 
 
 def test_a_signal_in_the_last_update_leaves_the_run_s_end_to_the_next_run(tmp_path,
-                                                                         monkeypatch):
+                                                                         monkeypatch, capsys):
     """The last validation and the averaging were skipped for the signal, and the rerun said
     'nothing to train': averaged.pt never came, eval.checkpoint=averaged had nothing."""
     import os
@@ -376,6 +376,8 @@ def test_a_signal_in_the_last_update_leaves_the_run_s_end_to_the_next_run(tmp_pa
 
     monkeypatch.setattr(step.EagerStep, "apply", apply_then_signal)
     assert fit(tiny_recipe(tmp_path, *base)).interrupted
+    # (the summary said "reached train.max_steps=5", hiding that the run's end was cut)
+    assert "stopped at step 5: received SIGINT;" in capsys.readouterr().err
     monkeypatch.setattr(step.EagerStep, "apply", apply)
     out = tmp_path / "run"
 

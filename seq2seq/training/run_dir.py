@@ -342,7 +342,7 @@ def print_summary(reason: str, progress: Progress, metric: str, out: Path, idle:
     ``idle``: this session made no update (the run had already reached a limit).
     """
     step = progress.step
-    best = (f"best {metric} {progress.best_value} at step {progress.best_step}"
+    best = (f"best {metric} {round(progress.best_value, 4)} at step {progress.best_step}"
             if progress.best_value is not None else "not validated yet")
     if idle:
         print(f"nothing to train: {reason} at step {step}; raise that limit to train further; "

@@ -231,8 +231,8 @@ class Trainer:
                     self.log_window(window, lr, bar)
                 if progress.step % cfg.valid_every == 0:
                     self.validate_and_save(scheduled=True)
-                if cfg.max_steps and progress.step >= cfg.max_steps:
-                    self.stop_reason = f"reached train.max_steps={cfg.max_steps}"
+                if self.stop_reason is None and cfg.max_steps and progress.step >= cfg.max_steps:
+                    self.stop_reason = f"reached train.max_steps={cfg.max_steps}"  # (or a signal)
                 if self.world > 1 and self.stop_reason is None and dist.any_rank(
                         self.interrupted, self.device):
                     # A signal may reach the ranks at different steps: agree, so that all
