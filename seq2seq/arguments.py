@@ -166,7 +166,8 @@ def bounded(key: str) -> Any:
 def decode_flags(parser: argparse.ArgumentParser) -> None:
     """Search flags, each overriding the recipe's decode section when given, and
     :func:`precision_flag`."""
-    parser.add_argument("--beam", type=bounded("beam_size"), help="beam size (1: greedy)")
+    parser.add_argument("--beam", type=bounded("beam_size"),
+                        help="beam size (1 with --alpha 0: greedy search)")
     parser.add_argument("--alpha", type=bounded("alpha"), help="GNMT length penalty alpha")
     parser.add_argument("--max-len-ratio", type=bounded("max_len_ratio"),
                         help="max output length / source length")

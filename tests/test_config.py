@@ -582,3 +582,16 @@ def test_integers_that_yaml_1_1_reads_in_another_base_are_refused(tmp_path):
     path.write_text("seed: 0\ntokenizer:\n  vocab_size: 10_000\ntrain:\n  lr: 0.001\n")
     recipe = load_recipe(path)
     assert (recipe.seed, recipe.tokenizer.vocab_size) == (0, 10_000)
+
+
+def test_a_section_given_whole_in_an_override_says_what_it_drops(capsys):
+    """`train={lr: 0.01}` reset the recipe's batch_tokens, max_epochs, ... to the defaults
+    without a word."""
+    tree = {"train": {"batch_tokens": 2000, "lr": 0.003}, "data": {"test": {"a": {}}}}
+    recipe = recipe_from_dict(tree, ["train={lr: 0.01}"])
+    assert (recipe.train.lr, recipe.train.batch_tokens) == (0.01, 4096)
+    assert capsys.readouterr().err == (
+        "warning: train={...} replaces the whole train of the recipe: its batch_tokens are "
+        "dropped (defaults, if any, hold); to change one key, write train.KEY=VALUE\n")
+    recipe_from_dict(tree, ["train.lr=0.01", "data.test={b: {format: generated}}"])
+    assert capsys.readouterr().err == ""  # test sets given whole replace, as meant

@@ -255,6 +255,15 @@ def apply_override(tree: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _dropped_keys(tree: dict, parts: list[str], value: Any) -> list[str]:
+    """The keys of a recipe section (``train``, ...) that overriding it with the mapping
+    ``value`` drops (a corpus or the test sets given whole are meant to be replaced)."""
+    node = tree.get(parts[0]) if len(parts) == 1 else None
+    if not isinstance(node, dict) or not isinstance(value, dict):
+        return []
+    return [str(name) for name in node if name not in value]
+
+
 def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe") -> Recipe:
     """Build a checked :class:`Recipe` from a parsed YAML tree plus dotted overrides."""
     problems: list[str] = []
@@ -273,8 +282,13 @@ def recipe_from_dict(tree: Any, overrides: list[str] = (), source: str = "recipe
         key = ".".join(parts)
         # Scripts layer overrides (a base list, then a user's): said, not refused; once, not
         # by every worker of a process group, which reads the same command line.
-        if key in given and os.environ.get("RANK", "0") == "0" and RECIPE_SAID not in os.environ:
+        say = os.environ.get("RANK", "0") == "0" and RECIPE_SAID not in os.environ
+        if key in given and say:
             warn(f"{key} is overridden twice ({given[key]}, then {text}); the last one holds")
+        if (dropped := _dropped_keys(tree, parts, value)) and say:
+            warn(f"{key}={{...}} replaces the whole {key} of the recipe: its "
+                 f"{', '.join(dropped)} are dropped (defaults, if any, hold); to change one "
+                 f"key, write {key}.KEY=VALUE")
         apply_override(tree, parts, value)
         given[key] = text
     recipe = _build(Recipe, tree, "", problems)

@@ -225,7 +225,7 @@ class TrainConfig:
 class DecodeConfig:
     """Search settings shared by validation, translate and evaluate (their flags override)."""
 
-    beam_size: int = option(5, "beam size (1: greedy)", ints(1, 1000))
+    beam_size: int = option(5, "beam size (1 with alpha 0: greedy search)", ints(1, 1000))
     n_best: int = option(1, "hypotheses returned per sentence", ints(1, 1000))
     alpha: float = option(0.6, "GNMT length penalty alpha, Wu et al. 2016 §7 (0: none)",
                           floats(0, 10))
