@@ -555,15 +555,17 @@ def test_inverse_sqrt_without_warmup_is_refused_rather_than_held_constant():
     ("tokenizer.character_coverage=0.97", "tokenizer.character_coverage: must be in [0.98, 1"),
     ("tokenizer.input_sentence_size=100",
      "tokenizer.input_sentence_size: must be 0 (all) or more than 100, got 100"),
+    ("eval.bootstrap=1", "eval.bootstrap: must be 0 (off) or at least 2, got 1"),
 ])
-def test_values_sentencepiece_refuses_are_refused_by_the_recipe(override, problem):
+def test_values_that_cannot_work_are_refused_by_the_recipe(override, problem):
     """They passed `check`, then failed prepare or the first epoch inside SentencePiece (a
-    traceback for sample_nbest, a message naming no key for the others)."""
+    traceback for sample_nbest, a message naming no key for the others); eval.bootstrap=1
+    made the confidence intervals vanish without a word."""
     assert [p for p in problems_of({}, [override]) if p.startswith(f"recipe: {problem}")], \
         problems_of({}, [override])
     key, value = override.split("=")
     edge = {"train.sample_nbest": "512", "tokenizer.character_coverage": "0.98",
-            "tokenizer.input_sentence_size": "101"}[key]
+            "tokenizer.input_sentence_size": "101", "eval.bootstrap": "2"}[key]
     recipe_from_dict({}, [f"{key}={edge}"])  # SentencePiece's own bound is allowed
 
 

@@ -151,7 +151,10 @@ def check_decode(decode: DecodeConfig) -> None:
 
 def check_eval(eval_cfg: EvalConfig) -> None:
     problems: list[str] = []
-    _in_range(problems, eval_cfg, "eval.")
+    valid = _in_range(problems, eval_cfg, "eval.")
+    if valid("bootstrap"):  # (one resample has no spread: the intervals vanished silently)
+        _check(problems, eval_cfg.bootstrap != 1, "eval.bootstrap",
+               "must be 0 (off) or at least 2, got 1")
     _raise_any(problems)
 
 
