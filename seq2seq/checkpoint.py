@@ -208,7 +208,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
+        hint = " (an override? it goes before the checkpoints)" if "=" in path.name else ""
+        raise CheckpointError(f"{path}: no such checkpoint{hint}") from None
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory, not a checkpoint") from None
     except OSError as error:

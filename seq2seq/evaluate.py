@@ -67,6 +67,10 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize, precision=args.precision,
                                             names=CLI_NAMES)
+    pair = (translator.recipe.data.src_lang, translator.recipe.data.trg_lang)
+    if recipe is not None and pair != (recipe.data.src_lang, recipe.data.trg_lang):
+        raise EvaluationError(f"{checkpoints[0]}: translates {'-'.join(pair)}, but the recipe's "
+                              f"test sets are {recipe.data.src_lang}-{recipe.data.trg_lang}")
     recipe = recipe or translator.recipe
     tokenize = check_bleu_tokenizer(recipe.eval.tokenize, recipe.data.trg_lang)
     # and with the attention plots, whose number the checkpoint's recipe may give

@@ -533,6 +533,19 @@ def test_evaluate_refuses_report_files_it_cannot_write_or_that_it_reads_before_d
     assert corpus.read_bytes() == before
 
 
+def test_evaluate_refuses_a_checkpoint_of_another_language_pair_than_the_recipe(trained):
+    """A recipe's test sets decoded with a checkpoint of another pair scored near 0, no word."""
+    recipe, run = trained
+    result = seq2seq("evaluate", recipe, "data.src_lang=fr", "--checkpoint", run / "best.pt")
+    assert result.returncode == 2
+    assert result.stderr.decode().splitlines()[-1] == (
+        f"error: {run / 'best.pt'}: translates en-de, but the recipe's test sets are fr-de")
+    late = seq2seq("evaluate", recipe, "--checkpoint", run / "best.pt", "data.src_lang=fr")
+    assert late.stderr.decode().splitlines()[-1] == (
+        "error: data.src_lang=fr: no such checkpoint (an override? it goes before the "
+        "checkpoints)")
+
+
 def test_translate_refuses_a_stdout_appended_to_its_own_input(trained, tmp_path):
     """`translate --input a >> a` read its own translations and grew a without end."""
     _, run = trained
