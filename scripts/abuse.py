@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 REFUSED = (1, 2)
+MARK = ".seq2seq-abuse"  # in a work directory this script made: a rerun may clear it
 
 
 @dataclasses.dataclass
@@ -162,6 +163,16 @@ def prepare_inputs(work: Path, run: Path) -> list[str]:
     return notes
 
 
+def clear(work: Path) -> None:
+    """Remove everything an earlier run left in ``work`` (read-only files, device nodes and
+    sockets included)."""
+    for path in work.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
 def digests(root: Path) -> dict[str, str]:
     """sha256 (or the kind, for special files) of everything under ``root``."""
     found = {}
@@ -209,6 +220,8 @@ def main() -> int:
     parser.add_argument("--max-steps", type=int, default=60, help="training updates")
     parser.add_argument("--only", nargs="*", help="run only the cases with these names")
     args = parser.parse_args()
+    if args.max_steps < 1:
+        parser.error(f"--max-steps: must be at least 1, got {args.max_steps}")
     names = {case.name for case in cases("run")}
     unknown = sorted(set(args.only or []) - names)
     if unknown:  # else nothing runs, and "failed 0" reads as a pass
@@ -216,7 +229,15 @@ def main() -> int:
                      + "; ".join(sorted(names)))
     # absolute: the commands run in it, from where the case needs
     work = (args.work or Path(tempfile.mkdtemp(prefix="seq2seq-abuse-"))).absolute()
+    if work.exists() and not work.is_dir():
+        parser.error(f"--work {work}: exists and is not a directory")
+    if work.is_dir() and any(work.iterdir()):
+        if not (work / MARK).is_file():
+            parser.error(f"--work {work}: not empty, and not a work directory of an earlier "
+                         "abuse.py run; name a new or empty one")
+        clear(work)  # an earlier run's: its inputs, run and outputs are made afresh
     work.mkdir(parents=True, exist_ok=True)
+    (work / MARK).write_bytes(b"")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     recipe = work / "recipe.yaml"
     shutil.copy(REPO / "recipes" / "quickstart.yaml", recipe)

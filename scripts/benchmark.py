@@ -10,13 +10,14 @@ per epoch is *extrapolated*: the epoch's target tokens divided by the measured t
 
 Decoding translates the test set (repeated to at least ``--repeat`` sentences) in batches of
 ``--decode-batch`` sentences sorted by length, greedily and with beam 5, with the recipe's
-``decode`` settings (``alpha``, ``max_len_ratio``, ``max_len_add``, ``min_len``): with
-``decode.min_len=LEN decode.max_len_ratio=1e-9 decode.max_len_add=LEN`` every output has
-exactly LEN tokens, so an untrained model costs what a trained one does. The time covers encoding
-and search of token ids (not SentencePiece). BLEU is sacreBLEU's, of the detokenized output
-against the raw references; without ``--checkpoint`` the decoded model is the *untrained* one
-(just initialised, plus the benchmark's few steps), so its BLEU is meaningless and its output
-runs to the maximum length more often than a trained model's (the worst case for speed).
+``decode`` settings (``alpha``, ``max_len_ratio``, ``max_len_add``, ``min_len``,
+``no_repeat_ngram``): with ``decode.min_len=LEN decode.max_len_ratio=1e-9
+decode.max_len_add=LEN`` every output has exactly LEN tokens, so an untrained model costs what a
+trained one does. The time covers encoding and search of token ids (not SentencePiece). BLEU is
+sacreBLEU's, of the detokenized output against the raw references; without ``--checkpoint`` the
+decoded model is the *untrained* one (just initialised, plus the benchmark's few steps), so its
+BLEU is meaningless and its output runs to the maximum length more often than a trained model's
+(the worst case for speed).
 
 With ``--flops`` the table gains an arithmetic section: the matmul FLOPs of one training update
 per target token and of decoding per sentence (counted by ``torch.utils.flop_counter`` in
@@ -64,7 +65,9 @@ def beam_sizes(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="YAML recipe")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    # default: argparse counts a "*" positional without one as required in its error message
+    parser.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=at_least(0), default=0,
                         help="torch CPU threads (0: one per physical core)")
@@ -145,9 +148,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_trainer(args: argparse.Namespace) -> Any:
+def bench_recipe(args: argparse.Namespace) -> Any:
+    """The recipe with the overrides and the benchmark's output_dir, device and threads,
+    checked against ``--work-dir``, ``--test`` and ``--checkpoint`` before any work."""
     from seq2seq.config import load_recipe
-    from seq2seq.training.trainer import Trainer
 
     work = args.work_dir or str(Path(tempfile.gettempdir()) / "seq2seq-bench" /
                                 Path(args.recipe).stem)
@@ -160,7 +164,26 @@ def build_trainer(args: argparse.Namespace) -> Any:
     if found:
         raise SystemExit(f"error: --work-dir {work} holds checkpoints of a training run "
                          f"({', '.join(found[:3])}); give the benchmark a directory of its own")
-    return Trainer(recipe)
+    if args.test is not None and args.test not in recipe.data.test:
+        raise SystemExit(f"error: --test {args.test}: the recipe's test sets are "
+                         f"{', '.join(recipe.data.test) or 'none'}")
+    if args.checkpoint is not None and not args.no_decode:
+        check_checkpoint(args.checkpoint, recipe)
+    return recipe
+
+
+def check_checkpoint(path: str, recipe: Any) -> None:
+    """Refuse a ``--checkpoint`` that is none, or that translates another language pair than
+    the recipe's test set is in (its BLEU would be meaningless)."""
+    from seq2seq.checkpoint import load_checkpoint
+    from seq2seq.config import recipe_from_dict
+
+    ckpt = load_checkpoint(Path(path))  # a CheckpointError says what is wrong, in one line
+    data = recipe_from_dict(ckpt["recipe"], source=f"{path} (recipe)").data
+    if (data.src_lang, data.trg_lang) != (recipe.data.src_lang, recipe.data.trg_lang):
+        raise SystemExit(f"error: --checkpoint {path}: translates {data.src_lang}-"
+                         f"{data.trg_lang}, the recipe's data are {recipe.data.src_lang}-"
+                         f"{recipe.data.trg_lang}")
 
 
 def epoch_updates(trainer: Any) -> list[tuple[list, int]]:
@@ -269,7 +292,8 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
     order = sorted(range(len(src_ids)), key=lambda i: len(src_ids[i]), reverse=True)
     shortlist = (Shortlist(lexicon, decode.shortlist, decode.shortlist_frequent)
                  if decode.shortlist else None)
-    graphs = bool(decode.cuda_graphs and device.type == "cuda" and beam > 1 and not shortlist)
+    graphs = bool(decode.cuda_graphs and device.type == "cuda" and beam > 1 and not shortlist
+                  and not decode.no_repeat_ngram)  # as search_path decides
     buckets = bucketed_batches(model, device)  # as translate decides
     # decode.cuda_graphs: the fixed-shape search (same output), graphs kept across batches.
     static = StaticBeamSearch(model, beam, alpha=decode.alpha,
@@ -289,14 +313,15 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
         if beam == 1:
             best = greedy_search(model, src, src_lens, max_len_ratio=decode.max_len_ratio,
                                  max_len_add=decode.max_len_add, min_len=decode.min_len,
-                                 buckets=buckets)
+                                 no_repeat_ngram=decode.no_repeat_ngram, buckets=buckets)
         elif static is not None:
             best = [nbest[0] for nbest in static(src, src_lens)]
         else:
             best = [nbest[0] for nbest in beam_search(
                 model, src, src_lens, beam_size=beam, alpha=decode.alpha,
                 max_len_ratio=decode.max_len_ratio, max_len_add=decode.max_len_add,
-                min_len=decode.min_len, shortlist=shortlist, buckets=buckets)]
+                min_len=decode.min_len, no_repeat_ngram=decode.no_repeat_ngram,
+                shortlist=shortlist, buckets=buckets)]
         limits = [math.floor(decode.max_len_ratio * n + decode.max_len_add)
                   for n in src_lens.tolist()]
         for i, hyp, limit in zip(batch, best, limits):
@@ -318,7 +343,7 @@ def bench_decoding(model: Any, src_ids: list[list[int]], refs: list[str], tokeni
         "mean_output_tokens": round(out_tokens / len(src_ids), 2),
         "cut_at_max_len": cut,
         "max_len": f"floor({decode.max_len_ratio} * src_len + {decode.max_len_add})",
-        "min_len": decode.min_len,
+        "min_len": decode.min_len, "no_repeat_ngram": decode.no_repeat_ngram,
         "peak_memory_mib": round(torch.cuda.max_memory_allocated(device) / 2**20
                                  if device.type == "cuda" else peak_rss_mib(), 1),
         "load_average": [load_before, load_average()],
@@ -452,10 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         check_output(args.json)
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise SystemExit(f"error: --checkpoint {args.checkpoint}: no such file")
-    trainer = build_trainer(args)
-    if args.test is not None and args.test not in trainer.data.tests:
-        raise SystemExit(f"error: --test {args.test}: the recipe's test sets are "
-                         f"{', '.join(trainer.data.tests) or 'none'}")
+    from seq2seq.training.trainer import Trainer
+
+    trainer = Trainer(bench_recipe(args))
     trainer.model.decoder.fused = not args.plain_decoder
     result: dict[str, Any] = {
         "recipe": args.recipe, "overrides": args.overrides, "device": args.device,

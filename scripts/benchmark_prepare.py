@@ -34,14 +34,20 @@ TARGET_WALL_S = 90.0
 TARGET_RSS_GIB = 2.0
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-# Runs in the fresh process: prepare, then report its own and its children's ru_maxrss (KiB).
+# Runs in the fresh process: prepare, then report its own and its children's ru_maxrss (KiB);
+# a problem the user can fix (data too small for the vocabulary...) as {"error": one line}.
 CHILD = """
 import json, resource, sys, time
 start = time.perf_counter()
-from seq2seq.config import load_recipe
+from seq2seq.config import RecipeError, load_recipe
 from seq2seq.data.cache import prepare_data
 from seq2seq.data.stats import format_stats
-prepared = prepare_data(load_recipe(sys.argv[1]), show_progress=False)
+from seq2seq.errors import Seq2SeqError
+try:
+    prepared = prepare_data(load_recipe(sys.argv[1]), show_progress=False)
+except (RecipeError, Seq2SeqError) as error:
+    print(json.dumps({"error": "; ".join(str(error).splitlines())}))
+    sys.exit(1)
 seconds = time.perf_counter() - start
 print(format_stats(prepared.stats), file=sys.stderr)
 print(json.dumps({"inner_s": seconds, "kept": len(prepared.train),
@@ -111,10 +117,12 @@ def run_prepare(recipe_path: Path) -> dict:
         peak = max(peak, tree_rss(child.pid))
         time.sleep(0.05)
     wall = time.perf_counter() - start
-    out = child.stdout.read()
+    out = child.stdout.read().strip().splitlines()
     if child.returncode != 0:
-        raise SystemExit(f"prepare failed with exit status {child.returncode}")
-    report = json.loads(out.strip().splitlines()[-1])
+        error = json.loads(out[-1]).get("error") if out and out[-1].startswith("{") else None
+        raise SystemExit(f"error: prepare: {error}" if error else
+                         f"error: prepare failed with exit status {child.returncode}")
+    report = json.loads(out[-1])
     report.update(wall_s=wall, sampled_peak_bytes=peak)
     return report
 
@@ -134,6 +142,13 @@ def main() -> int:
         parser.error("--pairs, --num-proc and --sample must be at least 1")
     if not (Path(args.data) / "multi30k").is_dir():
         parser.error(f"--data {args.data}: holds no multi30k/ directory")
+    from seq2seq.errors import Seq2SeqError
+    from seq2seq.files import check_output
+
+    try:
+        check_output(args.json)
+    except Seq2SeqError as error:
+        parser.error(f"--json {error}")
 
     with tempfile.TemporaryDirectory(prefix="benchmark-prepare-") as tmp:
         root = Path(tmp)

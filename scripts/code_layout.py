@@ -158,6 +158,11 @@ def main() -> int:
                         help="exit 1 when a limit is passed or a circle exists")
     parser.add_argument("--root", type=Path, default=PACKAGE, help="package directory")
     args = parser.parse_args()
+    if not args.root.is_dir() or not modules(args.root):
+        problem = ("holds no .py file" if args.root.is_dir() else "not a directory"
+                   if args.root.exists() else "no such directory")
+        print(f"error: --root {args.root}: {problem}", file=sys.stderr)
+        return 2
     failed = False
     for kind, items in sizes(args.root).items():
         over = [item for item in items if item[0] > LIMITS[kind]]

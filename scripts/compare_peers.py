@@ -61,6 +61,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from seq2seq.arguments import at_least  # noqa: E402
 from seq2seq.precision import (  # noqa: E402
     CPU_BF16_FLAGS,
     cpu_flags,
@@ -71,24 +72,39 @@ from seq2seq.precision import (  # noqa: E402
 RECIPE = "recipes/multi30k/de-en.gru.yaml"
 PRODUCT_SIZE = 2048
 PEERS_BENCH = Path(os.environ.get("PEERS_BENCH", REPO.parent / "shared" / "peers" / "bench.sh"))
+PEER_UNTIMED = 20  # the peers' kit times the training steps after these
+PEER_FIGURES = ("train_target_tokens_per_s", "beam5_batch100_sent_per_s")  # per peer
+MAX_LEN = 1000  # the most decode.min_len and decode.max_len_add take
+
+
+def output_length(text: str) -> int:
+    """``--len``: a whole number of tokens, 1 to MAX_LEN."""
+    value = at_least(1)(text)
+    if value > MAX_LEN:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_LEN}, got {value}")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default=RECIPE, help="our recipe (the peers' kit builds "
                         "the de-en.gru model: another recipe is not like for like)")
-    parser.add_argument("--repeat", type=int, default=1000,
+    parser.add_argument("--repeat", type=at_least(1), default=1000,
                         help="sentences we decode (test_2016_flickr has 1,000)")
-    parser.add_argument("--len", type=int, default=24, help="fixed output length in tokens")
-    parser.add_argument("--warmup", type=int, default=20,
+    parser.add_argument("--len", type=output_length, default=24,
+                        help="fixed output length in tokens")
+    parser.add_argument("--warmup", type=at_least(0), default=20,
                         help="our untimed first training steps (the peers': 20)")
-    parser.add_argument("--steps", type=int, default=20, help="our timed training steps")
-    parser.add_argument("--peer-steps", type=int, default=60,
-                        help="peers' training steps (timed: those after the 20th)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for all three")
+    parser.add_argument("--steps", type=at_least(1), default=20,
+                        help="our timed training steps")
+    parser.add_argument("--peer-steps", type=at_least(PEER_UNTIMED + 10), default=60,
+                        help="peers' training steps (timed: those after the 20th, whose "
+                        "speed the peers log every 10)")
+    parser.add_argument("--threads", type=at_least(1), default=2,
+                        help="CPU threads for all three")
     parser.add_argument("--work-dir", help="logs and JSON of each part (default: a temp dir); "
                         "our benchmark's tokenizer and cache go to its bench/ folder")
-    parser.add_argument("--shortlist", type=int, default=0, metavar="N",
+    parser.add_argument("--shortlist", type=at_least(0), default=0, metavar="N",
                         help="also time our beam search with decode.shortlist=N")
     parser.add_argument("--rounds", type=int, default=1, help="measure both sides this many "
                         "times, alternating which goes first; each ratio is then the median "
@@ -159,9 +175,33 @@ def peers(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     stdout = run_part("peers", ["bash", str(PEERS_BENCH)], work, env={
         "STEPS": str(args.peer_steps), "LEN": str(args.len), "THREADS": str(args.threads)})
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    log = work / "peers.log"
     if not lines:
-        raise SystemExit(f"error: {PEERS_BENCH} printed no JSON line; see {work / 'peers.log'}")
-    return {**json.loads(lines[-1]), "load_average": [before, load_average()]}
+        raise SystemExit(f"error: {PEERS_BENCH} printed no JSON line; see {log}")
+    try:
+        found = json.loads(lines[-1])
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: {PEERS_BENCH} printed a line that is not JSON ({error}); "
+                         f"see {log}") from None
+    missing = [f"{peer}.{key}" for peer in ("onmt", "joey") for key in PEER_FIGURES
+               if not isinstance(found, dict) or not isinstance(found.get(peer), dict)
+               or key not in found[peer]]
+    if missing:
+        raise SystemExit(f"error: {PEERS_BENCH} printed JSON without {', '.join(missing)}; "
+                         f"see {log}")
+    return {**found, "load_average": [before, load_average()]}
+
+
+def check_peers_kit() -> str | None:
+    """What is wrong with the peers' kit, in one line (None: nothing), checked before our parts
+    run for minutes. It runs as ``bash KIT``: it must be a readable file, not executable."""
+    if not PEERS_BENCH.is_file():
+        problem = "is not a file" if PEERS_BENCH.exists() else "no such file"
+    elif not os.access(PEERS_BENCH, os.R_OK):
+        problem = "not readable"
+    else:
+        return None
+    return f"PEERS_BENCH {PEERS_BENCH}: {problem} (the peers' kit, bench.sh)"
 
 
 def product_rates(threads: int, size: int = 2048, repeats: int = 3,
@@ -222,7 +262,7 @@ def figures(result: dict[str, Any], length: int) -> list[tuple[str, float, Any, 
     """``(figure, seq2seq, OpenNMT-py, Joey NMT, seq2seq's load average)`` for one round
     (decoding at the fixed output ``length``)."""
     onmt, joey = result["peers"]["onmt"], result["peers"]["joey"]
-    train_key, decode_key = "train_target_tokens_per_s", "beam5_batch100_sent_per_s"
+    train_key, decode_key = PEER_FIGURES
     rows = []
     for precision, run in result["seq2seq"].items():
         train = run["train"]
@@ -303,6 +343,9 @@ def numpy_avx512() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if problem := check_peers_kit():
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     held = held_below_avx512()
     if held and numpy_avx512():
         sys.exit(f"error: torch's kernels are held at {held} but numpy's are not (our decoding "

@@ -207,7 +207,7 @@ def last_step(run: Path) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         steps = sorted(run.glob("step_*.pt"))[::-1] if run.is_dir() else []
-        found = load_latest([run / "last.pt", *steps]) if run.is_dir() else None
+        found = load_latest([run / "last.pt", *steps], lambda _: None) if run.is_dir() else None
     return str(found[1]["step"]) if found else "-"
 
 

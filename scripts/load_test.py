@@ -13,6 +13,11 @@ Or let the script start the servers itself, with batching on and off, and measur
 Each client sends its next sentence as soon as the previous answer arrives. The report gives
 sentences per second (answered sentences / wall time) and the p50/p95/p99 request latency.
 The run is bounded: at most ``--sentences`` requests and ``--max-seconds`` of sending.
+
+The exit status is 1, each problem said in one line after the report, when a request failed
+or no sentence was translated. With ``--checkpoint``, served translations that differ from
+offline ``translate``'s are listed (``differing``), not failed: they may, by the rounding of
+other batch shapes (README, "Serving a model").
 """
 
 from __future__ import annotations
@@ -57,6 +62,10 @@ def read_sentences(path: Path, count: int) -> list[str]:
 
 def check_loopback(url: str) -> None:
     """Refuse any server but this machine's: a load test is not for other people's."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        fix = ("not an http:// or https:// URL" if "://" in url
+               else f"no http:// in front; add it: http://{url}")
+        raise SystemExit(f"error: --url {url}: {fix}")
     host = urlsplit(url).hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
@@ -242,14 +251,19 @@ def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
             for name, served in answers.items():
                 # The served translations must be translate's, batched or not (up to the
                 # rounding of other batch shapes: README, "Serving"): each one that is not is
-                # kept for the reader to judge.
+                # kept for the reader to judge. None: failed (counted as such) or not sent.
                 differ[name] += [{"index": index, "served": a, "offline": e}  # in sentences
-                                 for index, (a, e) in enumerate(zip(served, expected)) if a != e]
-        batches = {name: mean_batch(server.url) for name, server in servers.items()}
+                                 for index, (a, e) in enumerate(zip(served, expected))
+                                 if a is not None and a != e]
+        # servers started for this run: their whole life is this run's requests
+        batches = {name: mean_batch(batch_counters(server.url)) for name, server in
+                   servers.items()}
     report = {name: median_run(found) for name, found in runs.items()}
+    report["problems"] = []
     for name in modes:
         report[name] |= {"mean_batch": batches[name], "differ_from_offline": len(differ[name]),
                          "differing": differ[name]}
+        report["problems"] += problems(name, runs[name])
     rates = {name: [run["sentences_per_s"] for run in found] for name, found in runs.items()}
     report["ratios"] = {}
     for name, other in [("on/off", "batching off"), ("on/offline", "offline translate")]:
@@ -260,6 +274,23 @@ def compare(args: argparse.Namespace, sentences: list[str]) -> dict:
         report["ratios"][f"{name} runs"] = [0.0 if ratio is None else round(ratio, 2)
                                             for ratio in ratios]
     return report
+
+
+def problems(name: str, runs: list[dict]) -> list[str]:
+    """One line for each thing wrong with a mode's ``runs``: failed requests, nothing
+    translated."""
+    failures: dict[str, int] = {}
+    for run in runs:
+        for outcome, count in run["failures"].items():
+            failures[outcome] = failures.get(outcome, 0) + count
+    found = []
+    if failures:
+        found.append(f"{name}: {sum(failures.values())} requests failed ("
+                     + ", ".join(f"{outcome}: {count}" for outcome, count in failures.items())
+                     + ")")
+    if not sum(run["sentences"] for run in runs):
+        found.append(f"{name}: no sentence translated")
+    return found
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -276,14 +307,27 @@ def median_ratio(ratios: list[float | None]) -> float:
     return round(statistics.median(measured), 2) if measured else 0.0
 
 
-def mean_batch(url: str) -> float:
-    """Mean sentences per search step (or whole decode) the server ran, from its
-    ``/metrics``."""
-    text = httpx.get(url + "metrics").text
+def batch_counters(url: str) -> tuple[float, float] | None:
+    """The server's search steps (or whole decodes) so far and the sentences they held, from
+    its ``/metrics`` (None where it has none)."""
+    try:
+        text = httpx.get(url + "metrics").text
+    except httpx.HTTPError:
+        return None
     count = sum(float(n) for n in re.findall(r"^seq2seq_batch_sentences_count\S* (\S+)$",
                                              text, re.M))
     total = sum(float(n) for n in re.findall(r"^seq2seq_batch_sentences_sum\S* (\S+)$",
                                              text, re.M))
+    return count, total
+
+
+def mean_batch(after: tuple[float, float] | None,
+               before: tuple[float, float] | None = (0.0, 0.0)) -> float | None:
+    """Mean sentences per search step between two readings of :func:`batch_counters` (None
+    where either is missing)."""
+    if after is None or before is None:
+        return None
+    count, total = after[0] - before[0], after[1] - before[1]
     return round(total / count, 1) if count else 0.0
 
 
@@ -337,27 +381,43 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeat must be between 1 and 100")
     if args.sentences < 1:
         parser.error("--sentences must be at least 1")
-    sentences = read_sentences(args.input, args.sentences)
+    from seq2seq.errors import Seq2SeqError
+    from seq2seq.files import check_output
+
+    try:
+        if args.json is not None:
+            check_output(args.json)
+    except Seq2SeqError as error:
+        parser.error(f"--json {error}")
     if args.url:
-        url = args.url if args.url.endswith("/") else args.url + "/"
-        check_loopback(url)
+        check_loopback(args.url)
+    url = args.url and (args.url if args.url.endswith("/") else args.url + "/")
+    sentences = read_sentences(args.input, args.sentences)
+    setup = {"clients": args.clients, "sentences": len(sentences), "input": str(args.input)}
+    if url:
         source, target = ((args.source, args.target) if args.source and args.target
                           else languages(url))
+        before = batch_counters(url)
         figures, _ = run_loop(load(url, sentences, args.clients, source, target,
                                    args.api_key, args.max_seconds))
-        report = {"server": figures | {"mean_batch": mean_batch(url)}}
+        # this run's steps only: the server may have served others before
+        report = {"server": figures | {"mean_batch": mean_batch(batch_counters(url), before)},
+                  "problems": problems("server", [figures])}
+        # the server's own settings are its own: only what this script chose is recorded
+        setup |= {"url": url, "source": source, "target": target}
     else:
         report = compare(args, sentences)
-    report["setup"] = {"clients": args.clients, "sentences": len(sentences),
-                       "input": str(args.input), "threads": args.threads,
-                       "batch_wait_ms": args.batch_wait_ms, "batch_size": args.batch_size,
-                       "precision": args.precision, "quantize": args.quantize,
-                       "shortlist": args.shortlist,
-                       "repeat": args.repeat}
+        setup |= {"threads": args.threads, "batch_wait_ms": args.batch_wait_ms,
+                  "batch_size": args.batch_size, "precision": args.precision,
+                  "quantize": args.quantize, "shortlist": args.shortlist,
+                  "repeat": args.repeat}
+    report["setup"] = setup
     print(json.dumps(report, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return 0
+    for problem in report["problems"]:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if report["problems"] else 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ Exit status 0 on success; 2 with a one-line ``error:`` message on any failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
+import math
 import sys
 import urllib.error
 import urllib.request
@@ -75,11 +77,29 @@ def fetch(name: str, mirror: Path | None, base_url: str, timeout: float) -> byte
 
 def prepare(output: Path, mirror: Path | None, langs: list[str], base_url: str,
             timeout: float) -> list[str]:
-    """Fetch, check and write every file; return one report line per file."""
+    """Fetch, check and write every file; return one report line per file.
+
+    The directories made for ``output`` are removed again when the run fails before writing
+    into them."""
+    if mirror is not None and not mirror.is_dir():
+        raise PrepareError(f"--mirror {mirror}: "
+                           + ("not a directory" if mirror.exists() else "no such directory"))
+    created = [path for path in (output, *output.parents) if not path.exists()]  # deepest first
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PrepareError(f"{output}: cannot create directory ({error.strerror})") from None
+    try:
+        return _prepare_files(output, mirror, langs, base_url, timeout)
+    except BaseException:  # Ctrl-C too
+        for path in created:
+            with contextlib.suppress(OSError):  # not empty: files of this run are in it
+                path.rmdir()
+        raise
+
+
+def _prepare_files(output: Path, mirror: Path | None, langs: list[str], base_url: str,
+                   timeout: float) -> list[str]:
     report = []
     for split, expected in SPLITS.items():
         for lang in langs:
@@ -89,9 +109,10 @@ def prepare(output: Path, mirror: Path | None, langs: list[str], base_url: str,
                 report.append(f"{name}: {expected:,} lines (already present)")
                 continue
             data = fetch(name, mirror, base_url, timeout)
-            lines = count_lines(name, data)
+            source = str(mirror / name) if mirror is not None else f"{base_url}/{name}"
+            lines = count_lines(source, data)
             if lines != expected:
-                raise PrepareError(f"{name}: {lines:,} lines, expected {expected:,}; "
+                raise PrepareError(f"{source}: {lines:,} lines, expected {expected:,}; "
                                    "the file is incomplete or not the published one")
             try:
                 write_bytes(target, data)
@@ -108,6 +129,18 @@ def _has_lines(path: Path, expected: int) -> bool:
         return False
 
 
+def seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds above 0, "
+                                         f"got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("data/multi30k"),
@@ -117,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--langs", nargs="+", default=list(LANGS), choices=LANGS,
                         help="languages to fetch (default: de en fr cs)")
     parser.add_argument("--base-url", default=BASE_URL, help="where the files are downloaded from")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per download")
+    parser.add_argument("--timeout", type=seconds, default=60.0, help="seconds per download")
     args = parser.parse_args(argv)
     try:
         report = prepare(args.output, args.mirror, args.langs, args.base_url, args.timeout)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -104,8 +105,6 @@ def test_benchmark_honours_min_len_for_a_fixed_output_length(tmp_path):
 
 def test_bench_decoding_passes_min_len_to_every_search():
     # A model that wants EOS at once: only min_len keeps its outputs going to the fixed length.
-    from types import SimpleNamespace
-
     import torch
 
     from tests.search.toy_models import ToyModel
@@ -117,11 +116,38 @@ def test_bench_decoding_passes_min_len_to_every_search():
     src_ids = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     for min_len, expected in ((9, 9.0), (0, 0.0)):
         decode = SimpleNamespace(alpha=0.6, max_len_ratio=1e-9, max_len_add=9, min_len=min_len,
-                                 cuda_graphs=False, shortlist=0, shortlist_frequent=0)
+                                 no_repeat_ngram=0, cuda_graphs=False, shortlist=0,
+                                 shortlist_frequent=0)
         for beam in (1, 5):
             row = benchmark.bench_decoding(model, src_ids, ["a", "b", "c"], tokenizer, decode,
                                            beam, 2, torch.device("cpu"))
             assert (row["min_len"], row["mean_output_tokens"]) == (min_len, expected)
+
+
+def test_bench_decoding_passes_no_repeat_ngram_to_every_search():
+    """decode.no_repeat_ngram was left out of both searches: silently ignored."""
+    import dataclasses
+
+    import torch
+
+    from seq2seq.config import DecodeConfig
+    from tests.search.toy_models import ToyModel
+
+    benchmark = load_script("benchmark")
+    model = ToyModel(eos_bias=-20.0).eval()  # never says EOS: outputs run to 12 tokens
+    decoded = []
+    tokenizer = SimpleNamespace(decode_trg=lambda hyps: decoded.append(hyps) or ["x"] * 3)
+    src_ids = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    plain = DecodeConfig(alpha=0.6, max_len_ratio=1e-9, max_len_add=12)
+    for n, repeats in ((0, True), (1, False)):
+        decode = dataclasses.replace(plain, no_repeat_ngram=n)
+        for beam in (1, 5):
+            row = benchmark.bench_decoding(model, src_ids, ["a", "b", "c"], tokenizer, decode,
+                                           beam, 2, torch.device("cpu"))
+            assert row["no_repeat_ngram"] == n
+            hyps = decoded.pop()
+            assert all(len(h) == 12 for h in hyps)
+            assert any(len(set(h)) < len(h) for h in hyps) == repeats, (n, beam, hyps)
 
 
 def test_compare_peers_runs_both_sides_and_prints_ratios(tmp_path):
@@ -214,6 +240,8 @@ def test_compare_peers_rounds_alternate_and_give_the_median_of_their_own_ratios(
 
     monkeypatch.setattr(compare, "ours", ours)
     monkeypatch.setattr(compare, "peers", peers)
+    (tmp_path / "bench.sh").write_text("")  # checked before anything runs, never run here
+    monkeypatch.setattr(compare, "PEERS_BENCH", tmp_path / "bench.sh")
     monkeypatch.setattr(compare, "cpu_native_bf16", lambda: None)  # fp32 parts only
     monkeypatch.setattr(compare, "product_rates", lambda threads, size, bf16: {
         "fp32": 100.0, "fp32_blas": 100.0, "bf16": None})
