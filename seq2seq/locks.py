@@ -14,23 +14,25 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-_OWN: list[IO] = []  # lock files this process holds, closed in its forked children
+# Lock files this process holds, closed in its forked children. Weak: a lock file dropped
+# unclosed (a Trainer let go without close()) is still closed, and its lock released, by GC.
+_OWN: weakref.WeakSet[IO] = weakref.WeakSet()
 
 
 def own(handle: IO) -> IO:
     """``handle`` (a file this process holds a ``flock`` on), closed in every child forked
     from now on, so that only this process holds the lock."""
-    _OWN[:] = [held for held in _OWN if not held.closed]
-    _OWN.append(handle)
+    _OWN.add(handle)
     return handle
 
 
 def _close_in_child() -> None:
-    for handle in _OWN:
+    for handle in list(_OWN):
         with contextlib.suppress(OSError):
             handle.close()  # (the parent's copy keeps the lock)
     _OWN.clear()
