@@ -53,7 +53,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
         raise EvaluationError(f"{report_dir}: cannot be the report directory: {problem}")
     names = [Path(args.src).name] if args.src else list(recipe.data.test) if recipe else []
     inputs = [*checkpoints, args.src, *(args.ref or []), args.compare,
-              *(test_files(recipe) if recipe and not args.src else [])]
+              *(test_set_paths(recipe) if recipe and not args.src else [])]
     _check_outputs(report_files(report_dir, names, 0), inputs)
     test_sets = list(_test_sets(args, recipe))  # all read, and checked, before the model loads
     compare = _read_text_lines(args.compare) if args.compare else None
@@ -105,7 +105,7 @@ def _check_outputs(outputs: list[Path], inputs: list) -> None:
     check_distinct(outputs, inputs)
 
 
-def test_files(recipe: Any) -> list[Path]:
+def test_set_paths(recipe: Any) -> list[Path]:
     """The files the recipe's test sets read (none for hub datasets and the generated task)."""
     from seq2seq.data.corpus import corpus_files
 
