@@ -175,15 +175,15 @@ def bench_recipe(args: argparse.Namespace) -> Any:
 def check_checkpoint(path: str, recipe: Any) -> None:
     """Refuse a ``--checkpoint`` that is none, or that translates another language pair than
     the recipe's test set is in (its BLEU would be meaningless)."""
-    from seq2seq.checkpoint import load_checkpoint
+    from seq2seq.checkpoint import check_language_pair, load_checkpoint
     from seq2seq.config import recipe_from_dict
 
-    ckpt = load_checkpoint(Path(path))  # a CheckpointError says what is wrong, in one line
-    data = recipe_from_dict(ckpt["recipe"], source=f"{path} (recipe)").data
-    if (data.src_lang, data.trg_lang) != (recipe.data.src_lang, recipe.data.trg_lang):
-        raise SystemExit(f"error: --checkpoint {path}: translates {data.src_lang}-"
-                         f"{data.trg_lang}, the recipe's data are {recipe.data.src_lang}-"
-                         f"{recipe.data.trg_lang}")
+    # A CheckpointError says what is wrong, in one line (see the end of this file).
+    data = recipe_from_dict(load_checkpoint(Path(path))["recipe"],
+                            source=f"{path} (recipe)").data
+    check_language_pair((data.src_lang, data.trg_lang),
+                        (recipe.data.src_lang, recipe.data.trg_lang),
+                        f"--checkpoint {path}", "the recipe's data")
 
 
 def epoch_updates(trainer: Any) -> list[tuple[list, int]]:

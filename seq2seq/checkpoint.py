@@ -131,10 +131,30 @@ def check_member(path: str | Path, first: str | Path, recipe: Any, first_recipe:
     if not same_tensors(tokenizer, first_tokenizer):
         raise Seq2SeqError(f"{path}: its tokenizer differs from {first}'s; an ensemble needs "
                            "one shared tokenizer (the same token ids)")
-    pair, first_pair = ((r.data.src_lang, r.data.trg_lang) for r in (recipe, first_recipe))
-    if pair != first_pair:
-        raise Seq2SeqError(f"{path}: translates {'-'.join(pair)}, {first} "
-                           f"{'-'.join(first_pair)}; an ensemble needs one language pair")
+    check_language_pair((recipe.data.src_lang, recipe.data.trg_lang),
+                        (first_recipe.data.src_lang, first_recipe.data.trg_lang), path, first,
+                        why="an ensemble needs one language pair")
+
+
+def check_language_pair(pair: tuple[str, str], expected: tuple[str, str], name: str | Path,
+                        expected_name: str | Path, why: str = "") -> None:
+    """Refuse a checkpoint that translates ``pair`` (source, target languages) where
+    ``expected`` is needed: an ensemble member's against the first member's, a checkpoint's
+    against the recipe whose test sets it is to translate.
+
+    Args:
+        name: how the message names the checkpoint (a path, ``--checkpoint PATH``).
+        expected_name: how it names what holds ``expected`` (a path, "the recipe's data").
+        why: what the message adds after a ``;``, if anything.
+
+    Raises:
+        CheckpointError: ``"<name>: translates de-en, but the language pair of <expected_name>
+            is en-de[; <why>]"``.
+    """
+    if tuple(pair) != tuple(expected):
+        raise CheckpointError(f"{name}: translates {'-'.join(pair)}, but the language pair of "
+                              f"{expected_name} is {'-'.join(expected)}"
+                              + (f"; {why}" if why else ""))
 
 
 def check_checkpoint_output(path: str | Path) -> None:

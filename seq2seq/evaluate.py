@@ -30,7 +30,11 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     The report goes to ``--report-dir``, else to :func:`default_report_dir`.
     ``--compare FILE`` (another system's output, one line per source line) adds a paired
     bootstrap test; with a recipe it applies to every test set, so use it with one.
+
+    Source lines are cut as ``seq2seq translate`` cuts its input (one warning); references and
+    ``--compare`` lines, never decoded, are read whole: scores are against full references.
     """
+    from seq2seq.checkpoint import check_language_pair
     from seq2seq.precision import resolve_precision
     from seq2seq.quantize import int8_kernel
     from seq2seq.translate import CLI_NAMES, Translator, resolve_device
@@ -67,10 +71,11 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     translator = Translator.from_checkpoint(checkpoints, device=args.device,
                                             quantize=args.quantize, precision=args.precision,
                                             names=CLI_NAMES)
-    pair = (translator.recipe.data.src_lang, translator.recipe.data.trg_lang)
-    if recipe is not None and pair != (recipe.data.src_lang, recipe.data.trg_lang):
-        raise EvaluationError(f"{checkpoints[0]}: translates {'-'.join(pair)}, but the recipe's "
-                              f"test sets are {recipe.data.src_lang}-{recipe.data.trg_lang}")
+    if recipe is not None:
+        data = translator.recipe.data
+        check_language_pair((data.src_lang, data.trg_lang),
+                            (recipe.data.src_lang, recipe.data.trg_lang),
+                            checkpoints[0], "the recipe's test sets")
     recipe = recipe or translator.recipe
     tokenize = check_bleu_tokenizer(recipe.eval.tokenize, recipe.data.trg_lang)
     # and with the attention plots, whose number the checkpoint's recipe may give
@@ -134,18 +139,35 @@ def default_report_dir(recipe: Any, checkpoints: Sequence[str], src: str | None,
     return report_dir
 
 
-def _read_text_lines(path: str) -> list[str]:
-    """All lines of a text file, line-exact (see seq2seq.translate_io)."""
-    from seq2seq.translate_io import open_input, read_lines
+def _read_text_lines(path: str, cut: bool = False) -> list[str]:
+    """All lines of a text file, line-exact (see seq2seq.translate_io); with ``cut``, lines
+    past ``DEFAULT_MAX_CHARS`` characters are cut as ``seq2seq translate`` cuts them."""
+    from seq2seq.translate_io import DEFAULT_MAX_CHARS, open_input, read_lines
 
+    # Uncut, a line is still read whole: a reference is scored whole, never decoded.
+    max_chars = DEFAULT_MAX_CHARS if cut else 10**9
     with open_input(path) as stream:
-        return list(read_lines(stream, max_chars=10**9, name=path))
+        return list(read_lines(stream, max_chars=max_chars,
+                               name="<stdin>" if path == "-" else path))
+
+
+def _cut_sources(srcs: list[str], name: str) -> list[str]:
+    """``srcs`` of a recipe's test set cut, and said, as :func:`_read_text_lines` cuts a file:
+    decoding a line of thousands of words takes minutes."""
+    from seq2seq.translate_io import CUT_WARNING, DEFAULT_MAX_CHARS
+
+    long = [number for number, src in enumerate(srcs, start=1) if len(src) > DEFAULT_MAX_CHARS]
+    if not long:
+        return srcs
+    warn(CUT_WARNING.format(name=name, count=len(long), max_chars=DEFAULT_MAX_CHARS,
+                            first=long[0]))
+    return [src[:DEFAULT_MAX_CHARS] for src in srcs]
 
 
 def _test_sets(args: Any, recipe: Any) -> Iterator[tuple[str, list[str], list[list[str]]]]:
     """``(name, sources, reference streams)`` of each test set to evaluate."""
     if args.src:
-        srcs = _read_text_lines(args.src)
+        srcs = _read_text_lines(args.src, cut=True)
         if not srcs:
             raise EvaluationError(f"{args.src}: empty; no sentence to evaluate")
         for path in args.ref:
@@ -159,7 +181,7 @@ def _test_sets(args: Any, recipe: Any) -> Iterator[tuple[str, list[str], list[li
                                       f"{len(srcs)}")
         yield Path(args.src).name, srcs, refs
         return
-    from seq2seq.data.corpus import read_pairs
+    from seq2seq.data.corpus import corpus_files, read_pairs
 
     if not recipe.data.test:
         raise EvaluationError("the recipe has no data.test corpora; give --src and --ref")
@@ -167,7 +189,11 @@ def _test_sets(args: Any, recipe: Any) -> Iterator[tuple[str, list[str], list[li
         pairs = list(read_pairs(corpus, recipe.data))
         if not pairs:
             raise EvaluationError(f"data.test.{name}: empty; no sentence to evaluate")
-        yield name, [src for src, _ in pairs], [[trg for _, trg in pairs]]
+        # A pair is a line of the file that holds the sources (text, tsv, jsonl).
+        files = corpus_files(corpus, recipe.data)
+        srcs = _cut_sources([src for src, _ in pairs],
+                            str(files[0]) if files else f"data.test.{name}")
+        yield name, srcs, [[trg for _, trg in pairs]]
 
 
 def _translate_all(translator: Any, settings: Any, srcs: list[str],

@@ -41,6 +41,9 @@ from seq2seq.files import open_output
 
 DEFAULT_MAX_CHARS = 5000
 DEFAULT_CHUNK_LINES = 1000
+# Said once when lines were cut, by translate and evaluate alike (``str.format`` fields).
+CUT_WARNING = ("{name}: {count} line(s) longer than {max_chars} characters were cut to "
+               "{max_chars} (first: line {first})")
 
 T = TypeVar("T")
 
@@ -194,8 +197,8 @@ def read_lines(
         warn(f"{name}: {invalid} line(s) had invalid UTF-8 (first: line {first_invalid}); "
              "invalid bytes were replaced by U+FFFD")
     if truncated:
-        warn(f"{name}: {truncated} line(s) longer than {max_chars} characters were cut to "
-             f"{max_chars} (first: line {first_truncated})")
+        warn(CUT_WARNING.format(name=name, count=truncated, max_chars=max_chars,
+                                first=first_truncated))
 
 
 def _skip_rest_of_line(stream: BinaryIO, max_bytes: int) -> None:

@@ -323,3 +323,25 @@ def test_a_failed_save_keeps_the_old_checkpoint_and_its_checksum_file(tmp_path, 
         save_checkpoint({"model": {"w": torch.zeros(2)}, "recipe": {}}, target)
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     load_checkpoint(path)  # whole, and its side file agrees
+
+
+def test_a_language_pair_is_checked_by_one_rule_in_one_wording():
+    """Ensemble members, evaluate and the benchmark each had their own check and wording."""
+    from types import SimpleNamespace
+
+    from seq2seq.checkpoint import check_language_pair, check_member
+
+    check_language_pair(("en", "de"), ("en", "de"), "a.pt", "b.pt")  # the same pair passes
+    with pytest.raises(CheckpointError) as error:
+        check_language_pair(("de", "en"), ("en", "de"), "--checkpoint a.pt", "the recipe's data")
+    assert str(error.value) == ("--checkpoint a.pt: translates de-en, but the language pair of "
+                                "the recipe's data is en-de")
+
+    def recipe(src: str, trg: str) -> SimpleNamespace:
+        return SimpleNamespace(data=SimpleNamespace(src_lang=src, trg_lang=trg))
+
+    check_member("b.pt", "a.pt", recipe("en", "de"), recipe("en", "de"), None, None)
+    with pytest.raises(CheckpointError) as error:
+        check_member("b.pt", "a.pt", recipe("fr", "de"), recipe("en", "de"), None, None)
+    assert str(error.value) == ("b.pt: translates fr-de, but the language pair of a.pt is "
+                                "en-de; an ensemble needs one language pair")

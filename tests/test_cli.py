@@ -430,7 +430,9 @@ def test_an_ensemble_refuses_another_tokenizer_or_language_pair(trained, tmp_pat
     recipe = {**ckpt["recipe"], "data": {**ckpt["recipe"]["data"], "src_lang": "fr"}}
     save_checkpoint({**ckpt, "recipe": recipe}, tmp_path / "other_pair.pt")
     for member, message in [("other_tok.pt", "its tokenizer differs from"),
-                            ("other_pair.pt", "translates fr-de")]:
+                            ("other_pair.pt", "other_pair.pt: translates fr-de, but the "
+                             f"language pair of {run / 'last.pt'} is en-de; an ensemble needs "
+                             "one language pair")]:
         result = seq2seq("translate", "--checkpoint", run / "last.pt", tmp_path / member,
                          stdin=b"the dog\n")
         err = result.stderr.decode()
@@ -539,7 +541,8 @@ def test_evaluate_refuses_a_checkpoint_of_another_language_pair_than_the_recipe(
     result = seq2seq("evaluate", recipe, "data.src_lang=fr", "--checkpoint", run / "best.pt")
     assert result.returncode == 2
     assert result.stderr.decode().splitlines()[-1] == (
-        f"error: {run / 'best.pt'}: translates en-de, but the recipe's test sets are fr-de")
+        f"error: {run / 'best.pt'}: translates en-de, but the language pair of the recipe's "
+        "test sets is fr-de")
     late = seq2seq("evaluate", recipe, "--checkpoint", run / "best.pt", "data.src_lang=fr")
     assert late.stderr.decode().splitlines()[-1] == (
         "error: data.src_lang=fr: no such checkpoint (an override? it goes before the "

@@ -256,7 +256,7 @@ def test_benchmark_refuses_checkpoint_or_test_set_before_any_work(tmp_path, what
     result = script("benchmark", str(recipe), *flags, "--steps", "0", "--work-dir", str(work))
     assert result.returncode != 0
     expected = {"other pair": f"error: --checkpoint {tmp_path / 'de-en.pt'}: translates de-en, "
-                              "the recipe's data are en-de",
+                              "but the language pair of the recipe's data is en-de",
                 "not a checkpoint": f"error: {recipe}: not a PyTorch checkpoint file",
                 "no such test set": "error: --test nope: the recipe's test sets are t"}[what]
     assert one_error_line(result).startswith(expected)
