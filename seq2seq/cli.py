@@ -24,7 +24,7 @@ from seq2seq.arguments import (
 )
 from seq2seq.config import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from seq2seq.config.memory import memory_problems, out_of_memory
-from seq2seq.errors import Seq2SeqError, one_line
+from seq2seq.errors import Seq2SeqError, one_line, warn
 from seq2seq.heap import keep_freed_memory
 from seq2seq.serve.options import add_serve_arguments
 from seq2seq.signals import STOP_SIGNALS
@@ -42,9 +42,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Every check ``prepare`` and ``train`` make before their work, all problems at once;
     nothing is written."""
     recipe = load_recipe(args.recipe, args.overrides)
+    from seq2seq.config.checks import recipe_warnings
     from seq2seq.data.preflight import input_problems
     from seq2seq.training.run_dir import train_problems
 
+    for message in recipe_warnings(recipe):  # (valid values the run would not honour)
+        warn(f"{args.recipe}: {message}")
     problems = (memory_problems(recipe) + machine_problems(recipe)
                 + input_problems(recipe, read_eval_sets=True))
     if not problems:  # (the run directory's checkpoints name corpora that must be there)

@@ -290,6 +290,23 @@ def run_cli(*args):
                           text=True, cwd=REPO)
 
 
+def test_check_warns_of_values_the_run_would_not_do_as_written(tmp_path):
+    result = run_cli("check", "recipes/quickstart.yaml", "train.max_steps=100",
+                     "train.warmup_steps=200", "decode.min_len=30",
+                     f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["decode"]["min_len"] == 30
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        "warning: recipes/quickstart.yaml: train.warmup_steps: 200 is not below "
+        "train.max_steps (100): the whole run is warm-up, in which the learning rate climbs "
+        "to no more than 0.0015 (train.lr 0.003 x 100/200)",
+        "warning: recipes/quickstart.yaml: decode.min_len: 30 is above the maximum output "
+        "length of sources of up to 12 subword tokens (13 for one: decode.max_len_ratio 1.5 x "
+        "(source tokens + 1 for EOS) + decode.max_len_add 10, rounded down): their outputs are "
+        "cut at that maximum, without EOS, shorter than min_len"]
+
+
 def test_cli_check_prints_resolved_recipe(tmp_path):
     # (output_dir of its own: check now reads the run directory, and runs/quickstart may hold
     # a run trained at another lr)

@@ -2,11 +2,17 @@
 
 Each ``check_<section>`` runs from that section's ``__post_init__``, collects every problem in
 order and raises one :class:`RecipeError` naming each by its dotted path.
+
+:func:`recipe_warnings` finds what a valid recipe asks for that its run will not do (a warm-up
+longer than the run, more threads than CPUs, a minimum output length above the maximum): those
+are said, not refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -186,3 +192,78 @@ def check_recipe(recipe: Recipe) -> None:
                "dropout masks, and model.dropout and model.word_dropout are 0: it would double "
                "the cost of each update for nothing; set a dropout, or train.rdrop_alpha: 0")
     _raise_any(problems)
+
+
+def recipe_warnings(recipe: Recipe, cpus: int | None = None) -> list[str]:
+    """What ``recipe`` asks for that its run will not do, each ``key: why`` on one line
+    (``train`` says them as it starts: :func:`seq2seq.training.step.say_recipe_warnings`).
+
+    Args:
+        cpus: the CPUs this process may use (default: :func:`usable_cpus`, this machine's).
+    """
+    train, processes = recipe.train, recipe.distributed.nproc_per_node
+    found = []
+    if train.max_steps:
+        found += warmup_warnings(train, train.max_steps, f"train.max_steps ({train.max_steps})")
+    cpus = usable_cpus() if cpus is None else cpus
+    if train.threads * processes > cpus:  # (0: torch's default, one per core)
+        each = (f" in each of {processes} processes (distributed.nproc_per_node)"
+                if processes > 1 else "")
+        found.append(f"train.threads: {train.threads} threads{each} for the {cpus} CPU"
+                     f"{'s' if cpus > 1 else ''} this process may use: threads beyond the CPUs "
+                     f"wait for one another and slow training; set at most "
+                     f"{max(1, cpus // processes)}")
+    return found + _min_len_warnings(recipe.decode)
+
+
+def warmup_warnings(train: TrainConfig, updates: int, length: str) -> list[str]:
+    """The warning for a warm-up (``train.warmup_steps``) not shorter than a run of
+    ``updates`` updates, whose count ``length`` explains; [] when it is shorter.
+
+    The rate of update ``step`` is ``lr * step / warmup_steps`` during the warm-up (lowered
+    further by a linear or plateau schedule), never below min_lr
+    (:class:`seq2seq.training.optim.Schedule`): it never gets past its last update's ramp.
+    """
+    if not 0 < updates <= train.warmup_steps:
+        return []
+    share = f"{updates}/{train.warmup_steps}"
+    ramp = train.lr * updates / train.warmup_steps
+    peak = (f"{ramp:.3g} (train.lr {train.lr:g} x {share})" if ramp >= train.min_lr
+            else f"train.min_lr ({train.min_lr:g}, above train.lr x {share})")
+    return [f"train.warmup_steps: {train.warmup_steps} is not below {length}: the whole run is "
+            f"warm-up, in which the learning rate climbs to no more than {peak}"]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (taskset, a cgroup's cpuset), where the
+    system keeps one, else all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (macOS, Windows)
+        return os.cpu_count() or 1
+
+
+def _max_output_length(decode: DecodeConfig, src_tokens: int) -> int:
+    """The search's bound on the output of a source of ``src_tokens`` subwords (and its EOS),
+    as :func:`seq2seq.search.common.max_output_lengths` computes it."""
+    return max(1, math.floor(decode.max_len_ratio * (src_tokens + 1) + decode.max_len_add))
+
+
+def _min_len_warnings(decode: DecodeConfig) -> list[str]:
+    """The warning for a ``decode.min_len`` above the maximum output length of short sources:
+    EOS is forbidden throughout, and the search cuts their outputs at that maximum."""
+    shortest = _max_output_length(decode, 1)
+    if decode.min_len <= shortest:  # (equal: a one-token source's outputs are min_len long)
+        return []
+    # The bound grows with the source: solve ratio * (k + 1) + add < min_len for the longest
+    # source k cut short, then step over the float rounding of the division.
+    k = max(1, math.ceil((decode.min_len - decode.max_len_add) / decode.max_len_ratio) - 2)
+    while _max_output_length(decode, k + 1) < decode.min_len:
+        k += 1
+    while k > 1 and _max_output_length(decode, k) >= decode.min_len:
+        k -= 1
+    return [f"decode.min_len: {decode.min_len} is above the maximum output length of sources of "
+            f"up to {k:,} subword token{'s' if k > 1 else ''} ({shortest} for one: "
+            f"decode.max_len_ratio {decode.max_len_ratio:g} x (source tokens + 1 for EOS) + "
+            f"decode.max_len_add {decode.max_len_add}, rounded down): their outputs are cut at "
+            f"that maximum, without EOS, shorter than min_len"]

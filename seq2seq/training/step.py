@@ -26,8 +26,9 @@ import torch
 
 from seq2seq import distributed as dist
 from seq2seq.config import Recipe, TrainConfig
-from seq2seq.data.batching import collate
-from seq2seq.errors import Seq2SeqError
+from seq2seq.config.checks import recipe_warnings, warmup_warnings
+from seq2seq.data.batching import SORT_CHUNK, collate, epoch_batches
+from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.models.gemm import fp32_backend
 from seq2seq.precision import precision_dtype, resolve_precision
 from seq2seq.training.graphs import StaticSteps, bucket_shape
@@ -59,6 +60,7 @@ def build_step(model: torch.nn.Module, recipe: Recipe, device: torch.device, tra
         graphs: force the graphed path (None: ``train.cuda_graphs`` on a GPU).
         capture: record CUDA graphs; False runs the graphed path's programs eagerly.
     """
+    say_recipe_warnings(recipe, trg_lens)
     cfg = recipe.train
     use_graphs = cfg.cuda_graphs and device.type == "cuda" if graphs is None else graphs
     if cfg.cuda_graphs and not use_graphs and dist.is_main():
@@ -77,6 +79,30 @@ def build_step(model: torch.nn.Module, recipe: Recipe, device: torch.device, tra
     if use_graphs:
         return GraphedStep(*parts, capture=capture)
     return EagerStep(*parts, ddp_model=ddp_model)
+
+
+def say_recipe_warnings(recipe: Recipe, trg_lens: np.ndarray) -> None:
+    """Say (main process) what the recipe asks for that this run will not do
+    (:func:`~seq2seq.config.checks.recipe_warnings`), and a warm-up as long as a run set in
+    epochs, whose updates the training pairs' target lengths ``trg_lens`` decide."""
+    if not dist.is_main():
+        return
+    cfg, found = recipe.train, recipe_warnings(recipe)
+    # With train.max_steps at most the warm-up, recipe_warnings has said it; subword
+    # regularisation re-tokenises every epoch, so its batches are not known in advance.
+    if cfg.warmup_steps and cfg.max_epochs and not cfg.sample_alpha and not (
+            cfg.max_steps and cfg.max_steps <= cfg.warmup_steps):
+        group = dist.world_size() * cfg.accumulate
+        # The batches are cut by target length: the source lengths (a secondary sort key)
+        # change their order, not their count.
+        per_epoch = len(epoch_batches(trg_lens, trg_lens, cfg.batch_tokens,
+                                      cfg.batch_sentences, recipe.seed, 0, group)) // group
+        about = "about " if len(trg_lens) > SORT_CHUNK else ""  # (chunks differ by epoch)
+        found += warmup_warnings(cfg, per_epoch * cfg.max_epochs, (
+            f"the run's {about}{per_epoch * cfg.max_epochs} updates (train.max_epochs "
+            f"{cfg.max_epochs} x {per_epoch} an epoch)"))
+    for message in found:
+        warn(message)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
