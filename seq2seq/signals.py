@@ -3,13 +3,19 @@
 The CLI turns SIGTERM and SIGHUP into an exception and SIGINT is Python's KeyboardInterrupt, so
 ``finally`` blocks remove temporary files whatever stopped a command; ``train`` stops after
 the current update and saves. :func:`signals_held` closes the one gap left: between making a
-temporary file or directory and entering the ``try`` that removes it.
+temporary file or directory and entering the ``try`` that removes it. :func:`children_tied`
+leaves the stop signals to this process in the children it forks for a pool (the corpus
+encoding's), and has them die with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 
 # The signals every command stops on, cleaning up: Ctrl-C, `kill`, and the hang-up of a
@@ -82,3 +88,63 @@ def stops_kept() -> Iterator[None]:
                 signal.signal(sig, handler)
     if seen:  # the block's error (or none) was the signal's doing: raise the signal's own
         handlers[seen[-1]](seen[-1], None)
+
+
+# While a children_tied() block runs: this process's pid, and libc's prctl on Linux (looked up
+# before the fork: a forked child of a threaded process should not load libraries).
+_TYING: list[tuple[int, Callable | None]] = []
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@contextlib.contextmanager
+def children_tied() -> Iterator[None]:
+    """Tie the children forked during the block (a process pool's workers) to this process.
+
+    They ignore SIGINT and SIGHUP, and a SIGTERM that this process did not send: a Ctrl-C,
+    a closed terminal or a ``kill`` of the process group (systemd, Slurm) reaches every
+    process of the group, and a worker that died of it printed a traceback, or left a lock of
+    the pool held, so that this process hung in the pool's clean-up. This process gets the
+    signal too, and stops the pool: its SIGTERMs (``Pool.terminate``) stop the workers. On
+    Linux, they are also killed when this process dies (``kill -9``), where they lived on idle.
+    Children forked outside the block (DataLoader workers, torchrun's, ``serve``'s) are left
+    alone.
+    """
+    prctl = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _TYING.append((os.getpid(), prctl))
+    try:
+        yield
+    finally:
+        _TYING.pop()
+
+
+def _tie_child() -> None:
+    if not _TYING:
+        return
+    parent, prctl = _TYING[-1]
+    _TYING.clear()  # (not the children this child forks)
+    # Killed when the parent's thread that forked this child ends: the main thread, or the
+    # thread of a pool that replaces a worker (which ends with the pool).
+    if prctl is not None and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 \
+            and os.getppid() != parent:
+        os._exit(1)  # the parent died before the prctl: no signal will come
+    with contextlib.suppress(ValueError):  # (never seen: the forking thread is the main one)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # (not on macOS: there any SIGTERM stops the child)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_obey, args=(parent,), name="sigterm", daemon=True).start()
+
+
+def _obey(parent: int) -> None:
+    """Wait for the SIGTERMs (blocked in every thread); exit on one from ``parent``."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(128 + signal.SIGTERM)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_tie_child)

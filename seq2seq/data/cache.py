@@ -50,6 +50,7 @@ from seq2seq.data.encoding import (
     KEEP,
     check_some_text,
     encode_rows,
+    encoding_pool,
     read_into_arrow,
     sample_pairs,
 )
@@ -330,7 +331,7 @@ def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataCo
     """Encode every pair, drop what the training filter rejects, save to ``out``."""
     # Worker processes only pay off beyond a batch or two (each costs ~1 s to start).
     num_proc = data.num_proc if data.num_proc > 1 and len(raw) > ENCODE_BATCH else None
-    with stops_kept():  # (a Ctrl-C while the pool forks was lost, one later a traceback)
+    with stops_kept(), encoding_pool():  # (a Ctrl-C while the pool forks was lost)
         encoded = raw.map(
             encode_rows, batched=True, batch_size=ENCODE_BATCH, num_proc=num_proc,
             remove_columns=["src", "trg"], features=ENCODED_FEATURES, desc="encoding train",

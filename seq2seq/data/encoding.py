@@ -9,6 +9,7 @@ and saves the result.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -17,6 +18,7 @@ import pyarrow as pa
 
 from seq2seq.config import DataConfig
 from seq2seq.data.corpus import DataError, resolve_path
+from seq2seq.signals import children_tied
 from seq2seq.tokenizer import Tokenizer
 
 ENCODE_BATCH = 10_000  # pairs per ``map`` call: large enough that SentencePiece dominates
@@ -115,3 +117,27 @@ def encode_rows(batch: dict[str, list], tokenizer: Tokenizer, max_src_tokens: in
     drop[(src_len == 0) | (trg_len == 0)] = EMPTY
     return {"src_ids": src_ids, "trg_ids": trg_ids, "src_len": src_len, "trg_len": trg_len,
             "drop": drop}
+
+
+@contextmanager
+def encoding_pool() -> Iterator[None]:
+    """The block where ``datasets`` encodes with a pool of worker processes: the workers are
+    tied to this process (:func:`seq2seq.signals.children_tied`), and those left running by
+    a stop are ended: a Ctrl-C while ``datasets`` started its pool's manager left the
+    manager's server process unregistered, and Python's exit waited for it for ever."""
+    import multiprocess
+
+    before = set(multiprocess.active_children())
+    try:
+        with children_tied():
+            yield
+    except BaseException:
+        left = set(multiprocess.active_children()) - before
+        for child in left:
+            child.terminate()  # (a tied child obeys this process's SIGTERM)
+        for child in left:
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+                child.join()
+        raise

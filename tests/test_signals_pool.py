@@ -1,0 +1,137 @@
+"""Stop signals while ``prepare`` encodes with a pool of worker processes (seq2seq/signals.py
+``children_tied``, seq2seq/data/encoding.py ``encoding_pool``): real processes, real signals.
+
+``prepare`` runs in a session of its own, as from a terminal; the signal goes to the whole
+process group, as a Ctrl-C, a closed terminal or systemd's stop send it, the moment the pool's
+processes exist.
+"""
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import shared_data_root
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
+
+PAIRS = 200_000  # enough that encoding lasts a second or two
+POOL = 3  # processes the encoding forks: 2 workers (data.num_proc) and the queue's manager
+DEADLINE_S = 60  # for prepare to reach the encoding
+STOP_S = 20  # for prepare to stop after a signal (about 1 s)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    """A recipe on Multi30k repeated to PAIRS pairs, encoded by 2 processes, with a tokenizer
+    quick to train (500 pieces from 2,500 pairs)."""
+    m30k = shared_data_root() / "multi30k"
+    root = tmp_path_factory.mktemp("pool")
+    for lang in ("de", "en"):
+        with gzip.open(m30k / f"train.{lang}.gz", "rt", encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        with open(root / f"train.{lang}", "w", encoding="utf-8") as handle:
+            handle.writelines(lines[i % len(lines)] + "\n" for i in range(PAIRS))
+    tree = {"name": "pool", "output_dir": str(root / "unused"),
+            "data": {"src_lang": "de", "trg_lang": "en", "num_proc": 2,
+                     "train": {"src": str(root / "train.de"), "trg": str(root / "train.en")},
+                     "valid": {"src": str(m30k / "val.de.gz"), "trg": str(m30k / "val.en.gz")},
+                     "test": {}},
+            "tokenizer": {"vocab_size": 500, "input_sentence_size": 5000}}
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (of all its threads)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # the thread has ended
+            pass
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: an orphan's is reaped only if init reaps)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def start_encoding(recipe: Path, out: Path) -> tuple[subprocess.Popen, list[int]]:
+    """``seq2seq prepare`` in a new session, once its encoding pool's processes exist; and
+    their pids. The code under test is the one ``python -m seq2seq`` imports from the working
+    directory ``out``: PYTHONPATH's, else the installed one."""
+    out.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seq2seq", "prepare", str(recipe), f"output_dir={out / 'run'}"],
+        cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    deadline = time.monotonic() + DEADLINE_S
+    while len(pool := children(process.pid)) < POOL:
+        if process.poll() is not None or time.monotonic() > deadline:
+            kill_group(process)
+            pytest.fail(f"prepare never reached the encoding:\n{process.communicate()[1]}")
+        time.sleep(0.02)
+    return process, pool
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """Kill whatever is left of the session (its orphans keep its process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.parametrize(("sig", "code", "message"), [
+    (signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, 143, "terminated"),
+    (signal.SIGHUP, 129, "hung up"),
+], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_sent_to_the_group_while_encoding_says_one_line_and_leaves_no_cache(
+        recipe, tmp_path, sig, code, message):
+    """The pool's workers took the signal too: each printed a KeyboardInterrupt (or
+    Terminated) traceback, and one dying in its queue's lock made prepare hang in the pool's
+    clean-up for good (a Ctrl-C while the pool's manager started, too: Python's exit waited
+    for it)."""
+    process, _ = start_encoding(recipe, tmp_path / "out")
+    try:
+        os.killpg(process.pid, sig)
+        try:
+            _, stderr = process.communicate(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            kill_group(process)
+            pytest.fail(f"prepare hung after {sig.name}:\n{process.communicate()[1]}")
+    finally:
+        kill_group(process)
+    assert "Traceback" not in stderr, stderr
+    assert process.returncode == code, stderr
+    assert stderr.replace("\r", "\n").splitlines()[-1] == message
+    assert not list((tmp_path / "out" / "run").glob("cache/*"))  # nothing half-written
+
+
+def test_the_encoding_workers_die_with_a_killed_prepare(recipe, tmp_path):
+    """After ``kill -9`` of prepare, its pool's processes lived on, idle, for good."""
+    process, pool = start_encoding(recipe, tmp_path / "out")
+    try:
+        process.kill()
+        process.wait(STOP_S)
+        deadline = time.monotonic() + 5
+        while any(alive(pid) for pid in pool) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in pool if alive(pid)]
+    finally:
+        kill_group(process)
