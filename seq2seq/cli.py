@@ -287,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SEQ2SEQ_NATIVE"):
             from seq2seq.native import wanted
             wanted()
+        from seq2seq.cpuinfo import cap_torch_threads
+        cap_torch_threads()
         with named_stdout():
             code = args.func(args)
             if sys.stdout is not None and not sys.stdout.closed:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from seq2seq.config.errors import RecipeError
+from seq2seq.cpuinfo import usable_cpus
 
 if TYPE_CHECKING:  # the schema calls these checks; importing it here would close a circle
     from seq2seq.config.schema import (
@@ -199,7 +199,8 @@ def recipe_warnings(recipe: Recipe, cpus: int | None = None) -> list[str]:
     (``train`` says them as it starts: :func:`seq2seq.training.step.say_recipe_warnings`).
 
     Args:
-        cpus: the CPUs this process may use (default: :func:`usable_cpus`, this machine's).
+        cpus: the CPUs this process may use (default: :func:`seq2seq.cpuinfo.usable_cpus`,
+            this machine's).
     """
     train, processes = recipe.train, recipe.distributed.nproc_per_node
     found = []
@@ -232,15 +233,6 @@ def warmup_warnings(train: TrainConfig, updates: int, length: str) -> list[str]:
             else f"train.min_lr ({train.min_lr:g}, above train.lr x {share})")
     return [f"train.warmup_steps: {train.warmup_steps} is not below {length}: the whole run is "
             f"warm-up, in which the learning rate climbs to no more than {peak}"]
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity (taskset, a cgroup's cpuset), where the
-    system keeps one, else all of the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # (macOS, Windows)
-        return os.cpu_count() or 1
 
 
 def _max_output_length(decode: DecodeConfig, src_tokens: int) -> int:

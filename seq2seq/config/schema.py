@@ -208,7 +208,8 @@ class TrainConfig:
         0, "at the end, average the weights of the last N step checkpoints into averaged.pt "
         "and validate it (needs train.keep_last >= N; 0: off)", ints(0, 1_000_000))
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: cuda when available")
-    threads: int = option(0, "CPU threads for torch (0: torch's default)", ints(0, 1024))
+    threads: int = option(0, "CPU threads for torch (0: torch's default, one per "
+                                 "core, at most a container's CPU quota)", ints(0, 1024))
     max_bad_steps: int = option(
         5, "stop when this many updates in a row have a non-finite loss or gradient",
         ints(1, 1_000_000))

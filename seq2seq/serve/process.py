@@ -238,6 +238,9 @@ def run_worker(conn: Any, spec: LoadSpec, max_sentences: int, wait_s: float,
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        else:  # (as every seq2seq command does at start)
+            from seq2seq.cpuinfo import cap_torch_threads
+            cap_torch_threads()
         translator = Translator.from_checkpoint(spec.checkpoint, device=spec.device,
                                                 quantize=spec.quantize,
                                                 precision=spec.precision,
