@@ -78,7 +78,9 @@ def start_encoding(recipe: Path, out: Path) -> tuple[subprocess.Popen, list[int]
     process = subprocess.Popen(
         [sys.executable, "-m", "seq2seq", "prepare", str(recipe), f"output_dir={out / 'run'}"],
         cwd=out, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        start_new_session=True,
+        # SIGHUP as from a terminal, whatever the test runner inherited (nohup ignores it)
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     deadline = time.monotonic() + DEADLINE_S
     while len(pool := children(process.pid)) < POOL:
         if process.poll() is not None or time.monotonic() > deadline:
