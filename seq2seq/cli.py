@@ -80,7 +80,7 @@ def _load_sized(args: argparse.Namespace) -> Recipe:
 def cmd_prepare(args: argparse.Namespace) -> int:
     recipe = _load_sized(args)  # before the heavy imports: fails fast
     from seq2seq.data.stats import format_stats
-    from seq2seq.training.trainer import prepare_command
+    from seq2seq.training.commands import prepare_command
 
     print(format_stats(prepare_command(recipe).stats))
     return 0
@@ -88,7 +88,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = _load_sized(args)  # before the heavy imports: fails fast
-    from seq2seq.training.trainer import train_command
+    from seq2seq.training.commands import train_command
 
     return train_command(recipe, recipe_path=Path(args.recipe), overrides=args.overrides)
 

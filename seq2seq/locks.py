@@ -40,6 +40,27 @@ def _close_in_child() -> None:
 
 os.register_at_fork(after_in_child=_close_in_child)
 
+# Set by a process that holds a run's lock for the processes it starts: "<its pid>:<the path>".
+HELD_FOR_CHILDREN = "SEQ2SEQ_LOCK_HELD"
+
+
+@contextlib.contextmanager
+def held_for_children(path: Path) -> Iterator[None]:
+    """Tell the processes started in the block (``seq2seq train``'s torchrun workers) that this
+    process holds the lock of ``path`` for them (:func:`held_by_parent`)."""
+    os.environ[HELD_FOR_CHILDREN] = f"{os.getpid()}:{path.resolve()}"
+    try:
+        yield
+    finally:
+        os.environ.pop(HELD_FOR_CHILDREN, None)
+
+
+def held_by_parent(path: Path) -> bool:
+    """Whether this process's parent holds the lock of ``path`` for it
+    (:func:`held_for_children`)."""
+    pid, _, held = os.environ.get(HELD_FOR_CHILDREN, "").partition(":")
+    return pid == str(os.getppid()) and held == str(path.resolve())
+
 
 @contextlib.contextmanager
 def directory_held(directory: Path) -> Iterator[None]:

@@ -693,3 +693,31 @@ def test_only_distributed_py_mentions_torch_distributed():
     mentioning = [path.relative_to(PACKAGE.parent).as_posix() for path in sources
                   if "torch.distributed" in path.read_text(encoding="utf-8")]
     assert mentioning == ["seq2seq/distributed.py"]
+
+
+def test_two_launches_on_one_output_dir_at_once_one_trains_the_other_is_one_line(
+        tmp_path, cache_dir):
+    """The launcher checked the run's lock, then its main rank took it seconds later: a second
+    launch in between passed the check, and its main rank failed amid torchrun's messages and
+    the other rank's "another worker went away". The launcher now holds the lock for its
+    workers, so whichever launch comes second is refused at once, in one line."""
+    recipe = write_recipe(tmp_path, cache_dir, "race")
+    command = seq2seq_train(recipe, "distributed.nproc_per_node=2")
+    first = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    results = []
+    for process in (first, second):
+        try:
+            _, stderr = process.communicate(timeout=TIMEOUT_S)
+        finally:
+            process.kill()
+        results.append((process.returncode, stderr))
+    (trained,), (refused,) = ([r for r in results if r[0] == code] for code in (0, 2))
+    assert "distributed training finished" in trained[1]
+    holder = first if refused is results[1] else second  # (its launcher holds the lock)
+    assert refused[1] == (f"error: output_dir {tmp_path / 'race'} is in use by another "
+                          f"training run (process {holder.pid}); wait for it to end, or use "
+                          "another output_dir\n")
+    assert load_checkpoint(tmp_path / "race" / "last.pt")["step"] == 6

@@ -369,3 +369,47 @@ def test_a_diverged_run_s_perplexity_is_logged_short():
     assert format_metrics({"loss": 700.0, "ppl": 1.0142320547350045e304, "n_sentences": 5}) \
         == "loss 700.000  ppl 1.014e+304  n_sentences 5"
     assert format_metrics({"ppl": 122.3981}) == "ppl 122.398"
+
+
+def test_a_launcher_holds_the_runs_lock_for_its_workers_and_no_one_else(tmp_path, monkeypatch):
+    """``seq2seq train`` with several processes on one node holds the run's lock while its
+    torchrun workers run; their main rank, a child of it, takes it as held for it; another
+    process is refused."""
+    from seq2seq import launch
+    from seq2seq.locks import HELD_FOR_CHILDREN, held_by_parent
+    from seq2seq.training.commands import train_command
+    from seq2seq.training.run_dir import RunDirectory
+
+    run = tmp_path / "run"
+    recipe = recipe_from_dict(tiny_tree(str(run)), ["distributed.nproc_per_node=2"])
+    seen = []
+
+    def workers(recipe, recipe_path, overrides):
+        with pytest.raises(Seq2SeqError, match=f"is in use by another training run "
+                                               f"\\(process {os.getpid()}\\)"):
+            RunDirectory(run).lock()  # another process's run (another open file)
+        held = os.environ[HELD_FOR_CHILDREN]
+        seen.append(held)
+        # A worker of this launcher: its parent is this process.
+        worker = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; from seq2seq.locks "
+             "import held_by_parent; sys.exit(0 if held_by_parent(Path(sys.argv[1])) else 1)",
+             str(run)], env=dict(os.environ, PYTHONPATH=str(REPO)))
+        assert worker.returncode == 0
+        assert not held_by_parent(run)  # this process is no child of itself
+        return 0
+
+    monkeypatch.setattr(launch, "launch_workers", workers)
+    assert train_command(recipe, tmp_path / "r.yaml", []) == 0
+    assert seen == [f"{os.getpid()}:{run.resolve()}"]
+    assert HELD_FOR_CHILDREN not in os.environ
+    again = RunDirectory(run)
+    again.lock()  # released when the workers ended
+    again.unlock()
+    # Named for another directory, or by a process that is not the parent: not held.
+    monkeypatch.setenv(HELD_FOR_CHILDREN, f"{os.getppid()}:{tmp_path / 'other'}")
+    assert not held_by_parent(run)
+    monkeypatch.setenv(HELD_FOR_CHILDREN, f"{os.getppid()}:{run.resolve()}")
+    assert held_by_parent(run)
+    monkeypatch.setenv(HELD_FOR_CHILDREN, f"{os.getpid()}:{run.resolve()}")
+    assert not held_by_parent(run)

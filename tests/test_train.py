@@ -335,8 +335,8 @@ def test_rdrop_without_dropout_gives_the_plain_update(tmp_path):
 
 def test_prepare_takes_the_runs_lock_and_never_retrains_a_tokenizer_under_its_weights(
         tmp_path):
+    from seq2seq.training.commands import prepare_command
     from seq2seq.training.run_dir import RunDirectory
-    from seq2seq.training.trainer import prepare_command
 
     fit(tiny_recipe(tmp_path, "train.max_steps=2"))
     out, cache = tmp_path / "run", tmp_path / "cache"

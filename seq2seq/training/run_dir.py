@@ -6,9 +6,10 @@ checkpoints: ``last.pt`` (after every validation and at the end), ``best.pt`` (b
 metric) and the last ``train.keep_last`` ``step_XXXXXXXX.pt``. Every process may read; only the
 main rank writes.
 
-A run directory has one owner: ``train`` (main rank) holds an ``fcntl`` lock on ``.lock`` for the
-whole run (the kernel releases it if the process dies); a second ``train`` there is refused at
-once, naming the holder. Reading its checkpoints (``translate``, ``evaluate``) needs no lock.
+A run directory has one owner: ``train`` (main rank, or on one node the launcher of its torchrun
+workers) holds an ``fcntl`` lock on ``.lock`` for the whole run (the kernel releases it if the
+process dies); a second ``train`` there is refused at once, naming the holder. Reading its
+checkpoints (``translate``, ``evaluate``) needs no lock.
 
 Resuming checks the checkpoint's recipe against the run's: only the keys of
 ``RESUMABLE_CHANGES`` (more steps or epochs, logging, devices, decoding) may differ. It also
@@ -33,7 +34,7 @@ from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from seq2seq.data.preflight import directory_problem, is_run_file
 from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.files import remove_partial_writes, write_bytes
-from seq2seq.locks import own
+from seq2seq.locks import held_by_parent, own
 from seq2seq.training.progress import Progress
 
 LOCK_FILE = ".lock"
@@ -65,11 +66,14 @@ class RunDirectory:
     # ---- ownership --------------------------------------------------------------------------
 
     def lock(self) -> None:
-        """Take the run's exclusive lock (main rank), creating the directory if needed.
+        """Take the run's exclusive lock (main rank), creating the directory if needed, unless
+        this process's parent holds it for it (``seq2seq train``'s torchrun workers).
 
         Raises:
             Seq2SeqError: another process holds it, or the directory cannot be written.
         """
+        if held_by_parent(self.path):
+            return
         problem = directory_problem(self.path)  # in the words of prepare's checks
         if problem:
             raise Seq2SeqError(f"output_dir {self.path}: {problem}")
@@ -125,7 +129,7 @@ class RunDirectory:
     # ---- checkpoints ------------------------------------------------------------------------
 
     def step_checkpoints(self) -> list[Path]:
-        return _step_checkpoints(self.path)
+        return sorted(self.path.glob("step_*.pt"))
 
     def save(self, name: str, payload: dict[str, Any]) -> None:
         """Write checkpoint ``name`` atomically (main rank only)."""
@@ -202,10 +206,6 @@ class RunDirectory:
         self.unlock()
 
 
-def _step_checkpoints(path: Path) -> list[Path]:
-    return sorted(path.glob("step_*.pt"))
-
-
 def in_use(path: Path, holder: str) -> str:
     return (f"output_dir {path} is in use by another training run ({holder}); wait for it to "
             "end, or use another output_dir")
@@ -248,7 +248,7 @@ def find_resumable(path: Path, recipe: Recipe, group_size: int | None,
             warn(f"{message}; trying the previous checkpoint")
 
     # best.pt last: a run killed right after its first best.pt has only that whole checkpoint
-    candidates = [path / "last.pt", *_step_checkpoints(path)[::-1], path / "best.pt"]
+    candidates = [path / "last.pt", *sorted(path.glob("step_*.pt"))[::-1], path / "best.pt"]
     found = load_latest(candidates, skip, require=TRAINING_STATE)
     if found is None:
         if skipped:  # starting again from step 0 would write over best.pt and the metrics

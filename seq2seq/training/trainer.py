@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import signal
 import sys
 import time
@@ -36,38 +35,11 @@ from seq2seq.signals import STOP_SIGNALS
 from seq2seq.training.averaging import average_and_validate
 from seq2seq.training.optim import Schedule, run_done
 from seq2seq.training.progress import Progress
-from seq2seq.training.run_dir import RunDirectory, exit_code, print_summary
+from seq2seq.training.run_dir import RunDirectory, print_summary
 from seq2seq.training.step import build_step
 from seq2seq.training.throughput import Session, Window
 from seq2seq.training.validation import validate
 from seq2seq.translate import resolve_device
-
-
-def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> int:
-    """``seq2seq train``: launch workers through torchrun when asked for, else train here."""
-    cfg = recipe.distributed
-    if cfg.nproc_per_node * cfg.nnodes > 1 and "LOCAL_RANK" not in os.environ:
-        from seq2seq.launch import launch_workers
-
-        if cfg.nnodes == 1:  # a run that cannot resume is one line from here, not one per
-            # worker amid torchrun's messages (another process count, a held lock, ...)
-            run, _ = open_run(recipe, cfg.nproc_per_node * recipe.train.accumulate)
-            run.close()
-        return launch_workers(recipe, recipe_path, overrides)
-    trainer = fit(recipe)
-    return exit_code(trainer.stop_signal, trainer.interrupted, "LOCAL_RANK" in os.environ)
-
-
-def prepare_command(recipe: Recipe) -> Any:
-    """``seq2seq prepare``: the tokenizer and encoded cache that ``train`` would build, under
-    the run's lock, and for a run that has checkpoints only the corpus and tokenizer they were
-    trained on (never a tokenizer retrained under trained weights). Returns the data."""
-    run, found = open_run(recipe, group_size=None)
-    try:
-        return prepare_data(recipe, show_progress=True,
-                            expect=found[1].get("fingerprints") if found else None)
-    finally:
-        run.close()
 
 
 def fit(recipe: Recipe) -> Trainer:
