@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,24 @@ def held_for_children(path: Path) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(HELD_FOR_CHILDREN, None)
+
+
+def take_when_free(path: Path) -> None:
+    """Take an exclusive ``flock`` on ``path`` as soon as its holder lets go, in a thread of its
+    own, and keep it while this process lives: a torchrun worker whose launcher holds the run's
+    lock for it (:func:`held_by_parent`) keeps the run held if the launcher dies first
+    (``kill -9``), as workers train on."""
+    handle = own(open(path, "a"))  # noqa: SIM115 (held while this process lives)
+    _KEPT.append(handle)
+
+    def wait() -> None:
+        with contextlib.suppress(OSError):  # (a filesystem without locks: the launcher's said)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+
+    threading.Thread(target=wait, name="run lock", daemon=True).start()
+
+
+_KEPT: list[IO] = []  # the lock files of take_when_free (own() holds them weakly)
 
 
 def held_by_parent(path: Path) -> bool:

@@ -413,3 +413,35 @@ def test_a_launcher_holds_the_runs_lock_for_its_workers_and_no_one_else(tmp_path
     assert held_by_parent(run)
     monkeypatch.setenv(HELD_FOR_CHILDREN, f"{os.getpid()}:{run.resolve()}")
     assert not held_by_parent(run)
+
+
+def test_a_worker_takes_the_runs_lock_when_its_launcher_dies_first(tmp_path):
+    """torchrun's workers train on when their launcher is killed (``kill -9``): the run's lock,
+    which the launcher held for them, is taken by the main rank as soon as it is free, so a
+    second run is still refused."""
+    from seq2seq.training.run_dir import RunDirectory, lock_holder
+
+    run = tmp_path / "run"
+    launcher = hold_lock(run)
+    script = ("import sys, time; from pathlib import Path; from seq2seq.locks import "
+              "take_when_free; take_when_free(Path(sys.argv[1])); print('waiting', flush=True);"
+              " time.sleep(600)")
+    worker = subprocess.Popen([sys.executable, "-c", script, str(run / ".lock")],
+                              stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert worker.stdout.readline() == "waiting\n"
+        assert lock_holder((run / ".lock").stat()) == f"process {launcher.pid}"
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while (lock_holder((run / ".lock").stat()) != f"process {worker.pid}"
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        with pytest.raises(Seq2SeqError, match=f"in use by another training run \\(process "
+                                               f"{worker.pid}\\)"):
+            RunDirectory(run).lock()
+    finally:
+        for process in (launcher, worker):
+            process.kill()
+            process.wait()

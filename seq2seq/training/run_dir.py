@@ -34,7 +34,7 @@ from seq2seq.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from seq2seq.data.preflight import directory_problem, is_run_file
 from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.files import remove_partial_writes, write_bytes
-from seq2seq.locks import held_by_parent, own
+from seq2seq.locks import held_by_parent, own, take_when_free
 from seq2seq.training.progress import Progress
 
 LOCK_FILE = ".lock"
@@ -72,8 +72,8 @@ class RunDirectory:
         Raises:
             Seq2SeqError: another process holds it, or the directory cannot be written.
         """
-        if held_by_parent(self.path):
-            return
+        if held_by_parent(self.path):  # (and taken here should the launcher die first)
+            return take_when_free(self.path / LOCK_FILE)
         problem = directory_problem(self.path)  # in the words of prepare's checks
         if problem:
             raise Seq2SeqError(f"output_dir {self.path}: {problem}")
