@@ -6,7 +6,9 @@ left behind: two processes that write the same set of files (a checkpoint and it
 file, an evaluation report) one after the other each leave their whole set, never a mix.
 :func:`own` keeps a held lock file this process's own: a ``flock`` belongs to the open file,
 which a forked child (a worker of the corpus encoding's process pool) shares, so a child that
-outlived a killed parent held the run's lock for good.
+outlived a killed parent held the run's lock for good. :func:`held_for_children` and
+:func:`held_by_parent` let ``seq2seq train`` hold a run's lock for the torchrun workers it
+starts, and :func:`take_when_free` has their main rank take it over if the launcher dies.
 """
 
 from __future__ import annotations
