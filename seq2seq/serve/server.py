@@ -34,6 +34,7 @@ def serve_command(args: Any) -> int:
         import torch
 
         torch.set_num_threads(options.threads)
+        warn_threads(options.threads, len(args.checkpoints))
     metrics = Metrics()
     pairs = LanguagePairs([load_model(path, args, options, metrics) for path in args.checkpoints])
     pairs.start()  # each worker process loads its model; a failure is one line here
@@ -58,6 +59,19 @@ def serve_command(args: Any) -> int:
     uvicorn.Server(config).run(sockets=[sock])
     print("stopped: every accepted request was answered", file=sys.stderr)
     return 0
+
+
+def warn_threads(threads: int, models: int, cpus: int | None = None) -> None:
+    """Say when the models' decoding processes, ``threads`` each, ask for more threads than
+    the CPUs this process may use (``cpus``, default this machine's): they would take turns."""
+    from seq2seq.cpuinfo import usable_cpus
+
+    cpus = usable_cpus() if cpus is None else cpus
+    if threads * models > cpus:
+        each = f" in each of {models} decoding processes (one per model)" if models > 1 else ""
+        warn(f"--threads: {threads} threads{each} for the {cpus} CPU{'s' if cpus > 1 else ''} "
+             f"this process may use: threads beyond the CPUs wait for one another and slow "
+             f"decoding; give at most {max(1, cpus // models)}")
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -97,3 +97,19 @@ def test_a_key_file_saved_with_a_byte_order_mark_keeps_its_first_key(tmp_path):
     assert load_api_keys(keys) == {"secret1", "secret2"}
     assert (url_host("::1"), url_host("127.0.0.1")) == ("[::1]", "127.0.0.1")
 
+
+
+def test_threads_beyond_the_cpus_are_said_with_the_models_processes(capsys):
+    from seq2seq.serve.server import warn_threads
+
+    warn_threads(4, 1, cpus=2)
+    assert capsys.readouterr().err == (
+        "warning: --threads: 4 threads for the 2 CPUs this process may use: threads beyond the "
+        "CPUs wait for one another and slow decoding; give at most 2\n")
+    warn_threads(2, 2, cpus=2)  # (each model decodes in a process of its own)
+    assert capsys.readouterr().err.startswith(
+        "warning: --threads: 2 threads in each of 2 decoding processes (one per model) for the "
+        "2 CPUs this process may use")
+    warn_threads(1, 2, cpus=2)
+    warn_threads(2, 1, cpus=2)
+    assert capsys.readouterr().err == ""
