@@ -120,11 +120,29 @@ def children_tied() -> Iterator[None]:
         _TYING.pop()
 
 
+# The forking thread's signal mask before a tied fork, put back after it.
+_MASKS: list[set] = []
+
+
+def _block_for_fork() -> None:
+    """Before a tied fork, hold the stop signals back: one that reached the child before it
+    dropped this process's handlers ran them there (a traceback in the child). The parent
+    takes any held back as soon as the fork is done."""
+    if _TYING and hasattr(signal, "pthread_sigmask"):
+        _MASKS.append(signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS))
+
+
+def _unblock_after_fork() -> None:
+    if _MASKS:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _MASKS.pop())
+
+
 def _tie_child() -> None:
     if not _TYING:
         return
     parent, prctl = _TYING[-1]
     _TYING.clear()  # (not the children this child forks)
+    mask = _MASKS.pop() if _MASKS else None  # (the stop signals are held back until then)
     # Killed when the parent's thread that forked this child ends: the main thread, or the
     # thread of a pool that replaces a worker (which ends with the pool).
     if prctl is not None and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 \
@@ -134,8 +152,10 @@ def _tie_child() -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
     if hasattr(signal, "sigwaitinfo"):  # (not on macOS: there any SIGTERM stops the child)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_SETMASK, (mask or set()) | {signal.SIGTERM})
         threading.Thread(target=_obey, args=(parent,), name="sigterm", daemon=True).start()
+    elif mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _obey(parent: int) -> None:
@@ -147,4 +167,5 @@ def _obey(parent: int) -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_tie_child)
+    os.register_at_fork(before=_block_for_fork, after_in_parent=_unblock_after_fork,
+                        after_in_child=_tie_child)
