@@ -37,7 +37,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     from seq2seq.checkpoint import check_language_pair
     from seq2seq.precision import resolve_precision
     from seq2seq.quantize import int8_kernel
-    from seq2seq.translate import CLI_NAMES, Translator, resolve_device
+    from seq2seq.translate import CLI_NAMES, Translator, command_settings, resolve_device
 
     if recipe is not None:
         checkpoints = args.checkpoint or [str(Path(recipe.output_dir) /
@@ -81,11 +81,7 @@ def evaluate_command(args: Any, recipe: Any) -> int:
     # and with the attention plots, whose number the checkpoint's recipe may give
     _check_outputs(report_files(report_dir, names, recipe.eval.attention_plots), inputs)
     # The decode section of the recipe given here (with its overrides), else the checkpoint's.
-    settings = translator.decode_settings(beam=args.beam, nbest=1, alpha=args.alpha,
-                                          max_len_ratio=args.max_len_ratio,
-                                          batch_tokens=args.batch_tokens,
-                                          shortlist=args.shortlist, base=recipe.decode,
-                                          names=CLI_NAMES)
+    settings = command_settings(translator, args, nbest=1, base=recipe.decode)
     cfg = recipe.eval
     results = []
     for name, srcs, refs in test_sets:

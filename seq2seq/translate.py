@@ -25,9 +25,9 @@ from seq2seq.checkpoint import (
     load_checkpoint,
     load_weights,
 )
-from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, recipe_from_dict
+from seq2seq.config import DECODE_RANGES, DecodeConfig, Recipe, min_len_warnings, recipe_from_dict
 from seq2seq.decoding import bucketed_batches, decode_ids, make_shortlist, search_path
-from seq2seq.errors import Seq2SeqError
+from seq2seq.errors import Seq2SeqError, warn
 from seq2seq.paths import check_distinct, check_output, same_file, writes_to_stdout
 from seq2seq.search import BeamSearch, Ensemble, Hypothesis
 from seq2seq.search.shortlist import Lexicon
@@ -385,8 +385,17 @@ def translate_command(args: Any) -> int:
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device,
                                             quantize=args.quantize, precision=args.precision,
                                             names=CLI_NAMES)
-    settings = translator.decode_settings(beam=args.beam, nbest=args.nbest, alpha=args.alpha,
-                                          max_len_ratio=args.max_len_ratio,
-                                          batch_tokens=args.batch_tokens,
-                                          shortlist=args.shortlist, names=CLI_NAMES)
-    return translate_file(translator, settings, args)
+    return translate_file(translator, command_settings(translator, args, args.nbest), args)
+
+
+def command_settings(translator: Translator, args: Any, nbest: int | None,
+                     base: DecodeConfig | None = None) -> DecodeConfig:
+    """``translate``'s or ``evaluate``'s flags over ``base`` (default: the checkpoint recipe's
+    decode section), warning of a ``min_len`` the settings leave out of reach."""
+    settings = translator.decode_settings(
+        beam=args.beam, nbest=nbest, alpha=args.alpha, max_len_ratio=args.max_len_ratio,
+        batch_tokens=args.batch_tokens, shortlist=args.shortlist, base=base, names=CLI_NAMES)
+    given = {"max_len_ratio": "--max-len-ratio"} if args.max_len_ratio is not None else {}
+    for message in min_len_warnings(settings, given):
+        warn(message)
+    return settings

@@ -779,3 +779,43 @@ def test_attention_on_stdout_beside_an_output_file_leaves_stdout_open(trained, t
     assert result.returncode == 0 and result.stderr == b"", result.stderr.decode()
     assert [json.loads(row)["index"] for row in result.stdout.decode().splitlines()] == [0, 1]
     assert (tmp_path / "out.txt").read_text(encoding="utf-8").count("\n") == 2
+
+
+def test_a_max_len_ratio_flag_that_puts_min_len_out_of_reach_is_warned_of(trained, tmp_path,
+                                                                           capsys):
+    """`--max-len-ratio` lowers the search's maximum; below the recipe's decode.min_len it cut
+    short sources' outputs without EOS, and nothing said so."""
+    import argparse
+    import dataclasses
+
+    from seq2seq.translate import Translator, command_settings
+
+    recipe, run = trained
+    result = seq2seq("evaluate", recipe, "decode.min_len=6", "--max-len-ratio", "0.5",
+                     "--report-dir", tmp_path / "report")
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    (warning,) = [line for line in result.stderr.decode().splitlines()
+                  if line.startswith("warning: decode.min_len")]
+    assert warning == ("warning: decode.min_len: 6 is above the maximum output length of "
+                       "sources of up to 4 subword tokens (4 for one: --max-len-ratio 0.5 x "
+                       "(source tokens + 1 for EOS) + decode.max_len_add 3, rounded down): their "
+                       "outputs are cut at that maximum, without EOS, shorter than min_len")
+    # Without the flag the recipe's own ratio (1.0) is named as the recipe spells it.
+    recipes = seq2seq("evaluate", recipe, "decode.min_len=6", "--report-dir", tmp_path / "r2")
+    assert recipes.returncode == 0 and ("(5 for one: decode.max_len_ratio 1 x (source tokens "
+                                        "+ 1 for EOS)") in recipes.stderr.decode()
+    quiet = seq2seq("evaluate", recipe, "decode.min_len=5", "--report-dir", tmp_path / "r3")
+    assert quiet.returncode == 0 and b"decode.min_len" not in quiet.stderr  # 5 for one token
+    # translate takes the minimum from the checkpoint's recipe, and warns the same way.
+    translator = Translator.from_checkpoint(run / "best.pt", device="cpu")
+    translator.recipe = dataclasses.replace(  # as if trained with these: 7 for one token
+        translator.recipe, decode=dataclasses.replace(translator.recipe.decode, min_len=6,
+                                                      max_len_ratio=2.0))
+    for ratio, warned in ((0.5, True), (None, False), (1.5, False)):
+        args = argparse.Namespace(max_len_ratio=ratio, beam=None, alpha=None,
+                                  batch_tokens=None, shortlist=None)
+        settings = command_settings(translator, args, nbest=None)
+        assert settings.min_len == 6 and settings.max_len_ratio == (ratio or 2.0)
+        err = capsys.readouterr().err
+        assert ("warning: decode.min_len: 6 is above" in err) is warned, err
+        assert ("--max-len-ratio 0.5 x" in err) is warned, err

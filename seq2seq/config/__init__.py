@@ -11,6 +11,7 @@ concern (``data``, ``tokenizer``, ``model``, ``train``, ``decode``, ``eval``, ``
 - :mod:`seq2seq.config.reference`: the README's table of every recipe key.
 """
 
+from seq2seq.config.checks import min_len_warnings
 from seq2seq.config.errors import RecipeError
 from seq2seq.config.loading import (
     apply_override,
@@ -53,6 +54,7 @@ __all__ = [
     "apply_override",
     "data_root",
     "load_recipe",
+    "min_len_warnings",
     "option",
     "parse_override",
     "recipe_from_dict",

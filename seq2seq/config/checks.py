@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from seq2seq.config.errors import RecipeError
@@ -214,7 +214,7 @@ def recipe_warnings(recipe: Recipe, cpus: int | None = None) -> list[str]:
                      f"{'s' if cpus > 1 else ''} this process may use: threads beyond the CPUs "
                      f"wait for one another and slow training; set at most "
                      f"{max(1, cpus // processes)}")
-    return found + _min_len_warnings(recipe.decode)
+    return found + min_len_warnings(recipe.decode)
 
 
 def warmup_warnings(train: TrainConfig, updates: int, length: str) -> list[str]:
@@ -241,9 +241,19 @@ def _max_output_length(decode: DecodeConfig, src_tokens: int) -> int:
     return max(1, math.floor(decode.max_len_ratio * (src_tokens + 1) + decode.max_len_add))
 
 
-def _min_len_warnings(decode: DecodeConfig) -> list[str]:
+def min_len_warnings(decode: DecodeConfig, names: Mapping[str, str] | None = None
+                     ) -> list[str]:
     """The warning for a ``decode.min_len`` above the maximum output length of short sources:
-    EOS is forbidden throughout, and the search cuts their outputs at that maximum."""
+    EOS is forbidden throughout, and the search cuts their outputs at that maximum.
+
+    Args:
+        decode: the search settings (a recipe's, or a command's over a checkpoint's).
+        names: how the caller spells a setting, by field (``{"max_len_ratio":
+            "--max-len-ratio"}``); the others are named ``decode.<field>``.
+    """
+    def name(key: str) -> str:
+        return (names or {}).get(key, f"decode.{key}")
+
     shortest = _max_output_length(decode, 1)
     if decode.min_len <= shortest:  # (equal: a one-token source's outputs are min_len long)
         return []
@@ -254,8 +264,8 @@ def _min_len_warnings(decode: DecodeConfig) -> list[str]:
         k += 1
     while k > 1 and _max_output_length(decode, k) >= decode.min_len:
         k -= 1
-    return [f"decode.min_len: {decode.min_len} is above the maximum output length of sources of "
-            f"up to {k:,} subword token{'s' if k > 1 else ''} ({shortest} for one: "
-            f"decode.max_len_ratio {decode.max_len_ratio:g} x (source tokens + 1 for EOS) + "
-            f"decode.max_len_add {decode.max_len_add}, rounded down): their outputs are cut at "
-            f"that maximum, without EOS, shorter than min_len"]
+    return [f"{name('min_len')}: {decode.min_len} is above the maximum output length of "
+            f"sources of up to {k:,} subword token{'s' if k > 1 else ''} ({shortest} for one: "
+            f"{name('max_len_ratio')} {decode.max_len_ratio:g} x (source tokens + 1 for EOS) + "
+            f"{name('max_len_add')} {decode.max_len_add}, rounded down): their outputs are cut "
+            f"at that maximum, without EOS, shorter than min_len"]

@@ -149,6 +149,7 @@ def header_deadline(timeout_s: float) -> Any:
 def load_model(path: str, args: Any, options: ServeOptions, metrics: Metrics) -> ServedModel:
     """One checkpoint with its settings (the decoding flags over its recipe) and its worker
     process, not started."""
+    from seq2seq.config import min_len_warnings
     from seq2seq.translate import Translator
 
     # This process only needs the recipe, tokenizer and lexicon, for the settings of each
@@ -160,6 +161,9 @@ def load_model(path: str, args: Any, options: ServeOptions, metrics: Metrics) ->
                                           max_len_ratio=args.max_len_ratio,
                                           batch_tokens=args.batch_tokens,
                                           shortlist=args.shortlist)
+    given = {"max_len_ratio": "--max-len-ratio"} if args.max_len_ratio is not None else {}
+    for message in min_len_warnings(settings, given):
+        warn(f"{path}: {message}")
     source, target = translator.recipe.data.src_lang, translator.recipe.data.trg_lang
     pair = f"{source}-{target}"
     spec = LoadSpec(checkpoint=str(path), device=args.device, quantize=args.quantize,

@@ -113,3 +113,34 @@ def test_threads_beyond_the_cpus_are_said_with_the_models_processes(capsys):
     warn_threads(1, 2, cpus=2)
     warn_threads(2, 1, cpus=2)
     assert capsys.readouterr().err == ""
+
+
+def test_a_max_len_ratio_that_puts_the_checkpoints_min_len_out_of_reach_is_said(
+        checkpoint, monkeypatch, capsys):
+    import argparse
+    import dataclasses
+
+    from seq2seq.serve.metrics import Metrics
+    from seq2seq.serve.options import ServeOptions
+    from seq2seq.serve.server import load_model
+    from seq2seq.translate import Translator
+
+    load = Translator.from_checkpoint
+
+    def trained_with_min_len(*args, **kwargs):  # as if its recipe had decode.min_len 12
+        translator = load(*args, **kwargs)
+        translator.recipe = dataclasses.replace(translator.recipe, decode=dataclasses.replace(
+            translator.recipe.decode, min_len=12))
+        return translator
+
+    monkeypatch.setattr(Translator, "from_checkpoint", trained_with_min_len)
+    for ratio, warned in ((0.5, True), (None, False)):  # (the recipe's: 1.5 x 2 + 10 for one)
+        args = argparse.Namespace(beam=None, alpha=None, max_len_ratio=ratio, batch_tokens=None,
+                                  shortlist=None, device="cpu", quantize=False, precision="fp32")
+        model = load_model(str(checkpoint), args, ServeOptions(), Metrics())
+        assert model.settings.min_len == 12
+        err = capsys.readouterr().err
+        assert err.startswith(f"warning: {checkpoint}: decode.min_len: 12 is above the maximum "
+                              "output length of sources of up to ") is warned, err
+        assert ("(11 for one: --max-len-ratio 0.5 x (source tokens + 1 for EOS) + "
+                "decode.max_len_add 10, rounded down)" in err) is warned, err
