@@ -92,3 +92,19 @@ def cap_torch_threads() -> None:
 
         if quota < torch.get_num_threads():
             torch.set_num_threads(quota)
+
+
+def threads_problem(option: str, threads: int, processes: int, which: str, work: str,
+                    cpus: int | None = None) -> str | None:
+    """What is wrong with ``processes`` processes running ``threads`` threads each (set by
+    ``option``; ``which`` says what the processes are) on the CPUs this process may use
+    (``cpus``, default :func:`usable_cpus`): None when they fit, else a warning's text.
+    Threads beyond the CPUs take turns, so ``work`` (training, decoding) gets slower."""
+    cpus = usable_cpus() if cpus is None else cpus
+    if threads * processes <= cpus:  # (0 threads: torch's default, capped at the CPUs)
+        return None
+    each = f" in each of {processes} {which}" if processes > 1 else ""
+    return (f"{option}: {threads} threads{each} for the {cpus} CPU{'s' if cpus > 1 else ''} "
+            f"this process may use: threads beyond the CPUs wait for one another and slow "
+            f"{work}; set at most {max(1, cpus // processes)}")
+

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from seq2seq.config.errors import RecipeError
-from seq2seq.cpuinfo import usable_cpus
+from seq2seq.cpuinfo import threads_problem
 
 if TYPE_CHECKING:  # the schema calls these checks; importing it here would close a circle
     from seq2seq.config.schema import (
@@ -206,15 +206,9 @@ def recipe_warnings(recipe: Recipe, cpus: int | None = None) -> list[str]:
     found = []
     if train.max_steps:
         found += warmup_warnings(train, train.max_steps, f"train.max_steps ({train.max_steps})")
-    cpus = usable_cpus() if cpus is None else cpus
-    if train.threads * processes > cpus:  # (0: torch's default, one per core)
-        each = (f" in each of {processes} processes (distributed.nproc_per_node)"
-                if processes > 1 else "")
-        found.append(f"train.threads: {train.threads} threads{each} for the {cpus} CPU"
-                     f"{'s' if cpus > 1 else ''} this process may use: threads beyond the CPUs "
-                     f"wait for one another and slow training; set at most "
-                     f"{max(1, cpus // processes)}")
-    return found + min_len_warnings(recipe.decode)
+    threads = threads_problem("train.threads", train.threads, processes,
+                              "processes (distributed.nproc_per_node)", "training", cpus)
+    return found + ([threads] if threads else []) + min_len_warnings(recipe.decode)
 
 
 def warmup_warnings(train: TrainConfig, updates: int, length: str) -> list[str]:

@@ -64,14 +64,12 @@ def serve_command(args: Any) -> int:
 def warn_threads(threads: int, models: int, cpus: int | None = None) -> None:
     """Say when the models' decoding processes, ``threads`` each, ask for more threads than
     the CPUs this process may use (``cpus``, default this machine's): they would take turns."""
-    from seq2seq.cpuinfo import usable_cpus
+    from seq2seq.cpuinfo import threads_problem
 
-    cpus = usable_cpus() if cpus is None else cpus
-    if threads * models > cpus:
-        each = f" in each of {models} decoding processes (one per model)" if models > 1 else ""
-        warn(f"--threads: {threads} threads{each} for the {cpus} CPU{'s' if cpus > 1 else ''} "
-             f"this process may use: threads beyond the CPUs wait for one another and slow "
-             f"decoding; give at most {max(1, cpus // models)}")
+    problem = threads_problem("--threads", threads, models, "decoding processes (one per model)",
+                              "decoding", cpus)
+    if problem:
+        warn(problem)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -105,7 +105,7 @@ def test_threads_beyond_the_cpus_are_said_with_the_models_processes(capsys):
     warn_threads(4, 1, cpus=2)
     assert capsys.readouterr().err == (
         "warning: --threads: 4 threads for the 2 CPUs this process may use: threads beyond the "
-        "CPUs wait for one another and slow decoding; give at most 2\n")
+        "CPUs wait for one another and slow decoding; set at most 2\n")
     warn_threads(2, 2, cpus=2)  # (each model decodes in a process of its own)
     assert capsys.readouterr().err.startswith(
         "warning: --threads: 2 threads in each of 2 decoding processes (one per model) for the "
