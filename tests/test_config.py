@@ -498,6 +498,28 @@ def test_check_refuses_an_output_dir_below_a_directory_it_cannot_write(tmp_path,
     assert preflight.directory_problem(tmp_path / "elsewhere") is None
 
 
+
+def test_check_refuses_an_output_dir_on_a_kernel_filesystem(tmp_path, monkeypatch):
+    """/sys is writable to root by its mode, so check passed output_dir=/sys/run and prepare
+    then failed to make it."""
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from seq2seq.data import preflight
+
+    for path, where in (("/sys/run", "/sys"), ("/sys/kernel/x/y", "/sys/kernel"),
+                        ("/proc/run", "/proc")):
+        assert preflight.directory_problem(Path(path)) == (
+            f"{where} is on a kernel filesystem (like /proc or /sys) where no directory can "
+            "be made")
+    # Some network filesystems report no blocks either: there a directory can be made.
+    monkeypatch.setattr(preflight.os, "statvfs", lambda path: SimpleNamespace(
+        f_blocks=0, f_files=0))
+    assert preflight.directory_problem(tmp_path / "run") is None
+    assert os.listdir(tmp_path) == []  # (the directory it made to be sure is gone)
+
+
 def test_check_passes_a_recipe_whose_corpora_are_fine(tmp_path):
     for name in ("train.en", "train.de", "valid.en", "valid.de"):
         (tmp_path / name).write_text("\nsome text\n")  # a blank line is allowed, not only those

@@ -175,10 +175,36 @@ def directory_problem(path: Path, written: bool = True) -> str | None:
         if ancestor.exists():
             if not ancestor.is_dir():
                 return f"{ancestor} exists and is not a directory"
-            if (written or ancestor != path) and not os.access(ancestor, os.W_OK | os.X_OK):
-                return f"{ancestor} is not writable"  # what prepare would then fail on
+            if written or ancestor != path:
+                if not os.access(ancestor, os.W_OK | os.X_OK):
+                    return f"{ancestor} is not writable"  # what prepare would then fail on
+                if _refuses_new_entries(ancestor):
+                    return (f"{ancestor} is on a kernel filesystem (like /proc or /sys) where "
+                            "no directory can be made")
             return None
     return None
+
+
+def _refuses_new_entries(directory: Path) -> bool:
+    """Whether ``directory`` is on a kernel's pseudo filesystem (no blocks, no inodes: /proc,
+    /sys) that refuses new entries, which ``os.access`` does not tell root. Only there, a
+    directory is made and removed to be sure, since some network filesystems report no blocks
+    either."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return False
+    if stats.f_blocks or stats.f_files:
+        return False
+    probe = directory / f".seq2seq-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    probe.rmdir()
+    return False
 
 
 def _check_some_text(corpus: Corpus, data: DataConfig, read_all: bool,
