@@ -390,8 +390,7 @@ def translate_command(args: Any) -> int:
 
 def command_settings(translator: Translator, args: Any, nbest: int | None,
                      base: DecodeConfig | None = None) -> DecodeConfig:
-    """``translate``'s or ``evaluate``'s flags over ``base`` (default: the checkpoint recipe's
-    decode section), warning of a ``min_len`` the settings leave out of reach."""
+    """``translate``'s or ``evaluate``'s flags over ``base``; warns of a min_len out of reach."""
     settings = translator.decode_settings(
         beam=args.beam, nbest=nbest, alpha=args.alpha, max_len_ratio=args.max_len_ratio,
         batch_tokens=args.batch_tokens, shortlist=args.shortlist, base=base, names=CLI_NAMES)
