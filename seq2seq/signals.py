@@ -40,9 +40,7 @@ def signals_held() -> Iterator[Callable[[], None]]:
             finally:
                 shutil.rmtree(work)
     """
-    held = [None]
-    if hasattr(signal, "pthread_sigmask"):  # POSIX
-        held[0] = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
+    held = [block_stop_signals() if hasattr(signal, "pthread_sigmask") else None]  # (POSIX)
 
     def release() -> None:
         # Once only: the block's end, after an early release, must not set the mask of its
@@ -56,6 +54,20 @@ def signals_held() -> Iterator[Callable[[], None]]:
         yield release
     finally:
         release()
+
+
+def block_stop_signals() -> set:
+    """Block the stop signals in this thread; returns the mask before. CPython runs the
+    handlers of signals pending as ``pthread_sigmask`` returns: one that raises there leaves
+    nothing blocked (a mask changed with no caller to restore it would keep them out of this
+    thread for good)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # (a raise here: nothing changed)
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        raise
+    return before
 
 
 @contextlib.contextmanager
@@ -90,10 +102,12 @@ def stops_kept() -> Iterator[None]:
         handlers[seen[-1]](seen[-1], None)
 
 
-# While a children_tied() block runs: this process's pid, and libc's prctl on Linux (looked up
-# before the fork: a forked child of a threaded process should not load libraries).
-_TYING: list[tuple[int, Callable | None]] = []
+# While a children_tied() block runs: this process's pid, libc's prctl on Linux (looked up
+# before the fork: a forked child of a threaded process should not load libraries), and the
+# thread that entered the block.
+_TYING: list[tuple[int, Callable | None, int]] = []
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_IN_MAIN_HOOK = [False]  # whether the main thread is running a fork hook of this module
 
 
 @contextlib.contextmanager
@@ -104,20 +118,40 @@ def children_tied() -> Iterator[None]:
     a closed terminal or a ``kill`` of the process group (systemd, Slurm) reaches every
     process of the group, and a worker that died of it printed a traceback, or left a lock of
     the pool held, so that this process hung in the pool's clean-up. This process gets the
-    signal too, and stops the pool: its SIGTERMs (``Pool.terminate``) stop the workers. On
-    Linux, they are also killed when this process dies (``kill -9``), where they lived on idle.
-    Children forked outside the block (DataLoader workers, torchrun's, ``serve``'s) are left
-    alone.
+    signal too, and stops the pool: its SIGTERMs (``Pool.terminate``) stop the workers. They
+    also end when this process dies (``kill -9``), where they lived on idle: at once on Linux
+    for the children of the thread in the block, within a second for the others. Children
+    forked outside the block (DataLoader workers, torchrun's, ``serve``'s) are left alone;
+    the block is process-wide, so a fork by another thread meanwhile is tied too.
+
+    A stop signal whose handler would run inside this module's fork hooks (the main thread
+    forking), where CPython drops the handler's exception, is sent again to this process an
+    instant later, once the fork's caller runs.
     """
     prctl = None
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             prctl = ctypes.CDLL(None, use_errno=True).prctl
-    _TYING.append((os.getpid(), prctl))
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def outside_hooks(signum: int, frame: object) -> None:
+        if _IN_MAIN_HOOK[0]:
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        else:
+            handlers[signum](signum, frame)
+
+    deferred = []
+    with contextlib.suppress(ValueError):  # (not the main thread, where no handler runs)
+        for sig in (sig for sig, handler in handlers.items() if callable(handler)):
+            signal.signal(sig, outside_hooks)
+            deferred.append(sig)
+    _TYING.append((os.getpid(), prctl, threading.get_ident()))
     try:
         yield
     finally:
         _TYING.pop()
+        for sig in deferred:
+            signal.signal(sig, handlers[sig])
 
 
 # The forking thread's signal mask before a tied fork, put back after it.
@@ -127,31 +161,47 @@ _MASKS: list[set] = []
 def _block_for_fork() -> None:
     """Before a tied fork, hold the stop signals back: one that reached the child before it
     dropped this process's handlers ran them there (a traceback in the child). The parent
-    takes any held back as soon as the fork is done."""
+    takes any held back as soon as the fork is done. From here to the end of
+    :func:`_unblock_after_fork` (the first and the last of the fork's hooks in the parent) a
+    handler in the main thread is deferred (:func:`children_tied`)."""
     if _TYING and hasattr(signal, "pthread_sigmask"):
-        _MASKS.append(signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS))
+        main = threading.current_thread() is threading.main_thread()
+        _IN_MAIN_HOOK[0] = _IN_MAIN_HOOK[0] or main
+        try:
+            _MASKS.append(block_stop_signals())
+        except BaseException:  # (no after-fork hook will clear it)
+            _IN_MAIN_HOOK[0] = _IN_MAIN_HOOK[0] and not main
+            raise
 
 
 def _unblock_after_fork() -> None:
     if _MASKS:
-        signal.pthread_sigmask(signal.SIG_SETMASK, _MASKS.pop())
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, _MASKS.pop())
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                _IN_MAIN_HOOK[0] = False
 
 
 def _tie_child() -> None:
     if not _TYING:
         return
-    parent, prctl = _TYING[-1]
+    parent, prctl, tying_thread = _TYING[-1]
     _TYING.clear()  # (not the children this child forks)
+    _IN_MAIN_HOOK[0] = False
     mask = _MASKS.pop() if _MASKS else None  # (the stop signals are held back until then)
-    # Killed when the parent's thread that forked this child ends: the main thread, or the
-    # thread of a pool that replaces a worker (which ends with the pool).
-    if prctl is not None and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 \
+    # Killed when the parent's thread that forked this child ends: so only a child of the
+    # thread in the block (a pool's worker-handler thread, which replaces a dead worker,
+    # ends at the pool's terminate() while its idle replacement holds the pool's queue lock:
+    # killed then, it hung the clean-up). Every tied child also polls its parent (_obey).
+    if prctl is not None and threading.get_ident() == tying_thread \
+            and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 \
             and os.getppid() != parent:
         os._exit(1)  # the parent died before the prctl: no signal will come
     with contextlib.suppress(ValueError):  # (never seen: the forking thread is the main one)
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.SIG_IGN)
-    if hasattr(signal, "sigwaitinfo"):  # (not on macOS: there any SIGTERM stops the child)
+    if hasattr(signal, "sigtimedwait"):  # (not on macOS: there any SIGTERM stops the child)
         signal.pthread_sigmask(signal.SIG_SETMASK, (mask or set()) | {signal.SIGTERM})
         threading.Thread(target=_obey, args=(parent,), name="sigterm", daemon=True).start()
     elif mask is not None:
@@ -159,11 +209,14 @@ def _tie_child() -> None:
 
 
 def _obey(parent: int) -> None:
-    """Wait for the SIGTERMs (blocked in every thread); exit on one from ``parent``."""
+    """Wait for the SIGTERMs (blocked in every thread); exit on one from ``parent``, or when
+    ``parent`` is gone (this child then belongs to another process)."""
     while True:
-        info = signal.sigwaitinfo({signal.SIGTERM})
-        if info.si_pid == parent:
+        info = signal.sigtimedwait({signal.SIGTERM}, 1.0)
+        if info is not None and info.si_pid == parent:
             os._exit(128 + signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
 
 
 if hasattr(os, "register_at_fork"):

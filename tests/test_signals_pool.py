@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import shared_data_root
+from tests.conftest import REPO, shared_data_root
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="reads /proc; PR_SET_PDEATHSIG is Linux's")
@@ -173,3 +173,119 @@ def test_a_tied_child_never_runs_its_parents_stop_handlers():
     os.close(read)
     os.waitpid(pid, 0)
     assert list(state) == [1, 0, 1, 1]
+
+
+def python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -c code`` from the repository, Ctrl-C raising KeyboardInterrupt in it."""
+    return subprocess.run(
+        [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, "
+         "signal.default_int_handler)\n" + code],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_ctrl_c_held_back_over_a_tied_fork_stops_the_parent_at_once():
+    """The signal held back over the fork was taken when the parent's hook put the mask back:
+    its handler ran inside the hook, where CPython drops the exception ("Exception ignored"),
+    and the encoding went on to its end (stops_kept raised it only then)."""
+    result = python("""
+import os, signal, time
+sent = []
+def ctrl_c_during_the_fork():  # registered first: runs before seq2seq's hook puts the mask back
+    if not sent:
+        sent.append(os.kill(os.getpid(), signal.SIGINT))
+os.register_at_fork(after_in_parent=ctrl_c_during_the_fork)
+import multiprocess
+from seq2seq.signals import children_tied
+start = time.monotonic()
+try:
+    with children_tied(), multiprocess.Pool(2) as pool:
+        pool.map(time.sleep, [1.0] * 8)  # 4 s
+    print("went on for", time.monotonic() - start)
+except KeyboardInterrupt:
+    print("stopped after", time.monotonic() - start)
+""")
+    assert result.returncode == 0, result.stderr
+    assert "Exception ignored" not in result.stderr, result.stderr
+    words = result.stdout.split()
+    assert words[:2] == ["stopped", "after"] and float(words[2]) < 2, result.stdout
+
+
+def test_a_pool_that_replaced_a_dead_worker_terminates():
+    """A worker that the pool's own thread forked to replace a dead one (the OOM killer) was
+    killed as that thread ended in ``terminate()`` (PR_SET_PDEATHSIG follows the forking
+    thread), while it held the pool's queue lock: ``terminate()`` then waited for good."""
+    result = python("""
+import os, signal, threading, time
+import multiprocess
+from seq2seq.signals import children_tied
+def work(x):
+    if x is None:
+        time.sleep(30)
+    return os.getpid()
+with children_tied():
+    pool = multiprocess.Pool(2)
+    first = [p.pid for p in pool._pool]
+    pool.apply_async(work, (None,)); pool.apply_async(work, (None,))
+    time.sleep(1)  # both workers busy
+    os.kill(first[0], signal.SIGKILL)
+    while first[0] in [p.pid for p in pool._pool]:
+        time.sleep(0.05)  # the pool's thread forks a replacement
+    replacement = [p for p in pool._pool if p.pid not in first][0]
+    assert set(pool.map_async(work, range(8)).get(10)) == {replacement.pid}
+    time.sleep(0.3)
+    done = threading.Event()
+    threading.Thread(target=lambda: (pool.terminate(), done.set()), daemon=True).start()
+    print("terminated" if done.wait(15) else "hung")
+    for pid in first:
+        os.kill(pid, signal.SIGKILL)
+    os._exit(0)
+""")
+    assert result.stdout.split() == ["terminated"], result.stdout + result.stderr
+
+
+def test_a_tied_child_of_another_thread_ends_when_its_parent_dies():
+    """Without PR_SET_PDEATHSIG (which would follow its forking thread), a child that another
+    thread forked in the block still ends with its parent: its waiting thread looks."""
+    result = python("""
+import os, threading, time
+from seq2seq.signals import children_tied
+with children_tied():
+    def fork():
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        print(pid, flush=True)
+    thread = threading.Thread(target=fork)
+    thread.start()
+    thread.join()
+os._exit(0)  # (as kill -9 would: no clean-up)
+""")
+    pid = int(result.stdout)
+    deadline = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the child lived on after its parent")
+
+
+def test_a_handler_raising_as_the_stop_signals_are_blocked_leaves_none_blocked(monkeypatch):
+    """CPython runs pending handlers as ``pthread_sigmask`` returns: one raising there left the
+    signals blocked, with no caller holding the mask to put back."""
+    from seq2seq import signals
+
+    real = signal.pthread_sigmask
+    before = real(signal.SIG_BLOCK, [])
+
+    def interrupted(how, mask):
+        old = real(how, mask)
+        if how == signal.SIG_BLOCK and mask:
+            raise KeyboardInterrupt  # a Ctrl-C's handler, run as the call returns
+        return old
+
+    monkeypatch.setattr(signals.signal, "pthread_sigmask", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        signals.block_stop_signals()
+    monkeypatch.undo()
+    assert real(signal.SIG_BLOCK, []) == before
