@@ -415,6 +415,46 @@ def test_a_launcher_holds_the_runs_lock_for_its_workers_and_no_one_else(tmp_path
     assert not held_by_parent(run)
 
 
+
+def test_workers_that_outlive_their_launcher_keep_the_lock_of_a_new_directory(tmp_path,
+                                                                              monkeypatch):
+    """A launcher that made the run's directory removed it on close, ``.lock`` included, while
+    its workers still ran (a second Ctrl-C cuts torchrun's wait for them short): their main
+    rank then held a lock on a deleted file, and a new run took the directory."""
+    from seq2seq import launch
+    from seq2seq.training.commands import train_command
+    from seq2seq.training.run_dir import RunDirectory, lock_holder
+
+    run = tmp_path / "run"  # made by the launcher
+    recipe = recipe_from_dict(tiny_tree(str(run)), ["distributed.nproc_per_node=2"])
+    script = ("import sys, time; from pathlib import Path; from seq2seq.locks import "
+              "take_when_free; take_when_free(Path(sys.argv[1])); print('waiting', flush=True);"
+              " time.sleep(600)")
+    workers = []
+
+    def launch_and_leave(recipe, recipe_path, overrides):
+        workers.append(subprocess.Popen([sys.executable, "-c", script, str(run / ".lock")],
+                                        stdout=subprocess.PIPE, text=True,
+                                        env=dict(os.environ, PYTHONPATH=str(REPO))))
+        assert workers[0].stdout.readline() == "waiting\n"
+        return 130
+
+    monkeypatch.setattr(launch, "launch_workers", launch_and_leave)
+    try:
+        assert train_command(recipe, tmp_path / "r.yaml", []) == 130
+        deadline = time.monotonic() + 10
+        while (time.monotonic() < deadline and (run / ".lock").exists()
+               and lock_holder((run / ".lock").stat()) != f"process {workers[0].pid}"):
+            time.sleep(0.05)
+        with pytest.raises(Seq2SeqError, match=f"in use by another training run \\(process "
+                                               f"{workers[0].pid}\\)"):
+            RunDirectory(run).lock()
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+
+
 def test_a_worker_takes_the_runs_lock_when_its_launcher_dies_first(tmp_path):
     """torchrun's workers train on when their launcher is killed (``kill -9``): the run's lock,
     which the launcher held for them, is taken by the main rank as soon as it is free, so a

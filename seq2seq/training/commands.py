@@ -25,6 +25,9 @@ def train_command(recipe: Recipe, recipe_path: Path, overrides: list[str]) -> in
         # A run that cannot resume is one line here, not one per worker amid torchrun's output;
         # the lock is held here for the workers' whole run: no second launch slips in first.
         run, _ = open_run(recipe, cfg.nproc_per_node * recipe.train.accumulate)
+        # Workers can outlive this process's wait for them (a second Ctrl-C cuts torchrun's
+        # short) and take the lock over: its file stays, even in a directory made here.
+        run.created.clear()
         try:
             with held_for_children(run.path):
                 return launch_workers(recipe, recipe_path, overrides)
