@@ -139,6 +139,30 @@ def test_the_encoding_workers_die_with_a_killed_prepare(recipe, tmp_path):
         kill_group(process)
 
 
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_an_encoding_process_killed_is_one_line_and_leaves_no_cache(recipe, tmp_path, which):
+    """The kernel kills the largest process when memory runs out: a worker (or the manager of
+    the pool's queue) killed so gave a traceback of the pool's clean-up (an EOFError, then a
+    TimeoutError; datasets' RuntimeError for a worker)."""
+    process, pool = start_encoding(recipe, tmp_path / "out")
+    try:
+        os.kill(sorted(pool)[which], signal.SIGKILL)
+        try:
+            _, stderr = process.communicate(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"prepare hung:\n{process.communicate()[1]}")
+    finally:
+        kill_group(process)
+    assert "Traceback" not in stderr, stderr
+    assert process.returncode == 1, stderr
+    assert stderr.replace("\r", "\n").splitlines()[-1] == (
+        "error: data.num_proc=2: a process of the encoding died before its work was done "
+        "(killed: the system kills one when memory runs out); nothing was written: lower "
+        "data.num_proc, or give prepare more memory")
+    assert not list((tmp_path / "out" / "run").glob("cache/*"))
+
+
 def test_a_tied_child_never_runs_its_parents_stop_handlers():
     """A SIGTERM to the group reached a child between the fork and its dropping the parent's
     handlers: it ran them (a traceback there, in 1 of about 10 CI runs). The stop signals are

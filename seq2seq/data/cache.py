@@ -48,6 +48,7 @@ from seq2seq.data.encoding import (
     ENCODED_FEATURES,
     FILTER_KEYS,
     KEEP,
+    EncodingProcessDied,
     check_some_text,
     encode_rows,
     encoding_pool,
@@ -282,7 +283,7 @@ def _build(recipe: Recipe, fingerprint: str, tokenizer: Tokenizer | None,
             release()
             return _build_in(tmp, cache_root, recipe, fingerprint, tokenizer, show_progress)
         except OSError as error:
-            if error.filename:
+            if error.filename or isinstance(error, EncodingProcessDied):
                 raise
             # pyarrow's and SentencePiece's errors (a full disk) name no file: name the place
             raise OSError(error.errno, error.strerror or str(error), str(cache_root)) from None
@@ -331,7 +332,7 @@ def _encode_and_filter(raw: datasets.Dataset, tokenizer: Tokenizer, data: DataCo
     """Encode every pair, drop what the training filter rejects, save to ``out``."""
     # Worker processes only pay off beyond a batch or two (each costs ~1 s to start).
     num_proc = data.num_proc if data.num_proc > 1 and len(raw) > ENCODE_BATCH else None
-    with stops_kept(), encoding_pool():  # (a Ctrl-C while the pool forks was lost)
+    with stops_kept(), encoding_pool(num_proc):  # (a Ctrl-C while the pool forks was lost)
         encoded = raw.map(
             encode_rows, batched=True, batch_size=ENCODE_BATCH, num_proc=num_proc,
             remove_columns=["src", "trg"], features=ENCODED_FEATURES, desc="encoding train",

@@ -120,18 +120,24 @@ def encode_rows(batch: dict[str, list], tokenizer: Tokenizer, max_src_tokens: in
 
 
 @contextmanager
-def encoding_pool() -> Iterator[None]:
-    """The block where ``datasets`` encodes with a pool of worker processes: the workers are
-    tied to this process (:func:`seq2seq.signals.children_tied`), and those left running by
-    a stop are ended: a Ctrl-C while ``datasets`` started its pool's manager left the
-    manager's server process unregistered, and Python's exit waited for it for ever."""
+def encoding_pool(num_proc: int | None = None) -> Iterator[None]:
+    """The block where ``datasets`` encodes with a pool of ``num_proc`` worker processes: the
+    workers are tied to this process (:func:`seq2seq.signals.children_tied`), and those left
+    running by a stop are ended: a Ctrl-C while ``datasets`` started its pool's manager left
+    the manager's server process unregistered, and Python's exit waited for it for ever.
+
+    Raises:
+        EncodingProcessDied: a process of the pool died before its work was done (the kernel
+            kills the largest process when memory runs out), for the traceback of whatever
+            the pool's clean-up then failed on.
+    """
     import multiprocess
 
     before = set(multiprocess.active_children())
     try:
         with children_tied():
             yield
-    except BaseException:
+    except BaseException as error:
         left = set(multiprocess.active_children()) - before
         for child in left:
             child.terminate()  # (a tied child obeys this process's SIGTERM)
@@ -140,4 +146,25 @@ def encoding_pool() -> Iterator[None]:
             if child.is_alive():
                 child.kill()
                 child.join()
+        if num_proc and _a_process_died(error):
+            raise EncodingProcessDied(
+                f"data.num_proc={num_proc}: a process of the encoding died before its work "
+                "was done (killed: the system kills one when memory runs out); nothing was "
+                "written: lower data.num_proc, or give prepare more memory") from None
         raise
+
+
+class EncodingProcessDied(OSError):
+    """A process of the encoding pool died (a machine's failure, as a full disk is: exit 1)."""
+
+
+def _a_process_died(error: BaseException) -> bool:
+    """Whether ``error`` is how ``datasets`` or the pool reports a process of it gone: a
+    worker (``datasets``: "One of the subprocesses has abruptly died"), or the manager of its
+    queue (its connection ends: EOFError, a broken pipe; then a pool's TimeoutError)."""
+    if isinstance(error, (EOFError, ConnectionError)):
+        return True
+    if isinstance(error, RuntimeError):
+        return "abruptly died" in str(error)
+    return type(error).__name__ == "TimeoutError" and \
+        type(error).__module__.startswith("multiprocess")
