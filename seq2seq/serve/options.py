@@ -42,8 +42,9 @@ class ServeOptions:
     queue_size: int = flag(1000, "most sentences waiting per model (503 with Retry-After "
                            "beyond)")
     timeout: float = flag(60.0, "most seconds a request waits for its translation (503 beyond)")
-    threads: int = flag(0, "CPU threads for torch (0: torch's default; 1 is often fastest "
-                        "on a machine shared with other work)")
+    threads: int = flag(0, "CPU threads for torch in each model's process (0: torch's default, "
+                        "one per core, shared among the models when there are several; 1 is "
+                        "often fastest on a machine shared with other work)")
     api_keys: Optional[frozenset] = flag(None, "")
     """Keys a request must carry as ``api_key`` (``--api-keys FILE``); ``None``: none needed."""
 

@@ -7,6 +7,7 @@ with 0.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import sys
@@ -35,6 +36,11 @@ def serve_command(args: Any) -> int:
 
         torch.set_num_threads(options.threads)
         warn_threads(options.threads, len(args.checkpoints))
+    elif len(args.checkpoints) > 1:  # each decodes in a process of its own, on every CPU
+        options = dataclasses.replace(options, threads=shared_threads(len(args.checkpoints)))
+        print(f"note: {len(args.checkpoints)} models share the CPUs: {options.threads} "
+              f"thread{'s' if options.threads > 1 else ''} each (--threads to choose)",
+              file=sys.stderr)
     metrics = Metrics()
     pairs = LanguagePairs([load_model(path, args, options, metrics) for path in args.checkpoints])
     pairs.start()  # each worker process loads its model; a failure is one line here
@@ -59,6 +65,15 @@ def serve_command(args: Any) -> int:
     uvicorn.Server(config).run(sockets=[sock])
     print("stopped: every accepted request was answered", file=sys.stderr)
     return 0
+
+
+def shared_threads(models: int, cpus: int | None = None) -> int:
+    """The threads of each of ``models`` decoding processes by default: the CPUs this process
+    may use (``cpus``, default this machine's) shared among them. torch's default in each, a
+    thread per CPU, had them take turns on the CPUs whenever two models decoded at once."""
+    from seq2seq.cpuinfo import usable_cpus
+
+    return max(1, (usable_cpus() if cpus is None else cpus) // models)
 
 
 def warn_threads(threads: int, models: int, cpus: int | None = None) -> None:

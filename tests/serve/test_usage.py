@@ -144,3 +144,16 @@ def test_a_max_len_ratio_that_puts_the_checkpoints_min_len_out_of_reach_is_said(
                               "output length of sources of up to ") is warned, err
         assert ("(11 for one: --max-len-ratio 0.5 x (source tokens + 1 for EOS) + "
                 "decode.max_len_add 10, rounded down)" in err) is warned, err
+
+
+def test_several_models_share_the_cpus_by_default(capsys):
+    """Each model decodes in a process of its own, and each took torch's default, a thread per
+    core: two models decoding at once took turns on the CPUs, with no warning (one is given
+    for a --threads that does the same)."""
+    from seq2seq.serve.server import shared_threads, warn_threads
+
+    assert [shared_threads(models, cpus=8) for models in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
+    assert shared_threads(2, cpus=1) == 1
+    for models in (1, 2, 3, 8):  # what the default gives never draws the warning
+        warn_threads(shared_threads(models, cpus=8), models, cpus=8)
+    assert capsys.readouterr().err == ""
