@@ -151,6 +151,7 @@ def test_an_encoding_process_killed_is_one_line_and_leaves_no_cache(recipe, tmp_
         try:
             _, stderr = process.communicate(timeout=STOP_S)
         except subprocess.TimeoutExpired:
+            kill_group(process)
             pytest.fail(f"prepare hung:\n{process.communicate()[1]}")
     finally:
         kill_group(process)
@@ -161,6 +162,38 @@ def test_an_encoding_process_killed_is_one_line_and_leaves_no_cache(recipe, tmp_
         "(killed: the system kills one when memory runs out); nothing was written: lower "
         "data.num_proc, or give prepare more memory")
     assert not list((tmp_path / "out" / "run").glob("cache/*"))
+
+
+
+def test_a_pool_waiting_for_the_lock_of_a_killed_worker_is_ended(tmp_path):
+    """A worker waiting for work holds the pool's queue lock; killed then, ``terminate()``
+    waited for that lock for good (prepare hung after the OOM killer, now and then)."""
+    result = python(f"""
+import os, signal, time
+import multiprocess
+from seq2seq.data import encoding
+encoding._StuckPoolWatch.GRACE_S = 1.0
+mark = {str(tmp_path / "busy")!r}
+def busy():
+    open(mark, "w").write(str(os.getpid()))
+    time.sleep(2)
+start = time.monotonic()
+try:
+    with encoding.encoding_pool(2), multiprocess.Pool(2) as pool:
+        workers = [p.pid for p in pool._pool]
+        result = pool.apply_async(busy)
+        while not os.path.exists(mark) or not open(mark).read():
+            time.sleep(0.05)
+        time.sleep(0.3)  # the other worker waits for work, holding the queue's lock
+        os.kill([pid for pid in workers if pid != int(open(mark).read())][0], signal.SIGKILL)
+        result.get()
+    print("ended")
+except encoding.EncodingProcessDied as error:
+    print("died", time.monotonic() - start, error)
+""", timeout=120)
+    words = result.stdout.split()
+    assert words[:1] == ["died"] and float(words[1]) < 30, result.stdout + result.stderr
+    assert "data.num_proc=2: a process of the encoding died" in result.stdout
 
 
 def test_a_tied_child_never_runs_its_parents_stop_handlers():

@@ -8,8 +8,12 @@ and saves the result.
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import datasets
@@ -135,7 +139,7 @@ def encoding_pool(num_proc: int | None = None) -> Iterator[None]:
 
     before = set(multiprocess.active_children())
     try:
-        with children_tied():
+        with children_tied(), (_StuckPoolWatch() if num_proc else nullcontext()):
             yield
     except BaseException as error:
         left = set(multiprocess.active_children()) - before
@@ -146,7 +150,7 @@ def encoding_pool(num_proc: int | None = None) -> Iterator[None]:
             if child.is_alive():
                 child.kill()
                 child.join()
-        if num_proc and _a_process_died(error):
+        if num_proc and (_a_process_died(error) or isinstance(error, _PoolStuck)):
             raise EncodingProcessDied(
                 f"data.num_proc={num_proc}: a process of the encoding died before its work "
                 "was done (killed: the system kills one when memory runs out); nothing was "
@@ -168,3 +172,53 @@ def _a_process_died(error: BaseException) -> bool:
         return "abruptly died" in str(error)
     return type(error).__name__ == "TimeoutError" and \
         type(error).__module__.startswith("multiprocess")
+
+
+class _PoolStuck(Exception):
+    """Raised in the main thread when the pool's clean-up waits for a dead process's lock."""
+
+
+class _StuckPoolWatch:
+    """Ends the pool's clean-up when it waits for good. A worker waiting for work holds the
+    pool's queue lock; killed then (the OOM killer), it never lets go, and ``terminate()``,
+    which takes that lock first (``_help_stuff_finish``), waited for ever. When the main
+    thread has been there :attr:`GRACE_S` seconds, a SIGUSR2 to it raises :class:`_PoolStuck`
+    (the wait for the lock is interrupted, and the handler's exception raised there). Main
+    thread only, on POSIX; elsewhere a no-op."""
+
+    GRACE_S = 5.0
+    STUCK_IN = "_help_stuff_finish"  # (multiprocess.pool.Pool's, as multiprocessing's)
+
+    def __enter__(self) -> _StuckPoolWatch:
+        self.done = threading.Event()
+        self.thread = None
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR2"):
+            self.previous = signal.signal(signal.SIGUSR2, self._raise)
+            self.thread = threading.Thread(target=self._watch, args=(threading.get_ident(),),
+                                           name="stuck-pool-watch", daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread is not None:
+            self.done.set()
+            self.thread.join()
+            signal.signal(signal.SIGUSR2, self.previous)
+
+    @staticmethod
+    def _raise(signum: int, frame: object) -> None:
+        raise _PoolStuck
+
+    def _watch(self, main: int) -> None:
+        since = None
+        while not self.done.wait(0.25):
+            frame = sys._current_frames().get(main)
+            stuck = False
+            while frame is not None and not stuck:
+                stuck, frame = frame.f_code.co_name == self.STUCK_IN, frame.f_back
+            now = time.monotonic()
+            since = (since or now) if stuck else None
+            if since is not None and now - since > self.GRACE_S:
+                signal.pthread_kill(main, signal.SIGUSR2)
+                since = None
+
