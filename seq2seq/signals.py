@@ -107,7 +107,8 @@ def stops_kept() -> Iterator[None]:
 # thread that entered the block.
 _TYING: list[tuple[int, Callable | None, int]] = []
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-_IN_MAIN_HOOK = [False]  # whether the main thread is running a fork hook of this module
+_IN_MAIN_HOOK = [False]  # whether the main thread is inside the fork's hooks (in the parent)
+_HOOKED = [False]  # whether the fork hooks are registered (at the first block: see below)
 
 
 @contextlib.contextmanager
@@ -124,19 +125,38 @@ def children_tied() -> Iterator[None]:
     forked outside the block (DataLoader workers, torchrun's, ``serve``'s) are left alone;
     the block is process-wide, so a fork by another thread meanwhile is tied too.
 
-    A stop signal whose handler would run inside this module's fork hooks (the main thread
-    forking), where CPython drops the handler's exception, is sent again to this process an
-    instant later, once the fork's caller runs.
+    A stop signal whose handler would run inside the fork's hooks (the main thread forking),
+    where CPython drops the handler's exception, is sent again to this process an instant
+    later, once the fork's caller runs, or at the end of the block if that comes first.
     """
+    if not _HOOKED[0] and hasattr(os, "register_at_fork"):
+        # Registered at the first block, after the libraries' own (logging's, filelock's), so
+        # that ours run first before a fork and last after it: the window spans all of them.
+        os.register_at_fork(before=_block_for_fork, after_in_parent=_unblock_after_fork,
+                            after_in_child=_tie_child)
+        _HOOKED[0] = True
     prctl = None
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             prctl = ctypes.CDLL(None, use_errno=True).prctl
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    later: list[int] = []  # stop signals deferred and not yet sent again
+    lock = threading.Lock()
+
+    def send_again(signum: int) -> None:
+        with lock:
+            if signum not in later:  # (the block's end took it)
+                return
+            later.remove(signum)
+        os.kill(os.getpid(), signum)
 
     def outside_hooks(signum: int, frame: object) -> None:
         if _IN_MAIN_HOOK[0]:
-            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+            with lock:
+                later.append(signum)
+            timer = threading.Timer(0.01, send_again, (signum,))
+            timer.daemon = True
+            timer.start()
         else:
             handlers[signum](signum, frame)
 
@@ -152,10 +172,20 @@ def children_tied() -> Iterator[None]:
         _TYING.pop()
         for sig in deferred:
             signal.signal(sig, handlers[sig])
+        with lock:
+            taken, later[:] = list(later), []
+        if taken:  # a stop deferred as the block ends: its handler runs here
+            handlers[taken[0]](taken[0], None)
 
 
-# The forking thread's signal mask before a tied fork, put back after it.
-_MASKS: list[set] = []
+class _Masks(threading.local):
+    """Each forking thread's signal masks before a tied fork, put back after it."""
+
+    def __init__(self) -> None:
+        self.stack: list[set] = []
+
+
+_MASKS = _Masks()
 
 
 def _block_for_fork() -> None:
@@ -168,19 +198,19 @@ def _block_for_fork() -> None:
         main = threading.current_thread() is threading.main_thread()
         _IN_MAIN_HOOK[0] = _IN_MAIN_HOOK[0] or main
         try:
-            _MASKS.append(block_stop_signals())
+            _MASKS.stack.append(block_stop_signals())
         except BaseException:  # (no after-fork hook will clear it)
             _IN_MAIN_HOOK[0] = _IN_MAIN_HOOK[0] and not main
             raise
 
 
 def _unblock_after_fork() -> None:
-    if _MASKS:
-        try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, _MASKS.pop())
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                _IN_MAIN_HOOK[0] = False
+    try:
+        if _MASKS.stack:
+            signal.pthread_sigmask(signal.SIG_SETMASK, _MASKS.stack.pop())
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            _IN_MAIN_HOOK[0] = False
 
 
 def _tie_child() -> None:
@@ -189,7 +219,7 @@ def _tie_child() -> None:
     parent, prctl, tying_thread = _TYING[-1]
     _TYING.clear()  # (not the children this child forks)
     _IN_MAIN_HOOK[0] = False
-    mask = _MASKS.pop() if _MASKS else None  # (the stop signals are held back until then)
+    mask = _MASKS.stack.pop() if _MASKS.stack else None  # (held back until then)
     # Killed when the parent's thread that forked this child ends: so only a child of the
     # thread in the block (a pool's worker-handler thread, which replaces a dead worker,
     # ends at the pool's terminate() while its idle replacement holds the pool's queue lock:
@@ -217,8 +247,3 @@ def _obey(parent: int) -> None:
             os._exit(128 + signal.SIGTERM)
         if os.getppid() != parent:
             os._exit(1)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_block_for_fork, after_in_parent=_unblock_after_fork,
-                        after_in_child=_tie_child)

@@ -187,6 +187,10 @@ try:
         time.sleep(0.3)  # the other worker waits for work, holding the queue's lock
         os.kill([pid for pid in workers if pid != int(open(mark).read())][0], signal.SIGKILL)
         result.get()
+        while [p.pid for p in pool._pool] == workers:  # replaced
+            time.sleep(0.05)
+        # datasets' map then raises this (iflatmap_unordered), and the pool is torn down
+        raise RuntimeError("One of the subprocesses has abruptly died during map operation.")
     print("ended")
 except encoding.EncodingProcessDied as error:
     print("died", time.monotonic() - start, error)
@@ -194,6 +198,35 @@ except encoding.EncodingProcessDied as error:
     words = result.stdout.split()
     assert words[:1] == ["died"] and float(words[1]) < 30, result.stdout + result.stderr
     assert "data.num_proc=2: a process of the encoding died" in result.stdout
+
+
+def test_the_pools_clean_up_after_success_and_other_sigusr2_are_left_alone(tmp_path):
+    """The watch ends only a clean-up that waits after a process died: one slow after a
+    successful encoding runs to its end, and a SIGUSR2 from elsewhere (Slurm's --signal) does
+    what it did before."""
+    result = python("""
+import os, signal, time
+import multiprocess
+from seq2seq.data import encoding
+encoding._StuckPoolWatch.GRACE_S = 0.5
+start = time.monotonic()
+with encoding.encoding_pool(2), multiprocess.Pool(2) as pool:
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+    for worker in pool._pool:  # slow to let go of the queue: 2 s
+        os.kill(worker.pid, signal.SIGSTOP)
+    multiprocess.Process(target=lambda: (time.sleep(2), [os.kill(w.pid, signal.SIGCONT)
+                                                         for w in pool._pool])).start()
+print("ended", time.monotonic() - start, flush=True)
+got = []
+signal.signal(signal.SIGUSR2, lambda signum, frame: got.append(signum))
+with encoding.encoding_pool(2), multiprocess.Pool(2) as pool:
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(0.1)
+print("handled", got == [signal.SIGUSR2])
+""", timeout=120)
+    assert result.stdout.split()[0] == "ended" and float(result.stdout.split()[1]) > 1.5, \
+        result.stdout + result.stderr
+    assert result.stdout.split()[2:] == ["handled", "True"], result.stdout + result.stderr
 
 
 def test_a_tied_child_never_runs_its_parents_stop_handlers():
@@ -346,3 +379,45 @@ def test_a_handler_raising_as_the_stop_signals_are_blocked_leaves_none_blocked(m
         signals.block_stop_signals()
     monkeypatch.undo()
     assert real(signal.SIG_BLOCK, []) == before
+
+
+def test_a_stop_deferred_past_the_fork_hooks_is_raised_by_the_end_of_the_block():
+    """A stop whose handler would have run inside the fork's hooks is sent again an instant
+    later; if the block ends first, its handler runs there, once: later, a process that had
+    finished its work was killed by it after the command's handlers were gone."""
+    from seq2seq import signals
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def handler(signum, frame):
+        calls.append(signum)
+        raise Stop
+
+    previous = signal.signal(signal.SIGHUP, handler)
+    try:
+        with pytest.raises(Stop):
+            with signals.children_tied():
+                signals._IN_MAIN_HOOK[0] = True  # as while the main thread forks
+                try:
+                    os.kill(os.getpid(), signal.SIGHUP)
+                    time.sleep(0)  # (the handler runs: deferred)
+                finally:
+                    signals._IN_MAIN_HOOK[0] = False
+                assert calls == []
+        time.sleep(0.1)  # the deferred sending finds it taken
+        assert calls == [signal.SIGHUP]
+        with pytest.raises(Stop):  # and within the block, an instant later
+            with signals.children_tied():
+                signals._IN_MAIN_HOOK[0] = True
+                try:
+                    os.kill(os.getpid(), signal.SIGHUP)
+                    time.sleep(0)
+                finally:
+                    signals._IN_MAIN_HOOK[0] = False
+                time.sleep(1)
+        assert calls == [signal.SIGHUP] * 2
+    finally:
+        signal.signal(signal.SIGHUP, previous)

@@ -8,13 +8,16 @@ and saves the result.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -162,12 +165,14 @@ class EncodingProcessDied(OSError):
     """A process of the encoding pool died (a machine's failure, as a full disk is: exit 1)."""
 
 
-def _a_process_died(error: BaseException) -> bool:
+def _a_process_died(error: BaseException | None) -> bool:
     """Whether ``error`` is how ``datasets`` or the pool reports a process of it gone: a
     worker (``datasets``: "One of the subprocesses has abruptly died"), or the manager of its
-    queue (its connection ends: EOFError, a broken pipe; then a pool's TimeoutError)."""
+    queue (its connection ends: EOFError, a broken pipe, raised in multiprocess's code; then
+    a pool's TimeoutError). A broken pipe of stderr (the progress bar's) is not one."""
     if isinstance(error, (EOFError, ConnectionError)):
-        return True
+        frames = traceback.extract_tb(error.__traceback__)
+        return bool(frames) and f"{os.sep}multiprocess{os.sep}" in frames[-1].filename
     if isinstance(error, RuntimeError):
         return "abruptly died" in str(error)
     return type(error).__name__ == "TimeoutError" and \
@@ -179,20 +184,23 @@ class _PoolStuck(Exception):
 
 
 class _StuckPoolWatch:
-    """Ends the pool's clean-up when it waits for good. A worker waiting for work holds the
-    pool's queue lock; killed then (the OOM killer), it never lets go, and ``terminate()``,
-    which takes that lock first (``_help_stuff_finish``), waited for ever. When the main
-    thread has been there :attr:`GRACE_S` seconds, a SIGUSR2 to it raises :class:`_PoolStuck`
-    (the wait for the lock is interrupted, and the handler's exception raised there). Main
-    thread only, on POSIX; elsewhere a no-op."""
+    """Ends the pool's clean-up when it waits for good after a process of it died. A worker
+    waiting for work holds the pool's queue lock; killed then (the OOM killer), it never lets
+    go, and ``terminate()``, which takes that lock first (``_help_stuff_finish``), waited for
+    ever. When the main thread has been there :attr:`GRACE_S` seconds, tearing the pool down
+    for an error that says a process died (:func:`_a_process_died`; a clean-up after success
+    is never cut short), a SIGUSR2 to it raises :class:`_PoolStuck` (the wait for the lock is
+    interrupted, the handler's exception raised there). Any other SIGUSR2 goes to the handler
+    there was before. Main thread only, on POSIX; elsewhere a no-op."""
 
     GRACE_S = 5.0
     STUCK_IN = "_help_stuff_finish"  # (multiprocess.pool.Pool's, as multiprocessing's)
 
     def __enter__(self) -> _StuckPoolWatch:
-        self.done = threading.Event()
+        self.done, self.sent = threading.Event(), False
         self.thread = None
         if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR2"):
+            self.owner = os.getpid()
             self.previous = signal.signal(signal.SIGUSR2, self._raise)
             self.thread = threading.Thread(target=self._watch, args=(threading.get_ident(),),
                                            name="stuck-pool-watch", daemon=True)
@@ -201,24 +209,40 @@ class _StuckPoolWatch:
 
     def __exit__(self, *exc: object) -> None:
         if self.thread is not None:
-            self.done.set()
-            self.thread.join()
-            signal.signal(signal.SIGUSR2, self.previous)
+            try:
+                self.done.set()
+                self.thread.join()
+            finally:
+                signal.signal(signal.SIGUSR2, self.previous)
 
-    @staticmethod
-    def _raise(signum: int, frame: object) -> None:
-        raise _PoolStuck
+    def _raise(self, signum: int, frame: Any) -> None:
+        if self.sent and os.getpid() == self.owner and self._stuck(frame):
+            self.sent = False
+            raise _PoolStuck
+        if callable(self.previous):  # anyone else's SIGUSR2, or in a forked worker
+            self.previous(signum, frame)
+        elif self.previous == signal.SIG_DFL:  # (what it did before: end the process)
+            signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    def _stuck(self, frame: Any) -> bool:
+        """Whether ``frame`` (of the main thread) is in the pool's clean-up waiting for the
+        queue's lock while the pool is torn down for a dead process (its ``__exit__``)."""
+        waiting = died = False
+        while frame is not None:
+            waiting = waiting or frame.f_code.co_name == self.STUCK_IN
+            died = died or (waiting and frame.f_code.co_name == "__exit__"
+                            and _a_process_died(frame.f_locals.get("exc_val")))
+            frame = frame.f_back
+        return died
 
     def _watch(self, main: int) -> None:
         since = None
         while not self.done.wait(0.25):
-            frame = sys._current_frames().get(main)
-            stuck = False
-            while frame is not None and not stuck:
-                stuck, frame = frame.f_code.co_name == self.STUCK_IN, frame.f_back
+            stuck = self._stuck(sys._current_frames().get(main))
             now = time.monotonic()
             since = (since or now) if stuck else None
             if since is not None and now - since > self.GRACE_S:
+                self.sent = True
                 signal.pthread_kill(main, signal.SIGUSR2)
                 since = None
-

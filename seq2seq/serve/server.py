@@ -67,13 +67,16 @@ def serve_command(args: Any) -> int:
     return 0
 
 
-def shared_threads(models: int, cpus: int | None = None) -> int:
-    """The threads of each of ``models`` decoding processes by default: the CPUs this process
-    may use (``cpus``, default this machine's) shared among them. torch's default in each, a
-    thread per CPU, had them take turns on the CPUs whenever two models decoded at once."""
-    from seq2seq.cpuinfo import usable_cpus
+def shared_threads(models: int, default: int | None = None) -> int:
+    """The threads of each of ``models`` decoding processes by default: torch's default in
+    this process (``default``; one per core, at most the CPU quota, ``OMP_NUM_THREADS``
+    respected) shared among them. Each process's own default had them take turns on the
+    CPUs whenever two models decoded at once."""
+    if default is None:
+        import torch
 
-    return max(1, (usable_cpus() if cpus is None else cpus) // models)
+        default = torch.get_num_threads()  # (capped at the CPU quota by cli.main)
+    return max(1, default // models)
 
 
 def warn_threads(threads: int, models: int, cpus: int | None = None) -> None:

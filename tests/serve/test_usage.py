@@ -152,8 +152,8 @@ def test_several_models_share_the_cpus_by_default(capsys):
     for a --threads that does the same)."""
     from seq2seq.serve.server import shared_threads, warn_threads
 
-    assert [shared_threads(models, cpus=8) for models in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
-    assert shared_threads(2, cpus=1) == 1
+    assert [shared_threads(models, default=8) for models in (1, 2, 3, 8, 9)] == [8, 4, 2, 1, 1]
+    assert shared_threads(2, default=1) == 1  # (OMP_NUM_THREADS=1, say)
     for models in (1, 2, 3, 8):  # what the default gives never draws the warning
-        warn_threads(shared_threads(models, cpus=8), models, cpus=8)
+        warn_threads(shared_threads(models, default=8), models, cpus=8)
     assert capsys.readouterr().err == ""
