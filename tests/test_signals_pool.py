@@ -90,6 +90,19 @@ def start_encoding(recipe: Path, out: Path) -> tuple[subprocess.Popen, list[int]
     return process, pool
 
 
+def stderr_after(process: subprocess.Popen, act) -> str:
+    """What ``prepare`` says on stderr after ``act()``, once it has ended (a hang fails)."""
+    try:
+        act()
+        try:
+            return process.communicate(timeout=STOP_S)[1]
+        except subprocess.TimeoutExpired:
+            kill_group(process)
+            pytest.fail(f"prepare hung:\n{process.communicate()[1]}")
+    finally:
+        kill_group(process)
+
+
 def kill_group(process: subprocess.Popen) -> None:
     """Kill whatever is left of the session (its orphans keep its process group)."""
     try:
@@ -110,15 +123,7 @@ def test_a_stop_sent_to_the_group_while_encoding_says_one_line_and_leaves_no_cac
     clean-up for good (a Ctrl-C while the pool's manager started, too: Python's exit waited
     for it)."""
     process, _ = start_encoding(recipe, tmp_path / "out")
-    try:
-        os.killpg(process.pid, sig)
-        try:
-            _, stderr = process.communicate(timeout=STOP_S)
-        except subprocess.TimeoutExpired:
-            kill_group(process)
-            pytest.fail(f"prepare hung after {sig.name}:\n{process.communicate()[1]}")
-    finally:
-        kill_group(process)
+    stderr = stderr_after(process, lambda: os.killpg(process.pid, sig))
     assert "Traceback" not in stderr, stderr
     assert process.returncode == code, stderr
     assert stderr.replace("\r", "\n").splitlines()[-1] == message
@@ -139,22 +144,13 @@ def test_the_encoding_workers_die_with_a_killed_prepare(recipe, tmp_path):
         kill_group(process)
 
 
-
 @pytest.mark.parametrize("which", [0, 1, 2])
 def test_an_encoding_process_killed_is_one_line_and_leaves_no_cache(recipe, tmp_path, which):
     """The kernel kills the largest process when memory runs out: a worker (or the manager of
     the pool's queue) killed so gave a traceback of the pool's clean-up (an EOFError, then a
     TimeoutError; datasets' RuntimeError for a worker)."""
     process, pool = start_encoding(recipe, tmp_path / "out")
-    try:
-        os.kill(sorted(pool)[which], signal.SIGKILL)
-        try:
-            _, stderr = process.communicate(timeout=STOP_S)
-        except subprocess.TimeoutExpired:
-            kill_group(process)
-            pytest.fail(f"prepare hung:\n{process.communicate()[1]}")
-    finally:
-        kill_group(process)
+    stderr = stderr_after(process, lambda: os.kill(sorted(pool)[which], signal.SIGKILL))
     assert "Traceback" not in stderr, stderr
     assert process.returncode == 1, stderr
     assert stderr.replace("\r", "\n").splitlines()[-1] == (
