@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 # The signals every command stops on, cleaning up: Ctrl-C, `kill`, and the hang-up of a
 # closed terminal or a dropped SSH session (the CLI turns SIGTERM and SIGHUP into exceptions).
@@ -77,29 +78,40 @@ def stops_kept() -> Iterator[None]:
     its workers is discarded) or replace it (its pool's clean-up raises a TimeoutError;
     SentencePiece reports it as a failed training). A no-op outside the main thread."""
     seen: list[int] = []
-    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
 
-    def keep(signum: int, frame: object) -> None:
-        seen.append(signum)
-        handlers[signum](signum, frame)
+    def keeping(handlers: dict[int, Any]) -> Callable[[int, object], None]:
+        def keep(signum: int, frame: object) -> None:
+            seen.append(signum)
+            handlers[signum](signum, frame)
+        return keep
 
-    try:
-        for sig, handler in handlers.items():
-            if callable(handler):
-                signal.signal(sig, keep)
-    except ValueError:  # not the main thread
-        handlers = {}
-    try:
-        yield
-    except BaseException:
-        if not seen:
-            raise
-    finally:
-        with contextlib.suppress(ValueError):
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+    with _handlers_replaced(keeping) as handlers:
+        try:
+            yield
+        except BaseException:
+            if not seen:
+                raise
     if seen:  # the block's error (or none) was the signal's doing: raise the signal's own
         handlers[seen[-1]](seen[-1], None)
+
+
+@contextlib.contextmanager
+def _handlers_replaced(make: Callable[[dict[int, Any]], Callable[[int, object], None]]
+                       ) -> Iterator[dict[int, Any]]:
+    """The stop signals' Python handlers replaced, for the block, by ``make(previous)``, a
+    handler given the previous ones (in the main thread; elsewhere, where no handler runs,
+    none is replaced); yields the previous handlers."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    handler, replaced = make(previous), []
+    with contextlib.suppress(ValueError):  # (not the main thread)
+        for sig in (sig for sig, old in previous.items() if callable(old)):
+            signal.signal(sig, handler)
+            replaced.append(sig)
+    try:
+        yield previous
+    finally:
+        for sig in replaced:
+            signal.signal(sig, previous[sig])
 
 
 # While a children_tied() block runs: this process's pid, libc's prctl on Linux (looked up
@@ -139,7 +151,6 @@ def children_tied() -> Iterator[None]:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             prctl = ctypes.CDLL(None, use_errno=True).prctl
-    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     later: list[int] = []  # stop signals deferred and not yet sent again
     lock = threading.Lock()
 
@@ -150,28 +161,26 @@ def children_tied() -> Iterator[None]:
             later.remove(signum)
         os.kill(os.getpid(), signum)
 
-    def outside_hooks(signum: int, frame: object) -> None:
-        if _IN_MAIN_HOOK[0]:
-            with lock:
-                later.append(signum)
-            timer = threading.Timer(0.01, send_again, (signum,))
-            timer.daemon = True
-            timer.start()
-        else:
-            handlers[signum](signum, frame)
+    def deferring(handlers: dict[int, Any]) -> Callable[[int, object], None]:
+        def outside_hooks(signum: int, frame: object) -> None:
+            if _IN_MAIN_HOOK[0]:
+                with lock:
+                    later.append(signum)
+                timer = threading.Timer(0.01, send_again, (signum,))
+                timer.daemon = True
+                timer.start()
+            else:
+                handlers[signum](signum, frame)
+        return outside_hooks
 
-    deferred = []
-    with contextlib.suppress(ValueError):  # (not the main thread, where no handler runs)
-        for sig in (sig for sig, handler in handlers.items() if callable(handler)):
-            signal.signal(sig, outside_hooks)
-            deferred.append(sig)
-    _TYING.append((os.getpid(), prctl, threading.get_ident()))
     try:
-        yield
+        with _handlers_replaced(deferring) as handlers:
+            _TYING.append((os.getpid(), prctl, threading.get_ident()))
+            try:
+                yield
+            finally:
+                _TYING.pop()
     finally:
-        _TYING.pop()
-        for sig in deferred:
-            signal.signal(sig, handlers[sig])
         with lock:
             taken, later[:] = list(later), []
         if taken:  # a stop deferred as the block ends: its handler runs here
@@ -196,11 +205,13 @@ def _block_for_fork() -> None:
     handler in the main thread is deferred (:func:`children_tied`)."""
     if _TYING and hasattr(signal, "pthread_sigmask"):
         main = threading.current_thread() is threading.main_thread()
-        _IN_MAIN_HOOK[0] = _IN_MAIN_HOOK[0] or main
+        if main:
+            _IN_MAIN_HOOK[0] = True
         try:
             _MASKS.stack.append(block_stop_signals())
         except BaseException:  # (no after-fork hook will clear it)
-            _IN_MAIN_HOOK[0] = _IN_MAIN_HOOK[0] and not main
+            if main:
+                _IN_MAIN_HOOK[0] = False
             raise
 
 
